@@ -1,0 +1,409 @@
+"""The public ops: batch norm and layer norm with hand-derived gradients.
+
+Each op is a ``torch.library`` custom op (``bnlab::batch_norm``, ``bnlab::layer_norm``) with a fake
+(meta) kernel and a registered backward that is itself a custom op (``bnlab::batch_norm_backward``,
+``bnlab::layer_norm_backward``), so autograd, ``torch.compile(fullgraph=True)`` and ``torch.export``
+each see one op per direction. The kernels come from the backend registry (:mod:`bnlab.kernels`).
+
+Second derivatives (gradient penalties, ``gradgradcheck``): when the backward itself is being
+differentiated, it runs the composite backward of :mod:`bnlab.kernels.torch_ops` in autograd-visible
+PyTorch ops, with the batch statistics recomputed from the input so that their dependence on it is
+kept.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .kernels import select_backend, torch_ops
+from .kernels.torch_ops import accumulation_dtype, values_per_channel
+
+__all__ = ["batch_norm", "layer_norm", "NonFiniteStatisticsError"]
+
+
+class NonFiniteStatisticsError(FloatingPointError):
+    """A training batch produced non-finite statistics (raised only in strict mode)."""
+
+
+# --------------------------------------------------------------------------------------------
+# bnlab::batch_norm
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("bnlab::batch_norm", mutates_args=())
+def _batch_norm_op(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    eps: float,
+    backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    kernels = select_backend("batch_norm", input, backend)
+    return kernels.batch_norm_forward(
+        input, weight, bias, running_mean, running_var, training, eps
+    )
+
+
+@_batch_norm_op.register_fake
+def _(input, weight, bias, running_mean, running_var, training, eps, backend):
+    stats = input.new_empty((input.shape[1] if training else 0,), dtype=accumulation_dtype(input.dtype))
+    return torch.empty_like(input), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("bnlab::batch_norm_backward", mutates_args=())
+def _batch_norm_backward_op(
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    training: bool,
+    eps: float,
+    output_mask: list[bool],
+    backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    kernels = select_backend("batch_norm", input, backend)
+    grads = kernels.batch_norm_backward(
+        grad_out, input, weight, mean, var, training, eps, output_mask
+    )
+    return _absent_as_empty(grads, input)
+
+
+@_batch_norm_backward_op.register_fake
+def _(grad_out, input, weight, mean, var, training, eps, output_mask, backend):
+    return _fake_grads(input, (input.shape[1],), weight, output_mask)
+
+
+def _absent_as_empty(grads, input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Custom ops return tensors only: an absent gradient travels as an empty tensor."""
+    empty = input.new_empty((0,), dtype=accumulation_dtype(input.dtype))
+    return tuple(empty.clone() if g is None else g for g in grads)
+
+
+def _fake_grads(input: Tensor, param_shape, weight, output_mask):
+    acc = accumulation_dtype(input.dtype)
+    dx = torch.empty_like(input) if output_mask[0] else input.new_empty((0,), dtype=acc)
+    dw_shape = param_shape if weight is not None and output_mask[1] else (0,)
+    db_shape = param_shape if output_mask[2] else (0,)
+    return dx, input.new_empty(dw_shape, dtype=acc), input.new_empty(db_shape, dtype=acc)
+
+
+def _setup_batch_norm(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, training, eps, backend = inputs
+    _, mean, var = output
+    if not training:  # eval: the running statistics are the (constant) statistics
+        mean, var = running_mean, running_var
+    ctx.save_for_backward(input, weight, mean, var)
+    ctx.training, ctx.eps, ctx.backend = training, eps, backend
+    ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward_batch_norm(ctx, grad_out, _grad_mean, _grad_var):
+    input, weight, mean, var = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    if _differentiating_backward(grad_out, input, weight):
+        grads = torch_ops.batch_norm_backward(
+            grad_out, input, weight, None if ctx.training else mean,
+            None if ctx.training else var, ctx.training, ctx.eps, mask,
+        )
+    else:
+        grads = _batch_norm_backward_op(
+            grad_out, input, weight, mean, var, ctx.training, ctx.eps, mask, ctx.backend
+        )
+    return (*_cast_grads(grads, mask, ctx.param_dtypes), None, None, None, None, None)
+
+
+def _differentiating_backward(*tensors) -> bool:
+    """True while autograd records the backward itself (create_graph=True: double backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _cast_grads(grads, mask, param_dtypes):
+    dx, dw, db = (g if needed else None for g, needed in zip(grads, mask))
+    dw = None if dw is None else dw.to(param_dtypes[0])
+    db = None if db is None else db.to(param_dtypes[1])
+    return dx, dw, db
+
+
+_batch_norm_op.register_autograd(_backward_batch_norm, setup_context=_setup_batch_norm)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Optional[Tensor] = None,
+    strict: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    r"""Batch normalization (Ioffe & Szegedy 2015, https://arxiv.org/abs/1502.03167), Algorithm 1.
+
+    .. math::
+        y = \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} \gamma + \beta
+
+    with per-channel statistics over the batch and every spatial position (dims 0, 2, 3, ...).
+    Same arguments as :func:`torch.nn.functional.batch_norm`, plus the keyword-only ones below.
+
+    Args:
+        input: (N, C, *) with any number of trailing dims, contiguous or channels_last.
+        running_mean, running_var: (C,) buffers, updated in place in training; required in eval.
+        weight, bias: optional (C,) gamma and beta.
+        training: normalize with batch statistics (True) or the running ones (False).
+        momentum: running = (1 - momentum) * running + momentum * batch; None gives the cumulative
+            average (factor 1 / num_batches_tracked) and needs ``num_batches_tracked``.
+        eps: added to the variance, > 0.
+        num_batches_tracked: optional scalar integer buffer, incremented per finite training batch.
+        strict: raise :class:`NonFiniteStatisticsError` naming the channels whose batch statistics
+            are not finite (this reads the statistics on the host; eager mode only).
+        backend: kernel backend name (see :mod:`bnlab.kernels`); default automatic.
+
+    Details:
+        - normalization uses the biased batch variance; ``running_var`` tracks the unbiased one
+          (times m / (m - 1), m = N * prod(spatial)), as PyTorch does;
+        - float16/bfloat16 inputs are computed in float32, with float32 statistics; weight, bias and
+          running statistics may be float32 for them (mixed precision);
+        - a training batch with any non-finite statistic leaves ``running_mean``, ``running_var`` and
+          ``num_batches_tracked`` untouched; the choice is made on the device (no host sync).
+    """
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                           num_batches_tracked)
+    out, mean, var = _batch_norm_op(
+        input, weight, bias, running_mean, running_var, training, eps, backend
+    )
+    if training and running_mean is not None:
+        _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                              values_per_channel(input), momentum)
+    if training and strict:
+        _raise_if_not_finite(mean, var)
+    return out
+
+
+@torch.no_grad()
+def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, m, momentum):
+    """EMA (or cumulative average) of the batch statistics, skipped whole for a non-finite batch."""
+    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()  # stays on the device
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+    if momentum is None:
+        factor = 1.0 / num_batches_tracked.clamp(min=1).to(mean.dtype)
+    else:
+        factor = momentum
+    unbiased_var = var * (m / (m - 1))
+    new_mean = (1 - factor) * running_mean.to(mean.dtype) + factor * mean
+    new_var = (1 - factor) * running_var.to(var.dtype) + factor * unbiased_var
+    running_mean.copy_(torch.where(finite, new_mean, running_mean.to(mean.dtype)))
+    running_var.copy_(torch.where(finite, new_var, running_var.to(var.dtype)))
+
+
+def _raise_if_not_finite(mean: Tensor, var: Tensor) -> None:
+    bad = ~(torch.isfinite(mean) & torch.isfinite(var))
+    if bool(bad.any()):
+        channels = bad.nonzero().flatten().tolist()
+        shown = channels[:20] + (["..."] if len(channels) > 20 else [])
+        raise NonFiniteStatisticsError(
+            f"batch statistics are not finite in {len(channels)} of {mean.numel()} channels "
+            f"(channels {shown}); running statistics were left unchanged"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_input(name: str, input) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor input, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} expects a floating-point input (float64, float32, float16 or bfloat16), "
+            f"got {input.dtype}"
+        )
+
+
+def _check_vector(name: str, t, shape: tuple, input: Tensor, what: str) -> None:
+    """A parameter or statistic: a tensor of ``shape`` on input's device, of a compatible dtype."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}, expected {shape} ({what}; input shape "
+            f"{tuple(input.shape)})"
+        )
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device}, expected the input's device {input.device}")
+    allowed = {input.dtype, accumulation_dtype(input.dtype)}
+    if t.dtype not in allowed:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}, expected {' or '.join(sorted(map(str, allowed)))} "
+            f"for a {input.dtype} input"
+        )
+
+
+def _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
+                           eps, num_batches_tracked) -> None:
+    _check_input("batch_norm", input)
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm expects an input of rank >= 2 shaped (N, C, *) with channels on dim 1, "
+            f"got shape {tuple(input.shape)}"
+        )
+    channels = (input.shape[1],)
+    what = f"one value per channel, C = {input.shape[1]}"
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_vector(name, t, channels, input, what)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if not training and running_mean is None:
+        raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+    if training and values_per_channel(input) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if momentum is None:
+        if training and running_mean is not None and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    elif not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    if num_batches_tracked is not None and (
+        num_batches_tracked.numel() != 1 or num_batches_tracked.dtype.is_floating_point
+    ):
+        raise ValueError(
+            "num_batches_tracked must be a one-element integer tensor, got "
+            f"shape {tuple(num_batches_tracked.shape)} dtype {num_batches_tracked.dtype}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# bnlab::layer_norm
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("bnlab::layer_norm", mutates_args=())
+def _layer_norm_op(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    kernels = select_backend("layer_norm", input, backend)
+    return kernels.layer_norm_forward(input, normalized_shape, weight, bias, eps)
+
+
+@_layer_norm_op.register_fake
+def _(input, normalized_shape, weight, bias, eps, backend):
+    k = len(normalized_shape)
+    stat_shape = (*input.shape[: input.dim() - k], *([1] * k))
+    stats = input.new_empty(stat_shape, dtype=accumulation_dtype(input.dtype))
+    return torch.empty_like(input), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("bnlab::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(
+    grad_out: Tensor,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    eps: float,
+    output_mask: list[bool],
+    backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    kernels = select_backend("layer_norm", input, backend)
+    grads = kernels.layer_norm_backward(
+        grad_out, input, normalized_shape, weight, mean, rstd, eps, output_mask
+    )
+    return _absent_as_empty(grads, input)
+
+
+@_layer_norm_backward_op.register_fake
+def _(grad_out, input, normalized_shape, weight, mean, rstd, eps, output_mask, backend):
+    return _fake_grads(input, tuple(normalized_shape), weight, output_mask)
+
+
+def _setup_layer_norm(ctx, inputs, output):
+    input, normalized_shape, weight, bias, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, mean, rstd)
+    ctx.normalized_shape, ctx.eps, ctx.backend = list(normalized_shape), eps, backend
+    ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward_layer_norm(ctx, grad_out, _grad_mean, _grad_rstd):
+    input, weight, mean, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[2], needs[3]]
+    if _differentiating_backward(grad_out, input, weight):
+        grads = torch_ops.layer_norm_backward(
+            grad_out, input, ctx.normalized_shape, weight, None, None, ctx.eps, mask
+        )
+    else:
+        grads = _layer_norm_backward_op(
+            grad_out, input, ctx.normalized_shape, weight, mean, rstd, ctx.eps, mask, ctx.backend
+        )
+    dx, dw, db = _cast_grads(grads, mask, ctx.param_dtypes)
+    return dx, None, dw, db, None, None
+
+
+_layer_norm_op.register_autograd(_backward_layer_norm, setup_context=_setup_layer_norm)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    r"""Layer normalization (Ba, Kiros & Hinton 2016, https://arxiv.org/abs/1607.06450).
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    with statistics over the trailing ``normalized_shape`` dims of each example: the same in
+    training and inference, and fine at batch size 1. Same arguments as
+    :func:`torch.nn.functional.layer_norm`.
+
+    Details: biased variance; float16/bfloat16 computed in float32.
+    """
+    _check_input("layer_norm", input)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(int(s) for s in normalized_shape)
+    k = len(normalized_shape)
+    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
+        raise ValueError(
+            f"layer_norm normalizes over the trailing dims normalized_shape={list(normalized_shape)}, "
+            f"but the input has shape {tuple(input.shape)}"
+        )
+    what = "normalized_shape"
+    _check_vector("weight", weight, normalized_shape, input, what)
+    _check_vector("bias", bias, normalized_shape, input, what)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    out, _, _ = _layer_norm_op(input, list(normalized_shape), weight, bias, eps, backend)
+    return out

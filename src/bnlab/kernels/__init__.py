@@ -1,0 +1,82 @@
+"""Backend registry: every backend exposes the same plain functions (no autograd inside).
+
+A backend is a module with ``batch_norm_forward``, ``batch_norm_backward``, ``layer_norm_forward``
+and ``layer_norm_backward`` (see :mod:`bnlab.kernels.torch_ops` for their contract), registered with
+a ``supports(op, tensor)`` predicate and a priority.
+
+Selection, strongest first:
+
+1. the ``backend=`` argument of a functional op or module;
+2. the ``BNLAB_BACKEND`` environment variable (``auto`` or empty means automatic);
+3. automatic: the registered backend of highest priority whose ``supports`` accepts the input.
+
+A backend requested by name (1 or 2) that cannot run the input raises; automatic selection always
+ends at the composite ``torch`` backend, which runs any device and dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from . import torch_ops
+
+__all__ = ["Backend", "register_backend", "available_backends", "select_backend"]
+
+OPS = ("batch_norm", "layer_norm")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: ModuleType
+    supports: Callable[[str, torch.Tensor], bool]
+    priority: int
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(
+    name: str,
+    module: ModuleType,
+    supports: Callable[[str, torch.Tensor], bool],
+    priority: int = 0,
+) -> None:
+    """Add (or replace) a backend. ``supports(op, x)`` says whether it can run ``op`` on ``x``."""
+    _BACKENDS[name] = Backend(name, module, supports, priority)
+
+
+def available_backends() -> list[str]:
+    """Registered backend names, highest priority first."""
+    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+
+
+def select_backend(op: str, x: torch.Tensor, requested: str | None = None) -> ModuleType:
+    """The module that runs ``op`` on ``x``: ``requested`` > ``$BNLAB_BACKEND`` > automatic."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    name = requested or os.environ.get("BNLAB_BACKEND", "")
+    if name and name != "auto":
+        backend = _BACKENDS.get(name)
+        if backend is None:
+            raise ValueError(
+                f"unknown bnlab backend {name!r}; expected one of {available_backends()} or 'auto'"
+            )
+        if not backend.supports(op, x):
+            raise RuntimeError(
+                f"bnlab backend {name!r} cannot run {op} on a {x.dtype} tensor on {x.device}; "
+                "choose another backend or 'auto'"
+            )
+        return backend.module
+    for backend in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if backend.supports(op, x):
+            return backend.module
+    raise RuntimeError(f"no bnlab backend can run {op} on a {x.dtype} tensor on {x.device}")
+
+
+register_backend("torch", torch_ops, supports=lambda op, x: True, priority=0)

@@ -1,0 +1,216 @@
+"""Composite PyTorch backend: any device, any floating dtype; the fallback every backend can lean on.
+
+Plain functions with no autograd inside. Written only with differentiable PyTorch ops, so the
+functional layer also uses the backward functions here to provide second derivatives (autograd
+differentiates the hand-derived first derivative).
+
+Numerical choices:
+
+- float16/bfloat16 inputs are computed in float32 and their statistics stay float32;
+- the batch variance used for normalizing is the biased one (divide by m), as in Algorithm 1;
+- statistics come from ``torch.var_mean`` (a two-pass/Welford reduction), not E[x^2] - E[x]^2,
+  so they stay accurate far from zero;
+- the output is normalized as ``(x - mean) * scale + shift``, never ``x * scale + (shift - mean *
+  scale)``, which would cancel catastrophically for large |mean|.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, the dtype itself otherwise."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _acc(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in _HALF else t
+
+
+def reduction_dims(x: Tensor) -> list[int]:
+    """Every dim but the channel dim 1: batch and spatial positions."""
+    return [0, *range(2, x.dim())]
+
+
+def per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """View a (C,) tensor as (1, C, 1, ...) so it broadcasts against x."""
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def values_per_channel(x: Tensor) -> int:
+    """m = N * prod(spatial): the number of values each channel's statistics run over."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def _like(y: Tensor, x: Tensor) -> Tensor:
+    """y in x's dtype and in the layout torch.empty_like(x) gives (what the fake kernels promise)."""
+    y = y.to(x.dtype)
+    expected = torch.empty_like(x)
+    if y.stride() != expected.stride():
+        y = expected.copy_(y)
+    return y
+
+
+def batch_norm_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = (x - mean) * invstd * weight + bias per channel, invstd = 1 / sqrt(var + eps).
+
+    Training: mean and biased var of the batch over dims (0, 2, 3, ...), returned as (C,) tensors in
+    the accumulation dtype. Eval: running statistics are used and the returned mean/var are empty.
+
+    Returns:
+        (y, mean, var): y shaped and laid out like x.
+    """
+    xa = _acc(x)
+    if training:
+        var, mean = torch.var_mean(xa, dim=reduction_dims(x), correction=0)
+        y = _normalize(xa, mean, var, weight, bias, eps)
+        return _like(y, x), mean, var
+    y = _normalize(xa, running_mean.to(xa.dtype), running_var.to(xa.dtype), weight, bias, eps)
+    empty = xa.new_empty((0,))
+    return _like(y, x), empty, empty.clone()
+
+
+def _normalize(xa: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) -> Tensor:
+    scale = torch.rsqrt(var + eps)  # (C,)
+    if weight is not None:
+        scale = scale * weight.to(xa.dtype)
+    y = (xa - per_channel(mean, xa)) * per_channel(scale, xa)
+    if bias is not None:
+        y = y + per_channel(bias.to(xa.dtype), xa)
+    return y
+
+
+def batch_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor | None,
+    var: Tensor | None,
+    training: bool,
+    eps: float,
+    output_mask: Sequence[bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`batch_norm_forward` (the compact closed form of SPEC section 1).
+
+    Training, with xhat = (x - mean) * invstd and m values per channel::
+
+        dx     = weight * invstd * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m)
+        dweight = sum(dy * xhat),  dbias = sum(dy)
+
+    Eval (statistics are constants): dx = dy * weight * invstd.
+
+    ``mean``/``var`` are the saved batch statistics (training) or the running ones (eval). In
+    training they may be None: they are then recomputed from x, which keeps their dependence on x
+    visible to autograd (second derivatives).
+
+    Returns:
+        (dx, dweight, dbias): dx like x; dweight/dbias (C,) in the accumulation dtype; each None
+        where ``output_mask`` is False (dweight also when weight is None).
+    """
+    xa, dy = _acc(x), _acc(grad_out)
+    dims = reduction_dims(x)
+    if mean is None:
+        var, mean = torch.var_mean(xa, dim=dims, correction=0)
+    invstd = torch.rsqrt(var.to(xa.dtype) + eps)  # (C,)
+    xhat = (xa - per_channel(mean.to(xa.dtype), xa)) * per_channel(invstd, xa)
+    sum_dy = dy.sum(dims)  # (C,)
+    sum_dy_xhat = (dy * xhat).sum(dims)  # (C,)
+    dx = dweight = dbias = None
+    if output_mask[0]:
+        scale = invstd if weight is None else invstd * weight.to(xa.dtype)
+        if training:
+            m = values_per_channel(x)
+            dx = per_channel(scale, xa) * (
+                dy - per_channel(sum_dy / m, xa) - xhat * per_channel(sum_dy_xhat / m, xa)
+            )
+        else:
+            dx = dy * per_channel(scale, xa)
+        dx = _like(dx, x)
+    if weight is not None and output_mask[1]:
+        dweight = sum_dy_xhat
+    if output_mask[2]:
+        dbias = sum_dy
+    return dx, dweight, dbias
+
+
+def layer_norm_dims(x: Tensor, normalized_shape: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(normalized dims, batch dims) of x for a layer norm over its trailing ``normalized_shape``."""
+    k = len(normalized_shape)
+    return list(range(x.dim() - k, x.dim())), list(range(x.dim() - k))
+
+
+def layer_norm_forward(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = (x - mean) * rstd * weight + bias, statistics over the trailing ``normalized_shape`` dims.
+
+    Returns:
+        (y, mean, rstd): mean and rstd = 1 / sqrt(var + eps) (biased var) keep the reduced dims
+        as size 1, in the accumulation dtype.
+    """
+    xa = _acc(x)
+    dims, _ = layer_norm_dims(x, normalized_shape)
+    var, mean = torch.var_mean(xa, dim=dims, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    y = (xa - mean) * rstd
+    if weight is not None:
+        y = y * weight.to(xa.dtype)
+    if bias is not None:
+        y = y + bias.to(xa.dtype)
+    return _like(y, x), mean, rstd
+
+
+def layer_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    mean: Tensor | None,
+    rstd: Tensor | None,
+    eps: float,
+    output_mask: Sequence[bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`layer_norm_forward`. With g = dy * weight and means over the normalized dims::
+
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+        dweight = sum_batch(dy * xhat),  dbias = sum_batch(dy)
+
+    ``mean``/``rstd`` None: recomputed from x (keeps second derivatives exact). dweight/dbias are
+    in the accumulation dtype; each gradient is None where ``output_mask`` is False.
+    """
+    xa, dy = _acc(x), _acc(grad_out)
+    dims, batch_dims = layer_norm_dims(x, normalized_shape)
+    if mean is None:
+        var, mean = torch.var_mean(xa, dim=dims, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+    xhat = (xa - mean) * rstd
+    dx = dweight = dbias = None
+    if output_mask[0]:
+        g = dy if weight is None else dy * weight.to(xa.dtype)
+        dx = rstd * (
+            g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True)
+        )
+        dx = _like(dx, x)
+    if weight is not None and output_mask[1]:
+        dweight = (dy * xhat).sum(batch_dims)
+    if output_mask[2]:
+        dbias = dy.sum(batch_dims)
+    return dx, dweight, dbias
