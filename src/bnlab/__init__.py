@@ -1,6 +1,12 @@
 """bnlab: batch normalization done right, fast, in every variant, and a lab that shows why it works."""
 
-from . import functional, kernels
-from .functional import batch_norm, layer_norm
+from . import functional, kernels, nn
+from .functional import NonFiniteStatisticsError, batch_norm, layer_norm
+from .nn import ConversionWarning, convert, revert
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "functional", "kernels", "nn", "batch_norm", "layer_norm", "convert", "revert",
+    "ConversionWarning", "NonFiniteStatisticsError",
+]

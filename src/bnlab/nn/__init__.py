@@ -1,0 +1,10 @@
+"""Modules: drop-in replacements for torch.nn's normalization layers."""
+
+from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .convert import ConversionWarning, convert, revert
+from .layernorm import LayerNorm
+
+__all__ = [
+    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm",
+    "convert", "revert", "ConversionWarning",
+]
