@@ -1,0 +1,1 @@
+"""The lab: experiments that show what batch normalization does."""
