@@ -1,0 +1,204 @@
+"""bnlab.nn batch-norm modules against torch.nn and the float64 reference, over the acceptance grid."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from tolerances import FORWARD, GRADIENT, assert_close
+
+import bnlab
+from bnlab import reference
+
+SHAPES = [(2, 3), (60, 100), (8, 16, 5, 5), (4, 3, 2, 5, 5), (1, 4, 7, 7)]
+LAYOUTS = {4: torch.channels_last, 5: torch.channels_last_3d}
+TORCH_CLASS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+               5: torch.nn.BatchNorm3d}
+BNLAB_CLASS = {2: bnlab.nn.BatchNorm1d, 3: bnlab.nn.BatchNorm1d, 4: bnlab.nn.BatchNorm2d,
+               5: bnlab.nn.BatchNorm3d}
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def shape_layouts():
+    for shape in SHAPES:
+        yield shape, "contiguous"
+        if len(shape) in LAYOUTS:
+            yield shape, "channels_last"
+
+
+def make_pair(shape, dtype, affine, track, momentum, seed=0):
+    """A torch.nn module and a bnlab module in the same, non-trivial state."""
+    c = shape[1]
+    kwargs = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
+    ours, theirs = BNLAB_CLASS[len(shape)](c, **kwargs), TORCH_CLASS[len(shape)](c, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if affine:
+            theirs.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            theirs.bias.copy_(torch.randn(c, generator=g))
+        if track:
+            theirs.running_mean.copy_(torch.randn(c, generator=g))
+            theirs.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            theirs.num_batches_tracked.fill_(3)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def make_input(shape, layout, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=LAYOUTS[len(shape)])
+    return x.requires_grad_()
+
+
+def run(module, x, grad_out):
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    out = module(x)
+    out.backward(grad_out)
+    params = [p.grad for p in (module.weight, module.bias) if p is not None]
+    return out, x.grad, params
+
+
+# torch.nn's own bfloat16 CPU batch norm loses accuracy where a channel's spread is small against its
+# mean (seen on torch 2.13: a (2, 3) batch off by 0.2 against float64). bnlab computes half types in
+# float32, so for bfloat16 the torch.nn side runs in float32 on the same values and is rounded once.
+TORCH_COMPUTE_DTYPE = {torch.bfloat16: torch.float32}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("momentum", [0.1, None, 1.0])
+@pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("shape,layout", list(shape_layouts()), ids=str)
+def test_matches_torch_nn(shape, layout, affine, track, momentum, training, dtype):
+    ours, theirs = make_pair(shape, dtype, affine, track, momentum)
+    torch_dtype = TORCH_COMPUTE_DTYPE.get(dtype, dtype)
+    theirs.to(torch_dtype)
+    ours.train(training), theirs.train(training)
+    for step in range(2):  # two steps: the running statistics and their momentum both matter
+        x = make_input(shape, layout, dtype, seed=step)
+        grad_out = make_input(shape, layout, dtype, seed=100 + step).detach()
+        out, dx, dparams = run(ours, x, grad_out)
+        ref_out, ref_dx, ref_dparams = run(theirs, x.to(torch_dtype), grad_out.to(torch_dtype))
+        assert_close(out, ref_out.to(dtype), dtype, FORWARD)
+        assert out.is_contiguous(memory_format=x_format(x)), "output layout differs from input's"
+        assert_close(dx, ref_dx.to(dtype), dtype, GRADIENT)
+        for ours_grad, ref_grad in zip(dparams, ref_dparams):
+            assert_close(ours_grad, ref_grad.to(dtype), dtype, GRADIENT)
+        for name, buffer in theirs.named_buffers():
+            expected = buffer if buffer.dtype == torch.long else buffer.to(dtype)
+            assert_close(getattr(ours, name), expected, dtype, FORWARD, msg=f"buffer {name}")
+        for p in [*ours.parameters(), *theirs.parameters()]:
+            p.grad = None
+
+
+def x_format(x):
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        if x.dim() == (4 if fmt is torch.channels_last else 5) and x.is_contiguous(memory_format=fmt) \
+                and not x.is_contiguous():
+            return fmt
+    return torch.contiguous_format
+
+
+def to_numpy(t):
+    return None if t is None else t.detach().double().numpy().copy()  # never a view of a buffer
+
+
+@pytest.mark.parametrize("momentum", [0.1, None, 1.0])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,layout", list(shape_layouts()), ids=str)
+def test_training_matches_reference(shape, layout, affine, momentum):
+    ours, _ = make_pair(shape, torch.float64, affine, True, momentum)
+    running = [to_numpy(ours.running_mean), to_numpy(ours.running_var), 3]
+    for step in range(2):
+        x = make_input(shape, layout, torch.float64, seed=step)
+        grad_out = make_input(shape, layout, torch.float64, seed=100 + step).detach()
+        out, dx, dparams = run(ours, x, grad_out)
+        ref_out, cache = reference.spatial_batchnorm_forward(
+            to_numpy(x), to_numpy(ours.weight), to_numpy(ours.bias), ours.eps)
+        ref_dx, ref_dw, ref_db = reference.spatial_batchnorm_backward(to_numpy(grad_out), cache)
+        np.testing.assert_allclose(to_numpy(out), ref_out, atol=1e-10, rtol=1e-10)
+        np.testing.assert_allclose(to_numpy(dx), ref_dx, atol=1e-10, rtol=1e-10)
+        if affine:
+            np.testing.assert_allclose(to_numpy(dparams[0]), ref_dw, atol=1e-10, rtol=1e-10)
+            np.testing.assert_allclose(to_numpy(dparams[1]), ref_db, atol=1e-10, rtol=1e-10)
+        xs = to_numpy(x)
+        dims = tuple(d for d in range(xs.ndim) if d != 1)
+        m = xs.size // xs.shape[1]
+        running = reference.update_running_stats(
+            running[0], running[1], xs.mean(axis=dims), xs.var(axis=dims), m, momentum, running[2])
+        np.testing.assert_allclose(to_numpy(ours.running_mean), running[0], atol=1e-12, rtol=1e-12)
+        np.testing.assert_allclose(to_numpy(ours.running_var), running[1], atol=1e-12, rtol=1e-12)
+        assert int(ours.num_batches_tracked) == running[2]
+        ours.zero_grad()
+
+
+@pytest.mark.parametrize("shape,layout", list(shape_layouts()), ids=str)
+def test_eval_matches_reference(shape, layout):
+    ours, _ = make_pair(shape, torch.float64, True, True, 0.1)
+    ours.eval()
+    x = make_input(shape, layout, torch.float64, seed=0)
+    expected = reference.batchnorm_eval_forward(
+        to_numpy(x), to_numpy(ours.weight), to_numpy(ours.bias), to_numpy(ours.running_mean),
+        to_numpy(ours.running_var), ours.eps)
+    np.testing.assert_allclose(to_numpy(ours(x)), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_rank_agnostic_module_matches_reference_on_rank_6():
+    shape = (3, 4, 2, 3, 2, 2)
+    bn = bnlab.nn.BatchNorm(4, dtype=torch.float64)
+    x = make_input(shape, "contiguous", torch.float64, seed=0)
+    expected, _ = reference.spatial_batchnorm_forward(to_numpy(x), None, None, bn.eps)
+    np.testing.assert_allclose(to_numpy(bn(x)), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls,rank", [(bnlab.nn.BatchNorm1d, 4), (bnlab.nn.BatchNorm2d, 3),
+                                      (bnlab.nn.BatchNorm3d, 4), (bnlab.nn.BatchNorm, 1)])
+def test_wrong_rank_is_an_error(cls, rank):
+    with pytest.raises(ValueError, match=f"{rank}D input|rank >= 2"):
+        cls(3)(torch.randn(*([3] * rank)))
+
+
+def test_wrong_channel_count_names_both():
+    with pytest.raises(ValueError, match=r"expects 3 channels on dim 1, got input of shape \(8, 4, 5, 5\)"):
+        bnlab.nn.BatchNorm2d(3, affine=False, track_running_stats=False)(torch.randn(8, 4, 5, 5))
+
+
+@pytest.mark.parametrize("kwargs,match", [({"eps": 0.0}, "eps"), ({"momentum": 1.5}, "momentum"),
+                                          ({"momentum": -0.1}, "momentum")])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bnlab.nn.BatchNorm2d(3, **kwargs)
+
+
+def test_one_value_per_channel_in_training_is_an_error_and_leaves_state():
+    bn = bnlab.nn.BatchNorm1d(4)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        bn(torch.randn(1, 4))
+    assert int(bn.num_batches_tracked) == 0
+    bn.eval()
+    assert bn(torch.randn(1, 4)).shape == (1, 4)  # fine in eval
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_non_finite_batch_leaves_running_statistics(strict):
+    bn = bnlab.nn.BatchNorm2d(3, strict=strict)
+    bn(torch.randn(4, 3, 5, 5))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(4, 3, 5, 5)
+    x[2, 1, 0, 0] = float("inf")
+    if strict:
+        with pytest.raises(bnlab.NonFiniteStatisticsError, match=r"1 of 3 channels \(channels \[1\]\)"):
+            bn(x)
+    else:
+        bn(x)
+    for key, value in bn.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    bn(torch.randn(4, 3, 5, 5))  # a finite batch updates again
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_extra_repr_names_bnlab_options():
+    assert "strict=True, backend='torch'" in repr(bnlab.nn.BatchNorm2d(3, strict=True, backend="torch"))
