@@ -210,7 +210,15 @@ def layer_norm_backward(
         )
         dx = _like(dx, x)
     if weight is not None and output_mask[1]:
-        dweight = (dy * xhat).sum(batch_dims)
+        dweight = _sum_over(dy * xhat, batch_dims)
     if output_mask[2]:
-        dbias = dy.sum(batch_dims)
+        dbias = _sum_over(dy, batch_dims)
     return dx, dweight, dbias
+
+
+def _sum_over(t: Tensor, dims: list[int]) -> Tensor:
+    """Sum over ``dims``; none means none (``Tensor.sum([])`` would sum over everything).
+
+    Never returns ``t`` itself: a kernel's outputs must not alias its inputs.
+    """
+    return t.sum(dims) if dims else t.clone()

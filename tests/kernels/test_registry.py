@@ -1,0 +1,74 @@
+"""The backend registry: argument > BNLAB_BACKEND > automatic; named backends that cannot run raise."""
+
+import types
+
+import pytest
+import torch
+
+import bnlab
+from bnlab import kernels
+from bnlab.kernels import torch_ops
+
+
+@pytest.fixture
+def float64_only_backend():
+    """A registered backend that wraps the composite one, runs float64 only, and counts its calls."""
+    calls = []
+
+    def forward(*args):
+        calls.append("forward")
+        return torch_ops.batch_norm_forward(*args)
+
+    def backward(*args):
+        calls.append("backward")
+        return torch_ops.batch_norm_backward(*args)
+
+    module = types.SimpleNamespace(batch_norm_forward=forward, batch_norm_backward=backward)
+    kernels.register_backend("f64only", module, lambda op, x: op == "batch_norm" and x.dtype == torch.float64,
+                             priority=10)
+    yield calls
+    kernels._BACKENDS.pop("f64only")
+
+
+def test_torch_backend_is_always_there():
+    assert "torch" in kernels.available_backends()
+    assert kernels.select_backend("batch_norm", torch.randn(2, 3)) is torch_ops
+
+
+def test_automatic_selection_prefers_priority_and_falls_back(float64_only_backend):
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    bnlab.batch_norm(x, None, None, training=True).sum().backward()
+    assert float64_only_backend == ["forward", "backward"]
+    bnlab.batch_norm(x.detach().float(), None, None, training=True)  # float32: falls back to torch
+    assert float64_only_backend == ["forward", "backward"]
+    assert kernels.available_backends()[0] == "f64only"
+
+
+def test_named_backend_that_cannot_run_raises(float64_only_backend):
+    with pytest.raises(RuntimeError, match="backend 'f64only' cannot run batch_norm on a torch.float32"):
+        bnlab.batch_norm(torch.randn(4, 3), None, None, training=True, backend="f64only")
+
+
+def test_environment_variable_selects(float64_only_backend, monkeypatch):
+    monkeypatch.setenv("BNLAB_BACKEND", "torch")
+    bnlab.batch_norm(torch.randn(4, 3, dtype=torch.float64), None, None, training=True)
+    assert float64_only_backend == []
+    monkeypatch.setenv("BNLAB_BACKEND", "f64only")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        bnlab.batch_norm(torch.randn(4, 3), None, None, training=True)
+    # the argument beats the environment
+    bnlab.batch_norm(torch.randn(4, 3), None, None, training=True, backend="torch")
+
+
+def test_unknown_backend_names_the_known_ones(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown bnlab backend 'nope'; expected one of \['torch'\]"):
+        bnlab.batch_norm(torch.randn(4, 3), None, None, training=True, backend="nope")
+    monkeypatch.setenv("BNLAB_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown bnlab backend 'nope'"):
+        bnlab.nn.LayerNorm(3)(torch.randn(4, 3))
+
+
+def test_module_backend_argument_reaches_the_kernels(float64_only_backend):
+    bn = bnlab.nn.BatchNorm1d(3, dtype=torch.float64, backend="torch")
+    bn(torch.randn(4, 3, dtype=torch.float64))
+    assert float64_only_backend == []
