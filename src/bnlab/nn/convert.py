@@ -29,6 +29,7 @@ _TO_TORCH = {bnlab: torch_cls for torch_cls, bnlab in _TO_BNLAB.items()}
 _TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm)
 _BNLAB_NORMS = (BatchNorm, LayerNorm)
 _BNLAB_ONLY_OPTIONS = ("strict", "backend")
+_STATE_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
 
 
 class ConversionWarning(UserWarning):
@@ -55,14 +56,18 @@ def revert(model: nn.Module) -> nn.Module:
 
 def _swap(model: nn.Module, mapping: dict, family: tuple, verb: str) -> nn.Module:
     skipped: list[str] = []
-    root = _swap_one(model, mapping, family, "<root>", skipped)
+    swapped: dict[int, nn.Module] = {}  # a layer used at several places stays one layer
+    root = _swap_one(model, mapping, family, "<root>", skipped, swapped)
     if root is not model:
         model = root
     else:
         for name, parent in list(model.named_modules()):
-            for child_name, child in list(parent.named_children()):
+            # _modules, not named_children(): that one skips a child already seen at another place
+            for child_name, child in list(parent._modules.items()):
+                if child is None:
+                    continue
                 qualified = f"{name}.{child_name}" if name else child_name
-                new = _swap_one(child, mapping, family, qualified, skipped)
+                new = _swap_one(child, mapping, family, qualified, skipped, swapped)
                 if new is not child:
                     setattr(parent, child_name, new)
     if skipped:
@@ -75,28 +80,31 @@ def _swap(model: nn.Module, mapping: dict, family: tuple, verb: str) -> nn.Modul
     return model
 
 
-def _swap_one(module: nn.Module, mapping: dict, family: tuple, name: str, skipped: list) -> nn.Module:
+def _swap_one(module: nn.Module, mapping: dict, family: tuple, name: str, skipped: list,
+              swapped: dict) -> nn.Module:
     target = mapping.get(type(module))
     if target is None:
         if isinstance(module, family):
             skipped.append(f"{name} ({type(module).__module__}.{type(module).__qualname__}: no exact "
                            "counterpart)")
         return module
-    return _rebuild(module, target)
+    if id(module) not in swapped:
+        swapped[id(module)] = _rebuild(module, target)
+    return swapped[id(module)]
 
 
 def _rebuild(old: nn.Module, target: type) -> nn.Module:
     """A ``target`` instance that takes over old's whole state: tensors, mode, hooks, attributes.
 
-    Containers (parameter/buffer/hook dicts) are copied shallowly, so the new module holds the very
-    same tensors. bnlab's own options are class-level defaults on bnlab modules, and are dropped when
-    going back to torch.nn.
+    The parameter and buffer containers are copied shallowly (the new module holds the very same
+    tensors); everything else, hook dicts included, is handed over as is, so hook handles taken
+    before the swap still remove their hooks. bnlab's own options are class-level defaults on bnlab
+    modules, and are dropped when going back to torch.nn.
     """
     new = target.__new__(target)
-    new.__dict__.update(
-        {key: copy.copy(value) if isinstance(value, (dict, set)) else value
-         for key, value in vars(old).items()}
-    )
+    new.__dict__.update(vars(old))
+    for key in _STATE_CONTAINERS:
+        new.__dict__[key] = copy.copy(vars(old)[key])
     if target in _TO_BNLAB:  # back to torch.nn
         for key in _BNLAB_ONLY_OPTIONS:
             new.__dict__.pop(key, None)
