@@ -40,7 +40,8 @@ def demo(steps: int, lr: float, batch_size: int, seed: int) -> None:
         torch.manual_seed(seed)
         model = sigmoid_mlp(data.num_features, data.num_classes, batch_norm=batch_norm)
         start = time.perf_counter()
-        result = train_classifier(model, data, steps, batch_size, lr, seed, progress=True)
+        result = train_classifier(model, data, steps, batch_size, lr, seed, progress=True,
+                                  label=label.strip())
         click.echo(
             f"{label}: test accuracy {result.test_accuracy:.4f}  "
             f"(final training loss {result.final_loss:.4f}, {time.perf_counter() - start:.1f} s)"

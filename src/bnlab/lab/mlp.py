@@ -56,6 +56,7 @@ def train_classifier(
     lr: float = 0.5,
     seed: int = 0,
     progress: bool = False,
+    label: str = "",
 ) -> TrainResult:
     """Plain SGD on random mini-batches (sampled with a seeded generator); test accuracy at the end."""
     from tqdm import tqdm
@@ -65,7 +66,7 @@ def train_classifier(
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     loss = torch.tensor(float("nan"))  # reported as is when steps == 0
-    for _ in tqdm(range(steps), disable=not progress, leave=False):
+    for _ in tqdm(range(steps), desc=label, disable=not progress, leave=False):
         batch = torch.randint(len(data.train_y), (batch_size,), generator=generator)
         loss = loss_fn(model(data.train_x[batch]), data.train_y[batch])
         optimizer.zero_grad(set_to_none=True)
