@@ -1,0 +1,313 @@
+"""Inference as Algorithm 2 (Ioffe & Szegedy 2015): population statistics, freezing and folding.
+
+At inference the output must depend on the input alone. This module turns a trained network's
+batch-norm layers into exactly that:
+
+- :func:`population_statistics` replaces the running (EMA) statistics by Algorithm 2's exact
+  averages over given batches ("precise BN");
+- :func:`freeze` makes every batch norm a fixed affine layer (:class:`bnlab.nn.FrozenBatchNorm`);
+- :func:`fold` folds every batch norm into the adjacent Linear / Conv / ConvTranspose, in float64,
+  and reports the error it made; what cannot be folded is frozen, with the reason.
+
+It works on bnlab's batch norms and on torch.nn's alike, and never re-implements normalization:
+folding is algebra on the layers' weights, population statistics are accumulated from the inputs
+the layers see.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_flatten
+
+from .nn import BatchNorm as _BnlabBatchNorm
+from .nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+
+__all__ = [
+    "population_statistics", "PopulationReport", "freeze", "fold", "FoldReport", "batch_norm_layers",
+]
+
+BATCH_NORMS = (_BnlabBatchNorm, nn.modules.batchnorm._BatchNorm)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def batch_norm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every batch-norm layer (bnlab's or torch.nn's) of ``model``, by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, BATCH_NORMS)}
+
+
+def _require_batch_norms(model: nn.Module, what: str) -> dict[str, nn.Module]:
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: the model has no batch-norm layer (bnlab or torch.nn)")
+    return layers
+
+
+# --------------------------------------------------------------------------------------------
+# population statistics (Algorithm 2, steps 8-10)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PopulationReport:
+    """What :func:`population_statistics` did.
+
+    Attributes:
+        batches: batches run through the model (on this process).
+        skipped: of those, batches left out because some layer saw non-finite statistics.
+        values: per updated layer, the number of values per channel its statistics averaged over
+            (over all processes).
+        untouched: layers left as they were, with the reason.
+        variance: "batch" (Algorithm 2's mean of per-batch variances) or "population".
+    """
+
+    batches: int = 0
+    skipped: int = 0
+    values: dict[str, int] = field(default_factory=dict)
+    untouched: dict[str, str] = field(default_factory=dict)
+    variance: str = "batch"
+
+
+class _Moments:
+    """Streaming per-channel moments of one layer's input, merged with Chan's formula, in float64.
+
+    Per batch b with m_b values per channel, mean mu_b and biased variance v_b:
+    n = sum m_b; mean = sum m_b mu_b / n; M2 = sum of squared deviations from the overall mean
+    (the population variance is M2 / (n - 1)); W = sum m_b v_b and dof = sum (m_b - 1) give
+    Algorithm 2's m/(m-1) E_B[v_B] as W / dof (exactly so for equal batch sizes).
+    Updates are masked by a device-side "batch is finite" flag: no host synchronisation per batch.
+    """
+
+    def __init__(self, channels: int, device) -> None:
+        z = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.n, self.mean, self.m2, self.w, self.dof = z, z.clone(), z.clone(), z.clone(), z.clone()
+        self.pending: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    def observe(self, x: Tensor) -> None:
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x.detach().to(torch.float64), dim=dims, correction=0)
+        m = torch.full_like(mean, x.numel() // x.shape[1])
+        self.pending = (m, mean, var)
+
+    def finite(self) -> Tensor:
+        _, mean, var = self.pending
+        return torch.isfinite(mean).all() & torch.isfinite(var).all()
+
+    def commit(self, keep: Tensor) -> None:
+        m, mu, var = self.pending
+        self.pending = None
+        merged = _chan_merge((self.n, self.mean, self.m2), (m, mu, m * var))
+        new = (*merged, self.w + m * var, self.dof + m - 1)
+        old = (self.n, self.mean, self.m2, self.w, self.dof)
+        self.n, self.mean, self.m2, self.w, self.dof = (
+            torch.where(keep, a, b) for a, b in zip(new, old)
+        )
+
+    def merge(self, other: "_Moments") -> None:
+        self.n, self.mean, self.m2 = _chan_merge(
+            (self.n, self.mean, self.m2), (other.n, other.mean, other.m2)
+        )
+        self.w, self.dof = self.w + other.w, self.dof + other.dof
+
+    def variance(self, kind: str) -> Tensor:
+        return self.w / self.dof if kind == "batch" else self.m2 / (self.n - 1)
+
+
+def _chan_merge(a, b):
+    """Chan et al.'s pairwise merge of (count, mean, M2) tuples; empty sides are handled."""
+    (na, mean_a, m2a), (nb, mean_b, m2b) = a, b
+    n = na + nb
+    delta = mean_b - mean_a
+    frac = torch.where(n > 0, nb / n.clamp(min=1), torch.zeros_like(n))
+    return n, mean_a + delta * frac, m2a + m2b + delta * delta * na * frac
+
+
+@torch.no_grad()
+def population_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    variance: str = "batch",
+    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+) -> PopulationReport:
+    """Replace every batch norm's running statistics by Algorithm 2's exact population statistics.
+
+    For each layer, over the inputs it sees in the given batches (the network as in training:
+    every batch norm normalizes with its batch's statistics; other modules keep their mode)::
+
+        E[x]   = sum_B m_B mu_B / sum_B m_B                      (= E_B[mu_B] for equal m)
+        Var[x] = sum_B m_B var_B / sum_B (m_B - 1)               ("batch": = m/(m-1) E_B[var_B])
+               or the unbiased variance of all values together   ("population")
+
+    Args:
+        model: a network with bnlab or torch.nn batch norms (tracking running statistics).
+        batches: an iterable of inputs; each is passed as ``model(batch)``, ``model(*batch)`` for a
+            tuple/list, ``model(**batch)`` for a dict, unless ``forward(model, batch)`` is given.
+        variance: "batch" (Algorithm 2) or "population".
+        forward: optional custom call.
+
+    Returns:
+        a :class:`PopulationReport`. Batches in which any layer sees a non-finite statistic are
+        skipped whole and counted. Under torch.distributed, every process must call this with its
+        own batches; statistics are combined across processes, weighted by count.
+
+    Details: one forward per batch; moments in float64, merged with Chan's formula; the model's
+    mode, parameters and other buffers (num_batches_tracked included) are left as found.
+    """
+    if variance not in ("batch", "population"):
+        raise ValueError(f"variance must be 'batch' or 'population', got {variance!r}")
+    layers = _require_batch_norms(model, "population_statistics")
+    report = PopulationReport(variance=variance)
+    tracked = {}
+    for name, bn in layers.items():
+        if getattr(bn, "running_mean", None) is None:
+            report.untouched[name] = "no running statistics (track_running_stats=False)"
+        else:
+            tracked[name] = bn
+    modes = {m: m.training for m in model.modules()}
+    saved = {name: {k: v.clone() for k, v in bn.named_buffers()} for name, bn in tracked.items()}
+    moments = {name: _Moments(bn.num_features, bn.running_mean.device) for name, bn in tracked.items()}
+    calls: dict[str, int] = {}
+    hooks = [bn.register_forward_pre_hook(_observer(name, moments[name], calls))
+             for name, bn in tracked.items()]
+    skipped = None
+    try:
+        for bn in tracked.values():
+            bn.train()
+        for batch in batches:
+            calls.clear()
+            (forward or _call)(model, batch)
+            report.batches += 1
+            seen = [name for name in tracked if calls.get(name)]
+            shared = [name for name in seen if calls[name] > 1]
+            if shared:
+                raise ValueError(
+                    f"batch-norm layer(s) {shared} ran more than once in one forward (a module shared "
+                    "by several call sites): its statistics per site are ambiguous; give each site "
+                    "its own module"
+                )
+            if not seen:
+                continue
+            finite = _all_finite([moments[name] for name in seen])  # on the device, no sync
+            for name in seen:
+                moments[name].commit(finite.to(moments[name].n.device))
+            skipped = (~finite).long() if skipped is None else skipped + (~finite).long()
+    finally:
+        for h in hooks:
+            h.remove()
+        for module, mode in modes.items():
+            module.train(mode)
+        for name, bn in tracked.items():
+            for key, value in saved[name].items():
+                getattr(bn, key).copy_(value)
+    report.skipped = int(skipped) if skipped is not None else 0
+    _all_processes(moments)
+    for name, bn in tracked.items():
+        mom = moments[name]
+        count = int(mom.n[0]) if mom.n.numel() else 0
+        if count < 2:
+            report.untouched[name] = "saw fewer than 2 values per channel"
+            continue
+        bn.running_mean.copy_(mom.mean.to(bn.running_mean.dtype))
+        bn.running_var.copy_(mom.variance(variance).to(bn.running_var.dtype))
+        report.values[name] = count
+    return report
+
+
+def _all_finite(moments: list[_Moments]) -> Tensor:
+    flags = [m.finite() for m in moments]
+    return torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+
+def _observer(name: str, moments: _Moments, calls: dict):
+    def hook(module, args):
+        calls[name] = calls.get(name, 0) + 1
+        moments.observe(args[0])
+    return hook
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _all_processes(moments: dict[str, _Moments]) -> None:
+    """Merge every layer's moments over all processes of the default group (weighted by count)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for mom in moments.values():
+        local = torch.stack([mom.n, mom.mean, mom.m2, mom.w, mom.dof])  # (5, C)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        total = _Moments(local.shape[1], local.device)
+        for n, mean, m2, w, dof in gathered:
+            part = _Moments(local.shape[1], local.device)
+            part.n, part.mean, part.m2, part.w, part.dof = n, mean, m2, w, dof
+            total.merge(part)
+        mom.n, mom.mean, mom.m2, mom.w, mom.dof = total.n, total.mean, total.m2, total.w, total.dof
+
+
+# --------------------------------------------------------------------------------------------
+# freeze (Algorithm 2, step 11, as a layer)
+# --------------------------------------------------------------------------------------------
+
+_FROZEN_CLASS = {"BatchNorm1d": FrozenBatchNorm1d, "BatchNorm2d": FrozenBatchNorm2d,
+                 "BatchNorm3d": FrozenBatchNorm3d}
+
+
+def _frozen_class(bn: nn.Module) -> type:
+    """FrozenBatchNorm{1,2,3}d for (subclasses of) bnlab's or torch's BatchNorm{1,2,3}d."""
+    for cls in type(bn).__mro__:
+        if cls.__name__ in _FROZEN_CLASS:
+            return _FROZEN_CLASS[cls.__name__]
+    return FrozenBatchNorm
+
+
+def _check_frozen_statistics(name: str, bn: nn.Module) -> None:
+    if getattr(bn, "running_mean", None) is None:
+        raise ValueError(
+            f"cannot freeze batch-norm layer {name!r}: it has no running statistics "
+            "(track_running_stats=False)"
+        )
+    for key in ("running_mean", "running_var"):
+        bad = ~torch.isfinite(getattr(bn, key))
+        if bool(bad.any()):
+            raise ValueError(
+                f"batch-norm layer {name!r} has non-finite {key} in channels "
+                f"{bad.nonzero().flatten().tolist()[:20]}: refusing to build a wrong inference model"
+            )
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace every batch norm of ``model`` by a :class:`bnlab.nn.FrozenBatchNorm`, in place.
+
+    The frozen layer is the fixed affine map of Algorithm 2 with the layer's running statistics,
+    gamma and beta, in torchvision's FrozenBatchNorm2d ``state_dict`` format. Returns the model (a
+    new module when ``model`` itself is a batch norm). Raises ValueError for a model without batch
+    norm, a layer without running statistics, or non-finite running statistics.
+    """
+    layers = _require_batch_norms(model, "freeze")
+    for name, bn in layers.items():
+        _check_frozen_statistics(name, bn)
+    if "" in layers:
+        return _frozen_class(model).from_batch_norm(model)
+    _replace_modules(model, {id(bn): _frozen_class(bn).from_batch_norm(bn) for bn in layers.values()})
+    return model
+
+
+def _replace_modules(model: nn.Module, replacement: dict[int, nn.Module]) -> None:
+    """Swap children by identity, at every place they appear (a shared layer stays shared)."""
+    for parent in model.modules():
+        for key, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacement:
+                parent._modules[key] = replacement[id(child)]
