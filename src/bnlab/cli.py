@@ -46,3 +46,34 @@ def demo(steps: int, lr: float, batch_size: int, seed: int) -> None:
             f"{label}: test accuracy {result.test_accuracy:.4f}  "
             f"(final training loss {result.final_loss:.4f}, {time.perf_counter() - start:.1f} s)"
         )
+
+
+@main.command("export")
+@click.argument("model_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--to", "output", required=True, type=click.Path(dir_okay=False),
+              help="The .onnx file to write.")
+@click.option("--input-shape", required=True, help="Example input shape, e.g. 1,3,32,32.")
+@click.option("--no-fold", is_flag=True, help="Export the batch norms as they are.")
+def export_command(model_path: str, output: str, input_shape: str, no_fold: bool) -> None:
+    """Fold MODEL_PATH's batch norms and export it to ONNX, checked in onnxruntime.
+
+    MODEL_PATH is a whole model saved with torch.save(model); loading it unpickles Python
+    objects, so only export files you trust.
+    """
+    import torch
+
+    from .export import export_onnx
+
+    try:
+        shape = tuple(int(n) for n in input_shape.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {input_shape!r}",
+                                 param_hint="--input-shape") from None
+    model = torch.load(model_path, weights_only=False, map_location="cpu")
+    if not isinstance(model, torch.nn.Module):
+        raise click.ClickException(
+            f"{model_path} holds a {type(model).__name__}, expected a whole nn.Module saved with "
+            "torch.save(model) (a state_dict has no architecture to export)"
+        )
+    report = export_onnx(model.eval(), torch.randn(shape), output, fold_batch_norms=not no_fold)
+    click.echo(str(report))

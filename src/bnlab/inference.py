@@ -311,3 +311,223 @@ def _replace_modules(model: nn.Module, replacement: dict[int, nn.Module]) -> Non
         for key, child in list(parent._modules.items()):
             if child is not None and id(child) in replacement:
                 parent._modules[key] = replacement[id(child)]
+
+
+# --------------------------------------------------------------------------------------------
+# fold (Algorithm 2, step 11, folded into the adjacent linear layer)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldReport:
+    """What :func:`fold` did.
+
+    Attributes:
+        folded: (batch-norm name, layer name, "after" | "before"): the BN followed or preceded the
+            layer it was folded into.
+        frozen: batch-norm name -> why it could not be folded (it became a FrozenBatchNorm).
+        max_abs_error: max |folded(x) - model(x)| on the example input, in the model's dtype.
+    """
+
+    folded: list[tuple[str, str, str]] = field(default_factory=list)
+    frozen: dict[str, str] = field(default_factory=dict)
+    max_abs_error: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [f"folded {len(self.folded)}, frozen {len(self.frozen)}, "
+                 f"max abs error on the example input {self.max_abs_error:.3g}"]
+        lines += [f"  {bn} -> {layer} (BN {side} it)" for bn, layer, side in self.folded]
+        lines += [f"  {bn} frozen: {why}" for bn, why in self.frozen.items()]
+        return "\n".join(lines)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps batch norms, linear/conv layers and every bnlab module as single call_module nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return type(m).__module__.startswith("bnlab.") or super().is_leaf_module(m, qualified_name)
+
+
+def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldReport]:
+    """Fold every batch norm of an eval-mode ``model`` into the adjacent Linear / Conv / ConvTranspose.
+
+    With s = gamma / sqrt(running_var + eps) and t = beta - running_mean * s (Algorithm 2):
+
+    - BN after a layer (its output used by the BN alone): W' = s W and b' = s b + t, per output
+      channel (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d; any groups, dilation, stride);
+    - BN before a Linear or Conv (the BN's output used by it alone): W' = W s over input channels
+      and b' = b + W t summed over inputs and kernel; only where padding cannot break it (no zero
+      padding: padding 0, or a reflect/replicate/circular padding mode);
+    - otherwise the BN is frozen (a FrozenBatchNorm), and the reason reported.
+
+    The model is traced with torch.fx and copied: ``model`` itself is left as it is. Weights are
+    folded in float64 and cast back.
+
+    Args:
+        model: in eval mode, traceable by torch.fx.
+        example_input: a tensor, or a tuple of positional inputs, run through both models to find
+            shapes and measure the folding error.
+
+    Returns:
+        (the folded GraphModule, a :class:`FoldReport`).
+    """
+    layers = _require_batch_norms(model, "fold")
+    training = [name or "<root>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(f"fold needs a model in eval mode (call model.eval()); in training: {training[:5]}")
+    for name, bn in layers.items():
+        _check_frozen_statistics(name, bn)
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    gm = _trace(copy.deepcopy(model))
+    try:
+        ShapeProp(gm).propagate(*inputs)
+    except Exception as error:
+        shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in inputs]
+        raise ValueError(f"the example input {shapes} could not run through the model: {error}") from error
+    report = FoldReport()
+    modules = dict(gm.named_modules())
+    sites = _call_sites(gm)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(modules[node.target], BATCH_NORMS):
+            _fold_or_freeze(gm, node, modules, sites, report)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    report.max_abs_error = _max_abs_difference(model(*inputs), gm(*inputs))
+    return gm, report
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as error:
+        raise ValueError(f"fold needs a model torch.fx can trace symbolically: {error}") from error
+    return fx.GraphModule(model, graph)
+
+
+def _call_sites(gm: fx.GraphModule) -> dict[str, int]:
+    sites: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            sites[node.target] = sites.get(node.target, 0) + 1
+    return sites
+
+
+def _fold_or_freeze(gm, node, modules, sites, report: FoldReport) -> None:
+    bn = modules[node.target]
+    if sites[node.target] > 1:
+        reason = f"shared by {sites[node.target]} call sites"
+    else:
+        scale, shift = FrozenBatchNorm.from_batch_norm(bn).scale_and_shift(torch.float64)
+        layer_node, side, reason = _fold_partner(node, modules, sites)
+        if layer_node is not None:
+            layer = modules[layer_node.target]
+            (_fold_after if side == "after" else _fold_before)(layer, scale, shift)
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            report.folded.append((node.target, layer_node.target, side))
+            return
+    _replace_modules(gm, {id(bn): _frozen_class(bn).from_batch_norm(bn)})
+    report.frozen[node.target] = reason
+
+
+def _fold_partner(node, modules, sites):
+    """(layer node, "after" | "before", None) to fold the BN at ``node`` into, or (None, None, why)."""
+    producer = node.args[0]
+    if isinstance(producer, fx.Node) and producer.op == "call_module":
+        layer = modules[producer.target]
+        why = _why_not_after(layer, producer, sites)
+        if why is None:
+            return producer, "after", None
+    else:
+        why = "its input does not come from a layer"
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None, None, f"cannot fold after ({why}); its output is not used by exactly one layer"
+    consumer = users[0]
+    why_before = _why_not_before(modules[consumer.target], consumer, node, sites)
+    if why_before is None:
+        return consumer, "before", None
+    return None, None, f"cannot fold after ({why}) or before ({why_before})"
+
+
+def _why_not_after(layer, producer, sites) -> Optional[str]:
+    if not isinstance(layer, (nn.Linear, *_CONV, *_CONV_TRANSPOSE)):
+        return f"{type(layer).__name__} is not a Linear/Conv/ConvTranspose"
+    if len(producer.users) != 1:
+        return f"the output of {producer.target} is also used elsewhere"
+    if sites[producer.target] > 1:
+        return f"{producer.target} is shared by {sites[producer.target]} call sites"
+    if isinstance(layer, nn.Linear) and _rank(producer) != 2:
+        return "a Linear's features are not on dim 1 of a rank-3+ output"
+    return None
+
+
+def _why_not_before(layer, consumer, bn_node, sites) -> Optional[str]:
+    if not isinstance(layer, (nn.Linear, *_CONV)):
+        return f"{type(layer).__name__} is not a Linear/Conv"
+    if consumer.args[0] is not bn_node or len(consumer.args) != 1 or consumer.kwargs:
+        return f"{consumer.target} takes more than the BN's output"
+    if sites[consumer.target] > 1:
+        return f"{consumer.target} is shared by {sites[consumer.target]} call sites"
+    if isinstance(layer, nn.Linear) and _rank(bn_node) != 2:
+        return "a Linear's features are not on dim 1 of a rank-3+ input"
+    if isinstance(layer, _CONV) and layer.padding_mode == "zeros" and _pads(layer):
+        return f"{consumer.target} zero-pads its input, where a folded shift would be wrong"
+    return None
+
+
+def _rank(node: fx.Node) -> int:
+    return len(node.meta["tensor_meta"].shape)
+
+
+def _pads(conv: nn.Module) -> bool:
+    if conv.padding == "valid":
+        return False
+    if conv.padding == "same":
+        return any(k > 1 for k in conv.kernel_size)
+    return any(p > 0 for p in conv.padding)
+
+
+@torch.no_grad()
+def _fold_after(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
+    """BN(layer(x)): scale each output channel's weights; b' = s b + t."""
+    weight = layer.weight.to(torch.float64)
+    if isinstance(layer, _CONV_TRANSPOSE):  # weight (in, out / groups, *k)
+        g = layer.groups
+        grouped = weight.view(g, weight.shape[0] // g, weight.shape[1], *weight.shape[2:])
+        folded = grouped * scale.view(g, 1, -1, *([1] * (weight.dim() - 2)))
+    else:  # weight (out, in / groups, *k)
+        folded = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    bias = shift if layer.bias is None else layer.bias.to(torch.float64) * scale + shift
+    _set_weights(layer, folded.reshape(weight.shape), bias)
+
+
+@torch.no_grad()
+def _fold_before(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
+    """layer(BN(x)) = layer_W'(x) + W t: scale each input channel's weights; b' = b + W t."""
+    weight = layer.weight.to(torch.float64)  # (out, in / groups, *k)
+    g = getattr(layer, "groups", 1)
+    out, per_group = weight.shape[0], weight.shape[1]
+    grouped = weight.view(g, out // g, per_group, -1)  # (g, out/g, in/g, prod k)
+    folded = grouped * scale.view(g, 1, per_group, 1)
+    delta = torch.einsum("gojk,gj->go", grouped, shift.view(g, per_group)).reshape(out)
+    bias = delta if layer.bias is None else layer.bias.to(torch.float64) + delta
+    _set_weights(layer, folded.reshape(weight.shape), bias)
+
+
+def _set_weights(layer: nn.Module, weight: Tensor, bias: Tensor) -> None:
+    dtype = layer.weight.dtype
+    layer.weight.copy_(weight.to(dtype))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(bias.to(dtype), requires_grad=layer.weight.requires_grad)
+    else:
+        layer.bias.copy_(bias.to(dtype))
+
+
+def _max_abs_difference(expected: Any, actual: Any) -> float:
+    a, _ = tree_flatten(expected)
+    b, _ = tree_flatten(actual)
+    diffs = [(x.detach().double() - y.detach().double()).abs().max().item()
+             for x, y in zip(a, b) if isinstance(x, Tensor) and x.numel()]
+    return max(diffs, default=0.0)
