@@ -48,6 +48,42 @@ def demo(steps: int, lr: float, batch_size: int, seed: int) -> None:
         )
 
 
+@main.command("precise-bn")
+@click.option("--momentum", default=0.001, show_default=True, type=click.FloatRange(0, 1),
+              help="The BN layers' EMA momentum during training (small: the running statistics lag).")
+@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batches", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Training batches of 60 that population_statistics averages over.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def precise_bn(momentum: float, steps: int, batches: int, seed: int) -> None:
+    """Test accuracy with lagging EMA statistics, then with Algorithm 2's exact ones.
+
+    Trains the demo's BN sigmoid MLP on the bundled digits with the given momentum, then replaces
+    the running statistics by bnlab.inference.population_statistics over training batches.
+    """
+    import torch
+
+    from .data import load_digits
+    from .inference import population_statistics
+    from .lab.mlp import accuracy, sigmoid_mlp, train_classifier
+
+    data = load_digits(seed=seed)
+    torch.manual_seed(seed)
+    model = sigmoid_mlp(data.num_features, data.num_classes, batch_norm=True)
+    for module in model.modules():
+        if hasattr(module, "momentum"):
+            module.momentum = momentum
+    before = train_classifier(model, data, steps, seed=seed, progress=True, label="training")
+    generator = torch.Generator().manual_seed(seed + 1)
+    sample = [data.train_x[torch.randint(len(data.train_y), (60,), generator=generator)]
+              for _ in range(batches)]
+    report = population_statistics(model, sample)
+    after = accuracy(model, data.test_x, data.test_y)
+    click.echo(f"{steps} steps, BN momentum {momentum}")
+    click.echo(f"test accuracy with the running (EMA) statistics: {before.test_accuracy:.4f}")
+    click.echo(f"test accuracy with population statistics over {report.batches} batches: {after:.4f}")
+
+
 @main.command("export")
 @click.argument("model_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--to", "output", required=True, type=click.Path(dir_okay=False),

@@ -1,0 +1,43 @@
+"""Shared benchmark plumbing: timing with percentiles, the machine's name, long-format CSV rows."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.utils.benchmark import Timer
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    """e.g. 'x86_64, 2 cores, torch 2.13.0+cpu, 2 threads'."""
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def time_ms(fn, min_run_time: float = 1.0) -> dict[str, float]:
+    """Median, p20 and p80 of ``fn()``'s wall time in milliseconds."""
+    measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = torch.tensor(measurement.times) * 1e3
+    return {"median_ms": float(times.median()), "p20_ms": float(times.quantile(0.2)),
+            "p80_ms": float(times.quantile(0.8))}
+
+
+def append_rows(csv_name: str, rows: list[dict]) -> Path:
+    """Append ``rows`` (with a timestamp and the machine) to ``results/csv_name``."""
+    path = RESULTS / csv_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    rows = [{"timestamp": stamp, "machine": machine(), **row} for row in rows]
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
