@@ -1,13 +1,15 @@
-"""Batch renormalization (Ioffe 2017, https://arxiv.org/abs/1702.03275): batch norm that is corrected
-toward the running statistics in training, so that training and inference compute the same function.
+"""Batch renormalization (Ioffe 2017, https://arxiv.org/abs/1702.03275): batch norm corrected toward
+the running statistics in training, so that training and inference compute the same function.
 
-Buffers, ``state_dict`` keys, ``extra_repr`` conventions and the eval path are :class:`BatchNorm`'s, so a
-batch-norm checkpoint loads into a renorm layer and back. The warm-up schedule of r_max and d_max is a
-function of ``num_batches_tracked`` and the constructor arguments alone: a checkpoint resumes it exactly.
+Buffers, ``state_dict`` keys, ``extra_repr`` conventions and the eval path are :class:`BatchNorm`'s,
+so a batch-norm checkpoint loads into a renorm layer and back. The warm-up schedule of r_max and
+d_max is a function of ``num_batches_tracked`` and the constructor arguments alone: a checkpoint
+resumes it exactly.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -22,13 +24,17 @@ __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
 def _check_schedule(r_max, d_max, warmup_steps, r_max_steps, d_max_steps) -> None:
     if not r_max >= 1.0 or r_max == float("inf"):
-        raise ValueError(f"r_max must be a finite number >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
+        raise ValueError(
+            f"r_max must be a finite number >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}"
+        )
     if not d_max >= 0.0 or d_max == float("inf"):
-        raise ValueError(f"d_max must be a finite number >= 0 (d is clipped to [-d_max, d_max]), got {d_max}")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(
+            f"d_max must be a finite number >= 0 (d is clipped to [-d_max, d_max]), got {d_max}"
+        )
+    if not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
     for name, end in (("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
-        if not isinstance(end, int) or end < warmup_steps:
+        if not isinstance(end, numbers.Integral) or end < warmup_steps:
             raise ValueError(
                 f"{name} (the step at which the ramp ends) must be an int >= warmup_steps="
                 f"{warmup_steps}, got {end!r}"
@@ -36,7 +42,7 @@ def _check_schedule(r_max, d_max, warmup_steps, r_max_steps, d_max_steps) -> Non
 
 
 def _ramp(step: Tensor, start: int, end: int) -> Tensor:
-    """0 up to ``start``, linear to 1 at ``end``, 1 after (a jump at ``start`` when end == start)."""
+    """0 up to ``start``, linear to 1 at ``end``, 1 after (a jump to 1 at ``end`` == ``start``)."""
     if end == start:
         return (step >= end).to(step.dtype)
     return ((step - start) / (end - start)).clamp(0.0, 1.0)
@@ -54,12 +60,13 @@ class BatchRenorm(BatchNorm):
     mu_B and sigma_B = sqrt(var_B + eps) are the batch's (biased variance, over N and every spatial
     position), mu = running_mean and sigma = sqrt(running_var + eps); r and d are constants in
     backprop (``stop_gradient``). With r = 1, d = 0 this is batch norm. In eval the layer is plain
-    batch norm with the running statistics, y = gamma (x - mu) / sigma + beta, as the paper's inference.
+    batch norm with the running statistics, y = gamma (x - mu) / sigma + beta, as in the paper.
 
     Warm-up schedule (the paper's section 4): with ``step = num_batches_tracked`` (finite training
-    batches seen so far), the clip limits are 1 and 0 (plain batch norm) while step <= warmup_steps,
-    then grow linearly, r_max reaching ``r_max`` at ``r_max_steps`` and d_max reaching ``d_max`` at
-    ``d_max_steps``, and stay there. :meth:`clip_limits` gives the limits in force.
+    batches seen so far), the clip limits are 1 and 0 (plain batch norm) up to step warmup_steps,
+    then grow linearly, r_max reaching ``r_max`` at step ``r_max_steps`` and d_max reaching
+    ``d_max`` at step ``d_max_steps`` (a jump there when that equals warmup_steps; all three 0: no
+    warm-up), and stay there. :meth:`clip_limits` gives the limits in force.
 
     Args:
         num_features: C.
@@ -79,21 +86,21 @@ class BatchRenorm(BatchNorm):
 
     Details:
         - the running statistics are :class:`BatchNorm`'s: running_mean is the EMA of mu_B and
-          running_var the EMA of the *unbiased* batch variance (times m / (m - 1), m = N * prod(spatial));
-          sigma = sqrt(running_var + eps). The paper averages sigma_B itself; averaging the variance keeps
-          the buffers torch.nn-compatible and makes eval exactly batch norm's;
+          running_var the EMA of the *unbiased* batch variance (times m / (m - 1), m = N *
+          prod(spatial)); sigma = sqrt(running_var + eps). The paper averages sigma_B itself;
+          averaging the variance keeps the buffers torch.nn-compatible and eval exactly batch norm;
         - r and d are computed from the running statistics *before* this batch updates them, and are
           folded into the affine parameters, gamma' = gamma r and beta' = gamma d + beta, so one
           :func:`bnlab.functional.batch_norm` call does the rest (its hand-written backward, with
-          gamma' as the scale, is the gradient with r, d constant). At r = 1, d = 0, gamma' and beta'
-          equal gamma and beta bit for bit: outputs, gradients and buffers are BatchNorm's exactly;
-        - mu_B, sigma_B for r and d come from a separate no-grad ``torch.var_mean`` pass; float16 and
-          bfloat16 inputs (e.g. under ``torch.autocast``) are computed in float32, and the output has
-          the input's dtype;
+          gamma' as the scale, is the gradient with r, d constant). At r = 1, d = 0, gamma' and
+          beta' equal gamma and beta bit for bit: outputs, gradients and buffers are BatchNorm's;
+        - mu_B, sigma_B for r and d come from a separate no-grad ``torch.var_mean`` pass; float16
+          and bfloat16 inputs (e.g. under ``torch.autocast``) are computed in float32, and the
+          output has the input's dtype;
         - a batch with non-finite statistics leaves the running statistics and num_batches_tracked
           untouched (so the schedule does not advance), decided on the device without a host sync;
-        - the schedule is computed on the device from num_batches_tracked (no host sync), so there are
-          no extra buffers: state_dict keys are BatchNorm's. A torch.nn checkpoint brings its
+        - the schedule is computed on the device from num_batches_tracked (no host sync), with no
+          extra buffers: state_dict keys are BatchNorm's. A torch.nn checkpoint brings its
           num_batches_tracked, and with it the matching point of the schedule.
     """
 
@@ -119,16 +126,18 @@ class BatchRenorm(BatchNorm):
         if not track_running_stats:
             raise ValueError(
                 "BatchRenorm needs track_running_stats=True: r and d correct the batch statistics "
-                "toward the running ones (use BatchNorm(track_running_stats=False) for batch statistics only)"
+                "toward the running ones (BatchNorm(track_running_stats=False) uses batch "
+                "statistics only)"
             )
         _check_schedule(r_max, d_max, warmup_steps, r_max_steps, d_max_steps)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          bias=bias, strict=strict, backend=backend)
         self.r_max, self.d_max = float(r_max), float(d_max)
-        self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
+        self.warmup_steps = int(warmup_steps)
+        self.r_max_steps, self.d_max_steps = int(r_max_steps), int(d_max_steps)
 
     def clip_limits(self, dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
-        """(r_max, d_max) in force at step num_batches_tracked, as 0-dim tensors on the buffers' device.
+        """(r_max, d_max) in force at step num_batches_tracked: 0-dim tensors, buffers' device.
 
         ``dtype`` defaults to the accumulation dtype of running_var (float32 for half buffers).
         """
@@ -151,7 +160,7 @@ class BatchRenorm(BatchNorm):
         return r, d
 
     def _renormalized_affine(self, input: Tensor) -> tuple[Tensor, Tensor]:
-        """gamma' = gamma r, beta' = gamma d + beta: y = gamma (xhat r + d) + beta as one BN affine."""
+        """gamma' = gamma r, beta' = gamma d + beta: gamma (xhat r + d) + beta as a BN affine."""
         r, d = self._correction(input)
         if self.weight is None:
             return r, d
@@ -160,8 +169,10 @@ class BatchRenorm(BatchNorm):
         return weight, bias
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(input)  # inference: plain batch norm with the running statistics
+        if not self.training or not input.is_floating_point():
+            # inference: plain batch norm with the running statistics (and batch_norm's clear error
+            # for a non-float input, which torch.var_mean would reject less clearly)
+            return super().forward(input)
         self._check_input_dim(input)
         weight, bias = self._renormalized_affine(input)
         return F.batch_norm(
