@@ -78,11 +78,13 @@ def test_opcheck(dtype, training, channels_last):
     stat_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
     w = rand(3, dtype=stat_dtype).requires_grad_()
     rm, rv = torch.zeros(3, dtype=stat_dtype), torch.ones(3, dtype=stat_dtype)
-    torch.library.opcheck(torch.ops.bnlab.batch_norm.default, (x, w, None, rm, rv, training, 1e-5, None))
+    mask = torch.rand(4, 5, 5, generator=torch.Generator().manual_seed(0)) > 0.3
+    for m in (None, mask):
+        torch.library.opcheck(torch.ops.bnlab.batch_norm.default, (x, w, None, rm, rv, m, training, 1e-5, None))
     torch.library.opcheck(torch.ops.bnlab.layer_norm.default, (x, [5, 5], None, None, 1e-5, None))
     dy = torch.ones_like(x)
     torch.library.opcheck(torch.ops.bnlab.batch_norm_backward.default,
-                          (dy, x.detach(), w.detach(), rm, rv, training, 1e-5, [True, True, False], None))
+                          (dy, x.detach(), w.detach(), rm, rv, mask, training, 1e-5, [True, True, False], None))
 
 
 class Net(torch.nn.Module):
@@ -244,3 +246,73 @@ def test_bad_input_leaves_running_statistics():
     with pytest.raises(ValueError):
         F.batch_norm(torch.randn(4, 3), rm, rv, torch.ones(4), training=True, num_batches_tracked=nbt)
     assert rm.eq(0).all() and rv.eq(1).all() and int(nbt) == 0
+
+
+def masked_case(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=F64) * 2 + 3
+    mask = torch.rand((shape[0], *shape[2:]), generator=g) > 0.4
+    return x, mask
+
+
+def valid_rows(t, mask):
+    """(M, C): the values of t (N, C, *) at mask's True positions."""
+    return t.movedim(1, -1)[mask]
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (5, 4, 7), (3, 2, 4, 5)])
+def test_masked_statistics_are_those_of_the_valid_values(shape):
+    x, mask = masked_case(shape)
+    w, b = rand(shape[1], seed=1) + 2, rand(shape[1], seed=2)
+    rm, rv = torch.zeros(shape[1], dtype=F64), torch.ones(shape[1], dtype=F64)
+    y = F.batch_norm(x, rm, rv, w, b, training=True, momentum=1.0, mask=mask)
+    valid = valid_rows(x, mask).numpy()
+    expected, _ = reference.batchnorm_forward(valid, w.numpy(), b.numpy())
+    np.testing.assert_allclose(valid_rows(y, mask).numpy(), expected, atol=1e-10)
+    np.testing.assert_allclose(rm.numpy(), valid.mean(0), atol=1e-12)
+    np.testing.assert_allclose(rv.numpy(), valid.var(0, ddof=1), atol=1e-12)
+    # padding positions are normalized with the same statistics
+    scale = w / torch.sqrt(torch.from_numpy(valid.var(0)) + 1e-5)
+    pad = valid_rows(x, ~mask)
+    torch.testing.assert_close(valid_rows(y, ~mask), (pad - torch.from_numpy(valid.mean(0))) * scale + b)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 2, 5), (3, 2, 3, 2)])
+def test_masked_gradients(shape):
+    x, mask = masked_case(shape)
+    x.requires_grad_()
+    w, b = (rand(shape[1], seed=1) + 2).requires_grad_(), rand(shape[1], seed=2).requires_grad_()
+    f = lambda x, w, b: F.batch_norm(x, None, None, w, b, True, mask=mask)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+    # with the loss on valid positions only, dx there is plain BN's on the valid values
+    dy = rand(*shape, seed=3) * mask.unsqueeze(1)
+    (dx,) = torch.autograd.grad(f(x, w, b), x, dy)
+    _, cache = reference.batchnorm_forward(valid_rows(x, mask).detach().numpy(), w.detach().numpy(),
+                                           b.detach().numpy())
+    ref_dx, _, _ = reference.batchnorm_backward(valid_rows(dy, mask).numpy(), cache)
+    np.testing.assert_allclose(valid_rows(dx, mask).numpy(), ref_dx, atol=1e-10)
+    assert valid_rows(dx, ~mask).abs().max() == 0
+
+
+def test_all_true_mask_is_plain_batch_norm():
+    x, _ = masked_case((4, 3, 5))
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    torch.testing.assert_close(F.batch_norm(x, None, None, training=True, mask=mask),
+                               F.batch_norm(x, None, None, training=True), atol=1e-12, rtol=0)
+
+
+def test_masked_module_and_bad_masks():
+    bn = bnlab.nn.BatchNorm1d(3, dtype=F64)
+    x, mask = masked_case((4, 3, 6))
+    bn(x, mask=mask)
+    assert int(bn.num_batches_tracked) == 1
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(N, \*spatial\) = \(4, 6\)"):
+        bn(x, mask=mask.float())
+    with pytest.raises(ValueError, match=r"= \(4, 6\).*got torch.bool \(4, 5\)"):
+        bn(x, mask=mask[:, :5])
+    one = torch.zeros(4, 6, dtype=torch.bool)
+    one[0, 0] = True
+    with pytest.raises(ValueError, match="more than 1 valid value per channel"):
+        bn(x, mask=one)
+    assert int(bn.num_batches_tracked) == 1

@@ -40,18 +40,24 @@ def _batch_norm_op(
     bias: Optional[Tensor],
     running_mean: Optional[Tensor],
     running_var: Optional[Tensor],
+    mask: Optional[Tensor],
     training: bool,
     eps: float,
     backend: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    kernels = select_backend("batch_norm", input, backend)
+    kernels = select_backend(_op_name(mask, training), input, backend)
     return kernels.batch_norm_forward(
-        input, weight, bias, running_mean, running_var, training, eps
+        input, weight, bias, running_mean, running_var, training, eps, mask
     )
 
 
+def _op_name(mask: Optional[Tensor], training: bool) -> str:
+    """The registry's name for what a backend must support: masked statistics are an extra."""
+    return "batch_norm_masked" if mask is not None and training else "batch_norm"
+
+
 @_batch_norm_op.register_fake
-def _(input, weight, bias, running_mean, running_var, training, eps, backend):
+def _(input, weight, bias, running_mean, running_var, mask, training, eps, backend):
     stats = input.new_empty((input.shape[1] if training else 0,), dtype=accumulation_dtype(input.dtype))
     return torch.empty_like(input), stats, torch.empty_like(stats)
 
@@ -63,20 +69,21 @@ def _batch_norm_backward_op(
     weight: Optional[Tensor],
     mean: Tensor,
     var: Tensor,
+    mask: Optional[Tensor],
     training: bool,
     eps: float,
     output_mask: list[bool],
     backend: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    kernels = select_backend("batch_norm", input, backend)
+    kernels = select_backend(_op_name(mask, training), input, backend)
     grads = kernels.batch_norm_backward(
-        grad_out, input, weight, mean, var, training, eps, output_mask
+        grad_out, input, weight, mean, var, training, eps, output_mask, mask
     )
     return _absent_as_empty(grads, input)
 
 
 @_batch_norm_backward_op.register_fake
-def _(grad_out, input, weight, mean, var, training, eps, output_mask, backend):
+def _(grad_out, input, weight, mean, var, mask, training, eps, output_mask, backend):
     return _fake_grads(input, (input.shape[1],), weight, output_mask)
 
 
@@ -95,29 +102,29 @@ def _fake_grads(input: Tensor, param_shape, weight, output_mask):
 
 
 def _setup_batch_norm(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, training, eps, backend = inputs
+    input, weight, bias, running_mean, running_var, mask, training, eps, backend = inputs
     _, mean, var = output
     if not training:  # eval: the running statistics are the (constant) statistics
         mean, var = running_mean, running_var
-    ctx.save_for_backward(input, weight, mean, var)
+    ctx.save_for_backward(input, weight, mean, var, mask)
     ctx.training, ctx.eps, ctx.backend = training, eps, backend
     ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward_batch_norm(ctx, grad_out, _grad_mean, _grad_var):
-    input, weight, mean, var = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
+    input, weight, mean, var, mask = ctx.saved_tensors
+    needed = list(ctx.needs_input_grad[:3])
     if _differentiating_backward(grad_out, input, weight):
         grads = torch_ops.batch_norm_backward(
             grad_out, input, weight, None if ctx.training else mean,
-            None if ctx.training else var, ctx.training, ctx.eps, mask,
+            None if ctx.training else var, ctx.training, ctx.eps, needed, mask,
         )
     else:
         grads = _batch_norm_backward_op(
-            grad_out, input, weight, mean, var, ctx.training, ctx.eps, mask, ctx.backend
+            grad_out, input, weight, mean, var, mask, ctx.training, ctx.eps, needed, ctx.backend
         )
-    return (*_cast_grads(grads, mask, ctx.param_dtypes), None, None, None, None, None)
+    return (*_cast_grads(grads, needed, ctx.param_dtypes), None, None, None, None, None, None)
 
 
 def _differentiating_backward(*tensors) -> bool:
@@ -146,6 +153,7 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
     strict: bool = False,
     backend: Optional[str] = None,
 ) -> Tensor:
@@ -166,6 +174,11 @@ def batch_norm(
             average (factor 1 / num_batches_tracked) and needs ``num_batches_tracked``.
         eps: added to the variance, > 0.
         num_batches_tracked: optional scalar integer buffer, incremented per finite training batch.
+        mask: optional bool (N, *spatial) marking valid positions (e.g. not padding): in training
+            the statistics, and the running statistics' count m, cover those positions only; every
+            position is normalized with them. Ignored in eval. Gradients are those of this
+            function: padding positions' x gets only the direct term (it did not enter the
+            statistics), while every output's dy reaches the statistics.
         strict: raise :class:`NonFiniteStatisticsError` naming the channels whose batch statistics
             are not finite (this reads the statistics on the host; eager mode only).
         backend: kernel backend name (see :mod:`bnlab.kernels`); default automatic.
@@ -180,12 +193,15 @@ def batch_norm(
     """
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
                            num_batches_tracked)
+    count = values_per_channel(input)
+    if mask is not None:
+        count = _check_mask(mask, input, training)
     out, mean, var = _batch_norm_op(
-        input, weight, bias, running_mean, running_var, training, eps, backend
+        input, weight, bias, running_mean, running_var, mask, training, eps, backend
     )
     if training and running_mean is not None:
-        _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                              values_per_channel(input), momentum)
+        _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+                              momentum)
     if training and strict:
         _raise_if_not_finite(mean, var)
     return out
@@ -253,6 +269,25 @@ def _check_vector(name: str, t, shape: tuple, input: Tensor, what: str) -> None:
             f"{name} has dtype {t.dtype}, expected {' or '.join(sorted(map(str, allowed)))} "
             f"for a {input.dtype} input"
         )
+
+
+def _check_mask(mask, input: Tensor, training: bool):
+    """A bool (N, *spatial) mask on input's device; returns its count of valid positions."""
+    expected = (input.shape[0], *input.shape[2:])
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != expected:
+        got = (f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__)
+        raise ValueError(
+            f"mask must be a bool tensor of shape (N, *spatial) = {expected} for an input of shape "
+            f"{tuple(input.shape)}, got {got}"
+        )
+    if mask.device != input.device:
+        raise ValueError(f"mask is on {mask.device}, expected the input's device {input.device}")
+    count = mask.sum()
+    if training and not torch.compiler.is_compiling() and int(count) < 2:  # host sync: masks only
+        raise ValueError(
+            f"Expected more than 1 valid value per channel when training, the mask has {int(count)}"
+        )
+    return count
 
 
 def _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,

@@ -27,7 +27,7 @@ from . import torch_ops
 
 __all__ = ["Backend", "register_backend", "available_backends", "select_backend"]
 
-OPS = ("batch_norm", "layer_norm")
+OPS = ("batch_norm", "batch_norm_masked", "layer_norm")  # masked: statistics over a mask
 
 
 @dataclass(frozen=True)

@@ -65,23 +65,39 @@ def batch_norm_forward(
     running_var: Tensor | None,
     training: bool,
     eps: float,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y = (x - mean) * invstd * weight + bias per channel, invstd = 1 / sqrt(var + eps).
 
     Training: mean and biased var of the batch over dims (0, 2, 3, ...), returned as (C,) tensors in
-    the accumulation dtype. Eval: running statistics are used and the returned mean/var are empty.
+    the accumulation dtype; with a ``mask`` (N, *spatial), over its True positions only (every
+    position is still normalized). Eval: running statistics are used, the mask is ignored, and the
+    returned mean/var are empty.
 
     Returns:
         (y, mean, var): y shaped and laid out like x.
     """
     xa = _acc(x)
     if training:
-        var, mean = torch.var_mean(xa, dim=reduction_dims(x), correction=0)
+        mean, var = batch_statistics(xa, mask)
         y = _normalize(xa, mean, var, weight, bias, eps)
         return _like(y, x), mean, var
     y = _normalize(xa, running_mean.to(xa.dtype), running_var.to(xa.dtype), weight, bias, eps)
     empty = xa.new_empty((0,))
     return _like(y, x), empty, empty.clone()
+
+
+def batch_statistics(xa: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over dims (0, 2, ...), or over ``mask``'s True positions."""
+    dims = reduction_dims(xa)
+    if mask is None:
+        var, mean = torch.var_mean(xa, dim=dims, correction=0)
+        return mean, var
+    valid = mask.unsqueeze(1).to(xa.dtype)  # (N, 1, *spatial)
+    count = valid.sum()
+    mean = (xa * valid).sum(dims) / count
+    var = ((xa - per_channel(mean, xa)) * valid).square().sum(dims) / count
+    return mean, var
 
 
 def _normalize(xa: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) -> Tensor:
@@ -103,6 +119,7 @@ def batch_norm_backward(
     training: bool,
     eps: float,
     output_mask: Sequence[bool] = (True, True, True),
+    mask: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`batch_norm_forward` (the compact closed form of SPEC section 1).
 
@@ -111,6 +128,9 @@ def batch_norm_backward(
         dx     = weight * invstd * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m)
         dweight = sum(dy * xhat),  dbias = sum(dy)
 
+    With a ``mask``, m counts the valid positions and the statistics' term applies to them only
+    (padding positions did not enter the statistics): dx = weight * invstd * (dy - valid * (sum(dy)
+    / m + xhat * sum(dy * xhat) / m)), the sums over every position (every output used them).
     Eval (statistics are constants): dx = dy * weight * invstd.
 
     ``mean``/``var`` are the saved batch statistics (training) or the running ones (eval). In
@@ -124,7 +144,7 @@ def batch_norm_backward(
     xa, dy = _acc(x), _acc(grad_out)
     dims = reduction_dims(x)
     if mean is None:
-        var, mean = torch.var_mean(xa, dim=dims, correction=0)
+        mean, var = batch_statistics(xa, mask if training else None)
     invstd = torch.rsqrt(var.to(xa.dtype) + eps)  # (C,)
     xhat = (xa - per_channel(mean.to(xa.dtype), xa)) * per_channel(invstd, xa)
     sum_dy = dy.sum(dims)  # (C,)
@@ -132,13 +152,18 @@ def batch_norm_backward(
     dx = dweight = dbias = None
     if output_mask[0]:
         scale = invstd if weight is None else invstd * weight.to(xa.dtype)
-        if training:
+        if not training:
+            dx = dy * per_channel(scale, xa)
+        elif mask is None:
             m = values_per_channel(x)
             dx = per_channel(scale, xa) * (
                 dy - per_channel(sum_dy / m, xa) - xhat * per_channel(sum_dy_xhat / m, xa)
             )
-        else:
-            dx = dy * per_channel(scale, xa)
+        else:  # only valid positions moved the statistics; every position's output used them
+            valid = mask.unsqueeze(1).to(xa.dtype)  # (N, 1, *spatial)
+            m = valid.sum()
+            through_stats = per_channel(sum_dy / m, xa) + xhat * per_channel(sum_dy_xhat / m, xa)
+            dx = per_channel(scale, xa) * (dy - valid * through_stats)
         dx = _like(dx, x)
     if weight is not None and output_mask[1]:
         dweight = sum_dy_xhat

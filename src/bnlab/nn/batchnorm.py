@@ -136,7 +136,7 @@ class BatchNorm(_NormBase):
         backend: kernel backend (see :mod:`bnlab.kernels`); None chooses automatically.
 
     Shape:
-        input and output (N, C, *), contiguous or channels_last.
+        input and output (N, C, *), contiguous or channels_last; ``mask`` (N, *).
 
     Details: normalization uses the biased batch variance, ``running_var`` the unbiased one, as
     torch.nn; see :func:`bnlab.functional.batch_norm` for the numerical choices.
@@ -154,7 +154,9 @@ class BatchNorm(_NormBase):
                 f"dim 1, got input of shape {tuple(input.shape)}"
             )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Normalize ``input``; an optional bool ``mask`` (N, *spatial) restricts the batch
+        statistics to its True positions (see :func:`bnlab.functional.batch_norm`)."""
         self._check_input_dim(input)
         use_batch_stats = self.training or self.running_mean is None
         use_running = not self.training or self.track_running_stats
@@ -168,6 +170,7 @@ class BatchNorm(_NormBase):
             self.momentum,
             self.eps,
             num_batches_tracked=self.num_batches_tracked if use_running else None,
+            mask=mask,
             strict=self.strict,
             backend=self.backend,
         )
