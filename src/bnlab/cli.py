@@ -111,5 +111,8 @@ def export_command(model_path: str, output: str, input_shape: str, no_fold: bool
             f"{model_path} holds a {type(model).__name__}, expected a whole nn.Module saved with "
             "torch.save(model) (a state_dict has no architecture to export)"
         )
-    report = export_onnx(model.eval(), torch.randn(shape), output, fold_batch_norms=not no_fold)
+    try:
+        report = export_onnx(model.eval(), torch.randn(shape), output, fold_batch_norms=not no_fold)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
     click.echo(str(report))

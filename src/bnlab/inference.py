@@ -172,6 +172,7 @@ def population_statistics(
         else:
             tracked[name] = bn
     modes = {m: m.training for m in model.modules()}
+    strict = {bn: bn.strict for bn in tracked.values() if getattr(bn, "strict", False)}
     saved = {name: {k: v.clone() for k, v in bn.named_buffers()} for name, bn in tracked.items()}
     moments = {name: _Moments(bn.num_features, bn.running_mean.device) for name, bn in tracked.items()}
     calls: dict[str, int] = {}
@@ -181,6 +182,8 @@ def population_statistics(
     try:
         for bn in tracked.values():
             bn.train()
+        for bn in strict:  # non-finite batches are skipped and counted here, not raised
+            bn.strict = False
         for batch in batches:
             calls.clear()
             (forward or _call)(model, batch)
@@ -204,6 +207,8 @@ def population_statistics(
             h.remove()
         for module, mode in modes.items():
             module.train(mode)
+        for bn, value in strict.items():
+            bn.strict = value
         for name, bn in tracked.items():
             for key, value in saved[name].items():
                 getattr(bn, key).copy_(value)
@@ -391,6 +396,7 @@ def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldRepo
         if node.op == "call_module" and isinstance(modules[node.target], BATCH_NORMS):
             _fold_or_freeze(gm, node, modules, sites, report)
     gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()  # folded BNs must not linger in state_dict / named_modules
     gm.graph.lint()
     gm.recompile()
     report.max_abs_error = _max_abs_difference(model(*inputs), gm(*inputs))
