@@ -84,6 +84,38 @@ def precise_bn(momentum: float, steps: int, batches: int, seed: int) -> None:
     click.echo(f"test accuracy with population statistics over {report.batches} batches: {after:.4f}")
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@main.command("small-batch")
+@click.option("--batch-sizes", default="2,4,8,16,32,64,128", show_default=True,
+              help="Examples per batch, comma-separated.")
+@click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated.")
+@click.option("--epochs", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Writes OUT/small-batch/<timestamp>/.")
+def small_batch(batch_sizes: str, seeds: str, epochs: int, out: str) -> None:
+    """BN vs batch renorm vs ghost BN vs layer norm vs group norm across batch sizes."""
+    from datetime import datetime
+    from pathlib import Path
+
+    from .lab.small_batch import SmallBatchConfig, run, write_outputs
+
+    sizes = _int_list(batch_sizes)
+    if min(sizes) < 2:
+        raise click.BadParameter("batch sizes must be >= 2", param_hint="--batch-sizes")
+    config = SmallBatchConfig(batch_sizes=sizes, seeds=_int_list(seeds), epochs=epochs)
+    rows = run(config, progress=True)
+    out_dir = Path(out) / "small-batch" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    report = write_outputs(rows, config, out_dir)
+    click.echo(report.read_text())
+    click.echo(f"written to {out_dir}")
+
+
 @main.command("export")
 @click.argument("model_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--to", "output", required=True, type=click.Path(dir_okay=False),
