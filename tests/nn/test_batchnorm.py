@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from tolerances import FORWARD, GRADIENT, assert_close
+from tolerances import FORWARD, GRADIENT, assert_close, run, to_numpy
 
 import bnlab
 from bnlab import reference
@@ -52,12 +52,6 @@ def make_input(shape, layout, dtype, seed):
     return x.requires_grad_()
 
 
-def run(module, x, grad_out):
-    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-    out = module(x)
-    out.backward(grad_out)
-    params = [p.grad for p in (module.weight, module.bias) if p is not None]
-    return out, x.grad, params
 
 
 # torch.nn's own bfloat16 CPU batch norm loses accuracy where a channel's spread is small against its
@@ -90,8 +84,6 @@ def test_matches_torch_nn(shape, layout, affine, track, momentum, training, dtyp
         for name, buffer in theirs.named_buffers():
             expected = buffer if buffer.dtype == torch.long else buffer.to(dtype)
             assert_close(getattr(ours, name), expected, dtype, FORWARD, msg=f"buffer {name}")
-        for p in [*ours.parameters(), *theirs.parameters()]:
-            p.grad = None
 
 
 def x_format(x):
@@ -102,8 +94,6 @@ def x_format(x):
     return torch.contiguous_format
 
 
-def to_numpy(t):
-    return None if t is None else t.detach().double().numpy().copy()  # never a view of a buffer
 
 
 @pytest.mark.parametrize("momentum", [0.1, None, 1.0])
@@ -132,7 +122,6 @@ def test_training_matches_reference(shape, layout, affine, momentum):
         np.testing.assert_allclose(to_numpy(ours.running_mean), running[0], atol=1e-12, rtol=1e-12)
         np.testing.assert_allclose(to_numpy(ours.running_var), running[1], atol=1e-12, rtol=1e-12)
         assert int(ours.num_batches_tracked) == running[2]
-        ours.zero_grad()
 
 
 @pytest.mark.parametrize("shape,layout", list(shape_layouts()), ids=str)

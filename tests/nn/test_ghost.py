@@ -4,7 +4,7 @@ in a loop and the float64 NumPy reference, over divisible and non-divisible batc
 import numpy as np
 import pytest
 import torch
-from tolerances import FORWARD, GRADIENT, assert_close
+from tolerances import FORWARD, GRADIENT, assert_close, run, to_numpy
 
 import bnlab
 from bnlab import reference
@@ -42,17 +42,6 @@ def randomize(module, seed=0):
     return module
 
 
-def run(module, x, grad_out):
-    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-    out = module(x)
-    out.backward(grad_out)
-    grads = [p.grad.clone() for p in (module.weight, module.bias) if p is not None]
-    module.zero_grad()
-    return out, x.grad, grads
-
-
-def to_numpy(t):
-    return None if t is None else t.detach().double().numpy().copy()
 
 
 def per_chunk_bnlab(module, x, grad_out, sizes):

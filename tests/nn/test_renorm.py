@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from tolerances import FORWARD, GRADIENT, assert_close
+from tolerances import FORWARD, GRADIENT, assert_close, run, to_numpy
 
 import bnlab
 from bnlab import reference
@@ -48,17 +48,6 @@ def randomize(module, seed=0):
     return module
 
 
-def run(module, x, grad_out):
-    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-    out = module(x)
-    out.backward(grad_out)
-    grads = [p.grad.clone() for p in (module.weight, module.bias) if p is not None]
-    module.zero_grad()
-    return out, x.grad, grads
-
-
-def to_numpy(t):
-    return None if t is None else t.detach().double().numpy().copy()
 
 
 # ---------------------------------------------------------------------------------------------
