@@ -26,6 +26,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
+from .kernels.torch_ops import batch_statistics
 from .nn import BatchNorm as _BnlabBatchNorm
 from .nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
@@ -91,8 +92,7 @@ class _Moments:
         self.pending: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
     def observe(self, x: Tensor) -> None:
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x.detach().to(torch.float64), dim=dims, correction=0)
+        mean, var = batch_statistics(x.detach().to(torch.float64))
         m = torch.full_like(mean, x.numel() // x.shape[1])
         self.pending = (m, mean, var)
 
