@@ -5,6 +5,7 @@ statistics): with gamma = 1, beta = 0, mean = 0, var = 1 most folding bugs would
 """
 
 import copy
+import gc
 import re
 import time
 from datetime import timedelta
@@ -270,6 +271,7 @@ def _distributed_worker(rank, init, model_path, batches_path, out_dir):
             out[kind] = (local.state_dict(), report.values, report.batches)
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
+        gc.collect()  # gloo can abort at exit while collectives' objects are still alive
         dist.destroy_process_group()
 
 

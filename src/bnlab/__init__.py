@@ -2,11 +2,11 @@
 
 from . import functional, kernels, nn
 from .functional import NonFiniteStatisticsError, batch_norm, layer_norm
-from .nn import ConversionWarning, convert, revert
+from .nn import ConversionWarning, convert, convert_sync_batchnorm, revert
 
 __version__ = "0.1.0"
 
 __all__ = [
     "functional", "kernels", "nn", "batch_norm", "layer_norm", "convert", "revert",
-    "ConversionWarning", "NonFiniteStatisticsError",
+    "ConversionWarning", "NonFiniteStatisticsError", "convert_sync_batchnorm",
 ]

@@ -6,6 +6,7 @@ from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, Froze
 from .ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .layernorm import LayerNorm
 from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm",
@@ -13,4 +14,5 @@ __all__ = [
     "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
     "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
+    "SyncBatchNorm", "convert_sync_batchnorm",
 ]
