@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 
 
@@ -14,38 +12,164 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--steps", default=3000, show_default=True, type=click.IntRange(min=0),
-              help="SGD steps for each network.")
+@click.option("--steps", default=None, type=click.IntRange(min=1),
+              help="SGD steps for each network  [default: 15,000 on digits, 50,000 on mnist]")
 @click.option("--lr", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Learning rate, the same for both networks.")
 @click.option("--batch-size", default=60, show_default=True, type=click.IntRange(min=2))
 @click.option("--seed", default=0, show_default=True, type=int)
-def demo(steps: int, lr: float, batch_size: int, seed: int) -> None:
-    """Train the paper's sigmoid MLP with and without BN on the bundled 8x8 digits.
+@click.option("--dataset", default="digits", show_default=True, type=click.Choice(["digits", "mnist"]),
+              help="The bundled 8x8 digits, or MNIST from --data-dir / $BNLAB_DATA_DIR.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+              help="The directory holding MNIST's four IDX files.")
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Writes OUT/fig1/<timestamp>/.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="torch threads (the nets are small: one is fastest on a busy machine).")
+def demo(steps, lr, batch_size, seed, dataset, data_dir, out, quiet, threads) -> None:
+    """The paper's Figure 1: its sigmoid MLP with and without BN (`bnlab run fig1`).
 
     Ioffe & Szegedy 2015, section 4.1: 3 hidden layers of 100 sigmoid units, small Gaussian init,
-    softmax cross-entropy, mini-batches of 60. Prints both test accuracies.
+    softmax cross-entropy, mini-batches of 60, plain SGD. Writes the run directory (report.md,
+    fig1.png, metrics) and prints both final test accuracies.
     """
-    import torch
+    overrides = {"lr": lr, "batch_size": batch_size, "seed": seed, "dataset": dataset}
+    if steps is not None:
+        overrides["steps"] = steps
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    directory, report = _start("fig1", overrides, out, quiet, threads)
+    import json
 
-    from .data import load_digits
-    from .lab.mlp import sigmoid_mlp, train_classifier
+    rows = json.loads((directory / "metrics.json").read_text())
+    seconds = json.loads((directory / "run.json").read_text()).get("job_seconds", {})
+    config = json.loads((directory / "config.json").read_text())
+    click.echo(f"{dataset}: {config['steps']:,} steps of SGD per net, lr {lr:g}, batch {batch_size}, "
+               f"seed {seed}")
+    for net, label in (("plain", "without BN"), ("bn", "with BN   ")):
+        last = [r for r in rows if r["job"] == net][-1]
+        loss = last["train_loss"]
+        click.echo(f"{label}: test accuracy {last['test_accuracy']:.4f}  (final training loss "
+                   f"{loss if loss is None else format(loss, '.4f')}, {seconds.get(net, 0.0):.1f} s)")
+    _echo_summary_line(report.summary)
+    click.echo(f"report: {directory / 'report.md'}")
 
-    data = load_digits(seed=seed)
-    click.echo(
-        f"digits: {len(data.train_y)} train / {len(data.test_y)} test images of "
-        f"{data.num_features} pixels; {steps} steps of SGD, lr {lr}, batch {batch_size}"
-    )
-    for label, batch_norm in (("without BN", False), ("with BN   ", True)):
-        torch.manual_seed(seed)
-        model = sigmoid_mlp(data.num_features, data.num_classes, batch_norm=batch_norm)
-        start = time.perf_counter()
-        result = train_classifier(model, data, steps, batch_size, lr, seed, progress=True,
-                                  label=label.strip())
-        click.echo(
-            f"{label}: test accuracy {result.test_accuracy:.4f}  "
-            f"(final training loss {result.final_loss:.4f}, {time.perf_counter() - start:.1f} s)"
-        )
+
+def _echo_summary_line(summary: dict) -> None:
+    a, b = summary.get("drift_plain_from_0"), summary.get("drift_bn_from_0")
+    if a and b:
+        click.echo(f"sigmoid-input drift (max - min of the median over training): without BN "
+                   f"{a['median_range']:.3f}, with BN {b['median_range']:.3f}")
+
+
+def _start(name, overrides, out, quiet, threads=1):
+    from .data import DatasetError
+    from .lab.config import ConfigError
+    from .lab.runner import RunError, start
+
+    try:
+        return start(name, overrides, out=out, progress=not quiet, threads=threads)
+    except (ConfigError, RunError, DatasetError) as error:
+        raise click.ClickException(str(error)) from error
+
+
+# ------------------------------------------------------------------------------------------------
+# The lab: list, run, report
+# ------------------------------------------------------------------------------------------------
+
+@main.command("list")
+def list_command() -> None:
+    """The experiments, with what each shows (`bnlab run NAME --help` for its keys)."""
+    from .lab.runner import all_experiments
+
+    experiments = all_experiments()
+    width = max(map(len, experiments))
+    for name, exp in experiments.items():
+        click.echo(f"{name:<{width}}  {exp.description}")
+
+
+def _experiment_help(name: str) -> str:
+    from .lab.config import describe
+    from .lab.runner import get_experiment
+
+    exp = get_experiment(name)
+    doc = (exp.fn.__doc__ or "").strip()
+    lines = [f"Usage: bnlab run {name} [--key=value ...] [--out DIR] [--quiet]", "", f"  {doc}", "",
+             "Keys (defaults; None is resolved per dataset, see config.json of a run):", ""]
+    rows = describe(exp.config)
+    width = max(len(f"--{k}={d}") for k, _, d, _ in rows)
+    for key, type_, default, comment in rows:
+        lines.append(f"  {f'--{key}={default}':<{width}}  [{type_}] {comment}")
+    return "\n".join(lines)
+
+
+@main.command("run", add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": False})
+@click.argument("name", required=False)
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Base directory: a run writes OUT/NAME/<timestamp>/.")
+@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
+              help="Continue the run in RUN_DIR from its last checkpoint (no NAME, no overrides).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="torch threads (a resumed run keeps its own).")
+@click.option("--help", "-h", "show_help", is_flag=True, help="Show this message (with NAME: its keys).")
+@click.pass_context
+def run_command(ctx, name, overrides, out, resume_dir, quiet, threads, show_help) -> None:
+    """Run experiment NAME with config overrides --key=value (`bnlab list` names them).
+
+    \b
+    bnlab run fig1 --dataset=mnist --data_dir=/path/to/mnist
+    bnlab run lr --steps=500 --out=/tmp/runs
+    bnlab run --resume runs/fig1/20250101-120000
+    bnlab run fig1 --help          # the experiment's keys, types, defaults
+    """
+    from .data import DatasetError
+    from .lab.config import ConfigError
+    from .lab.runner import RunError, resume
+
+    try:
+        if show_help:
+            click.echo(_experiment_help(name) if name else ctx.get_help())
+            return
+        if resume_dir is not None:
+            if name or overrides:
+                raise click.UsageError("--resume RUN_DIR takes no experiment name or overrides: "
+                                       "a run resumes with the config it started with")
+            directory, report = resume(resume_dir, progress=not quiet)
+        else:
+            if not name:
+                raise click.UsageError("name an experiment (bnlab list) or --resume RUN_DIR")
+            if name.startswith("-"):
+                raise click.UsageError(f"expected an experiment name before the overrides, got {name!r}")
+            directory, report = _start(name, list(overrides), out, quiet, threads)
+    except (ConfigError, RunError, DatasetError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(_text_report(report.markdown))
+    click.echo(f"report: {directory / 'report.md'}")
+
+
+def _text_report(markdown: str) -> str:
+    return "\n".join(line for line in markdown.splitlines() if not line.startswith("!["))
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def report_command(run_dir: str) -> None:
+    """(Re)write RUN_DIR's plots, report.md, summary.json and metrics from its saved files."""
+    from pathlib import Path
+
+    from .lab.config import ConfigError
+    from .lab.runner import RunError, write_report
+
+    try:
+        report = write_report(Path(run_dir))
+    except (ConfigError, RunError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(_text_report(report.markdown))
+    click.echo(f"report: {Path(run_dir) / 'report.md'}")
 
 
 @main.command("precise-bn")
@@ -98,22 +222,19 @@ def _int_list(value: str) -> tuple[int, ...]:
 @click.option("--epochs", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Writes OUT/small-batch/<timestamp>/.")
-def small_batch(batch_sizes: str, seeds: str, epochs: int, out: str) -> None:
-    """BN vs batch renorm vs ghost BN vs layer norm vs group norm across batch sizes."""
-    from datetime import datetime
-    from pathlib import Path
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def small_batch(batch_sizes: str, seeds: str, epochs: int, out: str, quiet: bool) -> None:
+    """BN vs batch renorm vs ghost BN vs layer norm vs group norm across batch sizes.
 
-    from .lab.small_batch import SmallBatchConfig, run, write_outputs
-
+    The same as `bnlab run small-batch --batch_sizes=... --seeds=... --epochs=...`.
+    """
     sizes = _int_list(batch_sizes)
     if min(sizes) < 2:
         raise click.BadParameter("batch sizes must be >= 2", param_hint="--batch-sizes")
-    config = SmallBatchConfig(batch_sizes=sizes, seeds=_int_list(seeds), epochs=epochs)
-    rows = run(config, progress=True)
-    out_dir = Path(out) / "small-batch" / datetime.now().strftime("%Y%m%d-%H%M%S")
-    report = write_outputs(rows, config, out_dir)
-    click.echo(report.read_text())
-    click.echo(f"written to {out_dir}")
+    overrides = {"batch_sizes": sizes, "seeds": _int_list(seeds), "epochs": epochs}
+    directory, report = _start("small-batch", overrides, out, quiet, threads=1)
+    click.echo(report.markdown)
+    click.echo(f"written to {directory}")
 
 
 @main.command("export")
@@ -148,3 +269,7 @@ def export_command(model_path: str, output: str, input_shape: str, no_fold: bool
     except ValueError as error:
         raise click.ClickException(str(error)) from error
     click.echo(str(report))
+
+
+if __name__ == "__main__":  # python -m bnlab.cli
+    main()

@@ -6,6 +6,9 @@ running statistics used at test time (SPEC section 5: Wu & He 2018 see ResNet-50
 the same on the bundled digits with an MLP, where a BatchNorm1d layer's statistics run over the
 batch alone (m = N): Linear -> norm -> ReLU, twice, then a Linear; SGD with momentum for a fixed
 number of epochs at each batch size, learning rate scaled linearly below batch 32.
+
+In the lab framework this is ``bnlab run small-batch`` (one job per norm, batch size and seed,
+checkpointed and resumable); :func:`run` and :func:`write_outputs` remain as the plain-Python API.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import mean
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..data import Split, load_digits
 from ..nn import BatchNorm1d, BatchRenorm1d, GhostBatchNorm1d, LayerNorm
+from .common import Dataset, load_data
 from .mlp import accuracy
+from .runner import Report, Run, RunView, experiment
 
 NORMS = ("bn", "renorm", "ghost", "layernorm", "groupnorm")
 LABELS = {"bn": "BatchNorm", "renorm": "BatchRenorm", "ghost": "GhostBatchNorm",
@@ -31,18 +37,33 @@ LABELS = {"bn": "BatchNorm", "renorm": "BatchRenorm", "ghost": "GhostBatchNorm",
 @dataclass
 class SmallBatchConfig:
     batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)  # examples per batch
-    norms: tuple[str, ...] = NORMS
-    seeds: tuple[int, ...] = (0,)
+    norms: tuple[str, ...] = NORMS  # some of bn, renorm, ghost, layernorm, groupnorm
+    seeds: tuple[int, ...] = (0,)  # one run per seed (init and batch order); the report averages them
     epochs: int = 8  # the same number of passes over the data at every batch size
     hidden: int = 128  # width of both hidden layers
     lr: float = 0.05  # SGD learning rate at batch >= 32; lr * batch / 32 below
-    sgd_momentum: float = 0.9
+    sgd_momentum: float = 0.9  # SGD momentum
     bn_momentum: float = 0.1  # every running-statistics EMA (renorm's paper default 0.01 lags here)
     virtual_batch_size: int = 16  # ghost BN; at or below 2x this it is plain BN
     renorm_warmup_steps: int = 100  # renorm schedule, scaled down from the paper's 5k / 40k / 25k
-    renorm_r_max_steps: int = 1000
-    renorm_d_max_steps: int = 600
+    renorm_r_max_steps: int = 1000  # renorm: r_max reaches its limit at this step
+    renorm_d_max_steps: int = 600  # renorm: d_max reaches its limit at this step
     groups: int = 8  # group norm's groups of features
+    dataset: Dataset = "digits"  # digits (bundled) or mnist (IDX files in data_dir)
+    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+    checkpoint_every: int = 1000  # steps between checkpoints within a job (0: none)
+
+    def resolve(self) -> "SmallBatchConfig":
+        unknown = [kind for kind in self.norms if kind not in NORMS]
+        if unknown:  # fail before any training
+            raise ValueError(f"unknown normalization(s) {unknown}; expected some of {NORMS}")
+        if not self.batch_sizes or min(self.batch_sizes) < 2:
+            raise ValueError(f"batch sizes must be >= 2, got {self.batch_sizes}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if self.epochs < 1 or self.hidden < 1 or not self.lr > 0:
+            raise ValueError("epochs, hidden and lr must be positive")
+        return self
 
 
 def make_norm(kind: str, features: int, config: SmallBatchConfig) -> nn.Module:
@@ -96,7 +117,7 @@ def run(config: SmallBatchConfig, progress: bool = False) -> list[dict]:
     unknown = [kind for kind in config.norms if kind not in NORMS]
     if unknown:  # fail before any training
         raise ValueError(f"unknown normalization(s) {unknown}; expected some of {NORMS}")
-    data = load_digits()
+    data = load_data(config.dataset, config.data_dir)
     grid = [(k, b, s) for b in config.batch_sizes for k in config.norms for s in config.seeds]
     rows = []
     bar = tqdm(grid, disable=not progress, desc="small-batch")
@@ -183,3 +204,40 @@ def _findings(means: dict, config: SmallBatchConfig) -> list[str]:
         lines.append(f"- GhostBatchNorm is plain BN at batches up to {2 * config.virtual_batch_size - 1} "
                      "(one virtual batch): it targets large batches, not small ones.")
     return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# The lab framework: bnlab run small-batch
+# ------------------------------------------------------------------------------------------------
+
+def _framework_report(view: RunView) -> Report:
+    config: SmallBatchConfig = view.config
+    means = mean_accuracy(view.rows)  # one row per job: its end
+    done = [k for k in config.norms if all((k, b) in means for b in config.batch_sizes)]
+    if not done:
+        return Report("# Small batches\n\nNo finished norm yet.\n", {})
+    shown = SmallBatchConfig(**{**asdict(config), "norms": tuple(done)})
+    _plot(means, shown, view.plot_path("accuracy.png"))
+    summary = {f"{k}@{b}": means[k, b] for k in done for b in config.batch_sizes}
+    return Report(_report(means, shown), summary)
+
+
+@experiment("small-batch", SmallBatchConfig, _framework_report)
+def small_batch(run_: Run) -> None:
+    """BN vs batch renorm vs ghost BN vs layer norm vs group norm across batch sizes (Wu & He 2018)."""
+    from .common import classifier_job
+
+    config: SmallBatchConfig = run_.config
+    data = load_data(config.dataset, config.data_dir)
+    grid = [(k, b, s) for b in config.batch_sizes for k in config.norms for s in config.seeds]
+    run_.total_jobs = len(grid)
+    for kind, batch_size, seed in grid:
+        lr = config.lr * min(1.0, batch_size / 32)
+        classifier_job(
+            run_, f"{kind}/b={batch_size}/seed={seed}",
+            build=lambda kind=kind: make_model(kind, data, config),
+            optimizer=lambda p, lr=lr: torch.optim.SGD(p, lr=lr, momentum=config.sgd_momentum),
+            x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
+            steps=config.epochs * len(data.train_y) // batch_size, batch_size=batch_size,
+            seed=seed, batch_seed=seed, tags={"norm": kind, "batch_size": batch_size, "seed": seed},
+        )

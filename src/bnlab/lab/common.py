@@ -1,0 +1,203 @@
+"""What the experiments share: datasets, seeded models, the classifier training job, plotting."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Split, load_digits, load_mnist
+from .runner import Run, seeded
+
+Dataset = Literal["digits", "mnist"]
+DATASETS = ("digits", "mnist")
+
+_DATA_CACHE: dict[tuple, Split] = {}
+
+
+def load_data(dataset: str, data_dir: Optional[str] = None) -> Split:
+    """``digits``: scikit-learn's bundled 8x8 digits (1,437 train / 360 test, split with seed 0);
+    ``mnist``: the IDX files in ``data_dir`` or ``$BNLAB_DATA_DIR`` (60,000 / 10,000)."""
+    key = (dataset, data_dir)
+    if key not in _DATA_CACHE:
+        if dataset == "digits":
+            _DATA_CACHE[key] = load_digits()
+        elif dataset == "mnist":
+            _DATA_CACHE[key] = load_mnist(data_dir)
+        else:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    return _DATA_CACHE[key]
+
+
+def by_dataset(value: Any, dataset: str, digits: Any, mnist: Any) -> Any:
+    """A field's resolved value: itself if set, else the dataset's default."""
+    if value is not None:
+        return value
+    return mnist if dataset == "mnist" else digits
+
+
+def images(x: Tensor) -> Tensor:
+    """Flattened square images (N, side^2) as (N, 1, side, side)."""
+    side = math.isqrt(x.shape[1])
+    if side * side != x.shape[1]:
+        raise ValueError(f"{x.shape[1]} features are not a square image")
+    return x.reshape(len(x), 1, side, side)
+
+
+def check_positive(config: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is None or value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 10_000) -> dict[str, float]:
+    """Test accuracy and loss in eval mode (BN uses its running statistics); the mode is restored."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), batch):
+        logits = model(x[i:i + batch])
+        correct += int((logits.argmax(dim=1) == y[i:i + batch]).sum())
+        loss += float(nn.functional.cross_entropy(logits, y[i:i + batch], reduction="sum"))
+    model.train(was_training)
+    return {"test_accuracy": correct / len(y), "test_loss": loss / len(y)}
+
+
+def classifier_job(
+    run: Run,
+    key: str,
+    *,
+    build: Callable[[], nn.Module],
+    optimizer: Callable[[Any], torch.optim.Optimizer],
+    x: Tensor,
+    y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    batch_seed: Optional[int] = None,
+    eval_every: Optional[int] = None,
+    eval_at_start: bool = False,
+    tags: Optional[Mapping[str, Any]] = None,
+    extra_eval: Optional[Callable[[int, nn.Module], Mapping[str, Any]]] = None,
+    state: Optional[dict[str, Any]] = None,
+    hooks: Optional[Callable[[nn.Module], dict[str, Any]]] = None,
+    lr_at: Optional[Callable[[int], float]] = None,
+) -> dict[str, Any]:
+    """Train ``build()`` (built under ``seeded(seed)``) on random mini-batches of ``batch_size``
+    (drawn with replacement from a generator seeded with ``batch_seed``, default ``seed + 1``) with cross-entropy for
+    ``steps`` steps; rows carry the test accuracy and loss at every evaluation.
+
+    ``hooks(model)`` may attach diagnostics and return them by name (they are checkpointed);
+    ``extra_eval(step, model)`` adds columns to every evaluation row (it runs after the test forward).
+    ``lr_at(step)``: the learning rate of step i (a function of i alone, so resuming needs no state).
+    """
+    with seeded(seed):
+        model = build()
+    model.train()
+    opt = optimizer(model.parameters())
+    generator = torch.Generator().manual_seed(seed + 1 if batch_seed is None else batch_seed)
+    extra_state = dict(state or {})
+    if hooks is not None:
+        extra_state.update(hooks(model))
+    n = len(y)
+
+    def step(i: int) -> Tensor:
+        if lr_at is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(i)
+        batch = torch.randint(n, (batch_size,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    def evaluate_(i: int) -> dict[str, Any]:
+        row: dict[str, Any] = evaluate(model, test_x, test_y)
+        if extra_eval is not None:
+            row.update(extra_eval(i, model))
+        return row
+
+    try:
+        return run.train(key, steps=steps, step=step, evaluate=evaluate_,
+                         state={"model": model, "optimizer": opt, "batches": generator, **extra_state},
+                         eval_every=eval_every, eval_at_start=eval_at_start, tags=tags)
+    finally:
+        for obj in extra_state.values():
+            if hasattr(obj, "remove"):
+                obj.remove()
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+def mlp(in_features: int, num_classes: int, hidden: int, depth: int, norm: str = "none",
+        activation: str = "relu", init_std: Optional[float] = None) -> nn.Sequential:
+    """Linear -> [norm] -> activation, ``depth`` times, then a Linear to the logits.
+
+    ``norm``: "none", "bn" (bnlab BatchNorm1d) or "ln" (bnlab LayerNorm); with a norm the hidden
+    Linear has no bias (beta replaces it). ``init_std``: Gaussian N(0, init_std^2) weights and zero
+    biases everywhere; None keeps He (ReLU) / LeCun (sigmoid, tanh) normal init.
+    """
+    from ..nn import BatchNorm1d, LayerNorm
+
+    acts = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+    if activation not in acts:
+        raise ValueError(f"activation must be one of {sorted(acts)}, got {activation!r}")
+    if norm not in ("none", "bn", "ln"):
+        raise ValueError(f"norm must be 'none', 'bn' or 'ln', got {norm!r}")
+    layers: list[nn.Module] = []
+    width = in_features
+    for _ in range(depth):
+        layers.append(nn.Linear(width, hidden, bias=norm == "none"))
+        if norm == "bn":
+            layers.append(BatchNorm1d(hidden))
+        elif norm == "ln":
+            layers.append(LayerNorm(hidden))
+        layers.append(acts[activation]())
+        width = hidden
+    layers.append(nn.Linear(width, num_classes))
+    gain = 2.0 if activation == "relu" else 1.0
+    for module in layers:
+        if isinstance(module, nn.Linear):
+            std = init_std if init_std is not None else math.sqrt(gain / module.in_features)
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return nn.Sequential(*layers)
+
+
+# -- plots and tables ---------------------------------------------------------------------------------
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def pct(value: Optional[float]) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return lines
+
+
+def fmt_lr(lr: float) -> str:
+    return f"{lr:g}"
