@@ -491,3 +491,38 @@ def test_fold_without_affine_parameters(side, kwargs):
     model = randomize(nn.Sequential(conv, bn) if side == "after" else nn.Sequential(bn, conv)).double()
     folded = [("1", "0", "after")] if side == "after" else [("0", "1", "before")]
     check_fold(model.eval(), data((2, 4, 6, 6), 0), folded=folded, frozen={})
+
+
+def test_fold_reaches_batch_norms_inside_bnlab_containers():
+    """bnlab's own containers (lab models) are traced through: their BNs fold, none is left."""
+    from bnlab.lab.models import SmallResNet
+
+    model = randomize(SmallResNet(width=8).eval())
+    x = data((2, 3, 16, 16), 0, dtype=torch.float32)
+    gm, report = fold(model, x)
+    assert len(report.folded) == len(batch_norm_layers(model)) == 8 and not report.frozen
+    assert not batch_norm_layers(gm)
+    torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fold_freezes_batch_norms_the_trace_keeps_inside_a_leaf(monkeypatch):
+    from bnlab import inference
+
+    class Leaf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    model = randomize(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), Leaf()).eval())
+    keep_whole = inference._Tracer.is_leaf_module
+    monkeypatch.setattr(inference._Tracer, "is_leaf_module",
+                        lambda self, m, name: isinstance(m, Leaf) or keep_whole(self, m, name))
+    x = data((2, 3, 4, 4), 0, dtype=torch.float32)
+    gm, report = fold(model, x)
+    assert [bn for bn, _, _ in report.folded] == ["1"]
+    assert list(report.frozen) == ["2.bn"] and "keeps whole" in report.frozen["2.bn"]
+    assert isinstance(gm.get_submodule("2.bn"), FrozenBatchNorm2d)
+    torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)

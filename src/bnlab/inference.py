@@ -347,10 +347,11 @@ class FoldReport:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps batch norms, linear/conv layers and every bnlab module as single call_module nodes."""
+    """Keeps torch.nn's layers and bnlab's normalization layers (bnlab.nn) as call_module nodes;
+    traces through every other module, bnlab's own containers included."""
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return type(m).__module__.startswith("bnlab.") or super().is_leaf_module(m, qualified_name)
+        return type(m).__module__.startswith("bnlab.nn.") or super().is_leaf_module(m, qualified_name)
 
 
 def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldReport]:
@@ -397,10 +398,20 @@ def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldRepo
             _fold_or_freeze(gm, node, modules, sites, report)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()  # folded BNs must not linger in state_dict / named_modules
+    _freeze_untraced(gm, report)
     gm.graph.lint()
     gm.recompile()
     report.max_abs_error = _max_abs_difference(model(*inputs), gm(*inputs))
     return gm, report
+
+
+def _freeze_untraced(gm: fx.GraphModule, report: FoldReport) -> None:
+    """BNs the trace did not reach as calls (inside a module it kept whole) are frozen, and listed."""
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for name, bn in batch_norm_layers(gm).items():
+        if name not in called and name not in report.frozen:
+            _replace_modules(gm, {id(bn): _frozen_class(bn).from_batch_norm(bn)})
+            report.frozen[name] = "inside a module the fx trace keeps whole (not a call in the graph)"
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
