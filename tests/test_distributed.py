@@ -32,8 +32,9 @@ REPO = HERE.parents[1]
 STEPS = 3  # running statistics and their momentum matter over several steps
 WORKER_TIMEOUT = 20.0  # seconds a rank waits at an exchange in the grid runs (none should wait)
 LAUNCH_DEADLINE = 90.0  # seconds before the ranks of one launch are killed
-# (atol = rtol) for outputs and running statistics, and for gradients: a float32 dweight sums
-# ~100 products with cancellation, so either side's own rounding reaches a few 1e-6 there
+# (atol = rtol) for outputs, input gradients and running statistics, and for dweight/dbias: a
+# float32 dweight sums ~100 products with cancellation, summed per rank and then across ranks, so
+# either side's own rounding reaches a few 1e-6 there (seen: up to 4.8e-6)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.bfloat16: 2e-2}
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 4e-2}
 BATCHES = {2: (4, 7), 3: (5, 0, 3)}  # rows per rank; an empty rank included
@@ -387,18 +388,18 @@ def test_ranks_match_one_process(grid_results, world, name):
             if case.masked == "padding":  # padding outputs depend on the statistics: exact derivative
                 c_out, c_dx, c_dw, c_db = masked_composite(case, world, step, first)
                 close(out, c_out, case.dtype, f"step {step} all outputs (composite)")
-                close(dx, c_dx, case.dtype, f"step {step} all dx (composite)", GRAD_TOL)
+                close(dx, c_dx, case.dtype, f"step {step} all dx (composite)")
                 close(sum(g["dw"] for g in got), c_dw, case.dtype, f"step {step} dweight (composite)",
                       GRAD_TOL)
                 close(sum(g["db"] for g in got), c_db, case.dtype, f"step {step} dbias (composite)",
                       GRAD_TOL)
             else:  # the loss ignores padding outputs: the valid positions are a batch of their own
-                close(_valid_rows(dx, mask), ref["dx"], case.dtype, f"step {step} valid dx", GRAD_TOL)
+                close(_valid_rows(dx, mask), ref["dx"], case.dtype, f"step {step} valid dx")
                 pad = ~mask.unsqueeze(1).expand_as(dx)
                 assert (dx[pad] == 0).all(), "padding got a gradient it has no path for (dy = 0 there)"
         else:
             close(out, ref["out"], case.dtype, f"step {step} output")
-            close(dx, ref["dx"], case.dtype, f"step {step} dx", GRAD_TOL)
+            close(dx, ref["dx"], case.dtype, f"step {step} dx")
         if case.affine and case.masked != "padding":
             close(sum(g["dw"] for g in got), ref["dw"], case.dtype, f"step {step} sum of dweight",
                   GRAD_TOL)
