@@ -1,6 +1,7 @@
 """Modules: drop-in replacements for torch.nn's normalization layers."""
 
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .bnlstm import BNLSTM, BNLSTMCell
 from .convert import ConversionWarning, convert, revert
 from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
@@ -15,4 +16,5 @@ __all__ = [
     "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
     "SyncBatchNorm", "convert_sync_batchnorm",
+    "BNLSTM", "BNLSTMCell",
 ]

@@ -1,0 +1,364 @@
+"""bnlab.nn.BNLSTM / BNLSTMCell against a float64 reference written from the equations (SPEC.md section 3)."""
+
+import io
+
+import pytest
+import torch
+from tolerances import GRADIENT, FORWARD, assert_close
+
+import bnlab
+from bnlab.nn.bnlstm import BNLSTM, BNLSTMCell
+
+D = torch.float64
+EPS = 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# reference: plain torch ops, autograd
+# ------------------------------------------------------------------------------------------
+
+
+def ref_bn(x, gamma, beta, valid, eps=EPS, stats=None):
+    """Per-feature BN of x (N, F) over the valid rows; stats=(mean, var) normalizes with those."""
+    if stats is None:
+        xs = x[valid]
+        mean, var = xs.mean(0), xs.var(0, unbiased=False)
+    else:
+        mean, var = stats
+    y = (x - mean) / torch.sqrt(var + eps) * gamma
+    return y if beta is None else y + beta
+
+
+def ref_layer(cell, x, lengths, h, c, record=None, eval_stats=False):
+    """One layer, step by step; record collects the pre-normalization values per step."""
+    T, N, _ = x.shape
+    outs = []
+    for t in range(T):
+        valid = lengths > t
+        r = min(t, cell.max_length - 1)
+        st = (lambda w: (getattr(cell, f"running_mean_{w}")[r], getattr(cell, f"running_var_{w}")[r])
+              ) if eval_stats else (lambda w: None)
+        xt = torch.where(valid[:, None], x[t], torch.zeros_like(x[t]))
+        ux, uh = xt @ cell.weight_ih.t(), h @ cell.weight_hh.t()
+        gates = (ref_bn(uh, cell.weight_h, None, valid, stats=st("h"))
+                 + ref_bn(ux, cell.weight_x, None, valid, stats=st("x")) + cell.bias)
+        i, f, g, o = gates.chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(ref_bn(c_new, cell.weight_c, cell.bias_c, valid,
+                                                     stats=st("c")))
+        if record is not None:
+            record.append((ux[valid], uh[valid], c_new[valid]))
+        v = valid[:, None]
+        h, c = torch.where(v, h_new, h), torch.where(v, c_new, c)
+        outs.append(torch.where(v, h_new, torch.zeros_like(h_new)))
+    return torch.stack(outs), h, c
+
+
+def ref_lstm(model, x, lengths=None, hx=None, record=None, eval_stats=False):
+    T, N, _ = x.shape
+    lengths = torch.full((N,), T) if lengths is None else lengths
+    H = model.hidden_size
+    hs, cs = [], []
+    for k, cell in enumerate(model.cells):
+        h0 = x.new_zeros(N, H) if hx is None else hx[0][k]
+        c0 = x.new_zeros(N, H) if hx is None else hx[1][k]
+        x, h, c = ref_layer(cell, x, lengths, h0, c0,
+                           None if record is None or k else record, eval_stats)
+        hs.append(h)
+        cs.append(c)
+    return x, (torch.stack(hs), torch.stack(cs))
+
+
+def randomize(model, seed=0):
+    """Non-trivial parameters (gammas away from 0.1, non-zero biases) so every term matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def make(T=5, N=4, I=3, H=4, L=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = randomize(BNLSTM(I, H, L, max_length=kw.pop("max_length", T), dtype=D, **kw), seed)
+    x = torch.randn(T, N, I, dtype=D)
+    return model, x
+
+
+# ------------------------------------------------------------------------------------------
+# values and gradients
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lengths", [None, [5, 3, 5, 2]])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_matches_reference_outputs_and_gradients(lengths, with_hx):
+    model, x = make()
+    lengths = None if lengths is None else torch.tensor(lengths)
+    g = torch.Generator().manual_seed(1)
+    hx = None
+    if with_hx:
+        hx = tuple(torch.randn(2, 4, 4, generator=g, dtype=D) for _ in range(2))
+    dout = torch.randn(5, 4, 4, generator=g, dtype=D)
+    dh, dc = (torch.randn(2, 4, 4, generator=g, dtype=D) for _ in range(2))
+
+    def run(fn):
+        xx = x.clone().requires_grad_()
+        hh = None if hx is None else tuple(s.clone().requires_grad_() for s in hx)
+        out, (h, c) = fn(xx, lengths, hh)
+        ((out * dout).sum() + (h * dh).sum() + (c * dc).sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters()] + [xx.grad]
+        grads += [] if hh is None else [s.grad for s in hh]
+        model.zero_grad()
+        return (out, h, c), grads
+
+    ours, ours_g = run(lambda xx, ln, hh: model(xx, hh, lengths=ln))
+    ref, ref_g = run(lambda xx, ln, hh: ref_lstm(model, xx, ln, hh))
+    for a, b in zip(ours, ref):
+        assert_close(a, b, D)
+    names = [n for n, _ in model.named_parameters()] + ["input", "h0", "c0"]
+    for name, a, b in zip(names, ours_g, ref_g):
+        assert_close(a, b, D, GRADIENT, msg=name)
+    if lengths is not None:  # padding outputs are exactly zero
+        for n, ln in enumerate(lengths.tolist()):
+            assert (ours[0][ln:, n] == 0).all()
+
+
+def test_gradcheck_tiny():
+    torch.manual_seed(0)
+    model = randomize(BNLSTM(2, 2, 1, max_length=3, dtype=D))
+    params = dict(model.named_parameters())
+    names = list(params)
+    x = torch.randn(3, 3, 2, dtype=D, requires_grad=True)
+    h0 = torch.randn(1, 3, 2, dtype=D, requires_grad=True)
+    c0 = torch.randn(1, 3, 2, dtype=D, requires_grad=True)
+    lengths = torch.tensor([3, 2, 3])
+
+    def f(x, h0, c0, *ps):
+        out, (h, c) = torch.func.functional_call(model, dict(zip(names, ps)), (x, (h0, c0)),
+                                                 {"lengths": lengths})
+        return out, h, c
+
+    ps = tuple(p.detach().clone().requires_grad_() for p in params.values())
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *ps), eps=1e-6, atol=1e-7)
+
+
+def test_sequence_path_equals_single_steps():
+    """forward_sequence (batched input BN) == the cell's one-step forward, values and statistics."""
+    torch.manual_seed(0)
+    a = randomize(BNLSTMCell(3, 4, 6, dtype=D))
+    b = BNLSTMCell(3, 4, 6, dtype=D)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(6, 5, 3, dtype=D)
+    lengths = torch.tensor([6, 4, 6, 2, 5])
+    out, (h, c) = a.forward_sequence(x, None, lengths)
+    state = None
+    for t in range(6):
+        state = b(x[t], state, t, mask=lengths > t)
+    assert_close(h, state[0], D)
+    assert_close(c, state[1], D)
+    for key, v in a.state_dict().items():
+        if v.dtype.is_floating_point:
+            assert_close(v, b.state_dict()[key], v.dtype, msg=key)
+        else:
+            assert torch.equal(v, b.state_dict()[key]), key
+
+
+# ------------------------------------------------------------------------------------------
+# per-step statistics
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lengths", [None, [5, 3, 5, 2]])
+def test_per_step_running_statistics(lengths):
+    """momentum 1: running_*[t] is step t's batch statistic (unbiased var) over the valid rows."""
+    model, x = make(L=1, momentum=1.0, max_length=7)
+    ln = None if lengths is None else torch.tensor(lengths)
+    model(x, lengths=ln)
+    record = []
+    with torch.no_grad():
+        ref_lstm(model, x, ln, record=record)
+    cell = model.cells[0]
+    assert len(record) == 5
+    for t, values in enumerate(record):
+        for which, v in zip("xhc", values):
+            assert_close(getattr(cell, f"running_mean_{which}")[t], v.mean(0), D, msg=f"{which}{t}")
+            assert_close(getattr(cell, f"running_var_{which}")[t], v.var(0, unbiased=True), D)
+    for which in "xhc":  # untouched rows past the sequence
+        assert (getattr(cell, f"running_mean_{which}")[5:] == 0).all()
+        assert (getattr(cell, f"running_var_{which}")[5:] == 1).all()
+    assert int(cell.num_batches_tracked) == 1
+
+
+def test_running_statistics_ema():
+    model, x = make(L=1, momentum=0.3)
+    model(x)
+    record = []
+    with torch.no_grad():
+        ref_lstm(model, x, record=record)
+    cell = model.cells[0]
+    assert_close(cell.running_mean_x[2], 0.3 * record[2][0].mean(0), D)
+    assert_close(cell.running_var_c[4], 0.7 + 0.3 * record[4][2].var(0), D)
+
+
+def test_eval_uses_running_statistics_and_reuses_last_step():
+    model, x = make(T=3, max_length=3)
+    for _ in range(3):
+        model(x)
+    model.eval()
+    long = torch.randn(6, 4, 3, dtype=D)
+    out, (h, c) = model(long)
+    ref_out, (rh, rc) = ref_lstm(model, long, eval_stats=True)  # rows min(t, max_length - 1)
+    assert_close(out, ref_out, D)
+    assert_close(h, rh, D)
+    # the cell's step t >= max_length is its step max_length - 1
+    cell = model.cells[0]
+    s = (torch.randn(4, 4, dtype=D), torch.randn(4, 4, dtype=D))
+    for a, b in zip(cell(long[0], s, t=5), cell(long[0], s, t=2)):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # and the statistics matter: other row -> other output
+        assert not torch.allclose(cell(long[0], s, t=0)[0], cell(long[0], s, t=2)[0])
+
+
+def test_training_longer_than_max_length_raises():
+    model, x = make(T=5, max_length=4)
+    with pytest.raises(ValueError, match="max_length = 4"):
+        model(x)
+    model(x, lengths=torch.tensor([4, 4, 3, 2]))  # padded to 5 but no sequence beyond 4: fine
+
+
+# ------------------------------------------------------------------------------------------
+# variable lengths
+# ------------------------------------------------------------------------------------------
+
+
+def test_lengths_eval_match_each_sequence_alone():
+    """In eval, a padded batch gives each sequence's own outputs and last state (h_n, c_n)."""
+    model, x = make(T=6, N=4)
+    model(x)  # some running statistics
+    model.eval()
+    lengths = torch.tensor([6, 2, 4, 1])
+    x = x.clone()
+    x[2:, 1] = float("nan")  # padding never leaks in
+    out, (h, c) = model(x, lengths=lengths)
+    for n, ln in enumerate(lengths.tolist()):
+        o1, (h1, c1) = model(x[:ln, n:n + 1])
+        assert_close(out[:ln, n:n + 1], o1, D)
+        assert (out[ln:, n] == 0).all()
+        assert_close(h[:, n:n + 1], h1, D)
+        assert_close(c[:, n:n + 1], c1, D)
+
+
+def test_training_statistics_exclude_finished_sequences():
+    """Changing a finished sequence's padding or its values after its end changes nothing."""
+    model, x = make(T=5, N=4, momentum=1.0)
+    lengths = torch.tensor([5, 2, 5, 3])
+    out1, _ = model(x, lengths=lengths)
+    stats1 = {k: v.clone() for k, v in model.state_dict().items()}
+    x2 = x.clone()
+    x2[2:, 1] = 100.0
+    x2[3:, 3] = -7.0
+    out2, _ = model(x2, lengths=lengths)
+    assert torch.equal(out1, out2)
+    for k, v in model.state_dict().items():
+        if "num_batches" not in k:
+            assert torch.equal(v, stats1[k]), k
+
+
+def test_lengths_errors():
+    model, x = make(T=4, N=3)
+    with pytest.raises(ValueError, match="zero-length"):
+        model(x, lengths=torch.tensor([4, 0, 2]))
+    with pytest.raises(ValueError, match="<= the input's T"):
+        model(x, lengths=torch.tensor([5, 1, 2]))
+    with pytest.raises(ValueError, match="at least 2 valid"):
+        model(x, lengths=torch.tensor([4, 2, 2]))  # steps 2, 3 have one sequence in training
+    model.eval()
+    model(x, lengths=torch.tensor([4, 2, 2]))  # fine in eval
+
+
+# ------------------------------------------------------------------------------------------
+# API
+# ------------------------------------------------------------------------------------------
+
+
+def test_shape_errors_name_expected_and_got():
+    model, x = make(T=4, N=3, I=3, H=4, L=2)
+    with pytest.raises(ValueError, match=r"input_size = 3, got \(4, 3, 5\)"):
+        model(torch.randn(4, 3, 5, dtype=D))
+    good = torch.zeros(2, 3, 4, dtype=D)
+    with pytest.raises(ValueError, match=r"h0 of shape .* \(2, 3, 4\), got \(1, 3, 4\)"):
+        model(x, (torch.zeros(1, 3, 4, dtype=D), good))
+    with pytest.raises(ValueError, match=r"c0 of shape .* \(2, 3, 4\), got \(2, 3, 5\)"):
+        model(x, (good, torch.zeros(2, 3, 5, dtype=D)))
+    with pytest.raises(ValueError, match="input_size"):
+        BNLSTMCell(3, 4, 5)(torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"input_size = 3, got \(5, 2, 4\)"):
+        BNLSTMCell(3, 4, 5).forward_sequence(torch.randn(5, 2, 4))
+    with pytest.raises(ValueError, match=r"h of shape \(2, 4\), got \(2, 3\)"):
+        BNLSTMCell(3, 4, 5)(torch.randn(2, 3), (torch.zeros(2, 3), torch.zeros(2, 4)))
+
+
+def test_init_and_parameters():
+    cell = BNLSTMCell(5, 3, 7, forget_bias=1.0)
+    assert torch.allclose(cell.weight_hh, torch.eye(3).repeat(4, 1))
+    w = cell.weight_ih  # (12, 5): orthonormal columns
+    assert torch.allclose(w.t() @ w, torch.eye(5), atol=1e-5)
+    for p in (cell.weight_x, cell.weight_h, cell.weight_c):
+        assert (p == 0.1).all()
+    assert (cell.bias_c == 0).all()
+    assert (cell.bias[3:6] == 1).all() and (cell.bias[:3] == 0).all() and (cell.bias[6:] == 0).all()
+    assert cell.running_mean_x.shape == (7, 12) and cell.running_var_c.shape == (7, 3)
+    assert (BNLSTMCell(2, 2, 2, gamma_init=0.5).weight_h == 0.5).all()
+    assert BNLSTM(2, 3, max_length=4).cells[0].bias.abs().sum() == 0  # default b = 0
+
+
+def test_state_dict_round_trip():
+    model, x = make()
+    model(x)
+    model.eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    other = BNLSTM(3, 4, 2, max_length=5, dtype=D)
+    buf.seek(0)
+    other.load_state_dict(torch.load(buf))
+    other.eval()
+    a, (ha, ca) = model(x)
+    b, (hb, cb) = other(x)
+    assert torch.equal(a, b) and torch.equal(ha, hb) and torch.equal(ca, cb)
+    keys = set(model.state_dict())
+    assert "cells.0.running_mean_x" in keys and "cells.1.num_batches_tracked" in keys
+
+
+def test_batch_first():
+    model, x = make()
+    other = BNLSTM(3, 4, 2, max_length=5, batch_first=True, dtype=D)
+    other.load_state_dict(model.state_dict())
+    lengths = torch.tensor([5, 3, 5, 2])
+    a, (ha, ca) = model(x, lengths=lengths)
+    b, (hb, cb) = other(x.transpose(0, 1), lengths=lengths)
+    assert_close(b.transpose(0, 1), a, D)
+    assert_close(hb, ha, D)
+    assert_close(cb, ca, D)
+
+
+def test_dropout_eval_deterministic_training_not():
+    model, x = make(L=2, dropout=0.5)
+    torch.manual_seed(1)
+    t1, _ = model(x)
+    t2, _ = model(x)
+    assert not torch.allclose(t1, t2)
+    model.eval()
+    e1, _ = model(x)
+    e2, _ = model(x)
+    assert torch.equal(e1, e2)
+
+
+def test_float32_and_exported_names():
+    assert bnlab.nn.BNLSTM is BNLSTM and bnlab.nn.BNLSTMCell is BNLSTMCell
+    torch.manual_seed(0)
+    model = BNLSTM(3, 4, 2, max_length=5)
+    out, (h, c) = model(torch.randn(5, 4, 3))
+    assert out.dtype == torch.float32 and h.shape == (2, 4, 4)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
