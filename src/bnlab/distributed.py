@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from . import functional as F
 from .kernels import select_backend
 from .kernels.torch_ops import (_like, accumulation_dtype, per_channel, reduction_dims,
-                                values_per_channel)
+                                training_input_grad, values_per_channel)
 
 __all__ = ["sync_batch_norm", "merge_statistics", "world_size", "SyncBatchNormError"]
 
@@ -309,16 +309,9 @@ def _global_sums(sum_dy: Tensor, sum_dy_xhat: Tensor, call: Optional[_Call]) -> 
 
 
 def _input_grad(dy, xa, xhat, invstd, weight, total_dy, total_dy_xhat, m, mask):
-    """dx = weight * invstd * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m), sums over all ranks.
-
-    With a mask the statistics depend on the valid positions only: the two correction terms (the
-    derivative through mean and var) apply there, and a padding position gets dy * weight * invstd.
-    """
+    """The compact-form dx of :func:`bnlab.kernels.torch_ops.training_input_grad`, sums over all ranks."""
     scale = invstd if weight is None else invstd * weight.to(xa.dtype)  # (C,)
-    correction = per_channel(total_dy / m, xa) + xhat * per_channel(total_dy_xhat / m, xa)
-    if mask is not None:
-        correction = torch.where(mask.unsqueeze(1), correction, 0)
-    return per_channel(scale, xa) * (dy - correction)
+    return training_input_grad(dy, xhat, scale, total_dy, total_dy_xhat, m, mask)
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked,

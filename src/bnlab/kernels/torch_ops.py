@@ -157,22 +157,29 @@ def batch_norm_backward(
         scale = invstd if weight is None else invstd * weight.to(xa.dtype)
         if not training:
             dx = dy * per_channel(scale, xa)
-        elif mask is None:
-            m = values_per_channel(x)
-            dx = per_channel(scale, xa) * (
-                dy - per_channel(sum_dy / m, xa) - xhat * per_channel(sum_dy_xhat / m, xa)
-            )
-        else:  # only valid positions moved the statistics; every position's output used them
-            valid = mask.unsqueeze(1).to(xa.dtype)  # (N, 1, *spatial)
-            m = valid.sum()
-            through_stats = per_channel(sum_dy / m, xa) + xhat * per_channel(sum_dy_xhat / m, xa)
-            dx = per_channel(scale, xa) * (dy - valid * through_stats)
+        else:
+            m = values_per_channel(x) if mask is None else mask.sum()
+            dx = training_input_grad(dy, xhat, scale, sum_dy, sum_dy_xhat, m, mask)
         dx = _like(dx, x)
     if weight is not None and output_mask[1]:
         dweight = sum_dy_xhat
     if output_mask[2]:
         dbias = sum_dy
     return dx, dweight, dbias
+
+
+def training_input_grad(dy: Tensor, xhat: Tensor, scale: Tensor, sum_dy: Tensor,
+                        sum_dy_xhat: Tensor, m, mask: Tensor | None = None) -> Tensor:
+    """dx = scale * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m), per channel (scale = weight *
+    invstd, the sums and m over everything the statistics saw, e.g. all ranks).
+
+    With a ``mask`` only the valid positions moved the statistics, so the two terms through them
+    apply there alone; every position's dy is in the sums (every output used the statistics).
+    """
+    through_stats = per_channel(sum_dy / m, dy) + xhat * per_channel(sum_dy_xhat / m, dy)
+    if mask is not None:
+        through_stats = torch.where(mask.unsqueeze(1), through_stats, 0)
+    return per_channel(scale, dy) * (dy - through_stats)
 
 
 def layer_norm_dims(x: Tensor, normalized_shape: Sequence[int]) -> tuple[list[int], list[int]]:
