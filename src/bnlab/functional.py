@@ -21,7 +21,7 @@ from torch import Tensor
 from .kernels import select_backend, torch_ops
 from .kernels.torch_ops import accumulation_dtype, values_per_channel
 
-__all__ = ["batch_norm", "layer_norm", "NonFiniteStatisticsError"]
+__all__ = ["batch_norm", "batch_norm_act", "layer_norm", "NonFiniteStatisticsError", "ACTIVATIONS"]
 
 
 class NonFiniteStatisticsError(FloatingPointError):
@@ -202,6 +202,130 @@ def batch_norm(
     if training and running_mean is not None:
         _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
                               momentum)
+    if training and strict:
+        _raise_if_not_finite(mean, var)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# batch norm + activation (fused), and the in-place activated mode
+# --------------------------------------------------------------------------------------------
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
+_DEFAULT_PARAM = {"identity": 0.0, "relu": 0.0, "leaky_relu": 0.01, "elu": 1.0}
+_INVERTIBLE = ("identity", "leaky_relu", "elu")
+
+
+class _BatchNormAct(torch.autograd.Function):
+    """act(batch_norm(x)) with one hand-derived backward; in place, only the output is kept."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, eps, activation,
+                param, inplace, backend):
+        kernels = select_backend("batch_norm_act", input, backend)
+        scale = weight
+        if inplace and weight is not None:
+            # Recovering x from y divides by gamma: keep it away from zero (Rota Bulo et al.).
+            scale = weight.abs() + eps
+        y, mean, var = kernels.batch_norm_act_forward(
+            input, scale, bias, running_mean, running_var, training, eps, activation, param,
+            out=input if inplace else None,
+        )
+        if inplace:
+            ctx.mark_dirty(input)
+        ctx.mark_non_differentiable(mean, var)
+        stats = (mean, var) if training else (running_mean.clone(), running_var.clone())
+        ctx.save_for_backward(y if inplace else input, weight, scale, bias, *stats)
+        ctx.config = (training, eps, activation, param, inplace, backend)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        saved, weight, scale, bias, mean, var = ctx.saved_tensors
+        training, eps, activation, param, inplace, backend = ctx.config
+        needed = list(ctx.needs_input_grad[:3])
+        kernels = select_backend("batch_norm_act", saved, backend)
+        dx, dscale, dbias = kernels.batch_norm_act_backward(
+            grad_out, saved, scale, bias, mean, var, training, eps, activation, param, needed,
+            from_output=inplace,
+        )
+        dweight = dscale
+        if inplace and dscale is not None:
+            dweight = dscale * torch.sign(weight).to(dscale.dtype)  # d(|w| + eps)/dw
+        dx, dweight, dbias = _cast_grads(
+            (dx, dweight, dbias), needed,
+            (None if weight is None else weight.dtype, None if bias is None else bias.dtype),
+        )
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+
+
+def check_activation(activation: str, param: Optional[float], inplace: bool) -> tuple[str, float]:
+    """Validate an activation name and its parameter; returns (name, parameter with its default)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if param is None:
+        param = _DEFAULT_PARAM[activation]
+    param = float(param)
+    if inplace and activation not in _INVERTIBLE:
+        raise ValueError(
+            f"the in-place mode recovers its input by inverting the activation; {activation!r} is "
+            f"not invertible, expected one of {_INVERTIBLE}"
+        )
+    if inplace and activation in ("leaky_relu", "elu") and not param > 0:
+        raise ValueError(
+            f"the in-place mode needs an invertible {activation}: its parameter must be > 0, "
+            f"got {param}"
+        )
+    if activation == "elu" and param < 0:
+        raise ValueError(f"elu needs alpha >= 0, got {param}")
+    return activation, param
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    activation_param: Optional[float] = None,
+    *,
+    num_batches_tracked: Optional[Tensor] = None,
+    inplace: bool = False,
+    strict: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    r"""Batch normalization followed by an activation, in one pass over memory each way.
+
+    .. math::
+        y = \mathrm{act}\left(\frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} \gamma + \beta\right)
+
+    with act one of identity, relu, leaky_relu (negative slope ``activation_param``, default 0.01)
+    or elu (alpha ``activation_param``, default 1). The backward recomputes the pre-activation from
+    x, so nothing but x is kept for it. Other arguments as :func:`batch_norm` (no mask).
+
+    In-place activated mode (``inplace=True``, after Rota Bulo et al., "In-Place Activated
+    BatchNorm", CVPR 2018, https://arxiv.org/abs/1712.02616): y is written over ``input`` (which is
+    returned), and only y is kept for the backward, which recovers the normalized input by inverting
+    the activation (identity, leaky_relu with slope > 0, elu with alpha > 0). As in that paper,
+    gamma enters as |gamma| + eps so the inversion never divides by zero. ``input`` must not be
+    needed by the backward of the op that produced it: conv and linear layers keep their own input,
+    not their output, so ``conv -> in-place BN+act`` is the intended use.
+    """
+    _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                           num_batches_tracked)
+    activation, param = check_activation(activation, activation_param, inplace)
+    out, mean, var = _BatchNormAct.apply(
+        input, weight, bias, running_mean, running_var, training, eps, activation, param, inplace,
+        backend,
+    )
+    if training and running_mean is not None:
+        _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                              values_per_channel(input), momentum)
     if training and strict:
         _raise_if_not_finite(mean, var)
     return out

@@ -25,14 +25,29 @@ def float64_only_backend():
 
     module = types.SimpleNamespace(batch_norm_forward=forward, batch_norm_backward=backward)
     kernels.register_backend("f64only", module, lambda op, x: op == "batch_norm" and x.dtype == torch.float64,
-                             priority=10)
+                             priority=100)
     yield calls
     kernels._BACKENDS.pop("f64only")
 
 
 def test_torch_backend_is_always_there():
     assert "torch" in kernels.available_backends()
-    assert kernels.select_backend("batch_norm", torch.randn(2, 3)) is torch_ops
+    for dtype in (torch.bfloat16, torch.float16):
+        assert kernels.select_backend("batch_norm", torch.randn(2, 3, dtype=dtype)) is torch_ops
+    assert kernels.select_backend("batch_norm_masked", torch.randn(2, 3)) is torch_ops
+    assert kernels.select_backend("layer_norm", torch.randn(2, 3)) is torch_ops
+
+
+def test_numba_backend_is_preferred_for_what_it_runs():
+    from bnlab.kernels import cpu
+
+    for x in (torch.randn(2, 3), torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+              torch.randn(2, 3, 4, dtype=torch.float64)):
+        assert kernels.select_backend("batch_norm", x) is cpu
+        assert kernels.select_backend("batch_norm_act", x) is cpu
+    # strided views, empty tensors and masked statistics go to the composite backend
+    for x in (torch.randn(3, 2).t(), torch.randn(4, 3, 6)[:, :, ::2], torch.randn(0, 3)):
+        assert kernels.select_backend("batch_norm", x) is torch_ops
 
 
 def test_automatic_selection_prefers_priority_and_falls_back(float64_only_backend):
@@ -61,7 +76,7 @@ def test_environment_variable_selects(float64_only_backend, monkeypatch):
 
 
 def test_unknown_backend_names_the_known_ones(monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown bnlab backend 'nope'; expected one of \['torch'\]"):
+    with pytest.raises(ValueError, match=r"unknown bnlab backend 'nope'; expected one of \['numba', 'torch'\]"):
         bnlab.batch_norm(torch.randn(4, 3), None, None, training=True, backend="nope")
     monkeypatch.setenv("BNLAB_BACKEND", "nope")
     with pytest.raises(ValueError, match="unknown bnlab backend 'nope'"):

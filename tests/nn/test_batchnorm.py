@@ -17,6 +17,17 @@ TORCH_CLASS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.Bat
 BNLAB_CLASS = {2: bnlab.nn.BatchNorm1d, 3: bnlab.nn.BatchNorm1d, 4: bnlab.nn.BatchNorm2d,
                5: bnlab.nn.BatchNorm3d}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+BACKENDS = bnlab.kernels.available_backends()  # every backend runs the whole grid
+
+
+def backend_cases(dtypes):
+    """(backend, dtype) pairs the backend can run: a named backend never falls back."""
+    probe = torch.empty(2, 3)
+    for backend in BACKENDS:
+        for dtype in dtypes:
+            runs = bnlab.kernels._BACKENDS[backend].supports("batch_norm", probe.to(dtype))
+            if runs:
+                yield backend, dtype
 
 
 def shape_layouts():
@@ -26,11 +37,12 @@ def shape_layouts():
             yield shape, "channels_last"
 
 
-def make_pair(shape, dtype, affine, track, momentum, seed=0):
+def make_pair(shape, dtype, affine, track, momentum, seed=0, backend=None):
     """A torch.nn module and a bnlab module in the same, non-trivial state."""
     c = shape[1]
     kwargs = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
-    ours, theirs = BNLAB_CLASS[len(shape)](c, **kwargs), TORCH_CLASS[len(shape)](c, **kwargs)
+    ours = BNLAB_CLASS[len(shape)](c, **kwargs, backend=backend)
+    theirs = TORCH_CLASS[len(shape)](c, **kwargs)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         if affine:
@@ -60,14 +72,14 @@ def make_input(shape, layout, dtype, seed):
 TORCH_COMPUTE_DTYPE = {torch.bfloat16: torch.float32}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,dtype", list(backend_cases(DTYPES)), ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("momentum", [0.1, None, 1.0])
 @pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("shape,layout", list(shape_layouts()), ids=str)
-def test_matches_torch_nn(shape, layout, affine, track, momentum, training, dtype):
-    ours, theirs = make_pair(shape, dtype, affine, track, momentum)
+def test_matches_torch_nn(shape, layout, affine, track, momentum, training, backend, dtype):
+    ours, theirs = make_pair(shape, dtype, affine, track, momentum, backend=backend)
     torch_dtype = TORCH_COMPUTE_DTYPE.get(dtype, dtype)
     theirs.to(torch_dtype)
     ours.train(training), theirs.train(training)
@@ -96,11 +108,12 @@ def x_format(x):
 
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("momentum", [0.1, None, 1.0])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape,layout", list(shape_layouts()), ids=str)
-def test_training_matches_reference(shape, layout, affine, momentum):
-    ours, _ = make_pair(shape, torch.float64, affine, True, momentum)
+def test_training_matches_reference(shape, layout, affine, momentum, backend):
+    ours, _ = make_pair(shape, torch.float64, affine, True, momentum, backend=backend)
     running = [to_numpy(ours.running_mean), to_numpy(ours.running_var), 3]
     for step in range(2):
         x = make_input(shape, layout, torch.float64, seed=step)
@@ -124,9 +137,10 @@ def test_training_matches_reference(shape, layout, affine, momentum):
         assert int(ours.num_batches_tracked) == running[2]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape,layout", list(shape_layouts()), ids=str)
-def test_eval_matches_reference(shape, layout):
-    ours, _ = make_pair(shape, torch.float64, True, True, 0.1)
+def test_eval_matches_reference(shape, layout, backend):
+    ours, _ = make_pair(shape, torch.float64, True, True, 0.1, backend=backend)
     ours.eval()
     x = make_input(shape, layout, torch.float64, seed=0)
     expected = reference.batchnorm_eval_forward(

@@ -1,8 +1,14 @@
 """Backend registry: every backend exposes the same plain functions (no autograd inside).
 
-A backend is a module with ``batch_norm_forward``, ``batch_norm_backward``, ``layer_norm_forward``
-and ``layer_norm_backward`` (see :mod:`bnlab.kernels.torch_ops` for their contract), registered with
-a ``supports(op, tensor)`` predicate and a priority.
+A backend is a module with the functions of the ops it supports (see :mod:`bnlab.kernels.torch_ops`
+for their contract): ``batch_norm_forward``/``_backward`` (ops ``batch_norm`` and, with a mask,
+``batch_norm_masked``), ``batch_norm_act_forward``/``_backward`` (op ``batch_norm_act``: fused
+activation and the in-place mode) and ``layer_norm_forward``/``_backward`` (op ``layer_norm``). It is
+registered with a ``supports(op, tensor)`` predicate and a priority.
+
+Registered here: ``torch`` (composite PyTorch ops, any device and dtype) and, where Numba is
+installed, ``numba`` (:mod:`bnlab.kernels.cpu`: CPU float32/float64, contiguous or channels_last),
+preferred automatically for what it supports.
 
 Selection, strongest first:
 
@@ -27,7 +33,7 @@ from . import torch_ops
 
 __all__ = ["Backend", "register_backend", "available_backends", "select_backend"]
 
-OPS = ("batch_norm", "batch_norm_masked", "layer_norm")  # masked: statistics over a mask
+OPS = ("batch_norm", "batch_norm_masked", "batch_norm_act", "layer_norm")  # masked: over a mask
 
 
 @dataclass(frozen=True)
@@ -80,3 +86,10 @@ def select_backend(op: str, x: torch.Tensor, requested: str | None = None) -> Mo
 
 
 register_backend("torch", torch_ops, supports=lambda op, x: True, priority=0)
+
+try:
+    from . import cpu
+except ImportError:  # Numba missing or broken on this platform: the composite backend remains
+    cpu = None
+else:
+    register_backend("numba", cpu, supports=cpu.supports, priority=10)

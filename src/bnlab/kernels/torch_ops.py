@@ -182,6 +182,96 @@ def training_input_grad(dy: Tensor, xhat: Tensor, scale: Tensor, sum_dy: Tensor,
     return per_channel(scale, dy) * (dy - through_stats)
 
 
+def activate(z: Tensor, activation: str, param: float) -> Tensor:
+    """identity, relu, leaky_relu (negative slope ``param``) or elu (``alpha = param``)."""
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "leaky_relu":
+        return torch.where(z > 0, z, z * param)
+    if activation == "elu":
+        return torch.where(z > 0, z, param * torch.expm1(z))
+    return z
+
+
+def _activation_grad(dy: Tensor, z: Tensor, activation: str, param: float) -> Tensor:
+    """dy * act'(z)."""
+    if activation == "relu":
+        return torch.where(z > 0, dy, 0.0)
+    if activation == "leaky_relu":
+        return torch.where(z > 0, dy, dy * param)
+    if activation == "elu":
+        return torch.where(z > 0, dy, dy * (param * torch.exp(z)))
+    return dy
+
+
+def _invert_activation(y: Tensor, activation: str, param: float) -> Tensor:
+    """z with act(z) = y, for the invertible activations (identity, leaky_relu, elu)."""
+    if activation == "leaky_relu":
+        return torch.where(y >= 0, y, y / param)
+    if activation == "elu":
+        return torch.where(y >= 0, y, torch.log1p(y / param))
+    return y
+
+
+def batch_norm_act_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+    activation: str = "identity",
+    param: float = 0.0,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = act(batch_norm(x)), written into ``out`` when given (it may be x: the in-place mode).
+
+    Returns (y, mean, var) as :func:`batch_norm_forward`.
+    """
+    y, mean, var = batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
+    y = _like(activate(_acc(y), activation, param), x)
+    if out is not None:
+        y = out.copy_(y)
+    return y, mean, var
+
+
+def batch_norm_act_backward(
+    grad_out: Tensor,
+    saved: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    training: bool,
+    eps: float,
+    activation: str = "identity",
+    param: float = 0.0,
+    output_mask: Sequence[bool] = (True, True, True),
+    from_output: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`batch_norm_act_forward`: :func:`batch_norm_backward` applied to
+    dz = dy * act'(z), z the pre-activation.
+
+    ``saved`` is x, or the output y when ``from_output`` (the in-place mode): then z = act^-1(y) and
+    x is recovered as mean + (z - bias) / (weight * invstd), which needs a weight without zeros.
+    """
+    sa = _acc(saved)
+    scale = torch.rsqrt(var.to(sa.dtype) + eps)
+    if weight is not None:
+        scale = scale * weight.to(sa.dtype)
+    shift = per_channel(bias.to(sa.dtype), sa) if bias is not None else 0.0
+    if from_output:
+        z = _invert_activation(sa, activation, param)
+        x = (z - shift) / per_channel(scale, sa) + per_channel(mean.to(sa.dtype), sa)
+    else:
+        x = sa
+        z = (sa - per_channel(mean.to(sa.dtype), sa)) * per_channel(scale, sa) + shift
+    dz = _activation_grad(_acc(grad_out), z, activation, param)
+    dx, dweight, dbias = batch_norm_backward(dz, x, weight, mean, var, training, eps, output_mask)
+    return (None if dx is None else _like(dx, saved)), dweight, dbias
+
+
 def layer_norm_dims(x: Tensor, normalized_shape: Sequence[int]) -> tuple[list[int], list[int]]:
     """(normalized dims, batch dims) of x for a layer norm over its trailing ``normalized_shape``."""
     k = len(normalized_shape)

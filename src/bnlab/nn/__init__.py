@@ -1,5 +1,7 @@
 """Modules: drop-in replacements for torch.nn's normalization layers."""
 
+from .act import (BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, InPlaceABN,
+                  InPlaceABN1d, InPlaceABN2d, InPlaceABN3d)
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .bnlstm import BNLSTM, BNLSTMCell
 from .convert import ConversionWarning, convert, revert
@@ -17,4 +19,6 @@ __all__ = [
     "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
     "SyncBatchNorm", "convert_sync_batchnorm",
     "BNLSTM", "BNLSTMCell",
+    "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
+    "InPlaceABN", "InPlaceABN1d", "InPlaceABN2d", "InPlaceABN3d",
 ]

@@ -158,21 +158,22 @@ class BatchNorm(_NormBase):
         """Normalize ``input``; an optional bool ``mask`` (N, *spatial) restricts the batch
         statistics to its True positions (see :func:`bnlab.functional.batch_norm`)."""
         self._check_input_dim(input)
-        use_batch_stats = self.training or self.running_mean is None
+        return F.batch_norm(input, **self._functional_args(), mask=mask, strict=self.strict,
+                            backend=self.backend)
+
+    def _functional_args(self) -> dict:
+        """Statistics, parameters and mode as torch.nn decides them: batch statistics in training
+        or without running ones; running statistics updated only when tracked."""
         use_running = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            self.momentum,
-            self.eps,
+        return dict(
+            running_mean=self.running_mean if use_running else None,
+            running_var=self.running_var if use_running else None,
+            weight=self.weight,
+            bias=self.bias,
+            training=self.training or self.running_mean is None,
+            momentum=self.momentum,
+            eps=self.eps,
             num_batches_tracked=self.num_batches_tracked if use_running else None,
-            mask=mask,
-            strict=self.strict,
-            backend=self.backend,
         )
 
 

@@ -1,0 +1,451 @@
+"""Numba CPU backend: batch norm (+ activation) in the fewest passes over memory.
+
+Every input is seen as one of two 2- or 3-D arrays without copying:
+
+- ``NCS`` (N, C, S), S = prod(spatial): contiguous inputs of rank >= 3; each (n, c) row is S
+  contiguous values;
+- ``RC`` (R, C), R = N * S: (N, C) inputs and channels_last / channels_last_3d ones; each row holds
+  one value of every channel.
+
+Work is split over channels *and* the batch (NCS: tasks of (n, c, block of S); RC: blocks of rows),
+so a 3-channel image batch still keeps every core busy. Each task writes its own partial sums, which
+are added per channel afterwards: no atomics, and the result does not depend on the thread count's
+scheduling.
+
+Passes over memory (m = values per channel):
+
+- training forward: one read of x for the statistics, one read of x and one write of y;
+- backward: one read of (x, dy) for the two sums, one read of (x, dy) and one write of dx;
+- eval forward: one read, one write.
+
+Statistics are accumulated in float64 around a per-channel shift (the channel's first value):
+``mean = k + sum(x - k) / m``, ``var = (sum((x - k)^2) - sum(x - k)^2 / m) / m``. With the shift
+inside the data's range the cancellation is that of the data's own spread, so float32 input at
+1e4 + N(0, 1) keeps ~1e-7 relative variance error, where the naive E[x^2] - E[x]^2 in float32 loses
+everything. Elementwise work is also done in float64 and rounded once.
+
+Fused activations (``act`` codes below) apply after the affine transform; the backward recomputes the
+pre-activation z from x (or, from the output in the in-place mode, inverts the activation) instead of
+storing anything extra. Kernels are compiled on first use and cached on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import Tensor
+
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
+INVERTIBLE = ("identity", "leaky_relu", "elu")  # what the in-place mode can recover z from
+
+_DTYPES = (torch.float32, torch.float64)
+# reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf": NaN must still poison the
+# statistics so the running-statistics guard sees it.
+_FAST = {"reassoc", "contract", "arcp"}
+_JIT = dict(cache=True, fastmath=_FAST, nogil=True)
+_TASKS_PER_THREAD = 8  # finer tasks balance uneven rows; partial sums stay tiny
+
+
+# --------------------------------------------------------------------------------------------
+# elementwise pieces (inlined into the loops; the branches are loop-invariant)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(inline="always", **_JIT)
+def _activate(z, act, p):
+    if act == 1:
+        return z if z > 0.0 else 0.0
+    if act == 2:
+        return z if z > 0.0 else z * p
+    if act == 3:
+        return z if z > 0.0 else p * math.expm1(z)
+    return z
+
+
+@njit(inline="always", **_JIT)
+def _grad_and_centred(v, g, mean, a, b, act, p, from_output):
+    """(dz, x - mean) at one position, from the saved input v = x or, in place, the output v = y."""
+    if from_output:
+        if act == 2:
+            z = v if v >= 0.0 else v / p
+            slope = 1.0 if v >= 0.0 else p
+        elif act == 3:
+            z = v if v >= 0.0 else math.log1p(v / p)
+            slope = 1.0 if v >= 0.0 else v + p
+        else:
+            z = v
+            slope = 1.0
+        return g * slope, (z - b) / a
+    centred = v - mean
+    if act == 0:
+        return g, centred
+    z = centred * a + b
+    if act == 1:
+        slope = 1.0 if z > 0.0 else 0.0
+    elif act == 2:
+        slope = 1.0 if z > 0.0 else p
+    else:
+        slope = 1.0 if z > 0.0 else p * math.exp(z)
+    return g * slope, centred
+
+
+# --------------------------------------------------------------------------------------------
+# NCS kernels: x[n, c, s]; task t = ((n * C) + c) * B + block
+# --------------------------------------------------------------------------------------------
+
+
+@njit(inline="always", **_JIT)
+def _task(t, c_, s_, blocks):
+    """(n, c, first, end) of task t: block ``t % blocks`` of row (n, c)."""
+    row, blk = t // blocks, t % blocks
+    size = (s_ + blocks - 1) // blocks
+    return row // c_, row % c_, blk * size, min(s_, (blk + 1) * size)
+
+
+
+@njit(parallel=True, **_JIT)
+def _ncs_stats(x, shift, blocks, out_sum, out_sq):
+    n_, c_, s_ = x.shape
+    for t in prange(n_ * c_ * blocks):
+        n, c, lo, hi = _task(t, c_, s_, blocks)
+        k = shift[c]
+        row = x[n, c, lo:hi]
+        s = 0.0
+        q = 0.0
+        for i in range(row.shape[0]):
+            d = row[i] - k
+            s += d
+            q += d * d
+        out_sum[t] = s
+        out_sq[t] = q
+
+
+@njit(parallel=True, **_JIT)
+def _ncs_apply(x, out, mean, a, b, act, p, blocks):
+    n_, c_, s_ = x.shape
+    for t in prange(n_ * c_ * blocks):
+        n, c, lo, hi = _task(t, c_, s_, blocks)
+        mc, ac, bc = mean[c], a[c], b[c]
+        row, dst = x[n, c, lo:hi], out[n, c, lo:hi]
+        for i in range(row.shape[0]):
+            dst[i] = _activate((row[i] - mc) * ac + bc, act, p)
+
+
+@njit(parallel=True, **_JIT)
+def _ncs_grad_sums(v, dy, mean, a, b, act, p, from_output, blocks, out_dz, out_dzx):
+    n_, c_, s_ = v.shape
+    for t in prange(n_ * c_ * blocks):
+        n, c, lo, hi = _task(t, c_, s_, blocks)
+        mc, ac, bc = mean[c], a[c], b[c]
+        row, g = v[n, c, lo:hi], dy[n, c, lo:hi]
+        s = 0.0
+        q = 0.0
+        for i in range(row.shape[0]):
+            dz, xc = _grad_and_centred(row[i], g[i], mc, ac, bc, act, p, from_output)
+            s += dz
+            q += dz * xc
+        out_dz[t] = s
+        out_dzx[t] = q
+
+
+@njit(parallel=True, **_JIT)
+def _ncs_grad_input(v, dy, dx, mean, a, b, k1, k0, act, p, from_output, blocks):
+    n_, c_, s_ = v.shape
+    for t in prange(n_ * c_ * blocks):
+        n, c, lo, hi = _task(t, c_, s_, blocks)
+        mc, ac, bc, k1c, k0c = mean[c], a[c], b[c], k1[c], k0[c]
+        row, g, dst = v[n, c, lo:hi], dy[n, c, lo:hi], dx[n, c, lo:hi]
+        for i in range(row.shape[0]):
+            dz, xc = _grad_and_centred(row[i], g[i], mc, ac, bc, act, p, from_output)
+            dst[i] = ac * dz + k1c * xc + k0c
+
+
+# --------------------------------------------------------------------------------------------
+# RC kernels: x[r, c]; task = a block of rows, partial sums per (block, channel)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(inline="always", **_JIT)
+def _row_range(blk, r_, blocks):
+    size = (r_ + blocks - 1) // blocks
+    return blk * size, min(r_, (blk + 1) * size)
+
+
+@njit(parallel=True, **_JIT)
+def _rc_stats(x, shift, blocks, out_sum, out_sq):
+    r_, c_ = x.shape
+    for blk in prange(blocks):
+        s, q = out_sum[blk], out_sq[blk]
+        lo, hi = _row_range(blk, r_, blocks)
+        for r in range(lo, hi):
+            row = x[r]
+            for c in range(c_):
+                d = row[c] - shift[c]
+                s[c] += d
+                q[c] += d * d
+
+
+@njit(parallel=True, **_JIT)
+def _rc_apply(x, out, mean, a, b, act, p, blocks):
+    r_, c_ = x.shape
+    for blk in prange(blocks):
+        lo, hi = _row_range(blk, r_, blocks)
+        for r in range(lo, hi):
+            row, dst = x[r], out[r]
+            for c in range(c_):
+                dst[c] = _activate((row[c] - mean[c]) * a[c] + b[c], act, p)
+
+
+@njit(parallel=True, **_JIT)
+def _rc_grad_sums(v, dy, mean, a, b, act, p, from_output, blocks, out_dz, out_dzx):
+    r_, c_ = v.shape
+    for blk in prange(blocks):
+        s, q = out_dz[blk], out_dzx[blk]
+        lo, hi = _row_range(blk, r_, blocks)
+        for r in range(lo, hi):
+            row, g = v[r], dy[r]
+            for c in range(c_):
+                dz, xc = _grad_and_centred(row[c], g[c], mean[c], a[c], b[c], act, p, from_output)
+                s[c] += dz
+                q[c] += dz * xc
+
+
+@njit(parallel=True, **_JIT)
+def _rc_grad_input(v, dy, dx, mean, a, b, k1, k0, act, p, from_output, blocks):
+    r_, c_ = v.shape
+    for blk in prange(blocks):
+        lo, hi = _row_range(blk, r_, blocks)
+        for r in range(lo, hi):
+            row, g, dst = v[r], dy[r], dx[r]
+            for c in range(c_):
+                dz, xc = _grad_and_centred(row[c], g[c], mean[c], a[c], b[c], act, p, from_output)
+                dst[c] = a[c] * dz + k1[c] * xc + k0[c]
+
+
+# --------------------------------------------------------------------------------------------
+# layouts and task splitting
+# --------------------------------------------------------------------------------------------
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """True for a dense channels-last layout: channels innermost, then spatial, then batch."""
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def supports(op: str, x: Tensor) -> bool:
+    """CPU float32/float64, contiguous or channels_last, non-empty; no masked statistics."""
+    return (
+        op in ("batch_norm", "batch_norm_act")
+        and x.device.type == "cpu"
+        and x.dtype in _DTYPES
+        and x.numel() > 0
+        and (x.is_contiguous() or is_channels_last(x))
+    )
+
+
+def _rows(x: Tensor) -> np.ndarray:
+    """The NCS (N, C, S) or RC (R, C) NumPy view of x (no copy)."""
+    x, c = x.detach(), x.shape[1]
+    if _spatial(x) == 1:  # (N, C) or (N, C, 1, ...): one row of channels per example
+        return x.reshape(x.shape[0], c).numpy()
+    if x.is_contiguous():
+        return x.view(x.shape[0], c, -1).numpy()
+    order = (0, *range(2, x.dim()), 1)  # channels last in memory: this permute is contiguous
+    return x.detach().permute(order).reshape(-1, c).numpy()
+
+
+def _spatial(x: Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """t in x's memory layout (a copy only when they differ, e.g. a contiguous dy for a
+    channels_last x)."""
+    if t.stride() == x.stride() and t.dtype == x.dtype:
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+def _threads() -> int:
+    """Follow torch's intra-op thread setting (e.g. torch.set_num_threads(1) in the lab)."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
+def _blocks(view: np.ndarray) -> int:
+    """How many pieces each NCS row (or the RC row range) is cut into."""
+    target = _threads() * _TASKS_PER_THREAD
+    if view.ndim == 3:
+        rows, length = view.shape[0] * view.shape[1], view.shape[2]
+        return max(1, min(-(-target // rows), length // 1024 or 1))
+    return max(1, min(target, view.shape[0] // 64 or 1))
+
+
+def _channel_sums(kernel, view, blocks, *args) -> tuple[np.ndarray, np.ndarray]:
+    """Run a partial-sum kernel and add its per-task results per channel (float64)."""
+    c = view.shape[1]
+    if view.ndim == 3:
+        first = np.empty(view.shape[0] * c * blocks)
+        second = np.empty_like(first)
+        kernel(view, *args, blocks, first, second)
+        return (first.reshape(view.shape[0], c, blocks).sum(axis=(0, 2)),
+                second.reshape(view.shape[0], c, blocks).sum(axis=(0, 2)))
+    first = np.zeros((blocks, c))
+    second = np.zeros((blocks, c))
+    kernel(view, *args, blocks, first, second)
+    return first.sum(axis=0), second.sum(axis=0)
+
+
+def _kernels(view: np.ndarray):
+    if view.ndim == 3:
+        return _ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input
+    return _rc_stats, _rc_apply, _rc_grad_sums, _rc_grad_input
+
+
+def _vector(t: Tensor | None, c: int, fill: float) -> np.ndarray:
+    if t is None:
+        return np.full(c, fill)
+    return t.detach().to(torch.float64).numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# the backend contract (see bnlab.kernels.torch_ops)
+# --------------------------------------------------------------------------------------------
+
+
+def statistics(x: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """float64 per-channel mean and biased variance of x over every dim but 1."""
+    view = _rows(x)
+    first = view[0] if view.ndim == 2 else view[0, :, 0]
+    shift = np.asarray(first, dtype=np.float64)
+    blocks = _blocks(view)
+    s, q = _channel_sums(_kernels(view)[0], view, blocks, shift)
+    m = x.numel() // x.shape[1]
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN batches stay non-finite
+        mean = shift + s / m
+        var = np.maximum((q - s * s / m) / m, 0.0)
+    return mean, var
+
+
+def batch_norm_act_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+    activation: str = "identity",
+    param: float = 0.0,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = act((x - mean) * invstd * weight + bias); ``out`` may be x itself (in-place mode).
+
+    Returns (y, mean, var) as :func:`bnlab.kernels.torch_ops.batch_norm_forward` does.
+    """
+    c = x.shape[1]
+    if training:
+        mean, var = statistics(x)
+    else:
+        mean, var = _vector(running_mean, c, 0.0), _vector(running_var, c, 1.0)
+    a = _vector(weight, c, 1.0) / np.sqrt(var + eps)
+    b = _vector(bias, c, 0.0)
+    y = torch.empty_like(x) if out is None else out
+    view = _rows(x)
+    _kernels(view)[1](view, _rows(y), mean, a, b, ACTIVATIONS[activation], float(param),
+                      _blocks(view))
+    if training:
+        return y, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(var).to(x.dtype)
+    empty = x.new_empty((0,))
+    return y, empty, empty.clone()
+
+
+def batch_norm_act_backward(
+    grad_out: Tensor,
+    saved: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    training: bool,
+    eps: float,
+    activation: str = "identity",
+    param: float = 0.0,
+    output_mask=(True, True, True),
+    from_output: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`batch_norm_act_forward`, with dz = dy * act'(z)::
+
+        dweight = sum(dz * xhat),  dbias = sum(dz)
+        dx = a * dz - a * invstd^2 * (x - mean) * sum(dz * (x - mean)) / m - a * sum(dz) / m
+
+    (a = weight * invstd; eval: only the first term). ``saved`` is x, or the output y when
+    ``from_output`` (in-place mode: z = act^-1(y), x - mean = (z - bias) / a).
+    """
+    c = saved.shape[1]
+    mean64, var64 = _vector(mean, c, 0.0), _vector(var, c, 1.0)
+    invstd = 1.0 / np.sqrt(var64 + eps)
+    a = _vector(weight, c, 1.0) * invstd
+    b = _vector(bias, c, 0.0)
+    view, dy = _rows(saved), _rows(_like(grad_out, saved))
+    blocks = _blocks(view)
+    act, p = ACTIVATIONS[activation], float(param)
+    _, _, grad_sums, grad_input = _kernels(view)
+    sum_dz, sum_dz_xc = _channel_sums(grad_sums, view, blocks, dy, mean64, a, b, act, p,
+                                      from_output)
+    dx = dweight = dbias = None
+    if output_mask[0]:
+        m = saved.numel() // c
+        k1 = -a * invstd * invstd * sum_dz_xc / m if training else np.zeros(c)
+        k0 = -a * sum_dz / m if training else np.zeros(c)
+        dx = torch.empty_like(saved)
+        grad_input(view, dy, _rows(dx), mean64, a, b, k1, k0, act, p, from_output, blocks)
+    acc = saved.dtype
+    if weight is not None and output_mask[1]:
+        dweight = torch.from_numpy(sum_dz_xc * invstd).to(acc)
+    if output_mask[2]:
+        dbias = torch.from_numpy(sum_dz).to(acc)
+    return dx, dweight, dbias
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
+    """See :func:`bnlab.kernels.torch_ops.batch_norm_forward` (``mask`` is not supported here)."""
+    return batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps)
+
+
+def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
+                        output_mask=(True, True, True), mask=None):
+    """See :func:`bnlab.kernels.torch_ops.batch_norm_backward` (``mask`` is not supported here)."""
+    if mean is None:  # recompute the statistics from x
+        m64, v64 = statistics(x)
+        mean, var = torch.from_numpy(m64), torch.from_numpy(v64)
+    # The bias does not change dx, dweight or dbias without an activation.
+    return batch_norm_act_backward(grad_out, x, weight, None, mean, var, training, eps,
+                                   output_mask=output_mask)
+
+
+def warm_up() -> None:
+    """Compile (or load from the disk cache) the kernels for every layout and dtype now."""
+    for dtype in _DTYPES:
+        for shape, fmt in (((2, 3, 4), torch.contiguous_format), ((4, 3), torch.contiguous_format)):
+            x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+            for act in ACTIVATIONS:
+                y, mean, var = batch_norm_act_forward(x, None, None, None, None, True, 1e-5, act, 0.1)
+                batch_norm_act_backward(torch.ones_like(x), x, None, None, mean, var, True, 1e-5,
+                                        act, 0.1)
+            batch_norm_act_backward(torch.ones_like(x), y, None, None, mean, var, True, 1e-5,
+                                    "elu", 0.1, from_output=True)
+
+
+if os.environ.get("BNLAB_WARM_UP"):
+    warm_up()

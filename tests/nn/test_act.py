@@ -1,0 +1,87 @@
+"""bnlab.nn.BatchNormAct* and InPlaceABN*: drop-in for BatchNorm + activation, checkpoints included."""
+
+import pytest
+import torch
+from tolerances import FORWARD, GRADIENT, assert_close
+
+import bnlab
+from bnlab.nn import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, InPlaceABN1d, InPlaceABN2d, InPlaceABN3d
+
+
+def torch_block(c, activation, slope=0.01):
+    act = {"relu": torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU(slope)}[activation]
+    bn = torch.nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, c, 3, padding=1), bn, act)
+
+
+@pytest.mark.parametrize("cls,activation", [(BatchNormAct2d, "relu"), (InPlaceABN2d, "leaky_relu")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_block_trains_like_torch(cls, activation, channels_last):
+    """conv -> BN -> act for three steps: loss, parameter gradients and running statistics agree
+    (gamma starts positive, so the in-place mode's |gamma| + eps differs by eps only)."""
+    torch.manual_seed(0)
+    theirs = torch_block(4, activation)
+    ours = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), cls(4, activation=activation))
+    ours.load_state_dict(theirs.state_dict())  # BatchNorm2d's keys load unchanged
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ours.to(memory_format=fmt), theirs.to(memory_format=fmt)
+    for step in range(3):
+        x = torch.randn(6, 3, 8, 8).contiguous(memory_format=fmt)
+        losses = [(m(x) ** 2).mean() for m in (ours, theirs)]
+        for loss in losses:
+            loss.backward()
+        assert_close(losses[0], losses[1], torch.float32, FORWARD)
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            assert_close(p.grad, q.grad, torch.float32, GRADIENT, msg=name)
+            p.grad = q.grad = None
+    for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
+        if c.is_floating_point():
+            assert_close(b, c, c.dtype, FORWARD, msg=name)
+        else:
+            assert torch.equal(b, c), name
+
+
+def test_eval_uses_running_statistics():
+    m = BatchNormAct1d(3, activation="leaky_relu", activation_param=0.2)
+    with torch.no_grad():
+        m.running_mean.copy_(torch.tensor([1.0, -1.0, 0.5]))
+        m.running_var.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    m.eval()
+    x = torch.randn(5, 3)
+    expected = torch.nn.functional.leaky_relu(
+        (x - m.running_mean) / torch.sqrt(m.running_var + m.eps), 0.2)
+    torch.testing.assert_close(m(x), expected)
+
+
+def test_inplace_module_overwrites_its_input_and_defaults_to_leaky_relu():
+    m = InPlaceABN3d(2)
+    assert (m.activation, m.activation_param) == ("leaky_relu", 0.01)
+    x = torch.randn(2, 2, 3, 3, 3)
+    y = m(x)
+    assert y is x
+    assert BatchNormAct2d(2).activation == "relu"
+
+
+@pytest.mark.parametrize("cls,rank", [(BatchNormAct1d, 4), (BatchNormAct2d, 3), (BatchNormAct3d, 4),
+                                      (InPlaceABN1d, 4), (InPlaceABN2d, 5)])
+def test_wrong_rank_is_an_error(cls, rank):
+    with pytest.raises(ValueError, match=f"got {rank}D input"):
+        cls(3)(torch.randn(*([2, 3] + [2] * (rank - 2))))
+
+
+def test_bad_activation_is_an_error_at_construction():
+    with pytest.raises(ValueError, match="'relu' is not invertible"):
+        InPlaceABN2d(3, activation="relu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        BatchNormAct2d(3, activation="swish")
+
+
+def test_repr_and_state_dict_keys():
+    m = InPlaceABN2d(3, activation="elu", activation_param=0.5)
+    assert repr(m) == ("InPlaceABN2d(3, eps=1e-05, momentum=0.1, affine=True, bias=True, "
+                       "track_running_stats=True, activation='elu', activation_param=0.5)")
+    assert list(m.state_dict()) == list(torch.nn.BatchNorm2d(3).state_dict())
+    assert "activation='relu'" in repr(bnlab.nn.BatchNormAct1d(4))
