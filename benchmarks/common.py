@@ -21,16 +21,29 @@ def machine() -> str:
 
 
 def time_ms(fn, min_run_time: float = 1.0) -> dict[str, float]:
-    """Median, p20 and p80 of ``fn()``'s wall time in milliseconds."""
+    """Median, p20 and p80 of ``fn()``'s wall time in milliseconds (all three interpolated quantiles)."""
     measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
     times = torch.tensor(measurement.times) * 1e3
-    return {"median_ms": float(times.median()), "p20_ms": float(times.quantile(0.2)),
+    return {"median_ms": float(times.quantile(0.5)), "p20_ms": float(times.quantile(0.2)),
             "p80_ms": float(times.quantile(0.8))}
 
 
-def append_rows(csv_name: str, rows: list[dict]) -> Path:
-    """Append ``rows`` (with a timestamp and the machine) to ``results/csv_name``."""
-    path = RESULTS / csv_name
+def shape_name(shape: tuple[int, ...]) -> str:
+    """(64, 64, 56, 56) -> '64x64x56x56', the form shapes take in the CSVs and on the command line."""
+    return "x".join(map(str, shape))
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'64x64x56x56' -> (64, 64, 56, 56)."""
+    return tuple(int(d) for d in text.lower().split("x"))
+
+
+def append_rows(csv_name: str, rows: list[dict], directory: Path | None = None) -> Path:
+    """Append ``rows`` (with a timestamp and the machine) to ``directory/csv_name``.
+
+    ``directory`` defaults to ``benchmarks/results``; smoke runs point it elsewhere.
+    """
+    path = Path(directory or RESULTS) / csv_name
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = [{"timestamp": stamp, "machine": machine(), **row} for row in rows]

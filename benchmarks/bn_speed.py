@@ -1,0 +1,296 @@
+"""Batch-norm speed on the CPU: bnlab vs torch.nn vs torch.compile, against a copy of the same input.
+
+    python benchmarks/bn_speed.py                 # the whole sweep -> benchmarks/results/bn_speed.csv
+    python benchmarks/bn_speed.py --shapes conv --modes fwd,full --providers bnlab,torch
+    python benchmarks/plot_bn_speed.py            # PNGs and a Markdown table from the CSV
+
+Modes (what one timed call does; the module is built once per case and warmed up first):
+  fwd     training-mode forward of an input that requires grad, so the graph is recorded as in training
+  bwd     backward only: autograd.grad(y, (x, weight, bias), dy, retain_graph=True) on one fixed graph
+  full    training forward + backward: autograd.grad(module(x), (x, weight, bias), dy)
+  eval    eval-mode forward under torch.no_grad()
+  bnrelu  BN + ReLU forward + backward (torch.nn: BatchNorm then ReLU; bnlab: the fused BatchNormAct)
+
+Providers:
+  bnlab        bnlab.nn modules, automatic kernel backend (the ``backend`` column says which one ran)
+  bnlab-torch  bnlab.nn modules with backend="torch", the composite PyTorch backend (a control)
+  torch        torch.nn.BatchNorm1d/2d/3d (+ torch.nn.ReLU)
+  compile      torch.compile(dynamic=False) of the torch.nn module, compiled afresh for every case
+
+Limit: every shape and layout also times ``dst.copy_(x)`` (provider and mode ``copy``: a
+preallocated destination, the memory-bandwidth limit; timed before and after the layout's cases, the
+faster kept) and ``x.clone()`` (mode ``clone``: a copy that allocates its output on each call, as
+every provider does; large fresh allocations cost page faults). ``copy_equivalents`` = median / copy
+median. ``passes`` is the minimal traffic in tensor sizes (fwd: read x for the statistics, read x,
+write y = 3; bwd: read x and dy for the sums, read them again, write dx = 5; full and bnrelu: 8;
+eval, copy and clone: 2); ``gbps`` = passes * bytes of x / median.
+
+Times are torch.utils.benchmark medians with p20/p80 (benchmarks/common.py). Threads: torch runs
+``--threads`` intra-op threads (default: every core, ``os.cpu_count()``); bnlab's CPU kernels follow
+torch's setting. Rows are appended after every shape, with a ``run`` stamp shared by the whole run.
+A case that cannot run (a module not in this bnlab yet, a failed compilation) is recorded with its
+``status`` and skipped.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import traceback
+from datetime import datetime, timezone
+
+import click
+import torch
+
+from common import append_rows, parse_shape, shape_name, time_ms
+
+SHAPES = {  # group -> shapes
+    "conv": [(64, 64, 56, 56), (256, 256, 14, 14), (128, 32, 32, 32), (32, 128, 28, 28)],
+    "small-c": [(16, 3, 224, 224), (8, 1, 256, 256)],
+    "mlp": [(4096, 1024), (65536, 64), (256, 4096)],
+    "3d": [(8, 32, 16, 32, 32)],
+}
+LAYOUTS = ("contiguous", "channels_last")  # channels_last means channels_last_3d for 5-D inputs
+MODES = ("fwd", "bwd", "full", "eval", "bnrelu")
+PROVIDERS = ("bnlab", "bnlab-torch", "torch", "compile")
+PASSES = {"fwd": 3, "bwd": 5, "full": 8, "bnrelu": 8, "eval": 2, "copy": 2, "clone": 2}
+BN_NAME = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+MEMORY_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def group_of(shape: tuple[int, ...]) -> str:
+    return next((g for g, shapes in SHAPES.items() if shape in shapes), "other")
+
+
+def make_input(shape, layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """A standard-normal leaf that requires grad, in ``layout``."""
+    x = torch.randn(shape, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=MEMORY_FORMAT[x.dim()])
+    return x.requires_grad_()
+
+
+def torch_module(ndim: int, c: int, act: bool) -> torch.nn.Module:
+    bn = getattr(torch.nn, BN_NAME[ndim])(c)
+    return torch.nn.Sequential(bn, torch.nn.ReLU()) if act else bn
+
+
+def bnlab_module(ndim: int, c: int, act: bool, backend: str | None) -> torch.nn.Module:
+    """bnlab's BatchNorm, or its fused BatchNormAct (ReLU) for ``act``; imported lazily."""
+    import bnlab.nn
+
+    kwargs = {"backend": backend} if backend else {}
+    if act:
+        cls = getattr(bnlab.nn, BN_NAME[ndim].replace("BatchNorm", "BatchNormAct"))
+        return cls(c, activation="relu", **kwargs)
+    return getattr(bnlab.nn, BN_NAME[ndim])(c, **kwargs)
+
+
+def make_module(provider: str, ndim: int, c: int, act: bool, dtype: torch.dtype) -> torch.nn.Module:
+    if provider == "torch":
+        module = torch_module(ndim, c, act)
+    elif provider == "compile":
+        torch._dynamo.reset()  # a fresh compilation: no recompile limit hit, no shape generalization
+        module = torch.compile(torch_module(ndim, c, act), dynamic=False)
+    else:
+        module = bnlab_module(ndim, c, act, "torch" if provider == "bnlab-torch" else None)
+    return module.to(dtype)
+
+
+def workload(module: torch.nn.Module, x: torch.Tensor, mode: str):
+    """The callable timed for ``mode``; sets the module's train/eval state."""
+    if mode == "eval":
+        module.eval()
+
+        def forward_no_grad():
+            with torch.no_grad():
+                return module(x)
+
+        return forward_no_grad
+    module.train()
+    if mode == "fwd":
+        return lambda: module(x)
+    inputs = [x, *module.parameters()]
+    y = module(x)
+    dy = torch.randn_like(y)
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
+    return lambda: torch.autograd.grad(module(x), inputs, dy)  # full, bnrelu
+
+
+def backend_used(provider: str, x: torch.Tensor, mode: str) -> str:
+    """The bnlab kernel backend module that runs the case's op on ``x`` for ``provider``."""
+    if not provider.startswith("bnlab"):
+        return ""
+    from bnlab.kernels import select_backend
+
+    op = "batch_norm_act" if mode == "bnrelu" else "batch_norm"
+    module = select_backend(op, x, "torch" if provider == "bnlab-torch" else None)
+    return module.__name__.rsplit(".", 1)[-1]
+
+
+def measure(fn, min_run_time: float, threads: int, warmup: int = 2) -> dict[str, float]:
+    """Warm up, then time; torch's thread count is re-imposed after the warm-up because starting a
+    Numba OpenMP thread pool resets OpenMP's (hence torch's) thread count to Numba's default."""
+    for _ in range(warmup):  # JIT compilation, lazy initialization, first-touch allocations
+        fn()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return time_ms(fn, min_run_time)
+
+
+def row(case: dict, mode: str, provider: str, stats: dict | None, copy_ms: float | None,
+        nbytes: int, backend: str = "", status: str = "ok") -> dict:
+    """One CSV row; every row has the same columns (empty where a case did not run)."""
+    timed = {"median_ms": "", "p20_ms": "", "p80_ms": "", "copy_ms": "", "copy_equivalents": "",
+             "gbps": ""}
+    if stats:
+        median = stats["median_ms"]
+        timed = {**{k: round(v, 5) for k, v in stats.items()}, "copy_ms": round(copy_ms, 5),
+                 "copy_equivalents": round(median / copy_ms, 3),
+                 "gbps": round(PASSES[mode] * nbytes / median / 1e6, 2)}
+    return {**case, "mode": mode, "provider": provider, "backend": backend,
+            "passes": PASSES[mode], **timed, "status": status}
+
+
+def run_case(x: torch.Tensor, mode: str, provider: str, min_run_time: float, threads: int):
+    """Time one (mode, provider) on ``x``: (stats, backend, status); a failure gives stats None."""
+    try:
+        module = make_module(provider, x.dim(), x.shape[1], mode == "bnrelu", x.dtype)
+        stats = measure(workload(module, x, mode), min_run_time, threads)
+        return stats, backend_used(provider, x, mode), "ok"
+    except AttributeError as error:  # a module this bnlab does not have yet
+        return None, "", f"unavailable: {error}"
+    except Exception as error:  # noqa: BLE001 - record and continue the sweep
+        traceback.print_exc(limit=2)
+        return None, "", f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+
+
+def run_layout(case: dict, x: torch.Tensor, modes, providers, min_run_time) -> list[dict]:
+    """Every mode x provider on ``x``, between two timings of its copy; the faster copy is the limit
+    (a copy slowed by a neighbouring process would flatter every copy-equivalent)."""
+    threads, nbytes = case["threads"], x.numel() * x.element_size()
+    src, dst = x.detach(), torch.empty_like(x.detach())
+    copies = [measure(lambda: dst.copy_(src), min_run_time, threads)]
+    clone = measure(src.clone, min_run_time, threads)
+    timed = []
+    for mode in modes:
+        for provider in providers:
+            timed.append((mode, provider, *run_case(x, mode, provider, min_run_time, threads)))
+            stats, status = timed[-1][2], timed[-1][4]
+            print(f"{case['shape']:>16s} {case['layout']:13s} {mode:6s} {provider:11s} "
+                  + (f"{stats['median_ms']:.4f} ms" if stats else status), flush=True)
+            gc.collect()
+    copies.append(measure(lambda: dst.copy_(src), min_run_time, threads))
+    copy = min(copies, key=lambda c: c["median_ms"])
+    limit = copy["median_ms"]
+    return [row(case, "copy", "copy", copy, limit, nbytes),
+            row(case, "clone", "copy", clone, limit, nbytes),
+            *(row(case, mode, provider, stats, limit, nbytes, backend, status)
+              for mode, provider, stats, backend, status in timed)]
+
+
+def run_shape(shape, layouts, dtype, modes, providers, min_run_time, threads, run_stamp):
+    """Every layout of one shape (channels_last only for 4-D and 5-D inputs)."""
+    rows = []
+    for layout in layouts:
+        if layout == "channels_last" and len(shape) not in MEMORY_FORMAT:
+            continue
+        case = {"run": run_stamp, "shape": shape_name(shape), "group": group_of(shape),
+                "layout": layout, "dtype": str(dtype).removeprefix("torch."), "threads": threads}
+        rows += run_layout(case, make_input(shape, layout, dtype), modes, providers, min_run_time)
+    return rows
+
+
+def format_row(r: dict) -> str:
+    head = f"{r['shape']:>16s} {r['layout']:13s} {r['dtype']:7s} {r['mode']:6s} {r['provider']:11s}"
+    if r["status"] != "ok":
+        return f"{head} {r['status']}"
+    return (f"{head} {r['median_ms']:9.4f} ms (p20 {r['p20_ms']:.4f}, p80 {r['p80_ms']:.4f}) "
+            f"{r['copy_equivalents']:5.2f} copies {r['gbps']:6.1f} GB/s {r['backend']}")
+
+
+def speedup_table(rows: list[dict], provider: str = "bnlab", base: str = "torch") -> str:
+    """Markdown: median(base) / median(provider) per shape and layout (rows) and mode (columns)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    median = {(r["shape"], r["layout"], r["dtype"], r["mode"], r["provider"]): float(r["median_ms"])
+              for r in ok}
+    cases = list(dict.fromkeys((r["shape"], r["layout"], r["dtype"]) for r in ok))
+    modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
+    lines = ["| shape | layout | dtype | " + " | ".join(modes) + " |",
+             "|---|---|---|" + "---|" * len(modes)]
+    for case in cases:
+        cells = []
+        for mode in modes:
+            a, b = median.get((*case, mode, base)), median.get((*case, mode, provider))
+            cells.append(f"{a / b:.2f}x" if a and b else "-")
+        lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def choose(text: str, allowed, what: str) -> list[str]:
+    chosen = split(text)
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown:
+        raise click.BadParameter(f"unknown {what} {unknown}; expected some of {list(allowed)}")
+    return chosen
+
+
+def expand_shapes(text: str) -> list[tuple[int, ...]]:
+    """Group names (conv, small-c, mlp, 3d, all) and/or shapes like 64x64x56x56."""
+    shapes = []
+    for token in split(text):
+        if token == "all":
+            shapes += [s for group in SHAPES.values() for s in group]
+        elif token in SHAPES:
+            shapes += SHAPES[token]
+        else:
+            shapes.append(parse_shape(token))
+    return list(dict.fromkeys(shapes))
+
+
+@click.command()
+@click.option("--shapes", default="all", show_default=True,
+              help="Comma-separated groups (conv, small-c, mlp, 3d, all) and/or shapes NxCx...")
+@click.option("--layouts", default=",".join(LAYOUTS), show_default=True)
+@click.option("--modes", default=",".join(MODES), show_default=True)
+@click.option("--providers", default=",".join(PROVIDERS), show_default=True)
+@click.option("--dtypes", default="float32", show_default=True, help="float32 and/or float64.")
+@click.option("--min-run-time", default=0.5, show_default=True, type=float,
+              help="Seconds of timed calls per case (torch.utils.benchmark blocked_autorange).")
+@click.option("--threads", default=os.cpu_count(), show_default=True, type=int,
+              help="torch.set_num_threads; bnlab's CPU kernels follow it.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Directory for bn_speed.csv (default benchmarks/results).")
+def main(shapes, layouts, modes, providers, dtypes, min_run_time, threads, out) -> None:
+    """Sweep shapes x layouts x dtypes x modes x providers; append rows to bn_speed.csv."""
+    layouts = choose(layouts, LAYOUTS, "layouts")
+    modes = choose(modes, MODES, "modes")
+    providers = choose(providers, PROVIDERS, "providers")
+    dtypes = [getattr(torch, d) for d in choose(dtypes, ("float32", "float64"), "dtypes")]
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    run_stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    rows = []
+    for dtype in dtypes:
+        for shape in expand_shapes(shapes):
+            shape_rows = run_shape(shape, layouts, dtype, modes, providers, min_run_time, threads,
+                                   run_stamp)
+            path = append_rows("bn_speed.csv", shape_rows, out)
+            rows += shape_rows
+    print("\n".join(map(format_row, rows)))
+    print(f"\nappended to {path}\n\nspeedup of bnlab over torch.nn (median ratio):\n")
+    print(speedup_table(rows))
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        print(f"\n{len(failed)} case(s) did not run:")
+        for r in failed:
+            print(" ", format_row(r))
+
+
+if __name__ == "__main__":
+    main()

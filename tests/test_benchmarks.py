@@ -1,0 +1,71 @@
+"""Smoke runs of the CPU benchmarks: one tiny case each, written to a temporary directory.
+
+Benchmarks are not timed tests: only the CSV's structure and the sanity of its numbers are checked.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+SPEED_COLUMNS = {"timestamp", "machine", "run", "shape", "group", "layout", "dtype", "threads", "mode",
+                 "provider", "backend", "passes", "median_ms", "p20_ms", "p80_ms", "copy_ms",
+                 "copy_equivalents", "gbps", "status"}
+MEMORY_COLUMNS = {"timestamp", "machine", "shape", "depth", "provider", "threads", "tensor_bytes",
+                  "saved_bytes", "peak_bytes", "saved_tensors", "peak_tensors", "saved_vs_torch",
+                  "peak_vs_torch", "status"}
+
+
+def run_script(name: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bn_speed_smoke_run_writes_rows_and_a_table(tmp_path):
+    out = run_script("bn_speed.py", "--shapes", "4x8x8x8", "--layouts", "contiguous",
+                     "--modes", "full", "--providers", "bnlab,torch", "--min-run-time", "0.01",
+                     "--threads", "1", "--out", str(tmp_path))
+    rows = read_rows(tmp_path / "bn_speed.csv")
+    assert set(rows[0]) == SPEED_COLUMNS
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        ("copy", "copy"), ("clone", "copy"), ("full", "bnlab"), ("full", "torch")]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+        assert float(r["copy_equivalents"]) > 0 and float(r["gbps"]) > 0
+        assert (r["shape"], r["threads"], r["dtype"]) == ("4x8x8x8", "1", "float32")
+    assert "| 4x8x8x8 | contiguous | float32 |" in out
+
+    run_script("plot_bn_speed.py", "--csv", str(tmp_path / "bn_speed.csv"), "--out", str(tmp_path))
+    assert "bnlab over torch.nn" in (tmp_path / "bn_speed.md").read_text()
+    assert (tmp_path / "bn_speed_speedup.png").stat().st_size > 0
+    assert (tmp_path / "bn_speed_copies.png").stat().st_size > 0
+
+
+def test_abn_memory_smoke_run_counts_saved_tensors(tmp_path):
+    run_script("abn_memory.py", "--shapes", "2x4x16x16", "--depths", "1",
+               "--providers", "torch,torch-inplace,bnlab-bn", "--threads", "1", "--out", str(tmp_path))
+    rows = {r["provider"]: r for r in read_rows(tmp_path / "abn_memory.csv")}
+    assert set(rows["torch"]) == MEMORY_COLUMNS
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert int(r["peak_bytes"]) > 0 and int(r["saved_bytes"]) > 0
+    # torch.nn saves x, the conv output, the BN output and (in the next layer) the block's output;
+    # an in-place LeakyReLU saves its output in place of the BN output
+    # (plus the per-channel statistics: hence approx)
+    saved = [float(rows[p]["saved_tensors"]) for p in ("torch", "torch-inplace", "bnlab-bn")]
+    assert saved == pytest.approx([4.0, 3.0, 4.0], abs=0.01)
+    assert (tmp_path / "abn_memory.md").read_text().startswith("| shape |")
+
