@@ -40,12 +40,12 @@ def ref_layer(cell, x, lengths, h, c, record=None, eval_stats=False):
               ) if eval_stats else (lambda w: None)
         xt = torch.where(valid[:, None], x[t], torch.zeros_like(x[t]))
         ux, uh = xt @ cell.weight_ih.t(), h @ cell.weight_hh.t()
-        gates = (ref_bn(uh, cell.weight_h, None, valid, stats=st("h"))
-                 + ref_bn(ux, cell.weight_x, None, valid, stats=st("x")) + cell.bias)
+        gates = (ref_bn(uh, cell.weight_h, None, valid, cell.eps, st("h"))
+                 + ref_bn(ux, cell.weight_x, None, valid, cell.eps, st("x")) + cell.bias)
         i, f, g, o = gates.chunk(4, 1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(ref_bn(c_new, cell.weight_c, cell.bias_c, valid,
-                                                     stats=st("c")))
+                                                     cell.eps, st("c")))
         if record is not None:
             record.append((ux[valid], uh[valid], c_new[valid]))
         v = valid[:, None]
@@ -92,8 +92,9 @@ def make(T=5, N=4, I=3, H=4, L=2, seed=0, **kw):
 
 @pytest.mark.parametrize("lengths", [None, [5, 3, 5, 2]])
 @pytest.mark.parametrize("with_hx", [False, True])
-def test_matches_reference_outputs_and_gradients(lengths, with_hx):
-    model, x = make()
+@pytest.mark.parametrize("I", [3, 6])  # input statistics via the (I, I) covariance (I <= N) or not
+def test_matches_reference_outputs_and_gradients(lengths, with_hx, I):
+    model, x = make(I=I)
     lengths = None if lengths is None else torch.tensor(lengths)
     g = torch.Generator().manual_seed(1)
     hx = None
@@ -122,6 +123,42 @@ def test_matches_reference_outputs_and_gradients(lengths, with_hx):
     if lengths is not None:  # padding outputs are exactly zero
         for n, ln in enumerate(lengths.tolist()):
             assert (ours[0][ln:, n] == 0).all()
+
+
+@pytest.mark.parametrize("lengths", [None, [6, 5, 6, 4]])
+def test_batch_constant_prefix(lengths):
+    """Leading steps equal for every sequence (MNIST's blank first pixels): values, statistics and
+    parameter gradients as the reference's; no overflow over a long prefix."""
+    model, x = make(T=6, N=4, L=1, momentum=1.0, eps=0.1)  # eps 0.1: the reference's amplified
+    x = x.clone()                                             # rounding noise stays small
+    x[:3] = x[:3, :1]  # steps 0..2: the same input in every sequence
+    lengths = None if lengths is None else torch.tensor(lengths)
+    ref = BNLSTM(3, 4, 1, max_length=6, dtype=D, momentum=1.0, eps=0.1)
+    ref.load_state_dict(model.state_dict())
+    out, (h, c) = model(x, lengths=lengths)
+    ref_out, (rh, rc) = ref_lstm(ref, x, lengths)
+    ((out ** 2).sum() + h.sum() + c.sum()).backward()
+    ((ref_out ** 2).sum() + rh.sum() + rc.sum()).backward()
+    for a, b in ((out, ref_out), (h, rh), (c, rc)):
+        assert_close(a, b, D)
+    record = []
+    with torch.no_grad():
+        ref_lstm(ref, x, lengths, record=record)
+    cell = model.cells[0]
+    for t, values in enumerate(record):
+        for which, v in zip("xhc", values):
+            torch.testing.assert_close(getattr(cell, f"running_mean_{which}")[t], v.mean(0), atol=1e-10, rtol=0)
+            torch.testing.assert_close(getattr(cell, f"running_var_{which}")[t], v.var(0), atol=1e-10, rtol=0)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert_close(p.grad, q.grad, D, GRADIENT, msg=name)
+    # float32 over 300 blank steps (gamma 0.1, eps 1e-5): finite gradients
+    torch.manual_seed(0)
+    model = BNLSTM(1, 8, max_length=320)
+    x = torch.cat([torch.zeros(300, 16, 1), torch.rand(20, 16, 1)])
+    out, _ = model(x)
+    out[-1].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.cells[0].weight_hh.grad.abs().sum() > 0
 
 
 def test_gradcheck_tiny():
@@ -265,6 +302,40 @@ def test_training_statistics_exclude_finished_sequences():
             assert torch.equal(v, stats1[k]), k
 
 
+@pytest.mark.parametrize("I", [3, 6])
+def test_eval_matches_reference(I):
+    """Eval (running statistics, both input-term paths) against the reference."""
+    model, x = make(I=I)
+    model(x)
+    model.eval()
+    lengths = torch.tensor([5, 3, 5, 2])
+    out, (h, c) = model(x, lengths=lengths)
+    ref_out, (rh, rc) = ref_lstm(model, x, lengths, eval_stats=True)
+    for a, b in ((out, ref_out), (h, rh), (c, rc)):
+        assert_close(a, b, D)
+
+
+def test_mask_equals_lengths():
+    model, x = make(T=5, N=4)
+    lengths = torch.tensor([5, 3, 5, 2])
+    mask = torch.arange(5).unsqueeze(1) < lengths  # (T, N)
+    a, (ha, ca) = model(x, lengths=lengths)
+    b, (hb, cb) = model(x, mask=mask)
+    assert torch.equal(a, b) and torch.equal(ha, hb) and torch.equal(ca, cb)
+    bf = BNLSTM(3, 4, 2, max_length=5, batch_first=True, dtype=D)
+    bf.load_state_dict(model.state_dict())
+    bf.eval(), model.eval()
+    assert_close(bf(x.transpose(0, 1), mask=mask.t())[0].transpose(0, 1), model(x, lengths=lengths)[0], D)
+    bad = mask.clone()
+    bad[1, 0] = False  # a hole in sequence 0
+    with pytest.raises(ValueError, match=r"prefix of each sequence.*\[0\]"):
+        model(x, mask=bad)
+    with pytest.raises(ValueError, match=r"bool mask of shape \(T, N\) = \(5, 4\)"):
+        model(x, mask=mask.t())
+    with pytest.raises(ValueError, match="not both"):
+        model(x, lengths=lengths, mask=mask)
+
+
 def test_lengths_errors():
     model, x = make(T=4, N=3)
     with pytest.raises(ValueError, match="zero-length"):
@@ -273,6 +344,12 @@ def test_lengths_errors():
         model(x, lengths=torch.tensor([5, 1, 2]))
     with pytest.raises(ValueError, match="at least 2 valid"):
         model(x, lengths=torch.tensor([4, 2, 2]))  # steps 2, 3 have one sequence in training
+    with pytest.raises(ValueError, match="integer lengths of shape \\(3,\\)"):
+        model(x, lengths=torch.tensor([4.0, 2.0, 2.0]))
+    with pytest.raises(ValueError, match="at least 2 valid"):  # the one-step API too
+        model.cells[0](x[0], None, 0, mask=torch.tensor([True, False, False]))
+    with pytest.raises(ValueError, match="non-empty"):
+        model(x[:0])
     model.eval()
     model(x, lengths=torch.tensor([4, 2, 2]))  # fine in eval
 

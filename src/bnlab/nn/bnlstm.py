@@ -22,15 +22,18 @@ Design (see SPEC.md section 3):
 - **Init** ``init="paper"`` (default): orthogonal ``weight_ih``, ``weight_hh`` = four stacked
   identities (the paper's (p)MNIST setup; needs nothing of the sizes). ``init="uniform"``:
   torch.nn.LSTM's U(-1/sqrt(H), 1/sqrt(H)) for both matrices.
-- **Speed**: W_x x_t for all steps is one matmul, and its per-step BN is one
-  :func:`bnlab.functional.batch_norm` call on the (N, T*4H) reshape (channel = (t, gate unit)) with the
-  (T, 4H) running buffers viewed as (T*4H,); with variable lengths, one call per run of steps that
-  share the same set of valid sequences. The recurrent part loops over time.
-- **Variable lengths** (``lengths``, one per sequence, >= 1): at step t the valid rows are those with
-  length > t; batch statistics (and the running-statistics count) use those rows only (the ``mask``
-  of batch_norm), finished sequences keep their state (so h_n / c_n are each sequence's last valid
-  state), and outputs at padding positions are zero. Padding inputs are replaced by 0 before use.
-  Training needs >= 2 valid sequences at every step (a batch statistic of one value is undefined).
+- **Speed**: the input term of all steps is one batched op: with I <= N its per-step statistics come
+  from the (I, I) covariance of x_t (var = w^T Cov(x_t) w) and the normalization is folded into
+  per-step weights, one ``baddbmm``; with I > N, W_x x_t is formed and normalized with plain torch
+  ops. The recurrence loops over time with nothing but plain torch ops: one ``mm``, the native
+  ``torch.batch_norm`` (fused forward, backward and running-statistics update) for the recurrent and
+  cell BNs, one ``sigmoid`` over all gates; no host synchronization inside the loop.
+- **Variable lengths** (``lengths``, one per sequence, >= 1, or a prefix ``mask`` (T, N)): the batch
+  is sorted by length (descending) so the valid rows of every step are a prefix; each step runs on
+  its valid rows only, so batch statistics (and the running statistics) use those rows alone and
+  padding never enters them. Finished sequences keep their state (h_n / c_n are each sequence's last
+  valid state) and outputs at padding positions are zero. Training needs >= 2 valid sequences at
+  every step (a batch statistic of one value is undefined).
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
 
 __all__ = ["BNLSTMCell", "BNLSTM"]
 
@@ -126,49 +128,104 @@ class BNLSTMCell(nn.Module):
                 f"momentum={self.momentum}, eps={self.eps}, init={self.init!r}")
 
     # ---------------------------------------------------------------------------------------
-    def _row(self, t: int) -> int:
-        """The statistics row of step t (eval reuses the last one past max_length)."""
-        if t >= self.max_length:
-            if self.training:
-                raise ValueError(
-                    f"sequence of length > max_length = {self.max_length} in training (step {t}); "
-                    f"build the module with a larger max_length"
-                )
-            return self.max_length - 1
-        return t
-
-    def _bn(self, x: Tensor, which: str, t: int, weight: Tensor, bias: Optional[Tensor],
-            mask: Optional[Tensor]) -> Tensor:
-        r = self._row(t)
-        return F.batch_norm(
-            x, getattr(self, f"running_mean_{which}")[r], getattr(self, f"running_var_{which}")[r],
-            weight, bias, self.training, self.momentum, self.eps, mask=mask,
-        )
-
-    def _input_term(self, x: Tensor, t0: int, t1: int, mask: Optional[Tensor]) -> Tensor:
-        """BN(W_x x_t; gamma_x, 0) for steps t0 <= t < t1 at once; x is (t1 - t0, N, 4H)."""
-        T, N, G = x.shape
-        flat = x.permute(1, 0, 2).reshape(N, T * G)  # channel = (t, gate unit)
+    def _rows(self, t0: int, t1: int):
+        """The statistics rows of steps t0 <= t < t1 (eval reuses the last one past max_length)."""
+        if t1 <= self.max_length:
+            return slice(t0, t1)
         if self.training:
-            self._row(t1 - 1)  # raises if too long
-            mean = self.running_mean_x[t0:t1].view(-1)  # views: batch_norm updates the buffers
-            var = self.running_var_x[t0:t1].view(-1)
-        else:
-            rows = torch.arange(t0, t1, device=x.device).clamp(max=self.max_length - 1)
-            mean = self.running_mean_x[rows].reshape(-1)
-            var = self.running_var_x[rows].reshape(-1)
-        y = F.batch_norm(flat, mean, var, self.weight_x.repeat(T), None, self.training,
-                         self.momentum, self.eps, mask=mask)
-        return y.reshape(N, T, G).permute(1, 0, 2)
+            raise ValueError(
+                f"sequence of length {t1} > max_length = {self.max_length} in training; "
+                f"build the module with a larger max_length"
+            )
+        return torch.arange(t0, t1, device=self.running_mean_x.device).clamp(max=self.max_length - 1)
 
-    def _recurrent(self, wx: Tensor, h: Tensor, c: Tensor, t: int, mask: Optional[Tensor]):
-        """One step given the normalized input term wx (N, 4H) (bias not yet added)."""
-        wh = self._bn(h @ self.weight_hh.t(), "h", t, self.weight_h, None, mask)
-        gates = wh + wx + self.bias
-        i, f, g, o = gates.chunk(4, dim=1)
-        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(self._bn(c_new, "c", t, self.weight_c, self.bias_c, mask))
-        return h_new, c_new
+    def _input_term(self, x: Tensor, t0: int) -> Tensor:
+        """BN(W_x x_t; gamma_x, 0) + b for steps t0, t0 + 1, ... at once: x (S, k, I), valid rows only.
+
+        Returns (S, k, 4H). With I <= k the statistics of W_x x_t come from the (I, I) covariance of
+        x_t (var_j = w_j^T Cov(x_t) w_j) and the normalization is folded into the weights, one
+        batched matmul: no (S, k, 4H) temporaries besides the result. Otherwise W_x x_t is formed
+        first and normalized directly.
+        """
+        S, k, I = x.shape
+        rows = self._rows(t0, t0 + S)
+        w_t = self.weight_ih.t()  # (I, 4H)
+        via_cov = I <= k
+        if self.training:
+            mean_x = x.mean(1, keepdim=True)  # (S, 1, I)
+            x = x - mean_x
+            if via_cov:
+                cov = torch.bmm(x.transpose(1, 2), x) / k  # (S, I, I), biased
+                var = (torch.matmul(cov, w_t) * w_t).sum(1).clamp(min=0)  # (S, 4H)
+            else:
+                proj = torch.matmul(x, w_t)  # (S, k, 4H), centred
+                var = proj.square().mean(1)
+            mean = mean_x.squeeze(1) @ w_t  # (S, 4H)
+            with torch.no_grad():  # what torch.batch_norm does: EMA with the unbiased variance
+                self.running_mean_x[rows].lerp_(mean, self.momentum)
+                self.running_var_x[rows].lerp_(var * (k / (k - 1)), self.momentum)
+            mean = None  # x is centred already
+        else:
+            mean, var = self.running_mean_x[rows], self.running_var_x[rows]
+            if not via_cov:
+                proj = torch.matmul(x, w_t)
+        scale = self.weight_x * torch.rsqrt(var + self.eps)  # (S, 4H)
+        shift = self.bias if mean is None else self.bias - mean * scale  # (4H,) or (S, 4H)
+        shift = shift.expand(S, -1).unsqueeze(1)  # (S, 1, 4H)
+        if via_cov:
+            return torch.baddbmm(shift, x, w_t * scale.unsqueeze(1))  # weights (S, I, 4H)
+        return torch.addcmul(shift, proj, scale.unsqueeze(1))
+
+    def _step(self, wx: Tensor, h: Tensor, c: Tensor, t: int, weight_hh_t: Tensor):
+        """One step of the k valid rows: wx = BN_x + b (k, 4H), h and c (k, H) -> (h_t, c_t)."""
+        r, H = min(t, self.max_length - 1), self.hidden_size
+        uh = torch.mm(h, weight_hh_t)  # (k, 4H)
+        gates = torch.batch_norm(uh, self.weight_h, None, self.running_mean_h[r], self.running_var_h[r],
+                                 self.training, self.momentum, self.eps, False) + wx
+        i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # the g block's sigmoid is wasted but cheap
+        c = torch.addcmul(f * c, i, torch.tanh(gates[:, 2 * H:3 * H]))
+        bc = torch.batch_norm(c, self.weight_c, self.bias_c, self.running_mean_c[r], self.running_var_c[r],
+                              self.training, self.momentum, self.eps, False)
+        return o * torch.tanh(bc), c
+
+    @staticmethod
+    def _constant_steps(x: Tensor, h: Tensor, c: Tensor) -> int:
+        """How many leading steps of x (S, N, I) are the same for every sequence, the state too."""
+        if not (torch.equal(h, h[:1].expand_as(h)) and torch.equal(c, c[:1].expand_as(c))):
+            return 0
+        same = (x == x[:, :1]).flatten(1).all(1)  # (S,)
+        return int(same.int().cumprod(0).sum())
+
+    def _constant_forward(self, x: Tensor, h: Tensor, c: Tensor):
+        """Training steps at which every sequence has the same input and state (the blank first
+        pixels of MNIST): x (S, N, I), h and c (N, H), all rows equal.
+
+        Every BN then sees features that are constant over the batch: its output is exactly its
+        shift (0, or beta_c for the cell) and its statistics are (value, variance 0). Its exact input
+        gradient, gamma / sqrt(eps) times the deviation from the batch mean, is left out: it lies in
+        the direction in which the sequences differ, so it reaches no parameter, and compounded over
+        a long constant prefix it overflows float32 (eps = 1e-5, gamma = 0.1: about 250x per step)
+        and turns every parameter gradient into NaN. The cell path c_t = f c_{t-1} + i g keeps its
+        gradient. Returns outputs (S, N, H) and the state (h, c) after the steps.
+        """
+        S, N, _ = x.shape
+        H = self.hidden_size
+        i, f, _, o = torch.sigmoid(self.bias).chunk(4)  # the gates are b: both BN terms are 0
+        ig = i * torch.tanh(self.bias[2 * H:3 * H])
+        h_out = o * torch.tanh(self.bias_c)  # (H,): BN(c_t) = beta_c
+        cs = []
+        for _ in range(S):
+            c = torch.addcmul(ig, f, c)  # (N, H), rows equal
+            cs.append(c)
+        with torch.no_grad():
+            rows = slice(0, S)
+            h_rows = torch.cat([h[:1], h_out.expand(S - 1, H)])  # h_{t-1} of each step
+            means = {"x": x[:, 0] @ self.weight_ih.t(), "h": h_rows @ self.weight_hh.t(),
+                     "c": torch.stack([v[0] for v in cs])}
+            for which, mean in means.items():  # torch.batch_norm's update, variance 0
+                getattr(self, f"running_mean_{which}")[rows].lerp_(mean, self.momentum)
+                getattr(self, f"running_var_{which}")[rows].mul_(1 - self.momentum)
+        return h_out.expand(S, N, H), (h_out.expand(N, H), c)
 
     def _check_state(self, state, N, ref: Tensor):
         H = self.hidden_size
@@ -191,13 +248,18 @@ class BNLSTMCell(nn.Module):
             raise ValueError(f"expected input of shape (N, input_size) with input_size = "
                              f"{self.input_size}, got {tuple(input.shape)}")
         h, c = self._check_state(state, input.shape[0], input)
-        if self.training and t == 0:
-            self.num_batches_tracked.add_(1)
-        wx = self._bn(input @ self.weight_ih.t(), "x", t, self.weight_x, None, mask)
-        h_new, c_new = self._recurrent(wx, h, c, t, mask)
-        if mask is not None:
-            m = mask.unsqueeze(1)
-            h_new, c_new = torch.where(m, h_new, h), torch.where(m, c_new, c)
+        idx = None if mask is None else mask.nonzero().flatten()
+        k = input.shape[0] if idx is None else idx.numel()
+        if self.training:
+            self._rows(t, t + 1)
+            _require_two(k, f"step {t}")
+            if t == 0:
+                self.num_batches_tracked.add_(1)
+        xs, hs, cs = (input, h, c) if idx is None else (input[idx], h[idx], c[idx])
+        wx = self._input_term(xs.unsqueeze(0), t)[0]
+        h_new, c_new = self._step(wx, hs, cs, t, self.weight_hh.t())
+        if idx is not None:
+            h_new, c_new = h.index_copy(0, idx, h_new), c.index_copy(0, idx, c_new)
         return h_new, c_new
 
     def forward_sequence(self, input: Tensor, state=None, lengths: Optional[Tensor] = None):
@@ -209,53 +271,98 @@ class BNLSTMCell(nn.Module):
             raise ValueError(f"expected input of shape (T, N, input_size) with input_size = "
                              f"{self.input_size}, got {tuple(input.shape)}")
         T, N, _ = input.shape
+        if T == 0 or N == 0:
+            raise ValueError(f"expected a non-empty input, got shape {tuple(input.shape)}")
         h, c = self._check_state(state, N, input)
-        H = self.hidden_size
+        order = None
         if lengths is None:
-            steps, bounds, masks = T, [(0, T)], [None]
-        else:
-            lens = [int(v) for v in lengths.tolist()]
+            steps, runs = T, [(0, T, N)]
+        else:  # sort by length (descending): the valid rows of every step are a prefix
+            lens = check_lengths(lengths, N, T)
+            order = sorted(range(N), key=lambda n: -lens[n])
             steps = max(lens)
-            valid = torch.arange(steps, device=input.device).unsqueeze(1) < lengths.to(input.device)
-            input = input[:steps].masked_fill(~valid.unsqueeze(2), 0)
-            # runs of steps with the same set of valid sequences: [previous length, next length)
             cuts = sorted({0, *lens})
-            bounds = [(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
-            masks = [None if all(v > a for v in lens) else valid[a] for a, _ in bounds]
-            if self.training:
-                for (a, _), m in zip(bounds, masks):
-                    if m is not None and int(m.sum()) < 2:
-                        raise ValueError(
-                            f"training needs at least 2 valid sequences at every step; step {a} has "
-                            f"{int(m.sum())} (lengths {lens})"
-                        )
+            runs = [(a, b, sum(v > a for v in lens)) for a, b in zip(cuts[:-1], cuts[1:])]
+            idx = torch.tensor(order, device=input.device)
+            input, h, c = input[:steps, idx], h[idx], c[idx]
         if self.training:
-            self._row(steps - 1)
+            self._rows(0, steps)
+            for a, _, k in runs:
+                _require_two(k, f"step {a}" + ("" if order is None else f" (lengths {lens})"))
             self.num_batches_tracked.add_(1)
-        proj = (input.reshape(steps * N, -1) @ self.weight_ih.t()).reshape(steps, N, 4 * H)
-        outputs = []
-        for (a, b), m in zip(bounds, masks):
-            wx = self._input_term(proj[a:b], a, b, m)
-            for t in range(a, b):
-                h_new, c_new = self._recurrent(wx[t - a], h, c, t, m)
-                if m is not None:
-                    mm = m.unsqueeze(1)
-                    h, c = torch.where(mm, h_new, h), torch.where(mm, c_new, c)
-                    outputs.append(h_new.masked_fill(~mm, 0))
-                else:
-                    h, c = h_new, c_new
-                    outputs.append(h_new)
-        out = torch.stack(outputs)
+        weight_hh_t = self.weight_hh.t()
+        outputs, done_h, done_c = [], [], []
+        if self.training:
+            same = self._constant_steps(input[:runs[0][1]], h, c)
+            if same:
+                out, (h, c) = self._constant_forward(input[:same], h, c)
+                outputs.append(out)
+                runs[0] = (same, *runs[0][1:])
+        for a, b, k in runs:
+            if a == b:
+                continue
+            if k < h.shape[0]:  # rows k.. have ended: their state is final
+                done_h.append(h[k:])
+                done_c.append(c[k:])
+                h, c = h[:k], c[:k]
+            wx = self._input_term(input[a:b, :k], a)  # (b - a, k, 4H)
+            outs = []
+            for t, wx_t in zip(range(a, b), wx.unbind(0)):  # unbind: one backward op, not T slices
+                h, c = self._step(wx_t, h, c, t, weight_hh_t)
+                outs.append(h)
+            out = torch.stack(outs)
+            outputs.append(out if k == N else nn.functional.pad(out, (0, 0, 0, N - k)))
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         if steps < T:
-            out = torch.cat([out, out.new_zeros(T - steps, N, H)])
+            out = nn.functional.pad(out, (0, 0, 0, 0, 0, T - steps))
+        if order is not None:
+            h, c = torch.cat([h, *done_h[::-1]]), torch.cat([c, *done_c[::-1]])
+            inv = torch.argsort(idx)
+            out, h, c = out[:, inv], h[inv], c[inv]
         return out, (h, c)
+
+
+def _require_two(k: int, where: str) -> None:
+    if k < 2:
+        raise ValueError(f"training needs at least 2 valid sequences at every step; {where} has {k}")
+
+
+def lengths_from_mask(mask: Tensor, T: int, N: int) -> Tensor:
+    """The lengths (N,) of a (T, N) bool mask that is True on a prefix of every column."""
+    if mask.shape != (T, N) or mask.dtype != torch.bool:
+        raise ValueError(f"expected a bool mask of shape (T, N) = {(T, N)} (batch_first: (N, T)), "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+    lengths = mask.sum(0)
+    prefix = torch.arange(T, device=mask.device).unsqueeze(1) < lengths
+    if not torch.equal(prefix, mask):
+        bad = (prefix != mask).any(0).nonzero().flatten().tolist()
+        raise ValueError(f"mask must be True on a prefix of each sequence (padding at the end); "
+                         f"sequences {bad[:10]} are not")
+    return lengths
+
+
+def check_lengths(lengths, N: int, T: int) -> list[int]:
+    """``lengths`` (N,) integers in [1, T] as a list, or a ValueError saying what is wrong."""
+    lengths = torch.as_tensor(lengths)
+    if lengths.shape != (N,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"expected integer lengths of shape ({N},), got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    lens = [int(v) for v in lengths.tolist()]
+    if min(lens) < 1:
+        raise ValueError(f"every sequence needs length >= 1 (zero-length sequences are not "
+                         f"supported), got lengths {lens}")
+    if max(lens) > T:
+        raise ValueError(f"lengths must be <= the input's T = {T}, got {lens}")
+    return lens
 
 
 class BNLSTM(nn.Module):
     """A stack of :class:`BNLSTMCell` layers with torch.nn.LSTM's interface.
 
-    ``forward(input, hx=None, lengths=None)``: input (T, N, I) (or (N, T, I) with batch_first),
-    hx = (h0, c0) each (num_layers, N, H) or None, lengths (N,) ints in [1, T] or None.
+    ``forward(input, hx=None, lengths=None, mask=None)``: input (T, N, I) (or (N, T, I) with
+    batch_first), hx = (h0, c0) each (num_layers, N, H) or None; variable lengths as ``lengths`` (N,)
+    ints in [1, T], or as ``mask`` (T, N) bool (batch_first: (N, T)), True on each sequence's valid
+    steps, which must be a prefix (padding at the end).
     Returns output (T, N, H) (batch_first: (N, T, H)), zero at padding, and (h_n, c_n) each
     (num_layers, N, H): each sequence's last valid state. ``dropout`` applies to the outputs of
     every layer but the last, in training only, as in torch.nn.LSTM. Keyword arguments after
@@ -283,7 +390,8 @@ class BNLSTM(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"batch_first={self.batch_first}, dropout={self.dropout}, max_length={self.max_length}")
 
-    def forward(self, input: Tensor, hx=None, lengths: Optional[Tensor] = None):
+    def forward(self, input: Tensor, hx=None, lengths: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None):
         if input.dim() != 3 or input.shape[2] != self.input_size:
             order = "(N, T, input_size)" if self.batch_first else "(T, N, input_size)"
             raise ValueError(f"expected input of shape {order} with input_size = {self.input_size}, "
@@ -300,16 +408,12 @@ class BNLSTM(nn.Module):
                 if tuple(s.shape) != (L, N, H):
                     raise ValueError(f"expected {name} of shape (num_layers, N, hidden_size) = "
                                      f"{(L, N, H)}, got {tuple(s.shape)}")
+        if mask is not None:
+            if lengths is not None:
+                raise ValueError("give lengths or mask, not both")
+            lengths = lengths_from_mask(mask.transpose(0, 1) if self.batch_first else mask, T, N)
         if lengths is not None:
-            lengths = torch.as_tensor(lengths)
-            if lengths.shape != (N,) or lengths.dtype.is_floating_point:
-                raise ValueError(f"expected integer lengths of shape ({N},), got "
-                                 f"{lengths.dtype} {tuple(lengths.shape)}")
-            if bool((lengths < 1).any()):
-                raise ValueError(f"every sequence needs length >= 1 (zero-length sequences are not "
-                                 f"supported), got lengths {lengths.tolist()}")
-            if bool((lengths > T).any()):
-                raise ValueError(f"lengths must be <= the input's T = {T}, got {lengths.tolist()}")
+            lengths = check_lengths(lengths, N, T)
         hs, cs = [], []
         x = input
         for k, cell in enumerate(self.cells):
