@@ -153,3 +153,15 @@ def test_grad_out_in_another_layout():
     expected, _, _ = reference.spatial_batchnorm_backward(dy.numpy(), cache)
     assert dx.is_contiguous(memory_format=torch.channels_last)
     np.testing.assert_allclose(dx.numpy(), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_first_kernel_call_keeps_torch_thread_setting():
+    """Numba's OpenMP pool starts on the first call; torch.set_num_threads must survive it."""
+    import subprocess
+    import sys
+
+    code = ("import torch, bnlab; torch.set_num_threads(1); "
+            "bnlab.nn.BatchNorm2d(3, backend='numba')(torch.randn(4, 3, 5, 5)); "
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

@@ -24,7 +24,7 @@ inside the data's range the cancellation is that of the data's own spread, so fl
 1e4 + N(0, 1) keeps ~1e-7 relative variance error, where the naive E[x^2] - E[x]^2 in float32 loses
 everything. Elementwise work is also done in float64 and rounded once.
 
-Fused activations (``act`` codes below) apply after the affine transform; the backward recomputes the
+Fused activations (see :func:`activation_code`) apply after the affine transform; the backward recomputes the
 pre-activation z from x (or, from the output in the in-place mode, inverts the activation) instead of
 storing anything extra. Kernels are compiled on first use and cached on disk.
 """
@@ -40,7 +40,6 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
 INVERTIBLE = ("identity", "leaky_relu", "elu")  # what the in-place mode can recover z from
 
 _DTYPES = (torch.float32, torch.float64)
@@ -51,47 +50,51 @@ _JIT = dict(cache=True, fastmath=_FAST, nogil=True)
 _TASKS_PER_THREAD = 8  # finer tasks balance uneven rows; partial sums stay tiny
 
 
+def activation_code(activation: str, param: float) -> tuple[bool, float]:
+    """(elu, p): identity, relu and leaky_relu are one piecewise-linear family, z > 0 ? z : p * z
+    with p = 1, 0 or the slope, whose loops vectorize; elu (alpha = p) needs exp and has its own."""
+    if activation == "elu":
+        return True, float(param)
+    return False, {"identity": 1.0, "relu": 0.0}.get(activation, float(param))
+
+
 # --------------------------------------------------------------------------------------------
-# elementwise pieces (inlined into the loops; the branches are loop-invariant)
+# elementwise pieces, inlined. Piecewise-linear and elu loops are kept apart (the branch is taken
+# per row): a call to exp anywhere in a loop body stops LLVM from vectorizing it.
 # --------------------------------------------------------------------------------------------
 
 
 @njit(inline="always", **_JIT)
-def _activate(z, act, p):
-    if act == 1:
-        return z if z > 0.0 else 0.0
-    if act == 2:
-        return z if z > 0.0 else z * p
-    if act == 3:
-        return z if z > 0.0 else p * math.expm1(z)
-    return z
+def _linear_act(z, p):
+    return z if z > 0.0 else z * p
 
 
 @njit(inline="always", **_JIT)
-def _grad_and_centred(v, g, mean, a, b, act, p, from_output):
-    """(dz, x - mean) at one position, from the saved input v = x or, in place, the output v = y."""
+def _elu_act(z, alpha):
+    return z if z > 0.0 else alpha * math.expm1(z)
+
+
+@njit(inline="always", **_JIT)
+def _linear_grad(v, g, mean, a, b, p, from_output):
+    """(dz, x - mean) at one position from the saved input v = x, or in place from the output v = y
+    (then p > 0 and z = act^-1(y))."""
     if from_output:
-        if act == 2:
-            z = v if v >= 0.0 else v / p
-            slope = 1.0 if v >= 0.0 else p
-        elif act == 3:
-            z = v if v >= 0.0 else math.log1p(v / p)
-            slope = 1.0 if v >= 0.0 else v + p
-        else:
-            z = v
-            slope = 1.0
-        return g * slope, (z - b) / a
+        negative = v < 0.0
+        z = v / p if negative else v
+        return (g * p if negative else g), (z - b) / a
     centred = v - mean
-    if act == 0:
-        return g, centred
+    return (g if centred * a + b > 0.0 else g * p), centred
+
+
+@njit(inline="always", **_JIT)
+def _elu_grad(v, g, mean, a, b, alpha, from_output):
+    if from_output:  # y < 0: z = log1p(y / alpha), dy/dz = y + alpha
+        if v >= 0.0:
+            return g, (v - b) / a
+        return g * (v + alpha), (math.log1p(v / alpha) - b) / a
+    centred = v - mean
     z = centred * a + b
-    if act == 1:
-        slope = 1.0 if z > 0.0 else 0.0
-    elif act == 2:
-        slope = 1.0 if z > 0.0 else p
-    else:
-        slope = 1.0 if z > 0.0 else p * math.exp(z)
-    return g * slope, centred
+    return (g if z > 0.0 else g * alpha * math.exp(z)), centred
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +108,6 @@ def _task(t, c_, s_, blocks):
     row, blk = t // blocks, t % blocks
     size = (s_ + blocks - 1) // blocks
     return row // c_, row % c_, blk * size, min(s_, (blk + 1) * size)
-
 
 
 @njit(parallel=True, **_JIT)
@@ -126,18 +128,22 @@ def _ncs_stats(x, shift, blocks, out_sum, out_sq):
 
 
 @njit(parallel=True, **_JIT)
-def _ncs_apply(x, out, mean, a, b, act, p, blocks):
+def _ncs_apply(x, out, mean, a, b, elu, p, blocks):
     n_, c_, s_ = x.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
         mc, ac, bc = mean[c], a[c], b[c]
         row, dst = x[n, c, lo:hi], out[n, c, lo:hi]
-        for i in range(row.shape[0]):
-            dst[i] = _activate((row[i] - mc) * ac + bc, act, p)
+        if elu:
+            for i in range(row.shape[0]):
+                dst[i] = _elu_act((row[i] - mc) * ac + bc, p)
+        else:
+            for i in range(row.shape[0]):
+                dst[i] = _linear_act((row[i] - mc) * ac + bc, p)
 
 
 @njit(parallel=True, **_JIT)
-def _ncs_grad_sums(v, dy, mean, a, b, act, p, from_output, blocks, out_dz, out_dzx):
+def _ncs_grad_sums(v, dy, mean, a, b, elu, p, from_output, blocks, out_dz, out_dzx):
     n_, c_, s_ = v.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
@@ -145,24 +151,35 @@ def _ncs_grad_sums(v, dy, mean, a, b, act, p, from_output, blocks, out_dz, out_d
         row, g = v[n, c, lo:hi], dy[n, c, lo:hi]
         s = 0.0
         q = 0.0
-        for i in range(row.shape[0]):
-            dz, xc = _grad_and_centred(row[i], g[i], mc, ac, bc, act, p, from_output)
-            s += dz
-            q += dz * xc
+        if elu:
+            for i in range(row.shape[0]):
+                dz, xc = _elu_grad(row[i], g[i], mc, ac, bc, p, from_output)
+                s += dz
+                q += dz * xc
+        else:
+            for i in range(row.shape[0]):
+                dz, xc = _linear_grad(row[i], g[i], mc, ac, bc, p, from_output)
+                s += dz
+                q += dz * xc
         out_dz[t] = s
         out_dzx[t] = q
 
 
 @njit(parallel=True, **_JIT)
-def _ncs_grad_input(v, dy, dx, mean, a, b, k1, k0, act, p, from_output, blocks):
+def _ncs_grad_input(v, dy, dx, mean, a, b, k1, k0, elu, p, from_output, blocks):
     n_, c_, s_ = v.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
         mc, ac, bc, k1c, k0c = mean[c], a[c], b[c], k1[c], k0[c]
         row, g, dst = v[n, c, lo:hi], dy[n, c, lo:hi], dx[n, c, lo:hi]
-        for i in range(row.shape[0]):
-            dz, xc = _grad_and_centred(row[i], g[i], mc, ac, bc, act, p, from_output)
-            dst[i] = ac * dz + k1c * xc + k0c
+        if elu:
+            for i in range(row.shape[0]):
+                dz, xc = _elu_grad(row[i], g[i], mc, ac, bc, p, from_output)
+                dst[i] = ac * dz + k1c * xc + k0c
+        else:
+            for i in range(row.shape[0]):
+                dz, xc = _linear_grad(row[i], g[i], mc, ac, bc, p, from_output)
+                dst[i] = ac * dz + k1c * xc + k0c
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,40 +208,55 @@ def _rc_stats(x, shift, blocks, out_sum, out_sq):
 
 
 @njit(parallel=True, **_JIT)
-def _rc_apply(x, out, mean, a, b, act, p, blocks):
+def _rc_apply(x, out, mean, a, b, elu, p, blocks):
     r_, c_ = x.shape
     for blk in prange(blocks):
         lo, hi = _row_range(blk, r_, blocks)
         for r in range(lo, hi):
             row, dst = x[r], out[r]
-            for c in range(c_):
-                dst[c] = _activate((row[c] - mean[c]) * a[c] + b[c], act, p)
+            if elu:
+                for c in range(c_):
+                    dst[c] = _elu_act((row[c] - mean[c]) * a[c] + b[c], p)
+            else:
+                for c in range(c_):
+                    dst[c] = _linear_act((row[c] - mean[c]) * a[c] + b[c], p)
 
 
 @njit(parallel=True, **_JIT)
-def _rc_grad_sums(v, dy, mean, a, b, act, p, from_output, blocks, out_dz, out_dzx):
+def _rc_grad_sums(v, dy, mean, a, b, elu, p, from_output, blocks, out_dz, out_dzx):
     r_, c_ = v.shape
     for blk in prange(blocks):
         s, q = out_dz[blk], out_dzx[blk]
         lo, hi = _row_range(blk, r_, blocks)
         for r in range(lo, hi):
             row, g = v[r], dy[r]
-            for c in range(c_):
-                dz, xc = _grad_and_centred(row[c], g[c], mean[c], a[c], b[c], act, p, from_output)
-                s[c] += dz
-                q[c] += dz * xc
+            if elu:
+                for c in range(c_):
+                    dz, xc = _elu_grad(row[c], g[c], mean[c], a[c], b[c], p, from_output)
+                    s[c] += dz
+                    q[c] += dz * xc
+            else:
+                for c in range(c_):
+                    dz, xc = _linear_grad(row[c], g[c], mean[c], a[c], b[c], p, from_output)
+                    s[c] += dz
+                    q[c] += dz * xc
 
 
 @njit(parallel=True, **_JIT)
-def _rc_grad_input(v, dy, dx, mean, a, b, k1, k0, act, p, from_output, blocks):
+def _rc_grad_input(v, dy, dx, mean, a, b, k1, k0, elu, p, from_output, blocks):
     r_, c_ = v.shape
     for blk in prange(blocks):
         lo, hi = _row_range(blk, r_, blocks)
         for r in range(lo, hi):
             row, g, dst = v[r], dy[r], dx[r]
-            for c in range(c_):
-                dz, xc = _grad_and_centred(row[c], g[c], mean[c], a[c], b[c], act, p, from_output)
-                dst[c] = a[c] * dz + k1[c] * xc + k0[c]
+            if elu:
+                for c in range(c_):
+                    dz, xc = _elu_grad(row[c], g[c], mean[c], a[c], b[c], p, from_output)
+                    dst[c] = a[c] * dz + k1[c] * xc + k0[c]
+            else:
+                for c in range(c_):
+                    dz, xc = _linear_grad(row[c], g[c], mean[c], a[c], b[c], p, from_output)
+                    dst[c] = a[c] * dz + k1[c] * xc + k0[c]
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,9 +308,16 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 
 
 def _threads() -> int:
-    """Follow torch's intra-op thread setting (e.g. torch.set_num_threads(1) in the lab)."""
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    """Follow torch's intra-op thread setting (e.g. torch.set_num_threads(1) in the lab).
+
+    Numba's OpenMP pool resets the OpenMP thread count when it starts, which torch shares on some
+    builds: torch's setting is put back afterwards.
+    """
+    wanted = torch.get_num_threads()
+    n = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
     return n
 
 
@@ -362,7 +401,7 @@ def batch_norm_act_forward(
     b = _vector(bias, c, 0.0)
     y = torch.empty_like(x) if out is None else out
     view = _rows(x)
-    _kernels(view)[1](view, _rows(y), mean, a, b, ACTIVATIONS[activation], float(param),
+    _kernels(view)[1](view, _rows(y), mean, a, b, *activation_code(activation, param),
                       _blocks(view))
     if training:
         return y, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(var).to(x.dtype)
@@ -399,17 +438,17 @@ def batch_norm_act_backward(
     b = _vector(bias, c, 0.0)
     view, dy = _rows(saved), _rows(_like(grad_out, saved))
     blocks = _blocks(view)
-    act, p = ACTIVATIONS[activation], float(param)
+    elu, p = activation_code(activation, param)
     _, _, grad_sums, grad_input = _kernels(view)
-    sum_dz, sum_dz_xc = _channel_sums(grad_sums, view, blocks, dy, mean64, a, b, act, p,
-                                      from_output)
+    sum_dz, sum_dz_xc = _channel_sums(grad_sums, view, blocks, dy, mean64, a, b, elu, p,
+                                      bool(from_output))
     dx = dweight = dbias = None
     if output_mask[0]:
         m = saved.numel() // c
         k1 = -a * invstd * invstd * sum_dz_xc / m if training else np.zeros(c)
         k0 = -a * sum_dz / m if training else np.zeros(c)
         dx = torch.empty_like(saved)
-        grad_input(view, dy, _rows(dx), mean64, a, b, k1, k0, act, p, from_output, blocks)
+        grad_input(view, dy, _rows(dx), mean64, a, b, k1, k0, elu, p, bool(from_output), blocks)
     acc = saved.dtype
     if weight is not None and output_mask[1]:
         dweight = torch.from_numpy(sum_dz_xc * invstd).to(acc)
@@ -439,7 +478,7 @@ def warm_up() -> None:
     for dtype in _DTYPES:
         for shape, fmt in (((2, 3, 4), torch.contiguous_format), ((4, 3), torch.contiguous_format)):
             x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
-            for act in ACTIVATIONS:
+            for act in ("identity", "relu", "leaky_relu", "elu"):
                 y, mean, var = batch_norm_act_forward(x, None, None, None, None, True, 1e-5, act, 0.1)
                 batch_norm_act_backward(torch.ones_like(x), x, None, None, mean, var, True, 1e-5,
                                         act, 0.1)
