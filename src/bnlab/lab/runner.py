@@ -96,7 +96,8 @@ class Experiment:
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
-_MODULES = ("fig1", "lr_sweep", "init_scale", "batch_size", "conv", "sigmoid", "small_batch")
+_MODULES = ("fig1", "lr_sweep", "init_scale", "batch_size", "conv", "sigmoid", "small_batch",
+            "seq_mnist", "grad_flow")
 
 
 def experiment(name: str, config: type, report: Callable[["RunView"], Report]):

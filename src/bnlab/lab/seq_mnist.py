@@ -1,0 +1,286 @@
+"""Cooijmans et al. 2016, sequential and permuted MNIST: an LSTM against a BN-LSTM.
+
+Each image is read as a sequence: one row per step (``--mode=row``, 28 steps of 28 pixels, the
+quick default) or one pixel per step (``--mode=pixel``, 784 steps of 1 pixel, the paper's task);
+``pmnist`` reads the pixels in one fixed random order (permuted MNIST). The classifier is a one-layer
+recurrent net of 100 units whose last hidden state feeds a Linear softmax layer. The paper's
+setup, for both nets: RMSProp at lr 1e-3, gradient norm clipped at 1, mini-batches of 100,
+orthogonal input-to-hidden weights and identity hidden-to-hidden weights (each gate block), zero
+biases; the BN-LSTM (:class:`bnlab.nn.BNLSTM`) starts every gamma at 0.1. The LSTM is
+``torch.nn.LSTM`` with the same initialization.
+
+The last ``valid_size`` training images are held out as a validation set; test and validation
+accuracy are measured every ``eval_every`` steps in eval mode (the BN-LSTM with its per-step
+running statistics), optionally on the first ``eval_examples`` images only (the 784-step forward
+of 10,000 images is slow on a CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..data import Split, permute_pixels, sequential
+from ..nn import BNLSTM
+from .common import Dataset, check_positive, classifier_job, evaluate, load_data, pct, pyplot, save, table
+from .runner import Report, Run, RunView, experiment
+
+MODELS = ("lstm", "bnlstm")
+LABELS = {"lstm": "LSTM", "bnlstm": "BN-LSTM"}
+Mode = Literal["row", "pixel"]
+
+
+@dataclass
+class SeqMnistConfig:
+    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits (8 rows / 64 pixels); mnist: IDX files in data_dir
+    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+    mode: Mode = "row"  # row: one image row per step (28 steps on MNIST); pixel: one pixel per step (784)
+    permute: bool = False  # read the pixels in one fixed random order (permuted MNIST; pixel mode)
+    permutation_seed: int = 0  # the seed of that order
+    models: tuple[str, ...] = MODELS  # some of lstm, bnlstm
+    hidden: int = 100  # recurrent units (the paper: 100)
+    steps: Optional[int] = None  # RMSProp steps per model; None: 12,000 (mnist row, 20 epochs), 1,000 (mnist pixel), 1,500 (digits)
+    batch_size: int = 100  # the paper's mini-batch
+    lr: float = 1e-3  # RMSProp learning rate (the paper: 1e-3)
+    clip: float = 1.0  # gradient norm clipping (the paper: 1)
+    gamma_init: float = 0.1  # BN-LSTM: every gamma's initial value (the paper: 0.1)
+    forget_bias: float = 0.0  # both nets: initial forget-gate bias
+    valid_size: Optional[int] = None  # training images held out for validation; None: 5,000 (mnist), 200 (digits)
+    eval_every: Optional[int] = None  # steps between evaluations; None: steps / 40
+    eval_examples: Optional[int] = None  # evaluate on the first so many test and validation images; None: all
+    target: float = 0.95  # the report's "steps to reach this test accuracy"
+    seed: int = 0  # initialization (both nets) and the mini-batch order (shared by both nets)
+    checkpoint_every: int = 500  # steps between checkpoints (0: none)
+
+    def resolve(self) -> "SeqMnistConfig":
+        mnist = self.dataset == "mnist"
+        steps = self.steps or (1_500 if not mnist else 12_000 if self.mode == "row" else 1_000)
+        c = replace(self, steps=steps, eval_every=self.eval_every or max(1, steps // 40),
+                    valid_size=5_000 if self.valid_size is None and mnist else
+                    200 if self.valid_size is None else self.valid_size)
+        check_positive(c, "steps", "batch_size", "lr", "clip", "hidden", "eval_every", "gamma_init")
+        unknown = [m for m in c.models if m not in MODELS]
+        if unknown or not c.models:
+            raise ValueError(f"models must be some of {MODELS}, got {c.models}")
+        if c.permute and c.mode != "pixel":
+            raise ValueError("permute needs mode=pixel (a permutation of the pixels, one per step)")
+        if c.eval_examples is not None and c.eval_examples < 1:
+            raise ValueError(f"eval_examples must be >= 1 or none, got {c.eval_examples}")
+        if not 0 < c.target <= 1:
+            raise ValueError(f"target must be in (0, 1], got {c.target}")
+        return c
+
+
+@dataclass
+class PermutedMnistConfig(SeqMnistConfig):
+    mode: Mode = "pixel"  # pixel: one pixel per step (784 on MNIST); the permutation needs it
+    permute: bool = True  # read the pixels in one fixed random order (permuted MNIST)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and models
+# ------------------------------------------------------------------------------------------------
+
+def sequence_data(config: SeqMnistConfig) -> tuple[Split, Split]:
+    """(train, held-out) splits: train_x/train_y for training, test_x/test_y for the test set, and
+    the validation images as the second split's test_x/test_y. Pixels permuted if asked."""
+    data = load_data(config.dataset, config.data_dir)
+    train_x, test_x = data.train_x, data.test_x
+    if config.permute:
+        both = permute_pixels(torch.cat([train_x, test_x]), config.permutation_seed)
+        train_x, test_x = both[:len(train_x)], both[len(train_x):]
+    v = config.valid_size
+    if not 0 <= v < len(train_x) - config.batch_size:
+        raise ValueError(f"valid_size {v} leaves too few of the {len(train_x)} training images")
+    n = config.eval_examples
+    cut = len(train_x) - v
+    train = Split(train_x[:cut], data.train_y[:cut], test_x[:n], data.test_y[:n])
+    valid = Split(train_x[:0], data.train_y[:0], train_x[cut:][:n], data.train_y[cut:][:n])
+    return train, valid
+
+
+def paper_init_(lstm: nn.LSTM) -> nn.LSTM:
+    """Orthogonal input-to-hidden, identity hidden-to-hidden (each gate block), zero biases."""
+    H = lstm.hidden_size
+    with torch.no_grad():
+        for k in range(lstm.num_layers):
+            nn.init.orthogonal_(getattr(lstm, f"weight_ih_l{k}"))
+            getattr(lstm, f"weight_hh_l{k}").copy_(torch.eye(H).repeat(4, 1))
+            getattr(lstm, f"bias_ih_l{k}").zero_()
+            getattr(lstm, f"bias_hh_l{k}").zero_()
+    return lstm
+
+
+class SequenceClassifier(nn.Module):
+    """Flattened images (N, side^2) -> a sequence (T, N, I) -> recurrent net -> Linear on h_T.
+
+    In eval mode, inputs larger than ``eval_chunk`` are run in chunks (the statistics are fixed
+    then, so chunking changes nothing but the memory a 784-step forward of 10,000 images needs).
+    """
+
+    def __init__(self, kind: str, mode: str, side: int, hidden: int, num_classes: int,
+                 gamma_init: float = 0.1, forget_bias: float = 0.0, eval_chunk: int = 1000) -> None:
+        super().__init__()
+        self.kind, self.mode, self.side, self.eval_chunk = kind, mode, side, eval_chunk
+        inputs, steps = (1, side * side) if mode == "pixel" else (side, side)
+        if kind == "lstm":
+            self.rnn = paper_init_(nn.LSTM(inputs, hidden))
+            with torch.no_grad():
+                self.rnn.bias_ih_l0[hidden:2 * hidden].fill_(forget_bias)
+        elif kind == "bnlstm":
+            self.rnn = BNLSTM(inputs, hidden, max_length=steps, gamma_init=gamma_init,
+                              forget_bias=forget_bias)
+        else:
+            raise ValueError(f"model must be one of {MODELS}, got {kind!r}")
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training and len(x) > self.eval_chunk:
+            return torch.cat([self(part) for part in x.split(self.eval_chunk)])
+        seq = sequential(x, self.mode, self.side).transpose(0, 1)  # (T, N, I)
+        out, _ = self.rnn(seq)
+        return self.head(out[-1])
+
+
+class ClippedRMSprop(torch.optim.RMSprop):
+    """RMSProp that first clips the global gradient norm of its parameters to ``clip``."""
+
+    def __init__(self, params, clip: float, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.clip = clip
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        nn.utils.clip_grad_norm_(params, self.clip)
+        return super().step(closure)
+
+
+def build(kind: str, data: Split, config: SeqMnistConfig) -> SequenceClassifier:
+    side = math.isqrt(data.num_features)
+    return SequenceClassifier(kind, config.mode, side, config.hidden, data.num_classes,
+                              gamma_init=config.gamma_init, forget_bias=config.forget_bias)
+
+
+# ------------------------------------------------------------------------------------------------
+# Experiments
+# ------------------------------------------------------------------------------------------------
+
+def _train_all(run: Run) -> None:
+    config: SeqMnistConfig = run.config
+    train, valid = sequence_data(config)
+    run.total_jobs = len(config.models)
+
+    def valid_metrics(step: int, model: nn.Module) -> dict:
+        m = evaluate(model, valid.test_x, valid.test_y)
+        return {"valid_accuracy": m["test_accuracy"], "valid_loss": m["test_loss"]}
+
+    for kind in config.models:
+        classifier_job(
+            run, kind,
+            build=lambda kind=kind: build(kind, train, config),
+            optimizer=lambda p: ClippedRMSprop(p, config.clip, lr=config.lr),
+            x=train.train_x, y=train.train_y, test_x=train.test_x, test_y=train.test_y,
+            steps=config.steps, batch_size=config.batch_size, seed=config.seed,
+            eval_every=config.eval_every, eval_at_start=True, tags={"model": kind},
+            extra_eval=valid_metrics if len(valid.test_y) else None,
+        )
+
+
+def task_name(c: SeqMnistConfig) -> str:
+    data = "MNIST" if c.dataset == "mnist" else "digits"
+    if c.permute:
+        return f"permuted pixel-by-pixel {data}"
+    return f"{'row-by-row' if c.mode == 'row' else 'pixel-by-pixel'} {data}"
+
+
+def first_reaching(rows: list[dict], target: float, key: str = "test_accuracy") -> Optional[int]:
+    """The first evaluated step whose accuracy is >= target (None if none)."""
+    return next((r["step"] for r in rows if r.get(key) is not None and r[key] >= target), None)
+
+
+def _report(view: RunView) -> Report:
+    c: SeqMnistConfig = view.config
+    curves = {m: view.job_rows(m) for m in c.models if view.job_rows(m)}
+    name = task_name(c)
+    if not curves:
+        return Report(f"# {name}: LSTM vs BN-LSTM\n\nNo evaluations yet.\n", {})
+    plt = pyplot()
+    has_valid = any("valid_accuracy" in r for rows in curves.values() for r in rows)
+    keys = [("test_accuracy", "test")] + ([("valid_accuracy", "validation")] if has_valid else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        for m, rows in curves.items():
+            ax.plot([r["step"] for r in rows], [100 * r[key] for r in rows], label=LABELS[m])
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{label} accuracy (%)")
+        ax.set_ylim(max(0, min(100 * r[key] for rows in curves.values() for r in rows[1:] or rows) - 2),
+                    100)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle(f"{name}: LSTM vs BN-LSTM ({c.hidden} units, RMSProp {c.lr:g}, batch {c.batch_size})")
+    save(fig, view.plot_path("accuracy.png"))
+
+    summary: dict = {"task": name, "steps": c.steps}
+    rows_out = []
+    for m, rows in curves.items():
+        last = rows[-1]
+        best = max(rows, key=lambda r: r["test_accuracy"])
+        reach = first_reaching(rows, c.target)
+        summary[m] = {"final_test_accuracy": last["test_accuracy"], "best_test_accuracy": best["test_accuracy"],
+                      "best_step": best["step"], f"steps_to_{c.target:g}": reach, "last_step": last["step"],
+                      "final_valid_accuracy": last.get("valid_accuracy")}
+        rows_out.append([LABELS[m], f"{last['step']:,}", pct(last["test_accuracy"]),
+                         pct(last.get("valid_accuracy")), f"{pct(best['test_accuracy'])} (step {best['step']:,})",
+                         "-" if reach is None else f"{reach:,}"])
+    test_set = "test" if c.eval_examples is None else f"first {c.eval_examples:,} test"
+    lines = [
+        f"# {name}: LSTM vs BN-LSTM (Cooijmans et al. 2016)", "",
+        f"One recurrent layer of {c.hidden} units, the last hidden state into a softmax layer; "
+        f"{'one row' if c.mode == 'row' else 'one pixel'} per step"
+        f"{' in a fixed random order (seed ' + str(c.permutation_seed) + ')' if c.permute else ''}. "
+        f"RMSProp lr {c.lr:g}, gradient norm clipped at {c.clip:g}, batches of {c.batch_size}, "
+        f"{c.steps:,} steps per net, seed {c.seed}; orthogonal input-to-hidden and identity "
+        f"hidden-to-hidden weights for both nets; BN-LSTM gammas start at {c.gamma_init:g}. The last "
+        f"{c.valid_size:,} training images are the validation set; accuracies on the {test_set} "
+        f"images every {c.eval_every:,} steps, in eval mode (per-step population statistics).", "",
+        "![accuracy](accuracy.png)", "",
+        *table(["net", "steps", "final test %", "final valid %", "best test %",
+                f"first step at >= {100 * c.target:g}% test"], rows_out), "",
+    ]
+    lines += _findings(curves, c, summary)
+    return Report("\n".join(lines) + "\n", summary)
+
+
+def _findings(curves: dict, c: SeqMnistConfig, summary: dict) -> list[str]:
+    if set(curves) != {"lstm", "bnlstm"}:
+        return []
+    acc = {m: {r["step"]: r["test_accuracy"] for r in rows} for m, rows in curves.items()}
+    common = sorted(set(acc["lstm"]) & set(acc["bnlstm"]) - {0})
+    if not common:
+        return []
+    ahead = [s for s in common if acc["bnlstm"][s] > acc["lstm"][s]]
+    summary["bnlstm_ahead_at"] = f"{len(ahead)}/{len(common)}"
+    reach = {m: first_reaching(curves[m], c.target) for m in curves}
+    lines = [f"- BN-LSTM ahead of the LSTM (test accuracy) at {len(ahead)} of {len(common)} common "
+             f"evaluations (steps {common[0]:,} to {common[-1]:,})."]
+    words = {m: "not within the run" if reach[m] is None else f"at step {reach[m]:,}" for m in reach}
+    lines.append(f"- {100 * c.target:g}% test accuracy: BN-LSTM {words['bnlstm']}, LSTM {words['lstm']}.")
+    last = common[-1]
+    lines.append(f"- At step {last:,}: BN-LSTM {pct(acc['bnlstm'][last])}%, LSTM {pct(acc['lstm'][last])}%.")
+    return lines
+
+
+@experiment("seq-mnist", SeqMnistConfig, _report)
+def seq_mnist(run: Run) -> None:
+    """Sequential MNIST (row by row, or --mode=pixel): LSTM vs BN-LSTM (Cooijmans et al. 2016)."""
+    _train_all(run)
+
+
+@experiment("pmnist", PermutedMnistConfig, _report)
+def pmnist(run: Run) -> None:
+    """Permuted pixel-by-pixel MNIST (784 steps): LSTM vs BN-LSTM (Cooijmans et al. 2016)."""
+    _train_all(run)
