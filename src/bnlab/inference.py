@@ -104,7 +104,7 @@ class _Moments:
         m, mu, var = self.pending
         self.pending = None
         merged = _chan_merge((self.n, self.mean, self.m2), (m, mu, m * var))
-        new = (*merged, self.w + m * var, self.dof + m - 1)
+        new = (*merged, self.w + m * var, self.dof + (m - 1).clamp(min=0))  # m = 0: a step not reached
         old = (self.n, self.mean, self.m2, self.w, self.dof)
         self.n, self.mean, self.m2, self.w, self.dof = (
             torch.where(keep, a, b) for a, b in zip(new, old)
@@ -163,7 +163,10 @@ def population_statistics(
     """
     if variance not in ("batch", "population"):
         raise ValueError(f"variance must be 'batch' or 'population', got {variance!r}")
-    layers = _require_batch_norms(model, "population_statistics")
+    layers = batch_norm_layers(model)
+    cells = _RecurrentCells(model)
+    if not layers and not cells.cells:
+        raise ValueError("population_statistics: the model has no batch-norm layer (bnlab or torch.nn)")
     report = PopulationReport(variance=variance)
     tracked = {}
     for name, bn in layers.items():
@@ -180,12 +183,14 @@ def population_statistics(
              for name, bn in tracked.items()]
     skipped = None
     try:
+        cells.begin()
         for bn in tracked.values():
             bn.train()
         for bn in strict:  # non-finite batches are skipped and counted here, not raised
             bn.strict = False
         for batch in batches:
             calls.clear()
+            cells.start_batch()
             (forward or _call)(model, batch)
             report.batches += 1
             seen = [name for name in tracked if calls.get(name)]
@@ -196,13 +201,15 @@ def population_statistics(
                     "by several call sites): its statistics per site are ambiguous; give each site "
                     "its own module"
                 )
-            if not seen:
+            seen_moments = [moments[name] for name in seen] + cells.observed()
+            if not seen_moments:
                 continue
-            finite = _all_finite([moments[name] for name in seen])  # on the device, no sync
-            for name in seen:
-                moments[name].commit(finite.to(moments[name].n.device))
+            finite = _all_finite(seen_moments)  # on the device, no sync
+            for mom in seen_moments:
+                mom.commit(finite.to(mom.n.device))
             skipped = (~finite).long() if skipped is None else skipped + (~finite).long()
     finally:
+        cells.end()
         for h in hooks:
             h.remove()
         for module, mode in modes.items():
@@ -213,7 +220,8 @@ def population_statistics(
             for key, value in saved[name].items():
                 getattr(bn, key).copy_(value)
     report.skipped = int(skipped) if skipped is not None else 0
-    _all_processes(moments)
+    _all_processes({**moments, **cells.moments})
+    cells.write(report, variance)
     for name, bn in tracked.items():
         mom = moments[name]
         count = int(mom.n[0]) if mom.n.numel() else 0
@@ -224,6 +232,87 @@ def population_statistics(
         bn.running_var.copy_(mom.variance(variance).to(bn.running_var.dtype))
         report.values[name] = count
     return report
+
+
+class _StepMoments(_Moments):
+    """Per-step moments of one of a BNLSTMCell's normalized terms, as (max_length * F) channels, fed
+    the batch statistics the cell reports; steps a batch does not reach count 0 values."""
+
+    def __init__(self, steps: int, features: int, device) -> None:
+        super().__init__(steps * features, device)
+        self.shape = (steps, features)
+
+    def start(self) -> None:
+        z = torch.zeros(self.shape, dtype=torch.float64, device=self.n.device)
+        self.pending = (z, z.clone(), z.clone())
+        self.reached = False
+
+    def observe_statistics(self, t0: int, mean: Tensor, var: Tensor, count: int) -> None:
+        m, mu, v = self.pending
+        rows = slice(t0, t0 + mean.shape[0])
+        m[rows], mu[rows], v[rows] = count, mean.detach().double(), var.detach().double()
+        self.reached = True
+
+    def commit(self, keep: Tensor) -> None:
+        self.pending = tuple(p.reshape(-1) for p in self.pending)
+        super().commit(keep)
+
+
+class _RecurrentCells:
+    """Population statistics per time step for the model's :class:`bnlab.nn.BNLSTMCell` layers: each
+    cell reports its training batch statistics (``cell.observer``); they are merged per step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from .nn.bnlstm import BNLSTMCell
+
+        self.cells = {name: m for name, m in model.named_modules() if isinstance(m, BNLSTMCell)}
+        self.moments: dict[str, _StepMoments] = {}
+        for name, cell in self.cells.items():
+            device = cell.running_mean_x.device
+            for which in "xhc":
+                features = getattr(cell, f"running_mean_{which}").shape[1]
+                self.moments[f"{name}.{which}"] = _StepMoments(cell.max_length, features, device)
+        self.saved = {name: {k: v.clone() for k, v in cell.named_buffers()}
+                      for name, cell in self.cells.items()}
+
+    def begin(self) -> None:
+        for name, cell in self.cells.items():
+            cell.train()
+            cell.observer = (lambda which, t0, mean, var, count, name=name:
+                             self.moments[f"{name}.{which}"].observe_statistics(t0, mean, var, count))
+
+    def start_batch(self) -> None:
+        for mom in self.moments.values():
+            mom.start()
+
+    def observed(self) -> list[_StepMoments]:
+        return [mom for mom in self.moments.values() if mom.reached]
+
+    def end(self) -> None:
+        for name, cell in self.cells.items():
+            cell.observer = None
+            for key, value in self.saved[name].items():
+                getattr(cell, key).copy_(value)
+
+    def write(self, report: PopulationReport, variance: str) -> None:
+        """Each step's population mean and variance into its row of the running buffers; steps
+        that saw fewer than 2 values keep theirs (and are reported)."""
+        for key, mom in self.moments.items():
+            name, which = key.rsplit(".", 1)
+            cell = self.cells[name]
+            count = mom.n.view(mom.shape)[:, 0]
+            rows = count >= 2
+            if not bool(rows.any()):
+                report.untouched[key] = "saw fewer than 2 values at every step"
+                continue
+            for buffer, value in (("running_mean", mom.mean), ("running_var", mom.variance(variance))):
+                target = getattr(cell, f"{buffer}_{which}")
+                target[rows] = value.view(mom.shape)[rows].to(target.dtype)
+            report.values[key] = int(count[rows].min())
+            if not bool(rows.all()):
+                missed = (~rows).nonzero().flatten().tolist()
+                report.untouched[key] = (f"steps {missed[0]}..{missed[-1]} ({len(missed)} steps) saw fewer "
+                                         "than 2 values: their statistics are left as they were")
 
 
 def _all_finite(moments: list[_Moments]) -> Tensor:

@@ -439,3 +439,61 @@ def test_float32_and_exported_names():
     assert out.dtype == torch.float32 and h.shape == (2, 4, 4)
     out.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------
+# population statistics (bnlab.inference), per time step
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variance", ["batch", "population"])
+def test_population_statistics_per_step(variance):
+    """Every step's running statistics of every layer become Algorithm 2's averages over the
+    batches of the values that step normalized (valid rows only), as computed directly."""
+    from bnlab.inference import population_statistics
+
+    model, _ = make(T=6, N=4, L=2, max_length=8)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(6, 5, 3, generator=g, dtype=D), torch.tensor([6, 4, 6, 2, 5])),
+               (torch.randn(5, 4, 3, generator=g, dtype=D), None),
+               (torch.randn(6, 3, 3, generator=g, dtype=D), torch.tensor([3, 6, 6]))]
+    batches[1][0][:2] = batches[1][0][:2, :1]  # two steps equal in every sequence
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = population_statistics(model, [(x, None, ln) for x, ln in batches], variance=variance)
+    # the direct computation: each layer's pre-normalization values per step, batch by batch
+    values = {}  # (layer, which, t) -> [values of each batch]
+    with torch.no_grad():
+        for x, ln in batches:
+            lengths = torch.full((x.shape[1],), x.shape[0]) if ln is None else ln
+            h = x
+            for k, cell in enumerate(model.cells):
+                record = []
+                zeros = x.new_zeros(x.shape[1], 4)
+                h, _, _ = ref_layer(cell, h, lengths, zeros, zeros, record)
+                for t, per_term in enumerate(record):
+                    for which, v in zip("xhc", per_term):
+                        values.setdefault((k, which, t), []).append(v)
+    for (k, which, t), vs in values.items():
+        m = torch.tensor([float(len(v)) for v in vs], dtype=D)
+        means = torch.stack([v.mean(0) for v in vs])
+        expect_mean = (m[:, None] * means).sum(0) / m.sum()
+        if variance == "batch":
+            expect_var = sum(len(v) * v.var(0, unbiased=False) for v in vs) / (m - 1).sum()
+        else:
+            expect_var = torch.cat(vs).var(0)
+        cell = model.cells[k]
+        torch.testing.assert_close(getattr(cell, f"running_mean_{which}")[t], expect_mean,
+                                   atol=1e-12, rtol=1e-10, msg=f"layer {k} {which} step {t}")
+        torch.testing.assert_close(getattr(cell, f"running_var_{which}")[t], expect_var,
+                                   atol=1e-12, rtol=1e-10, msg=f"layer {k} {which} step {t}")
+    # steps 6, 7 (never reached) keep their statistics, and the report says so
+    state = model.state_dict()
+    for k in range(2):
+        for which in "xhc":
+            key = f"cells.{k}.running_mean_{which}"
+            assert torch.equal(state[key][6:], before[key][6:])
+            assert "steps 6..7" in report.untouched[f"cells.{k}.{which}"]
+        assert report.values[f"cells.{k}.x"] == 2 + 2  # the fewest: step 5, 2 sequences in batches 0 and 2
+        assert torch.equal(state[f"cells.{k}.num_batches_tracked"], before[f"cells.{k}.num_batches_tracked"])
+        assert model.cells[k].observer is None and model.training
+    assert report.batches == 3 and report.skipped == 0

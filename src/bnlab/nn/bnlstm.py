@@ -28,6 +28,13 @@ Design (see SPEC.md section 3):
   ops. The recurrence loops over time with nothing but plain torch ops: one ``mm``, the native
   ``torch.batch_norm`` (fused forward, backward and running-statistics update) for the recurrent and
   cell BNs, one ``sigmoid`` over all gates; no host synchronization inside the loop.
+- **Population statistics** (:func:`bnlab.inference.population_statistics`): the cell reports every
+  training batch statistic to ``observer`` (which term, first step, mean, biased variance, count),
+  and each step's row of the running buffers becomes Algorithm 2's average over the batches that
+  reached that step; rows no batch reached are left as they were.
+- **Batch-constant leading steps** (training): steps at which every sequence has the same input and
+  state (MNIST's blank first pixels) normalize to the shift exactly and pass no gradient through
+  the BNs (see :meth:`BNLSTMCell._constant_forward`), instead of overflowing float32.
 - **Variable lengths** (``lengths``, one per sequence, >= 1, or a prefix ``mask`` (T, N)): the batch
   is sorted by length (descending) so the valid rows of every step are a prefix; each step runs on
   its valid rows only, so batch statistics (and the running statistics) use those rows alone and
@@ -39,7 +46,7 @@ Design (see SPEC.md section 3):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -97,6 +104,9 @@ class BNLSTMCell(nn.Module):
             self.register_buffer(f"running_mean_{which}", torch.zeros(max_length, width, **f))
             self.register_buffer(f"running_var_{which}", torch.ones(max_length, width, **f))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        # observer(which, t0, mean, var, count) of every training batch statistic: which in "xhc",
+        # mean and biased var (S, F) for steps t0..t0+S-1 over count rows (bnlab.inference sets it)
+        self.observer: Optional[Callable[[str, int, Tensor, Tensor, int], None]] = None
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
@@ -161,6 +171,8 @@ class BNLSTMCell(nn.Module):
                 proj = torch.matmul(x, w_t)  # (S, k, 4H), centred
                 var = proj.square().mean(1)
             mean = mean_x.squeeze(1) @ w_t  # (S, 4H)
+            if self.observer is not None:
+                self.observer("x", t0, mean, var, k)
             with torch.no_grad():  # what torch.batch_norm does: EMA with the unbiased variance
                 self.running_mean_x[rows].lerp_(mean, self.momentum)
                 self.running_var_x[rows].lerp_(var * (k / (k - 1)), self.momentum)
@@ -180,13 +192,21 @@ class BNLSTMCell(nn.Module):
         """One step of the k valid rows: wx = BN_x + b (k, 4H), h and c (k, H) -> (h_t, c_t)."""
         r, H = min(t, self.max_length - 1), self.hidden_size
         uh = torch.mm(h, weight_hh_t)  # (k, 4H)
+        if self.observer is not None and self.training:
+            self._observe("h", t, uh)
         gates = torch.batch_norm(uh, self.weight_h, None, self.running_mean_h[r], self.running_var_h[r],
                                  self.training, self.momentum, self.eps, False) + wx
         i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # the g block's sigmoid is wasted but cheap
         c = torch.addcmul(f * c, i, torch.tanh(gates[:, 2 * H:3 * H]))
+        if self.observer is not None and self.training:
+            self._observe("c", t, c)
         bc = torch.batch_norm(c, self.weight_c, self.bias_c, self.running_mean_c[r], self.running_var_c[r],
                               self.training, self.momentum, self.eps, False)
         return o * torch.tanh(bc), c
+
+    def _observe(self, which: str, t: int, values: Tensor) -> None:
+        var, mean = torch.var_mean(values.detach(), 0, correction=0)
+        self.observer(which, t, mean.unsqueeze(0), var.unsqueeze(0), values.shape[0])
 
     @staticmethod
     def _constant_steps(x: Tensor, h: Tensor, c: Tensor) -> int:
@@ -225,6 +245,8 @@ class BNLSTMCell(nn.Module):
             for which, mean in means.items():  # torch.batch_norm's update, variance 0
                 getattr(self, f"running_mean_{which}")[rows].lerp_(mean, self.momentum)
                 getattr(self, f"running_var_{which}")[rows].mul_(1 - self.momentum)
+                if self.observer is not None:
+                    self.observer(which, 0, mean, torch.zeros_like(mean), N)
         return h_out.expand(S, N, H), (h_out.expand(N, H), c)
 
     def _check_state(self, state, N, ref: Tensor):
