@@ -25,6 +25,13 @@ median. ``passes`` is the minimal traffic in tensor sizes (fwd: read x for the s
 write y = 3; bwd: read x and dy for the sums, read them again, write dx = 5; full and bnrelu: 8;
 eval, copy and clone: 2); ``gbps`` = passes * bytes of x / median.
 
+Allocator (``--allocator``): glibc serves allocations above 32 MB with fresh mmaps, so every
+provider's output of a large shape pays first-touch page faults on every call (on the 2-core
+development machine ~7 copies' worth for a 51 MB tensor, more than torch's whole batch norm). ``reuse``
+(the default) re-runs the script with MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ raised so freed
+blocks are reused, as a long training loop would want; ``default`` keeps glibc's behaviour. Both apply
+to every provider alike; the ``allocator`` column records which was used.
+
 Times are torch.utils.benchmark medians with p20/p80 (benchmarks/common.py). Threads: torch runs
 ``--threads`` intra-op threads (default: every core, ``os.cpu_count()``); bnlab's CPU kernels follow
 torch's setting. Rows are appended after every shape, with a ``run`` stamp shared by the whole run.
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import traceback
 from datetime import datetime, timezone
 
@@ -56,6 +64,14 @@ PROVIDERS = ("bnlab", "bnlab-torch", "torch", "compile")
 PASSES = {"fwd": 3, "bwd": 5, "full": 8, "bnrelu": 8, "eval": 2, "copy": 2, "clone": 2}
 BN_NAME = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 MEMORY_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
+REUSE_ALLOCATIONS = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+
+
+def ensure_allocator(allocator: str) -> None:
+    """Re-execute this script under glibc settings that reuse freed large blocks (``reuse``)."""
+    wanted = REUSE_ALLOCATIONS if allocator == "reuse" else {}
+    if any(os.environ.get(k) != v for k, v in wanted.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
 
 
 def group_of(shape: tuple[int, ...]) -> str:
@@ -190,14 +206,16 @@ def run_layout(case: dict, x: torch.Tensor, modes, providers, min_run_time) -> l
               for mode, provider, stats, backend, status in timed)]
 
 
-def run_shape(shape, layouts, dtype, modes, providers, min_run_time, threads, run_stamp):
+def run_shape(shape, layouts, dtype, modes, providers, min_run_time, threads, run_stamp,
+              allocator):
     """Every layout of one shape (channels_last only for 4-D and 5-D inputs)."""
     rows = []
     for layout in layouts:
         if layout == "channels_last" and len(shape) not in MEMORY_FORMAT:
             continue
         case = {"run": run_stamp, "shape": shape_name(shape), "group": group_of(shape),
-                "layout": layout, "dtype": str(dtype).removeprefix("torch."), "threads": threads}
+                "layout": layout, "dtype": str(dtype).removeprefix("torch."), "threads": threads,
+                "allocator": allocator}
         rows += run_layout(case, make_input(shape, layout, dtype), modes, providers, min_run_time)
     return rows
 
@@ -266,8 +284,12 @@ def expand_shapes(text: str) -> list[tuple[int, ...]]:
               help="torch.set_num_threads; bnlab's CPU kernels follow it.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Directory for bn_speed.csv (default benchmarks/results).")
-def main(shapes, layouts, modes, providers, dtypes, min_run_time, threads, out) -> None:
+@click.option("--allocator", default="reuse", show_default=True,
+              type=click.Choice(["reuse", "default"]),
+              help="reuse: glibc keeps freed large blocks (no page faults per call); default: as is.")
+def main(shapes, layouts, modes, providers, dtypes, min_run_time, threads, out, allocator) -> None:
     """Sweep shapes x layouts x dtypes x modes x providers; append rows to bn_speed.csv."""
+    ensure_allocator(allocator)
     layouts = choose(layouts, LAYOUTS, "layouts")
     modes = choose(modes, MODES, "modes")
     providers = choose(providers, PROVIDERS, "providers")
@@ -279,7 +301,7 @@ def main(shapes, layouts, modes, providers, dtypes, min_run_time, threads, out) 
     for dtype in dtypes:
         for shape in expand_shapes(shapes):
             shape_rows = run_shape(shape, layouts, dtype, modes, providers, min_run_time, threads,
-                                   run_stamp)
+                                   run_stamp, allocator)
             path = append_rows("bn_speed.csv", shape_rows, out)
             rows += shape_rows
     print("\n".join(map(format_row, rows)))

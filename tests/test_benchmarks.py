@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
-SPEED_COLUMNS = {"timestamp", "machine", "run", "shape", "group", "layout", "dtype", "threads", "mode",
+SPEED_COLUMNS = {"timestamp", "machine", "run", "shape", "group", "layout", "dtype", "threads",
+                 "allocator", "mode",
                  "provider", "backend", "passes", "median_ms", "p20_ms", "p80_ms", "copy_ms",
                  "copy_equivalents", "gbps", "status"}
 MEMORY_COLUMNS = {"timestamp", "machine", "shape", "depth", "provider", "threads", "tensor_bytes",
@@ -46,6 +47,7 @@ def test_bn_speed_smoke_run_writes_rows_and_a_table(tmp_path):
         assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
         assert float(r["copy_equivalents"]) > 0 and float(r["gbps"]) > 0
         assert (r["shape"], r["threads"], r["dtype"]) == ("4x8x8x8", "1", "float32")
+        assert r["allocator"] == "reuse"  # the script re-ran itself with glibc's reuse settings
     assert "| 4x8x8x8 | contiguous | float32 |" in out
 
     run_script("plot_bn_speed.py", "--csv", str(tmp_path / "bn_speed.csv"), "--out", str(tmp_path))

@@ -65,21 +65,23 @@ def test_statistics_stay_accurate_far_from_zero(shape, fmt):
     assert np.abs(naive / exact - 1).max() > 1e-3  # the test can tell the difference
 
 
-def test_statistics_of_a_non_finite_batch_are_not_finite():
+@pytest.mark.parametrize("name", ["nchw", "nhwc"])
+def test_statistics_of_a_non_finite_batch_are_not_finite(name):
     for bad in (float("nan"), float("inf"), -float("inf")):
-        x = make("nchw")
+        x = make(name)
         x[1, 2, 3, 4] = bad
-        mean, var = cpu.statistics(x)
-        assert not (np.isfinite(mean[2]) and np.isfinite(var[2]))
-        assert np.isfinite(mean[[0, 1, 3, 4]]).all() and np.isfinite(var[[0, 1, 3, 4]]).all()
+        _, mean, var = cpu.batch_norm_forward(x, None, None, None, None, True, 1e-5)
+        assert not (torch.isfinite(mean[2]) and torch.isfinite(var[2]))
+        assert torch.isfinite(mean[[0, 1, 3, 4]]).all() and torch.isfinite(var[[0, 1, 3, 4]]).all()
 
 
 def test_few_channels_still_split_over_the_batch_and_space():
     x = torch.randn(2, 1, 96, 96, dtype=torch.float64)
     torch.set_num_threads(2)
     try:
-        assert cpu._blocks(cpu._rows(x)) > 1
-        assert cpu._blocks(cpu._rows(torch.randn(4096, 3))) > 1
+        assert cpu._Plan(x).blocks > 1
+        few_channels = cpu._Plan(torch.randn(4096, 3))
+        assert few_channels.blocks > 1 and few_channels.k > 1  # rows of 3 joined into long ones
     finally:
         torch.set_num_threads(1)
     mean, var = cpu.statistics(x)

@@ -7,7 +7,7 @@ import torch
 
 import bnlab
 from bnlab import kernels
-from bnlab.kernels import torch_ops
+from bnlab.kernels import native, torch_ops
 
 
 @pytest.fixture
@@ -45,9 +45,23 @@ def test_numba_backend_is_preferred_for_what_it_runs():
               torch.randn(2, 3, 4, dtype=torch.float64)):
         assert kernels.select_backend("batch_norm", x) is cpu
         assert kernels.select_backend("batch_norm_act", x) is cpu
-    # strided views, empty tensors and masked statistics go to the composite backend
-    for x in (torch.randn(3, 2).t(), torch.randn(4, 3, 6)[:, :, ::2], torch.randn(0, 3)):
-        assert kernels.select_backend("batch_norm", x) is torch_ops
+    # strided views and empty tensors: ATen's kernels; masked statistics: the composite backend
+    for x in (torch.randn(3, 2).t(), torch.randn(4, 3, 6)[:, :, ::2]):
+        assert kernels.select_backend("batch_norm", x) is native
+    assert kernels.select_backend("batch_norm", torch.randn(0, 3)) is torch_ops
+    assert kernels.select_backend("batch_norm_masked", torch.randn(4, 3, 6)) is torch_ops
+
+
+def test_many_channels_innermost_prefer_aten_unless_fused():
+    """Plain BN over (N, C) or channels_last with many channels runs ATen's kernels; with a fused
+    activation, or when asked by name, bnlab's CPU kernels still run it."""
+    from bnlab.kernels import cpu
+
+    for x in (torch.randn(8, 64), torch.randn(2, 64, 3, 3).to(memory_format=torch.channels_last)):
+        assert kernels.select_backend("batch_norm", x) is native
+        assert kernels.select_backend("batch_norm", x, "numba") is cpu
+        assert kernels.select_backend("batch_norm_act", x) is cpu
+    assert kernels.select_backend("batch_norm", torch.randn(8, 64, 3, 3)) is cpu  # NCHW
 
 
 def test_automatic_selection_prefers_priority_and_falls_back(float64_only_backend):
@@ -76,7 +90,7 @@ def test_environment_variable_selects(float64_only_backend, monkeypatch):
 
 
 def test_unknown_backend_names_the_known_ones(monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown bnlab backend 'nope'; expected one of \['numba', 'torch'\]"):
+    with pytest.raises(ValueError, match=r"unknown bnlab backend 'nope'; expected one of \['numba', 'native', 'torch'\]"):
         bnlab.batch_norm(torch.randn(4, 3), None, None, training=True, backend="nope")
     monkeypatch.setenv("BNLAB_BACKEND", "nope")
     with pytest.raises(ValueError, match="unknown bnlab backend 'nope'"):

@@ -6,9 +6,14 @@ for their contract): ``batch_norm_forward``/``_backward`` (ops ``batch_norm`` an
 activation and the in-place mode) and ``layer_norm_forward``/``_backward`` (op ``layer_norm``). It is
 registered with a ``supports(op, tensor)`` predicate and a priority.
 
-Registered here: ``torch`` (composite PyTorch ops, any device and dtype) and, where Numba is
-installed, ``numba`` (:mod:`bnlab.kernels.cpu`: CPU float32/float64, contiguous or channels_last),
-preferred automatically for what it supports.
+A backend may also give ``prefers(op, tensor)``: automatic selection takes the highest-priority
+backend that supports *and* prefers the input (a backend can run something it is not the fastest
+at, and still be asked for it by name).
+
+Registered here: ``torch`` (composite PyTorch ops, any device and dtype), ``native`` (PyTorch's own
+ATen batch-norm kernels, plain batch norm in float32/float64) and, where Numba is installed,
+``numba`` (:mod:`bnlab.kernels.cpu`: CPU float32/float64, contiguous or channels_last, fused
+activations), which defers to ``native`` where ATen is as fast (channels innermost, many channels).
 
 Selection, strongest first:
 
@@ -29,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from . import torch_ops
+from . import native, torch_ops
 
 __all__ = ["Backend", "register_backend", "available_backends", "select_backend"]
 
@@ -42,6 +47,7 @@ class Backend:
     module: ModuleType
     supports: Callable[[str, torch.Tensor], bool]
     priority: int
+    prefers: Callable[[str, torch.Tensor], bool] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -52,9 +58,11 @@ def register_backend(
     module: ModuleType,
     supports: Callable[[str, torch.Tensor], bool],
     priority: int = 0,
+    prefers: Callable[[str, torch.Tensor], bool] | None = None,
 ) -> None:
-    """Add (or replace) a backend. ``supports(op, x)`` says whether it can run ``op`` on ``x``."""
-    _BACKENDS[name] = Backend(name, module, supports, priority)
+    """Add (or replace) a backend. ``supports(op, x)`` says whether it can run ``op`` on ``x``;
+    ``prefers(op, x)`` (default: always) whether automatic selection should take it."""
+    _BACKENDS[name] = Backend(name, module, supports, priority, prefers)
 
 
 def available_backends() -> list[str]:
@@ -80,16 +88,17 @@ def select_backend(op: str, x: torch.Tensor, requested: str | None = None) -> Mo
             )
         return backend.module
     for backend in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
-        if backend.supports(op, x):
+        if backend.supports(op, x) and (backend.prefers is None or backend.prefers(op, x)):
             return backend.module
     raise RuntimeError(f"no bnlab backend can run {op} on a {x.dtype} tensor on {x.device}")
 
 
 register_backend("torch", torch_ops, supports=lambda op, x: True, priority=0)
+register_backend("native", native, supports=native.supports, priority=5)
 
 try:
     from . import cpu
 except ImportError:  # Numba missing or broken on this platform: the composite backend remains
     cpu = None
 else:
-    register_backend("numba", cpu, supports=cpu.supports, priority=10)
+    register_backend("numba", cpu, supports=cpu.supports, priority=10, prefers=cpu.prefers)

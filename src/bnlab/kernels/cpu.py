@@ -193,70 +193,95 @@ def _row_range(blk, r_, blocks):
     return blk * size, min(r_, (blk + 1) * size)
 
 
+# In RC loops every element also touches its channel's parameters and accumulators, so they run
+# in the input's precision (float32 SIMD is twice as wide): parameters are cast once per task, and
+# sums are kept per chunk of _CHUNK rows in the input's dtype, then added into float64 (the shift
+# keeps the chunk sums small, so float32 input loses nothing measurable).
+_CHUNK = 32
+
+
+@njit(inline="always", **_JIT)
+def _flush(chunk, total):
+    for c in range(chunk.shape[0]):
+        total[c] += chunk[c]
+        chunk[c] = 0.0
+
+
 @njit(parallel=True, **_JIT)
 def _rc_stats(x, shift, blocks, out_sum, out_sq):
     r_, c_ = x.shape
     for blk in prange(blocks):
-        s, q = out_sum[blk], out_sq[blk]
+        k = shift.astype(x.dtype)
+        s, q = np.zeros(c_, x.dtype), np.zeros(c_, x.dtype)
         lo, hi = _row_range(blk, r_, blocks)
-        for r in range(lo, hi):
-            row = x[r]
-            for c in range(c_):
-                d = row[c] - shift[c]
-                s[c] += d
-                q[c] += d * d
+        for first in range(lo, hi, _CHUNK):
+            for r in range(first, min(hi, first + _CHUNK)):
+                row = x[r]
+                for c in range(c_):
+                    d = row[c] - k[c]
+                    s[c] += d
+                    q[c] += d * d
+            _flush(s, out_sum[blk])
+            _flush(q, out_sq[blk])
 
 
 @njit(parallel=True, **_JIT)
 def _rc_apply(x, out, mean, a, b, elu, p, blocks):
     r_, c_ = x.shape
     for blk in prange(blocks):
+        m, at, bt = mean.astype(x.dtype), a.astype(x.dtype), b.astype(x.dtype)
         lo, hi = _row_range(blk, r_, blocks)
         for r in range(lo, hi):
             row, dst = x[r], out[r]
             if elu:
                 for c in range(c_):
-                    dst[c] = _elu_act((row[c] - mean[c]) * a[c] + b[c], p)
+                    dst[c] = _elu_act((row[c] - m[c]) * at[c] + bt[c], p)
             else:
                 for c in range(c_):
-                    dst[c] = _linear_act((row[c] - mean[c]) * a[c] + b[c], p)
+                    dst[c] = _linear_act((row[c] - m[c]) * at[c] + bt[c], p)
 
 
 @njit(parallel=True, **_JIT)
 def _rc_grad_sums(v, dy, mean, a, b, elu, p, from_output, blocks, out_dz, out_dzx):
     r_, c_ = v.shape
     for blk in prange(blocks):
-        s, q = out_dz[blk], out_dzx[blk]
+        m, at, bt = mean.astype(v.dtype), a.astype(v.dtype), b.astype(v.dtype)
+        s, q = np.zeros(c_, v.dtype), np.zeros(c_, v.dtype)
         lo, hi = _row_range(blk, r_, blocks)
-        for r in range(lo, hi):
-            row, g = v[r], dy[r]
-            if elu:
-                for c in range(c_):
-                    dz, xc = _elu_grad(row[c], g[c], mean[c], a[c], b[c], p, from_output)
-                    s[c] += dz
-                    q[c] += dz * xc
-            else:
-                for c in range(c_):
-                    dz, xc = _linear_grad(row[c], g[c], mean[c], a[c], b[c], p, from_output)
-                    s[c] += dz
-                    q[c] += dz * xc
+        for first in range(lo, hi, _CHUNK):
+            for r in range(first, min(hi, first + _CHUNK)):
+                row, g = v[r], dy[r]
+                if elu:
+                    for c in range(c_):
+                        dz, xc = _elu_grad(row[c], g[c], m[c], at[c], bt[c], p, from_output)
+                        s[c] += dz
+                        q[c] += dz * xc
+                else:
+                    for c in range(c_):
+                        dz, xc = _linear_grad(row[c], g[c], m[c], at[c], bt[c], p, from_output)
+                        s[c] += dz
+                        q[c] += dz * xc
+            _flush(s, out_dz[blk])
+            _flush(q, out_dzx[blk])
 
 
 @njit(parallel=True, **_JIT)
 def _rc_grad_input(v, dy, dx, mean, a, b, k1, k0, elu, p, from_output, blocks):
     r_, c_ = v.shape
     for blk in prange(blocks):
+        m, at, bt = mean.astype(v.dtype), a.astype(v.dtype), b.astype(v.dtype)
+        k1t, k0t = k1.astype(v.dtype), k0.astype(v.dtype)
         lo, hi = _row_range(blk, r_, blocks)
         for r in range(lo, hi):
             row, g, dst = v[r], dy[r], dx[r]
             if elu:
                 for c in range(c_):
-                    dz, xc = _elu_grad(row[c], g[c], mean[c], a[c], b[c], p, from_output)
-                    dst[c] = a[c] * dz + k1[c] * xc + k0[c]
+                    dz, xc = _elu_grad(row[c], g[c], m[c], at[c], bt[c], p, from_output)
+                    dst[c] = at[c] * dz + k1t[c] * xc + k0t[c]
             else:
                 for c in range(c_):
-                    dz, xc = _linear_grad(row[c], g[c], mean[c], a[c], b[c], p, from_output)
-                    dst[c] = a[c] * dz + k1[c] * xc + k0[c]
+                    dz, xc = _linear_grad(row[c], g[c], m[c], at[c], bt[c], p, from_output)
+                    dst[c] = at[c] * dz + k1t[c] * xc + k0t[c]
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +309,14 @@ def supports(op: str, x: Tensor) -> bool:
     )
 
 
+def prefers(op: str, x: Tensor) -> bool:
+    """Everything it supports, except plain batch norm with channels innermost and many of them
+    ((N, C), channels_last): there ATen's per-channel vector loops are as fast or faster (measured
+    by benchmarks/bn_speed.py), so automatic selection leaves it to the ``native`` backend."""
+    channels_innermost = _spatial(x) == 1 or (is_channels_last(x) and not x.is_contiguous())
+    return not (op == "batch_norm" and channels_innermost and x.shape[1] >= _NATIVE_FROM_CHANNELS)
+
+
 def _rows(x: Tensor) -> np.ndarray:
     """The NCS (N, C, S) or RC (R, C) NumPy view of x (no copy)."""
     x, c = x.detach(), x.shape[1]
@@ -292,7 +325,7 @@ def _rows(x: Tensor) -> np.ndarray:
     if x.is_contiguous():
         return x.view(x.shape[0], c, -1).numpy()
     order = (0, *range(2, x.dim()), 1)  # channels last in memory: this permute is contiguous
-    return x.detach().permute(order).reshape(-1, c).numpy()
+    return x.permute(order).reshape(-1, c).numpy()
 
 
 def _spatial(x: Tensor) -> int:
@@ -321,34 +354,60 @@ def _threads() -> int:
     return n
 
 
-def _blocks(view: np.ndarray) -> int:
-    """How many pieces each NCS row (or the RC row range) is cut into."""
-    target = _threads() * _TASKS_PER_THREAD
-    if view.ndim == 3:
-        rows, length = view.shape[0] * view.shape[1], view.shape[2]
-        return max(1, min(-(-target // rows), length // 1024 or 1))
-    return max(1, min(target, view.shape[0] // 64 or 1))
+_RC_ROW = 256  # RC rows shorter than this are joined k at a time: long inner loops vectorize
+_NATIVE_FROM_CHANNELS = 32  # see prefers()
 
 
-def _channel_sums(kernel, view, blocks, *args) -> tuple[np.ndarray, np.ndarray]:
-    """Run a partial-sum kernel and add its per-task results per channel (float64)."""
-    c = view.shape[1]
-    if view.ndim == 3:
-        first = np.empty(view.shape[0] * c * blocks)
-        second = np.empty_like(first)
-        kernel(view, *args, blocks, first, second)
-        return (first.reshape(view.shape[0], c, blocks).sum(axis=(0, 2)),
-                second.reshape(view.shape[0], c, blocks).sum(axis=(0, 2)))
-    first = np.zeros((blocks, c))
-    second = np.zeros((blocks, c))
-    kernel(view, *args, blocks, first, second)
-    return first.sum(axis=0), second.sum(axis=0)
+class _Plan:
+    """How the kernels walk one tensor: its NCS or RC view, and for RC how many rows of C are
+    joined into one row of k * C (per-channel vectors are then tiled k times and partial sums
+    folded back), so that 3 channels still run in long vectorized loops."""
 
+    def __init__(self, x: Tensor):
+        rows = _rows(x)
+        self.channels, self.k = x.shape[1], 1
+        if rows.ndim == 2:
+            r, c = rows.shape
+            self.k = max(1, _RC_ROW // c)
+            while r % self.k:
+                self.k -= 1
+            rows = rows.reshape(r // self.k, self.k * c)
+        self.view = rows
+        self.kernels = ((_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
+                        if rows.ndim == 3 else (_rc_stats, _rc_apply, _rc_grad_sums, _rc_grad_input))
+        self.blocks = self._blocks(_threads() * _TASKS_PER_THREAD)
 
-def _kernels(view: np.ndarray):
-    if view.ndim == 3:
-        return _ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input
-    return _rc_stats, _rc_apply, _rc_grad_sums, _rc_grad_input
+    def _blocks(self, target: int) -> int:
+        """How many pieces each NCS row (or the RC row range) is cut into."""
+        if self.view.ndim == 3:
+            rows, length = self.view.shape[0] * self.view.shape[1], self.view.shape[2]
+            return max(1, min(-(-target // rows), length // 1024 or 1))
+        return max(1, min(target, self.view.shape[0] // 8))
+
+    def of(self, t: Tensor) -> np.ndarray:
+        """The same view of another tensor laid out like this one (y, dy, dx)."""
+        return _rows(t).reshape(self.view.shape)
+
+    def scalar(self, value: float):
+        """A scalar in the dtype the loops compute in (RC: the input's; NCS: float64)."""
+        return self.view.dtype.type(value) if self.view.ndim == 2 else float(value)
+
+    def tile(self, *vectors: np.ndarray) -> list[np.ndarray]:
+        return [np.tile(v, self.k) if self.view.ndim == 2 else v for v in vectors]
+
+    def sums(self, kernel, *args) -> tuple[np.ndarray, np.ndarray]:
+        """Run a partial-sum kernel; its per-task float64 results added per channel."""
+        view, c = self.view, self.channels
+        if view.ndim == 3:
+            first = np.empty(view.shape[0] * c * self.blocks)
+            second = np.empty_like(first)
+            kernel(view, *args, self.blocks, first, second)
+            return (first.reshape(-1, c, self.blocks).sum(axis=(0, 2)),
+                    second.reshape(-1, c, self.blocks).sum(axis=(0, 2)))
+        first = np.zeros((self.blocks, view.shape[1]))
+        second = np.zeros_like(first)
+        kernel(view, *args, self.blocks, first, second)
+        return first.reshape(-1, c).sum(axis=0), second.reshape(-1, c).sum(axis=0)
 
 
 def _vector(t: Tensor | None, c: int, fill: float) -> np.ndarray:
@@ -362,13 +421,12 @@ def _vector(t: Tensor | None, c: int, fill: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def statistics(x: Tensor) -> tuple[np.ndarray, np.ndarray]:
+def statistics(x: Tensor, plan: _Plan | None = None) -> tuple[np.ndarray, np.ndarray]:
     """float64 per-channel mean and biased variance of x over every dim but 1."""
-    view = _rows(x)
-    first = view[0] if view.ndim == 2 else view[0, :, 0]
-    shift = np.asarray(first, dtype=np.float64)
-    blocks = _blocks(view)
-    s, q = _channel_sums(_kernels(view)[0], view, blocks, shift)
+    plan = plan or _Plan(x)
+    rows = _rows(x)
+    shift = np.asarray(rows[0] if rows.ndim == 2 else rows[0, :, 0], dtype=np.float64)
+    s, q = plan.sums(plan.kernels[0], *plan.tile(shift))
     m = x.numel() // x.shape[1]
     with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN batches stay non-finite
         mean = shift + s / m
@@ -393,16 +451,17 @@ def batch_norm_act_forward(
     Returns (y, mean, var) as :func:`bnlab.kernels.torch_ops.batch_norm_forward` does.
     """
     c = x.shape[1]
+    plan = _Plan(x)
     if training:
-        mean, var = statistics(x)
+        mean, var = statistics(x, plan)
     else:
         mean, var = _vector(running_mean, c, 0.0), _vector(running_var, c, 1.0)
     a = _vector(weight, c, 1.0) / np.sqrt(var + eps)
     b = _vector(bias, c, 0.0)
     y = torch.empty_like(x) if out is None else out
-    view = _rows(x)
-    _kernels(view)[1](view, _rows(y), mean, a, b, *activation_code(activation, param),
-                      _blocks(view))
+    elu, p = activation_code(activation, param)
+    plan.kernels[1](plan.view, plan.of(y), *plan.tile(mean, a, b), elu, plan.scalar(p),
+                    plan.blocks)
     if training:
         return y, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(var).to(x.dtype)
     empty = x.new_empty((0,))
@@ -436,19 +495,21 @@ def batch_norm_act_backward(
     invstd = 1.0 / np.sqrt(var64 + eps)
     a = _vector(weight, c, 1.0) * invstd
     b = _vector(bias, c, 0.0)
-    view, dy = _rows(saved), _rows(_like(grad_out, saved))
-    blocks = _blocks(view)
+    plan = _Plan(saved)
+    dy = plan.of(_like(grad_out, saved))
     elu, p = activation_code(activation, param)
-    _, _, grad_sums, grad_input = _kernels(view)
-    sum_dz, sum_dz_xc = _channel_sums(grad_sums, view, blocks, dy, mean64, a, b, elu, p,
-                                      bool(from_output))
+    _, _, grad_sums, grad_input = plan.kernels
+    p = plan.scalar(p)
+    sum_dz, sum_dz_xc = plan.sums(grad_sums, dy, *plan.tile(mean64, a, b), elu, p,
+                                  bool(from_output))
     dx = dweight = dbias = None
     if output_mask[0]:
         m = saved.numel() // c
         k1 = -a * invstd * invstd * sum_dz_xc / m if training else np.zeros(c)
         k0 = -a * sum_dz / m if training else np.zeros(c)
         dx = torch.empty_like(saved)
-        grad_input(view, dy, _rows(dx), mean64, a, b, k1, k0, elu, p, bool(from_output), blocks)
+        grad_input(plan.view, dy, plan.of(dx), *plan.tile(mean64, a, b, k1, k0), elu, p,
+                   bool(from_output), plan.blocks)
     acc = saved.dtype
     if weight is not None and output_mask[1]:
         dweight = torch.from_numpy(sum_dz_xc * invstd).to(acc)
