@@ -161,6 +161,25 @@ def test_batch_constant_prefix(lengths):
     assert model.cells[0].weight_hh.grad.abs().sum() > 0
 
 
+def test_eval_features_of_variance_zero_give_the_shift():
+    """A feature constant in every training batch (running variance exactly 0) normalizes to 0 in
+    eval as it did in training, whatever its running mean: eval reproduces training there."""
+    model, x = make(T=5, N=4, L=1, momentum=1.0)
+    x = x.clone()
+    x[:2] = 0.0  # two blank steps
+    train_out, _ = model(x)
+    cell = model.cells[0]
+    for which in "xhc":
+        assert (getattr(cell, f"running_var_{which}")[:2] == 0).all()
+    model.eval()
+    with torch.no_grad():
+        for which in "xhc":  # a lagging running mean would otherwise be amplified by gamma / sqrt(eps)
+            getattr(cell, f"running_mean_{which}")[:2] += 0.01
+    eval_out, _ = model(x)
+    assert torch.equal(eval_out[:2], train_out[:2])
+    assert not torch.allclose(eval_out[2:], train_out[2:])  # elsewhere: running, not batch, statistics
+
+
 def test_gradcheck_tiny():
     torch.manual_seed(0)
     model = randomize(BNLSTM(2, 2, 1, max_length=3, dtype=D))

@@ -181,7 +181,7 @@ class BNLSTMCell(nn.Module):
             mean, var = self.running_mean_x[rows], self.running_var_x[rows]
             if not via_cov:
                 proj = torch.matmul(x, w_t)
-        scale = self.weight_x * torch.rsqrt(var + self.eps)  # (S, 4H)
+        scale = _scale(self.weight_x, var, self.eps, constant_is_zero=not self.training)  # (S, 4H)
         shift = self.bias if mean is None else self.bias - mean * scale  # (4H,) or (S, 4H)
         shift = shift.expand(S, -1).unsqueeze(1)  # (S, 1, 4H)
         if via_cov:
@@ -194,15 +194,21 @@ class BNLSTMCell(nn.Module):
         uh = torch.mm(h, weight_hh_t)  # (k, 4H)
         if self.observer is not None and self.training:
             self._observe("h", t, uh)
-        gates = torch.batch_norm(uh, self.weight_h, None, self.running_mean_h[r], self.running_var_h[r],
-                                 self.training, self.momentum, self.eps, False) + wx
+        gates = self._bn(uh, "h", r, self.weight_h, None) + wx
         i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # the g block's sigmoid is wasted but cheap
         c = torch.addcmul(f * c, i, torch.tanh(gates[:, 2 * H:3 * H]))
         if self.observer is not None and self.training:
             self._observe("c", t, c)
-        bc = torch.batch_norm(c, self.weight_c, self.bias_c, self.running_mean_c[r], self.running_var_c[r],
-                              self.training, self.momentum, self.eps, False)
-        return o * torch.tanh(bc), c
+        return o * torch.tanh(self._bn(c, "c", r, self.weight_c, self.bias_c)), c
+
+    def _bn(self, x: Tensor, which: str, r: int, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """Step r's BN of x (k, F): torch.batch_norm in training (batch statistics, fused running
+        update); in eval, the running statistics, features of variance 0 giving the shift."""
+        mean, var = getattr(self, f"running_mean_{which}")[r], getattr(self, f"running_var_{which}")[r]
+        if self.training:
+            return torch.batch_norm(x, weight, bias, mean, var, True, self.momentum, self.eps, False)
+        scale = _scale(weight, var, self.eps, constant_is_zero=True)
+        return torch.addcmul(-mean * scale if bias is None else bias - mean * scale, x, scale)
 
     def _observe(self, which: str, t: int, values: Tensor) -> None:
         var, mean = torch.var_mean(values.detach(), 0, correction=0)
@@ -342,6 +348,16 @@ class BNLSTMCell(nn.Module):
             inv = torch.argsort(idx)
             out, h, c = out[:, inv], h[inv], c[inv]
         return out, (h, c)
+
+
+def _scale(weight: Tensor, var: Tensor, eps: float, constant_is_zero: bool) -> Tensor:
+    """gamma / sqrt(var + eps); with ``constant_is_zero`` (eval), 0 where the running variance is
+    exactly 0: a feature that was constant in every training batch normalized to 0 there (its BN
+    gave the shift), and so it does in eval, instead of (x - running_mean) * gamma / sqrt(eps)
+    turning rounding differences and the running mean's lag into large values that compound
+    from step to step."""
+    scale = weight * torch.rsqrt(var + eps)
+    return torch.where(var > 0, scale, 0.0) if constant_is_zero else scale
 
 
 def _require_two(k: int, where: str) -> None:
