@@ -27,11 +27,14 @@ def test_seq_mnist_row_by_row(tmp_path):
         mine = [r for r in rows if r["model"] == model]
         assert [r["step"] for r in mine] == [0, 50, 100, 150]
         assert all(0 <= r["valid_accuracy"] <= 1 for r in mine)
+        # the BN-LSTM: population statistics for the curve, the running averages beside it
+        assert all(("test_accuracy_running" in r) == (model == "bnlstm") for r in mine)
     s = report.summary
     assert s["bnlstm"]["final_test_accuracy"] > 0.5  # 8 steps of 8 pixels: learnable in 150 steps
     assert s["bnlstm"]["final_test_accuracy"] == rows[-1]["test_accuracy"]
     text = (directory / "report.md").read_text()
     assert "row-by-row digits" in text and "![accuracy](accuracy.png)" in text
+    assert "Algorithm 2's population statistics, per time step, over 50 training batches" in text
     assert "BN-LSTM ahead of the LSTM (test accuracy) at" in text and (directory / "accuracy.png").exists()
 
 
@@ -42,6 +45,16 @@ def test_pmnist_pixel_by_pixel(tmp_path):
     assert config["mode"] == "pixel" and config["permute"] is True
     assert {(r["model"], r["step"]) for r in rows} == {(m, s) for m in ("lstm", "bnlstm") for s in (0, 3, 6)}
     assert "permuted pixel-by-pixel digits" in (directory / "report.md").read_text()
+
+
+def test_population_statistics_restore_the_running_averages(tmp_path):
+    """Evaluating with population statistics leaves training's running averages as they were:
+    the BN-LSTM's rows are the same whether or not the evaluations in between used them."""
+    args = ["--steps=40", "--eval_every=20", "--hidden=8", "--models=bnlstm"]
+    _, _, with_pop = _run("seq-mnist", args, tmp_path / "a")
+    _, _, without = _run("seq-mnist", args + ["--population_batches=0"], tmp_path / "b")
+    assert [r["train_loss"] for r in with_pop] == [r["train_loss"] for r in without]
+    assert [r["test_accuracy_running"] for r in with_pop] == [r["test_accuracy"] for r in without]
 
 
 def test_bad_configs_fail_before_training(tmp_path):
