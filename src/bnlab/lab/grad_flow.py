@@ -44,12 +44,13 @@ class GradFlowConfig:
     gammas: tuple[float, ...] = (0.1, 1.0)  # initial gammas to compare
     nets: tuple[str, ...] = ("rnn", "bnlstm")  # rnn: BN tanh RNN (the paper's figure); bnlstm: BN-LSTM (and the LSTM)
     hidden: int = 100  # recurrent units
+    eps: float = 1e-5  # BN epsilon, both nets
     batch_size: int = 100  # examples per mini-batch
     batches: int = 4  # the norms are averaged over this many mini-batches
     seed: int = 0  # initialization and the mini-batches
 
     def resolve(self) -> "GradFlowConfig":
-        check_positive(self, "hidden", "batch_size", "batches")
+        check_positive(self, "hidden", "batch_size", "batches", "eps")
         if not self.gammas or min(self.gammas) <= 0:
             raise ValueError(f"gammas must be positive values, got {self.gammas}")
         if not self.nets or set(self.nets) - {"rnn", "bnlstm"}:
@@ -132,9 +133,10 @@ def grad_flow(run: Run) -> None:
             continue
         with seeded(c.seed):
             if kind == "rnn":
-                rnn = BNTanhRNN(1 if c.mode == "pixel" else side, c.hidden, gamma)
+                rnn = BNTanhRNN(1 if c.mode == "pixel" else side, c.hidden, gamma, c.eps)
             else:
-                config = SeqMnistConfig(**{**seq_config.__dict__, "gamma_init": 0.1 if kind == "lstm" else gamma})
+                config = SeqMnistConfig(**{**seq_config.__dict__, "bn_eps": c.eps,
+                                           "gamma_init": 0.1 if kind == "lstm" else gamma})
                 rnn = build(kind, train, config).rnn
             head = nn.Linear(c.hidden, train.num_classes)
         norms = []
@@ -188,7 +190,7 @@ def _report(view: RunView) -> Report:
         f"# Gradient flow at initialization by gamma ({name})", "",
         f"The norm of dloss/dh_t (mean cross-entropy of a mini-batch of {c.batch_size} through a softmax "
         f"layer on h_T, Frobenius norm over the batch) for every step t, averaged over {c.batches} "
-        f"mini-batches, at initialization (seed {c.seed}; {c.hidden} units; orthogonal input and identity "
+        f"mini-batches, at initialization (seed {c.seed}; {c.hidden} units; BN epsilon {c.eps:g}; orthogonal input and identity "
         "recurrent weights, zero biases; batch statistics as in a training step). The loss reads h_T "
         "only: the gradient at early steps is what survives the trip back through the recurrence. Each "
         "mini-batch starts at its first step where the sequences differ (before it, every image of the "
@@ -217,9 +219,10 @@ def _findings(summary: dict, c: GradFlowConfig, first: int, T: int) -> list[str]
         if a is None or b is None or lo == hi:
             continue
         ra, rb = a["first_over_last"], b["first_over_last"]
-        summary[f"{net}_small_over_large_gamma"] = ra / rb if rb > 0 else math.inf
-        if rb == 0:
-            verdict = f"vanishes completely (below float32's smallest value) with gamma {hi:g}"
+        summary[f"{net}_small_over_large_gamma"] = ra / rb if rb > 0 else math.inf if ra > 0 else math.nan
+        if ra == 0 or rb == 0:
+            which = " and ".join(f"gamma {g:g}" for g, r in ((lo, ra), (hi, rb)) if r == 0)
+            verdict = f"vanishes completely (below float32's smallest value) with {which}"
         elif rb < ra:
             verdict = f"vanishes {ra / rb:.1e} times more with gamma {hi:g}"
         else:
