@@ -333,19 +333,19 @@ def batch_norm_act(
 
 @torch.no_grad()
 def _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, m, momentum):
-    """EMA (or cumulative average) of the batch statistics, skipped whole for a non-finite batch."""
-    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()  # stays on the device
+    """EMA (or cumulative average) of the batch statistics, skipped whole for a non-finite batch.
+
+    running <- running + w * (batch - running), w = momentum (or 1 / num_batches_tracked), and w = 0
+    for a non-finite batch, whose statistics are zeroed first so they cannot leak in. Decided on
+    the device: no host synchronisation.
+    """
+    finite = torch.isfinite(mean + var).all()  # inf + NaN, NaN + x: any non-finite shows
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
-    if momentum is None:
-        factor = 1.0 / num_batches_tracked.clamp(min=1).to(mean.dtype)
-    else:
-        factor = momentum
-    unbiased_var = var * (m / (m - 1))
-    new_mean = (1 - factor) * running_mean.to(mean.dtype) + factor * mean
-    new_var = (1 - factor) * running_var.to(var.dtype) + factor * unbiased_var
-    running_mean.copy_(torch.where(finite, new_mean, running_mean.to(mean.dtype)))
-    running_var.copy_(torch.where(finite, new_var, running_var.to(var.dtype)))
+        num_batches_tracked.add_(finite)
+    for running, batch in ((running_mean, mean), (running_var, var * (m / (m - 1)))):
+        weight = finite.to(running.dtype)  # in the buffer's precision: momentum 0.1 is not a float32
+        weight = weight * momentum if momentum is not None else weight / num_batches_tracked.clamp(min=1)
+        running.lerp_(batch.nan_to_num(0.0, 0.0, 0.0).to(running.dtype), weight)
 
 
 def _raise_if_not_finite(mean: Tensor, var: Tensor) -> None:

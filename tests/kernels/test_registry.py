@@ -41,10 +41,14 @@ def test_torch_backend_is_always_there():
 def test_numba_backend_is_preferred_for_what_it_runs():
     from bnlab.kernels import cpu
 
-    for x in (torch.randn(2, 3), torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
-              torch.randn(2, 3, 4, dtype=torch.float64)):
+    for x in (torch.randn(2 ** 16, 3), torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last),
+              torch.randn(64, 8, 256, dtype=torch.float64)):
         assert kernels.select_backend("batch_norm", x) is cpu
         assert kernels.select_backend("batch_norm_act", x) is cpu
+    tiny = torch.randn(2, 3, 4)  # the per-call cost decides: ATen's kernels, unless fused or named
+    assert kernels.select_backend("batch_norm", tiny) is native
+    assert kernels.select_backend("batch_norm_act", tiny) is cpu
+    assert kernels.select_backend("batch_norm", tiny, "numba") is cpu
     # strided views and empty tensors: ATen's kernels; masked statistics: the composite backend
     for x in (torch.randn(3, 2).t(), torch.randn(4, 3, 6)[:, :, ::2]):
         assert kernels.select_backend("batch_norm", x) is native
@@ -57,11 +61,11 @@ def test_many_channels_innermost_prefer_aten_unless_fused():
     activation, or when asked by name, bnlab's CPU kernels still run it."""
     from bnlab.kernels import cpu
 
-    for x in (torch.randn(8, 64), torch.randn(2, 64, 3, 3).to(memory_format=torch.channels_last)):
+    for x in (torch.randn(4096, 64), torch.randn(32, 64, 8, 8).to(memory_format=torch.channels_last)):
         assert kernels.select_backend("batch_norm", x) is native
         assert kernels.select_backend("batch_norm", x, "numba") is cpu
         assert kernels.select_backend("batch_norm_act", x) is cpu
-    assert kernels.select_backend("batch_norm", torch.randn(8, 64, 3, 3)) is cpu  # NCHW
+    assert kernels.select_backend("batch_norm", torch.randn(32, 64, 8, 8)) is cpu  # NCHW
 
 
 def test_automatic_selection_prefers_priority_and_falls_back(float64_only_backend):

@@ -310,11 +310,15 @@ def supports(op: str, x: Tensor) -> bool:
 
 
 def prefers(op: str, x: Tensor) -> bool:
-    """Everything it supports, except plain batch norm with channels innermost and many of them
-    ((N, C), channels_last): there ATen's per-channel vector loops are as fast or faster (measured
-    by benchmarks/bn_speed.py), so automatic selection leaves it to the ``native`` backend."""
+    """Everything it supports, except two cases of plain batch norm that automatic selection leaves
+    to the ``native`` backend (measured by benchmarks/bn_speed.py): channels innermost and many of
+    them ((N, C), channels_last), where ATen's per-channel vector loops are as fast; and tensors so
+    small that the per-call cost (Numba dispatch, NumPy views) outweighs the kernel."""
+    if op != "batch_norm":
+        return True
     channels_innermost = _spatial(x) == 1 or (is_channels_last(x) and not x.is_contiguous())
-    return not (op == "batch_norm" and channels_innermost and x.shape[1] >= _NATIVE_FROM_CHANNELS)
+    many_channels = x.shape[1] >= _NATIVE_FROM_CHANNELS
+    return x.numel() >= _NUMBA_FROM_NUMEL and not (channels_innermost and many_channels)
 
 
 def _rows(x: Tensor) -> np.ndarray:
@@ -356,6 +360,7 @@ def _threads() -> int:
 
 _RC_ROW = 256  # RC rows shorter than this are joined k at a time: long inner loops vectorize
 _NATIVE_FROM_CHANNELS = 32  # see prefers()
+_NUMBA_FROM_NUMEL = 1 << 16
 
 
 class _Plan:
