@@ -28,6 +28,7 @@ from ..data import Split, permute_pixels, sequential
 from ..inference import population_statistics
 from ..nn import BNLSTM
 from .common import Dataset, check_positive, classifier_job, evaluate, load_data, pct, pyplot, save, table
+from .fig1 import _lr, _schedule
 from .runner import Report, Run, RunView, experiment
 
 MODELS = ("lstm", "bnlstm")
@@ -47,6 +48,8 @@ class SeqMnistConfig:
     steps: Optional[int] = None  # RMSProp steps per model; None: 12,000 (mnist row, 20 epochs), 1,000 (mnist pixel), 1,500 (digits)
     batch_size: int = 100  # the paper's mini-batch
     lr: float = 1e-3  # RMSProp learning rate (the paper: 1e-3)
+    lr_drop_at: Optional[float] = None  # after this fraction of the steps the rate is multiplied by lr_drop (None: constant, the paper)
+    lr_drop: float = 0.1  # the factor of that one final drop
     clip: float = 1.0  # gradient norm clipping (the paper: 1)
     gamma_init: float = 0.1  # BN-LSTM: every gamma's initial value (the paper: 0.1)
     bn_eps: float = 1e-2  # BN-LSTM: epsilon of every BN (smaller ones let MNIST's nearly blank rows derail test-time statistics: see the report)
@@ -71,6 +74,8 @@ class SeqMnistConfig:
             raise ValueError(f"models must be some of {MODELS}, got {c.models}")
         if c.permute and c.mode != "pixel":
             raise ValueError("permute needs mode=pixel (a permutation of the pixels, one per step)")
+        if c.lr_drop_at is not None and not (0 < c.lr_drop_at <= 1 and c.lr_drop > 0):
+            raise ValueError(f"lr_drop_at must be in (0, 1] and lr_drop > 0, got {c.lr_drop_at}, {c.lr_drop}")
         if c.population_batches < 0:
             raise ValueError(f"population_batches must be >= 0, got {c.population_batches}")
         if c.eval_examples is not None and c.eval_examples < 1:
@@ -204,7 +209,7 @@ def _train_all(run: Run) -> None:
             x=train.train_x, y=train.train_y, test_x=train.test_x, test_y=train.test_y,
             steps=config.steps, batch_size=config.batch_size, seed=config.seed,
             eval_every=config.eval_every, eval_at_start=True, tags={"model": kind},
-            extra_eval=metrics,
+            extra_eval=metrics, lr_at=lambda i: _lr(config, i),
         )
 
 
@@ -252,7 +257,7 @@ def _report(view: RunView) -> Report:
                     100.5)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-    fig.suptitle(f"{name}: LSTM vs BN-LSTM ({c.hidden} units, RMSProp {c.lr:g}, batch {c.batch_size})")
+    fig.suptitle(f"{name}: LSTM vs BN-LSTM ({c.hidden} units, RMSProp {_schedule(c)}, batch {c.batch_size})")
     save(fig, view.plot_path("accuracy.png"))
 
     summary: dict = {"task": name, "steps": c.steps}
@@ -275,7 +280,7 @@ def _report(view: RunView) -> Report:
         f"One recurrent layer of {c.hidden} units, the last hidden state into a softmax layer; "
         f"{'one row' if c.mode == 'row' else 'one pixel'} per step"
         f"{' in a fixed random order (seed ' + str(c.permutation_seed) + ')' if c.permute else ''}. "
-        f"RMSProp lr {c.lr:g}, gradient norm clipped at {c.clip:g}, batches of {c.batch_size}, "
+        f"RMSProp {_schedule(c)}, gradient norm clipped at {c.clip:g}, batches of {c.batch_size}, "
         f"{c.steps:,} steps per net, seed {c.seed}; orthogonal input-to-hidden and identity "
         f"hidden-to-hidden weights for both nets; BN-LSTM gammas start at {c.gamma_init:g}. The last "
         f"{c.valid_size:,} training images are the validation set; accuracies on the {test_set} "
