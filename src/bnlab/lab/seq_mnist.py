@@ -32,6 +32,7 @@ from .fig1 import _lr, _schedule
 from .runner import Report, Run, RunView, experiment
 
 MODELS = ("lstm", "bnlstm")
+LONG_PIXEL_STEPS = 50_000  # our choice for a paper-length pixel-by-pixel run (about 90 epochs), not the paper's number
 LABELS = {"lstm": "LSTM", "bnlstm": "BN-LSTM"}
 Mode = Literal["row", "pixel"]
 
@@ -302,6 +303,13 @@ def _report(view: RunView) -> Report:
             "the error compounds along the sequence.", "",
         ]
     lines += _findings(curves, c, summary)
+    if c.dataset == "mnist" and c.mode == "pixel" and c.steps < LONG_PIXEL_STEPS:
+        name_ = "pmnist" if c.permute else "seq-mnist --mode=pixel"
+        lines += ["", f"This is a budget run ({c.steps:,} steps per net). A run of the paper's length "
+                  f"(tens of thousands of steps; {LONG_PIXEL_STEPS:,} steps is about "
+                  f"{LONG_PIXEL_STEPS * c.batch_size // (60_000 - c.valid_size)} epochs):", "",
+                  f"    bnlab run {name_} --dataset=mnist --data_dir=MNIST_DIR --steps={LONG_PIXEL_STEPS} "
+                  "--eval_every=1000 --threads=1"]
     return Report("\n".join(lines) + "\n", summary)
 
 
