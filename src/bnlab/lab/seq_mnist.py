@@ -296,8 +296,8 @@ def _report(view: RunView) -> Report:
             f"{c.population_batches} training batches drawn afresh before every evaluation "
             "(`bnlab.inference.population_statistics`; training then continues with its own running "
             "averages); the dotted curve is the same net evaluated with the running averages "
-            f"(momentum 0.1). BN epsilon {c.bn_eps:g}. Why both: on MNIST the first and last rows "
-            "are blank in most images, so at those steps a batch's statistics hinge on the few "
+            f"(momentum 0.1). BN epsilon {c.bn_eps:g}. Why both: MNIST's border pixels are blank "
+            "in most images, so at the steps that read them a batch's statistics hinge on the few "
             "images with ink there; the running averages of the last ~10 batches, and statistics "
             "with a small epsilon, turn those steps' rare values into large ones at test time, and "
             "the error compounds along the sequence.", "",
