@@ -68,6 +68,18 @@ def test_many_channels_innermost_prefer_aten_unless_fused():
     assert kernels.select_backend("batch_norm", torch.randn(32, 64, 8, 8)) is cpu  # NCHW
 
 
+def test_eval_goes_to_aten_unless_few_channels_innermost():
+    """Eval is one streaming pass ATen already does at copy speed, except over few channels
+    innermost (channels_last images), where bnlab's joined rows win."""
+    from bnlab.kernels import cpu
+
+    assert kernels.select_backend("batch_norm_eval", torch.randn(32, 64, 8, 8)) is native
+    assert kernels.select_backend("batch_norm_eval", torch.randn(4096, 64)) is native
+    images = torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last)
+    assert kernels.select_backend("batch_norm_eval", images) is cpu
+    assert kernels.select_backend("batch_norm_eval", torch.randn(32, 64, 8, 8), "numba") is cpu
+
+
 def test_automatic_selection_prefers_priority_and_falls_back(float64_only_backend):
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     bnlab.batch_norm(x, None, None, training=True).sum().backward()

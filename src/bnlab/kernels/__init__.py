@@ -2,7 +2,7 @@
 
 A backend is a module with the functions of the ops it supports (see :mod:`bnlab.kernels.torch_ops`
 for their contract): ``batch_norm_forward``/``_backward`` (ops ``batch_norm`` and, with a mask,
-``batch_norm_masked``), ``batch_norm_act_forward``/``_backward`` (op ``batch_norm_act``: fused
+``batch_norm_masked``, and ``batch_norm_eval`` for eval mode), ``batch_norm_act_forward``/``_backward`` (op ``batch_norm_act``: fused
 activation and the in-place mode) and ``layer_norm_forward``/``_backward`` (op ``layer_norm``). It is
 registered with a ``supports(op, tensor)`` predicate and a priority.
 
@@ -38,7 +38,7 @@ from . import native, torch_ops
 
 __all__ = ["Backend", "register_backend", "available_backends", "select_backend"]
 
-OPS = ("batch_norm", "batch_norm_masked", "batch_norm_act", "layer_norm")  # masked: over a mask
+OPS = ("batch_norm", "batch_norm_masked", "batch_norm_eval", "batch_norm_act", "layer_norm")
 
 
 @dataclass(frozen=True)

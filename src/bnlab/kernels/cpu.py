@@ -301,7 +301,7 @@ def is_channels_last(x: Tensor) -> bool:
 def supports(op: str, x: Tensor) -> bool:
     """CPU float32/float64, contiguous or channels_last, non-empty; no masked statistics."""
     return (
-        op in ("batch_norm", "batch_norm_act")
+        op in ("batch_norm", "batch_norm_eval", "batch_norm_act")
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
         and x.numel() > 0
@@ -310,15 +310,21 @@ def supports(op: str, x: Tensor) -> bool:
 
 
 def prefers(op: str, x: Tensor) -> bool:
-    """Everything it supports, except two cases of plain batch norm that automatic selection leaves
-    to the ``native`` backend (measured by benchmarks/bn_speed.py): channels innermost and many of
-    them ((N, C), channels_last), where ATen's per-channel vector loops are as fast; and tensors so
-    small that the per-call cost (Numba dispatch, NumPy views) outweighs the kernel."""
-    if op != "batch_norm":
+    """What automatic selection should give these kernels (measured by benchmarks/bn_speed.py).
+
+    Fused activations always. Plain batch norm is left to the ``native`` backend (ATen) where that
+    is as fast: tensors so small that the per-call cost (Numba dispatch, NumPy views) outweighs the
+    kernel; channels innermost ((N, C), channels_last) with many channels, where ATen's per-channel
+    vector loops already stream at memory speed; and eval (one streaming pass, which ATen also does
+    at copy speed) except with few channels innermost, where ATen's loops are short and slow.
+    """
+    if op == "batch_norm_act":
         return True
+    if x.numel() < _NUMBA_FROM_NUMEL:
+        return False
     channels_innermost = _spatial(x) == 1 or (is_channels_last(x) and not x.is_contiguous())
-    many_channels = x.shape[1] >= _NATIVE_FROM_CHANNELS
-    return x.numel() >= _NUMBA_FROM_NUMEL and not (channels_innermost and many_channels)
+    few_channels_innermost = channels_innermost and x.shape[1] < _NATIVE_FROM_CHANNELS
+    return few_channels_innermost or (op == "batch_norm" and not channels_innermost)
 
 
 def _rows(x: Tensor) -> np.ndarray:
