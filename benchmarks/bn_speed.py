@@ -32,7 +32,8 @@ development machine ~7 copies' worth for a 51 MB tensor, more than torch's whole
 blocks are reused, as a long training loop would want; ``default`` keeps glibc's behaviour. Both apply
 to every provider alike; the ``allocator`` column records which was used.
 
-Times are torch.utils.benchmark medians with p20/p80 (benchmarks/common.py). Threads: torch runs
+Times are torch.utils.benchmark medians with p20/p80 (benchmarks/common.py); the providers of one
+mode are timed in turn, in 3 rounds, so that a slow stretch of the machine hits all of them. Threads: torch runs
 ``--threads`` intra-op threads (default: every core, ``os.cpu_count()``); bnlab's CPU kernels follow
 torch's setting. Rows are appended after every shape, with a ``run`` stamp shared by the whole run.
 A case that cannot run (a module not in this bnlab yet, a failed compilation) is recorded with its
@@ -50,7 +51,7 @@ from datetime import datetime, timezone
 import click
 import torch
 
-from common import append_rows, parse_shape, shape_name, time_ms
+from common import append_rows, parse_shape, sample_ms, shape_name, summarize, time_ms
 
 SHAPES = {  # group -> shapes
     "conv": [(64, 64, 56, 56), (256, 256, 14, 14), (128, 32, 32, 32), (32, 128, 28, 28)],
@@ -140,7 +141,7 @@ def backend_used(provider: str, x: torch.Tensor, mode: str) -> str:
         return ""
     from bnlab.kernels import select_backend
 
-    op = "batch_norm_act" if mode == "bnrelu" else "batch_norm"
+    op = {"bnrelu": "batch_norm_act", "eval": "batch_norm_eval"}.get(mode, "batch_norm")
     module = select_backend(op, x, "torch" if provider == "bnlab-torch" else None)
     return module.__name__.rsplit(".", 1)[-1]
 
@@ -169,17 +170,37 @@ def row(case: dict, mode: str, provider: str, stats: dict | None, copy_ms: float
             "passes": PASSES[mode], **timed, "status": status}
 
 
-def run_case(x: torch.Tensor, mode: str, provider: str, min_run_time: float, threads: int):
-    """Time one (mode, provider) on ``x``: (stats, backend, status); a failure gives stats None."""
+ROUNDS = 3  # providers of one mode are timed in turn, this many times: drift hits all alike
+
+
+def prepare(x: torch.Tensor, mode: str, provider: str, threads: int):
+    """(callable, backend, status) for one (mode, provider), warmed up; callable None if it failed."""
     try:
         module = make_module(provider, x.dim(), x.shape[1], mode == "bnrelu", x.dtype)
-        stats = measure(workload(module, x, mode), min_run_time, threads)
-        return stats, backend_used(provider, x, mode), "ok"
+        fn = workload(module, x, mode)
+        for _ in range(2):  # JIT compilation, lazy initialization, first-touch allocations
+            fn()
+        if torch.get_num_threads() != threads:  # see measure()
+            torch.set_num_threads(threads)
+        return fn, backend_used(provider, x, mode), "ok"
     except AttributeError as error:  # a module this bnlab does not have yet
         return None, "", f"unavailable: {error}"
     except Exception as error:  # noqa: BLE001 - record and continue the sweep
         traceback.print_exc(limit=2)
         return None, "", f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+
+
+def run_mode(x: torch.Tensor, mode: str, providers, min_run_time: float, threads: int):
+    """Every provider of one mode, interleaved: ROUNDS rounds of min_run_time / ROUNDS each.
+    Returns [(provider, stats or None, backend, status)]."""
+    prepared = {p: prepare(x, mode, p, threads) for p in providers}
+    samples = {p: [] for p in providers}
+    for _ in range(ROUNDS):
+        for provider, (fn, _, _) in prepared.items():
+            if fn is not None:
+                samples[provider] += sample_ms(fn, min_run_time / ROUNDS)
+    return [(p, summarize(samples[p]) if samples[p] else None, backend, status)
+            for p, (_, backend, status) in prepared.items()]
 
 
 def run_layout(case: dict, x: torch.Tensor, modes, providers, min_run_time) -> list[dict]:
@@ -191,12 +212,11 @@ def run_layout(case: dict, x: torch.Tensor, modes, providers, min_run_time) -> l
     clone = measure(src.clone, min_run_time, threads)
     timed = []
     for mode in modes:
-        for provider in providers:
-            timed.append((mode, provider, *run_case(x, mode, provider, min_run_time, threads)))
-            stats, status = timed[-1][2], timed[-1][4]
+        for provider, stats, backend, status in run_mode(x, mode, providers, min_run_time, threads):
+            timed.append((mode, provider, stats, backend, status))
             print(f"{case['shape']:>16s} {case['layout']:13s} {mode:6s} {provider:11s} "
                   + (f"{stats['median_ms']:.4f} ms" if stats else status), flush=True)
-            gc.collect()
+        gc.collect()
     copies.append(measure(lambda: dst.copy_(src), min_run_time, threads))
     copy = min(copies, key=lambda c: c["median_ms"])
     limit = copy["median_ms"]

@@ -20,12 +20,22 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads")
 
 
-def time_ms(fn, min_run_time: float = 1.0) -> dict[str, float]:
-    """Median, p20 and p80 of ``fn()``'s wall time in milliseconds (all three interpolated quantiles)."""
+def sample_ms(fn, min_run_time: float = 1.0) -> list[float]:
+    """Per-call wall times of ``fn()`` in milliseconds (torch.utils.benchmark blocks)."""
     measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    times = torch.tensor(measurement.times) * 1e3
+    return [t * 1e3 for t in measurement.times]
+
+
+def summarize(times_ms: list[float]) -> dict[str, float]:
+    """Median, p20 and p80 (all three interpolated quantiles)."""
+    times = torch.tensor(times_ms, dtype=torch.float64)
     return {"median_ms": float(times.quantile(0.5)), "p20_ms": float(times.quantile(0.2)),
             "p80_ms": float(times.quantile(0.8))}
+
+
+def time_ms(fn, min_run_time: float = 1.0) -> dict[str, float]:
+    """Median, p20 and p80 of ``fn()``'s wall time in milliseconds."""
+    return summarize(sample_ms(fn, min_run_time))
 
 
 def shape_name(shape: tuple[int, ...]) -> str:
