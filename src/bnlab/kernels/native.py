@@ -36,9 +36,14 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
-    """t in the layout torch.empty_like(x) gives (what bnlab's fake kernels promise)."""
-    expected = torch.empty_like(x)
-    return t if t.stride() == expected.stride() else expected.copy_(t)
+    """t in the layout torch.empty_like(x) gives (what bnlab's fake kernels promise).
+
+    A dense x's strides are what empty_like(x) gives, so the usual case allocates nothing: a
+    throw-away allocation of x's size per call is not free (glibc may return it to the system and
+    fault the next one back in, page by page)."""
+    if t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
 
 
 def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training: bool,
