@@ -69,7 +69,9 @@ def speedup(by: dict, case: tuple, mode: str, provider: str) -> tuple[float, flo
 
 
 def grouped_bars(ax, labels, series: dict[str, list], ylabel: str) -> None:
-    """Bars per label, one colour per series; each value (mid, low, high) or None."""
+    """Bars per label, one colour per series; each value (mid, low, high) or None. Series with no
+    value at all (a provider not in this run) are left out, legend included."""
+    series = {name: values for name, values in series.items() if any(values)}
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j, v in enumerate(values) if v]
