@@ -32,7 +32,6 @@ storing anything extra. Kernels are compiled on first use and cached on disk.
 from __future__ import annotations
 
 import math
-import os
 
 import numba
 import numpy as np
@@ -543,20 +542,3 @@ def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
     # The bias does not change dx, dweight or dbias without an activation.
     return batch_norm_act_backward(grad_out, x, weight, None, mean, var, training, eps,
                                    output_mask=output_mask)
-
-
-def warm_up() -> None:
-    """Compile (or load from the disk cache) the kernels for every layout and dtype now."""
-    for dtype in _DTYPES:
-        for shape, fmt in (((2, 3, 4), torch.contiguous_format), ((4, 3), torch.contiguous_format)):
-            x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
-            for act in ("identity", "relu", "leaky_relu", "elu"):
-                y, mean, var = batch_norm_act_forward(x, None, None, None, None, True, 1e-5, act, 0.1)
-                batch_norm_act_backward(torch.ones_like(x), x, None, None, mean, var, True, 1e-5,
-                                        act, 0.1)
-            batch_norm_act_backward(torch.ones_like(x), y, None, None, mean, var, True, 1e-5,
-                                    "elu", 0.1, from_output=True)
-
-
-if os.environ.get("BNLAB_WARM_UP"):
-    warm_up()
