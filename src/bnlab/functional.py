@@ -253,7 +253,7 @@ def batch_norm(
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
 _DEFAULT_PARAM = {"identity": 0.0, "relu": 0.0, "leaky_relu": 0.01, "elu": 1.0}
-_INVERTIBLE = ("identity", "leaky_relu", "elu")
+INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")  # what the in-place mode can undo
 
 
 class _BatchNormAct(torch.autograd.Function):
@@ -307,10 +307,10 @@ def check_activation(activation: str, param: Optional[float], inplace: bool) -> 
     if param is None:
         param = _DEFAULT_PARAM[activation]
     param = float(param)
-    if inplace and activation not in _INVERTIBLE:
+    if inplace and activation not in INVERTIBLE_ACTIVATIONS:
         raise ValueError(
             f"the in-place mode recovers its input by inverting the activation; {activation!r} is "
-            f"not invertible, expected one of {_INVERTIBLE}"
+            f"not invertible, expected one of {INVERTIBLE_ACTIVATIONS}"
         )
     if inplace and activation in ("leaky_relu", "elu") and not param > 0:
         raise ValueError(

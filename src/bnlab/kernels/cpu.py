@@ -39,8 +39,6 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-INVERTIBLE = ("identity", "leaky_relu", "elu")  # what the in-place mode can recover z from
-
 _DTYPES = (torch.float32, torch.float64)
 # reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf": NaN must still poison the
 # statistics so the running-statistics guard sees it.
