@@ -41,7 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as F
 from .kernels import select_backend
-from .kernels.torch_ops import (_like, accumulation_dtype, per_channel, reduction_dims,
+from .kernels.torch_ops import (accumulation_dtype, laid_out_like, per_channel, reduction_dims,
                                 training_input_grad, values_per_channel)
 
 __all__ = ["sync_batch_norm", "merge_statistics", "world_size", "SyncBatchNormError"]
@@ -287,7 +287,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # the same on every rank (same model), as in torch.nn's SyncBN
             total_dy, total_dy_xhat = _global_sums(sum_dy, sum_dy_xhat, ctx.call)
             dx = _input_grad(dy, xa, xhat, invstd, weight, total_dy, total_dy_xhat, ctx.m, mask)
-            dx = _like(dx, input)
+            dx = laid_out_like(dx, input)
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = sum_dy_xhat.to(ctx.param_dtypes[0])  # local: DDP reduces parameter grads
         if ctx.needs_input_grad[2]:
@@ -331,10 +331,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, n
             f"{' with 1 valid position' if mask is not None else ''}{where}"
         )
     out = _SyncBatchNormFunction.apply(input, weight, bias, mean, var, mask, m, eps, call, backend)
-    if running_mean is not None:
-        F._update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, m, momentum)
-    if strict:
-        F._raise_if_not_finite(mean, var)
+    F.record_batch_statistics(running_mean, running_var, num_batches_tracked, mean, var, m, momentum,
+                              strict)
     return out
 
 

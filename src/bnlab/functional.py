@@ -239,11 +239,9 @@ def batch_norm(
     out, mean, var = _batch_norm_dispatch(
         input, weight, bias, running_mean, running_var, mask, training, eps, backend
     )
-    if training and running_mean is not None:
-        _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
-                              momentum)
-    if training and strict:
-        _raise_if_not_finite(mean, var)
+    if training:
+        record_batch_statistics(running_mean, running_var, num_batches_tracked, mean, var, count,
+                                momentum, strict)
     return out
 
 
@@ -363,12 +361,21 @@ def batch_norm_act(
         input, weight, bias, running_mean, running_var, training, eps, activation, param, inplace,
         backend,
     )
-    if training and running_mean is not None:
-        _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                              values_per_channel(input), momentum)
-    if training and strict:
-        _raise_if_not_finite(mean, var)
+    if training:
+        record_batch_statistics(running_mean, running_var, num_batches_tracked, mean, var,
+                                values_per_channel(input), momentum, strict)
     return out
+
+
+def record_batch_statistics(running_mean, running_var, num_batches_tracked, mean, var, count,
+                            momentum, strict: bool) -> None:
+    """After a training batch: fold its statistics into the running ones (if tracked; skipped for a
+    non-finite batch), and in ``strict`` mode raise on non-finite statistics."""
+    if running_mean is not None:
+        _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+                              momentum)
+    if strict:
+        _raise_if_not_finite(mean, var)
 
 
 @torch.no_grad()

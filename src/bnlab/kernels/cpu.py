@@ -39,6 +39,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from .torch_ops import laid_out_like
+
 _DTYPES = (torch.float32, torch.float64)
 # reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf": NaN must still poison the
 # statistics so the running-statistics guard sees it.
@@ -339,14 +341,6 @@ def _spatial(x: Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
-def _like(t: Tensor, x: Tensor) -> Tensor:
-    """t in x's memory layout (a copy only when they differ, e.g. a contiguous dy for a
-    channels_last x)."""
-    if t.stride() == x.stride() and t.dtype == x.dtype:
-        return t
-    return torch.empty_like(x).copy_(t)
-
-
 def _threads() -> int:
     """Follow torch's intra-op thread setting (e.g. torch.set_num_threads(1) in the lab).
 
@@ -504,7 +498,7 @@ def batch_norm_act_backward(
     a = _vector(weight, c, 1.0) * invstd
     b = _vector(bias, c, 0.0)
     plan = _Plan(saved)
-    dy = plan.of(_like(grad_out, saved))
+    dy = plan.of(laid_out_like(grad_out, saved))
     elu, p = activation_code(activation, param)
     _, _, grad_sums, grad_input = plan.kernels
     p = plan.scalar(p)

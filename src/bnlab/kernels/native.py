@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .torch_ops import laid_out_like
+
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -28,22 +30,11 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
     if training:  # no running statistics here: bnlab updates them itself
         y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0,
                                                            eps)
-        return _like(y, x), mean, (invstd.reciprocal().square() - eps).clamp_(min=0.0)
+        return laid_out_like(y, x), mean, (invstd.reciprocal().square() - eps).clamp_(min=0.0)
     y, _, _ = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean.to(x.dtype),
                                                running_var.to(x.dtype), False, 0.0, eps)
     empty = x.new_empty((0,))
-    return _like(y, x), empty, empty.clone()
-
-
-def _like(t: Tensor, x: Tensor) -> Tensor:
-    """t in the layout torch.empty_like(x) gives (what bnlab's fake kernels promise).
-
-    A dense x's strides are what empty_like(x) gives, so the usual case allocates nothing: a
-    throw-away allocation of x's size per call is not free (glibc may return it to the system and
-    fault the next one back in, page by page)."""
-    if t.stride() == x.stride():
-        return t
-    return torch.empty_like(x).copy_(t)
+    return laid_out_like(y, x), empty, empty.clone()
 
 
 def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training: bool,
@@ -59,5 +50,5 @@ def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training
     else:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, weight, mean, var, None, None, False, eps, wanted)
-    dx = None if dx is None else _like(dx, x)
+    dx = None if dx is None else laid_out_like(dx, x)
     return (dx if wanted[0] else None, dw if wanted[1] else None, db if wanted[2] else None)

@@ -48,7 +48,7 @@ def values_per_channel(x: Tensor) -> int:
     return x.numel() // x.shape[1] if x.shape[1] else 0
 
 
-def _like(y: Tensor, x: Tensor) -> Tensor:
+def laid_out_like(y: Tensor, x: Tensor) -> Tensor:
     """y in x's dtype and in the layout torch.empty_like(x) gives (what the fake kernels promise).
 
     A dense x's strides are what empty_like(x) gives, so the usual case allocates nothing extra."""
@@ -85,10 +85,10 @@ def batch_norm_forward(
     if training:
         mean, var = batch_statistics(xa, mask)
         y = _normalize(xa, mean, var, weight, bias, eps)
-        return _like(y, x), mean, var
+        return laid_out_like(y, x), mean, var
     y = _normalize(xa, running_mean.to(xa.dtype), running_var.to(xa.dtype), weight, bias, eps)
     empty = xa.new_empty((0,))
-    return _like(y, x), empty, empty.clone()
+    return laid_out_like(y, x), empty, empty.clone()
 
 
 def batch_statistics(xa: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -164,7 +164,7 @@ def batch_norm_backward(
         else:
             m = values_per_channel(x) if mask is None else mask.sum()
             dx = training_input_grad(dy, xhat, scale, sum_dy, sum_dy_xhat, m, mask)
-        dx = _like(dx, x)
+        dx = laid_out_like(dx, x)
     if weight is not None and output_mask[1]:
         dweight = sum_dy_xhat
     if output_mask[2]:
@@ -234,7 +234,7 @@ def batch_norm_act_forward(
     Returns (y, mean, var) as :func:`batch_norm_forward`.
     """
     y, mean, var = batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
-    y = _like(activate(_acc(y), activation, param), x)
+    y = laid_out_like(activate(_acc(y), activation, param), x)
     if out is not None:
         y = out.copy_(y)
     return y, mean, var
@@ -273,7 +273,7 @@ def batch_norm_act_backward(
         z = (sa - per_channel(mean.to(sa.dtype), sa)) * per_channel(scale, sa) + shift
     dz = _activation_grad(_acc(grad_out), z, activation, param)
     dx, dweight, dbias = batch_norm_backward(dz, x, weight, mean, var, training, eps, output_mask)
-    return (None if dx is None else _like(dx, saved)), dweight, dbias
+    return (None if dx is None else laid_out_like(dx, saved)), dweight, dbias
 
 
 def layer_norm_dims(x: Tensor, normalized_shape: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -304,7 +304,7 @@ def layer_norm_forward(
         y = y * weight.to(xa.dtype)
     if bias is not None:
         y = y + bias.to(xa.dtype)
-    return _like(y, x), mean, rstd
+    return laid_out_like(y, x), mean, rstd
 
 
 def layer_norm_backward(
@@ -337,7 +337,7 @@ def layer_norm_backward(
         dx = rstd * (
             g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True)
         )
-        dx = _like(dx, x)
+        dx = laid_out_like(dx, x)
     if weight is not None and output_mask[1]:
         dweight = _sum_over(dy * xhat, batch_dims)
     if output_mask[2]:
