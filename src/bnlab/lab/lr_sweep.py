@@ -9,7 +9,6 @@ there) the BN net still trains.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data import Split, load_digits
+from ..data import Split
 from ..nn import BatchNorm1d, BatchRenorm1d, GhostBatchNorm1d, LayerNorm
 from .common import Dataset, load_data
 from .mlp import accuracy
