@@ -8,24 +8,7 @@ import torch
 from bnlab import reference
 from bnlab.functional import INVERTIBLE_ACTIVATIONS
 from bnlab.kernels import cpu, torch_ops
-
-LAYOUTS = {
-    "nc": ((64, 5), torch.contiguous_format),
-    "ncl": ((6, 5, 33), torch.contiguous_format),
-    "nchw": ((4, 5, 6, 7), torch.contiguous_format),
-    "nhwc": ((4, 5, 6, 7), torch.channels_last),
-    "ncdhw": ((2, 3, 4, 5, 6), torch.contiguous_format),
-    "ndhwc": ((2, 3, 4, 5, 6), torch.channels_last_3d),
-    "rank6": ((2, 3, 2, 3, 2, 3), torch.contiguous_format),
-    "nc11": ((9, 4, 1, 1), torch.channels_last),
-}
-
-
-def make(name, dtype=torch.float64, seed=0, loc=1.0):
-    shape, fmt = LAYOUTS[name]
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + loc).to(dtype).contiguous(
-        memory_format=fmt)
+from kernel_cases import ACT_CASES, LAYOUTS, make, params
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -105,18 +88,13 @@ def test_thread_count_does_not_change_results(name):
             torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-6)
 
 
-ACT_CASES = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7)]
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("activation,param", ACT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_matches_composite_backend(name, dtype, activation, param, training):
     x, dy = make(name, dtype), make(name, dtype, seed=1)
-    c = x.shape[1]
-    w, b = torch.linspace(0.5, 1.5, c, dtype=dtype), torch.linspace(-1, 1, c, dtype=dtype)
-    rm, rv = torch.linspace(-0.5, 0.5, c, dtype=dtype), torch.linspace(0.5, 2.0, c, dtype=dtype)
+    w, b, rm, rv = params(x.shape[1], dtype)
     args = (w, b, rm, rv, training, 1e-5, activation, param)
     ours, theirs = cpu.batch_norm_act_forward(x, *args), torch_ops.batch_norm_act_forward(x, *args)
     tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
@@ -134,8 +112,7 @@ def test_matches_composite_backend(name, dtype, activation, param, training):
 @pytest.mark.parametrize("name", ["nchw", "nhwc", "nc"])
 def test_backward_from_the_output_equals_backward_from_the_input(name, activation, param):
     x, dy = make(name), make(name, seed=1)
-    c = x.shape[1]
-    w, b = torch.linspace(0.5, 1.5, c, dtype=x.dtype), torch.linspace(-1, 1, c, dtype=x.dtype)
+    w, b, _, _ = params(x.shape[1], x.dtype)
     y = x.clone()
     out, mean, var = cpu.batch_norm_act_forward(y, w, b, None, None, True, 1e-5, activation, param,
                                                 out=y)

@@ -13,7 +13,10 @@ at, and still be asked for it by name).
 Registered here: ``torch`` (composite PyTorch ops, any device and dtype), ``native`` (PyTorch's own
 ATen batch-norm kernels, plain batch norm in float32/float64) and, where Numba is installed,
 ``numba`` (:mod:`bnlab.kernels.cpu`: CPU float32/float64, contiguous or channels_last, fused
-activations), which defers to ``native`` where ATen is as fast (channels innermost, many channels).
+activations), which defers to ``native`` where ATen is as fast (channels innermost, many channels),
+and, where Triton is installed and a GPU is present, ``triton`` (:mod:`bnlab.kernels.triton`: CUDA
+float16/bfloat16/float32/float64, fused activations; CPU tensors too under ``TRITON_INTERPRET=1``,
+but only when asked for by name).
 
 Selection, strongest first:
 
@@ -102,3 +105,19 @@ except ImportError:  # Numba missing or broken on this platform: the composite b
     cpu = None
 else:
     register_backend("numba", cpu, supports=cpu.supports, priority=10, prefers=cpu.prefers)
+
+
+def _triton_wanted() -> bool:
+    """A GPU to run on, or Triton's CPU interpreter asked for (``TRITON_INTERPRET=1``, how the tests
+    run the kernels without a GPU). Otherwise Triton is not even imported."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if _triton_wanted():
+    try:
+        from . import triton as triton_kernels
+    except ImportError:  # Triton not installed (pip install 'bnlab[triton]')
+        triton_kernels = None
+    else:
+        register_backend("triton", triton_kernels, supports=triton_kernels.supports, priority=20,
+                         prefers=triton_kernels.prefers)

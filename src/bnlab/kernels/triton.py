@@ -1,0 +1,488 @@
+"""Triton backend for CUDA: batch norm (+ activation, in-place mode) at the memory-bandwidth limit.
+
+Every input is seen as an (N, C, S) array with strides (sn, sc, ss), without copying:
+
+- contiguous inputs of rank >= 3: (N, C, prod(spatial)), ss = 1 (each (n, c) row is contiguous);
+- (N, C) inputs and channels_last / channels_last_3d ones: (1, C, N * prod(spatial)), sc = 1 (one
+  row of every channel after another).
+
+Kernels walk tiles of (BLOCK_C channels) x (BLOCK_S positions); the tile's fast axis is the one with
+stride 1, so loads coalesce in both layouts. Work is split over channel blocks *and* over the N * S
+positions: a 3-channel 512x512 batch still fills every SM.
+
+Passes over memory (m = values per channel):
+
+- training forward: a statistics pass (read x), a normalize pass (read x, write y);
+- backward: a sums pass (read x or y, and dy), an input-gradient pass (read them again, write dx);
+- eval forward: one read, one write.
+
+Each statistics program reduces its share of the positions tile by tile: per tile the mean and the
+centred sum of squares (M2) in registers, merged into the program's running (count, mean, M2) with
+Chan et al.'s parallel formula; a second small kernel merges the programs' partials per channel the
+same way. Nothing is E[x^2] - E[x]^2, so float32 input at 1e4 + N(0, 1) keeps its variance. Partials
+go to a (splits, C) buffer rather than atomics: results do not depend on scheduling.
+
+float16/bfloat16 load and compute in float32 (statistics and parameter gradients come back in
+float32); float64 computes in float64. The output is ``(x - mean) * a + b`` with a = weight * invstd,
+never ``x * a + (b - mean * a)``. Fused activations (identity, relu, leaky_relu, elu) apply in the
+same pass; the backward recomputes the pre-activation z from x, or in the in-place mode inverts the
+activation from the saved output y.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set before bnlab is
+imported) on CPU tensors: that is how the test suite runs them everywhere. Automatic backend
+selection only prefers this backend for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .torch_ops import accumulation_dtype, laid_out_like
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_OPS = ("batch_norm", "batch_norm_eval", "batch_norm_act")
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
+_TILE = 4096  # values per tile: 16 fp32 registers per thread at 8 warps
+_PROGRAMS_PER_SM = 4
+_MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2  # reduction programs per SM: enough to hide latency, few partials to merge
+
+
+def supports(op: str, x: Tensor) -> bool:
+    """Plain and fused batch norm (no masked statistics) on CUDA tensors of a floating dtype; on
+    CPU tensors only under Triton's interpreter. Contiguous inputs with spatial dims put N on a
+    grid axis, which holds at most 65535."""
+    on_device = x.device.type == "cuda" or (INTERPRET and x.device.type == "cpu")
+    fits_grid = x.dim() == 2 or x.shape[0] <= _MAX_GRID or not x.is_contiguous()
+    return op in _OPS and on_device and x.dtype in _DTYPES and x.numel() > 0 and fits_grid
+
+
+def prefers(op: str, x: Tensor) -> bool:
+    """Automatic selection takes these kernels for CUDA tensors only (the interpreter is slow)."""
+    return x.device.type == "cuda"
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _activate(z, param, ACT: tl.constexpr):
+    if ACT == 1:
+        z = tl.where(z > 0, z, 0.0)
+    elif ACT == 2:
+        z = tl.where(z > 0, z, z * param)
+    elif ACT == 3:
+        z = tl.where(z > 0, z, param * (tl.exp(z) - 1.0))
+    return z
+
+
+@triton.jit
+def _activation_grad(dy, z, param, ACT: tl.constexpr):
+    """dy * act'(z)."""
+    if ACT == 1:
+        dy = tl.where(z > 0, dy, 0.0)
+    elif ACT == 2:
+        dy = tl.where(z > 0, dy, dy * param)
+    elif ACT == 3:
+        dy = tl.where(z > 0, dy, dy * param * tl.exp(z))
+    return dy
+
+
+@triton.jit
+def _deactivate(y, param, ACT: tl.constexpr):
+    """z with act(z) = y (identity, leaky_relu, elu: the invertible ones)."""
+    if ACT == 2:
+        y = tl.where(y >= 0, y, y / param)
+    elif ACT == 3:
+        y = tl.where(y >= 0, y, tl.log(1.0 + y / param))
+    return y
+
+
+@triton.jit
+def _tile(pid_c, t, tiles, C, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets, mask and per-channel value count of position tile t of a channel block. Tiles are
+    numbered over N * cdiv(S, BLOCK_S) = ``tiles``; a t past the last gives an empty tile."""
+    s_tiles = tl.cdiv(S, BLOCK_S)
+    n = t // s_tiles
+    s0 = (t - n * s_tiles) * BLOCK_S
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = s0 + tl.arange(0, BLOCK_S)
+    offsets = n.to(tl.int64) * sn + s0.to(tl.int64) * ss \
+        + (cs[:, None] * sc + (s[None, :] - s0) * ss)  # (BLOCK_C, BLOCK_S)
+    s_end = tl.where(t < tiles, S, 0)  # a bound, not a mask of its own: one comparison per value
+    mask = (cs[:, None] < C) & (s[None, :] < s_end)
+    count = tl.maximum(tl.minimum(s_end - s0, BLOCK_S), 0)
+    return offsets, mask, count
+
+
+@triton.jit
+def _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(mean, invstd, a = weight * invstd, b) of a channel block, as (BLOCK_C, 1) columns."""
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cs < C
+    mean = tl.load(mean_ptr + cs, mask=ok, other=0.0).to(ACC)
+    var = tl.load(var_ptr + cs, mask=ok, other=1.0).to(ACC)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    a = invstd
+    if HAS_W:
+        a = a * tl.load(w_ptr + cs, mask=ok, other=1.0).to(ACC)
+    b = tl.zeros([BLOCK_C], ACC)
+    if HAS_B:
+        b = tl.load(b_ptr + cs, mask=ok, other=0.0).to(ACC)
+    return mean[:, None], invstd[:, None], a[:, None], b[:, None]
+
+
+@triton.jit
+def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, N, C, S, sn, sc, ss, tiles_per_program,
+                  ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Partial (count, mean, M2) per channel over this program's run of tiles -> row pid_t."""
+    pid_c, pid_t = tl.program_id(0), tl.program_id(1)
+    tiles = N * tl.cdiv(S, BLOCK_S)
+    count = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for i in range(tiles_per_program):
+        offsets, mask, k = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss,
+                                 BLOCK_C, BLOCK_S)
+        v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        k = k.to(ACC)
+        tile_mean = tl.sum(v, axis=1) / tl.maximum(k, 1.0)
+        centred = tl.where(mask, v - tile_mean[:, None], 0.0)
+        tile_m2 = tl.sum(centred * centred, axis=1)
+        total = count + k
+        weight = k / tl.maximum(total, 1.0)  # 0 for an empty tile: nothing changes
+        delta = tile_mean - mean
+        mean += delta * weight
+        m2 += tile_m2 + delta * delta * count * weight
+        count = total
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cs < C
+    row = pid_t * C + cs
+    tl.store(count_ptr + row, count, mask=ok)
+    tl.store(mean_ptr + row, mean, mask=ok)
+    tl.store(m2_ptr + row, m2, mask=ok)
+
+
+@triton.jit
+def _merge_stats_kernel(count_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, C, SPLITS,
+                        ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan's merge of the (SPLITS, C) partials: the batch mean and biased variance per channel."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cs < C
+    count = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for i in range(SPLITS):
+        k = tl.load(count_ptr + i * C + cs, mask=ok, other=0.0)
+        part_mean = tl.load(mean_ptr + i * C + cs, mask=ok, other=0.0)
+        part_m2 = tl.load(m2_ptr + i * C + cs, mask=ok, other=0.0)
+        total = count + k
+        weight = tl.where(k > 0, k / tl.maximum(total, 1.0), 0.0)  # empty partials weigh nothing
+        delta = tl.where(k > 0, part_mean - mean, 0.0)
+        mean += delta * weight
+        m2 += tl.where(k > 0, part_m2, 0.0) + delta * delta * count * weight
+        count = total
+    tl.store(out_mean_ptr + cs, mean, mask=ok)
+    tl.store(out_var_ptr + cs, tl.maximum(m2 / tl.maximum(count, 1.0), 0.0), mask=ok)  # masked lanes: 0 / 1
+
+
+@triton.jit
+def _normalize_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps, param, C, S, sn, sc, ss,
+                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                      ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """y = act((x - mean) * a + b) on one tile (y may be x: the in-place mode)."""
+    pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = n * tl.cdiv(S, BLOCK_S) + pid_t
+    offsets, mask, _ = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    mean, _, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B,
+                                    ACC, BLOCK_C)
+    v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    y = _activate((v - mean) * a + b, param, ACT)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _recover(v, dy, mean, a, b, param, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr):
+    """(x - mean, dz = dy * act'(z)) from x, or from the output y in the in-place mode."""
+    if FROM_OUTPUT:
+        z = _deactivate(v, param, ACT)
+        centred = (z - b) / a
+    else:
+        centred = v - mean
+        z = centred * a + b
+    return centred, _activation_grad(dy, z, param, ACT)
+
+
+@triton.jit
+def _grad_sums_kernel(v_ptr, dy_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps,
+                      param, N, C, S, sn, sc, ss, tiles_per_program, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+                      ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Partial sum(dz) and sum(dz * (x - mean)) per channel over this program's tiles."""
+    pid_c, pid_t = tl.program_id(0), tl.program_id(1)
+    mean, _, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B,
+                                    ACC, BLOCK_C)
+    tiles = N * tl.cdiv(S, BLOCK_S)
+    acc_dz = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    for i in range(tiles_per_program):
+        offsets, mask, _ = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss,
+                                 BLOCK_C, BLOCK_S)
+        v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        centred, dz = _recover(v, dy, mean, a, b, param, ACT, FROM_OUTPUT)
+        dz = tl.where(mask, dz, 0.0)
+        acc_dz += dz
+        acc_dzx += dz * centred
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cs < C
+    tl.store(sum_dz_ptr + pid_t * C + cs, tl.sum(acc_dz, axis=1), mask=ok)
+    tl.store(sum_dzx_ptr + pid_t * C + cs, tl.sum(acc_dzx, axis=1), mask=ok)
+
+
+@triton.jit
+def _merge_sums_kernel(sum_dz_ptr, sum_dzx_ptr, out_dz_ptr, out_dzx_ptr, C, SPLITS,
+                       ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Add the (SPLITS, C) partial sums per channel."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cs < C
+    dz = tl.zeros([BLOCK_C], ACC)
+    dzx = tl.zeros([BLOCK_C], ACC)
+    for i in range(SPLITS):
+        dz += tl.load(sum_dz_ptr + i * C + cs, mask=ok, other=0.0)
+        dzx += tl.load(sum_dzx_ptr + i * C + cs, mask=ok, other=0.0)
+    tl.store(out_dz_ptr + cs, dz, mask=ok)
+    tl.store(out_dzx_ptr + cs, dzx, mask=ok)
+
+
+@triton.jit
+def _grad_input_kernel(v_ptr, dy_ptr, dx_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr, var_ptr, w_ptr,
+                       b_ptr, eps, param, m, C, S, sn, sc, ss, HAS_W: tl.constexpr,
+                       HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+                       TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_S: tl.constexpr):
+    """dx = a * dz - a * invstd^2 * (x - mean) * sum(dz (x - mean)) / m - a * sum(dz) / m on one
+    tile (eval: dx = a * dz)."""
+    pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = n * tl.cdiv(S, BLOCK_S) + pid_t
+    offsets, mask, _ = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    mean, invstd, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W,
+                                         HAS_B, ACC, BLOCK_C)
+    v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    centred, dz = _recover(v, dy, mean, a, b, param, ACT, FROM_OUTPUT)
+    dx = a * dz
+    if TRAINING:
+        cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = cs < C
+        sum_dz = tl.load(sum_dz_ptr + cs, mask=ok, other=0.0)[:, None]
+        sum_dzx = tl.load(sum_dzx_ptr + cs, mask=ok, other=0.0)[:, None]
+        dx -= a * (invstd * invstd * centred * sum_dzx + sum_dz) / m
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# layouts and launch geometry
+# --------------------------------------------------------------------------------------------
+
+
+def _dense(x: Tensor) -> bool:
+    if x.is_contiguous():
+        return True
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or \
+        (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+class _Geometry:
+    """The (N, C, S) view of a dense tensor, its tile shape and how reductions split the work."""
+
+    def __init__(self, x: Tensor):
+        n, c = x.shape[0], x.shape[1]
+        s = x.numel() // (n * c)
+        if x.is_contiguous() and s > 1:  # rows of S contiguous values per (n, c)
+            self.n, self.s, self.strides = n, s, (c * s, s, 1)
+            self.block_s = min(triton.next_power_of_2(s), _TILE)
+            self.block_c = min(triton.next_power_of_2(c), max(1, _TILE // self.block_s // 4))
+        else:  # channels innermost: one row of C values per position
+            self.n, self.s, self.strides = 1, n * s, (0, 1, c)
+            self.block_c = min(triton.next_power_of_2(c), 128)
+            self.block_s = max(1, _TILE // self.block_c)
+        self.c = c
+        self.c_blocks = triton.cdiv(c, self.block_c)
+        self.tiles = self.n * triton.cdiv(self.s, self.block_s)
+        wanted = max(1, _programs(x.device) // self.c_blocks)
+        self.tiles_per_program = triton.cdiv(self.tiles, min(wanted, self.tiles))
+        self.splits = triton.cdiv(self.tiles, self.tiles_per_program)
+        self.num_warps = 8 if self.block_c * self.block_s >= 4096 else 4
+
+    def args(self) -> tuple:
+        return (self.c, self.s, *self.strides)
+
+    def reduce_grid(self) -> tuple[int, int]:
+        return self.c_blocks, self.splits
+
+    def tile_grid(self) -> tuple[int, int, int]:
+        return triton.cdiv(self.s, self.block_s), self.c_blocks, self.n
+
+    def blocks(self) -> dict:
+        return dict(BLOCK_C=self.block_c, BLOCK_S=self.block_s, num_warps=self.num_warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(device: torch.device) -> int:
+    """How many reduction programs fill the device."""
+    if device.type != "cuda":
+        return 4  # the interpreter runs programs one after another: few is fastest
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+_MERGE_BLOCK = 128
+
+
+def _statistics(x: Tensor, geo: _Geometry) -> tuple[Tensor, Tensor]:
+    """Batch mean and biased variance per channel, in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
+    count, mean, m2 = torch.empty((3, geo.splits, geo.c), dtype=acc, device=x.device)
+    _stats_kernel[geo.reduce_grid()](x, count, mean, m2, geo.n, *geo.args(),
+                                     geo.tiles_per_program, ACC=_tl_dtype(acc), **geo.blocks())
+    out_mean, out_var = torch.empty((2, geo.c), dtype=acc, device=x.device)
+    _merge_stats_kernel[(triton.cdiv(geo.c, _MERGE_BLOCK),)](
+        count, mean, m2, out_mean, out_var, geo.c, geo.splits, ACC=_tl_dtype(acc),
+        BLOCK_C=_MERGE_BLOCK)
+    return out_mean, out_var
+
+
+def _params(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> dict:
+    return dict(w_ptr=x if weight is None else weight, b_ptr=x if bias is None else bias,
+                HAS_W=weight is not None, HAS_B=bias is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# the backend contract (see bnlab.kernels.torch_ops)
+# --------------------------------------------------------------------------------------------
+
+
+def batch_norm_act_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+    activation: str = "identity",
+    param: float = 0.0,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = act((x - mean) * invstd * weight + bias); ``out`` may be x itself (in-place mode).
+
+    Returns (y, mean, var) as :func:`bnlab.kernels.torch_ops.batch_norm_forward` does.
+    """
+    src = x if _dense(x) else x.contiguous()
+    geo = _Geometry(src)
+    if training:
+        mean, var = _statistics(src, geo)
+    else:
+        mean, var = running_mean, running_var
+    direct = out is not None and out.stride() == src.stride() and _dense(out)
+    y = out if direct else torch.empty_like(src)
+    _normalize_kernel[geo.tile_grid()](
+        src, y, mean, var, eps=float(eps), param=float(param), **_params(src, weight, bias),
+        C=geo.c, S=geo.s, sn=geo.strides[0], sc=geo.strides[1], ss=geo.strides[2],
+        ACT=ACTIVATION_CODES[activation], ACC=_tl_dtype(accumulation_dtype(x.dtype)),
+        **geo.blocks())
+    if out is not None and not direct:
+        y = out.copy_(y)
+    y = laid_out_like(y, x)
+    if training:
+        return y, mean, var
+    empty = x.new_empty((0,), dtype=accumulation_dtype(x.dtype))
+    return y, empty, empty.clone()
+
+
+def batch_norm_act_backward(
+    grad_out: Tensor,
+    saved: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    training: bool,
+    eps: float,
+    activation: str = "identity",
+    param: float = 0.0,
+    output_mask: Sequence[bool] = (True, True, True),
+    from_output: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`batch_norm_act_forward`, with dz = dy * act'(z)::
+
+        dweight = sum(dz * xhat),  dbias = sum(dz)
+        dx = a * dz - a * invstd^2 * (x - mean) * sum(dz * (x - mean)) / m - a * sum(dz) / m
+
+    (a = weight * invstd; eval: only the first term). ``saved`` is x, or the output y when
+    ``from_output`` (in-place mode: z = act^-1(y), x - mean = (z - bias) / a).
+    """
+    src = saved if _dense(saved) else saved.contiguous()
+    dy = laid_out_like(grad_out, src)
+    geo = _Geometry(src)
+    acc = accumulation_dtype(saved.dtype)
+    common = dict(eps=float(eps), param=float(param), **_params(src, weight, bias),
+                  ACT=ACTIVATION_CODES[activation], FROM_OUTPUT=bool(from_output),
+                  ACC=_tl_dtype(acc))
+    want_params = (weight is not None and output_mask[1]) or output_mask[2]
+    sum_dz = sum_dzx = None
+    if training or want_params:
+        partial_dz, partial_dzx = torch.empty((2, geo.splits, geo.c), dtype=acc, device=src.device)
+        _grad_sums_kernel[geo.reduce_grid()](src, dy, partial_dz, partial_dzx, mean, var,
+                                             N=geo.n, C=geo.c, S=geo.s, sn=geo.strides[0],
+                                             sc=geo.strides[1], ss=geo.strides[2],
+                                             tiles_per_program=geo.tiles_per_program, **common,
+                                             **geo.blocks())
+        sum_dz, sum_dzx = torch.empty((2, geo.c), dtype=acc, device=src.device)
+        _merge_sums_kernel[(triton.cdiv(geo.c, _MERGE_BLOCK),)](
+            partial_dz, partial_dzx, sum_dz, sum_dzx, geo.c, geo.splits, ACC=_tl_dtype(acc),
+            BLOCK_C=_MERGE_BLOCK)
+    dx = dweight = dbias = None
+    if output_mask[0]:
+        dx = torch.empty_like(src)
+        sums = (sum_dz, sum_dzx) if training else (mean, mean)  # eval: unused pointers
+        _grad_input_kernel[geo.tile_grid()](src, dy, dx, *sums, mean, var, m=float(src.numel() // geo.c),
+                                            C=geo.c, S=geo.s, sn=geo.strides[0], sc=geo.strides[1],
+                                            ss=geo.strides[2], TRAINING=bool(training), **common,
+                                            **geo.blocks())
+        dx = laid_out_like(dx, saved)
+    if weight is not None and output_mask[1]:
+        dweight = sum_dzx * torch.rsqrt(var.to(acc) + eps)
+    if output_mask[2]:
+        dbias = sum_dz
+    return dx, dweight, dbias
+
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
+    """See :func:`bnlab.kernels.torch_ops.batch_norm_forward` (``mask`` is not supported here)."""
+    return batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps)
+
+
+def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
+                        output_mask=(True, True, True), mask=None):
+    """See :func:`bnlab.kernels.torch_ops.batch_norm_backward` (``mask`` is not supported here)."""
+    if mean is None:  # recompute the statistics from x
+        src = x if _dense(x) else x.contiguous()
+        mean, var = _statistics(src, _Geometry(src))
+    # The bias does not change dx, dweight or dbias without an activation.
+    return batch_norm_act_backward(grad_out, x, weight, None, mean, var, training, eps,
+                                   output_mask=output_mask)
