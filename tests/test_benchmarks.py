@@ -71,3 +71,17 @@ def test_abn_memory_smoke_run_counts_saved_tensors(tmp_path):
     assert saved == pytest.approx([4.0, 3.0, 4.0], abs=0.01)
     assert (tmp_path / "abn_memory.md").read_text().startswith("| shape |")
 
+
+
+def test_bn_speed_gpu_smoke_run_on_the_cpu_interpreter(tmp_path):
+    out = run_script("bn_speed_gpu.py", "--device", "cpu", "--shapes", "4x8x8x8", "--layouts",
+                     "channels_last", "--dtypes", "bfloat16", "--modes", "full",
+                     "--providers", "bnlab,torch", "--min-run-time", "0.01", "--out", str(tmp_path))
+    rows = read_rows(tmp_path / "bn_speed_gpu.csv")
+    assert [(r["mode"], r["provider"], r["backend"]) for r in rows] == [
+        ("copy", "copy", ""), ("full", "bnlab", "triton"), ("full", "torch", "")]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert (r["shape"], r["layout"], r["dtype"]) == ("4x8x8x8", "channels_last", "bfloat16")
+        assert float(r["median_ms"]) > 0 and float(r["copy_fraction"]) > 0
+    assert "| 4x8x8x8 | channels_last | bfloat16 | full |" in out
