@@ -203,7 +203,7 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps, param,
     """y = act((x - mean) * a + b) on one tile (y may be x: the in-place mode)."""
     pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = n * tl.cdiv(S, BLOCK_S) + pid_t
-    offsets, mask, _ = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    offsets, mask, count = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
     mean, _, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B,
                                     ACC, BLOCK_C)
     v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
@@ -230,13 +230,13 @@ def _grad_sums_kernel(v_ptr, dy_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr, var_ptr,
                       ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Partial sum(dz) and sum(dz * (x - mean)) per channel over this program's tiles."""
     pid_c, pid_t = tl.program_id(0), tl.program_id(1)
-    mean, _, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B,
-                                    ACC, BLOCK_C)
+    mean, invstd, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W,
+                                         HAS_B, ACC, BLOCK_C)
     tiles = N * tl.cdiv(S, BLOCK_S)
     acc_dz = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for i in range(tiles_per_program):
-        offsets, mask, _ = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss,
+        offsets, mask, count = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss,
                                  BLOCK_C, BLOCK_S)
         v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
@@ -275,7 +275,7 @@ def _grad_input_kernel(v_ptr, dy_ptr, dx_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr,
     tile (eval: dx = a * dz)."""
     pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = n * tl.cdiv(S, BLOCK_S) + pid_t
-    offsets, mask, _ = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    offsets, mask, count = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
     mean, invstd, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W,
                                          HAS_B, ACC, BLOCK_C)
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC)
