@@ -28,7 +28,8 @@ def float64_only_backend():
     kernels.register_backend("f64only", module, lambda op, x: op == "batch_norm" and x.dtype == torch.float64,
                              priority=100)
     yield calls
-    kernels._BACKENDS.pop("f64only")
+    kernels.unregister_backend("f64only")
+    assert "f64only" not in kernels.available_backends()
 
 
 def test_torch_backend_is_always_there():

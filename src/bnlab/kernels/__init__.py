@@ -39,7 +39,8 @@ import torch
 
 from . import native, torch_ops
 
-__all__ = ["Backend", "register_backend", "available_backends", "select_backend"]
+__all__ = ["Backend", "register_backend", "unregister_backend", "available_backends",
+           "select_backend"]
 
 OPS = ("batch_norm", "batch_norm_masked", "batch_norm_eval", "batch_norm_act", "layer_norm")
 
@@ -54,6 +55,7 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+_BY_PRIORITY: list[Backend] = []  # _BACKENDS' values, highest priority first (kept on register)
 
 
 def register_backend(
@@ -66,11 +68,18 @@ def register_backend(
     """Add (or replace) a backend. ``supports(op, x)`` says whether it can run ``op`` on ``x``;
     ``prefers(op, x)`` (default: always) whether automatic selection should take it."""
     _BACKENDS[name] = Backend(name, module, supports, priority, prefers)
+    _BY_PRIORITY[:] = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (e.g. one a test or a plugin added)."""
+    del _BACKENDS[name]
+    _BY_PRIORITY[:] = [b for b in _BY_PRIORITY if b.name != name]
 
 
 def available_backends() -> list[str]:
     """Registered backend names, highest priority first."""
-    return [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority)]
+    return [b.name for b in _BY_PRIORITY]
 
 
 def select_backend(op: str, x: torch.Tensor, requested: str | None = None) -> ModuleType:
@@ -90,7 +99,7 @@ def select_backend(op: str, x: torch.Tensor, requested: str | None = None) -> Mo
                 "choose another backend or 'auto'"
             )
         return backend.module
-    for backend in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+    for backend in _BY_PRIORITY:
         if backend.supports(op, x) and (backend.prefers is None or backend.prefers(op, x)):
             return backend.module
     raise RuntimeError(f"no bnlab backend can run {op} on a {x.dtype} tensor on {x.device}")
