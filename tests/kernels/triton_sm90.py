@@ -26,8 +26,10 @@ TYPES = {"float32": ("fp32", tl.float32), "bfloat16": ("bf16", tl.float32),
          "float64": ("fp64", tl.float64)}
 ACC_BUFFERS = {"count_ptr", "mean_ptr", "m2_ptr", "out_mean_ptr", "out_var_ptr", "sum_dz_ptr",
                "sum_dzx_ptr", "out_dz_ptr", "out_dzx_ptr"}
-# (BLOCK_C, BLOCK_S, the stride fixed at 1): the two tile shapes _Geometry picks
-TILES = {"nchw": (1, 4096, "ss"), "nhwc": (128, 32, "sc")}
+# (BLOCK_C, BLOCK_S, the stride fixed at 1) of the elementwise and the reduction tiles _Geometry
+# picks for the two layouts
+TILES = {"nchw": (1, tk._TILE, "ss"), "nhwc": (128, tk._TILE // 128, "sc")}
+REDUCE_TILES = {"nchw": (1, tk._REDUCE_TILE, "ss"), "nhwc": (128, tk._REDUCE_TILE // 128, "sc")}
 
 
 def signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -53,13 +55,15 @@ def variants():
     """(kernel, dtype, constexprs): float32 and bfloat16 (float16 is the same code) over every tile
     shape, activation and flag; float64 once per kernel and tile shape."""
     for dtype, layout in itertools.product(TYPES, TILES):
-        block_c, block_s, unit = TILES[layout]
-        tile = {"BLOCK_C": block_c, "BLOCK_S": block_s, unit: 1, "ACC": TYPES[dtype][1]}
-        yield tk._stats_kernel, dtype, tile
+        tile, reduce_tile = ({"BLOCK_C": block_c, "BLOCK_S": block_s, unit: 1,
+                              "ACC": TYPES[dtype][1]}
+                             for block_c, block_s, unit in (TILES[layout], REDUCE_TILES[layout]))
+        yield tk._stats_kernel, dtype, reduce_tile
         for act in range(4) if dtype != "float64" else (3,):
             flags = {"HAS_W": act % 2 == 0, "HAS_B": act < 2, "ACT": act}
             yield tk._normalize_kernel, dtype, {**tile, **flags}
-            yield tk._grad_sums_kernel, dtype, {**tile, **flags, "FROM_OUTPUT": act in (0, 2, 3)}
+            yield tk._grad_sums_kernel, dtype, {**reduce_tile, **flags,
+                                                "FROM_OUTPUT": act in (0, 2, 3)}
             yield tk._grad_input_kernel, dtype, {**tile, **flags, "FROM_OUTPUT": act == 2,
                                                  "TRAINING": act != 3}
     for acc in (tl.float32, tl.float64):
@@ -85,8 +89,9 @@ def main() -> int:
     spills = 0
     for kernel, dtype, constexprs in variants():
         sig = signature(kernel, dtype, constexprs)
+        warps = tk._launch(constexprs.get("BLOCK_C", 1), constexprs.get("BLOCK_S", 1))["num_warps"]
         compiled = triton.compile(ASTSource(kernel, sig, constexprs=constexprs), target=TARGET,
-                                  options={"num_warps": 8})
+                                  options={"num_warps": warps})
         n_regs, n_spills = resources(compiled.asm["ptx"])
         spills += n_spills if dtype != "float64" else 0  # float64 is for checking, not for speed
         flags = ",".join(f"{k}={v}" for k, v in constexprs.items() if k not in ("ACC",))

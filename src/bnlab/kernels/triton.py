@@ -16,17 +16,17 @@ Passes over memory (m = values per channel):
 - backward: a sums pass (read x or y, and dy), an input-gradient pass (read them again, write dx);
 - eval forward: one read, one write.
 
-Each statistics program reduces its share of the positions tile by tile: per tile the mean and the
-centred sum of squares (M2) in registers, merged into the program's running (count, mean, M2) with
-Chan et al.'s parallel formula; a second small kernel merges the programs' partials per channel the
-same way. Nothing is E[x^2] - E[x]^2, so float32 input at 1e4 + N(0, 1) keeps its variance. Partials
-go to a (splits, C) buffer rather than atomics: results do not depend on scheduling.
+Each statistics program reduces its share of the positions with one Welford summary (count, mean,
+M2) per tile lane, updated elementwise; at its end the lanes are merged with Chan et al.'s parallel
+formula, and a second small kernel merges the programs' partials per channel the same way. Nothing
+is E[x^2] - E[x]^2, so float32 input at 1e4 + N(0, 1) keeps its variance. Partials go to a
+(splits, C) buffer rather than atomics: results do not depend on scheduling.
 
 float16/bfloat16 load and compute in float32 (statistics and parameter gradients come back in
-float32); float64 computes in float64. The output is ``(x - mean) * a + b`` with a = weight * invstd,
-never ``x * a + (b - mean * a)``. Fused activations (identity, relu, leaky_relu, elu) apply in the
-same pass; the backward recomputes the pre-activation z from x, or in the in-place mode inverts the
-activation from the saved output y.
+float32); float64 computes in float64. The output is ``(x - mean) * a + b`` with a = weight *
+invstd, never ``x * a + (b - mean * a)``. Fused activations (identity, relu, leaky_relu, elu) apply
+in the same pass; the backward recomputes the pre-activation z from x, or in the in-place mode
+inverts the activation from the saved output y.
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set before bnlab is
 imported) on CPU tensors: that is how the test suite runs them everywhere. Automatic backend
@@ -50,9 +50,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OPS = ("batch_norm", "batch_norm_eval", "batch_norm_act")
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
-_TILE = 4096  # values per tile: 16 fp32 registers per thread at 8 warps
-_PROGRAMS_PER_SM = 4
-_MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2  # reduction programs per SM: enough to hide latency, few partials to merge
+_TILE = 4096  # values per elementwise tile: 16 per thread at 8 warps
+_REDUCE_TILE = 2048  # values per reduction tile: 8 per thread, x3 running summaries
+_PROGRAMS_PER_SM = 4  # reduction programs per SM: enough to hide latency, few partials to merge
+_MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 def supports(op: str, x: Tensor) -> bool:
@@ -143,28 +144,35 @@ def _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W: tl.co
 
 
 @triton.jit
+def _chan_merge(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
+    """Chan et al.'s merge of two (mean, M2, count) summaries; an empty one changes nothing."""
+    count = count_a + count_b
+    weight = count_b / tl.maximum(count, 1.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * weight, m2_a + m2_b + delta * delta * count_a * weight, count
+
+
+@triton.jit
 def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, N, C, S, sn, sc, ss, tiles_per_program,
                   ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Partial (count, mean, M2) per channel over this program's run of tiles -> row pid_t."""
+    """Partial (count, mean, M2) per channel over this program's run of tiles -> row pid_t.
+
+    Every lane of the tile keeps its own Welford summary (elementwise work only inside the loop);
+    the lanes are merged once at the end with Chan's formula."""
     pid_c, pid_t = tl.program_id(0), tl.program_id(1)
     tiles = N * tl.cdiv(S, BLOCK_S)
-    count = tl.zeros([BLOCK_C], ACC)
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
+    count = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    mean = tl.zeros([BLOCK_C, BLOCK_S], ACC)
+    m2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for i in range(tiles_per_program):
-        offsets, mask, k = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss,
-                                 BLOCK_C, BLOCK_S)
+        offsets, mask, _count = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc,
+                                      ss, BLOCK_C, BLOCK_S)
         v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        k = k.to(ACC)
-        tile_mean = tl.sum(v, axis=1) / tl.maximum(k, 1.0)
-        centred = tl.where(mask, v - tile_mean[:, None], 0.0)
-        tile_m2 = tl.sum(centred * centred, axis=1)
-        total = count + k
-        weight = k / tl.maximum(total, 1.0)  # 0 for an empty tile: nothing changes
-        delta = tile_mean - mean
-        mean += delta * weight
-        m2 += tile_m2 + delta * delta * count * weight
-        count = total
+        count += tl.where(mask, 1.0, 0.0)
+        delta = tl.where(mask, v - mean, 0.0)
+        mean += delta / tl.maximum(count, 1.0)
+        m2 += delta * (v - mean)
+    mean, m2, count = tl.reduce((mean, m2, count), 1, _chan_merge)
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cs < C
     row = pid_t * C + cs
@@ -183,17 +191,13 @@ def _merge_stats_kernel(count_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, 
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     for i in range(SPLITS):
-        k = tl.load(count_ptr + i * C + cs, mask=ok, other=0.0)
-        part_mean = tl.load(mean_ptr + i * C + cs, mask=ok, other=0.0)
-        part_m2 = tl.load(m2_ptr + i * C + cs, mask=ok, other=0.0)
-        total = count + k
-        weight = tl.where(k > 0, k / tl.maximum(total, 1.0), 0.0)  # empty partials weigh nothing
-        delta = tl.where(k > 0, part_mean - mean, 0.0)
-        mean += delta * weight
-        m2 += tl.where(k > 0, part_m2, 0.0) + delta * delta * count * weight
-        count = total
+        mean, m2, count = _chan_merge(mean, m2, count,
+                                      tl.load(mean_ptr + i * C + cs, mask=ok, other=0.0),
+                                      tl.load(m2_ptr + i * C + cs, mask=ok, other=0.0),
+                                      tl.load(count_ptr + i * C + cs, mask=ok, other=0.0))
     tl.store(out_mean_ptr + cs, mean, mask=ok)
-    tl.store(out_var_ptr + cs, tl.maximum(m2 / tl.maximum(count, 1.0), 0.0), mask=ok)  # masked lanes: 0 / 1
+    var = tl.maximum(m2 / tl.maximum(count, 1.0), 0.0)  # lanes past C: 0 / 1, not 0 / 0
+    tl.store(out_var_ptr + cs, var, mask=ok)
 
 
 @triton.jit
@@ -303,39 +307,55 @@ def _dense(x: Tensor) -> bool:
         (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
 
 
+def _tile_shape(c: int, s: int, rows: bool, budget: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of about ``budget`` values, long along the stride-1 axis: S when each
+    (n, c) row is contiguous (``rows``), C otherwise."""
+    if rows:
+        block_s = min(triton.next_power_of_2(s), budget)
+        return min(triton.next_power_of_2(c), max(1, budget // block_s // 4)), block_s
+    block_c = min(triton.next_power_of_2(c), 128)
+    return block_c, max(1, budget // block_c)
+
+
 class _Geometry:
-    """The (N, C, S) view of a dense tensor, its tile shape and how reductions split the work."""
+    """The (N, C, S) view of a dense tensor, its tile shapes (elementwise passes; reductions, whose
+    three running summaries per value need smaller tiles to keep registers free) and how the
+    reductions split the work."""
 
     def __init__(self, x: Tensor):
         n, c = x.shape[0], x.shape[1]
         s = x.numel() // (n * c)
-        if x.is_contiguous() and s > 1:  # rows of S contiguous values per (n, c)
+        rows = x.is_contiguous() and s > 1
+        if rows:  # S contiguous values per (n, c)
             self.n, self.s, self.strides = n, s, (c * s, s, 1)
-            self.block_s = min(triton.next_power_of_2(s), _TILE)
-            self.block_c = min(triton.next_power_of_2(c), max(1, _TILE // self.block_s // 4))
         else:  # channels innermost: one row of C values per position
             self.n, self.s, self.strides = 1, n * s, (0, 1, c)
-            self.block_c = min(triton.next_power_of_2(c), 128)
-            self.block_s = max(1, _TILE // self.block_c)
         self.c = c
+        self.block_c, self.block_s = _tile_shape(c, self.s, rows, _TILE)
+        self.reduce_block_c, self.reduce_block_s = _tile_shape(c, self.s, rows, _REDUCE_TILE)
         self.c_blocks = triton.cdiv(c, self.block_c)
-        self.tiles = self.n * triton.cdiv(self.s, self.block_s)
-        wanted = max(1, _programs(x.device) // self.c_blocks)
-        self.tiles_per_program = triton.cdiv(self.tiles, min(wanted, self.tiles))
-        self.splits = triton.cdiv(self.tiles, self.tiles_per_program)
-        self.num_warps = 8 if self.block_c * self.block_s >= 4096 else 4
+        reduce_c_blocks = triton.cdiv(c, self.reduce_block_c)
+        tiles = self.n * triton.cdiv(self.s, self.reduce_block_s)
+        wanted = max(1, _programs(x.device) // reduce_c_blocks)
+        self.tiles_per_program = triton.cdiv(tiles, min(wanted, tiles))
+        self.splits = triton.cdiv(tiles, self.tiles_per_program)
+        self.reduce_grid = (reduce_c_blocks, self.splits)
 
     def args(self) -> tuple:
         return (self.c, self.s, *self.strides)
-
-    def reduce_grid(self) -> tuple[int, int]:
-        return self.c_blocks, self.splits
 
     def tile_grid(self) -> tuple[int, int, int]:
         return triton.cdiv(self.s, self.block_s), self.c_blocks, self.n
 
     def blocks(self) -> dict:
-        return dict(BLOCK_C=self.block_c, BLOCK_S=self.block_s, num_warps=self.num_warps)
+        return _launch(self.block_c, self.block_s)
+
+    def reduce_blocks(self) -> dict:
+        return _launch(self.reduce_block_c, self.reduce_block_s)
+
+
+def _launch(block_c: int, block_s: int) -> dict:
+    return dict(BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8 if block_c * block_s >= 2048 else 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -357,8 +377,8 @@ def _statistics(x: Tensor, geo: _Geometry) -> tuple[Tensor, Tensor]:
     """Batch mean and biased variance per channel, in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
     count, mean, m2 = torch.empty((3, geo.splits, geo.c), dtype=acc, device=x.device)
-    _stats_kernel[geo.reduce_grid()](x, count, mean, m2, geo.n, *geo.args(),
-                                     geo.tiles_per_program, ACC=_tl_dtype(acc), **geo.blocks())
+    _stats_kernel[geo.reduce_grid](x, count, mean, m2, geo.n, *geo.args(),
+                                   geo.tiles_per_program, ACC=_tl_dtype(acc), **geo.reduce_blocks())
     out_mean, out_var = torch.empty((2, geo.c), dtype=acc, device=x.device)
     _merge_stats_kernel[(triton.cdiv(geo.c, _MERGE_BLOCK),)](
         count, mean, m2, out_mean, out_var, geo.c, geo.splits, ACC=_tl_dtype(acc),
@@ -447,11 +467,11 @@ def batch_norm_act_backward(
     sum_dz = sum_dzx = None
     if training or want_params:
         partial_dz, partial_dzx = torch.empty((2, geo.splits, geo.c), dtype=acc, device=src.device)
-        _grad_sums_kernel[geo.reduce_grid()](src, dy, partial_dz, partial_dzx, mean, var,
-                                             N=geo.n, C=geo.c, S=geo.s, sn=geo.strides[0],
-                                             sc=geo.strides[1], ss=geo.strides[2],
-                                             tiles_per_program=geo.tiles_per_program, **common,
-                                             **geo.blocks())
+        _grad_sums_kernel[geo.reduce_grid](src, dy, partial_dz, partial_dzx, mean, var,
+                                           N=geo.n, C=geo.c, S=geo.s, sn=geo.strides[0],
+                                           sc=geo.strides[1], ss=geo.strides[2],
+                                           tiles_per_program=geo.tiles_per_program, **common,
+                                           **geo.reduce_blocks())
         sum_dz, sum_dzx = torch.empty((2, geo.c), dtype=acc, device=src.device)
         _merge_sums_kernel[(triton.cdiv(geo.c, _MERGE_BLOCK),)](
             partial_dz, partial_dzx, sum_dz, sum_dzx, geo.c, geo.splits, ACC=_tl_dtype(acc),
@@ -460,8 +480,9 @@ def batch_norm_act_backward(
     if output_mask[0]:
         dx = torch.empty_like(src)
         sums = (sum_dz, sum_dzx) if training else (mean, mean)  # eval: unused pointers
-        _grad_input_kernel[geo.tile_grid()](src, dy, dx, *sums, mean, var, m=float(src.numel() // geo.c),
-                                            C=geo.c, S=geo.s, sn=geo.strides[0], sc=geo.strides[1],
+        _grad_input_kernel[geo.tile_grid()](src, dy, dx, *sums, mean, var,
+                                            m=float(src.numel() // geo.c), C=geo.c, S=geo.s,
+                                            sn=geo.strides[0], sc=geo.strides[1],
                                             ss=geo.strides[2], TRAINING=bool(training), **common,
                                             **geo.blocks())
         dx = laid_out_like(dx, saved)
