@@ -160,6 +160,12 @@ def population_statistics(
 
     Details: one forward per batch; moments in float64, merged with Chan's formula; the model's
     mode, parameters and other buffers (num_batches_tracked included) are left as found.
+
+    One batch (the batches concatenated) gives statistics that every layer normalized with in that
+    forward, so they describe the inputs the layers get in eval mode; an average over batches
+    describes inputs computed with each batch's own statistics upstream. The two differ little in
+    most networks, but can in a recurrent net with per-step statistics whose early steps' batch
+    statistics are noisy (see :class:`bnlab.nn.BNLSTM`).
     """
     if variance not in ("batch", "population"):
         raise ValueError(f"variance must be 'batch' or 'population', got {variance!r}")

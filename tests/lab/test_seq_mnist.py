@@ -29,12 +29,14 @@ def test_seq_mnist_row_by_row(tmp_path):
         assert all(0 <= r["valid_accuracy"] <= 1 for r in mine)
         # the BN-LSTM: population statistics for the curve, the running averages beside it
         assert all(("test_accuracy_running" in r) == (model == "bnlstm") for r in mine)
+        assert all(("test_accuracy_algorithm2" in r) == (model == "bnlstm") for r in mine)
     s = report.summary
     assert s["bnlstm"]["final_test_accuracy"] > 0.5  # 8 steps of 8 pixels: learnable in 150 steps
     assert s["bnlstm"]["final_test_accuracy"] == rows[-1]["test_accuracy"]
     text = (directory / "report.md").read_text()
     assert "row-by-row digits" in text and "![accuracy](accuracy.png)" in text
-    assert "Algorithm 2's population statistics, per time step, over 50 training batches" in text
+    assert config["population_joint"] is True  # row mode: the population batches run as one batch
+    assert "per-time-step population statistics of 5,000 training images" in text
     assert "BN-LSTM ahead of the LSTM (test accuracy) at" in text and (directory / "accuracy.png").exists()
 
 
@@ -55,6 +57,25 @@ def test_population_statistics_restore_the_running_averages(tmp_path):
     _, _, without = _run("seq-mnist", args + ["--population_batches=0"], tmp_path / "b")
     assert [r["train_loss"] for r in with_pop] == [r["train_loss"] for r in without]
     assert [r["test_accuracy_running"] for r in with_pop] == [r["test_accuracy"] for r in without]
+
+
+def test_population_joint_option(tmp_path):
+    """Row mode runs the population batches as one batch by default, pixel mode averages per-batch
+    statistics (Algorithm 2); --population_joint picks either, and the report says which."""
+    args = ["--steps=20", "--eval_every=20", "--hidden=8", "--models=bnlstm"]
+    directory, _, rows = _run("seq-mnist", args + ["--population_joint=false"], tmp_path / "a")
+    assert json.loads((directory / "config.json").read_text())["population_joint"] is False
+    assert not any("test_accuracy_algorithm2" in r for r in rows)  # the curve is Algorithm 2's itself
+    assert "Algorithm 2's population statistics, per time step, over 50 training batches" in \
+        (directory / "report.md").read_text()
+    directory, _, _ = _run("pmnist", ["--steps=3", "--eval_every=3", "--hidden=8", "--eval_examples=20",
+                                      "--batch_size=16", "--models=bnlstm", "--population_batches=2"],
+                           tmp_path / "b")
+    assert json.loads((directory / "config.json").read_text())["population_joint"] is False
+    directory, _, _ = _run("pmnist", ["--steps=3", "--eval_every=3", "--hidden=8", "--eval_examples=20",
+                                      "--batch_size=16", "--models=bnlstm", "--population_batches=2",
+                                      "--population_joint=true"], tmp_path / "c")
+    assert "run through the net as one batch" in (directory / "report.md").read_text()
 
 
 def test_bad_configs_fail_before_training(tmp_path):

@@ -516,3 +516,35 @@ def test_population_statistics_per_step(variance):
         assert torch.equal(state[f"cells.{k}.num_batches_tracked"], before[f"cells.{k}.num_batches_tracked"])
         assert model.cells[k].observer is None and model.training
     assert report.batches == 3 and report.skipped == 0
+
+
+def test_population_statistics_of_one_batch_are_the_eval_mode_values():
+    """Run as one batch, the statistics are those every step normalized with (the stored variance
+    is the unbiased one: times (n-1)/n it is the batch's), so eval mode reproduces training mode's
+    outputs on that batch: each step's statistics describe the values eval mode computes.
+    Algorithm 2's average over parts of the same batch describes values computed with each part's
+    own statistics at the earlier steps, and eval mode departs from them (what the seq-mnist lab's
+    population_joint is about)."""
+    import copy
+
+    from bnlab.inference import population_statistics
+
+    model, _ = make(T=6, N=4, L=2)
+    n = 4000
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, n, 3, generator=g, dtype=D)
+    x[:2] = 0  # blank leading steps, as MNIST's first rows
+    x[2] *= torch.rand(n, 1, generator=g, dtype=D) < 0.05  # a sparse step: few sequences vary
+    with torch.no_grad():
+        trained = copy.deepcopy(model).train()(x)[0]
+    errors = {}
+    for joint in (True, False):
+        m = copy.deepcopy(model)
+        population_statistics(m, [x] if joint else list(x.split(100, dim=1)))
+        with torch.no_grad():
+            for cell in m.cells:
+                for which in "xhc":
+                    getattr(cell, f"running_var_{which}").mul_((n - 1) / n)
+            errors[joint] = float((m.eval()(x)[0] - trained).abs().max())
+    assert errors[True] < 1e-8
+    assert errors[False] > 1e-2

@@ -31,7 +31,11 @@ Design (see SPEC.md section 3):
 - **Population statistics** (:func:`bnlab.inference.population_statistics`): the cell reports every
   training batch statistic to ``observer`` (which term, first step, mean, biased variance, count),
   and each step's row of the running buffers becomes Algorithm 2's average over the batches that
-  reached that step; rows no batch reached are left as they were.
+  reached that step; rows no batch reached are left as they were. Given one batch (many batches
+  concatenated), every step normalizes with the statistics it then stores, so they describe the
+  values eval mode computes; an average over small batches describes values computed with each
+  batch's own statistics at the earlier steps, which eval mode can amplify (row-by-row MNIST's
+  nearly blank top rows: up to 4 points of test accuracy, docs/results/seq-mnist).
 - **Batch-constant leading steps** (training): steps at which every sequence has the same input and
   state (MNIST's blank first pixels) normalize to the shift exactly and pass no gradient through
   the BNs (see :meth:`BNLSTMCell._constant_forward`), instead of overflowing float32.
