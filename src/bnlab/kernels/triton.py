@@ -158,7 +158,8 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, N, C, S, sn, sc, ss, tiles
     """Partial (count, mean, M2) per channel over this program's run of tiles -> row pid_t.
 
     Every lane of the tile keeps its own Welford summary (elementwise work only inside the loop);
-    the lanes are merged once at the end with Chan's formula."""
+    the lanes are merged once at the end with Chan's formula for many groups:
+    mean = sum(n_l mean_l) / n, M2 = sum(M2_l + n_l (mean_l - mean)^2)."""
     pid_c, pid_t = tl.program_id(0), tl.program_id(1)
     tiles = N * tl.cdiv(S, BLOCK_S)
     count = tl.zeros([BLOCK_C, BLOCK_S], ACC)
@@ -172,7 +173,12 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, N, C, S, sn, sc, ss, tiles
         delta = tl.where(mask, v - mean, 0.0)
         mean += delta / tl.maximum(count, 1.0)
         m2 += delta * (v - mean)
-    mean, m2, count = tl.reduce((mean, m2, count), 1, _chan_merge)
+    # Chan's merge of all lanes at once: the count-weighted mean, then M2 about it
+    total = tl.sum(count, axis=1)
+    merged_mean = tl.sum(count * mean, axis=1) / tl.maximum(total, 1.0)
+    spread = mean - merged_mean[:, None]
+    m2 = tl.sum(m2 + count * spread * spread, axis=1)
+    mean, count = merged_mean, total
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cs < C
     row = pid_t * C + cs
