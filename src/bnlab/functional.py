@@ -229,7 +229,8 @@ def batch_norm(
         - float16/bfloat16 inputs are computed in float32, with float32 statistics; weight, bias and
           running statistics may be float32 for them (mixed precision);
         - a training batch with any non-finite statistic leaves ``running_mean``, ``running_var`` and
-          ``num_batches_tracked`` untouched; the choice is made on the device (no host sync).
+          ``num_batches_tracked`` untouched; on a GPU the choice is made on the device (no host
+          sync), on the CPU on the host (fewer small ops, nothing to wait for).
     """
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
                            num_batches_tracked)
