@@ -30,3 +30,13 @@ def params(c, dtype, device="cpu"):
         return torch.linspace(lo, hi, c, dtype=dtype, device=device)
 
     return line(0.5, 1.5), line(-1, 1), line(-0.5, 0.5), line(0.5, 2.0)
+
+
+def assert_results_close(ours, theirs, tol):
+    """Two backends' result tuples agree: same Nones, same dtypes, values within ``tol``."""
+    for a, b in zip(ours, theirs, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, **tol)

@@ -1,0 +1,103 @@
+"""What every fast backend (the Numba CPU kernels, the Triton kernels) must do alike, checked against
+the composite backend and the float64 reference: every layout x activation x dtype x train/eval,
+accurate statistics far from zero, non-finite batches, the in-place mode's backward from the output,
+a gradient in another layout. Backend-specific checks (views, splits, threads, compilation) live in
+test_cpu.py and test_triton.py."""
+
+import numpy as np
+import pytest
+import torch
+
+import kernel_cases
+from bnlab import reference
+from bnlab.functional import INVERTIBLE_ACTIVATIONS
+from bnlab.kernels import cpu, torch_ops
+from bnlab.kernels import triton as triton_kernels
+from kernel_cases import ACT_CASES, LAYOUTS, assert_results_close
+
+DEVICES = {"numba": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+@pytest.fixture(params=["numba", "triton"])
+def backend(request, monkeypatch):
+    """(kernels module, device). Triton's reductions are cut into as many programs as there are
+    tiles, so every merge path runs."""
+    if request.param == "triton":
+        monkeypatch.setattr(triton_kernels, "_programs", lambda device: 1 << 20)
+        return triton_kernels, DEVICES["triton"]
+    return cpu, DEVICES["numba"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation,param", ACT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_matches_composite_backend(backend, name, dtype, activation, param, training):
+    kernels, device = backend
+    x, dy = (kernel_cases.make(name, dtype, seed, device=device) for seed in (0, 1))
+    w, b, rm, rv = kernel_cases.params(x.shape[1], dtype, device)
+    args = (w, b, rm, rv, training, 1e-5, activation, param)
+    ours, theirs = kernels.batch_norm_act_forward(x, *args), torch_ops.batch_norm_act_forward(x, *args)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    assert_results_close(ours, theirs, tol)
+    assert ours[0].stride() == x.stride()
+    mean, var = (ours[1], ours[2]) if training else (rm, rv)
+    assert_results_close(*[k.batch_norm_act_backward(dy, x, w, b, mean, var, training, 1e-5, activation, param)
+               for k in (kernels, torch_ops)], tol)
+
+
+@pytest.mark.parametrize("shape,fmt", [((32, 4, 16, 16), torch.contiguous_format),
+                                       ((32, 4, 16, 16), torch.channels_last),
+                                       ((4096, 8), torch.contiguous_format)])
+def test_statistics_stay_accurate_far_from_zero(backend, shape, fmt):
+    """float32 1e4 + N(0, 1): variance within 1e-3 relative, where E[x^2] - E[x]^2 fails."""
+    kernels, device = backend
+    g = torch.Generator().manual_seed(0)
+    x = (1e4 + torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    x = x.to(device).contiguous(memory_format=fmt)
+    dims = [0, *range(2, x.dim())]
+    exact = x.double().var(dims, unbiased=False)  # of the float32 values themselves
+    _, _, var = kernels.batch_norm_forward(x, None, None, None, None, True, 1e-5)
+    assert (var.double() / exact - 1).abs().max() <= 1e-3
+    naive = (x.square().mean(dims) - x.mean(dims).square()).double()
+    assert (naive / exact - 1).abs().max() > 1e-3  # the test can tell the difference
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter
+@pytest.mark.parametrize("name", ["nchw", "nhwc"])
+def test_statistics_of_a_non_finite_batch_are_not_finite(backend, name):
+    kernels, device = backend
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = kernel_cases.make(name, device=device)
+        x[1, 2, 3, 4] = bad
+        _, mean, var = kernels.batch_norm_forward(x, None, None, None, None, True, 1e-5)
+        assert not (torch.isfinite(mean[2]) and torch.isfinite(var[2]))
+        assert torch.isfinite(mean[[0, 1, 3, 4]]).all() and torch.isfinite(var[[0, 1, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("activation,param", [a for a in ACT_CASES if a[0] in INVERTIBLE_ACTIVATIONS])
+@pytest.mark.parametrize("name", ["nchw", "nhwc", "nc"])
+def test_backward_from_the_output_equals_backward_from_the_input(backend, name, activation, param):
+    kernels, device = backend
+    x, dy = (kernel_cases.make(name, seed=seed, device=device) for seed in (0, 1))
+    w, b, _, _ = kernel_cases.params(x.shape[1], x.dtype, device)
+    y = x.clone()
+    out, mean, var = kernels.batch_norm_act_forward(y, w, b, None, None, True, 1e-5, activation,
+                                                    param, out=y)
+    assert out is y and not torch.equal(y, x)
+    from_x = kernels.batch_norm_act_backward(dy, x, w, b, mean, var, True, 1e-5, activation, param)
+    from_y = kernels.batch_norm_act_backward(dy, y, w, b, mean, var, True, 1e-5, activation, param,
+                                             from_output=True)
+    assert_results_close(from_x, from_y, dict(atol=1e-10, rtol=1e-10))
+
+
+def test_grad_out_in_another_layout(backend):
+    kernels, device = backend
+    x = kernel_cases.make("nhwc", device=device)
+    dy = kernel_cases.make("nhwc", seed=1, device=device).contiguous()  # NCHW gradient, NHWC input
+    _, mean, var = kernels.batch_norm_forward(x, None, None, None, None, True, 1e-5)
+    dx, _, _ = kernels.batch_norm_backward(dy, x, None, mean, var, True, 1e-5)
+    _, cache = reference.spatial_batchnorm_forward(x.cpu().numpy(), np.ones(5), np.zeros(5), 1e-5)
+    expected, _, _ = reference.spatial_batchnorm_backward(dy.cpu().numpy(), cache)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(dx.cpu().numpy(), expected, atol=1e-10, rtol=1e-10)
