@@ -139,11 +139,17 @@ def backend_used(provider: str, x: torch.Tensor, mode: str) -> str:
     """The bnlab kernel backend module that runs the case's op on ``x`` for ``provider``."""
     if not provider.startswith("bnlab"):
         return ""
+    return backends_of_mode(x, mode, "torch" if provider == "bnlab-torch" else None)
+
+
+def backends_of_mode(x: torch.Tensor, mode: str, requested: str | None) -> str:
+    """e.g. "cpu", or "cpu+native" for a full step whose backward runs in another backend."""
     from bnlab.kernels import select_backend
 
-    op = {"bnrelu": "batch_norm_act", "eval": "batch_norm_eval"}.get(mode, "batch_norm")
-    module = select_backend(op, x, "torch" if provider == "bnlab-torch" else None)
-    return module.__name__.rsplit(".", 1)[-1]
+    ops = {"bnrelu": ["batch_norm_act"], "eval": ["batch_norm_eval"], "fwd": ["batch_norm"],
+           "bwd": ["batch_norm_backward"], "full": ["batch_norm", "batch_norm_backward"]}[mode]
+    names = dict.fromkeys(select_backend(op, x, requested).__name__.rsplit(".", 1)[-1] for op in ops)
+    return "+".join(names)
 
 
 def measure(fn, min_run_time: float, threads: int, warmup: int = 2) -> dict[str, float]:

@@ -37,7 +37,8 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
 
 import torch  # noqa: E402
 
-from bn_speed import MEMORY_FORMAT, PASSES, bnlab_module, make_module, workload  # noqa: E402
+from bn_speed import (MEMORY_FORMAT, PASSES, backends_of_mode, bnlab_module,  # noqa: E402
+                      make_module, workload)
 from common import append_rows, parse_shape, shape_name, time_ms  # noqa: E402
 
 SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14),
@@ -70,13 +71,6 @@ def timer(device: str, min_run_time: float):
 def bnlab_backend(x: torch.Tensor) -> str | None:
     """Automatic on a GPU; on the CPU (smoke run) the Triton kernels by name, in the interpreter."""
     return None if x.is_cuda else "triton"
-
-
-def backend_used(x: torch.Tensor, mode: str) -> str:
-    from bnlab.kernels import select_backend
-
-    op = {"bnrelu": "batch_norm_act", "eval": "batch_norm_eval"}.get(mode, "batch_norm")
-    return select_backend(op, x, bnlab_backend(x)).__name__.rsplit(".", 1)[-1]
 
 
 def provider_call(provider: str, x: torch.Tensor, mode: str):
@@ -118,7 +112,8 @@ def run_case(case: dict, x: torch.Tensor, modes, providers, measure) -> list[dic
                 row["status"] = f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
             else:
                 median = stats["median_ms"]
-                row.update(stats, backend=backend_used(x, mode) if provider == "bnlab" else "",
+                row.update(stats, backend=backends_of_mode(x, mode, bnlab_backend(x))
+                           if provider == "bnlab" else "",
                            copy_fraction=PASSES[mode] * copy_ms / (2 * median),
                            gbps=PASSES[mode] * nbytes / median / 1e6)
             rows.append(row)

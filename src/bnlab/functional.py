@@ -90,7 +90,9 @@ def _batch_norm_backward_op(
 
 def _batch_norm_backward_kernel(grad_out, input, weight, mean, var, mask, training, eps,
                                 output_mask, backend):
-    kernels = select_backend(_op_name(mask, training), input, backend)
+    op = _op_name(mask, training)
+    # a plain training backward is its own op: the fastest backend for it may not be the forward's
+    kernels = select_backend("batch_norm_backward" if op == "batch_norm" else op, input, backend)
     grads = kernels.batch_norm_backward(
         grad_out, input, weight, mean, var, training, eps, output_mask, mask
     )

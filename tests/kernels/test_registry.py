@@ -25,7 +25,7 @@ def float64_only_backend():
         return torch_ops.batch_norm_backward(*args)
 
     module = types.SimpleNamespace(batch_norm_forward=forward, batch_norm_backward=backward)
-    kernels.register_backend("f64only", module, lambda op, x: op == "batch_norm" and x.dtype == torch.float64,
+    kernels.register_backend("f64only", module, lambda op, x: op in ("batch_norm", "batch_norm_backward") and x.dtype == torch.float64,
                              priority=100)
     yield calls
     kernels.unregister_backend("f64only")
@@ -68,6 +68,31 @@ def test_many_channels_innermost_prefer_aten_unless_fused():
         assert kernels.select_backend("batch_norm", x, "numba") is cpu
         assert kernels.select_backend("batch_norm_act", x) is cpu
     assert kernels.select_backend("batch_norm", torch.randn(32, 64, 8, 8)) is cpu  # NCHW
+
+
+def test_backward_over_rows_goes_to_aten_below_two_million_values():
+    """The backward of rows of spatial values pays two parallel passes per call: ATen's wins on
+    smaller tensors; channels_last images with few channels stay with bnlab's kernels."""
+    from bnlab.kernels import cpu
+
+    small, large = torch.empty(8, 1, 256, 256), torch.empty(16, 3, 224, 224)
+    assert kernels.select_backend("batch_norm", small) is cpu  # its forward is bnlab's
+    assert kernels.select_backend("batch_norm_backward", small) is native
+    assert kernels.select_backend("batch_norm_backward", small, "numba") is cpu
+    assert kernels.select_backend("batch_norm_backward", large) is cpu
+    few = torch.empty(8, 3, 64, 64).to(memory_format=torch.channels_last)
+    assert kernels.select_backend("batch_norm_backward", few) is cpu
+
+
+def test_backward_selection_reaches_the_backward_op(float64_only_backend, monkeypatch):
+    """A plain training backward asks the registry for ``batch_norm_backward``."""
+    asked = []
+    select = kernels.select_backend
+    monkeypatch.setattr(bnlab.functional, "select_backend",
+                        lambda op, x, requested=None: asked.append(op) or select(op, x, requested))
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    bnlab.batch_norm(x, None, None, training=True).sum().backward()
+    assert asked == ["batch_norm", "batch_norm_backward"]
 
 
 def test_eval_goes_to_aten_unless_few_channels_innermost():

@@ -2,7 +2,8 @@
 
 A backend is a module with the functions of the ops it supports (see :mod:`bnlab.kernels.torch_ops`
 for their contract): ``batch_norm_forward``/``_backward`` (ops ``batch_norm`` and, with a mask,
-``batch_norm_masked``, and ``batch_norm_eval`` for eval mode), ``batch_norm_act_forward``/``_backward`` (op ``batch_norm_act``: fused
+``batch_norm_masked``, ``batch_norm_eval`` for eval mode, and ``batch_norm_backward`` for the
+backward of a plain training batch norm, which may go to another backend than its forward), ``batch_norm_act_forward``/``_backward`` (op ``batch_norm_act``: fused
 activation and the in-place mode) and ``layer_norm_forward``/``_backward`` (op ``layer_norm``). It is
 registered with a ``supports(op, tensor)`` predicate and a priority.
 
@@ -42,7 +43,8 @@ from . import native, torch_ops
 __all__ = ["Backend", "register_backend", "unregister_backend", "available_backends",
            "select_backend"]
 
-OPS = ("batch_norm", "batch_norm_masked", "batch_norm_eval", "batch_norm_act", "layer_norm")
+OPS = ("batch_norm", "batch_norm_backward", "batch_norm_masked", "batch_norm_eval", "batch_norm_act",
+       "layer_norm")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ _DTYPES = (torch.float32, torch.float64)
 
 def supports(op: str, x: Tensor) -> bool:
     """Plain batch norm (no mask, no fused activation), training or eval, in float32/float64."""
-    return op in ("batch_norm", "batch_norm_eval") and x.dtype in _DTYPES and x.numel() > 0
+    return op in ("batch_norm", "batch_norm_backward", "batch_norm_eval") and x.dtype in _DTYPES and x.numel() > 0
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):

@@ -48,7 +48,7 @@ from .torch_ops import accumulation_dtype, laid_out_like
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_OPS = ("batch_norm", "batch_norm_eval", "batch_norm_act")
+_OPS = ("batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_act")
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
 _TILE = 4096  # values per elementwise tile: 16 per thread at 8 warps
 _REDUCE_TILE = 2048  # values per reduction tile: 8 per thread, x3 running summaries
