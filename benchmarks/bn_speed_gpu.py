@@ -38,7 +38,7 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
 import torch  # noqa: E402
 
 from bn_speed import (MEMORY_FORMAT, PASSES, backends_of_mode, bnlab_module,  # noqa: E402
-                      make_module, workload)
+                      choose, make_module, workload)
 from common import append_rows, parse_shape, shape_name, time_ms  # noqa: E402
 
 SHAPES = [(256, 64, 112, 112), (256, 256, 56, 56), (256, 512, 28, 28), (256, 1024, 14, 14),
@@ -148,14 +148,6 @@ def speedup_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def choose(text: str, allowed) -> list[str]:
-    chosen = [t for t in text.split(",") if t]
-    unknown = [t for t in chosen if t not in allowed]
-    if unknown:
-        raise click.BadParameter(f"unknown {unknown}; expected some of {list(allowed)}")
-    return chosen
-
-
 @click.command()
 @click.option("--shapes", default=",".join(map(shape_name, SHAPES)), show_default=True)
 @click.option("--layouts", default="contiguous,channels_last", show_default=True)
@@ -171,9 +163,10 @@ def choose(text: str, allowed) -> list[str]:
 def main(shapes, layouts, dtypes, modes, providers, device, min_run_time, out) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise click.UsageError("no CUDA device: use --device cpu for a smoke run")
-    layouts = choose(layouts, ("contiguous", "channels_last"))
-    dtypes = [getattr(torch, d) for d in choose(dtypes, ("float32", "bfloat16", "float16"))]
-    modes, providers = choose(modes, MODES), choose(providers, PROVIDERS)
+    layouts = choose(layouts, ("contiguous", "channels_last"), "layouts")
+    dtypes = [getattr(torch, d)
+              for d in choose(dtypes, ("float32", "bfloat16", "float16"), "dtypes")]
+    modes, providers = choose(modes, MODES, "modes"), choose(providers, PROVIDERS, "providers")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     measure, rows = timer(device, min_run_time), []

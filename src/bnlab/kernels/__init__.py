@@ -70,13 +70,17 @@ def register_backend(
     """Add (or replace) a backend. ``supports(op, x)`` says whether it can run ``op`` on ``x``;
     ``prefers(op, x)`` (default: always) whether automatic selection should take it."""
     _BACKENDS[name] = Backend(name, module, supports, priority, prefers)
-    _BY_PRIORITY[:] = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+    _order_by_priority()
 
 
 def unregister_backend(name: str) -> None:
     """Remove a registered backend (e.g. one a test or a plugin added)."""
     del _BACKENDS[name]
-    _BY_PRIORITY[:] = [b for b in _BY_PRIORITY if b.name != name]
+    _order_by_priority()
+
+
+def _order_by_priority() -> None:
+    _BY_PRIORITY[:] = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
 
 
 def available_backends() -> list[str]:

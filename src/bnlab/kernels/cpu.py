@@ -39,7 +39,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from .torch_ops import laid_out_like
+from .torch_ops import is_channels_last, is_dense, laid_out_like
 
 _DTYPES = (torch.float32, torch.float64)
 # reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf": NaN must still poison the
@@ -288,15 +288,6 @@ def _rc_grad_input(v, dy, dx, mean, a, b, k1, k0, elu, p, from_output, blocks):
 # --------------------------------------------------------------------------------------------
 
 
-def is_channels_last(x: Tensor) -> bool:
-    """True for a dense channels-last layout: channels innermost, then spatial, then batch."""
-    if x.dim() == 4:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
-
-
 def supports(op: str, x: Tensor) -> bool:
     """CPU float32/float64, contiguous or channels_last, non-empty; no masked statistics."""
     return (
@@ -304,7 +295,7 @@ def supports(op: str, x: Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
         and x.numel() > 0
-        and (x.is_contiguous() or is_channels_last(x))
+        and is_dense(x)
     )
 
 

@@ -48,6 +48,20 @@ def values_per_channel(x: Tensor) -> int:
     return x.numel() // x.shape[1] if x.shape[1] else 0
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """True for a dense channels-last layout: channels innermost, then spatial, then batch."""
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def is_dense(x: Tensor) -> bool:
+    """Contiguous or channels_last: a layout the fast kernels walk without copying."""
+    return x.is_contiguous() or is_channels_last(x)
+
+
 def laid_out_like(y: Tensor, x: Tensor) -> Tensor:
     """y in x's dtype and in the layout torch.empty_like(x) gives (what the fake kernels promise).
 

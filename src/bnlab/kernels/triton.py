@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .torch_ops import accumulation_dtype, laid_out_like
+from .torch_ops import accumulation_dtype, is_dense, laid_out_like
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -306,11 +306,9 @@ def _grad_input_kernel(v_ptr, dy_ptr, dx_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr,
 # --------------------------------------------------------------------------------------------
 
 
-def _dense(x: Tensor) -> bool:
-    if x.is_contiguous():
-        return True
-    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or \
-        (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+def _dense_view(x: Tensor) -> Tensor:
+    """x itself when the kernels can walk it as (N, C, S), else a contiguous copy."""
+    return x if is_dense(x) else x.contiguous()
 
 
 def _tile_shape(c: int, s: int, rows: bool, budget: int) -> tuple[int, int]:
@@ -347,8 +345,10 @@ class _Geometry:
         self.splits = triton.cdiv(tiles, self.tiles_per_program)
         self.reduce_grid = (reduce_c_blocks, self.splits)
 
-    def args(self) -> tuple:
-        return (self.c, self.s, *self.strides)
+    def layout(self) -> dict:
+        """The kernels' view arguments: channels, positions per row and the three strides."""
+        sn, sc, ss = self.strides
+        return dict(C=self.c, S=self.s, sn=sn, sc=sc, ss=ss)
 
     def tile_grid(self) -> tuple[int, int, int]:
         return triton.cdiv(self.s, self.block_s), self.c_blocks, self.n
@@ -383,8 +383,9 @@ def _statistics(x: Tensor, geo: _Geometry) -> tuple[Tensor, Tensor]:
     """Batch mean and biased variance per channel, in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
     count, mean, m2 = torch.empty((3, geo.splits, geo.c), dtype=acc, device=x.device)
-    _stats_kernel[geo.reduce_grid](x, count, mean, m2, geo.n, *geo.args(),
-                                   geo.tiles_per_program, ACC=_tl_dtype(acc), **geo.reduce_blocks())
+    _stats_kernel[geo.reduce_grid](x, count, mean, m2, N=geo.n, **geo.layout(),
+                                   tiles_per_program=geo.tiles_per_program, ACC=_tl_dtype(acc),
+                                   **geo.reduce_blocks())
     out_mean, out_var = torch.empty((2, geo.c), dtype=acc, device=x.device)
     _merge_stats_kernel[(triton.cdiv(geo.c, _MERGE_BLOCK),)](
         count, mean, m2, out_mean, out_var, geo.c, geo.splits, ACC=_tl_dtype(acc),
@@ -418,18 +419,18 @@ def batch_norm_act_forward(
 
     Returns (y, mean, var) as :func:`bnlab.kernels.torch_ops.batch_norm_forward` does.
     """
-    src = x if _dense(x) else x.contiguous()
+    src = _dense_view(x)
     geo = _Geometry(src)
     if training:
         mean, var = _statistics(src, geo)
     else:
         mean, var = running_mean, running_var
-    direct = out is not None and out.stride() == src.stride() and _dense(out)
+    direct = out is not None and out.stride() == src.stride() and is_dense(out)
     y = out if direct else torch.empty_like(src)
     _normalize_kernel[geo.tile_grid()](
         src, y, mean, var, eps=float(eps), param=float(param), **_params(src, weight, bias),
-        C=geo.c, S=geo.s, sn=geo.strides[0], sc=geo.strides[1], ss=geo.strides[2],
-        ACT=ACTIVATION_CODES[activation], ACC=_tl_dtype(accumulation_dtype(x.dtype)),
+        **geo.layout(), ACT=ACTIVATION_CODES[activation],
+        ACC=_tl_dtype(accumulation_dtype(x.dtype)),
         **geo.blocks())
     if out is not None and not direct:
         y = out.copy_(y)
@@ -462,7 +463,7 @@ def batch_norm_act_backward(
     (a = weight * invstd; eval: only the first term). ``saved`` is x, or the output y when
     ``from_output`` (in-place mode: z = act^-1(y), x - mean = (z - bias) / a).
     """
-    src = saved if _dense(saved) else saved.contiguous()
+    src = _dense_view(saved)
     dy = laid_out_like(grad_out, src)
     geo = _Geometry(src)
     acc = accumulation_dtype(saved.dtype)
@@ -474,8 +475,7 @@ def batch_norm_act_backward(
     if training or want_params:
         partial_dz, partial_dzx = torch.empty((2, geo.splits, geo.c), dtype=acc, device=src.device)
         _grad_sums_kernel[geo.reduce_grid](src, dy, partial_dz, partial_dzx, mean, var,
-                                           N=geo.n, C=geo.c, S=geo.s, sn=geo.strides[0],
-                                           sc=geo.strides[1], ss=geo.strides[2],
+                                           N=geo.n, **geo.layout(),
                                            tiles_per_program=geo.tiles_per_program, **common,
                                            **geo.reduce_blocks())
         sum_dz, sum_dzx = torch.empty((2, geo.c), dtype=acc, device=src.device)
@@ -487,10 +487,8 @@ def batch_norm_act_backward(
         dx = torch.empty_like(src)
         sums = (sum_dz, sum_dzx) if training else (mean, mean)  # eval: unused pointers
         _grad_input_kernel[geo.tile_grid()](src, dy, dx, *sums, mean, var,
-                                            m=float(src.numel() // geo.c), C=geo.c, S=geo.s,
-                                            sn=geo.strides[0], sc=geo.strides[1],
-                                            ss=geo.strides[2], TRAINING=bool(training), **common,
-                                            **geo.blocks())
+                                            m=float(src.numel() // geo.c), **geo.layout(),
+                                            TRAINING=bool(training), **common, **geo.blocks())
         dx = laid_out_like(dx, saved)
     if weight is not None and output_mask[1]:
         dweight = sum_dzx * torch.rsqrt(var.to(acc) + eps)
@@ -508,7 +506,7 @@ def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
                         output_mask=(True, True, True), mask=None):
     """See :func:`bnlab.kernels.torch_ops.batch_norm_backward` (``mask`` is not supported here)."""
     if mean is None:  # recompute the statistics from x
-        src = x if _dense(x) else x.contiguous()
+        src = _dense_view(x)
         mean, var = _statistics(src, _Geometry(src))
     # The bias does not change dx, dweight or dbias without an activation.
     return batch_norm_act_backward(grad_out, x, weight, None, mean, var, training, eps,
