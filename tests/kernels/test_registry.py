@@ -92,7 +92,7 @@ def test_backward_selection_reaches_the_backward_op(float64_only_backend, monkey
                         lambda op, x, requested=None: asked.append(op) or select(op, x, requested))
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     bnlab.batch_norm(x, None, None, training=True).sum().backward()
-    assert asked == ["batch_norm", "batch_norm_backward"]
+    assert set(asked[:-1]) == {"batch_norm"} and asked[-1] == "batch_norm_backward"
 
 
 def test_eval_goes_to_aten_unless_few_channels_innermost():

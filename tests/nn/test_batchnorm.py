@@ -185,13 +185,20 @@ def test_one_value_per_channel_in_training_is_an_error_and_leaves_state():
     assert bn(torch.randn(1, 4)).shape == (1, 4)  # fine in eval
 
 
+NON_FINITE = {"inf": float("inf"), "nan": float("nan"), "overflowing variance": 3e38}
+
+
+@pytest.mark.parametrize("backend", [None, "native", "torch"])  # None: ATen's call, its own update
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("bad", NON_FINITE)
 @pytest.mark.parametrize("strict", [False, True])
-def test_non_finite_batch_leaves_running_statistics(strict):
-    bn = bnlab.nn.BatchNorm2d(3, strict=strict)
-    bn(torch.randn(4, 3, 5, 5))
+def test_non_finite_batch_leaves_running_statistics(strict, bad, momentum, backend):
+    bn = bnlab.nn.BatchNorm2d(3, momentum=momentum, strict=strict, backend=backend)
+    earlier = torch.randn(4, 3, 5, 5, requires_grad=True)
+    pending = bn(earlier).square().sum()  # its backward runs after the bad batch
     before = {k: v.clone() for k, v in bn.state_dict().items()}
     x = torch.randn(4, 3, 5, 5)
-    x[2, 1, 0, 0] = float("inf")
+    x[2, 1, 0, 0], x[3, 1, 0, 0] = NON_FINITE[bad], -NON_FINITE[bad]
     if strict:
         with pytest.raises(bnlab.NonFiniteStatisticsError, match=r"1 of 3 channels \(channels \[1\]\)"):
             bn(x)
@@ -199,8 +206,30 @@ def test_non_finite_batch_leaves_running_statistics(strict):
         bn(x)
     for key, value in bn.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    pending.backward()  # putting the statistics back did not invalidate the earlier graph
+    assert torch.isfinite(earlier.grad).all()
     bn(torch.randn(4, 3, 5, 5))  # a finite batch updates again
     assert int(bn.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("backend", [None, "native", "numba", "torch"])
+@pytest.mark.parametrize("shape", [(16, 8), (4, 8, 5, 5), (8, 8, 96, 96)])
+def test_module_applied_twice_before_one_backward(backend, shape):
+    """Two training calls of one module in one graph (e.g. a siamese net), then a backward: the
+    second call's running-statistics update must not break the first call's backward, as with
+    torch.nn."""
+    ours, theirs = BNLAB_CLASS[len(shape)](8, backend=backend), TORCH_CLASS[len(shape)](8)
+    a, b = torch.randn(shape), 3 * torch.randn(shape) + 1
+    ga, gb = torch.randn(shape), torch.randn(shape)  # upstream gradients
+    grads = []
+    for module in (ours, theirs):
+        xa, xb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        ((module(xa) * ga).sum() + (module(xb) * gb).sum()).backward()
+        grads.append((xa.grad, xb.grad, module.weight.grad, module.bias.grad))
+    for mine, ref in zip(*grads):  # float32 sums over up to 73,728 values: relative to the largest
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
 
 
 def test_extra_repr_names_bnlab_options():

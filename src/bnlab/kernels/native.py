@@ -37,6 +37,19 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
     return laid_out_like(y, x), empty, empty.clone()
 
 
+def batch_norm_with_autograd(x: Tensor, weight, bias, running_mean, running_var, training: bool,
+                             momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, invstd) from one ATen call, differentiable through ATen's own autograd node, with
+    the running statistics (if given, in training) updated inside the kernel:
+    running <- (1 - momentum) * running + momentum * batch (unbiased variance), as torch.nn does.
+
+    The eager CPU fast path of :func:`bnlab.functional.batch_norm` for what the registry gives this
+    backend; the caller guards the running statistics against a non-finite batch."""
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training,
+                                              momentum, eps)
+    return laid_out_like(y, x), mean, invstd
+
+
 def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training: bool,
                         eps: float, output_mask: Sequence[bool] = (True, True, True), mask=None):
     """See :func:`bnlab.kernels.torch_ops.batch_norm_backward`."""
