@@ -21,8 +21,10 @@ def machine() -> str:
 
 
 def sample_ms(fn, min_run_time: float = 1.0) -> list[float]:
-    """Per-call wall times of ``fn()`` in milliseconds (torch.utils.benchmark blocks)."""
-    measurement = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    """Per-call wall times of ``fn()`` in milliseconds (torch.utils.benchmark blocks), with torch's
+    current thread count (Timer's own default would run everything on one thread)."""
+    measurement = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                        ).blocked_autorange(min_run_time=min_run_time)
     return [t * 1e3 for t in measurement.times]
 
 
