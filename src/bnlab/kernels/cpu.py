@@ -18,11 +18,17 @@ Passes over memory (m = values per channel):
 - backward: one read of (x, dy) for the two sums, one read of (x, dy) and one write of dx;
 - eval forward: one read, one write.
 
-Statistics are accumulated in float64 around a per-channel shift (the channel's first value):
-``mean = k + sum(x - k) / m``, ``var = (sum((x - k)^2) - sum(x - k)^2 / m) / m``. With the shift
-inside the data's range the cancellation is that of the data's own spread, so float32 input at
-1e4 + N(0, 1) keeps ~1e-7 relative variance error, where the naive E[x^2] - E[x]^2 in float32 loses
-everything. Elementwise work is also done in float64 and rounded once.
+Statistics are sums around a per-channel shift (the channel's first value):
+``mean = k + sum(x - k) / m``, ``var = (sum((x - k)^2) - sum(x - k)^2 / m) / m``, summed in the
+input's dtype over spans of up to 1024 values (or 32 rows) and in float64 across spans. With the
+shift inside the data's range the cancellation is that of the data's own spread, so float32 input
+at 1e4 + N(0, 1) keeps ~1e-7 relative variance error, where the naive E[x^2] - E[x]^2 in float32
+loses everything.
+
+Loops run in the input's dtype (float32 SIMD is twice as wide as float64, and float64 arithmetic
+made the float32 kernels compute-bound). Elementwise work sees x - k with k the channel's mean
+rounded to that dtype (exact for x near the mean, by Sterbenz's lemma); the float64 rest k - mean
+is folded into the per-channel terms, so a large mean costs no accuracy: y = (x - k) * a + b'.
 
 Fused activations (see :func:`activation_code`) apply after the affine transform; the backward recomputes the
 pre-activation z from x (or, from the output in the in-place mode, inverts the activation) instead of
@@ -100,6 +106,8 @@ def _elu_grad(v, g, mean, a, b, alpha, from_output):
 # NCS kernels: x[n, c, s]; task t = ((n * C) + c) * B + block
 # --------------------------------------------------------------------------------------------
 
+_SPAN = 1024  # values summed in the input's dtype before they are added into float64
+
 
 @njit(inline="always", **_JIT)
 def _task(t, c_, s_, blocks):
@@ -118,10 +126,16 @@ def _ncs_stats(x, shift, blocks, out_sum, out_sq):
         row = x[n, c, lo:hi]
         s = 0.0
         q = 0.0
-        for i in range(row.shape[0]):
-            d = row[i] - k
-            s += d
-            q += d * d
+        for first in range(0, row.shape[0], _SPAN):  # in x's dtype per span, then float64
+            span = row[first:first + _SPAN]  # (a slice: an index range here does not vectorize)
+            cs = x.dtype.type(0)
+            cq = x.dtype.type(0)
+            for i in range(span.shape[0]):
+                d = span[i] - k
+                cs += d
+                cq += d * d
+            s += cs
+            q += cq
         out_sum[t] = s
         out_sq[t] = q
 
@@ -150,16 +164,22 @@ def _ncs_grad_sums(v, dy, mean, a, b, elu, p, from_output, blocks, out_dz, out_d
         row, g = v[n, c, lo:hi], dy[n, c, lo:hi]
         s = 0.0
         q = 0.0
-        if elu:
-            for i in range(row.shape[0]):
-                dz, xc = _elu_grad(row[i], g[i], mc, ac, bc, p, from_output)
-                s += dz
-                q += dz * xc
-        else:
-            for i in range(row.shape[0]):
-                dz, xc = _linear_grad(row[i], g[i], mc, ac, bc, p, from_output)
-                s += dz
-                q += dz * xc
+        for first in range(0, row.shape[0], _SPAN):
+            vs, gs = row[first:first + _SPAN], g[first:first + _SPAN]
+            cs = v.dtype.type(0)
+            cq = v.dtype.type(0)
+            if elu:
+                for i in range(vs.shape[0]):
+                    dz, xc = _elu_grad(vs[i], gs[i], mc, ac, bc, p, from_output)
+                    cs += dz
+                    cq += dz * xc
+            else:
+                for i in range(vs.shape[0]):
+                    dz, xc = _linear_grad(vs[i], gs[i], mc, ac, bc, p, from_output)
+                    cs += dz
+                    cq += dz * xc
+            s += cs
+            q += cq
         out_dz[t] = s
         out_dzx[t] = q
 
@@ -192,10 +212,10 @@ def _row_range(blk, r_, blocks):
     return blk * size, min(r_, (blk + 1) * size)
 
 
-# In RC loops every element also touches its channel's parameters and accumulators, so they run
-# in the input's precision (float32 SIMD is twice as wide): parameters are cast once per task, and
-# sums are kept per chunk of _CHUNK rows in the input's dtype, then added into float64 (the shift
-# keeps the chunk sums small, so float32 input loses nothing measurable).
+# In RC loops every element also touches its channel's parameters and accumulators: parameters
+# are cast once per task, and sums are kept per chunk of _CHUNK rows in the input's dtype, then
+# added into float64 (the shift keeps the chunk sums small, so float32 input loses nothing
+# measurable).
 _CHUNK = 32
 
 
@@ -388,11 +408,21 @@ class _Plan:
         return _rows(t).reshape(self.view.shape)
 
     def scalar(self, value: float):
-        """A scalar in the dtype the loops compute in (RC: the input's; NCS: float64)."""
-        return self.view.dtype.type(value) if self.view.ndim == 2 else float(value)
+        """A scalar in the dtype the loops compute in (the input's)."""
+        return self.view.dtype.type(value)
 
     def tile(self, *vectors: np.ndarray) -> list[np.ndarray]:
-        return [np.tile(v, self.k) if self.view.ndim == 2 else v for v in vectors]
+        """Per-channel vectors in the input's dtype, repeated k times for joined RC rows."""
+        dtype = self.view.dtype
+        return [(np.tile(v, self.k) if self.view.ndim == 2 else v).astype(dtype) for v in vectors]
+
+    def centre(self, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(k, k - mean): the loops compute x - k with k = mean rounded to the input's dtype (exact
+        for x near the mean), and the wrapper adds the small float64 rest k - mean back into the
+        per-channel terms, so float32 loops lose nothing to a large mean."""
+        k = mean.astype(self.view.dtype).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # inf - inf in a non-finite batch stays NaN
+            return k, k - mean
 
     def sums(self, kernel, *args) -> tuple[np.ndarray, np.ndarray]:
         """Run a partial-sum kernel; its per-task float64 results added per channel."""
@@ -456,10 +486,11 @@ def batch_norm_act_forward(
     else:
         mean, var = _vector(running_mean, c, 0.0), _vector(running_var, c, 1.0)
     a = _vector(weight, c, 1.0) / np.sqrt(var + eps)
-    b = _vector(bias, c, 0.0)
+    k, rest = plan.centre(mean)
+    b = _vector(bias, c, 0.0) + rest * a  # y = (x - k) * a + b
     y = torch.empty_like(x) if out is None else out
     elu, p = activation_code(activation, param)
-    plan.kernels[1](plan.view, plan.of(y), *plan.tile(mean, a, b), elu, plan.scalar(p),
+    plan.kernels[1](plan.view, plan.of(y), *plan.tile(k, a, b), elu, plan.scalar(p),
                     plan.blocks)
     if training:
         return y, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(var).to(x.dtype)
@@ -493,21 +524,23 @@ def batch_norm_act_backward(
     mean64, var64 = _vector(mean, c, 0.0), _vector(var, c, 1.0)
     invstd = 1.0 / np.sqrt(var64 + eps)
     a = _vector(weight, c, 1.0) * invstd
-    b = _vector(bias, c, 0.0)
     plan = _Plan(saved)
+    k, rest = plan.centre(mean64)
+    b = _vector(bias, c, 0.0) + rest * a  # z = (x - k) * a + b; the loops see x - k
     dy = plan.of(laid_out_like(grad_out, saved))
     elu, p = activation_code(activation, param)
     _, _, grad_sums, grad_input = plan.kernels
     p = plan.scalar(p)
-    sum_dz, sum_dz_xc = plan.sums(grad_sums, dy, *plan.tile(mean64, a, b), elu, p,
-                                  bool(from_output))
+    sum_dz, sum_dz_xk = plan.sums(grad_sums, dy, *plan.tile(k, a, b), elu, p, bool(from_output))
+    sum_dz_xc = sum_dz_xk + rest * sum_dz  # sum(dz * (x - mean)) from sum(dz * (x - k))
     dx = dweight = dbias = None
     if output_mask[0]:
         m = saved.numel() // c
         k1 = -a * invstd * invstd * sum_dz_xc / m if training else np.zeros(c)
-        k0 = -a * sum_dz / m if training else np.zeros(c)
+        # k1 (x - mean) = k1 (x - k) + k1 rest: the rest goes into the constant term
+        k0 = -a * sum_dz / m + k1 * rest if training else np.zeros(c)
         dx = torch.empty_like(saved)
-        grad_input(plan.view, dy, plan.of(dx), *plan.tile(mean64, a, b, k1, k0), elu, p,
+        grad_input(plan.view, dy, plan.of(dx), *plan.tile(k, a, b, k1, k0), elu, p,
                    bool(from_output), plan.blocks)
     acc = saved.dtype
     if weight is not None and output_mask[1]:
