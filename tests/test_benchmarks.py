@@ -37,7 +37,7 @@ def read_rows(path: Path) -> list[dict]:
 def test_bn_speed_smoke_run_writes_rows_and_a_table(tmp_path):
     out = run_script("bn_speed.py", "--shapes", "4x8x8x8", "--layouts", "contiguous",
                      "--modes", "full", "--providers", "bnlab,torch", "--min-run-time", "0.01",
-                     "--threads", "1", "--out", str(tmp_path))
+                     "--threads", "1", "--allocator", "reuse", "--out", str(tmp_path))
     rows = read_rows(tmp_path / "bn_speed.csv")
     assert set(rows[0]) == SPEED_COLUMNS
     assert [(r["mode"], r["provider"]) for r in rows] == [

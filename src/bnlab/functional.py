@@ -544,6 +544,16 @@ def _check_mask(mask, input: Tensor, training: bool):
     return count
 
 
+def _vectors_fit(input: Tensor, vectors) -> bool:
+    """The common case of :func:`_check_vector` for every (C,) vector at once, in a few
+    microseconds less (it runs on every call of every layer)."""
+    c, device = input.shape[1], input.device
+    allowed = (input.dtype, accumulation_dtype(input.dtype))
+    return all(t is None or (isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == c
+                             and t.dtype in allowed and t.device == device)
+               for _, t in vectors)
+
+
 def _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
                            eps, num_batches_tracked) -> None:
     _check_input("batch_norm", input)
@@ -552,11 +562,13 @@ def _check_batch_norm_args(input, running_mean, running_var, weight, bias, train
             f"batch_norm expects an input of rank >= 2 shaped (N, C, *) with channels on dim 1, "
             f"got shape {tuple(input.shape)}"
         )
-    channels = (input.shape[1],)
-    what = f"one value per channel, C = {input.shape[1]}"
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        _check_vector(name, t, channels, input, what)
+    vectors = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+               ("running_var", running_var))
+    if not _vectors_fit(input, vectors):  # then say which one does not, and why
+        channels = (input.shape[1],)
+        what = f"one value per channel, C = {input.shape[1]}"
+        for name, t in vectors:
+            _check_vector(name, t, channels, input, what)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
     if not training and running_mean is None:
