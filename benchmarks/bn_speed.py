@@ -38,7 +38,7 @@ by mode and provider). ``default`` keeps glibc's behaviour. The ``allocator`` co
 was used.
 
 Times are torch.utils.benchmark medians with p20/p80 (benchmarks/common.py); the providers of one
-mode are timed in turn, in 3 rounds, so that a slow stretch of the machine hits all of them. Threads: torch runs
+mode are timed in turn, in 8 rounds, so that a slow stretch of the machine hits all of them. Threads: torch runs
 ``--threads`` intra-op threads (default: every core, ``os.cpu_count()``); bnlab's CPU kernels follow
 torch's setting. Rows are appended after every shape, with a ``run`` stamp shared by the whole run.
 A case that cannot run (a module not in this bnlab yet, a failed compilation) is recorded with its
@@ -202,7 +202,7 @@ def row(case: dict, mode: str, provider: str, stats: dict | None, copy_ms: float
             "passes": PASSES[mode], **timed, "status": status}
 
 
-ROUNDS = 3  # providers of one mode are timed in turn, this many times: drift hits all alike
+ROUNDS = 8  # providers of one mode are timed in turn, this many times: drift hits all alike
 
 
 def prepare(x: torch.Tensor, mode: str, provider: str, threads: int):
