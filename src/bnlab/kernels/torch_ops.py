@@ -205,20 +205,21 @@ def activate(z: Tensor, activation: str, param: float) -> Tensor:
     if activation == "relu":
         return torch.relu(z)
     if activation == "leaky_relu":
-        return torch.where(z > 0, z, z * param)
+        return torch.nn.functional.leaky_relu(z, param)
     if activation == "elu":
-        return torch.where(z > 0, z, param * torch.expm1(z))
+        return torch.nn.functional.elu(z, param)
     return z
 
 
 def _activation_grad(dy: Tensor, z: Tensor, activation: str, param: float) -> Tensor:
-    """dy * act'(z)."""
+    """dy * act'(z), by ATen's activation backward kernels (torch.where with a scalar branch is
+    ~20x slower on the CPU: 2.3 ms on 256x4096)."""
     if activation == "relu":
-        return torch.where(z > 0, dy, 0.0)
+        return torch.ops.aten.threshold_backward(dy, z, 0.0)
     if activation == "leaky_relu":
-        return torch.where(z > 0, dy, dy * param)
+        return torch.ops.aten.leaky_relu_backward(dy, z, param, False)
     if activation == "elu":
-        return torch.where(z > 0, dy, dy * (param * torch.exp(z)))
+        return torch.ops.aten.elu_backward(dy, param, 1.0, 1.0, False, z)
     return dy
 
 
