@@ -38,7 +38,9 @@ by mode and provider). ``default`` keeps glibc's behaviour. The ``allocator`` co
 was used.
 
 Times are torch.utils.benchmark medians with p20/p80 (benchmarks/common.py); the providers of one
-mode are timed in turn, in 8 rounds, so that a slow stretch of the machine hits all of them. Threads: torch runs
+mode are timed in turn, in 8 rounds, so that a slow stretch of the machine hits all of them.
+``paired_speedup`` (the speed-up the tables give) is the median over the rounds of torch.nn's round
+median over the provider's, each pair timed a moment apart. Threads: torch runs
 ``--threads`` intra-op threads (default: every core, ``os.cpu_count()``); bnlab's CPU kernels follow
 torch's setting. Rows are appended after every shape, with a ``run`` stamp shared by the whole run.
 A case that cannot run (a module not in this bnlab yet, a failed compilation) is recorded with its
@@ -192,12 +194,14 @@ def row(case: dict, mode: str, provider: str, stats: dict | None, copy_ms: float
         nbytes: int, backend: str = "", status: str = "ok") -> dict:
     """One CSV row; every row has the same columns (empty where a case did not run)."""
     timed = {"median_ms": "", "p20_ms": "", "p80_ms": "", "copy_ms": "", "copy_equivalents": "",
-             "gbps": ""}
+             "gbps": "", "paired_speedup": ""}
     if stats:
         median = stats["median_ms"]
-        timed = {**{k: round(v, 5) for k, v in stats.items()}, "copy_ms": round(copy_ms, 5),
-                 "copy_equivalents": round(median / copy_ms, 3),
-                 "gbps": round(PASSES[mode] * nbytes / median / 1e6, 2)}
+        paired = stats.get("paired_speedup")
+        timed = {**{k: round(stats[k], 5) for k in ("median_ms", "p20_ms", "p80_ms")},
+                 "copy_ms": round(copy_ms, 5), "copy_equivalents": round(median / copy_ms, 3),
+                 "gbps": round(PASSES[mode] * nbytes / median / 1e6, 2),
+                 "paired_speedup": "" if paired is None else round(paired, 4)}
     return {**case, "mode": mode, "provider": provider, "backend": backend,
             "passes": PASSES[mode], **timed, "status": status}
 
@@ -224,15 +228,33 @@ def prepare(x: torch.Tensor, mode: str, provider: str, threads: int):
 
 def run_mode(x: torch.Tensor, mode: str, providers, min_run_time: float, threads: int):
     """Every provider of one mode, interleaved: ROUNDS rounds of min_run_time / ROUNDS each.
-    Returns [(provider, stats or None, backend, status)]."""
+    Returns [(provider, stats or None, backend, status)]; stats include ``paired_speedup``."""
     prepared = {p: prepare(x, mode, p, threads) for p in providers}
     samples = {p: [] for p in providers}
+    per_round = {p: [] for p in providers}  # each round's median
     for _ in range(ROUNDS):
         for provider, (fn, _, _) in prepared.items():
             if fn is not None:
-                samples[provider] += sample_ms(fn, min_run_time / ROUNDS)
-    return [(p, summarize(samples[p]) if samples[p] else None, backend, status)
-            for p, (_, backend, status) in prepared.items()]
+                times = sample_ms(fn, min_run_time / ROUNDS)
+                samples[provider] += times
+                per_round[provider].append(summarize(times)["median_ms"])
+    results = []
+    for p, (_, backend, status) in prepared.items():
+        stats = summarize(samples[p]) if samples[p] else None
+        if stats is not None:
+            stats["paired_speedup"] = paired_speedup(per_round.get("torch"), per_round[p])
+        results.append((p, stats, backend, status))
+    return results
+
+
+def paired_speedup(base_rounds, rounds) -> float | None:
+    """Median over rounds of base / provider, each round's medians taken a moment apart: a drift
+    of the machine (this one's memory bandwidth halves for minutes at a time) hits both sides of
+    each ratio, where the ratio of pooled medians mixes slow and fast stretches unevenly."""
+    if not base_rounds or len(base_rounds) != len(rounds):
+        return None
+    ratios = torch.tensor([b / r for b, r in zip(base_rounds, rounds)], dtype=torch.float64)
+    return float(ratios.median())
 
 
 def run_layout(case: dict, x: torch.Tensor, modes, providers, min_run_time) -> list[dict]:
@@ -280,11 +302,20 @@ def format_row(r: dict) -> str:
             f"{r['copy_equivalents']:5.2f} copies {r['gbps']:6.1f} GB/s {r['backend']}")
 
 
+def speedup(row: dict | None, base_row: dict | None) -> float | None:
+    """A provider's speed-up over torch.nn: the paired per-round ratio where the run has it (see
+    paired_speedup), else the ratio of the medians."""
+    if row is None or base_row is None:
+        return None
+    if row.get("paired_speedup"):
+        return float(row["paired_speedup"])
+    return float(base_row["median_ms"]) / float(row["median_ms"])
+
+
 def speedup_table(rows: list[dict], provider: str = "bnlab", base: str = "torch") -> str:
-    """Markdown: median(base) / median(provider) per shape and layout (rows) and mode (columns)."""
+    """Markdown: provider's speed-up over base per shape and layout (rows) and mode (columns)."""
     ok = [r for r in rows if r["status"] == "ok"]
-    median = {(r["shape"], r["layout"], r["dtype"], r["mode"], r["provider"]): float(r["median_ms"])
-              for r in ok}
+    by = {(r["shape"], r["layout"], r["dtype"], r["mode"], r["provider"]): r for r in ok}
     cases = list(dict.fromkeys((r["shape"], r["layout"], r["dtype"]) for r in ok))
     modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
     lines = ["| shape | layout | dtype | " + " | ".join(modes) + " |",
@@ -292,8 +323,8 @@ def speedup_table(rows: list[dict], provider: str = "bnlab", base: str = "torch"
     for case in cases:
         cells = []
         for mode in modes:
-            a, b = median.get((*case, mode, base)), median.get((*case, mode, provider))
-            cells.append(f"{a / b:.2f}x" if a and b else "-")
+            ratio = speedup(by.get((*case, mode, provider)), by.get((*case, mode, base)))
+            cells.append(f"{ratio:.2f}x" if ratio else "-")
         lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -358,7 +389,7 @@ def main(shapes, layouts, modes, providers, dtypes, min_run_time, threads, out, 
             path = append_rows("bn_speed.csv", shape_rows, out)
             rows += shape_rows
     print("\n".join(map(format_row, rows)))
-    print(f"\nappended to {path}\n\nspeedup of bnlab over torch.nn (median ratio):\n")
+    print(f"\nappended to {path}\n\nspeedup of bnlab over torch.nn (median over rounds of the paired ratio):\n")
     print(speedup_table(rows))
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:

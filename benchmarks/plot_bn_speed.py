@@ -2,8 +2,9 @@
 
     python benchmarks/plot_bn_speed.py    # -> results/bn_speed_speedup.png, bn_speed_copies.png, bn_speed.md
 
-- ``bn_speed_speedup.png``: median(torch.nn) / median(provider) per case, one panel per mode; the
-  error bars put the provider's p80 and p20 in place of its median (torch.nn's spread is not added).
+- ``bn_speed_speedup.png``: the speed-up over torch.nn per case (the median over the interleaved
+  rounds of each round's ratio, or median(torch.nn) / median(provider) for runs without it), one
+  panel per mode; the error bars put the provider's p80 and p20 in place of its median.
 - ``bn_speed_copies.png``: copy-equivalents (median / copy median of the same run) for fwd and full,
   with the acceptance limits 2.5 and 6 drawn.
 - ``bn_speed.md``: the speedup tables, the copy-equivalents and the acceptance checks of issue 3.
@@ -22,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from bn_speed import MODES, speedup_table  # noqa: E402
+from bn_speed import speedup as paired_or_median  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 COMPARED = ["bnlab", "bnlab-torch", "compile"]  # each against torch.nn
@@ -60,12 +62,14 @@ def case_label(case: tuple[str, str, str]) -> str:
 
 
 def speedup(by: dict, case: tuple, mode: str, provider: str) -> tuple[float, float, float] | None:
-    """torch.nn median over the provider's median, p80 and p20 (None where either did not run)."""
+    """The provider's speed-up over torch.nn (paired per-round ratio where the run has it, see
+    bn_speed.speedup), with torch.nn's median over the provider's p80 and p20 as the spread (None
+    where either did not run)."""
     base, r = by.get((*case, mode, "torch")), by.get((*case, mode, provider))
     if not (base and r):
         return None
     t = float(base["median_ms"])
-    return t / float(r["median_ms"]), t / float(r["p80_ms"]), t / float(r["p20_ms"])
+    return paired_or_median(r, base), t / float(r["p80_ms"]), t / float(r["p20_ms"])
 
 
 def grouped_bars(ax, labels, series: dict[str, list], ylabel: str) -> None:
@@ -185,7 +189,7 @@ def markdown(rows: list[dict]) -> str:
     failed = sorted({f"{x['mode']}/{x['provider']}: {x['status']}" for x in rows if x["status"] != "ok"})
     parts = [f"Batch-norm speed, CPU ({r['machine']}; run {r['run']}; median of "
              "torch.utils.benchmark blocked runs)",
-             "\nbnlab over torch.nn (median ratio, higher is faster):\n", speedup_table(rows),
+             "\nbnlab over torch.nn (median over the rounds of each round's ratio, higher is faster):\n", speedup_table(rows),
              "\ntorch.compile of torch.nn over torch.nn:\n", speedup_table(rows, "compile"),
              "\nCopy-equivalents (median / median of dst.copy_(x) in the same run; clone = "
              "x.clone(), a copy that allocates):\n", copies_table(rows),

@@ -15,7 +15,7 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 SPEED_COLUMNS = {"timestamp", "machine", "run", "shape", "group", "layout", "dtype", "threads",
                  "allocator", "mode",
                  "provider", "backend", "passes", "median_ms", "p20_ms", "p80_ms", "copy_ms",
-                 "copy_equivalents", "gbps", "status"}
+                 "copy_equivalents", "gbps", "paired_speedup", "status"}
 MEMORY_COLUMNS = {"timestamp", "machine", "shape", "depth", "provider", "threads", "tensor_bytes",
                   "saved_bytes", "peak_bytes", "saved_tensors", "peak_tensors", "saved_vs_torch",
                   "peak_vs_torch", "status"}
@@ -48,6 +48,8 @@ def test_bn_speed_smoke_run_writes_rows_and_a_table(tmp_path):
         assert float(r["copy_equivalents"]) > 0 and float(r["gbps"]) > 0
         assert (r["shape"], r["threads"], r["dtype"]) == ("4x8x8x8", "1", "float32")
         assert r["allocator"] == "reuse"  # the script re-ran itself with glibc's reuse settings
+    paired = {r["provider"]: r["paired_speedup"] for r in rows if r["mode"] == "full"}
+    assert float(paired["torch"]) == 1.0 and float(paired["bnlab"]) > 0  # per-round ratios
     assert "| 4x8x8x8 | contiguous | float32 |" in out
 
     run_script("plot_bn_speed.py", "--csv", str(tmp_path / "bn_speed.csv"), "--out", str(tmp_path))
