@@ -68,8 +68,9 @@ def speedup(by: dict, case: tuple, mode: str, provider: str) -> tuple[float, flo
     base, r = by.get((*case, mode, "torch")), by.get((*case, mode, provider))
     if not (base and r):
         return None
-    t = float(base["median_ms"])
-    return paired_or_median(r, base), t / float(r["p80_ms"]), t / float(r["p20_ms"])
+    t, mid = float(base["median_ms"]), paired_or_median(r, base)
+    # the spread is around the pooled median; the paired ratio may fall outside it
+    return mid, min(mid, t / float(r["p80_ms"])), max(mid, t / float(r["p20_ms"]))
 
 
 def grouped_bars(ax, labels, series: dict[str, list], ylabel: str) -> None:
@@ -189,7 +190,8 @@ def markdown(rows: list[dict]) -> str:
     failed = sorted({f"{x['mode']}/{x['provider']}: {x['status']}" for x in rows if x["status"] != "ok"})
     parts = [f"Batch-norm speed, CPU ({r['machine']}; run {r['run']}; median of "
              "torch.utils.benchmark blocked runs)",
-             "\nbnlab over torch.nn (median over the rounds of each round's ratio, higher is faster):\n", speedup_table(rows),
+             "\nbnlab over torch.nn (median over the rounds of each round's ratio, higher is "
+             "faster):\n", speedup_table(rows),
              "\ntorch.compile of torch.nn over torch.nn:\n", speedup_table(rows, "compile"),
              "\nCopy-equivalents (median / median of dst.copy_(x) in the same run; clone = "
              "x.clone(), a copy that allocates):\n", copies_table(rows),
