@@ -232,5 +232,22 @@ def test_module_applied_twice_before_one_backward(backend, shape):
         torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
 
 
+def test_parametrized_weight_is_used():
+    """The module reads its parameters from their registries for speed; a weight moved out by
+    torch.nn.utils.parametrize must still be the one used."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ours, theirs = bnlab.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for module in (ours, theirs):
+        parametrize.register_parametrization(module, "weight", Doubled())
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert not torch.allclose(ours(x), bnlab.nn.BatchNorm2d(3)(x))
+
+
 def test_extra_repr_names_bnlab_options():
     assert "strict=True, backend='torch'" in repr(bnlab.nn.BatchNorm2d(3, strict=True, backend="torch"))

@@ -47,7 +47,7 @@ def batch_norm_with_autograd(x: Tensor, weight, bias, running_mean, running_var,
     backend; the caller guards the running statistics against a non-finite batch."""
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training,
                                               momentum, eps)
-    return laid_out_like(y, x), mean, invstd
+    return (y if y.stride() == x.stride() else laid_out_like(y, x)), mean, invstd
 
 
 def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training: bool,

@@ -164,17 +164,27 @@ class BatchNorm(_NormBase):
     def _functional_args(self) -> dict:
         """Statistics, parameters and mode as torch.nn decides them: batch statistics in training
         or without running ones; running statistics updated only when tracked."""
+        running_mean = self._registered("running_mean")
         use_running = not self.training or self.track_running_stats
         return dict(
-            running_mean=self.running_mean if use_running else None,
-            running_var=self.running_var if use_running else None,
-            weight=self.weight,
-            bias=self.bias,
-            training=self.training or self.running_mean is None,
+            running_mean=running_mean if use_running else None,
+            running_var=self._registered("running_var") if use_running else None,
+            weight=self._registered("weight"),
+            bias=self._registered("bias"),
+            training=self.training or running_mean is None,
             momentum=self.momentum,
             eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked if use_running else None,
+            num_batches_tracked=self._registered("num_batches_tracked") if use_running else None,
         )
+
+    def _registered(self, name: str):
+        """A parameter or buffer straight from its registry (nn.Module.__getattr__ made up a third
+        of a small layer's Python overhead); by attribute when it is not there, e.g. a weight under
+        torch.nn.utils.parametrize."""
+        for registry in (self._parameters, self._buffers):
+            if name in registry:
+                return registry[name]
+        return getattr(self, name)
 
 
 class BatchNorm1d(BatchNorm):
