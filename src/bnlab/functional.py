@@ -283,9 +283,8 @@ def _batch_norm_in_aten(input, running_mean, running_var, weight, bias, training
         factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
     out, mean, invstd = native.batch_norm_with_autograd(input, weight, bias, running_mean,
                                                         running_var, True, factor, eps)
-    mean, invstd = mean.detach().numpy(), invstd.detach().numpy()
     # invstd = 1 / sqrt(var + eps) is 0 for an infinite variance
-    finite = bool(np.isfinite(mean).all() and np.isfinite(invstd).all() and invstd.all())
+    finite = _all_finite_on_host(mean, invstd) and bool(invstd.detach().numpy().all())
     if tracked and finite and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     elif tracked and not finite:
@@ -293,8 +292,8 @@ def _batch_norm_in_aten(input, running_mean, running_var, weight, bias, training
         running_var.detach().numpy()[:] = before[1]
     if strict and not finite:
         with np.errstate(divide="ignore", invalid="ignore"):
-            var = np.reciprocal(np.square(invstd)) - eps
-        _raise_if_not_finite(torch.from_numpy(mean), torch.from_numpy(var))
+            var = np.reciprocal(np.square(invstd.detach().numpy())) - eps
+        _raise_if_not_finite(mean.detach(), torch.from_numpy(var))
     return out
 
 

@@ -21,7 +21,8 @@ _DTYPES = (torch.float32, torch.float64)
 
 def supports(op: str, x: Tensor) -> bool:
     """Plain batch norm (no mask, no fused activation), training or eval, in float32/float64."""
-    return op in ("batch_norm", "batch_norm_backward", "batch_norm_eval") and x.dtype in _DTYPES and x.numel() > 0
+    return (op in ("batch_norm", "batch_norm_backward", "batch_norm_eval") and x.dtype in _DTYPES
+            and x.numel() > 0)
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
@@ -47,7 +48,7 @@ def batch_norm_with_autograd(x: Tensor, weight, bias, running_mean, running_var,
     backend; the caller guards the running statistics against a non-finite batch."""
     y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training,
                                               momentum, eps)
-    return (y if y.stride() == x.stride() else laid_out_like(y, x)), mean, invstd
+    return laid_out_like(y, x), mean, invstd
 
 
 def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training: bool,
