@@ -34,8 +34,9 @@ warm-up, for every provider. ``reuse`` re-runs it with glibc's MALLOC_MMAP_THRES
 MALLOC_TRIM_THRESHOLD_ raised; that removes most faults but not all (torch's aligned allocations
 leave freed blocks a little too small to reuse, so some calls still take fresh pages, and which
 provider's calls do depends on their other small allocations: measured 0-4,600 faults per call
-by mode and provider). ``default`` keeps glibc's behaviour. The ``allocator`` column records which
-was used.
+by mode and provider). ``thp`` keeps glibc but sets THP_MEM_ALLOC_ENABLE=1 (PyTorch then asks for
+transparent huge pages for large tensors: a fault per 2 MB instead of per 4 KB). ``default`` keeps
+glibc's behaviour. The ``allocator`` column records which was used.
 
 Times are torch.utils.benchmark medians with p20/p80 (benchmarks/common.py); the providers of one
 mode are timed in turn, in 8 rounds, so that a slow stretch of the machine hits all of them.
@@ -93,7 +94,7 @@ def allocator_environment(allocator: str) -> dict[str, str]:
             raise click.UsageError("--allocator jemalloc: libjemalloc.so.2 not found (install it, "
                                    "e.g. apt install libjemalloc2, or use --allocator reuse)")
         return {"LD_PRELOAD": library, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
-    return REUSE_ALLOCATIONS if allocator == "reuse" else {}
+    return {"reuse": REUSE_ALLOCATIONS, "thp": {"THP_MEM_ALLOC_ENABLE": "1"}}.get(allocator, {})
 
 
 def ensure_allocator(allocator: str) -> None:
@@ -368,9 +369,10 @@ def expand_shapes(text: str) -> list[tuple[int, ...]]:
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Directory for bn_speed.csv (default benchmarks/results).")
 @click.option("--allocator", default=default_allocator(), show_default=True,
-              type=click.Choice(["jemalloc", "reuse", "default"]),
+              type=click.Choice(["jemalloc", "reuse", "thp", "default"]),
               help="jemalloc: preloaded, keeping freed pages (no page faults per call); reuse: "
-                   "glibc told to keep freed large blocks (fewer faults); default: glibc as is.")
+                   "glibc told to keep freed large blocks (fewer faults); thp: PyTorch's "
+                   "THP_MEM_ALLOC_ENABLE=1 (huge pages); default: glibc as is.")
 def main(shapes, layouts, modes, providers, dtypes, min_run_time, threads, out, allocator) -> None:
     """Sweep shapes x layouts x dtypes x modes x providers; append rows to bn_speed.csv."""
     ensure_allocator(allocator)

@@ -87,3 +87,11 @@ def test_bn_speed_gpu_smoke_run_on_the_cpu_interpreter(tmp_path):
         assert (r["shape"], r["layout"], r["dtype"]) == ("4x8x8x8", "channels_last", "bfloat16")
         assert float(r["median_ms"]) > 0 and float(r["copy_fraction"]) > 0
     assert "| 4x8x8x8 | channels_last | bfloat16 | full |" in out
+
+
+def test_bn_speed_reruns_itself_with_the_allocator_asked_for(tmp_path):
+    run_script("bn_speed.py", "--shapes", "4x8x8x8", "--layouts", "contiguous", "--modes", "fwd",
+               "--providers", "torch", "--min-run-time", "0.01", "--threads", "1",
+               "--allocator", "thp", "--out", str(tmp_path))
+    rows = read_rows(tmp_path / "bn_speed.csv")
+    assert {r["allocator"] for r in rows} == {"thp"} and all(r["status"] == "ok" for r in rows)
