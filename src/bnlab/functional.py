@@ -252,14 +252,16 @@ def batch_norm(
     return out
 
 
-def _runs_in_aten(input: Tensor, training: bool, backend: Optional[str]) -> bool:
+def _runs_in_aten(input: Tensor, training: bool, backend: Optional[str],
+                  op: Optional[str] = None) -> bool:
     """Eager CPU batch norm that the registry gives to the ``native`` backend (ATen's kernels) runs
     as ATen's own differentiable op instead of through bnlab's Function: the same kernels both ways,
     without the wrapper, the variance recovered from ATen's 1/sqrt(var + eps) and a separate
     running-statistics update, which cost 10-20% of a 0.3-1 ms batch norm (benchmarks/bn_speed.py).
+    ``op`` defaults to plain batch norm's registry name.
     """
     return (input.device.type == "cpu" and not torch.compiler.is_compiling()
-            and select_backend(_op_name(None, training), input, backend) is native)
+            and select_backend(op or _op_name(None, training), input, backend) is native)
 
 
 def _batch_norm_in_aten(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -397,6 +399,9 @@ def batch_norm_act(
     with act one of identity, relu, leaky_relu (negative slope ``activation_param``, default 0.01)
     or elu (alpha ``activation_param``, default 1). The backward recomputes the pre-activation from
     x, so nothing but x is kept for it. Other arguments as :func:`batch_norm` (no mask).
+    Where automatic selection finds bnlab's kernels no faster (small CPU tensors, see
+    :func:`bnlab.kernels.cpu.prefers`), it runs as ATen's batch norm followed by the activation
+    instead, which keeps x and y (the in-place mode always runs fused).
 
     In-place activated mode (``inplace=True``, after Rota Bulo et al., "In-Place Activated
     BatchNorm", CVPR 2018, https://arxiv.org/abs/1712.02616): y is written over ``input`` (which is
@@ -409,6 +414,12 @@ def batch_norm_act(
     _check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
                            num_batches_tracked)
     activation, param = check_activation(activation, activation_param, inplace)
+    if not inplace and _runs_in_aten(input, training, backend, "batch_norm_act"):
+        # small tensors: ATen's differentiable batch norm, then PyTorch's activation (autograd
+        # then keeps x and y, where the fused op keeps x only: a small tensor's worth)
+        out = _batch_norm_in_aten(input, running_mean, running_var, weight, bias, training,
+                                  momentum, eps, num_batches_tracked, strict)
+        return torch_ops.activate(out, activation, param)
     out, mean, var = _BatchNormAct.apply(
         input, weight, bias, running_mean, running_var, training, eps, activation, param, inplace,
         backend,

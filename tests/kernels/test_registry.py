@@ -44,13 +44,14 @@ def test_numba_backend_is_preferred_for_what_it_runs():
     from bnlab.kernels import cpu
 
     for x in (torch.randn(2 ** 16, 3), torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last),
-              torch.randn(64, 8, 256, dtype=torch.float64)):
+              torch.empty(64, 8, 1024, dtype=torch.float64)):
         assert kernels.select_backend("batch_norm", x) is cpu
         assert kernels.select_backend("batch_norm_act", x) is cpu
-    tiny = torch.randn(2, 3, 4)  # the per-call cost decides: ATen's kernels, unless fused or named
+    tiny = torch.randn(2, 3, 4)  # the per-call cost decides: ATen's kernels, unless named
     assert kernels.select_backend("batch_norm", tiny) is native
-    assert kernels.select_backend("batch_norm_act", tiny) is cpu
+    assert kernels.select_backend("batch_norm_act", tiny) is native
     assert kernels.select_backend("batch_norm", tiny, "numba") is cpu
+    assert kernels.select_backend("batch_norm_act", tiny, "numba") is cpu
     # strided views and empty tensors: ATen's kernels; masked statistics: the composite backend
     for x in (torch.randn(3, 2).t(), torch.randn(4, 3, 6)[:, :, ::2]):
         assert kernels.select_backend("batch_norm", x) is native
@@ -58,16 +59,37 @@ def test_numba_backend_is_preferred_for_what_it_runs():
     assert kernels.select_backend("batch_norm_masked", torch.randn(4, 3, 6)) is torch_ops
 
 
-def test_many_channels_innermost_prefer_aten_unless_fused():
+def test_small_rows_of_spatial_values_go_to_aten_for_training():
+    """A training step over a small NCHW tensor costs less as ATen's differentiable op than as a
+    Numba forward plus bnlab's backward, unless its rows are long (few channels, large images)."""
+    from bnlab.kernels import cpu
+
+    plain_from, fused_from = cpu._NCS_FORWARD_FROM_NUMEL["batch_norm"], cpu._NCS_FORWARD_FROM_NUMEL["batch_norm_act"]
+    for numel, op, expected in ((plain_from // 2, "batch_norm", native), (plain_from, "batch_norm", cpu),
+                                (fused_from // 2, "batch_norm_act", native),
+                                (fused_from, "batch_norm_act", cpu)):
+        x = torch.empty(numel // (64 * 64), 64, 8, 8)  # rows of 64 values
+        assert kernels.select_backend(op, x) is expected, (op, tuple(x.shape))
+    long_rows = torch.empty(4, 3, 64, 64)  # 48K values in rows of 4096
+    assert kernels.select_backend("batch_norm", torch.empty(8, 3, 64, 64)) is cpu
+    assert kernels.select_backend("batch_norm_act", torch.empty(8, 3, 64, 64)) is cpu
+    assert kernels.select_backend("batch_norm", long_rows) is native  # below 64K values: ATen
+
+
+def test_many_channels_innermost_prefer_aten_unless_fused_and_large():
     """Plain BN over (N, C) or channels_last with many channels runs ATen's kernels; with a fused
-    activation, or when asked by name, bnlab's CPU kernels still run it."""
+    activation on a large tensor, or when asked by name, bnlab's CPU kernels run it."""
     from bnlab.kernels import cpu
 
     for x in (torch.randn(4096, 64), torch.randn(32, 64, 8, 8).to(memory_format=torch.channels_last)):
         assert kernels.select_backend("batch_norm", x) is native
         assert kernels.select_backend("batch_norm", x, "numba") is cpu
+        assert kernels.select_backend("batch_norm_act", x) is native
+    for x in (torch.empty(4096, 1024), torch.empty(64, 64, 32, 32).to(memory_format=torch.channels_last)):
+        assert kernels.select_backend("batch_norm", x) is native
         assert kernels.select_backend("batch_norm_act", x) is cpu
-    assert kernels.select_backend("batch_norm", torch.randn(32, 64, 8, 8)) is cpu  # NCHW
+    assert kernels.select_backend("batch_norm_act", torch.empty(1024, 4096)) is native  # too wide
+    assert kernels.select_backend("batch_norm", torch.empty(128, 64, 8, 8)) is cpu  # NCHW
 
 
 def test_backward_over_rows_goes_to_aten_below_two_million_values():

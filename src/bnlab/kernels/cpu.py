@@ -327,27 +327,37 @@ def supports(op: str, x: Tensor) -> bool:
 
 
 def prefers(op: str, x: Tensor) -> bool:
-    """What automatic selection should give these kernels (measured by benchmarks/bn_speed.py).
+    """What automatic selection should give these kernels (measured with benchmarks/bn_speed.py,
+    2 threads; below a threshold ATen's forward with its C++ autograd costs less than a Numba
+    call's fixed cost plus bnlab's Python backward).
 
-    Fused activations always. Plain batch norm is left to the ``native`` backend (ATen) where that
-    is as fast: tensors so small that the per-call cost (Numba dispatch, NumPy views) outweighs the
-    kernel; channels innermost ((N, C), channels_last) with many channels, where ATen's per-channel
-    vector loops already stream at memory speed; and eval (one streaming pass, which ATen also does
-    at copy speed) except with few channels innermost, where ATen's loops are short and slow. The
-    backward's two parallel passes cost more per call than the forward's, so for rows of spatial
-    values it needs a larger tensor to win (measured with one thread, before the float32 loops:
-    8x1x256x256 0.66x of ATen's, 16x3x224x224 0.96x; with two threads now 0.93x and 1.2-1.5x).
+    - Channels innermost ((N, C), channels_last) with many channels: ATen's per-channel vector loops
+      already stream at memory speed; only a fused activation on a large tensor gains from these
+      kernels (BN + ReLU 128x32x16x16 channels_last 1.1x, 4096x1024 1.4x of torch.nn's), and not
+      with thousands of channels, whose parameters and sums per row outrun L1 (256x4096: 0.80x,
+      ATen's BN then ReLU 0.96x).
+    - Few channels innermost: ATen's loops are short and slow there; these kernels from 64K values.
+    - Rows of spatial values (NCS): the training forward from 512K values (256K fused with an
+      activation), or from 64K when rows are long (S >= 4096); below that a full training step
+      (forward + backward) was 0.6-0.9x through these kernels and 0.9-0.95x through ATen's
+      differentiable op (32x64x8x8, 64x8x16x16, 64x64x8x8). The backward from 2M values (the
+      Numba backward's two parallel passes win only on large tensors). Eval: ATen's single
+      streaming pass is as fast.
     """
-    if op == "batch_norm_act":
-        return True
-    if x.numel() < _NUMBA_FROM_NUMEL:
-        return False
+    numel = x.numel()
     channels_innermost = _spatial(x) == 1 or (is_channels_last(x) and not x.is_contiguous())
+    if channels_innermost and x.shape[1] >= _NATIVE_FROM_CHANNELS:
+        return (op == "batch_norm_act" and numel >= _ACT_WIDE_ROWS_FROM_NUMEL
+                and x.shape[1] <= _ACT_WIDE_ROWS_MAX_CHANNELS)
+    if numel < _NUMBA_FROM_NUMEL:
+        return False
     if channels_innermost:
-        return x.shape[1] < _NATIVE_FROM_CHANNELS
+        return True
     if op == "batch_norm_backward":
-        return x.numel() >= _NUMBA_BACKWARD_FROM_NUMEL
-    return op == "batch_norm"
+        return numel >= _NUMBA_BACKWARD_FROM_NUMEL
+    if op in _NCS_FORWARD_FROM_NUMEL:
+        return numel >= _NCS_FORWARD_FROM_NUMEL[op] or _spatial(x) >= _LONG_ROW
+    return False
 
 
 def _rows(x: Tensor) -> np.ndarray:
@@ -383,6 +393,10 @@ _RC_ROW = 256  # RC rows shorter than this are joined k at a time: long inner lo
 _NATIVE_FROM_CHANNELS = 32  # see prefers()
 _NUMBA_FROM_NUMEL = 1 << 16
 _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
+_NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 19, "batch_norm_act": 1 << 18}
+_LONG_ROW = 4096
+_ACT_WIDE_ROWS_FROM_NUMEL = 1 << 20
+_ACT_WIDE_ROWS_MAX_CHANNELS = 2048
 
 
 class _Plan:

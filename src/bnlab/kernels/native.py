@@ -2,9 +2,12 @@
 
 Automatic selection sends here what bnlab's own kernels do not do better: on the CPU, inputs whose
 channels are the innermost dimension ((N, C) with many channels, channels_last) where PyTorch's
-vectorized per-channel loops are already near memory speed. Same contract as
-:mod:`bnlab.kernels.torch_ops`: bnlab still owns the running statistics, the non-finite guard and
-the argument checks; only the arithmetic runs in ATen.
+vectorized per-channel loops are already near memory speed, and small tensors, where a call's fixed
+cost outweighs the kernel. Same contract as :mod:`bnlab.kernels.torch_ops`: bnlab still owns the
+running statistics, the non-finite guard and the argument checks; only the arithmetic runs in ATen.
+A fused activation is ATen's batch norm followed by PyTorch's activation (eager code outside
+compile normally skips these functions: :func:`bnlab.functional.batch_norm_act` calls ATen's
+differentiable op and the activation directly, see :func:`batch_norm_with_autograd`).
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import torch_ops
 from .torch_ops import laid_out_like
 
 _DTYPES = (torch.float32, torch.float64)
 
 
 def supports(op: str, x: Tensor) -> bool:
-    """Plain batch norm (no mask, no fused activation), training or eval, in float32/float64."""
-    return (op in ("batch_norm", "batch_norm_backward", "batch_norm_eval") and x.dtype in _DTYPES
-            and x.numel() > 0)
+    """Batch norm without a mask (plain or with a fused activation), training or eval, in
+    float32/float64."""
+    return (op in ("batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_act")
+            and x.dtype in _DTYPES and x.numel() > 0)
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
@@ -66,3 +71,27 @@ def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training
             grad_out, x, weight, mean, var, None, None, False, eps, wanted)
     dx = None if dx is None else laid_out_like(dx, x)
     return (dx if wanted[0] else None, dw if wanted[1] else None, db if wanted[2] else None)
+
+
+def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps,
+                           activation="identity", param=0.0, out=None):
+    """See :func:`bnlab.kernels.torch_ops.batch_norm_act_forward`: ATen's batch norm, then the
+    activation (written into ``out`` when given: the in-place mode)."""
+    y, mean, var = batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
+    y = torch_ops.activate(y, activation, param)
+    if out is not None:
+        y = out.copy_(y)
+    return y, mean, var
+
+
+def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, eps,
+                            activation="identity", param=0.0, output_mask=(True, True, True),
+                            from_output=False):
+    """See :func:`bnlab.kernels.torch_ops.batch_norm_act_backward`: dz = dy * act'(z) with z
+    recomputed (or recovered from the output), then ATen's batch-norm backward."""
+    if from_output:  # z from y needs the activation's inverse: the composite backend has it
+        return torch_ops.batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training,
+                                                 eps, activation, param, output_mask, from_output)
+    z, _, _ = batch_norm_forward(saved, weight, bias, mean, var, False, eps)
+    dz = torch_ops.activation_grad(grad_out, z, activation, param)
+    return batch_norm_backward(dz, saved, weight, mean, var, training, eps, output_mask)
