@@ -285,8 +285,10 @@ def _batch_norm_in_aten(input, running_mean, running_var, weight, bias, training
         factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
     out, mean, invstd = native.batch_norm_with_autograd(input, weight, bias, running_mean,
                                                         running_var, True, factor, eps)
-    # invstd = 1 / sqrt(var + eps) is 0 for an infinite variance
-    finite = _all_finite_on_host(mean, invstd) and bool(invstd.detach().numpy().all())
+    # invstd = 1 / sqrt(var + eps) is NaN where the mean or the variance is NaN or an infinite
+    # input made them so, and 0 for an infinite variance: all statistics are finite iff its
+    # minimum is > 0 (a NaN minimum compares False)
+    finite = bool(invstd.detach().numpy().min() > 0)
     if tracked and finite and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     elif tracked and not finite:
