@@ -64,6 +64,7 @@ from common import append_rows, parse_shape, sample_ms, shape_name, summarize, t
 SHAPES = {  # group -> shapes
     "conv": [(64, 64, 56, 56), (256, 256, 14, 14), (128, 32, 32, 32), (32, 128, 28, 28)],
     "small-c": [(16, 3, 224, 224), (8, 1, 256, 256)],
+    "small": [(128, 32, 16, 16), (128, 64, 8, 8), (32, 64, 8, 8)],  # CIFAR-sized nets
     "mlp": [(4096, 1024), (65536, 64), (256, 4096)],
     "3d": [(8, 32, 16, 32, 32)],
 }
