@@ -107,7 +107,7 @@ def test_matches_float64_reference(activation, param):
 def test_inplace_keeps_only_the_output(backend):
     """Saved for backward: the output (which is the input's buffer) and per-channel vectors only;
     the fused op without in-place keeps x and no output; without in-place the native backend runs
-    ATen's batch norm then the activation, which keep x and the normalized tensor."""
+    ATen's batch norm then the activation, which keep x and one more tensor of its size."""
     x = rand((8, 4, 6, 6), torch.float32).requires_grad_()
     w, b, rm, rv = (t.requires_grad_() if i < 2 else t
                     for i, t in enumerate(params(4, torch.float32)))

@@ -403,7 +403,8 @@ def batch_norm_act(
     x, so nothing but x is kept for it. Other arguments as :func:`batch_norm` (no mask).
     Where automatic selection finds bnlab's kernels no faster (small CPU tensors, see
     :func:`bnlab.kernels.cpu.prefers`), it runs as ATen's batch norm followed by the activation
-    instead, which keeps x and y (the in-place mode always runs fused).
+    instead, which keeps x and one more tensor of its size (the activation's input or output) for
+    the backward; the in-place mode always runs fused.
 
     In-place activated mode (``inplace=True``, after Rota Bulo et al., "In-Place Activated
     BatchNorm", CVPR 2018, https://arxiv.org/abs/1712.02616): y is written over ``input`` (which is
@@ -418,7 +419,8 @@ def batch_norm_act(
     activation, param = check_activation(activation, activation_param, inplace)
     if not inplace and _runs_in_aten(input, training, backend, "batch_norm_act"):
         # small tensors: ATen's differentiable batch norm, then PyTorch's activation (autograd
-        # then keeps x and y, where the fused op keeps x only: a small tensor's worth)
+        # then keeps x and the activation's input or output, where the fused op keeps x only:
+        # one more small tensor)
         out = _batch_norm_in_aten(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, num_batches_tracked, strict)
         return torch_ops.activate(out, activation, param)
