@@ -345,12 +345,12 @@ def prefers(op: str, x: Tensor) -> bool:
       streaming pass is as fast.
     """
     numel = x.numel()
+    if numel < _NUMBA_FROM_NUMEL:  # every rule below needs at least this many values
+        return False
     channels_innermost = _spatial(x) == 1 or (is_channels_last(x) and not x.is_contiguous())
     if channels_innermost and x.shape[1] >= _NATIVE_FROM_CHANNELS:
         return (op == "batch_norm_act" and numel >= _ACT_WIDE_ROWS_FROM_NUMEL
                 and x.shape[1] <= _ACT_WIDE_ROWS_MAX_CHANNELS)
-    if numel < _NUMBA_FROM_NUMEL:
-        return False
     if channels_innermost:
         return True
     if op == "batch_norm_backward":
@@ -395,7 +395,7 @@ _NUMBA_FROM_NUMEL = 1 << 16
 _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
 _NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 19, "batch_norm_act": 1 << 18}
 _LONG_ROW = 4096
-_ACT_WIDE_ROWS_FROM_NUMEL = 1 << 20
+_ACT_WIDE_ROWS_FROM_NUMEL = 1 << 20  # >= _NUMBA_FROM_NUMEL (prefers() tests that one first)
 _ACT_WIDE_ROWS_MAX_CHANNELS = 2048
 
 
