@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test test-cpus install clean
 
 $(BIN)/bnlab: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,5 +19,19 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The Numba kernels' tests again with code generated for other CPUs than this one: AVX2 only
+# (haswell) and no AVX at all (generic), each with its own kernel cache. Float results must hold
+# whatever vector width the kernels were compiled for.
+NUMBA_TESTS := tests/kernels/test_cpu.py tests/kernels/test_contract.py tests/kernels/test_registry.py \
+	tests/nn/test_batchnorm.py tests/test_functional_act.py
+NUMBA_CPUS := haswell generic
+
+test-cpus: install
+	@for cpu in $(NUMBA_CPUS); do \
+		echo "== NUMBA_CPU_NAME=$$cpu"; \
+		NUMBA_CPU_NAME=$$cpu NUMBA_CACHE_DIR=$(CURDIR)/.numba-cache/$$cpu \
+			$(BIN)/python -m pytest -q -p no:cacheprovider -k "not triton" $(NUMBA_TESTS) || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .numba-cache

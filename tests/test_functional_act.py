@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from tolerances import FORWARD, GRADIENT, assert_close
+from tolerances import assert_step_within, batch_norm_bounds
 
 import bnlab
 from bnlab import functional as F
@@ -48,37 +48,61 @@ def torch_version(x, w, b, rm, rv, training, activation, param, inplace, eps=1e-
     return TORCH_ACT[activation](z, F.check_activation(activation, param, inplace)[1])
 
 
+def run_step(fn, x, dy, w, b, rm, rv):
+    """Forward + backward of fn(x, w, b, rm, rv) on fresh leaves: (results dict, output)."""
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    stats = rm.clone(), rv.clone()
+    xin = leaves[0] * 1.0  # a non-leaf: the in-place mode overwrites it
+    y = fn(xin, *leaves[1:], *stats)
+    out = y.detach().clone()
+    y.backward(dy)
+    results = dict(out=out, dx=leaves[0].grad, dweight=leaves[1].grad, dbias=leaves[2].grad,
+                   running_mean=stats[0], running_var=stats[1])
+    return results, y, xin
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("activation,param,inplace", CASES)
 @pytest.mark.parametrize("shape,fmt", SHAPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_torch(backend, shape, fmt, activation, param, inplace, dtype, training):
+    """bnlab and torch.nn.functional each within the derived bound of the float64 truth."""
     x, dy = rand(shape, dtype, 0, fmt), rand(shape, dtype, 1, fmt)
     w, b, rm, rv = params(shape[1], dtype)
-    ours_stats, theirs_stats = (rm.clone(), rv.clone()), (rm.clone(), rv.clone())
-    ours_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    theirs_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    xin = ours_leaves[0] * 1.0  # a non-leaf: the in-place mode overwrites it
-    y = F.batch_norm_act(xin, *ours_stats, *ours_leaves[1:], training, 0.1, 1e-5, activation,
-                         param, inplace=inplace, backend=backend)
-    expected = torch_version(theirs_leaves[0], *theirs_leaves[1:], *theirs_stats, training,
-                             activation, param, inplace)
+    p = F.check_activation(activation, param, inplace)[1]
+    ours, y, xin = run_step(lambda x, w, b, rm, rv: F.batch_norm_act(
+        x, rm, rv, w, b, training, 0.1, 1e-5, activation, param, inplace=inplace, backend=backend),
+        x, dy, w, b, rm, rv)
     assert (y is xin) == inplace
     assert y.stride() == x.stride()
-    assert_close(y, expected, dtype, FORWARD)
-    y.backward(dy)
-    expected.backward(dy)
-    for ours, theirs in zip(ours_leaves, theirs_leaves):
-        assert_close(ours.grad, theirs.grad, dtype, GRADIENT)
-    for ours, theirs in zip(ours_stats, theirs_stats):
-        assert_close(ours, theirs, dtype, FORWARD)
+    theirs, _, _ = run_step(lambda x, w, b, rm, rv: torch_version(
+        x, w, b, rm, rv, training, activation, param, inplace), x, dy, w, b, rm, rv)
+    truth, bounds = batch_norm_bounds(x, dy, w, b, rm, rv, training=training, momentum=0.1,
+                                      eps=1e-5, dtype=dtype, activation=activation, param=p,
+                                      inplace=inplace)
+    if not training:
+        for results in (ours, theirs):
+            assert torch.equal(results.pop("running_mean"), rm)
+            assert torch.equal(results.pop("running_var"), rv)
+    assert_step_within(ours, truth, bounds, "bnlab ")
+    assert_step_within(theirs, truth, bounds, "torch ")
+
+
+def gradcheck_cases():
+    """backend x layout. Triton's interpreter spends ~8 s per channels_last gradcheck; its backward
+    on that layout is held to the composite backend's (gradchecked here) at 1e-12 in the contract
+    grid (tests/kernels/test_contract.py), so it is gradchecked on (N, C) only."""
+    for backend in BACKENDS:
+        yield pytest.param(backend, (6, 3), None, id=f"{backend}-(6, 3)")
+        if backend != "triton":
+            yield pytest.param(backend, (3, 2, 3, 4), torch.channels_last,
+                               id=f"{backend}-(3, 2, 3, 4)-channels_last")
 
 
 @pytest.mark.parametrize("activation,param,inplace", CASES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape,fmt", [((6, 3), None), ((3, 2, 3, 4), torch.channels_last)], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,shape,fmt", gradcheck_cases())
 def test_gradcheck(backend, shape, fmt, training, activation, param, inplace):
     x = rand(shape, fmt=fmt).requires_grad_()
     w, b, rm, rv = params(shape[1], torch.float64)

@@ -294,7 +294,7 @@ def _batch_norm_in_aten(input, running_mean, running_var, weight, bias, training
     elif tracked and not finite:
         running_mean.detach().numpy()[:] = before[0]
         running_var.detach().numpy()[:] = before[1]
-    if strict and not finite:
+    if strict and not finite and input.numel() > 0:  # an empty batch has no statistics to check
         with np.errstate(divide="ignore", invalid="ignore"):
             var = np.reciprocal(np.square(invstd.detach().numpy())) - eps
         _raise_if_not_finite(mean.detach(), torch.from_numpy(var))
@@ -437,7 +437,10 @@ def batch_norm_act(
 def record_batch_statistics(running_mean, running_var, num_batches_tracked, mean, var, count,
                             momentum, strict: bool) -> None:
     """After a training batch: fold its statistics into the running ones (if tracked; skipped for a
-    non-finite batch), and in ``strict`` mode raise on non-finite statistics."""
+    non-finite batch), and in ``strict`` mode raise on non-finite statistics. An empty batch has
+    no statistics: nothing is recorded, nothing raised, ``num_batches_tracked`` is not counted."""
+    if isinstance(count, int) and count == 0:
+        return
     if running_mean is not None:
         _update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
                               momentum)
