@@ -17,7 +17,7 @@ demo: install
 	$(BIN)/bnlab demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 # The Numba kernels' tests again with code generated for other CPUs than this one: AVX2 only
 # (haswell) and no AVX at all (generic), each with its own kernel cache. Float results must hold

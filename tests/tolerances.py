@@ -347,3 +347,13 @@ def assert_rounded_once(actual, expected, name="result"):
     u_half = ROUNDOFF[actual.dtype]
     expected = expected.detach().to(torch.float64)
     assert_within(actual, expected, u_half * expected.abs(), name)
+
+
+def assert_statistics_within(mean, var, x, label=""):
+    """A kernel's batch mean and biased variance of x within E_mu and E_v of the float64 truth."""
+    zero = torch.zeros_like(x)
+    truth, bounds = batch_norm_bounds(x.cpu(), zero.cpu(), None, None, None, None, training=True,
+                                      momentum=None, eps=1e-5, dtype=x.dtype)
+    for name, value in (("mean", mean), ("var", var)):
+        value = torch.as_tensor(value).cpu()
+        assert_within(value, truth[name], bounds[name], f"{label}{name}")
