@@ -102,7 +102,7 @@ def gradcheck_cases():
 
 @pytest.mark.parametrize("activation,param,inplace", CASES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("backend,shape,fmt", gradcheck_cases())
+@pytest.mark.parametrize("backend,shape,fmt", list(gradcheck_cases()))
 def test_gradcheck(backend, shape, fmt, training, activation, param, inplace):
     x = rand(shape, fmt=fmt).requires_grad_()
     w, b, rm, rv = params(shape[1], torch.float64)

@@ -85,7 +85,7 @@ def module_grid():
              str(momentum), "train" if training else "eval", backend, str(dtype)]))
 
 
-@pytest.mark.parametrize("shape,layout,affine,track,momentum,training,backend,dtype", module_grid())
+@pytest.mark.parametrize("shape,layout,affine,track,momentum,training,backend,dtype", list(module_grid()))
 def test_matches_torch_nn(shape, layout, affine, track, momentum, training, backend, dtype):
     """bnlab and torch.nn each within the derived bound of the float64 truth of their own state:
     bnlab is as close to the truth as torch.nn (never two float32 roundings compared)."""
