@@ -5,16 +5,13 @@ are imported."""
 import os
 
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-try:  # Hypothesis profiles: "ci" (the default) is derandomized, so every run draws the same examples
-    from hypothesis import settings
-
-    settings.register_profile("ci", max_examples=300, derandomize=True, deadline=None, print_blob=True)
-    settings.register_profile("long", max_examples=3000, deadline=None, print_blob=True)
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-except ImportError:  # only the property-based tests need it
-    pass
+# Hypothesis profiles: "ci" (the default) is derandomized, so every run draws the same examples
+settings.register_profile("ci", max_examples=300, derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("long", max_examples=3000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

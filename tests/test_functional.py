@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from tolerances import FORWARD, GRADIENT, assert_close, assert_step_within, batch_norm_bounds, layer_norm_bounds
+from tolerances import assert_step_within, batch_norm_bounds, layer_norm_bounds
 
 import bnlab
 from bnlab import functional as F

@@ -176,12 +176,13 @@ def _activation_terms(z, activation, param):
 
 def batch_norm_bounds(x, dy, weight, bias, running_mean, running_var, *, training, momentum, eps,
                       dtype, num_batches_tracked=None, activation="identity", param=0.0,
-                      inplace=False, truth=None):
-    """Elementwise error bounds (float64 tensors, keyed as :func:`batch_norm_truth`'s result) for an
-    implementation that computes in ``compute_dtype(dtype)``; see the module docstring for each
-    line. The rounding of each result to its own dtype is added by :func:`assert_within`.
+                      inplace=False):
+    """(truth, bounds): :func:`batch_norm_truth`'s result, and elementwise error bounds (float64
+    tensors, same keys) for an implementation that computes in ``compute_dtype(dtype)``; see the
+    module docstring for each line. The rounding of each result to its own dtype is added by
+    :func:`assert_within`.
     """
-    truth = truth or batch_norm_truth(
+    truth = batch_norm_truth(
         x, dy, weight, bias, running_mean, running_var, training=training, momentum=momentum,
         eps=eps, num_batches_tracked=num_batches_tracked, activation=activation, param=param,
         inplace=inplace)
@@ -264,10 +265,13 @@ def assert_within(actual, truth, bound, name="result", truncated=False):
 
 def assert_step_within(results: dict, truth: dict, bounds: dict, label="", truncated=False):
     """Each result of a step (out, dx, dweight, dbias, running statistics, num_batches_tracked)
-    within its bound of the truth; keys missing from ``results`` are not checked."""
+    within its bound of the truth; keys missing from ``results`` are not checked. A result the
+    truth does not have (or the reverse: a missing gradient) is an error."""
     for key, value in results.items():
-        if value is None or truth.get(key) is None:
-            assert value is None or key == "num_batches_tracked" or truth.get(key) is None, key
+        expected = truth.get(key)
+        assert (value is None) == (expected is None), \
+            f"{label}{key}: {'no' if value is None else 'a'} result, {'a' if value is None else 'no'} truth"
+        if value is None:
             continue
         if key == "num_batches_tracked":
             assert int(value) == truth[key], f"{label}num_batches_tracked {int(value)} != {truth[key]}"
@@ -280,25 +284,22 @@ def check_module_step(module, x, grad_out, dtype=None, label=""):
     every result within its derived bound of the float64 truth computed from the module's state
     before the step. ``dtype``: the precision the module computes in (default x's, with half
     types computed in float32); the results' own dtypes set their final rounding."""
+    state_keys = ("running_mean", "running_var", "num_batches_tracked")
     tracked = module.running_mean is not None
     use_batch = module.training or not tracked
-    before = {k: None if t is None else t.detach().clone() for k, t in
-              (("running_mean", module.running_mean), ("running_var", module.running_var),
-               ("num_batches_tracked", module.num_batches_tracked))}
+    before = {k: None if getattr(module, k) is None else getattr(module, k).clone() for k in state_keys}
     truth, bounds = batch_norm_bounds(
-        x, grad_out, module.weight, module.bias,
-        before["running_mean"] if tracked else None, before["running_var"] if tracked else None,
+        x, grad_out, module.weight, module.bias, before["running_mean"], before["running_var"],
         training=use_batch, momentum=module.momentum, eps=module.eps, dtype=dtype or x.dtype,
-        num_batches_tracked=before["num_batches_tracked"] if tracked else None)
+        num_batches_tracked=before["num_batches_tracked"])
     out, dx, dparams = run(module, x, grad_out)
     results = dict(out=out, dx=dx, dweight=dparams[0] if module.weight is not None else None,
                    dbias=dparams[-1] if module.bias is not None else None)
-    if module.running_mean is not None:
-        results.update(running_mean=module.running_mean, running_var=module.running_var,
-                       num_batches_tracked=module.num_batches_tracked)
-        if not (tracked and use_batch):  # not updated this step: unchanged, bit for bit
-            for key in ("running_mean", "running_var", "num_batches_tracked"):
-                assert torch.equal(results.pop(key), before[key]), f"{label}{key} changed"
+    if tracked and use_batch:
+        results.update({k: getattr(module, k) for k in state_keys})
+    elif tracked:  # eval: not updated, unchanged bit for bit
+        for key in state_keys:
+            assert torch.equal(getattr(module, key), before[key]), f"{label}{key} changed"
     assert_step_within(results, truth, bounds, label, truncated=_truncates(module))
     return out, dx, dparams
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from tolerances import FORWARD, GRADIENT, assert_close, assert_step_within, batch_norm_bounds
+from tolerances import FORWARD, assert_close, assert_step_within, batch_norm_bounds
 from torch import nn
 
 import bnlab
