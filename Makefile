@@ -30,7 +30,7 @@ test-cpus: install
 	@for cpu in $(NUMBA_CPUS); do \
 		echo "== NUMBA_CPU_NAME=$$cpu"; \
 		NUMBA_CPU_NAME=$$cpu NUMBA_CACHE_DIR=$(CURDIR)/.numba-cache/$$cpu \
-			$(BIN)/python -m pytest -q -p no:cacheprovider -k "not triton" $(NUMBA_TESTS) || exit 1; \
+			$(BIN)/python -m pytest -q -p no:cacheprovider -k "not triton and not gpu" $(NUMBA_TESTS) || exit 1; \
 	done
 
 clean:

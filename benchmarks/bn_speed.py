@@ -13,7 +13,7 @@ Modes (what one timed call does; the module is built once per case and warmed up
 
 Providers:
   bnlab        bnlab.nn modules, automatic kernel backend (the ``backend`` column says which one ran)
-  bnlab-torch  bnlab.nn modules with backend="torch", the composite PyTorch backend (a control)
+  bnlab-torch  bnlab.nn modules with backend="composite": PyTorch ops only (a control)
   torch        torch.nn.BatchNorm1d/2d/3d (+ torch.nn.ReLU)
   compile      torch.compile(dynamic=False) of the torch.nn module, compiled afresh for every case
 
@@ -140,7 +140,7 @@ def make_module(provider: str, ndim: int, c: int, act: bool, dtype: torch.dtype)
         torch._dynamo.reset()  # a fresh compilation: no recompile limit hit, no shape generalization
         module = torch.compile(torch_module(ndim, c, act), dynamic=False)
     else:
-        module = bnlab_module(ndim, c, act, "torch" if provider == "bnlab-torch" else None)
+        module = bnlab_module(ndim, c, act, "composite" if provider == "bnlab-torch" else None)
     return module.to(dtype)
 
 
@@ -169,7 +169,7 @@ def backend_used(provider: str, x: torch.Tensor, mode: str) -> str:
     """The bnlab kernel backend module that runs the case's op on ``x`` for ``provider``."""
     if not provider.startswith("bnlab"):
         return ""
-    return backends_of_mode(x, mode, "torch" if provider == "bnlab-torch" else None)
+    return backends_of_mode(x, mode, "composite" if provider == "bnlab-torch" else None)
 
 
 def backends_of_mode(x: torch.Tensor, mode: str, requested: str | None) -> str:
@@ -178,7 +178,7 @@ def backends_of_mode(x: torch.Tensor, mode: str, requested: str | None) -> str:
 
     ops = {"bnrelu": ["batch_norm_act"], "eval": ["batch_norm_eval"], "fwd": ["batch_norm"],
            "bwd": ["batch_norm_backward"], "full": ["batch_norm", "batch_norm_backward"]}[mode]
-    names = dict.fromkeys(select_backend(op, x, requested).__name__.rsplit(".", 1)[-1] for op in ops)
+    names = dict.fromkeys(select_backend(op, x, requested).name for op in ops)
     return "+".join(names)
 
 

@@ -70,7 +70,7 @@ def timer(device: str, min_run_time: float):
 
 def bnlab_backend(x: torch.Tensor) -> str | None:
     """Automatic on a GPU; on the CPU (smoke run) the Triton kernels by name, in the interpreter."""
-    return None if x.is_cuda else "triton"
+    return None if x.is_cuda else "gpu"
 
 
 def provider_call(provider: str, x: torch.Tensor, mode: str):

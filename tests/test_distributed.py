@@ -24,7 +24,6 @@ import pytest
 import torch
 
 import bnlab
-from bnlab.distributed import merge_statistics
 from bnlab.nn import SyncBatchNorm
 
 HERE = Path(__file__).resolve()
@@ -38,45 +37,6 @@ LAUNCH_DEADLINE = 90.0  # seconds before the ranks of one launch are killed
 TOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.bfloat16: 2e-2}
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 4e-2}
 BATCHES = {2: (4, 7), 3: (5, 0, 3)}  # rows per rank; an empty rank included
-
-
-# --------------------------------------------------------------------------------------------
-# merge_statistics (no processes)
-# --------------------------------------------------------------------------------------------
-
-
-def _parts(sizes, c=3, offset=0.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(sum(sizes), c, generator=g, dtype=torch.float64) * 2 + offset
-    counts, means, m2s = [], [], []
-    for part in x.split(list(sizes)):
-        counts.append(float(part.shape[0]))
-        mean = part.mean(0) if part.shape[0] else torch.zeros(c, dtype=torch.float64)
-        means.append(mean)
-        m2s.append(((part - mean) ** 2).sum(0))
-    return x, torch.tensor(counts, dtype=torch.float64), torch.stack(means), torch.stack(m2s)
-
-
-@pytest.mark.parametrize("sizes", [(5,), (4, 7), (5, 0, 3), (0, 6, 0, 1), (1, 1)], ids=str)
-def test_merge_statistics_equals_whole_batch(sizes):
-    x, counts, means, m2s = _parts(sizes)
-    n, mean, var = merge_statistics(counts, means, m2s)
-    assert float(n) == sum(sizes)
-    torch.testing.assert_close(mean, x.mean(0), atol=1e-13, rtol=1e-13)
-    torch.testing.assert_close(var, x.var(0, correction=0), atol=1e-13, rtol=1e-13)
-
-
-def test_merge_statistics_is_stable_far_from_zero():
-    # float32 parts 1e4 away from zero with spread 1: E[x^2] - E[x]^2 would lose every digit
-    x, counts, means, m2s = _parts((300, 500, 200), offset=1e4, seed=1)
-    _, mean, var = merge_statistics(counts.float(), means.float(), m2s.float())
-    torch.testing.assert_close(var.double(), x.var(0, correction=0), atol=0, rtol=1e-4)
-    torch.testing.assert_close(mean.double(), x.mean(0), atol=0, rtol=1e-6)
-
-
-def test_merge_statistics_of_nothing_is_nan():
-    n, mean, var = merge_statistics(torch.zeros(2), torch.zeros(2, 3), torch.zeros(2, 3))
-    assert float(n) == 0 and mean.isnan().all() and var.isnan().all()
 
 
 def test_world_size_without_process_group_is_one():

@@ -45,4 +45,5 @@ def test_loop_lstm_is_torch_lstm():
     x = torch.randn(7, 4, 3)
     (a, (ha, ca)), (b, (hb, cb)) = ref(x), loop(x)
     torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ha[0], hb)
     torch.testing.assert_close(ca[0], cb)

@@ -32,7 +32,7 @@ def _max_abs(a, b):
     return np.max(np.abs(np.asarray(a) - np.asarray(b)))
 
 
-# --- cs231n sanity checks (SPEC section 6) ---------------------------------------------------
+# --- cs231n sanity checks (its batch-norm assignment) ---------------------------------------------------
 
 
 def test_train_forward_standardizes(rng):
@@ -147,7 +147,7 @@ def test_rel_error():
     assert ref.rel_error([0.0], [1e-9]) == pytest.approx(0.1)  # denominator floored at 1e-8
 
 
-# --- analytic facts (SPEC sections 1-2) ---------------------------------------------------------
+# --- analytic facts (Ioffe & Szegedy 2015, section 3) ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("m", [2, 5])
@@ -194,7 +194,7 @@ def test_fold_affine_equals_eval_forward(rng, affine):
 
 
 def test_identity_is_recoverable(rng):
-    # gamma = sqrt(Var[x] + eps), beta = E[x] undoes the normalization (SPEC section 1).
+    # gamma = sqrt(Var[x] + eps), beta = E[x] undoes the normalization (Ioffe & Szegedy 2015, section 3).
     x = rng.standard_normal((30, 4)) * [1.0, 2.0, 3.0, 4.0] + [0.0, -5.0, 5.0, 9.0]
     out, _ = ref.batchnorm_forward(x, np.sqrt(x.var(axis=0) + 1e-5), x.mean(axis=0))
     np.testing.assert_allclose(out, x, atol=1e-12)

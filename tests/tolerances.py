@@ -306,7 +306,7 @@ def check_module_step(module, x, grad_out, dtype=None, label=""):
 
 def _truncates(module) -> bool:
     """Triton's CPU interpreter (no GPU here) truncates float32 to bfloat16; a GPU rounds."""
-    return getattr(module, "backend", None) == "triton" and not torch.cuda.is_available()
+    return getattr(module, "backend", None) == "gpu" and not torch.cuda.is_available()
 
 
 def layer_norm_bounds(x, dy, weight, bias, normalized_ndim, *, eps, dtype):

@@ -40,11 +40,15 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import functional as F
-from .kernels import select_backend
-from .kernels.torch_ops import (accumulation_dtype, laid_out_like, per_channel, reduction_dims,
+from .checks import check_batch_norm_args, check_mask
+from .kernels import Backend, select_backend
+from .kernels.composite import (accumulation_dtype, laid_out_like, per_channel,
                                 training_input_grad, values_per_channel)
+from .ops import batch_norm_op_name
+from .statistics import merge_statistics, record_batch_statistics
 
-__all__ = ["sync_batch_norm", "merge_statistics", "world_size", "SyncBatchNormError"]
+__all__ = ["sync_batch_norm", "batch_norm_over_group", "resolve_group", "world_size",
+           "SyncBatchNormError"]
 
 TimeoutLike = Union[None, int, float, datetime.timedelta]
 
@@ -68,7 +72,7 @@ def world_size(process_group=None) -> int:
     return dist.get_world_size(process_group)
 
 
-def _resolve_group(process_group):
+def resolve_group(process_group):
     """The group to synchronize over, or None when there is no other rank to synchronize with."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
@@ -181,74 +185,51 @@ def _check_same_call(calls: list[float], channels: list[float], call: _Call, dir
 # --------------------------------------------------------------------------------------------
 
 
-def merge_statistics(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Combine per-part (count, mean, M2) into the whole's (count, mean, biased variance).
+def _local_statistics(input: Tensor, mask: Optional[Tensor],
+                      kernels: Backend) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's (count, mean, M2) per channel over its (valid) positions, by the backend's
+    kernels (:meth:`bnlab.kernels.contract.Kernels.batch_statistics`).
 
-    Chan, Golub & LeVeque's parallel formula (1979), in its k-part form: with n = sum_p n_p,
-
-    .. math::
-        \mu = \sum_p \frac{n_p}{n} \mu_p, \qquad
-        M_2 = \sum_p M_{2,p} + \sum_p n_p (\mu_p - \mu)^2, \qquad \sigma^2 = M_2 / n
-
-    Args:
-        counts: (P,) values per part (any may be 0).
-        means, m2s: (P, C) per-part means and sums of squared deviations from them; an empty
-            part's entries must be finite (they get weight 0).
-
-    Returns:
-        (n, mean, var): n a 0-dim tensor, mean and var (C,), in the inputs' dtype. n = 0 gives NaN
-        statistics, as batch norm on an empty batch does.
-
-    Details:
-        - numerically stable: no E[x^2] - E[x]^2 cancellation; the spread between the parts enters
-          through (mu_p - mu)^2, computed from means;
-        - a non-finite part (inf/NaN data) makes the result non-finite, which the running-statistics
-          update then skips, as for a single process.
+    Returns a 0-dim float64 count and (C,) mean and M2 in the accumulation dtype; zeros where the
+    count is 0 (their weight in the merge is 0, and NaN * 0 would still be NaN).
     """
-    n = counts.sum()
-    weights = (counts / n).unsqueeze(1)  # (P, 1); NaN when n == 0
-    mean = (weights * means).sum(0)  # (C,)
-    spread = (counts.unsqueeze(1) * (means - mean).square()).sum(0)  # (C,)
-    return n, mean, (m2s.sum(0) + spread) / n
-
-
-def _local_statistics(xa: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """This rank's (count, mean, M2) per channel over its (valid) positions.
-
-    Returns a 0-dim float64 count and (C,) mean and M2 in xa's dtype; zeros where the count is 0
-    (their weight in the merge is 0, and NaN * 0 would still be NaN).
-    """
-    dims = reduction_dims(xa)
+    acc = accumulation_dtype(input.dtype)
     if mask is None:
-        m = values_per_channel(xa)
-        count = torch.tensor(float(m), dtype=_EXCHANGE_DTYPE, device=xa.device)
-        if m == 0:  # var_mean of nothing is NaN (and warns)
-            zeros = xa.new_zeros(xa.shape[1])
+        values = values_per_channel(input)
+        count = torch.tensor(float(values), dtype=_EXCHANGE_DTYPE, device=input.device)
+        if values == 0:  # the statistics of nothing are NaN
+            zeros = input.new_zeros(input.shape[1], dtype=acc)
             return count, zeros, zeros.clone()
-        var, mean = torch.var_mean(xa, dim=dims, correction=0)  # (C,): two-pass, accurate
-        return count, mean, var * m
-    valid = mask.unsqueeze(1)  # (N, 1, *) against xa (N, C, *)
-    count = mask.sum()  # on the device: no host sync here
-    # torch.where, not a product: padding may hold anything, inf and NaN included
-    mean = torch.where(valid, xa, 0).sum(dims) / count.clamp(min=1)  # (C,)
-    centered = torch.where(valid, xa - per_channel(mean, xa), 0)  # (N, C, *)
-    return count.to(_EXCHANGE_DTYPE), mean, centered.square().sum(dims)
+    else:
+        count = mask.sum().to(_EXCHANGE_DTYPE)  # on the device: no host sync here
+    mean, var = kernels.module.batch_statistics(input.detach(), mask)
+    if mask is not None:  # an empty part: zeros, not NaN
+        mean, var = (torch.where(count > 0, t, 0) for t in (mean, var))
+    return count, mean.to(acc), (var * count).to(acc)
 
 
-def _global_statistics(xa: Tensor, mask: Optional[Tensor], call: Optional[_Call]):
-    """(m, mean, var) over every rank's valid positions: m a Python int, mean/var (C,) in xa's dtype."""
-    count, mean, m2 = _local_statistics(xa, mask)
+def _global_statistics(input: Tensor, mask: Optional[Tensor], call: Optional[_Call],
+                       kernels: Backend):
+    """(count, mean, var) over every rank's valid positions: count a Python int, mean and biased
+    var (C,) in the accumulation dtype (NaN for count 0, as batch norm on an empty batch)."""
+    acc = accumulation_dtype(input.dtype)
+    count, mean, m2 = _local_statistics(input, mask, kernels)
     mean, m2 = mean.to(_EXCHANGE_DTYPE), m2.to(_EXCHANGE_DTYPE)
     if call is None:  # this process alone: one part
-        n, mean, var = merge_statistics(count.view(1), mean.unsqueeze(0), m2.unsqueeze(0))
-        return int(n.item()), mean.to(xa.dtype), var.to(xa.dtype)
-    header = torch.tensor([call.index, call.channels], dtype=_EXCHANGE_DTYPE, device=xa.device)
+        n, mean, m2 = merge_statistics(count.view(1), mean.unsqueeze(0), m2.unsqueeze(0))
+        return int(n.item()), _mean_or_nan(mean, n).to(acc), (m2 / n).to(acc)
+    header = torch.tensor([call.index, call.channels], dtype=_EXCHANGE_DTYPE, device=input.device)
     table = _all_gather(torch.cat([count.view(1), header, mean, m2]), call)  # (W, 3 + 2C)
     counts, calls, channels = table[:, :_HEADER].T.tolist()  # the one host read of the forward
     _check_same_call(calls, channels, call, "forward")
     means, m2s = table[:, _HEADER:].unflatten(1, (2, -1)).unbind(1)  # (W, C) each
-    _, mean, var = merge_statistics(table[:, 0], means, m2s)
-    return int(sum(counts)), mean.to(xa.dtype), var.to(xa.dtype)
+    n, mean, m2 = merge_statistics(table[:, 0], means, m2s)
+    return int(sum(counts)), _mean_or_nan(mean, n).to(acc), (m2 / n).to(acc)
+
+
+def _mean_or_nan(mean: Tensor, n: Tensor) -> Tensor:
+    """The merged mean, NaN when there is nothing to average (as batch norm on an empty batch)."""
+    return torch.where(n > 0, mean, float("nan"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,16 +240,17 @@ def _global_statistics(xa: Tensor, mask: Optional[Tensor], call: Optional[_Call]
 class _SyncBatchNormFunction(torch.autograd.Function):
     """y = (x - mean) * invstd * weight + bias with (mean, var) given, the global batch statistics.
 
-    Forward normalizes with the selected kernel backend (its eval path: given statistics). Backward
-    treats mean and var as the functions of every rank's input they are (SPEC section 1, compact form).
+    Forward normalizes with the selected backend's kernels (its eval path: given statistics).
+    Backward treats mean and var as the functions of every rank's input they are (Ioffe & Szegedy
+    2015, section 3, in the compact form of :meth:`bnlab.kernels.contract.Kernels.batch_norm_backward`):
+    this rank's sum(dy) and sum(dy * xhat) come from the same backend, summed over the ranks.
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, mean, var, mask, m, eps, call, backend):
-        kernels = select_backend("batch_norm", input, backend)
-        out, _, _ = kernels.batch_norm_forward(input, weight, bias, mean, var, False, eps)
+    def forward(ctx, input, weight, bias, mean, var, mask, count, eps, call, kernels):
+        out, _, _ = kernels.module.batch_norm_forward(input, weight, bias, mean, var, False, eps)
         ctx.save_for_backward(input, weight, mean, var, mask)
-        ctx.m, ctx.eps, ctx.call = m, eps, call
+        ctx.count, ctx.eps, ctx.call, ctx.kernels = count, eps, call, kernels
         ctx.param_dtypes = (None if weight is None else weight.dtype,
                             None if bias is None else bias.dtype)
         return out
@@ -277,22 +259,27 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         input, weight, mean, var, mask = ctx.saved_tensors
-        acc = accumulation_dtype(input.dtype)
-        xa, dy = input.to(acc), grad_out.to(acc)
-        dims = reduction_dims(input)
-        invstd = torch.rsqrt(var + ctx.eps)  # (C,), as the forward kernels compute it
-        xhat = (xa - per_channel(mean, xa)) * per_channel(invstd, xa)  # (N, C, *)
-        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)  # (C,) this rank's, all positions
+        sum_dy_xhat, sum_dy = _local_sums(grad_out, input, mean, var, ctx.eps, ctx.kernels)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:  # the same on every rank (same model), as in torch.nn's SyncBN
             total_dy, total_dy_xhat = _global_sums(sum_dy, sum_dy_xhat, ctx.call)
-            dx = _input_grad(dy, xa, xhat, invstd, weight, total_dy, total_dy_xhat, ctx.m, mask)
-            dx = laid_out_like(dx, input)
+            dx = _input_grad(grad_out, input, weight, mean, var, ctx.eps, total_dy, total_dy_xhat,
+                             ctx.count, mask)
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = sum_dy_xhat.to(ctx.param_dtypes[0])  # local: DDP reduces parameter grads
         if ctx.needs_input_grad[2]:
             dbias = sum_dy.to(ctx.param_dtypes[1])
         return dx, dweight, dbias, None, None, None, None, None, None, None
+
+
+def _local_sums(grad_out, input, mean, var, eps, kernels: Backend) -> tuple[Tensor, Tensor]:
+    """This rank's sum(dy * xhat) and sum(dy) per channel over all its positions: the parameter
+    gradients of a batch norm with weight 1, from the backend's backward kernel."""
+    acc = accumulation_dtype(input.dtype)
+    ones = torch.ones(input.shape[1], dtype=acc, device=input.device)
+    _, sum_dy_xhat, sum_dy = kernels.module.batch_norm_backward(
+        grad_out, input, ones, mean, var, True, eps, (False, True, True))
+    return sum_dy_xhat.to(acc), sum_dy.to(acc)
 
 
 def _global_sums(sum_dy: Tensor, sum_dy_xhat: Tensor, call: Optional[_Call]) -> tuple[Tensor, Tensor]:
@@ -308,31 +295,45 @@ def _global_sums(sum_dy: Tensor, sum_dy_xhat: Tensor, call: Optional[_Call]) -> 
     return total_dy, total_dy_xhat
 
 
-def _input_grad(dy, xa, xhat, invstd, weight, total_dy, total_dy_xhat, m, mask):
-    """The compact-form dx of :func:`bnlab.kernels.torch_ops.training_input_grad`, sums over all ranks."""
-    scale = invstd if weight is None else invstd * weight.to(xa.dtype)  # (C,)
-    return training_input_grad(dy, xhat, scale, total_dy, total_dy_xhat, m, mask)
+def _input_grad(grad_out, input, weight, mean, var, eps, total_dy, total_dy_xhat, count, mask):
+    """dx of :func:`bnlab.kernels.composite.training_input_grad` with the sums and the count of
+    every rank, laid out like the input."""
+    acc = accumulation_dtype(input.dtype)
+    xa, dy = input.to(acc), grad_out.to(acc)
+    invstd = torch.rsqrt(var + eps)  # (C,), as the forward kernels compute it
+    xhat = (xa - per_channel(mean, xa)) * per_channel(invstd, xa)  # (N, C, *)
+    scale = invstd if weight is None else invstd * weight.to(acc)  # (C,)
+    dx = training_input_grad(dy, xhat, scale, total_dy, total_dy_xhat, count, mask)
+    return laid_out_like(dx, input)
 
 
-def _batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked,
-                mask, group, timeout, call_index, strict, backend) -> Tensor:
-    """Training-mode batch norm with statistics over ``group``'s ranks (None: this process alone)."""
+def batch_norm_over_group(input: Tensor, running_mean: Optional[Tensor],
+                         running_var: Optional[Tensor], weight: Optional[Tensor],
+                         bias: Optional[Tensor], momentum: Optional[float], eps: float, *,
+                         num_batches_tracked: Optional[Tensor] = None,
+                         mask: Optional[Tensor] = None, group=None, timeout: TimeoutLike = None,
+                         call_index: int = 0, strict: bool = False,
+                         backend: Optional[str] = None) -> Tensor:
+    """Training-mode :func:`sync_batch_norm` over an already resolved ``group`` (see
+    :func:`resolve_group`; None: this process alone), arguments already checked: what
+    :class:`bnlab.nn.SyncBatchNorm` calls on every training step."""
     call = None
     if group is not None:
         call = _Call(group, dist.get_rank(group), dist.get_world_size(group), int(call_index),
                      input.shape[1], as_timeout(timeout))
-    xa = input.detach().to(accumulation_dtype(input.dtype))
-    m, mean, var = _global_statistics(xa, mask, call)
-    if m == 1:  # the same verdict on every rank: all raise, none is left waiting
+    kernels = select_backend(batch_norm_op_name(mask, True), input, backend)
+    count, mean, var = _global_statistics(input, mask, call, kernels)
+    if count == 1:  # the same verdict on every rank: all raise, none is left waiting
         where = ("" if call is None else
                  f" on this rank and 1 value per channel over all {call.world} ranks")
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}"
             f"{' with 1 valid position' if mask is not None else ''}{where}"
         )
-    out = _SyncBatchNormFunction.apply(input, weight, bias, mean, var, mask, m, eps, call, backend)
-    F.record_batch_statistics(running_mean, running_var, num_batches_tracked, mean, var, m, momentum,
-                              strict)
+    out = _SyncBatchNormFunction.apply(input, weight, bias, mean, var, mask, count, eps, call,
+                                       kernels)
+    record_batch_statistics(running_mean, running_var, num_batches_tracked, mean, var, count,
+                            momentum, strict)
     return out
 
 
@@ -401,53 +402,13 @@ def sync_batch_norm(
           empty dx; one host read per forward (the gathered counts and call indices);
         - first derivatives only (the backward is ``once_differentiable``).
     """
-    _check_args(input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked,
-                mask, training)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          num_batches_tracked, op="sync_batch_norm", local_count=False)
+    check_mask(mask, input)
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
                             num_batches_tracked=num_batches_tracked, strict=strict, backend=backend)
-    return _batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
-                       num_batches_tracked, mask, _resolve_group(process_group), timeout, call_index,
-                       strict, backend)
-
-
-def _check_args(input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked,
-                mask, training) -> None:
-    F._check_input("sync_batch_norm", input)
-    if input.dim() < 2:
-        raise ValueError(
-            f"sync_batch_norm expects an input of rank >= 2 shaped (N, C, *) with channels on dim 1, "
-            f"got shape {tuple(input.shape)}"
-        )
-    what = f"one value per channel, C = {input.shape[1]}"
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        F._check_vector(name, t, (input.shape[1],), input, what)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together (or both None)")
-    if not training and running_mean is None:
-        raise ValueError(
-            "sync_batch_norm in eval mode (training=False) needs running_mean and running_var")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if momentum is None:
-        if training and running_mean is not None and num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    elif not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-    check_mask(mask, input)
-
-
-def check_mask(mask: Optional[Tensor], input: Tensor) -> None:
-    """A mask is a bool tensor shaped like input without dim 1, on input's device."""
-    if mask is None:
-        return
-    expected = (input.shape[0], *input.shape[2:])
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = valid position), got "
-                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
-    if tuple(mask.shape) != expected:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {expected}: the input's shape "
-                         f"{tuple(input.shape)} without the channel dim 1")
-    if mask.device != input.device:
-        raise ValueError(f"mask is on {mask.device}, expected the input's device {input.device}")
+    return batch_norm_over_group(
+        input, running_mean, running_var, weight, bias, momentum, eps,
+        num_batches_tracked=num_batches_tracked, mask=mask, group=resolve_group(process_group),
+        timeout=timeout, call_index=call_index, strict=strict, backend=backend)

@@ -26,8 +26,10 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
-from .kernels.torch_ops import batch_statistics
+from .kernels.composite import batch_statistics
+from .statistics import merge_statistics
 from .nn import BatchNorm as _BnlabBatchNorm
+from .nn.convert import replace_modules
 from .nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
 __all__ = [
@@ -103,7 +105,7 @@ class _Moments:
     def commit(self, keep: Tensor) -> None:
         m, mu, var = self.pending
         self.pending = None
-        merged = _chan_merge((self.n, self.mean, self.m2), (m, mu, m * var))
+        merged = _merged((self.n, self.mean, self.m2), (m, mu, m * var))
         new = (*merged, self.w + m * var, self.dof + (m - 1).clamp(min=0))  # m = 0: a step not reached
         old = (self.n, self.mean, self.m2, self.w, self.dof)
         self.n, self.mean, self.m2, self.w, self.dof = (
@@ -111,7 +113,7 @@ class _Moments:
         )
 
     def merge(self, other: "_Moments") -> None:
-        self.n, self.mean, self.m2 = _chan_merge(
+        self.n, self.mean, self.m2 = _merged(
             (self.n, self.mean, self.m2), (other.n, other.mean, other.m2)
         )
         self.w, self.dof = self.w + other.w, self.dof + other.dof
@@ -120,13 +122,9 @@ class _Moments:
         return self.w / self.dof if kind == "batch" else self.m2 / (self.n - 1)
 
 
-def _chan_merge(a, b):
-    """Chan et al.'s pairwise merge of (count, mean, M2) tuples; empty sides are handled."""
-    (na, mean_a, m2a), (nb, mean_b, m2b) = a, b
-    n = na + nb
-    delta = mean_b - mean_a
-    frac = torch.where(n > 0, nb / n.clamp(min=1), torch.zeros_like(n))
-    return n, mean_a + delta * frac, m2a + m2b + delta * delta * na * frac
+def _merged(a, b):
+    """Two (count, mean, M2) summaries, counts per channel, as one (Chan's merge)."""
+    return merge_statistics(*(torch.stack(parts) for parts in zip(a, b)))
 
 
 @torch.no_grad()
@@ -406,11 +404,8 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def _replace_modules(model: nn.Module, replacement: dict[int, nn.Module]) -> None:
-    """Swap children by identity, at every place they appear (a shared layer stays shared)."""
-    for parent in model.modules():
-        for key, child in list(parent._modules.items()):
-            if child is not None and id(child) in replacement:
-                parent._modules[key] = replacement[id(child)]
+    """Swap modules by identity, at every place they appear (a shared layer stays shared)."""
+    replace_modules(model, lambda module, _name: replacement.get(id(module), module))
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Written to be read beside the papers, not to be fast:
   transform; Algorithm 2: inference with population statistics).
 - Ba, Kiros & Hinton 2016, "Layer Normalization", https://arxiv.org/abs/1607.06450.
 
-Conventions (PyTorch's, see SPEC sections 1-2): the normalization uses the *biased* batch variance;
+Conventions (PyTorch's; Ioffe & Szegedy 2015, section 3): the normalization uses the *biased* batch variance;
 running / population variances store the *unbiased* one (times m/(m-1)). Everything is computed in
 float64. ``gamma=None`` / ``beta=None`` mean "no scale" / "no shift" (1 and 0); the matching
 gradients are then returned as ``None``.
@@ -102,7 +102,9 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
 
 
 def batchnorm_backward_staged(dout, cache):
-    """Backward of `batchnorm_forward` by the paper's chain rule, one stage per line (SPEC section 1).
+    """Backward of `batchnorm_forward` by the paper's chain rule, one stage per line.
+
+    Ioffe & Szegedy 2015, section 3::
 
         dl/dxhat_i = dl/dy_i * gamma
         dl/dvar_B  = sum_i dl/dxhat_i * (x_i - mu_B) * (-1/2) (var_B + eps)^(-3/2)
@@ -135,14 +137,7 @@ def batchnorm_backward(dout, cache):
         invstd  = 1 / sqrt(var_B + eps)
         dl/dx_i = (gamma * invstd / m) * (m * dy_i - sum_j dy_j - xhat_i * sum_j dy_j * xhat_j)
 
-    Same values as `batchnorm_backward_staged` up to rounding.
-
-    Args:
-        dout: upstream gradient dl/dy, shape (m, D).
-        cache: from `batchnorm_forward`.
-
-    Returns:
-        (dx, dgamma, dbeta): dx of shape (m, D); dgamma, dbeta of shape (D,) or None.
+    Same arguments, and the same values up to rounding, as `batchnorm_backward_staged`.
     """
     dout = _f64(dout)
     gamma, xhat = cache["gamma"], cache["xhat"]

@@ -2,7 +2,7 @@
 the composite backend and the float64 reference: every layout x activation x dtype x train/eval,
 accurate statistics far from zero, non-finite batches, the in-place mode's backward from the output,
 a gradient in another layout. Backend-specific checks (views, splits, threads, compilation) live in
-test_cpu.py and test_triton.py."""
+test_cpu.py and test_gpu.py."""
 
 import numpy as np
 import pytest
@@ -10,23 +10,23 @@ import torch
 
 import kernel_cases
 from bnlab import reference
-from bnlab.functional import INVERTIBLE_ACTIVATIONS
-from bnlab.kernels import cpu, torch_ops
-from bnlab.kernels import triton as triton_kernels
+from bnlab.checks import INVERTIBLE_ACTIVATIONS
+from bnlab.kernels import cpu, composite
+from bnlab.kernels import gpu as gpu
 from kernel_cases import ACT_CASES, LAYOUTS, assert_results_close
 from tolerances import assert_step_within, batch_norm_bounds
 
-DEVICES = {"numba": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
+DEVICES = {"cpu": "cpu", "gpu": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
-@pytest.fixture(params=["numba", "triton"])
+@pytest.fixture(params=["cpu", "gpu"])
 def backend(request, monkeypatch):
     """(kernels module, device). Triton's reductions are cut into as many programs as there are
     tiles, so every merge path runs."""
-    if request.param == "triton":
-        monkeypatch.setattr(triton_kernels, "_programs", lambda device: 1 << 20)
-        return triton_kernels, DEVICES["triton"]
-    return cpu, DEVICES["numba"]
+    if request.param == "gpu":
+        monkeypatch.setattr(gpu, "_programs", lambda device: 1 << 20)
+        return gpu, DEVICES["gpu"]
+    return cpu, DEVICES["cpu"]
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -38,12 +38,12 @@ def test_matches_composite_backend(backend, name, dtype, activation, param, trai
     x, dy = (kernel_cases.make(name, dtype, seed, device=device) for seed in (0, 1))
     w, b, rm, rv = kernel_cases.params(x.shape[1], dtype, device)
     args = (w, b, rm, rv, training, 1e-5, activation, param)
-    ours, theirs = kernels.batch_norm_act_forward(x, *args), torch_ops.batch_norm_act_forward(x, *args)
+    ours, theirs = kernels.batch_norm_act_forward(x, *args), composite.batch_norm_act_forward(x, *args)
     assert ours[0].stride() == x.stride()
     if dtype == torch.float64:
         assert_results_close(ours, theirs, dict(atol=1e-12, rtol=1e-12))
     backward = []
-    for k, forward in ((kernels, ours), (torch_ops, theirs)):
+    for k, forward in ((kernels, ours), (composite, theirs)):
         mean, var = (forward[1], forward[2]) if training else (rm, rv)
         backward.append(k.batch_norm_act_backward(dy, x, w, b, mean, var, training, 1e-5, activation,
                                                   param))

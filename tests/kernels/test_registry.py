@@ -8,7 +8,7 @@ import torch
 
 import bnlab
 from bnlab import kernels
-from bnlab.kernels import native, torch_ops
+from bnlab.kernels import native, composite
 
 
 @pytest.fixture
@@ -18,11 +18,11 @@ def float64_only_backend():
 
     def forward(*args):
         calls.append("forward")
-        return torch_ops.batch_norm_forward(*args)
+        return composite.batch_norm_forward(*args)
 
     def backward(*args):
         calls.append("backward")
-        return torch_ops.batch_norm_backward(*args)
+        return composite.batch_norm_backward(*args)
 
     module = types.SimpleNamespace(batch_norm_forward=forward, batch_norm_backward=backward)
     kernels.register_backend("f64only", module, lambda op, x: op in ("batch_norm", "batch_norm_backward") and x.dtype == torch.float64,
@@ -33,11 +33,11 @@ def float64_only_backend():
 
 
 def test_torch_backend_is_always_there():
-    assert "torch" in kernels.available_backends()
+    assert "composite" in kernels.available_backends()
     for dtype in (torch.bfloat16, torch.float16):
-        assert kernels.select_backend("batch_norm", torch.randn(2, 3, dtype=dtype)) is torch_ops
-    assert kernels.select_backend("batch_norm_masked", torch.randn(2, 3)) is torch_ops
-    assert kernels.select_backend("layer_norm", torch.randn(2, 3)) is torch_ops
+        assert kernels.select_backend("batch_norm", torch.randn(2, 3, dtype=dtype)).module is composite
+    assert kernels.select_backend("batch_norm_masked", torch.randn(2, 3)).module is composite
+    assert kernels.select_backend("layer_norm", torch.randn(2, 3)).module is composite
 
 
 def test_numba_backend_is_preferred_for_what_it_runs():
@@ -45,18 +45,18 @@ def test_numba_backend_is_preferred_for_what_it_runs():
 
     for x in (torch.randn(2 ** 16, 3), torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last),
               torch.empty(64, 8, 1024, dtype=torch.float64)):
-        assert kernels.select_backend("batch_norm", x) is cpu
-        assert kernels.select_backend("batch_norm_act", x) is cpu
+        assert kernels.select_backend("batch_norm", x).module is cpu
+        assert kernels.select_backend("batch_norm_act", x).module is cpu
     tiny = torch.randn(2, 3, 4)  # the per-call cost decides: ATen's kernels, unless named
-    assert kernels.select_backend("batch_norm", tiny) is native
-    assert kernels.select_backend("batch_norm_act", tiny) is native
-    assert kernels.select_backend("batch_norm", tiny, "numba") is cpu
-    assert kernels.select_backend("batch_norm_act", tiny, "numba") is cpu
+    assert kernels.select_backend("batch_norm", tiny).module is native
+    assert kernels.select_backend("batch_norm_act", tiny).module is native
+    assert kernels.select_backend("batch_norm", tiny, "cpu").module is cpu
+    assert kernels.select_backend("batch_norm_act", tiny, "cpu").module is cpu
     # strided views and empty tensors: ATen's kernels; masked statistics: the composite backend
     for x in (torch.randn(3, 2).t(), torch.randn(4, 3, 6)[:, :, ::2]):
-        assert kernels.select_backend("batch_norm", x) is native
-    assert kernels.select_backend("batch_norm", torch.randn(0, 3)) is torch_ops
-    assert kernels.select_backend("batch_norm_masked", torch.randn(4, 3, 6)) is torch_ops
+        assert kernels.select_backend("batch_norm", x).module is native
+    assert kernels.select_backend("batch_norm", torch.randn(0, 3)).module is composite
+    assert kernels.select_backend("batch_norm_masked", torch.randn(4, 3, 6)).module is composite
 
 
 def test_small_rows_of_spatial_values_go_to_aten_for_training():
@@ -69,11 +69,11 @@ def test_small_rows_of_spatial_values_go_to_aten_for_training():
                                 (fused_from // 2, "batch_norm_act", native),
                                 (fused_from, "batch_norm_act", cpu)):
         x = torch.empty(numel // (64 * 64), 64, 8, 8)  # rows of 64 values
-        assert kernels.select_backend(op, x) is expected, (op, tuple(x.shape))
+        assert kernels.select_backend(op, x).module is expected, (op, tuple(x.shape))
     long_rows = torch.empty(4, 3, 64, 64)  # 48K values in rows of 4096
-    assert kernels.select_backend("batch_norm", torch.empty(8, 3, 64, 64)) is cpu
-    assert kernels.select_backend("batch_norm_act", torch.empty(8, 3, 64, 64)) is cpu
-    assert kernels.select_backend("batch_norm", long_rows) is native  # below 64K values: ATen
+    assert kernels.select_backend("batch_norm", torch.empty(8, 3, 64, 64)).module is cpu
+    assert kernels.select_backend("batch_norm_act", torch.empty(8, 3, 64, 64)).module is cpu
+    assert kernels.select_backend("batch_norm", long_rows).module is native  # below 64K values: ATen
 
 
 def test_many_channels_innermost_prefer_aten_unless_fused_and_large():
@@ -82,14 +82,14 @@ def test_many_channels_innermost_prefer_aten_unless_fused_and_large():
     from bnlab.kernels import cpu
 
     for x in (torch.randn(4096, 64), torch.randn(32, 64, 8, 8).to(memory_format=torch.channels_last)):
-        assert kernels.select_backend("batch_norm", x) is native
-        assert kernels.select_backend("batch_norm", x, "numba") is cpu
-        assert kernels.select_backend("batch_norm_act", x) is native
+        assert kernels.select_backend("batch_norm", x).module is native
+        assert kernels.select_backend("batch_norm", x, "cpu").module is cpu
+        assert kernels.select_backend("batch_norm_act", x).module is native
     for x in (torch.empty(4096, 1024), torch.empty(64, 64, 32, 32).to(memory_format=torch.channels_last)):
-        assert kernels.select_backend("batch_norm", x) is native
-        assert kernels.select_backend("batch_norm_act", x) is cpu
-    assert kernels.select_backend("batch_norm_act", torch.empty(1024, 4096)) is native  # too wide
-    assert kernels.select_backend("batch_norm", torch.empty(128, 64, 8, 8)) is cpu  # NCHW
+        assert kernels.select_backend("batch_norm", x).module is native
+        assert kernels.select_backend("batch_norm_act", x).module is cpu
+    assert kernels.select_backend("batch_norm_act", torch.empty(1024, 4096)).module is native  # too wide
+    assert kernels.select_backend("batch_norm", torch.empty(128, 64, 8, 8)).module is cpu  # NCHW
 
 
 def test_backward_over_rows_goes_to_aten_below_two_million_values():
@@ -98,23 +98,74 @@ def test_backward_over_rows_goes_to_aten_below_two_million_values():
     from bnlab.kernels import cpu
 
     small, large = torch.empty(8, 1, 256, 256), torch.empty(16, 3, 224, 224)
-    assert kernels.select_backend("batch_norm", small) is cpu  # its forward is bnlab's
-    assert kernels.select_backend("batch_norm_backward", small) is native
-    assert kernels.select_backend("batch_norm_backward", small, "numba") is cpu
-    assert kernels.select_backend("batch_norm_backward", large) is cpu
+    assert kernels.select_backend("batch_norm", small).module is cpu  # its forward is bnlab's
+    assert kernels.select_backend("batch_norm_backward", small).module is native
+    assert kernels.select_backend("batch_norm_backward", small, "cpu").module is cpu
+    assert kernels.select_backend("batch_norm_backward", large).module is cpu
     few = torch.empty(8, 3, 64, 64).to(memory_format=torch.channels_last)
-    assert kernels.select_backend("batch_norm_backward", few) is cpu
+    assert kernels.select_backend("batch_norm_backward", few).module is cpu
+
+
+def _count_selections(monkeypatch) -> list:
+    """Every op the registry is asked for, by functional or the ops' backward, in order."""
+    asked = []
+    select = kernels.select_backend
+
+    def counting(op, x, requested=None):
+        asked.append(op)
+        return select(op, x, requested)
+
+    monkeypatch.setattr(bnlab.functional, "select_backend", counting)
+    monkeypatch.setattr(bnlab.ops, "select_backend", counting)
+    return asked
 
 
 def test_backward_selection_reaches_the_backward_op(float64_only_backend, monkeypatch):
-    """A plain training backward asks the registry for ``batch_norm_backward``."""
-    asked = []
-    select = kernels.select_backend
-    monkeypatch.setattr(bnlab.functional, "select_backend",
-                        lambda op, x, requested=None: asked.append(op) or select(op, x, requested))
+    """A plain training backward asks the registry once more, for ``batch_norm_backward``."""
+    asked = _count_selections(monkeypatch)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    bnlab.batch_norm(x, None, None, training=True).sum().backward()
-    assert set(asked[:-1]) == {"batch_norm"} and asked[-1] == "batch_norm_backward"
+    y = bnlab.batch_norm(x, None, None, training=True)
+    assert asked == ["batch_norm"]
+    y.sum().backward()
+    assert asked == ["batch_norm", "batch_norm_backward"]
+
+
+@pytest.mark.parametrize("backend", [None, "composite", "native", "cpu"])
+@pytest.mark.parametrize("shape", [(4, 3), (8, 3, 64, 64)], ids=str)
+def test_backend_is_selected_once_per_call(monkeypatch, backend, shape):
+    """Each functional call asks the registry once; each backward at most once more."""
+    asked = _count_selections(monkeypatch)
+    x = torch.randn(*shape, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for training in (True, False):
+        for call in (lambda: bnlab.functional.batch_norm(x, rm, rv, training=training,
+                                                         backend=backend),
+                     lambda: bnlab.functional.batch_norm_act(x, rm, rv, training=training,
+                                                             backend=backend)):
+            asked.clear()
+            y = call()
+            assert len(asked) == 1, asked
+            y.sum().backward()
+            assert len(asked) <= 2, asked
+    asked.clear()
+    bnlab.functional.layer_norm(x, shape[-1:], backend="composite" if backend else None)
+    assert asked == ["layer_norm"]
+
+
+def test_former_backend_names_still_select(float64_only_backend):
+    """The names before the registry named backends after their modules: torch, numba, triton."""
+    x = torch.randn(4, 3, 16, 16)
+    assert kernels.select_backend("batch_norm", x, "torch").name == "composite"
+    assert kernels.select_backend("batch_norm", x, "numba").name == "cpu"
+    bnlab.batch_norm(x.double(), None, None, training=True, backend="torch")
+    assert float64_only_backend == []  # the composite backend ran, not the automatic choice
+    assert kernels.get_backend("torch") is kernels.get_backend("composite")
+
+
+def test_backend_names_are_module_names():
+    for name in kernels.available_backends():
+        if name in ("composite", "native", "cpu", "gpu"):
+            assert kernels.get_backend(name).module.__name__ == f"bnlab.kernels.{name}"
 
 
 def test_eval_goes_to_aten_unless_few_channels_innermost():
@@ -122,11 +173,11 @@ def test_eval_goes_to_aten_unless_few_channels_innermost():
     innermost (channels_last images), where bnlab's joined rows win."""
     from bnlab.kernels import cpu
 
-    assert kernels.select_backend("batch_norm_eval", torch.randn(32, 64, 8, 8)) is native
-    assert kernels.select_backend("batch_norm_eval", torch.randn(4096, 64)) is native
+    assert kernels.select_backend("batch_norm_eval", torch.randn(32, 64, 8, 8)).module is native
+    assert kernels.select_backend("batch_norm_eval", torch.randn(4096, 64)).module is native
     images = torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last)
-    assert kernels.select_backend("batch_norm_eval", images) is cpu
-    assert kernels.select_backend("batch_norm_eval", torch.randn(32, 64, 8, 8), "numba") is cpu
+    assert kernels.select_backend("batch_norm_eval", images).module is cpu
+    assert kernels.select_backend("batch_norm_eval", torch.randn(32, 64, 8, 8), "cpu").module is cpu
 
 
 def test_automatic_selection_prefers_priority_and_falls_back(float64_only_backend):
@@ -144,14 +195,14 @@ def test_named_backend_that_cannot_run_raises(float64_only_backend):
 
 
 def test_environment_variable_selects(float64_only_backend, monkeypatch):
-    monkeypatch.setenv("BNLAB_BACKEND", "torch")
+    monkeypatch.setenv("BNLAB_BACKEND", "composite")
     bnlab.batch_norm(torch.randn(4, 3, dtype=torch.float64), None, None, training=True)
     assert float64_only_backend == []
     monkeypatch.setenv("BNLAB_BACKEND", "f64only")
     with pytest.raises(RuntimeError, match="cannot run"):
         bnlab.batch_norm(torch.randn(4, 3), None, None, training=True)
     # the argument beats the environment
-    bnlab.batch_norm(torch.randn(4, 3), None, None, training=True, backend="torch")
+    bnlab.batch_norm(torch.randn(4, 3), None, None, training=True, backend="composite")
 
 
 def test_unknown_backend_names_the_known_ones(monkeypatch):
@@ -164,6 +215,6 @@ def test_unknown_backend_names_the_known_ones(monkeypatch):
 
 
 def test_module_backend_argument_reaches_the_kernels(float64_only_backend):
-    bn = bnlab.nn.BatchNorm1d(3, dtype=torch.float64, backend="torch")
+    bn = bnlab.nn.BatchNorm1d(3, dtype=torch.float64, backend="composite")
     bn(torch.randn(4, 3, dtype=torch.float64))
     assert float64_only_backend == []

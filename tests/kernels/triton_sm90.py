@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from bnlab.kernels import triton as tk
+from bnlab.kernels import gpu as tk
 
 TARGET = GPUTarget("cuda", 90, 32)
 TYPES = {"float32": ("fp32", tl.float32), "bfloat16": ("bf16", tl.float32),

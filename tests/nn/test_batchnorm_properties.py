@@ -76,7 +76,7 @@ def backends_for(x, triton: bool):
     """None (automatic) and every registered backend that can run x by name; or Triton alone."""
     names = [] if triton else [None]
     for name in bnlab.kernels.available_backends():
-        if (name == "triton") == triton and bnlab.kernels._BACKENDS[name].supports("batch_norm", x):
+        if (name == "gpu") == triton and bnlab.kernels.get_backend(name).supports("batch_norm", x):
             names.append(name)
     return names
 
@@ -130,6 +130,6 @@ def test_modules_match_torch_nn_and_the_truth(case, data):
 @settings(max_examples=max(10, settings.default.max_examples // 10))
 @given(case=cases(), data=st.data())
 def test_triton_matches_torch_nn_and_the_truth(case, data):
-    if "triton" not in bnlab.kernels.available_backends():
+    if "gpu" not in bnlab.kernels.available_backends():
         pytest.skip("Triton is not installed")
     check_case(case, data, triton=True)

@@ -1,4 +1,4 @@
-"""bnlab.nn.BNLSTM / BNLSTMCell against a float64 reference written from the equations (SPEC.md section 3)."""
+"""bnlab.nn.BNLSTM / BNLSTMCell against a float64 reference written from the equations (Cooijmans et al. 2016, section 3)."""
 
 import io
 

@@ -222,7 +222,7 @@ def test_no_warning_when_nothing_to_report(make):
 
 def test_revert_restores_torch_types_with_trained_state():
     net = bnlab.convert(trained_net())
-    net.features[1].strict, net.norm.backend = True, "torch"
+    net.features[1].strict, net.norm.backend = True, "composite"
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     for seed in range(2):
         step(net, opt, seed=seed)
@@ -354,7 +354,7 @@ def test_repr_matches_torch(cls, args, kwargs):
     ours = TO_BNLAB[cls]
     assert repr(ours(*args, **kwargs)) == repr(cls(*args, **kwargs))
     assert repr(nn.Sequential(ours(*args, **kwargs))) == repr(nn.Sequential(cls(*args, **kwargs)))
-    assert "backend='torch'" in repr(ours(*args, **kwargs, backend="torch"))
+    assert "backend='composite'" in repr(ours(*args, **kwargs, backend="composite"))
 
 
 @pytest.mark.parametrize("cls,affine,track,bias",

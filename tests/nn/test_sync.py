@@ -247,7 +247,7 @@ def test_state_dict_is_torch_sync_batch_norms():
 
 
 def test_extra_repr_is_batch_norms():
-    kwargs = dict(momentum=None, affine=False, strict=True, backend="torch")
+    kwargs = dict(momentum=None, affine=False, strict=True, backend="composite")
     assert SyncBatchNorm(5, **kwargs).extra_repr() == bnlab.nn.BatchNorm(5, **kwargs).extra_repr()
 
 

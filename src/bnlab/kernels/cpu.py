@@ -46,7 +46,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from .torch_ops import is_channels_last, is_dense, laid_out_like
+from .contract import plain_from_fused
+from .composite import is_channels_last, is_dense, laid_out_like
 
 _DTYPES = (torch.float32, torch.float64)
 # reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf": NaN must still poison the
@@ -271,7 +272,7 @@ def _rc_apply(x, out, mean, a, b, elu, p, blocks):
 
 
 @njit(parallel=True, **_JIT)
-def _rc_grad_sums(v, dy, m, at, bt, elu, p, from_output, blocks, out_dz, out_dzx, scratch):
+def _rc_grad_sums(v, dy, mean, at, bt, elu, p, from_output, blocks, out_dz, out_dzx, scratch):
     r_, c_ = v.shape
     for blk in prange(blocks):
         s, q = _zeroed(scratch[0, blk], scratch[1, blk], out_dz[blk], out_dzx[blk])
@@ -281,12 +282,12 @@ def _rc_grad_sums(v, dy, m, at, bt, elu, p, from_output, blocks, out_dz, out_dzx
                 row, g = v[r], dy[r]
                 if elu:
                     for c in range(c_):
-                        dz, xc = _elu_grad(row[c], g[c], m[c], at[c], bt[c], p, from_output)
+                        dz, xc = _elu_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
                         s[c] += dz
                         q[c] += dz * xc
                 else:
                     for c in range(c_):
-                        dz, xc = _linear_grad(row[c], g[c], m[c], at[c], bt[c], p, from_output)
+                        dz, xc = _linear_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
                         s[c] += dz
                         q[c] += dz * xc
             _flush(s, out_dz[blk])
@@ -294,7 +295,7 @@ def _rc_grad_sums(v, dy, m, at, bt, elu, p, from_output, blocks, out_dz, out_dzx
 
 
 @njit(parallel=True, **_JIT)
-def _rc_grad_input(v, dy, dx, m, at, bt, k1t, k0t, elu, p, from_output, blocks):
+def _rc_grad_input(v, dy, dx, mean, at, bt, k1t, k0t, elu, p, from_output, blocks):
     r_, c_ = v.shape
     for blk in prange(blocks):
         lo, hi = _row_range(blk, r_, blocks)
@@ -302,11 +303,11 @@ def _rc_grad_input(v, dy, dx, m, at, bt, k1t, k0t, elu, p, from_output, blocks):
             row, g, dst = v[r], dy[r], dx[r]
             if elu:
                 for c in range(c_):
-                    dz, xc = _elu_grad(row[c], g[c], m[c], at[c], bt[c], p, from_output)
+                    dz, xc = _elu_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
                     dst[c] = at[c] * dz + k1t[c] * xc + k0t[c]
             else:
                 for c in range(c_):
-                    dz, xc = _linear_grad(row[c], g[c], m[c], at[c], bt[c], p, from_output)
+                    dz, xc = _linear_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
                     dst[c] = at[c] * dz + k1t[c] * xc + k0t[c]
 
 
@@ -486,7 +487,7 @@ def _vector(t: Tensor | None, c: int, fill: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# the backend contract (see bnlab.kernels.torch_ops)
+# the backend contract (bnlab.kernels.contract)
 # --------------------------------------------------------------------------------------------
 
 
@@ -496,29 +497,16 @@ def statistics(x: Tensor, plan: _Plan | None = None) -> tuple[np.ndarray, np.nda
     rows = _rows(x)
     shift = np.asarray(rows[0] if rows.ndim == 2 else rows[0, :, 0], dtype=np.float64)
     s, q = plan.sums(plan.kernels[0], *plan.tile(shift))
-    m = x.numel() // x.shape[1]
+    count = x.numel() // x.shape[1]
     with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN batches stay non-finite
-        mean = shift + s / m
-        var = np.maximum((q - s * s / m) / m, 0.0)
+        mean = shift + s / count
+        var = np.maximum((q - s * s / count) / count, 0.0)
     return mean, var
 
 
-def batch_norm_act_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    eps: float,
-    activation: str = "identity",
-    param: float = 0.0,
-    out: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """y = act((x - mean) * invstd * weight + bias); ``out`` may be x itself (in-place mode).
-
-    Returns (y, mean, var) as :func:`bnlab.kernels.torch_ops.batch_norm_forward` does.
-    """
+def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps,
+                           activation="identity", param=0.0, out=None):
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`."""
     c = x.shape[1]
     plan = _Plan(x)
     if training:
@@ -538,28 +526,12 @@ def batch_norm_act_forward(
     return y, empty, empty.clone()
 
 
-def batch_norm_act_backward(
-    grad_out: Tensor,
-    saved: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    training: bool,
-    eps: float,
-    activation: str = "identity",
-    param: float = 0.0,
-    output_mask=(True, True, True),
-    from_output: bool = False,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of :func:`batch_norm_act_forward`, with dz = dy * act'(z)::
-
-        dweight = sum(dz * xhat),  dbias = sum(dz)
-        dx = a * dz - a * invstd^2 * (x - mean) * sum(dz * (x - mean)) / m - a * sum(dz) / m
-
-    (a = weight * invstd; eval: only the first term). ``saved`` is x, or the output y when
-    ``from_output`` (in-place mode: z = act^-1(y), x - mean = (z - bias) / a).
-    """
+def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, eps,
+                            activation="identity", param=0.0, output_mask=(True, True, True),
+                            from_output=False):
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, in the form
+    dx = a dz - a invstd^2 (x - mean) sum(dz (x - mean)) / m - a sum(dz) / m, a = weight * invstd
+    (eval: the first term). Two parallel passes: the sums, then dx."""
     c = saved.shape[1]
     mean64, var64 = _vector(mean, c, 0.0), _vector(var, c, 1.0)
     invstd = 1.0 / np.sqrt(var64 + eps)
@@ -575,10 +547,10 @@ def batch_norm_act_backward(
     sum_dz_xc = sum_dz_xk + rest * sum_dz  # sum(dz * (x - mean)) from sum(dz * (x - k))
     dx = dweight = dbias = None
     if output_mask[0]:
-        m = saved.numel() // c
-        k1 = -a * invstd * invstd * sum_dz_xc / m if training else np.zeros(c)
+        count = saved.numel() // c
+        k1 = -a * invstd * invstd * sum_dz_xc / count if training else np.zeros(c)
         # k1 (x - mean) = k1 (x - k) + k1 rest: the rest goes into the constant term
-        k0 = -a * sum_dz / m + k1 * rest if training else np.zeros(c)
+        k0 = -a * sum_dz / count + k1 * rest if training else np.zeros(c)
         dx = torch.empty_like(saved)
         grad_input(plan.view, dy, plan.of(dx), *plan.tile(k, a, b, k1, k0), elu, p,
                    bool(from_output), plan.blocks)
@@ -590,17 +562,18 @@ def batch_norm_act_backward(
     return dx, dweight, dbias
 
 
-def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
-    """See :func:`bnlab.kernels.torch_ops.batch_norm_forward` (``mask`` is not supported here)."""
-    return batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps)
+def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_statistics` (no ``mask`` here): computed in
+    float64, returned in x's dtype."""
+    mean, var = statistics(x)
+    return torch.from_numpy(mean).to(x.dtype), torch.from_numpy(var).to(x.dtype)
 
 
-def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
-                        output_mask=(True, True, True), mask=None):
-    """See :func:`bnlab.kernels.torch_ops.batch_norm_backward` (``mask`` is not supported here)."""
-    if mean is None:  # recompute the statistics from x
-        m64, v64 = statistics(x)
-        mean, var = torch.from_numpy(m64), torch.from_numpy(v64)
-    # The bias does not change dx, dweight or dbias without an activation.
-    return batch_norm_act_backward(grad_out, x, weight, None, mean, var, training, eps,
-                                   output_mask=output_mask)
+def _statistics64(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The float64 statistics, for a backward that recomputes them (nothing rounded in between)."""
+    mean, var = statistics(x)
+    return torch.from_numpy(mean), torch.from_numpy(var)
+
+
+batch_norm_forward, batch_norm_backward = plain_from_fused(
+    batch_norm_act_forward, batch_norm_act_backward, _statistics64)

@@ -3,22 +3,23 @@
 Automatic selection sends here what bnlab's own kernels do not do better: on the CPU, inputs whose
 channels are the innermost dimension ((N, C) with many channels, channels_last) where PyTorch's
 vectorized per-channel loops are already near memory speed, and small tensors, where a call's fixed
-cost outweighs the kernel. Same contract as :mod:`bnlab.kernels.torch_ops`: bnlab still owns the
+cost outweighs the kernel. Same contract as :mod:`bnlab.kernels.composite`: bnlab still owns the
 running statistics, the non-finite guard and the argument checks; only the arithmetic runs in ATen.
-A fused activation is ATen's batch norm followed by PyTorch's activation (eager code outside
-compile normally skips these functions: :func:`bnlab.functional.batch_norm_act` calls ATen's
-differentiable op and the activation directly, see :func:`batch_norm_with_autograd`).
+A fused activation is ATen's batch norm followed by PyTorch's activation. Eager CPU calls skip
+these kernel functions: :func:`eager_batch_norm` runs the whole op as ATen's differentiable op.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from . import torch_ops
-from .torch_ops import laid_out_like
+from ..statistics import raise_if_not_finite
+from . import composite
+from .composite import laid_out_like
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -31,7 +32,7 @@ def supports(op: str, x: Tensor) -> bool:
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
-    """See :func:`bnlab.kernels.torch_ops.batch_norm_forward`. The batch variance comes back from
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_forward`. The batch variance comes back from
     ATen's saved 1 / sqrt(var + eps)."""
     if training:  # no running statistics here: bnlab updates them itself
         y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0,
@@ -43,22 +44,59 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
     return laid_out_like(y, x), empty, empty.clone()
 
 
-def batch_norm_with_autograd(x: Tensor, weight, bias, running_mean, running_var, training: bool,
-                             momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, invstd) from one ATen call, differentiable through ATen's own autograd node, with
-    the running statistics (if given, in training) updated inside the kernel:
-    running <- (1 - momentum) * running + momentum * batch (unbiased variance), as torch.nn does.
+def eager_batch_norm(input: Tensor, running_mean, running_var, weight, bias, training: bool,
+                     momentum, eps: float, num_batches_tracked, strict: bool,
+                     activation: str = "identity", param: float = 0.0) -> Optional[Tensor]:
+    """The whole eager CPU batch norm (then the activation) as ATen's own differentiable op, which
+    also updates the running statistics inside its kernel (as torch.nn's does), with bnlab's guard
+    kept: if the batch's statistics are not finite, the running statistics are put back and the
+    batch is not counted. None for a call this leaves to bnlab's Function over the kernels
+    (not on the CPU, or being compiled).
 
-    The eager CPU fast path of :func:`bnlab.functional.batch_norm` for what the registry gives this
-    backend; the caller guards the running statistics against a non-finite batch."""
-    y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, training,
-                                              momentum, eps)
-    return laid_out_like(y, x), mean, invstd
+    Why: the same kernels both ways, without bnlab's wrapper, the variance recovered from ATen's
+    1 / sqrt(var + eps) and a separate running-statistics update, which cost 10-20% of a
+    0.3-1 ms batch norm (benchmarks/bn_speed.py). With an activation, autograd keeps x and the
+    activation's input or output (the fused op keeps x only: one more small tensor).
+
+    The put-back writes through NumPy, like ATen's own update, without bumping the buffers'
+    version counters: ATen's autograd node keeps the running statistics (for an eval-mode
+    backward), and a counted in-place write would make that backward raise.
+    """
+    if input.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    if not training:
+        y = torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,
+                                    eps)[0]
+        return composite.activate(laid_out_like(y, input), activation, param)
+    tracked = running_mean is not None
+    factor = 0.0
+    if tracked:
+        before = running_mean.detach().numpy().copy(), running_var.detach().numpy().copy()
+        factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
+    y, mean, invstd = torch.native_batch_norm(input, weight, bias, running_mean, running_var,
+                                              True, factor, eps)
+    # invstd = 1 / sqrt(var + eps) is NaN where the mean or the variance is NaN or an infinite
+    # input made them so, and 0 for an infinite variance: all statistics are finite iff its
+    # minimum is > 0 (a NaN minimum compares False)
+    finite = bool(invstd.detach().numpy().min() > 0)
+    if tracked and finite and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    elif tracked and not finite:
+        running_mean.detach().numpy()[:] = before[0]
+        running_var.detach().numpy()[:] = before[1]
+    if strict and not finite and input.numel() > 0:  # an empty batch has no statistics to check
+        with np.errstate(divide="ignore", invalid="ignore"):
+            var = np.reciprocal(np.square(invstd.detach().numpy())) - eps
+        raise_if_not_finite(mean.detach(), torch.from_numpy(var))
+    return composite.activate(laid_out_like(y, input), activation, param)
+
+
+batch_statistics = composite.batch_statistics
 
 
 def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training: bool,
                         eps: float, output_mask: Sequence[bool] = (True, True, True), mask=None):
-    """See :func:`bnlab.kernels.torch_ops.batch_norm_backward`."""
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_backward`."""
     if mean is None:  # statistics recomputed from x
         var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
     mean, var = mean.to(x.dtype), var.to(x.dtype)
@@ -73,25 +111,17 @@ def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training
     return (dx if wanted[0] else None, dw if wanted[1] else None, db if wanted[2] else None)
 
 
-def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps,
-                           activation="identity", param=0.0, out=None):
-    """See :func:`bnlab.kernels.torch_ops.batch_norm_act_forward`: ATen's batch norm, then the
-    activation (written into ``out`` when given: the in-place mode)."""
-    y, mean, var = batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
-    y = torch_ops.activate(y, activation, param)
-    if out is not None:
-        y = out.copy_(y)
-    return y, mean, var
+batch_norm_act_forward = composite.activated(batch_norm_forward)
 
 
 def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, eps,
                             activation="identity", param=0.0, output_mask=(True, True, True),
                             from_output=False):
-    """See :func:`bnlab.kernels.torch_ops.batch_norm_act_backward`: dz = dy * act'(z) with z
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`: dz = dy * act'(z) with z
     recomputed (or recovered from the output), then ATen's batch-norm backward."""
     if from_output:  # z from y needs the activation's inverse: the composite backend has it
-        return torch_ops.batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training,
+        return composite.batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training,
                                                  eps, activation, param, output_mask, from_output)
     z, _, _ = batch_norm_forward(saved, weight, bias, mean, var, False, eps)
-    dz = torch_ops.activation_grad(grad_out, z, activation, param)
+    dz = composite.activation_grad(grad_out, z, activation, param)
     return batch_norm_backward(dz, saved, weight, mean, var, training, eps, output_mask)

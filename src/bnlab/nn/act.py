@@ -60,19 +60,19 @@ class BatchNormAct(BatchNorm):
 class BatchNormAct1d(BatchNormAct):
     """Fused batch norm + activation over (N, C) or (N, C, L); see :class:`BatchNormAct`."""
 
-    _expected_dims = (2, 3)
+    expected_dims = (2, 3)
 
 
 class BatchNormAct2d(BatchNormAct):
     """Fused batch norm + activation over (N, C, H, W); see :class:`BatchNormAct`."""
 
-    _expected_dims = (4,)
+    expected_dims = (4,)
 
 
 class BatchNormAct3d(BatchNormAct):
     """Fused batch norm + activation over (N, C, D, H, W); see :class:`BatchNormAct`."""
 
-    _expected_dims = (5,)
+    expected_dims = (5,)
 
 
 class InPlaceABN(BatchNormAct):
@@ -92,16 +92,16 @@ class InPlaceABN(BatchNormAct):
 class InPlaceABN1d(InPlaceABN):
     """In-place activated batch norm over (N, C) or (N, C, L); see :class:`InPlaceABN`."""
 
-    _expected_dims = (2, 3)
+    expected_dims = (2, 3)
 
 
 class InPlaceABN2d(InPlaceABN):
     """In-place activated batch norm over (N, C, H, W); see :class:`InPlaceABN`."""
 
-    _expected_dims = (4,)
+    expected_dims = (4,)
 
 
 class InPlaceABN3d(InPlaceABN):
     """In-place activated batch norm over (N, C, D, H, W); see :class:`InPlaceABN`."""
 
-    _expected_dims = (5,)
+    expected_dims = (5,)

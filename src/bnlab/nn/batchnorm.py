@@ -142,11 +142,11 @@ class BatchNorm(_NormBase):
     torch.nn; see :func:`bnlab.functional.batch_norm` for the numerical choices.
     """
 
-    _expected_dims: tuple[int, ...] = ()  # empty: any rank >= 2
+    expected_dims: tuple[int, ...] = ()  # empty: any rank >= 2
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if self._expected_dims and input.dim() not in self._expected_dims:
-            wanted = " or ".join(f"{d}D" for d in self._expected_dims)
+        if self.expected_dims and input.dim() not in self.expected_dims:
+            wanted = " or ".join(f"{d}D" for d in self.expected_dims)
             raise ValueError(f"expected {wanted} input (got {input.dim()}D input)")
         if input.dim() >= 2 and input.shape[1] != self.num_features:
             raise ValueError(
@@ -190,16 +190,16 @@ class BatchNorm(_NormBase):
 class BatchNorm1d(BatchNorm):
     """Batch norm over (N, C) or (N, C, L) input; see :class:`BatchNorm`."""
 
-    _expected_dims = (2, 3)
+    expected_dims = (2, 3)
 
 
 class BatchNorm2d(BatchNorm):
     """Batch norm over (N, C, H, W) input, per channel; see :class:`BatchNorm`."""
 
-    _expected_dims = (4,)
+    expected_dims = (4,)
 
 
 class BatchNorm3d(BatchNorm):
     """Batch norm over (N, C, D, H, W) input, per channel; see :class:`BatchNorm`."""
 
-    _expected_dims = (5,)
+    expected_dims = (5,)

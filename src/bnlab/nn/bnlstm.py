@@ -7,7 +7,7 @@ r"""Recurrent batch normalization: the BN-LSTM of Cooijmans et al. 2016 (https:/
 
     h_t = \sigma(\tilde o) \tanh(BN(c_t; \gamma_c, \beta_c))
 
-Design (see SPEC.md section 3):
+Design (Cooijmans et al. 2016, section 3):
 
 - **Gate order** in ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias``, ``weight_x``, ``weight_h``
   and the (max_length, 4H) statistics is torch.nn.LSTM's: (i, f, g, o).
@@ -18,7 +18,7 @@ Design (see SPEC.md section 3):
   forward (``momentum=None``, the cumulative average, is not supported).
 - **Parameters**: ``weight_x`` (gamma_x, 4H), ``weight_h`` (gamma_h, 4H), ``weight_c`` (gamma_c, H),
   all initialized to ``gamma_init`` = 0.1; ``bias_c`` (beta_c, H) = 0; ``bias`` (b, 4H) = 0 except the
-  forget gate, set to ``forget_bias`` (default 0.0, the spec's b = 0; 1.0 is a common choice).
+  forget gate, set to ``forget_bias`` (default 0.0, the paper's b = 0; 1.0 is a common choice).
 - **Init** ``init="paper"`` (default): orthogonal ``weight_ih``, ``weight_hh`` = four stacked
   identities (the paper's (p)MNIST setup; needs nothing of the sizes). ``init="uniform"``:
   torch.nn.LSTM's U(-1/sqrt(H), 1/sqrt(H)) for both matrices.
@@ -54,6 +54,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+
+from ..statistics import unbiased_factor, update_running_stats
 
 
 __all__ = ["BNLSTMCell", "BNLSTM"]
@@ -177,9 +179,10 @@ class BNLSTMCell(nn.Module):
             mean = mean_x.squeeze(1) @ w_t  # (S, 4H)
             if self.observer is not None:
                 self.observer("x", t0, mean, var, k)
-            with torch.no_grad():  # what torch.batch_norm does: EMA with the unbiased variance
-                self.running_mean_x[rows].lerp_(mean, self.momentum)
-                self.running_var_x[rows].lerp_(var * (k / (k - 1)), self.momentum)
+            # EMA with the unbiased variance, as torch.batch_norm does for h and c below, and
+            # skipped for non-finite statistics
+            update_running_stats(self.running_mean_x[rows], self.running_var_x[rows], None, mean,
+                                 var * unbiased_factor(k), self.momentum)
             mean = None  # x is centred already
         else:
             mean, var = self.running_mean_x[rows], self.running_var_x[rows]

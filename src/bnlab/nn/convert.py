@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Callable
 
 from torch import nn
 
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .layernorm import LayerNorm
 
-__all__ = ["convert", "revert", "ConversionWarning"]
+__all__ = ["convert", "revert", "ConversionWarning", "replace_modules", "rebuild", "warn_unchanged"]
 
 _TO_BNLAB = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -54,46 +55,64 @@ def revert(model: nn.Module) -> nn.Module:
     return _swap(model, _TO_TORCH, _BNLAB_NORMS, "revert")
 
 
-def _swap(model: nn.Module, mapping: dict, family: tuple, verb: str) -> nn.Module:
-    skipped: list[str] = []
-    swapped: dict[int, nn.Module] = {}  # a layer used at several places stays one layer
-    root = _swap_one(model, mapping, family, "<root>", skipped, swapped)
+def replace_modules(model: nn.Module,
+                    replace: Callable[[nn.Module, str], nn.Module]) -> nn.Module:
+    """Offer every module of ``model`` (the root included), once each, with its qualified name
+    ("<root>" for the root) to ``replace``; a module it answers with another is replaced by that
+    one at every place it appears (a layer used at several places stays one layer).
+
+    Returns the model, or ``replace``'s answer for the root when that is another module (then
+    nothing below it is visited).
+    """
+    answers: dict[int, nn.Module] = {}
+
+    def answer(module: nn.Module, name: str) -> nn.Module:
+        if id(module) not in answers:
+            answers[id(module)] = replace(module, name)
+        return answers[id(module)]
+
+    root = answer(model, "<root>")
     if root is not model:
-        model = root
-    else:
-        for name, parent in list(model.named_modules()):
-            # _modules, not named_children(): that one skips a child already seen at another place
-            for child_name, child in list(parent._modules.items()):
-                if child is None:
-                    continue
-                qualified = f"{name}.{child_name}" if name else child_name
-                new = _swap_one(child, mapping, family, qualified, skipped, swapped)
+        return root
+    for name, parent in list(model.named_modules()):
+        # _modules, not named_children(): that one skips a child already seen at another place
+        for child_name, child in list(parent._modules.items()):
+            if child is not None:
+                new = answer(child, f"{name}.{child_name}" if name else child_name)
                 if new is not child:
                     setattr(parent, child_name, new)
-    if skipped:
-        warnings.warn(
-            f"bnlab.{verb} left {len(skipped)} normalization layer(s) unchanged: "
-            + "; ".join(skipped),
-            ConversionWarning,
-            stacklevel=3,
-        )
     return model
 
 
-def _swap_one(module: nn.Module, mapping: dict, family: tuple, name: str, skipped: list,
-              swapped: dict) -> nn.Module:
-    target = mapping.get(type(module))
-    if target is None:
+def _swap(model: nn.Module, mapping: dict, family: tuple, verb: str) -> nn.Module:
+    skipped: list[str] = []
+
+    def swap(module: nn.Module, name: str) -> nn.Module:
+        target = mapping.get(type(module))
+        if target is not None:
+            return rebuild(module, target)
         if isinstance(module, family):
-            skipped.append(f"{name} ({type(module).__module__}.{type(module).__qualname__}: no exact "
-                           "counterpart)")
+            skipped.append(f"{name} ({type(module).__module__}.{type(module).__qualname__}: no "
+                           "exact counterpart)")
         return module
-    if id(module) not in swapped:
-        swapped[id(module)] = _rebuild(module, target)
-    return swapped[id(module)]
+
+    model = replace_modules(model, swap)
+    warn_unchanged(f"bnlab.{verb}", "normalization", skipped, stacklevel=4)
+    return model
 
 
-def _rebuild(old: nn.Module, target: type) -> nn.Module:
+def warn_unchanged(operation: str, kind: str, skipped: list[str], stacklevel: int) -> None:
+    """One :class:`ConversionWarning` listing the layers ``operation`` left as they were (if any);
+    ``stacklevel`` as :func:`warnings.warn`'s, counted from the caller of this function."""
+    if skipped:
+        warnings.warn(
+            f"{operation} left {len(skipped)} {kind} layer(s) unchanged: " + "; ".join(skipped),
+            ConversionWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def rebuild(old: nn.Module, target: type) -> nn.Module:
     """A ``target`` instance that takes over old's whole state: tensors, mode, hooks, attributes.
 
     The parameter and buffer containers are copied shallowly (the new module holds the very same

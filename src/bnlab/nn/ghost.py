@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..kernels.torch_ops import accumulation_dtype, reduction_dims
+from ..statistics import raise_if_not_finite, update_running_stats
+from ..kernels.composite import accumulation_dtype, reduction_dims
 from .batchnorm import BatchNorm
 
 __all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
@@ -124,9 +125,12 @@ class GhostBatchNorm(BatchNorm):
         if want_stats:
             finite = count == 1 + bool(tail.shape[0])  # on the device
             if self.running_mean is not None:
-                self._update_running_stats(*_pooled(head_stats, k, tail_stats, sizes), finite)
+                update_running_stats(self.running_mean, self.running_var,
+                                     self.num_batches_tracked,
+                                     *_pooled(head_stats, k, tail_stats, sizes), self.momentum,
+                                     finite=finite)
             if self.strict and not bool(finite):
-                F._raise_if_not_finite(*_pooled(_statistics(head), k, _statistics(tail), sizes))
+                raise_if_not_finite(*_pooled(_statistics(head), k, _statistics(tail), sizes))
         return out
 
     def _normalize(self, x: Tensor, k: int, stats, count: Optional[Tensor]) -> Tensor:
@@ -136,18 +140,6 @@ class GhostBatchNorm(BatchNorm):
         mean, var = stats if stats is not None else (None, None)
         return F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.eps,
                             num_batches_tracked=count, backend=self.backend)
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, finite: Tensor) -> None:
-        """PyTorch's moving (or cumulative) average toward (mean, var), skipped if not finite."""
-        self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
-        if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(mean.dtype)
-        else:
-            factor = self.momentum
-        for buffer, batch in ((self.running_mean, mean), (self.running_var, var)):
-            old = buffer.to(batch.dtype)
-            buffer.copy_(torch.where(finite, (1 - factor) * old + factor * batch, old))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
@@ -197,16 +189,16 @@ def _statistics(x: Tensor) -> Optional[tuple[Tensor, Tensor]]:
 class GhostBatchNorm1d(GhostBatchNorm):
     """Ghost batch norm over (N, C) or (N, C, L) input; see :class:`GhostBatchNorm`."""
 
-    _expected_dims = (2, 3)
+    expected_dims = (2, 3)
 
 
 class GhostBatchNorm2d(GhostBatchNorm):
     """Ghost batch norm over (N, C, H, W) input, per channel; see :class:`GhostBatchNorm`."""
 
-    _expected_dims = (4,)
+    expected_dims = (4,)
 
 
 class GhostBatchNorm3d(GhostBatchNorm):
     """Ghost batch norm over (N, C, D, H, W) input, per channel; see :class:`GhostBatchNorm`."""
 
-    _expected_dims = (5,)
+    expected_dims = (5,)

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..kernels.torch_ops import accumulation_dtype, reduction_dims
+from ..kernels import select_backend
+from ..kernels.composite import accumulation_dtype
 from .batchnorm import BatchNorm
 
 __all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
@@ -151,7 +152,8 @@ class BatchRenorm(BatchNorm):
     def _correction(self, input: Tensor) -> tuple[Tensor, Tensor]:
         """The per-channel constants r and d, from this batch and the running statistics (C,)."""
         acc = accumulation_dtype(input.dtype)
-        var_b, mu_b = torch.var_mean(input.to(acc), dim=reduction_dims(input), correction=0)  # (C,)
+        kernels = select_backend("batch_norm", input, self.backend).module  # the BN's own kernels
+        mu_b, var_b = (t.to(acc) for t in kernels.batch_statistics(input))  # (C,)
         sigma_b = torch.sqrt(var_b + self.eps)
         sigma = torch.sqrt(self.running_var.to(acc) + self.eps)
         r_lim, d_lim = self.clip_limits(acc)
@@ -191,16 +193,16 @@ class BatchRenorm(BatchNorm):
 class BatchRenorm1d(BatchRenorm):
     """Batch renormalization over (N, C) or (N, C, L) input; see :class:`BatchRenorm`."""
 
-    _expected_dims = (2, 3)
+    expected_dims = (2, 3)
 
 
 class BatchRenorm2d(BatchRenorm):
     """Batch renormalization over (N, C, H, W) input, per channel; see :class:`BatchRenorm`."""
 
-    _expected_dims = (4,)
+    expected_dims = (4,)
 
 
 class BatchRenorm3d(BatchRenorm):
     """Batch renormalization over (N, C, D, H, W) input, per channel; see :class:`BatchRenorm`."""
 
-    _expected_dims = (5,)
+    expected_dims = (5,)

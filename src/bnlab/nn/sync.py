@@ -9,14 +9,14 @@ layers for it, keeping their state.
 from __future__ import annotations
 
 import datetime
-import warnings
 from typing import Optional
 
 from torch import Tensor, nn
 
 from .. import distributed as D
+from ..checks import check_mask
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .convert import ConversionWarning, _rebuild
+from .convert import rebuild, replace_modules, warn_unchanged
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -87,15 +87,15 @@ class SyncBatchNorm(BatchNorm):
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
-        D.check_mask(mask, input)
-        group = D._resolve_group(self.process_group) if self.training else None
+        check_mask(mask, input)
+        group = D.resolve_group(self.process_group) if self.training else None
         masked_stats = mask is not None and (self.training or self.running_mean is None)
         if group is None and not masked_stats:
             return super().forward(input)  # nothing to synchronize, nothing to mask: BatchNorm
         if group is not None:
             self._sync_calls += 1
         use_running = self.training and self.track_running_stats
-        return D._batch_norm(
+        return D.batch_norm_over_group(
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
@@ -103,13 +103,13 @@ class SyncBatchNorm(BatchNorm):
             self.bias,
             self.momentum,
             self.eps,
-            self.num_batches_tracked if use_running else None,
-            mask,
-            group,
-            self.timeout,
-            self._sync_calls,
-            self.strict,
-            self.backend,
+            num_batches_tracked=self.num_batches_tracked if use_running else None,
+            mask=mask,
+            group=group,
+            timeout=self.timeout,
+            call_index=self._sync_calls,
+            strict=self.strict,
+            backend=self.backend,
         )
 
     @classmethod
@@ -120,13 +120,13 @@ class SyncBatchNorm(BatchNorm):
 
 # input ranks each convertible class accepts; the converted layer keeps checking them
 _CONVERTIBLE = {
-    nn.BatchNorm1d: BatchNorm1d._expected_dims,
-    nn.BatchNorm2d: BatchNorm2d._expected_dims,
-    nn.BatchNorm3d: BatchNorm3d._expected_dims,
-    BatchNorm: BatchNorm._expected_dims,
-    BatchNorm1d: BatchNorm1d._expected_dims,
-    BatchNorm2d: BatchNorm2d._expected_dims,
-    BatchNorm3d: BatchNorm3d._expected_dims,
+    nn.BatchNorm1d: BatchNorm1d.expected_dims,
+    nn.BatchNorm2d: BatchNorm2d.expected_dims,
+    nn.BatchNorm3d: BatchNorm3d.expected_dims,
+    BatchNorm: BatchNorm.expected_dims,
+    BatchNorm1d: BatchNorm1d.expected_dims,
+    BatchNorm2d: BatchNorm2d.expected_dims,
+    BatchNorm3d: BatchNorm3d.expected_dims,
 }
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, BatchNorm)  # reported when left unchanged
 
@@ -154,35 +154,18 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None, *,
     """
     timeout = D.as_timeout(timeout)
     skipped: list[str] = []
-    swapped: dict[int, nn.Module] = {}  # a layer used at several places stays one layer
 
     def swap(module: nn.Module, name: str) -> nn.Module:
-        if type(module) not in _CONVERTIBLE:
-            reason = _why_left(module, process_group)
-            if reason:
-                cls = f"{type(module).__module__}.{type(module).__qualname__}"
-                skipped.append(f"{name} ({cls}: {reason})")
-            return module
-        if id(module) not in swapped:
-            swapped[id(module)] = _to_sync(module, process_group, timeout)
-        return swapped[id(module)]
+        if type(module) in _CONVERTIBLE:
+            return _to_sync(module, process_group, timeout)
+        reason = _why_left(module, process_group)
+        if reason:
+            cls = f"{type(module).__module__}.{type(module).__qualname__}"
+            skipped.append(f"{name} ({cls}: {reason})")
+        return module
 
-    root = swap(model, "<root>")
-    if root is model:
-        for name, parent in list(model.named_modules()):
-            # _modules, not named_children(): that one skips a child already seen at another place
-            for child_name, child in list(parent._modules.items()):
-                if child is not None:
-                    new = swap(child, f"{name}.{child_name}" if name else child_name)
-                    if new is not child:
-                        setattr(parent, child_name, new)
-    if skipped:
-        warnings.warn(
-            f"bnlab.convert_sync_batchnorm left {len(skipped)} batch-norm layer(s) unchanged: "
-            + "; ".join(skipped),
-            ConversionWarning,
-            stacklevel=2,
-        )
+    root = replace_modules(model, swap)
+    warn_unchanged("bnlab.convert_sync_batchnorm", "batch-norm", skipped, stacklevel=3)
     return root
 
 
@@ -204,9 +187,9 @@ def _why_left(module: nn.Module, process_group) -> Optional[str]:
 
 def _to_sync(old: nn.Module, process_group, timeout) -> SyncBatchNorm:
     """A SyncBatchNorm holding old's whole state (see bnlab.nn.convert), synchronized over the group."""
-    new = _rebuild(old, SyncBatchNorm)
+    new = rebuild(old, SyncBatchNorm)
     new.process_group = process_group
     new.timeout = timeout
     new._sync_calls = 0
-    new._expected_dims = _CONVERTIBLE[type(old)]  # a converted BatchNorm2d still wants 4-D input
+    new.expected_dims = _CONVERTIBLE[type(old)]  # a converted BatchNorm2d still wants 4-D input
     return new

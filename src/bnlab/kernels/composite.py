@@ -78,26 +78,8 @@ def laid_out_like(y: Tensor, x: Tensor) -> Tensor:
     return y
 
 
-def batch_norm_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    eps: float,
-    mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """y = (x - mean) * invstd * weight + bias per channel, invstd = 1 / sqrt(var + eps).
-
-    Training: mean and biased var of the batch over dims (0, 2, 3, ...), returned as (C,) tensors in
-    the accumulation dtype; with a ``mask`` (N, *spatial), over its True positions only (every
-    position is still normalized). Eval: running statistics are used, the mask is ignored, and the
-    returned mean/var are empty.
-
-    Returns:
-        (y, mean, var): y shaped and laid out like x.
-    """
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_forward`."""
     xa = _acc(x)
     if training:
         mean, var = batch_statistics(xa, mask)
@@ -108,8 +90,9 @@ def batch_norm_forward(
     return laid_out_like(y, x), empty, empty.clone()
 
 
-def batch_statistics(xa: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance over dims (0, 2, ...), or over ``mask``'s True positions."""
+def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_statistics`."""
+    xa = _acc(x)
     dims = reduction_dims(xa)
     if mask is None:
         # The textbook two passes (mean, then centred squares): as exact as Welford, and on the CPU
@@ -117,10 +100,11 @@ def batch_statistics(xa: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Te
         mean = xa.mean(dims, keepdim=True)
         centred = xa - mean
         return mean.flatten(), (centred * centred).mean(dims)
-    valid = mask.unsqueeze(1).to(xa.dtype)  # (N, 1, *spatial)
-    count = valid.sum()
-    mean = (xa * valid).sum(dims) / count
-    var = ((xa - per_channel(mean, xa)) * valid).square().sum(dims) / count
+    valid = mask.unsqueeze(1)  # (N, 1, *spatial)
+    count = mask.sum()
+    # torch.where, not a product: padding may hold anything, inf and NaN included
+    mean = torch.where(valid, xa, 0).sum(dims) / count
+    var = torch.where(valid, xa - per_channel(mean, xa), 0).square().sum(dims) / count
     return mean, var
 
 
@@ -134,37 +118,11 @@ def _normalize(xa: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) 
     return y
 
 
-def batch_norm_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    mean: Tensor | None,
-    var: Tensor | None,
-    training: bool,
-    eps: float,
-    output_mask: Sequence[bool] = (True, True, True),
-    mask: Tensor | None = None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of :func:`batch_norm_forward` (the compact closed form of SPEC section 1).
-
-    Training, with xhat = (x - mean) * invstd and m values per channel::
-
-        dx     = weight * invstd * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m)
-        dweight = sum(dy * xhat),  dbias = sum(dy)
-
-    With a ``mask``, m counts the valid positions and the statistics' term applies to them only
-    (padding positions did not enter the statistics): dx = weight * invstd * (dy - valid * (sum(dy)
-    / m + xhat * sum(dy * xhat) / m)), the sums over every position (every output used them).
-    Eval (statistics are constants): dx = dy * weight * invstd.
-
-    ``mean``/``var`` are the saved batch statistics (training) or the running ones (eval). In
-    training they may be None: they are then recomputed from x, which keeps their dependence on x
-    visible to autograd (second derivatives).
-
-    Returns:
-        (dx, dweight, dbias): dx like x; dweight/dbias (C,) in the accumulation dtype; each None
-        where ``output_mask`` is False (dweight also when weight is None).
-    """
+def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
+                        output_mask=(True, True, True), mask=None):
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_backward`. In training ``mean`` None
+    recomputes the statistics from x in autograd-visible ops: second derivatives see their
+    dependence on x."""
     xa, dy = _acc(x), _acc(grad_out)
     dims = reduction_dims(x)
     if mean is None:
@@ -179,8 +137,8 @@ def batch_norm_backward(
         if not training:
             dx = dy * per_channel(scale, xa)
         else:
-            m = values_per_channel(x) if mask is None else mask.sum()
-            dx = training_input_grad(dy, xhat, scale, sum_dy, sum_dy_xhat, m, mask)
+            count = values_per_channel(x) if mask is None else mask.sum()
+            dx = training_input_grad(dy, xhat, scale, sum_dy, sum_dy_xhat, count, mask)
         dx = laid_out_like(dx, x)
     if weight is not None and output_mask[1]:
         dweight = sum_dy_xhat
@@ -190,14 +148,14 @@ def batch_norm_backward(
 
 
 def training_input_grad(dy: Tensor, xhat: Tensor, scale: Tensor, sum_dy: Tensor,
-                        sum_dy_xhat: Tensor, m, mask: Tensor | None = None) -> Tensor:
+                        sum_dy_xhat: Tensor, count, mask: Tensor | None = None) -> Tensor:
     """dx = scale * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m), per channel (scale = weight *
-    invstd, the sums and m over everything the statistics saw, e.g. all ranks).
+    invstd; the sums and m = ``count`` over everything the statistics saw, e.g. all ranks).
 
     With a ``mask`` only the valid positions moved the statistics, so the two terms through them
     apply there alone; every position's dy is in the sums (every output used the statistics).
     """
-    through_stats = per_channel(sum_dy / m, dy) + xhat * per_channel(sum_dy_xhat / m, dy)
+    through_stats = per_channel(sum_dy / count, dy) + xhat * per_channel(sum_dy_xhat / count, dy)
     if mask is not None:
         through_stats = torch.where(mask.unsqueeze(1), through_stats, 0)
     return per_channel(scale, dy) * (dy - through_stats)
@@ -235,49 +193,31 @@ def _invert_activation(y: Tensor, activation: str, param: float) -> Tensor:
     return y
 
 
-def batch_norm_act_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    eps: float,
-    activation: str = "identity",
-    param: float = 0.0,
-    out: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """y = act(batch_norm(x)), written into ``out`` when given (it may be x: the in-place mode).
+def activated(batch_norm_forward):
+    """``batch_norm_act_forward`` of a backend with plain batch-norm kernels: its
+    ``batch_norm_forward``, then PyTorch's activation (written into ``out`` when given)."""
 
-    Returns (y, mean, var) as :func:`batch_norm_forward`.
-    """
-    y, mean, var = batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
-    y = laid_out_like(activate(_acc(y), activation, param), x)
-    if out is not None:
-        y = out.copy_(y)
-    return y, mean, var
+    def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps,
+                               activation="identity", param=0.0, out=None):
+        y, mean, var = batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
+        y = laid_out_like(activate(_acc(y), activation, param), x)
+        if out is not None:
+            y = out.copy_(y)
+        return y, mean, var
+
+    batch_norm_act_forward.__doc__ = (
+        f"See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`: "
+        f"{batch_norm_forward.__module__}.batch_norm_forward, then the activation.")
+    return batch_norm_act_forward
 
 
-def batch_norm_act_backward(
-    grad_out: Tensor,
-    saved: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    training: bool,
-    eps: float,
-    activation: str = "identity",
-    param: float = 0.0,
-    output_mask: Sequence[bool] = (True, True, True),
-    from_output: bool = False,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of :func:`batch_norm_act_forward`: :func:`batch_norm_backward` applied to
-    dz = dy * act'(z), z the pre-activation.
+batch_norm_act_forward = activated(batch_norm_forward)
 
-    ``saved`` is x, or the output y when ``from_output`` (the in-place mode): then z = act^-1(y) and
-    x is recovered as mean + (z - bias) / (weight * invstd), which needs a weight without zeros.
-    """
+
+def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, eps,
+                            activation="identity", param=0.0, output_mask=(True, True, True),
+                            from_output=False):
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`."""
     sa = _acc(saved)
     scale = torch.rsqrt(var.to(sa.dtype) + eps)
     if weight is not None:
@@ -307,22 +247,16 @@ def layer_norm_forward(
     bias: Tensor | None,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """y = (x - mean) * rstd * weight + bias, statistics over the trailing ``normalized_shape`` dims.
-
-    Returns:
-        (y, mean, rstd): mean and rstd = 1 / sqrt(var + eps) (biased var) keep the reduced dims
-        as size 1, in the accumulation dtype.
-    """
+    """See :meth:`bnlab.kernels.contract.Kernels.layer_norm_forward`."""
     xa = _acc(x)
     dims, _ = layer_norm_dims(x, normalized_shape)
     var, mean = torch.var_mean(xa, dim=dims, correction=0, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    y = (xa - mean) * rstd
+    y = (xa - mean) * torch.rsqrt(var + eps)
     if weight is not None:
         y = y * weight.to(xa.dtype)
     if bias is not None:
         y = y + bias.to(xa.dtype)
-    return laid_out_like(y, x), mean, rstd
+    return laid_out_like(y, x), mean, var
 
 
 def layer_norm_backward(
@@ -331,23 +265,16 @@ def layer_norm_backward(
     normalized_shape: Sequence[int],
     weight: Tensor | None,
     mean: Tensor | None,
-    rstd: Tensor | None,
+    var: Tensor | None,
     eps: float,
     output_mask: Sequence[bool] = (True, True, True),
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of :func:`layer_norm_forward`. With g = dy * weight and means over the normalized dims::
-
-        dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
-        dweight = sum_batch(dy * xhat),  dbias = sum_batch(dy)
-
-    ``mean``/``rstd`` None: recomputed from x (keeps second derivatives exact). dweight/dbias are
-    in the accumulation dtype; each gradient is None where ``output_mask`` is False.
-    """
+    """See :meth:`bnlab.kernels.contract.Kernels.layer_norm_backward`."""
     xa, dy = _acc(x), _acc(grad_out)
     dims, batch_dims = layer_norm_dims(x, normalized_shape)
     if mean is None:
         var, mean = torch.var_mean(xa, dim=dims, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + eps)
+    rstd = torch.rsqrt(var + eps)
     xhat = (xa - mean) * rstd
     dx = dweight = dbias = None
     if output_mask[0]:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import bnlab
-from bnlab.kernels import torch_ops
-from bnlab.kernels import triton as tk
+from bnlab.kernels import composite
+from bnlab.kernels import gpu as tk
 import kernel_cases
 from kernel_cases import LAYOUTS, assert_results_close
 from tolerances import assert_statistics_within
@@ -64,7 +64,7 @@ def test_output_mask_leaves_out_what_is_not_wanted(output_mask, training):
     w, _, rm, rv = params(x.shape[1], x.dtype)
     mean, var = (None, None) if training else (rm, rv)  # training: recomputed from x
     ours = tk.batch_norm_backward(dy, x, w, mean, var, training, 1e-5, output_mask)
-    theirs = torch_ops.batch_norm_backward(dy, x, w, mean, var, training, 1e-5, output_mask)
+    theirs = composite.batch_norm_backward(dy, x, w, mean, var, training, 1e-5, output_mask)
     assert_results_close(ours, theirs, dict(atol=1e-12, rtol=1e-12))
 
 
@@ -75,12 +75,12 @@ def test_half_types_compute_in_float32(name, dtype, many_splits):
     x, dy = make(name, dtype), make(name, dtype, seed=1)
     w, b, _, _ = params(x.shape[1], torch.float32)
     ours = tk.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, "leaky_relu", 0.1)
-    theirs = torch_ops.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, "leaky_relu", 0.1)
+    theirs = composite.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, "leaky_relu", 0.1)
     assert ours[0].dtype == dtype and ours[1].dtype == torch.float32
     ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
     assert_results_close(ours, theirs, dict(atol=2 * ulp, rtol=2 * ulp))
     assert_results_close(*[k.batch_norm_act_backward(dy, x, w, b, ours[1], ours[2], True, 1e-5, "leaky_relu",
-                                         0.1) for k in (tk, torch_ops)], dict(atol=4 * ulp, rtol=4 * ulp))
+                                         0.1) for k in (tk, composite)], dict(atol=4 * ulp, rtol=4 * ulp))
 
 
 def test_a_strided_view_is_copied_once_and_laid_out_as_empty_like():
@@ -88,7 +88,7 @@ def test_a_strided_view_is_copied_once_and_laid_out_as_empty_like():
     x = base[:, :, ::2]  # not dense: the kernels run on a contiguous copy
     w, b, _, _ = params(x.shape[1], x.dtype)
     ours = tk.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, "relu")
-    theirs = torch_ops.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, "relu")
+    theirs = composite.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, "relu")
     assert_results_close(ours, theirs, dict(atol=1e-12, rtol=1e-12))
     out = torch.empty_like(x)
     assert tk.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, "relu", out=out)[0] is out
@@ -96,15 +96,15 @@ def test_a_strided_view_is_copied_once_and_laid_out_as_empty_like():
 
 
 def test_registry_runs_it_by_name_and_prefers_it_only_on_a_gpu():
-    assert "triton" in bnlab.kernels.available_backends()
+    assert "gpu" in bnlab.kernels.available_backends()
     x = make("nchw")
     for op in ("batch_norm", "batch_norm_eval", "batch_norm_act"):
         assert tk.supports(op, x)
     assert not tk.supports("batch_norm_masked", x) and not tk.supports("layer_norm", x)
     assert not tk.supports("batch_norm", x.long()) and not tk.supports("batch_norm", x[:0])
-    assert bnlab.kernels.select_backend("batch_norm", x, "triton") is tk
-    assert (bnlab.kernels.select_backend("batch_norm", x) is tk) == x.is_cuda
-    y = bnlab.functional.batch_norm(x, None, None, training=True, backend="triton")
+    assert bnlab.kernels.select_backend("batch_norm", x, "gpu").module is tk
+    assert (bnlab.kernels.select_backend("batch_norm", x).module is tk) == x.is_cuda
+    y = bnlab.functional.batch_norm(x, None, None, training=True, backend="gpu")
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
 
 

@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .torch_ops import accumulation_dtype, is_dense, laid_out_like
+from .contract import plain_from_fused
+from .composite import accumulation_dtype, is_dense, laid_out_like
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -110,8 +110,8 @@ def _deactivate(y, param, ACT: tl.constexpr):
 
 @triton.jit
 def _tile(pid_c, t, tiles, C, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets, mask and per-channel value count of position tile t of a channel block. Tiles are
-    numbered over N * cdiv(S, BLOCK_S) = ``tiles``; a t past the last gives an empty tile."""
+    """Offsets, the in-bounds mask ``inside`` and per-channel value count of position tile t of a
+    channel block. Tiles are numbered over N * cdiv(S, BLOCK_S) = ``tiles``; a t past the last gives an empty tile."""
     s_tiles = tl.cdiv(S, BLOCK_S)
     n = t // s_tiles
     s0 = (t - n * s_tiles) * BLOCK_S
@@ -120,9 +120,9 @@ def _tile(pid_c, t, tiles, C, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.
     offsets = n.to(tl.int64) * sn + s0.to(tl.int64) * ss \
         + (cs[:, None] * sc + (s[None, :] - s0) * ss)  # (BLOCK_C, BLOCK_S)
     s_end = tl.where(t < tiles, S, 0)  # a bound, not a mask of its own: one comparison per value
-    mask = (cs[:, None] < C) & (s[None, :] < s_end)
+    inside = (cs[:, None] < C) & (s[None, :] < s_end)
     count = tl.maximum(tl.minimum(s_end - s0, BLOCK_S), 0)
-    return offsets, mask, count
+    return offsets, inside, count
 
 
 @triton.jit
@@ -166,11 +166,11 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, N, C, S, sn, sc, ss, tiles
     mean = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for i in range(tiles_per_program):
-        offsets, mask, _count = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc,
+        offsets, inside, _count = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc,
                                       ss, BLOCK_C, BLOCK_S)
-        v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        count += tl.where(mask, 1.0, 0.0)
-        delta = tl.where(mask, v - mean, 0.0)
+        v = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
+        count += tl.where(inside, 1.0, 0.0)
+        delta = tl.where(inside, v - mean, 0.0)
         mean += delta / tl.maximum(count, 1.0)
         m2 += delta * (v - mean)
     # Chan's merge of all lanes at once: the count-weighted mean, then M2 about it
@@ -213,12 +213,12 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps, param,
     """y = act((x - mean) * a + b) on one tile (y may be x: the in-place mode)."""
     pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = n * tl.cdiv(S, BLOCK_S) + pid_t
-    offsets, mask, count = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    offsets, inside, count = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
     mean, _, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B,
                                     ACC, BLOCK_C)
-    v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    v = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
     y = _activate((v - mean) * a + b, param, ACT)
-    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -246,12 +246,12 @@ def _grad_sums_kernel(v_ptr, dy_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr, var_ptr,
     acc_dz = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for i in range(tiles_per_program):
-        offsets, mask, count = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss,
+        offsets, inside, count = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss,
                                  BLOCK_C, BLOCK_S)
-        v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(ACC)
         centred, dz = _recover(v, dy, mean, a, b, param, ACT, FROM_OUTPUT)
-        dz = tl.where(mask, dz, 0.0)
+        dz = tl.where(inside, dz, 0.0)
         acc_dz += dz
         acc_dzx += dz * centred
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -277,7 +277,7 @@ def _merge_sums_kernel(sum_dz_ptr, sum_dzx_ptr, out_dz_ptr, out_dzx_ptr, C, SPLI
 
 @triton.jit
 def _grad_input_kernel(v_ptr, dy_ptr, dx_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr, var_ptr, w_ptr,
-                       b_ptr, eps, param, m, C, S, sn, sc, ss, HAS_W: tl.constexpr,
+                       b_ptr, eps, param, values, C, S, sn, sc, ss, HAS_W: tl.constexpr,
                        HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr,
                        TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_S: tl.constexpr):
@@ -285,11 +285,11 @@ def _grad_input_kernel(v_ptr, dy_ptr, dx_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr,
     tile (eval: dx = a * dz)."""
     pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = n * tl.cdiv(S, BLOCK_S) + pid_t
-    offsets, mask, count = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    offsets, inside, count = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
     mean, invstd, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W,
                                          HAS_B, ACC, BLOCK_C)
-    v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(ACC)
     centred, dz = _recover(v, dy, mean, a, b, param, ACT, FROM_OUTPUT)
     dx = a * dz
     if TRAINING:
@@ -297,8 +297,8 @@ def _grad_input_kernel(v_ptr, dy_ptr, dx_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr,
         ok = cs < C
         sum_dz = tl.load(sum_dz_ptr + cs, mask=ok, other=0.0)[:, None]
         sum_dzx = tl.load(sum_dzx_ptr + cs, mask=ok, other=0.0)[:, None]
-        dx -= a * (invstd * invstd * centred * sum_dzx + sum_dz) / m
-    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dx -= a * (invstd * invstd * centred * sum_dzx + sum_dz) / values
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,26 +399,13 @@ def _params(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# the backend contract (see bnlab.kernels.torch_ops)
+# the backend contract (bnlab.kernels.contract)
 # --------------------------------------------------------------------------------------------
 
 
-def batch_norm_act_forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    eps: float,
-    activation: str = "identity",
-    param: float = 0.0,
-    out: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """y = act((x - mean) * invstd * weight + bias); ``out`` may be x itself (in-place mode).
-
-    Returns (y, mean, var) as :func:`bnlab.kernels.torch_ops.batch_norm_forward` does.
-    """
+def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps,
+                           activation="identity", param=0.0, out=None):
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`."""
     src = _dense_view(x)
     geo = _Geometry(src)
     if training:
@@ -441,28 +428,12 @@ def batch_norm_act_forward(
     return y, empty, empty.clone()
 
 
-def batch_norm_act_backward(
-    grad_out: Tensor,
-    saved: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    training: bool,
-    eps: float,
-    activation: str = "identity",
-    param: float = 0.0,
-    output_mask: Sequence[bool] = (True, True, True),
-    from_output: bool = False,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of :func:`batch_norm_act_forward`, with dz = dy * act'(z)::
-
-        dweight = sum(dz * xhat),  dbias = sum(dz)
-        dx = a * dz - a * invstd^2 * (x - mean) * sum(dz * (x - mean)) / m - a * sum(dz) / m
-
-    (a = weight * invstd; eval: only the first term). ``saved`` is x, or the output y when
-    ``from_output`` (in-place mode: z = act^-1(y), x - mean = (z - bias) / a).
-    """
+def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, eps,
+                            activation="identity", param=0.0, output_mask=(True, True, True),
+                            from_output=False):
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, in the form
+    dx = a dz - a invstd^2 (x - mean) sum(dz (x - mean)) / m - a sum(dz) / m, a = weight * invstd
+    (eval: the first term). Two launches (and a merge of the partial sums): the sums, then dx."""
     src = _dense_view(saved)
     dy = laid_out_like(grad_out, src)
     geo = _Geometry(src)
@@ -487,7 +458,7 @@ def batch_norm_act_backward(
         dx = torch.empty_like(src)
         sums = (sum_dz, sum_dzx) if training else (mean, mean)  # eval: unused pointers
         _grad_input_kernel[geo.tile_grid()](src, dy, dx, *sums, mean, var,
-                                            m=float(src.numel() // geo.c), **geo.layout(),
+                                            values=float(src.numel() // geo.c), **geo.layout(),
                                             TRAINING=bool(training), **common, **geo.blocks())
         dx = laid_out_like(dx, saved)
     if weight is not None and output_mask[1]:
@@ -497,17 +468,11 @@ def batch_norm_act_backward(
     return dx, dweight, dbias
 
 
-def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
-    """See :func:`bnlab.kernels.torch_ops.batch_norm_forward` (``mask`` is not supported here)."""
-    return batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps)
+def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_statistics` (no ``mask`` here)."""
+    src = _dense_view(x)
+    return _statistics(src, _Geometry(src))
 
 
-def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
-                        output_mask=(True, True, True), mask=None):
-    """See :func:`bnlab.kernels.torch_ops.batch_norm_backward` (``mask`` is not supported here)."""
-    if mean is None:  # recompute the statistics from x
-        src = _dense_view(x)
-        mean, var = _statistics(src, _Geometry(src))
-    # The bias does not change dx, dweight or dbias without an activation.
-    return batch_norm_act_backward(grad_out, x, weight, None, mean, var, training, eps,
-                                   output_mask=output_mask)
+batch_norm_forward, batch_norm_backward = plain_from_fused(
+    batch_norm_act_forward, batch_norm_act_backward, batch_statistics)

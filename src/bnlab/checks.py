@@ -1,0 +1,172 @@
+"""Argument checks of the public ops, and their error texts: each names what is wrong and what was
+expected. Nothing here changes a tensor."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .kernels.composite import accumulation_dtype, values_per_channel
+
+__all__ = ["ACTIVATIONS", "INVERTIBLE_ACTIVATIONS", "check_input", "check_vector", "check_mask",
+           "valid_count", "check_batch_norm_args", "check_layer_norm_args", "check_activation"]
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
+INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")  # what the in-place mode can undo
+_DEFAULT_PARAM = {"identity": 0.0, "relu": 0.0, "leaky_relu": 0.01, "elu": 1.0}
+
+
+def check_input(op: str, input) -> None:
+    """A floating-point tensor."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{op} expects a torch.Tensor input, got {type(input).__name__}")
+    if not input.dtype.is_floating_point:
+        raise TypeError(
+            f"{op} expects a floating-point input (float64, float32, float16 or bfloat16), "
+            f"got {input.dtype}"
+        )
+
+
+def check_vector(name: str, t, shape: tuple, input: Tensor, what: str) -> None:
+    """A parameter or statistic: None, or a tensor of ``shape`` on input's device, of input's dtype
+    or its accumulation dtype."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}, expected {shape} ({what}; input shape "
+            f"{tuple(input.shape)})"
+        )
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device}, expected the input's device {input.device}")
+    allowed = {input.dtype, accumulation_dtype(input.dtype)}
+    if t.dtype not in allowed:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}, expected {' or '.join(sorted(map(str, allowed)))} "
+            f"for a {input.dtype} input"
+        )
+
+
+def check_mask(mask: Optional[Tensor], input: Tensor) -> None:
+    """None, or a bool tensor shaped like input without dim 1 (N, *spatial), on input's device."""
+    if mask is None:
+        return
+    expected = (input.shape[0], *input.shape[2:])
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = valid position), got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {expected}: the input's "
+                         f"shape {tuple(input.shape)} without the channel dim 1")
+    if mask.device != input.device:
+        raise ValueError(f"mask is on {mask.device}, expected the input's device {input.device}")
+
+
+def valid_count(mask: Tensor, training: bool) -> Tensor:
+    """The mask's count of valid positions; in training (eager) at least 2 (a host read)."""
+    count = mask.sum()
+    if training and not torch.compiler.is_compiling() and int(count) < 2:
+        raise ValueError(
+            f"Expected more than 1 valid value per channel when training, the mask has {int(count)}"
+        )
+    return count
+
+
+def _vectors_fit(input: Tensor, vectors) -> bool:
+    """The common case of :func:`check_vector` for every (C,) vector at once, in a few
+    microseconds less (it runs on every call of every layer)."""
+    c, device = input.shape[1], input.device
+    allowed = (input.dtype, accumulation_dtype(input.dtype))
+    return all(t is None or (isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == c
+                             and t.dtype in allowed and t.device == device)
+               for _, t in vectors)
+
+
+def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
+                          eps, num_batches_tracked, op: str = "batch_norm",
+                          local_count: bool = True) -> None:
+    """The arguments of a batch norm. ``local_count``: training needs more than one value per
+    channel in this call (False where the count is global, as in synchronized batch norm)."""
+    check_input(op, input)
+    if input.dim() < 2:
+        raise ValueError(
+            f"{op} expects an input of rank >= 2 shaped (N, C, *) with channels on dim 1, "
+            f"got shape {tuple(input.shape)}"
+        )
+    vectors = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+               ("running_var", running_var))
+    if not _vectors_fit(input, vectors):  # then say which one does not, and why
+        what = f"one value per channel, C = {input.shape[1]}"
+        for name, t in vectors:
+            check_vector(name, t, (input.shape[1],), input, what)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if not training and running_mean is None:
+        raise ValueError(f"{op} in eval mode (training=False) needs running_mean and running_var")
+    if local_count and training and values_per_channel(input) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    _check_momentum(momentum, training and running_mean is not None, num_batches_tracked)
+
+
+def _check_momentum(momentum, updates: bool, num_batches_tracked) -> None:
+    if momentum is None:
+        if updates and num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    elif not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    if num_batches_tracked is not None and (
+        num_batches_tracked.numel() != 1 or num_batches_tracked.dtype.is_floating_point
+    ):
+        raise ValueError(
+            "num_batches_tracked must be a one-element integer tensor, got "
+            f"shape {tuple(num_batches_tracked.shape)} dtype {num_batches_tracked.dtype}"
+        )
+
+
+def check_layer_norm_args(input, normalized_shape, weight, bias, eps) -> tuple[int, ...]:
+    """The arguments of a layer norm; returns ``normalized_shape`` as a tuple of ints."""
+    check_input("layer_norm", input)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(int(s) for s in normalized_shape)
+    k = len(normalized_shape)
+    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
+        raise ValueError(
+            f"layer_norm normalizes over the trailing dims normalized_shape="
+            f"{list(normalized_shape)}, but the input has shape {tuple(input.shape)}"
+        )
+    check_vector("weight", weight, normalized_shape, input, "normalized_shape")
+    check_vector("bias", bias, normalized_shape, input, "normalized_shape")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return normalized_shape
+
+
+def check_activation(activation: str, param: Optional[float], inplace: bool) -> tuple[str, float]:
+    """Validate an activation name and its parameter; returns (name, parameter with its default)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if param is None:
+        param = _DEFAULT_PARAM[activation]
+    param = float(param)
+    if inplace and activation not in INVERTIBLE_ACTIVATIONS:
+        raise ValueError(
+            f"the in-place mode recovers its input by inverting the activation; {activation!r} is "
+            f"not invertible, expected one of {INVERTIBLE_ACTIVATIONS}"
+        )
+    if inplace and activation in ("leaky_relu", "elu") and not param > 0:
+        raise ValueError(
+            f"the in-place mode needs an invertible {activation}: its parameter must be > 0, "
+            f"got {param}"
+        )
+    if activation == "elu" and param < 0:
+        raise ValueError(f"elu needs alpha >= 0, got {param}")
+    return activation, param

@@ -1,0 +1,136 @@
+"""The backend contract, written once: what every kernel backend's functions take and return.
+
+A backend (:mod:`bnlab.kernels.composite`, :mod:`~bnlab.kernels.native`, :mod:`~bnlab.kernels.cpu`,
+:mod:`~bnlab.kernels.gpu`, or one a user registers) is a module with the functions of
+:class:`Kernels` for the ops it supports. They are plain functions: no autograd inside, no running
+statistics (bnlab owns those, :mod:`bnlab.statistics`), no argument checks (:mod:`bnlab.checks`).
+
+Conventions, the same for batch norm and layer norm:
+
+- statistics come back as (mean, var): var is the *biased* variance (divide by m), and every
+  kernel computes invstd = 1 / sqrt(var + eps) from it itself (the running variance needs var);
+- float16/bfloat16 inputs are computed in float32; statistics and parameter gradients come back in
+  the accumulation dtype (:func:`bnlab.kernels.composite.accumulation_dtype`);
+- outputs are shaped and laid out like the input (:func:`~bnlab.kernels.composite.laid_out_like`);
+- a gradient whose ``output_mask`` entry is False comes back as None (dweight also without weight).
+
+A backend with fused kernels only gets the plain ones from :func:`plain_from_fused`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol, Sequence
+
+from torch import Tensor
+
+Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+
+
+class Kernels(Protocol):
+    """The functions of a backend module (each only for the ops its ``supports`` accepts)."""
+
+    def batch_statistics(self, x: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Per-channel (mean, biased var) over dims (0, 2, 3, ...), or over ``mask``'s True
+        positions (mask (N, *spatial))."""
+
+    def batch_norm_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                           training: bool, eps: float,
+                           mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """y = (x - mean) * invstd * weight + bias per channel, invstd = 1 / sqrt(var + eps).
+
+        Training: mean and biased var of the batch (:meth:`batch_statistics`), returned; with a
+        ``mask`` over its True positions only (every position is still normalized). Eval: the
+        running statistics normalize, the mask is ignored, the returned mean/var are empty.
+        Returns (y, mean, var).
+        """
+
+    def batch_norm_backward(self, grad_out: Tensor, x: Tensor, weight: Optional[Tensor],
+                            mean: Optional[Tensor], var: Optional[Tensor], training: bool,
+                            eps: float, output_mask: Sequence[bool] = (True, True, True),
+                            mask: Optional[Tensor] = None) -> Grads:
+        """Gradients of :meth:`batch_norm_forward` (Ioffe & Szegedy 2015, section 3, the chain
+        rule through the batch statistics, in its compact form). Training, with
+        xhat = (x - mean) * invstd and m values per channel::
+
+            dx = weight * invstd * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m)
+            dweight = sum(dy * xhat),  dbias = sum(dy)
+
+        With a ``mask``, m counts the valid positions and the statistics' terms apply to them
+        only; the sums run over every position. Eval: dx = dy * weight * invstd. ``mean``/``var``
+        are the saved batch statistics (training) or the running ones (eval); None in training:
+        recomputed from x. Returns (dx, dweight, dbias).
+        """
+
+    def batch_norm_act_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                               running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                               training: bool, eps: float, activation: str = "identity",
+                               param: float = 0.0,
+                               out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """y = act(batch_norm(x)) (identity, relu, leaky_relu with slope ``param``, elu with alpha
+        ``param``), written into ``out`` when given (it may be x: the in-place mode). Returns
+        (y, mean, var) as :meth:`batch_norm_forward`."""
+
+    def batch_norm_act_backward(self, grad_out: Tensor, saved: Tensor, weight: Optional[Tensor],
+                                bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool,
+                                eps: float, activation: str = "identity", param: float = 0.0,
+                                output_mask: Sequence[bool] = (True, True, True),
+                                from_output: bool = False) -> Grads:
+        """Gradients of :meth:`batch_norm_act_forward`: :meth:`batch_norm_backward` of
+        dz = dy * act'(z), z the pre-activation. ``saved`` is x, or the output y when
+        ``from_output`` (in-place mode: z = act^-1(y), x - mean = (z - bias) / (weight * invstd),
+        which needs a weight without zeros)."""
+
+    def layer_norm_forward(self, x: Tensor, normalized_shape: Sequence[int],
+                           weight: Optional[Tensor], bias: Optional[Tensor],
+                           eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """y = (x - mean) * invstd * weight + bias, statistics over the trailing
+        ``normalized_shape`` dims of each example. Returns (y, mean, var), mean and var keeping
+        the reduced dims as size 1."""
+
+    def layer_norm_backward(self, grad_out: Tensor, x: Tensor, normalized_shape: Sequence[int],
+                            weight: Optional[Tensor], mean: Optional[Tensor],
+                            var: Optional[Tensor], eps: float,
+                            output_mask: Sequence[bool] = (True, True, True)) -> Grads:
+        """Gradients of :meth:`layer_norm_forward` (Ba, Kiros & Hinton 2016). With
+        g = dy * weight and means over the normalized dims::
+
+            dx = invstd * (g - mean(g) - xhat * mean(g * xhat))
+            dweight = sum_batch(dy * xhat),  dbias = sum_batch(dy)
+
+        ``mean``/``var`` None: recomputed from x (keeps second derivatives exact)."""
+
+
+class EagerBatchNorm(Protocol):
+    """Optional, as a backend's ``eager_batch_norm``: the whole eager batch norm (no mask) with
+    the backend's own autograd and running-statistics update (``native``: one differentiable ATen
+    call). It returns None for a call it leaves to bnlab's autograd Function over its kernels."""
+
+    def __call__(self, input: Tensor, running_mean: Optional[Tensor],
+                 running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                 training: bool, momentum: Optional[float], eps: float,
+                 num_batches_tracked: Optional[Tensor], strict: bool,
+                 activation: str = "identity", param: float = 0.0) -> Optional[Tensor]:
+        """y = act(batch_norm(input)) with the running statistics updated (guarded as
+        :func:`bnlab.statistics.update_running_stats`), or None."""
+
+
+def plain_from_fused(act_forward: Callable, act_backward: Callable,
+                     batch_statistics: Callable) -> tuple[Callable, Callable]:
+    """``batch_norm_forward`` and ``batch_norm_backward`` of a backend whose kernels are the fused
+    ones (activation ``identity``); masks are not supported (``supports`` refuses them)."""
+
+    def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
+        return act_forward(x, weight, bias, running_mean, running_var, training, eps)
+
+    def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
+                            output_mask=(True, True, True), mask=None):
+        if mean is None:  # recompute the statistics from x
+            mean, var = batch_statistics(x)
+        # the bias does not change dx, dweight or dbias without an activation
+        return act_backward(grad_out, x, weight, None, mean, var, training, eps,
+                            output_mask=output_mask)
+
+    batch_norm_forward.__doc__ = Kernels.batch_norm_forward.__doc__
+    batch_norm_backward.__doc__ = Kernels.batch_norm_backward.__doc__
+    return batch_norm_forward, batch_norm_backward
