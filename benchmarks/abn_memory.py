@@ -49,7 +49,9 @@ SLOPE = 0.01
 def norm_act(provider: str, c: int) -> nn.Module:
     """The BN + LeakyReLU of one block; bnlab's modules are imported lazily."""
     if provider.startswith("torch"):
-        return nn.Sequential(nn.BatchNorm2d(c), nn.LeakyReLU(SLOPE, inplace=provider.endswith("inplace")))
+        return nn.Sequential(
+            nn.BatchNorm2d(c), nn.LeakyReLU(SLOPE, inplace=provider.endswith("inplace"))
+        )
     import bnlab.nn
 
     if provider == "bnlab-bn":
@@ -60,8 +62,12 @@ def norm_act(provider: str, c: int) -> nn.Module:
 
 
 def stack(provider: str, c: int, depth: int) -> nn.Module:
-    return nn.Sequential(*[nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), norm_act(provider, c))
-                           for _ in range(depth)])
+    return nn.Sequential(
+        *[
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), norm_act(provider, c))
+            for _ in range(depth)
+        ]
+    )
 
 
 class NextLayer(torch.autograd.Function):
@@ -153,8 +159,14 @@ def measure(provider: str, shape: tuple[int, ...], depth: int) -> dict:
     return {"saved_bytes": saved, "peak_bytes": peak}
 
 
-COLUMNS = ("saved_bytes", "peak_bytes", "saved_tensors", "peak_tensors", "saved_vs_torch",
-           "peak_vs_torch")
+COLUMNS = (
+    "saved_bytes",
+    "peak_bytes",
+    "saved_tensors",
+    "peak_tensors",
+    "saved_vs_torch",
+    "peak_vs_torch",
+)
 
 
 def run(shapes, depths, providers, threads: int) -> list[dict]:
@@ -164,12 +176,19 @@ def run(shapes, depths, providers, threads: int) -> list[dict]:
         for depth in depths:
             base = None
             for provider in providers:
-                r = {"shape": shape_name(shape), "depth": depth, "provider": provider,
-                     "threads": threads, "tensor_bytes": tensor}
+                r = {
+                    "shape": shape_name(shape),
+                    "depth": depth,
+                    "provider": provider,
+                    "threads": threads,
+                    "tensor_bytes": tensor,
+                }
                 try:
                     m = measure(provider, shape, depth)
                 except AttributeError as error:  # a module this bnlab does not have yet
-                    rows.append({**r, **dict.fromkeys(COLUMNS, ""), "status": f"unavailable: {error}"})
+                    rows.append(
+                        {**r, **dict.fromkeys(COLUMNS, ""), "status": f"unavailable: {error}"}
+                    )
                     print(format_row(rows[-1]), flush=True)
                     continue
                 base = m if provider == "torch" else base
@@ -180,8 +199,11 @@ def run(shapes, depths, providers, threads: int) -> list[dict]:
 
 def derived(m: dict, tensor: int, base: dict | None) -> dict:
     """The measurement, in activation tensors and as a ratio to torch.nn's (if measured)."""
-    out = {**m, "saved_tensors": round(m["saved_bytes"] / tensor, 3),
-           "peak_tensors": round(m["peak_bytes"] / tensor, 3)}
+    out = {
+        **m,
+        "saved_tensors": round(m["saved_bytes"] / tensor, 3),
+        "peak_tensors": round(m["peak_bytes"] / tensor, 3),
+    }
     for k in ("saved", "peak"):
         out[f"{k}_vs_torch"] = round(m[f"{k}_bytes"] / base[f"{k}_bytes"], 3) if base else ""
     return out
@@ -191,45 +213,67 @@ def format_row(r: dict) -> str:
     head = f"{r['shape']:>14s} depth {r['depth']} {r['provider']:13s}"
     if r["status"] != "ok":
         return f"{head} {r['status']}"
-    return (f"{head} saved {r['saved_bytes'] / 2**20:8.1f} MiB ({r['saved_tensors']:.2f} tensors)"
-            f"  peak {r['peak_bytes'] / 2**20:8.1f} MiB ({r['peak_tensors']:.2f} tensors)")
+    return (
+        f"{head} saved {r['saved_bytes'] / 2**20:8.1f} MiB ({r['saved_tensors']:.2f} tensors)"
+        f"  peak {r['peak_bytes'] / 2**20:8.1f} MiB ({r['peak_tensors']:.2f} tensors)"
+    )
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| shape | depth | provider | saved MiB | saved / torch | peak MiB | peak / torch |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | depth | provider | saved MiB | saved / torch | peak MiB | peak / torch |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['shape']} | {r['depth']} | {r['provider']} | {r['status']} ||||")
             continue
-        ratio = {k: f"{r[f'{k}_vs_torch']:.2f}" if r[f"{k}_vs_torch"] != "" else "-"
-                 for k in ("saved", "peak")}
-        lines.append(f"| {r['shape']} | {r['depth']} | {r['provider']} | "
-                     f"{r['saved_bytes'] / 2**20:.1f} | {ratio['saved']} | "
-                     f"{r['peak_bytes'] / 2**20:.1f} | {ratio['peak']} |")
+        ratio = {
+            k: f"{r[f'{k}_vs_torch']:.2f}" if r[f"{k}_vs_torch"] != "" else "-"
+            for k in ("saved", "peak")
+        }
+        lines.append(
+            f"| {r['shape']} | {r['depth']} | {r['provider']} | "
+            f"{r['saved_bytes'] / 2**20:.1f} | {ratio['saved']} | "
+            f"{r['peak_bytes'] / 2**20:.1f} | {ratio['peak']} |"
+        )
     return "\n".join(lines)
 
 
 @click.command()
-@click.option("--shapes", default=",".join(map(shape_name, SHAPES)), show_default=True,
-              help="Comma-separated NxCxHxW input shapes (float32).")
+@click.option(
+    "--shapes",
+    default=",".join(map(shape_name, SHAPES)),
+    show_default=True,
+    help="Comma-separated NxCxHxW input shapes (float32).",
+)
 @click.option("--depths", default="1,4", show_default=True, help="Blocks per stack.")
 @click.option("--providers", default=",".join(PROVIDERS), show_default=True)
 @click.option("--threads", default=None, type=int, help="torch.set_num_threads (default: torch's).")
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Directory for abn_memory.csv and abn_memory.md (default benchmarks/results).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Directory for abn_memory.csv and abn_memory.md (default benchmarks/results).",
+)
 def main(shapes, depths, providers, threads, out) -> None:
     """Measure saved and peak activation memory per provider; append to abn_memory.csv."""
     chosen = [p for p in providers.split(",") if p]
     unknown = set(chosen) - set(PROVIDERS)
     if unknown:
-        raise click.BadParameter(f"unknown providers {sorted(unknown)}; expected some of {PROVIDERS}")
+        raise click.BadParameter(
+            f"unknown providers {sorted(unknown)}; expected some of {PROVIDERS}"
+        )
     providers = [p for p in PROVIDERS if p in chosen]  # torch first: the others' ratios need it
     if threads:
         torch.set_num_threads(threads)
     check_method()
-    rows = run([parse_shape(s) for s in shapes.split(",")], [int(d) for d in depths.split(",")],
-               providers, torch.get_num_threads())
+    rows = run(
+        [parse_shape(s) for s in shapes.split(",")],
+        [int(d) for d in depths.split(",")],
+        providers,
+        torch.get_num_threads(),
+    )
     path = append_rows("abn_memory.csv", rows, out)
     text = markdown(rows)
     path.with_suffix(".md").write_text(text + "\n")

@@ -1,18 +1,23 @@
-"""Batch-norm speed on the CPU: bnlab vs torch.nn vs torch.compile, against a copy of the same input.
+"""Batch-norm speed on the CPU: bnlab vs torch.nn vs torch.compile, against a copy of the same
+input.
 
-    python benchmarks/bn_speed.py                 # the whole sweep -> benchmarks/results/bn_speed.csv
+    python benchmarks/bn_speed.py         # the whole sweep -> benchmarks/results/bn_speed.csv
     python benchmarks/bn_speed.py --shapes conv --modes fwd,full --providers bnlab,torch
-    python benchmarks/plot_bn_speed.py            # PNGs and a Markdown table from the CSV
+    python benchmarks/plot_bn_speed.py    # PNGs and a Markdown table from the CSV
 
 Modes (what one timed call does; the module is built once per case and warmed up first):
-  fwd     training-mode forward of an input that requires grad, so the graph is recorded as in training
-  bwd     backward only: autograd.grad(y, (x, weight, bias), dy, retain_graph=True) on one fixed graph
+  fwd     training-mode forward of an input that requires grad, so the graph is recorded as in
+          training
+  bwd     backward only: autograd.grad(y, (x, weight, bias), dy, retain_graph=True) on one fixed
+          graph
   full    training forward + backward: autograd.grad(module(x), (x, weight, bias), dy)
   eval    eval-mode forward under torch.no_grad()
-  bnrelu  BN + ReLU forward + backward (torch.nn: BatchNorm then ReLU; bnlab: the fused BatchNormAct)
+  bnrelu  BN + ReLU forward + backward (torch.nn: BatchNorm then ReLU; bnlab: the fused
+          BatchNormAct)
 
 Providers:
-  bnlab        bnlab.nn modules, automatic kernel backend (the ``backend`` column says which one ran)
+  bnlab        bnlab.nn modules, automatic kernel backend (the ``backend`` column says which one
+               ran)
   bnlab-torch  bnlab.nn modules with backend="composite": PyTorch ops only (a control)
   torch        torch.nn.BatchNorm1d/2d/3d (+ torch.nn.ReLU)
   compile      torch.compile(dynamic=False) of the torch.nn module, compiled afresh for every case
@@ -75,9 +80,13 @@ PASSES = {"fwd": 3, "bwd": 5, "full": 8, "bnrelu": 8, "eval": 2, "copy": 2, "clo
 BN_NAME = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 MEMORY_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
 REUSE_ALLOCATIONS = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
-JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2",
-                  "/usr/local/lib/libjemalloc.so.2")
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
 
 
 def jemalloc_library() -> str | None:
@@ -92,8 +101,10 @@ def allocator_environment(allocator: str) -> dict[str, str]:
     if allocator == "jemalloc":
         library = jemalloc_library()
         if library is None:
-            raise click.UsageError("--allocator jemalloc: libjemalloc.so.2 not found (install it, "
-                                   "e.g. apt install libjemalloc2, or use --allocator reuse)")
+            raise click.UsageError(
+                "--allocator jemalloc: libjemalloc.so.2 not found (install it, "
+                "e.g. apt install libjemalloc2, or use --allocator reuse)"
+            )
         return {"LD_PRELOAD": library, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
     return {"reuse": REUSE_ALLOCATIONS, "thp": {"THP_MEM_ALLOC_ENABLE": "1"}}.get(allocator, {})
 
@@ -137,7 +148,8 @@ def make_module(provider: str, ndim: int, c: int, act: bool, dtype: torch.dtype)
     if provider == "torch":
         module = torch_module(ndim, c, act)
     elif provider == "compile":
-        torch._dynamo.reset()  # a fresh compilation: no recompile limit hit, no shape generalization
+        # a fresh compilation: no recompile limit hit, no shape generalization
+        torch._dynamo.reset()
         module = torch.compile(torch_module(ndim, c, act), dynamic=False)
     else:
         module = bnlab_module(ndim, c, act, "composite" if provider == "bnlab-torch" else None)
@@ -176,8 +188,13 @@ def backends_of_mode(x: torch.Tensor, mode: str, requested: str | None) -> str:
     """e.g. "cpu", or "cpu+native" for a full step whose backward runs in another backend."""
     from bnlab.kernels import select_backend
 
-    ops = {"bnrelu": ["batch_norm_act"], "eval": ["batch_norm_eval"], "fwd": ["batch_norm"],
-           "bwd": ["batch_norm_backward"], "full": ["batch_norm", "batch_norm_backward"]}[mode]
+    ops = {
+        "bnrelu": ["batch_norm_act"],
+        "eval": ["batch_norm_eval"],
+        "fwd": ["batch_norm"],
+        "bwd": ["batch_norm_backward"],
+        "full": ["batch_norm", "batch_norm_backward"],
+    }[mode]
     names = dict.fromkeys(select_backend(op, x, requested).name for op in ops)
     return "+".join(names)
 
@@ -192,27 +209,53 @@ def measure(fn, min_run_time: float, threads: int, warmup: int = 2) -> dict[str,
     return time_ms(fn, min_run_time)
 
 
-def row(case: dict, mode: str, provider: str, stats: dict | None, copy_ms: float | None,
-        nbytes: int, backend: str = "", status: str = "ok") -> dict:
+def row(
+    case: dict,
+    mode: str,
+    provider: str,
+    stats: dict | None,
+    copy_ms: float | None,
+    nbytes: int,
+    backend: str = "",
+    status: str = "ok",
+) -> dict:
     """One CSV row; every row has the same columns (empty where a case did not run)."""
-    timed = {"median_ms": "", "p20_ms": "", "p80_ms": "", "copy_ms": "", "copy_equivalents": "",
-             "gbps": "", "paired_speedup": ""}
+    timed = {
+        "median_ms": "",
+        "p20_ms": "",
+        "p80_ms": "",
+        "copy_ms": "",
+        "copy_equivalents": "",
+        "gbps": "",
+        "paired_speedup": "",
+    }
     if stats:
         median = stats["median_ms"]
         paired = stats.get("paired_speedup")
-        timed = {**{k: round(stats[k], 5) for k in ("median_ms", "p20_ms", "p80_ms")},
-                 "copy_ms": round(copy_ms, 5), "copy_equivalents": round(median / copy_ms, 3),
-                 "gbps": round(PASSES[mode] * nbytes / median / 1e6, 2),
-                 "paired_speedup": "" if paired is None else round(paired, 4)}
-    return {**case, "mode": mode, "provider": provider, "backend": backend,
-            "passes": PASSES[mode], **timed, "status": status}
+        timed = {
+            **{k: round(stats[k], 5) for k in ("median_ms", "p20_ms", "p80_ms")},
+            "copy_ms": round(copy_ms, 5),
+            "copy_equivalents": round(median / copy_ms, 3),
+            "gbps": round(PASSES[mode] * nbytes / median / 1e6, 2),
+            "paired_speedup": "" if paired is None else round(paired, 4),
+        }
+    return {
+        **case,
+        "mode": mode,
+        "provider": provider,
+        "backend": backend,
+        "passes": PASSES[mode],
+        **timed,
+        "status": status,
+    }
 
 
 ROUNDS = 8  # providers of one mode are timed in turn, this many times: drift hits all alike
 
 
 def prepare(x: torch.Tensor, mode: str, provider: str, threads: int):
-    """(callable, backend, status) for one (mode, provider), warmed up; callable None if it failed."""
+    """(callable, backend, status) for one (mode, provider), warmed up; callable None if it
+    failed."""
     try:
         module = make_module(provider, x.dim(), x.shape[1], mode == "bnrelu", x.dtype)
         fn = workload(module, x, mode)
@@ -270,28 +313,40 @@ def run_layout(case: dict, x: torch.Tensor, modes, providers, min_run_time) -> l
     for mode in modes:
         for provider, stats, backend, status in run_mode(x, mode, providers, min_run_time, threads):
             timed.append((mode, provider, stats, backend, status))
-            print(f"{case['shape']:>16s} {case['layout']:13s} {mode:6s} {provider:11s} "
-                  + (f"{stats['median_ms']:.4f} ms" if stats else status), flush=True)
+            print(
+                f"{case['shape']:>16s} {case['layout']:13s} {mode:6s} {provider:11s} "
+                + (f"{stats['median_ms']:.4f} ms" if stats else status),
+                flush=True,
+            )
         gc.collect()
     copies.append(measure(lambda: dst.copy_(src), min_run_time, threads))
     copy = min(copies, key=lambda c: c["median_ms"])
     limit = copy["median_ms"]
-    return [row(case, "copy", "copy", copy, limit, nbytes),
-            row(case, "clone", "copy", clone, limit, nbytes),
-            *(row(case, mode, provider, stats, limit, nbytes, backend, status)
-              for mode, provider, stats, backend, status in timed)]
+    return [
+        row(case, "copy", "copy", copy, limit, nbytes),
+        row(case, "clone", "copy", clone, limit, nbytes),
+        *(
+            row(case, mode, provider, stats, limit, nbytes, backend, status)
+            for mode, provider, stats, backend, status in timed
+        ),
+    ]
 
 
-def run_shape(shape, layouts, dtype, modes, providers, min_run_time, threads, run_stamp,
-              allocator):
+def run_shape(shape, layouts, dtype, modes, providers, min_run_time, threads, run_stamp, allocator):
     """Every layout of one shape (channels_last only for 4-D and 5-D inputs)."""
     rows = []
     for layout in layouts:
         if layout == "channels_last" and len(shape) not in MEMORY_FORMAT:
             continue
-        case = {"run": run_stamp, "shape": shape_name(shape), "group": group_of(shape),
-                "layout": layout, "dtype": str(dtype).removeprefix("torch."), "threads": threads,
-                "allocator": allocator}
+        case = {
+            "run": run_stamp,
+            "shape": shape_name(shape),
+            "group": group_of(shape),
+            "layout": layout,
+            "dtype": str(dtype).removeprefix("torch."),
+            "threads": threads,
+            "allocator": allocator,
+        }
         rows += run_layout(case, make_input(shape, layout, dtype), modes, providers, min_run_time)
     return rows
 
@@ -300,8 +355,10 @@ def format_row(r: dict) -> str:
     head = f"{r['shape']:>16s} {r['layout']:13s} {r['dtype']:7s} {r['mode']:6s} {r['provider']:11s}"
     if r["status"] != "ok":
         return f"{head} {r['status']}"
-    return (f"{head} {r['median_ms']:9.4f} ms (p20 {r['p20_ms']:.4f}, p80 {r['p80_ms']:.4f}) "
-            f"{r['copy_equivalents']:5.2f} copies {r['gbps']:6.1f} GB/s {r['backend']}")
+    return (
+        f"{head} {r['median_ms']:9.4f} ms (p20 {r['p20_ms']:.4f}, p80 {r['p80_ms']:.4f}) "
+        f"{r['copy_equivalents']:5.2f} copies {r['gbps']:6.1f} GB/s {r['backend']}"
+    )
 
 
 def speedup(row: dict | None, base_row: dict | None) -> float | None:
@@ -320,8 +377,10 @@ def speedup_table(rows: list[dict], provider: str = "bnlab", base: str = "torch"
     by = {(r["shape"], r["layout"], r["dtype"], r["mode"], r["provider"]): r for r in ok}
     cases = list(dict.fromkeys((r["shape"], r["layout"], r["dtype"]) for r in ok))
     modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
-    lines = ["| shape | layout | dtype | " + " | ".join(modes) + " |",
-             "|---|---|---|" + "---|" * len(modes)]
+    lines = [
+        "| shape | layout | dtype | " + " | ".join(modes) + " |",
+        "|---|---|---|" + "---|" * len(modes),
+    ]
     for case in cases:
         cells = []
         for mode in modes:
@@ -357,23 +416,45 @@ def expand_shapes(text: str) -> list[tuple[int, ...]]:
 
 
 @click.command()
-@click.option("--shapes", default="all", show_default=True,
-              help="Comma-separated groups (conv, small-c, mlp, 3d, all) and/or shapes NxCx...")
+@click.option(
+    "--shapes",
+    default="all",
+    show_default=True,
+    help="Comma-separated groups (conv, small-c, mlp, 3d, all) and/or shapes NxCx...",
+)
 @click.option("--layouts", default=",".join(LAYOUTS), show_default=True)
 @click.option("--modes", default=",".join(MODES), show_default=True)
 @click.option("--providers", default=",".join(PROVIDERS), show_default=True)
 @click.option("--dtypes", default="float32", show_default=True, help="float32 and/or float64.")
-@click.option("--min-run-time", default=0.5, show_default=True, type=float,
-              help="Seconds of timed calls per case (torch.utils.benchmark blocked_autorange).")
-@click.option("--threads", default=os.cpu_count(), show_default=True, type=int,
-              help="torch.set_num_threads; bnlab's CPU kernels follow it.")
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Directory for bn_speed.csv (default benchmarks/results).")
-@click.option("--allocator", default=default_allocator(), show_default=True,
-              type=click.Choice(["jemalloc", "reuse", "thp", "default"]),
-              help="jemalloc: preloaded, keeping freed pages (no page faults per call); reuse: "
-                   "glibc told to keep freed large blocks (fewer faults); thp: PyTorch's "
-                   "THP_MEM_ALLOC_ENABLE=1 (huge pages); default: glibc as is.")
+@click.option(
+    "--min-run-time",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Seconds of timed calls per case (torch.utils.benchmark blocked_autorange).",
+)
+@click.option(
+    "--threads",
+    default=os.cpu_count(),
+    show_default=True,
+    type=int,
+    help="torch.set_num_threads; bnlab's CPU kernels follow it.",
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Directory for bn_speed.csv (default benchmarks/results).",
+)
+@click.option(
+    "--allocator",
+    default=default_allocator(),
+    show_default=True,
+    type=click.Choice(["jemalloc", "reuse", "thp", "default"]),
+    help="jemalloc: preloaded, keeping freed pages (no page faults per call); reuse: "
+    "glibc told to keep freed large blocks (fewer faults); thp: PyTorch's "
+    "THP_MEM_ALLOC_ENABLE=1 (huge pages); default: glibc as is.",
+)
 def main(shapes, layouts, modes, providers, dtypes, min_run_time, threads, out, allocator) -> None:
     """Sweep shapes x layouts x dtypes x modes x providers; append rows to bn_speed.csv."""
     ensure_allocator(allocator)
@@ -387,12 +468,16 @@ def main(shapes, layouts, modes, providers, dtypes, min_run_time, threads, out, 
     rows = []
     for dtype in dtypes:
         for shape in expand_shapes(shapes):
-            shape_rows = run_shape(shape, layouts, dtype, modes, providers, min_run_time, threads,
-                                   run_stamp, allocator)
+            shape_rows = run_shape(
+                shape, layouts, dtype, modes, providers, min_run_time, threads, run_stamp, allocator
+            )
             path = append_rows("bn_speed.csv", shape_rows, out)
             rows += shape_rows
     print("\n".join(map(format_row, rows)))
-    print(f"\nappended to {path}\n\nspeedup of bnlab over torch.nn (median over rounds of the paired ratio):\n")
+    print(
+        f"\nappended to {path}\n\n"
+        "speedup of bnlab over torch.nn (median over rounds of the paired ratio):\n"
+    )
     print(speedup_table(rows))
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:

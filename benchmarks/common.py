@@ -16,23 +16,29 @@ RESULTS = Path(__file__).parent / "results"
 
 def machine() -> str:
     """e.g. 'x86_64, 2 cores, torch 2.13.0+cpu, 2 threads'."""
-    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 def sample_ms(fn, min_run_time: float = 1.0) -> list[float]:
     """Per-call wall times of ``fn()`` in milliseconds (torch.utils.benchmark blocks), with torch's
     current thread count (Timer's own default would run everything on one thread)."""
-    measurement = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-                        ).blocked_autorange(min_run_time=min_run_time)
+    measurement = Timer(
+        "fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    ).blocked_autorange(min_run_time=min_run_time)
     return [t * 1e3 for t in measurement.times]
 
 
 def summarize(times_ms: list[float]) -> dict[str, float]:
     """Median, p20 and p80 (all three interpolated quantiles)."""
     times = torch.tensor(times_ms, dtype=torch.float64)
-    return {"median_ms": float(times.quantile(0.5)), "p20_ms": float(times.quantile(0.2)),
-            "p80_ms": float(times.quantile(0.8))}
+    return {
+        "median_ms": float(times.quantile(0.5)),
+        "p20_ms": float(times.quantile(0.2)),
+        "p80_ms": float(times.quantile(0.8)),
+    }
 
 
 def time_ms(fn, min_run_time: float = 1.0) -> dict[str, float]:
@@ -41,7 +47,8 @@ def time_ms(fn, min_run_time: float = 1.0) -> dict[str, float]:
 
 
 def shape_name(shape: tuple[int, ...]) -> str:
-    """(64, 64, 56, 56) -> '64x64x56x56', the form shapes take in the CSVs and on the command line."""
+    """(64, 64, 56, 56) -> '64x64x56x56', the form shapes take in the CSVs and on the command
+    line."""
     return "x".join(map(str, shape))
 
 

@@ -63,10 +63,18 @@ def main() -> None:
         x = torch.randn(shape)
         for provider, net in providers(model, x).items():
             stats = time_ms(lambda: net(x))
-            rows.append({"model": name, "input": "x".join(map(str, shape)), "provider": provider,
-                         **{k: round(v, 4) for k, v in stats.items()}})
-            print(f"{name:14s} {str(shape):18s} {provider:9s} median {stats['median_ms']:.3f} ms "
-                  f"(p20 {stats['p20_ms']:.3f}, p80 {stats['p80_ms']:.3f})")
+            rows.append(
+                {
+                    "model": name,
+                    "input": "x".join(map(str, shape)),
+                    "provider": provider,
+                    **{k: round(v, 4) for k, v in stats.items()},
+                }
+            )
+            print(
+                f"{name:14s} {str(shape):18s} {provider:9s} median {stats['median_ms']:.3f} ms "
+                f"(p20 {stats['p20_ms']:.3f}, p80 {stats['p80_ms']:.3f})"
+            )
     print("appended to", append_rows("fold_speed.csv", rows))
 
 

@@ -1,8 +1,11 @@
 """A BN-LSTM training step against torch.nn.LSTM and a plain LSTM written like it, on the CPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/lstm_speed.py   # appends to benchmarks/results/lstm_speed.csv
-    python benchmarks/plot_lstm_speed.py                # draws lstm_speed.png and lstm_speed.md
-    python benchmarks/lstm_speed.py --cases row-mnist --rounds 2 --min-run-time 0.05 --out /tmp/x  # smoke
+    # appends to benchmarks/results/lstm_speed.csv
+    OMP_NUM_THREADS=1 python benchmarks/lstm_speed.py
+    # draws lstm_speed.png and lstm_speed.md
+    python benchmarks/plot_lstm_speed.py
+    # smoke
+    python benchmarks/lstm_speed.py --cases row-mnist --rounds 2 --min-run-time 0.05 --out /tmp/x
 
 Providers, each run side by side in one process on the same inputs (one layer, training mode):
   torch-lstm   torch.nn.LSTM (ATen's fused CPU LSTM)
@@ -27,7 +30,12 @@ from bnlab.nn import BNLSTM
 from common import append_rows, time_ms
 
 CASES = {  # name: (T, N, I, H)
-    "pixel-mnist": (784, 100, 1, 100),  # the acceptance shape: at most 3x torch-lstm per training step
+    "pixel-mnist": (
+        784,
+        100,
+        1,
+        100,
+    ),  # the acceptance shape: at most 3x torch-lstm per training step
     "row-mnist": (28, 100, 28, 100),
     "seq-100": (100, 64, 32, 128),
 }
@@ -51,15 +59,18 @@ class LoopLSTM(nn.Module):
         for wx_t in wx.unbind(0):
             gates = torch.addmm(wx_t, h, w_t)
             i, f, _, o = torch.sigmoid(gates).chunk(4, 1)
-            c = torch.addcmul(f * c, i, torch.tanh(gates[:, 2 * H:3 * H]))
+            c = torch.addcmul(f * c, i, torch.tanh(gates[:, 2 * H : 3 * H]))
             h = o * torch.tanh(c)
             outs.append(h)
         return torch.stack(outs), (h, c)
 
 
 def providers(I: int, H: int, T: int) -> dict[str, nn.Module]:
-    return {"torch-lstm": nn.LSTM(I, H), "loop-lstm": LoopLSTM(I, H),
-            "bnlstm": BNLSTM(I, H, max_length=T)}
+    return {
+        "torch-lstm": nn.LSTM(I, H),
+        "loop-lstm": LoopLSTM(I, H),
+        "bnlstm": BNLSTM(I, H, max_length=T),
+    }
 
 
 def step(model: nn.Module, x: torch.Tensor, backward: bool):
@@ -67,6 +78,7 @@ def step(model: nn.Module, x: torch.Tensor, backward: bool):
         out, _ = model(x)
         if backward:
             out[-1].sum().backward()
+
     return fn
 
 
@@ -74,10 +86,16 @@ def main(argv=None) -> None:
     """Providers interleaved in ``--rounds`` rounds (a load change on the shared machine hits all of
     them alike); per provider the median, p20 and p80 of its per-round medians."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, of " + ", ".join(CASES))
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help="comma-separated, of " + ", ".join(CASES)
+    )
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per provider per round")
-    parser.add_argument("--out", type=Path, default=None, help="CSV directory (default benchmarks/results)")
+    parser.add_argument(
+        "--min-run-time", type=float, default=0.5, help="seconds per provider per round"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="CSV directory (default benchmarks/results)"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     rows = []
@@ -97,16 +115,31 @@ def main(argv=None) -> None:
             base = None
             for provider, values in per_round.items():
                 v = torch.tensor(values)
-                stats = {"median_ms": float(v.quantile(0.5)), "p20_ms": float(v.quantile(0.2)),
-                         "p80_ms": float(v.quantile(0.8))}
+                stats = {
+                    "median_ms": float(v.quantile(0.5)),
+                    "p20_ms": float(v.quantile(0.2)),
+                    "p80_ms": float(v.quantile(0.8)),
+                }
                 base = stats["median_ms"] if base is None else base
-                rows.append({"case": name, "T": T, "N": N, "I": I, "H": H, "mode": mode,
-                             "provider": provider, "vs_torch_lstm": round(stats["median_ms"] / base, 3),
-                             **{k: round(val, 3) for k, val in stats.items()}})
-                print(f"{name:12s} T={T:<4d} N={N:<4d} I={I:<3d} H={H:<4d} {mode:8s} {provider:11s} "
-                      f"median {stats['median_ms']:9.2f} ms  (p20 {stats['p20_ms']:.2f}, "
-                      f"p80 {stats['p80_ms']:.2f})  x{stats['median_ms'] / base:.2f} torch-lstm",
-                      flush=True)
+                rows.append(
+                    {
+                        "case": name,
+                        "T": T,
+                        "N": N,
+                        "I": I,
+                        "H": H,
+                        "mode": mode,
+                        "provider": provider,
+                        "vs_torch_lstm": round(stats["median_ms"] / base, 3),
+                        **{k: round(val, 3) for k, val in stats.items()},
+                    }
+                )
+                print(
+                    f"{name:12s} T={T:<4d} N={N:<4d} I={I:<3d} H={H:<4d} {mode:8s} {provider:11s} "
+                    f"median {stats['median_ms']:9.2f} ms  (p20 {stats['p20_ms']:.2f}, "
+                    f"p80 {stats['p80_ms']:.2f})  x{stats['median_ms'] / base:.2f} torch-lstm",
+                    flush=True,
+                )
     print("appended to", append_rows("lstm_speed.csv", rows, args.out))
 
 

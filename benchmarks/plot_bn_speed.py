@@ -1,6 +1,7 @@
 """Plots and a Markdown table from bn_speed.csv: one run (the latest of one machine) at a time.
 
-    python benchmarks/plot_bn_speed.py    # -> results/bn_speed_speedup.png, bn_speed_copies.png, bn_speed.md
+    python benchmarks/plot_bn_speed.py
+    # -> results/bn_speed_speedup.png, bn_speed_copies.png, bn_speed.md
 
 - ``bn_speed_speedup.png``: the speed-up over torch.nn per case (the median over the interleaved
   rounds of each round's ratio, or median(torch.nn) / median(provider) for runs without it), one
@@ -48,8 +49,11 @@ def select_run(rows: list[dict], machine: str | None) -> list[dict]:
 
 def index(rows: list[dict]) -> dict[tuple, dict]:
     """(shape, layout, dtype, mode, provider) -> row, for the rows that ran."""
-    return {(r["shape"], r["layout"], r["dtype"], r["mode"], r["provider"]): r
-            for r in rows if r["status"] == "ok"}
+    return {
+        (r["shape"], r["layout"], r["dtype"], r["mode"], r["provider"]): r
+        for r in rows
+        if r["status"] == "ok"
+    }
 
 
 def cases(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -58,7 +62,9 @@ def cases(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 def case_label(case: tuple[str, str, str]) -> str:
     shape, layout, dtype = case
-    return f"{shape}\n{'CL' if layout == 'channels_last' else 'contig'} {dtype.replace('float', 'f')}"
+    return (
+        f"{shape}\n{'CL' if layout == 'channels_last' else 'contig'} {dtype.replace('float', 'f')}"
+    )
 
 
 def speedup(by: dict, case: tuple, mode: str, provider: str) -> tuple[float, float, float] | None:
@@ -93,15 +99,17 @@ def grouped_bars(ax, labels, series: dict[str, list], ylabel: str) -> None:
 def plot_speedups(rows: list[dict], out: Path) -> Path:
     by, all_cases = index(rows), cases(rows)
     modes = [m for m in MODES if any(k[3] == m for k in by)]
-    fig, axes = plt.subplots(len(modes), 1, figsize=(max(8, 0.7 * len(all_cases)), 2.6 * len(modes)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(modes), 1, figsize=(max(8, 0.7 * len(all_cases)), 2.6 * len(modes)), squeeze=False
+    )
     for ax, mode in zip(axes[:, 0], modes):
         series = {p: [speedup(by, c, mode, p) for c in all_cases] for p in COMPARED}
         grouped_bars(ax, [case_label(c) for c in all_cases], series, f"{mode}: x torch.nn")
         ax.axhline(1.0, color="gray", lw=0.8)
     axes[0, 0].legend(fontsize=7)
-    axes[0, 0].set_title(f"Speed vs torch.nn (higher is faster), CPU ({rows[0]['machine']})",
-                         fontsize=9)
+    axes[0, 0].set_title(
+        f"Speed vs torch.nn (higher is faster), CPU ({rows[0]['machine']})", fontsize=9
+    )
     return save(fig, out / "bn_speed_speedup.png")
 
 
@@ -121,8 +129,9 @@ def plot_copies(rows: list[dict], out: Path) -> Path:
         grouped_bars(ax, [case_label(c) for c in all_cases], series, f"{mode}: copy-equivalents")
         ax.axhline(limit, color="red", lw=0.8, ls="--", label=f"limit {limit}")
         ax.legend(fontsize=7)
-    axes[0, 0].set_title(f"Time in copies of the input (lower is better), CPU ({rows[0]['machine']})",
-                         fontsize=9)
+    axes[0, 0].set_title(
+        f"Time in copies of the input (lower is better), CPU ({rows[0]['machine']})", fontsize=9
+    )
     return save(fig, out / "bn_speed_copies.png")
 
 
@@ -136,12 +145,17 @@ def save(fig, path: Path) -> Path:
 def copies_table(rows: list[dict]) -> str:
     """Markdown: copy ms, and copy-equivalents of bnlab and torch.nn in fwd and full, per case."""
     by = index(rows)
-    lines = ["| shape | layout | dtype | copy ms | clone ms | bnlab fwd | torch fwd | bnlab full "
-             "| torch full |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | layout | dtype | copy ms | clone ms | bnlab fwd | torch fwd | bnlab full "
+        "| torch full |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for case in cases(rows):
         copy, clone = by.get((*case, "copy", "copy")), by.get((*case, "clone", "copy"))
-        cells = [f"{float(copy['median_ms']):.4f}" if copy else "-",
-                 f"{float(clone['median_ms']):.4f}" if clone else "-"]
+        cells = [
+            f"{float(copy['median_ms']):.4f}" if copy else "-",
+            f"{float(clone['median_ms']):.4f}" if clone else "-",
+        ]
         for mode in COPY_LIMITS:
             for provider in ("bnlab", "torch"):
                 c = copies(by, case, mode, provider)
@@ -156,14 +170,26 @@ def acceptance(rows: list[dict]) -> list[str]:
     for shape in ACCEPT_SHAPES:
         for mode, need in ACCEPT_SPEEDUP.items():
             s = speedup(by, (shape, "contiguous", "float32"), mode, "bnlab")
-            checks.append(verdict(f"{shape} {mode} speedup >= {need}", s and s[0], s and s[0] >= need))
+            checks.append(
+                verdict(f"{shape} {mode} speedup >= {need}", s and s[0], s and s[0] >= need)
+            )
     for shape in ACCEPT_COPIES_SHAPES:
         for mode, limit in COPY_LIMITS.items():
             c = copies(by, (shape, "contiguous", "float32"), mode, "bnlab")
-            checks.append(verdict(f"{shape} {mode} copy-equivalents <= {limit}", c and c[0],
-                                  c and c[0] <= limit))
-    worst = min(((s[0], case, mode) for case in cases(rows) for mode in MODES
-                 if (s := speedup(by, case, mode, "bnlab"))), default=None)
+            checks.append(
+                verdict(
+                    f"{shape} {mode} copy-equivalents <= {limit}", c and c[0], c and c[0] <= limit
+                )
+            )
+    worst = min(
+        (
+            (s[0], case, mode)
+            for case in cases(rows)
+            for mode in MODES
+            if (s := speedup(by, case, mode, "bnlab"))
+        ),
+        default=None,
+    )
     if worst:
         label = f"slowest case {' '.join(worst[1])} {worst[2]} >= {NO_SLOWER_THAN}x torch.nn"
         checks.append(verdict(label, worst[0], worst[0] >= NO_SLOWER_THAN))
@@ -175,7 +201,9 @@ def acceptance_text(rows: list[dict]) -> str:
     missing = [c for c in checks if c.startswith("- not measured")]
     lines = [c for c in checks if c not in missing]
     if missing:
-        lines.append(f"- not measured: {len(missing)} check(s) whose shapes or modes this run lacks")
+        lines.append(
+            f"- not measured: {len(missing)} check(s) whose shapes or modes this run lacks"
+        )
     return "\n".join(lines)
 
 
@@ -187,15 +215,22 @@ def verdict(label: str, value: float | None, ok: bool | None) -> str:
 
 def markdown(rows: list[dict]) -> str:
     r = rows[0]
-    failed = sorted({f"{x['mode']}/{x['provider']}: {x['status']}" for x in rows if x["status"] != "ok"})
-    parts = [f"Batch-norm speed, CPU ({r['machine']}; run {r['run']}; median of "
-             "torch.utils.benchmark blocked runs)",
-             "\nbnlab over torch.nn (median over the rounds of each round's ratio, higher is "
-             "faster):\n", speedup_table(rows),
-             "\ntorch.compile of torch.nn over torch.nn:\n", speedup_table(rows, "compile"),
-             "\nCopy-equivalents (median / median of dst.copy_(x) in the same run; clone = "
-             "x.clone(), a copy that allocates):\n", copies_table(rows),
-             "\nAcceptance (issue 3, float32, contiguous):\n", acceptance_text(rows)]
+    failed = sorted(
+        {f"{x['mode']}/{x['provider']}: {x['status']}" for x in rows if x["status"] != "ok"}
+    )
+    parts = [
+        f"Batch-norm speed, CPU ({r['machine']}; run {r['run']}; median of "
+        "torch.utils.benchmark blocked runs)",
+        "\nbnlab over torch.nn (median over the rounds of each round's ratio, higher is faster):\n",
+        speedup_table(rows),
+        "\ntorch.compile of torch.nn over torch.nn:\n",
+        speedup_table(rows, "compile"),
+        "\nCopy-equivalents (median / median of dst.copy_(x) in the same run; clone = "
+        "x.clone(), a copy that allocates):\n",
+        copies_table(rows),
+        "\nAcceptance (issue 3, float32, contiguous):\n",
+        acceptance_text(rows),
+    ]
     if failed:
         parts += ["\nDid not run:\n", "\n".join(f"- {f}" for f in failed)]
     return "\n".join(parts) + "\n"
@@ -203,8 +238,12 @@ def markdown(rows: list[dict]) -> str:
 
 @click.command()
 @click.option("--csv", "csv_path", default=str(RESULTS / "bn_speed.csv"), show_default=True)
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Directory for the PNGs and bn_speed.md (default: the CSV's directory).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Directory for the PNGs and bn_speed.md (default: the CSV's directory).",
+)
 @click.option("--machine", default=None, help="Substring of the machine column to select.")
 def main(csv_path, out, machine) -> None:
     """Draw the PNGs and write the Markdown table of the latest run in bn_speed.csv."""

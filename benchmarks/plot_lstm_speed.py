@@ -1,6 +1,6 @@
 """Draw lstm_speed.png and the Markdown table lstm_speed.md from the latest run in lstm_speed.csv.
 
-    python benchmarks/plot_lstm_speed.py [--csv benchmarks/results/lstm_speed.csv] [--out DIR]
+python benchmarks/plot_lstm_speed.py [--csv benchmarks/results/lstm_speed.csv] [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,16 +25,21 @@ def latest_run(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| case (T x N x I -> H) | mode | torch.nn.LSTM ms | loop LSTM ms | BN-LSTM ms | BN-LSTM / torch |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| case (T x N x I -> H) | mode | torch.nn.LSTM ms | loop LSTM ms | BN-LSTM ms "
+        "| BN-LSTM / torch |",
+        "|---|---|---|---|---|---|",
+    ]
     cases = list(dict.fromkeys((r["case"], r["mode"]) for r in rows))
     for case, mode in cases:
         by = {r["provider"]: r for r in rows if (r["case"], r["mode"]) == (case, mode)}
         r0 = by["torch-lstm"]
         shape = f"{r0['T']} x {r0['N']} x {r0['I']} -> {r0['H']}"
         ms = [f"{float(by[p]['median_ms']):.1f}" for p in PROVIDERS]
-        lines.append(f"| {case} ({shape}) | {mode} | {' | '.join(ms)} | "
-                     f"{float(by['bnlstm']['vs_torch_lstm']):.2f}x |")
+        lines.append(
+            f"| {case} ({shape}) | {mode} | {' | '.join(ms)} | "
+            f"{float(by['bnlstm']['vs_torch_lstm']):.2f}x |"
+        )
     return "\n".join(lines) + f"\n\nMachine: {rows[0]['machine']}; run {rows[0]['timestamp']}.\n"
 
 
@@ -60,7 +65,9 @@ def main(argv=None) -> None:
         xs = [j + (i - (len(PROVIDERS) - 1) / 2) * width for j in range(len(cases))]
         ax.bar(xs, ratios, width, yerr=[lo, hi], label=provider, capsize=2)
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.axhline(TARGET, color="red", lw=0.8, ls="--", label=f"target for a training step ({TARGET:g}x)")
+    ax.axhline(
+        TARGET, color="red", lw=0.8, ls="--", label=f"target for a training step ({TARGET:g}x)"
+    )
     ax.set_xticks(range(len(cases)), [f"{c}\n{m}" for c, m in cases], fontsize=8)
     ax.set_ylabel("time / torch.nn.LSTM's (lower is faster)")
     ax.set_title(f"One LSTM layer, training mode, CPU ({rows[0]['machine']})", fontsize=9)

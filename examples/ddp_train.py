@@ -1,9 +1,9 @@
 """Data-parallel training with synchronized batch norm: DDP + bnlab.convert_sync_batchnorm.
 
-A small ResNet (bnlab.lab.models.SmallResNet) learns the 8x8 handwritten digits that ship with bnlab.
-Every rank trains on its own shard of the training set (DistributedSampler); the batch-norm layers
-are converted to :class:`bnlab.nn.SyncBatchNorm`, so their statistics are those of the global batch
-(all ranks' rows together), exactly as one process on the whole batch would compute them.
+A small ResNet (bnlab.lab.models.SmallResNet) learns the 8x8 handwritten digits that ship with
+bnlab. Every rank trains on its own shard of the training set (DistributedSampler); the batch-norm
+layers are converted to :class:`bnlab.nn.SyncBatchNorm`, so their statistics are those of the global
+batch (all ranks' rows together), exactly as one process on the whole batch would compute them.
 
 One machine, two processes (gloo on the CPU; NCCL with one GPU per process when CUDA is present)::
 
@@ -47,8 +47,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
     parser.add_argument("--width", type=int, default=8, help="channels of the ResNet")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds a SyncBatchNorm layer waits for the other ranks before failing")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds a SyncBatchNorm layer waits for the other ranks before failing",
+    )
     return parser.parse_args()
 
 
@@ -67,7 +71,9 @@ def build_model(args: argparse.Namespace, device: torch.device) -> DistributedDa
     torch.manual_seed(args.seed)  # the same start everywhere (DDP also broadcasts rank 0's)
     model = SmallResNet(in_channels=1, width=args.width, blocks=1, classes=10)
     model = bnlab.convert_sync_batchnorm(model, timeout=args.timeout).to(device)
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def train_epoch(model, loader, optimizer, device) -> float:
@@ -91,8 +97,9 @@ def test_accuracy(model: DistributedDataParallel, x, y, device) -> float:
     module = model.module.eval()
     rank, world = dist.get_rank(), dist.get_world_size()
     x, y = x[rank::world].to(device), y[rank::world].to(device)
-    counts = torch.tensor([(module(x).argmax(1) == y).sum().item(), len(y)], dtype=torch.float64,
-                          device=device)
+    counts = torch.tensor(
+        [(module(x).argmax(1) == y).sum().item(), len(y)], dtype=torch.float64, device=device
+    )
     dist.all_reduce(counts)
     return (counts[0] / counts[1]).item()
 
@@ -121,15 +128,21 @@ def train(args: argparse.Namespace, device: torch.device) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     if rank == 0:
         layers = sum(isinstance(m, bnlab.nn.SyncBatchNorm) for m in model.modules())
-        print(f"{world} ranks on {device.type}, {layers} SyncBatchNorm layers, "
-              f"{len(train)} training rows, {len(loader)} steps per epoch", flush=True)
+        print(
+            f"{world} ranks on {device.type}, {layers} SyncBatchNorm layers, "
+            f"{len(train)} training rows, {len(loader)} steps per epoch",
+            flush=True,
+        )
     for epoch in range(1, args.epochs + 1):
         sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
         start = time.perf_counter()
         loss = train_epoch(model, loader, optimizer, device)
         if rank == 0:
-            print(f"epoch {epoch}/{args.epochs}  train loss {loss:.4f}  "
-                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+            print(
+                f"epoch {epoch}/{args.epochs}  train loss {loss:.4f}  "
+                f"({time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
     accuracy = test_accuracy(model, test_x, digits.test_y, device)
     if rank == 0:
         print(f"test accuracy: {accuracy:.4f}", flush=True)

@@ -54,14 +54,21 @@ def train(config: SeqMnistConfig, data) -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--state", default="seq_mnist_bnlstm.pt", help="trained state (written if absent)")
+    parser.add_argument(
+        "--state", default="seq_mnist_bnlstm.pt", help="trained state (written if absent)"
+    )
     parser.add_argument("--steps", type=int, default=12_000)
     parser.add_argument("--lr_drop_at", type=float, default=None)
     parser.add_argument("--bn_eps", type=float, default=1e-2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = SeqMnistConfig(dataset="mnist", data_dir=args.data_dir, steps=args.steps,
-                            lr_drop_at=args.lr_drop_at, bn_eps=args.bn_eps).resolve()
+    config = SeqMnistConfig(
+        dataset="mnist",
+        data_dir=args.data_dir,
+        steps=args.steps,
+        lr_drop_at=args.lr_drop_at,
+        bn_eps=args.bn_eps,
+    ).resolve()
     data, _ = sequence_data(config)
     if Path(args.state).exists():
         model = build("bnlstm", data, config)
@@ -81,8 +88,10 @@ def main() -> None:
 
     with torch.no_grad():  # training mode, batches of 100 test images (running averages restored)
         order = torch.randperm(len(data.test_y), generator=torch.Generator().manual_seed(0))
-        correct = sum(int((model.train()(data.test_x[b]).argmax(1) == data.test_y[b]).sum())
-                      for b in order.split(100))
+        correct = sum(
+            int((model.train()(data.test_x[b]).argmax(1) == data.test_y[b]).sum())
+            for b in order.split(100)
+        )
         model.load_state_dict(base)
     print(f"training mode, test batches of 100:        {correct / len(data.test_y):.4f}")
     print(f"running averages (momentum 0.1):           {test_accuracy():.4f}")
@@ -100,7 +109,9 @@ def main() -> None:
             model.load_state_dict(base)
             population_statistics(model, [torch.cat(draw(seed, count))])
             accs.append(test_accuracy())
-        print(f"joint, {count * 100:,} images as one batch:  " + "  ".join(f"{a:.4f}" for a in accs))
+        print(
+            f"joint, {count * 100:,} images as one batch:  " + "  ".join(f"{a:.4f}" for a in accs)
+        )
 
     batches = draw(0, 100)
     model.load_state_dict(base)

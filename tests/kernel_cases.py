@@ -26,6 +26,7 @@ def make(name, dtype=torch.float64, seed=0, loc=1.0, device="cpu"):
 
 def params(c, dtype, device="cpu"):
     """(weight, bias, running_mean, running_var), each (c,) and different per channel."""
+
     def line(lo, hi):
         return torch.linspace(lo, hi, c, dtype=dtype, device=device)
 

@@ -12,19 +12,56 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
-SPEED_COLUMNS = {"timestamp", "machine", "run", "shape", "group", "layout", "dtype", "threads",
-                 "allocator", "mode",
-                 "provider", "backend", "passes", "median_ms", "p20_ms", "p80_ms", "copy_ms",
-                 "copy_equivalents", "gbps", "paired_speedup", "status"}
-MEMORY_COLUMNS = {"timestamp", "machine", "shape", "depth", "provider", "threads", "tensor_bytes",
-                  "saved_bytes", "peak_bytes", "saved_tensors", "peak_tensors", "saved_vs_torch",
-                  "peak_vs_torch", "status"}
+SPEED_COLUMNS = {
+    "timestamp",
+    "machine",
+    "run",
+    "shape",
+    "group",
+    "layout",
+    "dtype",
+    "threads",
+    "allocator",
+    "mode",
+    "provider",
+    "backend",
+    "passes",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "copy_ms",
+    "copy_equivalents",
+    "gbps",
+    "paired_speedup",
+    "status",
+}
+MEMORY_COLUMNS = {
+    "timestamp",
+    "machine",
+    "shape",
+    "depth",
+    "provider",
+    "threads",
+    "tensor_bytes",
+    "saved_bytes",
+    "peak_bytes",
+    "saved_tensors",
+    "peak_tensors",
+    "saved_vs_torch",
+    "peak_vs_torch",
+    "status",
+}
 
 
 def run_script(name: str, *args: str) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True,
-                            text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -35,13 +72,33 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def test_bn_speed_smoke_run_writes_rows_and_a_table(tmp_path):
-    out = run_script("bn_speed.py", "--shapes", "4x8x8x8", "--layouts", "contiguous",
-                     "--modes", "full", "--providers", "bnlab,torch", "--min-run-time", "0.01",
-                     "--threads", "1", "--allocator", "reuse", "--out", str(tmp_path))
+    out = run_script(
+        "bn_speed.py",
+        "--shapes",
+        "4x8x8x8",
+        "--layouts",
+        "contiguous",
+        "--modes",
+        "full",
+        "--providers",
+        "bnlab,torch",
+        "--min-run-time",
+        "0.01",
+        "--threads",
+        "1",
+        "--allocator",
+        "reuse",
+        "--out",
+        str(tmp_path),
+    )
     rows = read_rows(tmp_path / "bn_speed.csv")
     assert set(rows[0]) == SPEED_COLUMNS
     assert [(r["mode"], r["provider"]) for r in rows] == [
-        ("copy", "copy"), ("clone", "copy"), ("full", "bnlab"), ("full", "torch")]
+        ("copy", "copy"),
+        ("clone", "copy"),
+        ("full", "bnlab"),
+        ("full", "torch"),
+    ]
     for r in rows:
         assert r["status"] == "ok", r
         assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
@@ -59,8 +116,19 @@ def test_bn_speed_smoke_run_writes_rows_and_a_table(tmp_path):
 
 
 def test_abn_memory_smoke_run_counts_saved_tensors(tmp_path):
-    run_script("abn_memory.py", "--shapes", "2x4x16x16", "--depths", "1",
-               "--providers", "torch,torch-inplace,bnlab-bn", "--threads", "1", "--out", str(tmp_path))
+    run_script(
+        "abn_memory.py",
+        "--shapes",
+        "2x4x16x16",
+        "--depths",
+        "1",
+        "--providers",
+        "torch,torch-inplace,bnlab-bn",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     rows = {r["provider"]: r for r in read_rows(tmp_path / "abn_memory.csv")}
     assert set(rows["torch"]) == MEMORY_COLUMNS
     for r in rows.values():
@@ -74,14 +142,32 @@ def test_abn_memory_smoke_run_counts_saved_tensors(tmp_path):
     assert (tmp_path / "abn_memory.md").read_text().startswith("| shape |")
 
 
-
 def test_bn_speed_gpu_smoke_run_on_the_cpu_interpreter(tmp_path):
-    out = run_script("bn_speed_gpu.py", "--device", "cpu", "--shapes", "4x8x8x8", "--layouts",
-                     "channels_last", "--dtypes", "bfloat16", "--modes", "full",
-                     "--providers", "bnlab,torch", "--min-run-time", "0.01", "--out", str(tmp_path))
+    out = run_script(
+        "bn_speed_gpu.py",
+        "--device",
+        "cpu",
+        "--shapes",
+        "4x8x8x8",
+        "--layouts",
+        "channels_last",
+        "--dtypes",
+        "bfloat16",
+        "--modes",
+        "full",
+        "--providers",
+        "bnlab,torch",
+        "--min-run-time",
+        "0.01",
+        "--out",
+        str(tmp_path),
+    )
     rows = read_rows(tmp_path / "bn_speed_gpu.csv")
     assert [(r["mode"], r["provider"], r["backend"]) for r in rows] == [
-        ("copy", "copy", ""), ("full", "bnlab", "gpu"), ("full", "torch", "")]
+        ("copy", "copy", ""),
+        ("full", "bnlab", "gpu"),
+        ("full", "torch", ""),
+    ]
     for r in rows:
         assert r["status"] == "ok", r
         assert (r["shape"], r["layout"], r["dtype"]) == ("4x8x8x8", "channels_last", "bfloat16")
@@ -90,8 +176,24 @@ def test_bn_speed_gpu_smoke_run_on_the_cpu_interpreter(tmp_path):
 
 
 def test_bn_speed_reruns_itself_with_the_allocator_asked_for(tmp_path):
-    run_script("bn_speed.py", "--shapes", "4x8x8x8", "--layouts", "contiguous", "--modes", "fwd",
-               "--providers", "torch", "--min-run-time", "0.01", "--threads", "1",
-               "--allocator", "thp", "--out", str(tmp_path))
+    run_script(
+        "bn_speed.py",
+        "--shapes",
+        "4x8x8x8",
+        "--layouts",
+        "contiguous",
+        "--modes",
+        "fwd",
+        "--providers",
+        "torch",
+        "--min-run-time",
+        "0.01",
+        "--threads",
+        "1",
+        "--allocator",
+        "thp",
+        "--out",
+        str(tmp_path),
+    )
     rows = read_rows(tmp_path / "bn_speed.csv")
     assert {r["allocator"] for r in rows} == {"thp"} and all(r["status"] == "ok" for r in rows)

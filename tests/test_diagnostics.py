@@ -33,13 +33,17 @@ def test_output_capture_all_units_and_channels():
     x = torch.randn(30, 4)
     out = ActivationPercentiles(model[1], unit=None, percentiles=(50,), capture="output")
     model(x)
-    assert out.record(0)["p50"] == pytest.approx(float(torch.sigmoid(model[0](x)).median()), abs=0.05)
+    assert out.record(0)["p50"] == pytest.approx(
+        float(torch.sigmoid(model[0](x)).median()), abs=0.05
+    )
     conv = nn.Conv2d(1, 3, 3).eval()
     channel = ActivationPercentiles(conv, unit=1, percentiles=(0, 100), capture="output")
     with torch.no_grad():
         y = conv(torch.randn(2, 1, 5, 5))
     entry = channel.record(0)
-    assert entry["p0"] == pytest.approx(float(y[:, 1].min())) and entry["p100"] == pytest.approx(float(y[:, 1].max()))
+    assert entry["p0"] == pytest.approx(float(y[:, 1].min())) and entry["p100"] == pytest.approx(
+        float(y[:, 1].max())
+    )
 
 
 def test_training_forwards_are_skipped_by_default_and_the_hook_detaches():
@@ -54,7 +58,9 @@ def test_training_forwards_are_skipped_by_default_and_the_hook_detaches():
     assert every.pending() == 8
     tracker.remove()
     tracker.remove()  # idempotent
-    assert not tracker.attached and not model[1]._forward_hooks.keys() - {id(every)} - set(model[1]._forward_hooks)
+    assert not tracker.attached and not model[1]._forward_hooks.keys() - {id(every)} - set(
+        model[1]._forward_hooks
+    )
     model.eval()(torch.randn(8, 4))
     assert tracker.pending() == 0
     with ActivationPercentiles(model[1], unit=0) as scoped:
@@ -92,8 +98,10 @@ def test_non_finite_values_are_dropped():
 
 
 def test_band_drift():
-    history = [{"step": s, "p15": -w, "p50": m, "p85": w} for s, m, w in
-               [(0, 0.0, 1.0), (10, 0.5, 2.0), (20, -0.5, 1.5), (30, 1.0, 3.0)]]
+    history = [
+        {"step": s, "p15": -w, "p50": m, "p85": w}
+        for s, m, w in [(0, 0.0, 1.0), (10, 0.5, 2.0), (20, -0.5, 1.5), (30, 1.0, 3.0)]
+    ]
     d = band_drift(history)
     assert d["median_change"] == 1.0 and d["median_range"] == 1.5
     assert d["spread_first"] == 2.0 and d["spread_last"] == 6.0 and d["spread_range"] == 4.0

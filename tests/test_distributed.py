@@ -1,10 +1,11 @@
 """bnlab.distributed / SyncBatchNorm across gloo processes against one process on the whole batch.
 
 The multi-process tests start their ranks as subprocesses running this file as a script (``python
-test_distributed.py SCENARIO RANK WORLD STORE OUTDIR``), rendezvous through a file store in tmp_path,
-and write their results there; the test process computes the single-process reference and compares.
-Every launch has a deadline after which the ranks are killed and the test fails: nothing can hang.
-One launch per world size runs the whole case grid, so each case's comparison is its own test.
+test_distributed.py SCENARIO RANK WORLD STORE OUTDIR``), rendezvous through a file store in
+tmp_path, and write their results there; the test process computes the single-process reference and
+compares. Every launch has a deadline after which the ranks are killed and the test fails: nothing
+can hang. One launch per world size runs the whole case grid, so each case's comparison is its own
+test.
 """
 
 from __future__ import annotations
@@ -54,18 +55,27 @@ def _tensors(shape, seed=0, layout="contiguous"):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     c = shape[1]
-    w, b = torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.randn(c, generator=g,
-                                                                              dtype=torch.float64)
+    w, b = (
+        torch.rand(c, generator=g, dtype=torch.float64) + 0.5,
+        torch.randn(c, generator=g, dtype=torch.float64),
+    )
     return x, w, b
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("shape,layout", [((7, 4), "contiguous"), ((3, 4, 5, 2), "channels_last")],
-                         ids=str)
+@pytest.mark.parametrize(
+    "shape,layout", [((7, 4), "contiguous"), ((3, 4, 5, 2), "channels_last")], ids=str
+)
 def test_functional_without_group_matches_batch_norm(shape, layout, momentum):
     x, w, b = _tensors(shape, layout=layout)
-    state = [[torch.zeros(shape[1], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64),
-              torch.tensor(0)] for _ in range(2)]
+    state = [
+        [
+            torch.zeros(shape[1], dtype=torch.float64),
+            torch.ones(shape[1], dtype=torch.float64),
+            torch.tensor(0),
+        ]
+        for _ in range(2)
+    ]
     outs = []
     for fn, (rm, rv, nbt) in zip((bnlab.distributed.sync_batch_norm, bnlab.batch_norm), state):
         xi = x.clone(memory_format=torch.preserve_format).requires_grad_()
@@ -82,8 +92,12 @@ def test_functional_without_group_matches_batch_norm(shape, layout, momentum):
 def test_functional_eval_is_batch_norm():
     x, w, b = _tensors((5, 3, 4))
     rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
-    torch.testing.assert_close(bnlab.distributed.sync_batch_norm(x, rm, rv, w, b),
-                               bnlab.batch_norm(x, rm, rv, w, b), atol=0, rtol=0)
+    torch.testing.assert_close(
+        bnlab.distributed.sync_batch_norm(x, rm, rv, w, b),
+        bnlab.batch_norm(x, rm, rv, w, b),
+        atol=0,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
@@ -99,13 +113,20 @@ def test_functional_gradcheck(masked):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"training": False}, ValueError, "needs running_mean and running_var"),
-    ({"training": True, "momentum": None, "running": True}, ValueError, "needs num_batches_tracked"),
-    ({"training": True, "eps": 0.0}, ValueError, "eps must be > 0"),
-    ({"training": True, "momentum": 2.0}, ValueError, "momentum must be in"),
-    ({"training": True, "weight": torch.ones(4)}, ValueError, "weight has shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"training": False}, ValueError, "needs running_mean and running_var"),
+        (
+            {"training": True, "momentum": None, "running": True},
+            ValueError,
+            "needs num_batches_tracked",
+        ),
+        ({"training": True, "eps": 0.0}, ValueError, "eps must be > 0"),
+        ({"training": True, "momentum": 2.0}, ValueError, "momentum must be in"),
+        ({"training": True, "weight": torch.ones(4)}, ValueError, "weight has shape"),
+    ],
+)
 def test_functional_argument_errors(kwargs, error, match):
     kwargs = dict(kwargs)
     running = (torch.zeros(3), torch.ones(3)) if kwargs.pop("running", False) else (None, None)
@@ -136,8 +157,11 @@ class Case:
 def _grid() -> list[Case]:
     cases = []
     dtypes = {torch.float32: "f32", torch.float64: "f64"}
-    for (rest, layout, label) in [((5,), "contiguous", "2d"), ((3, 4, 5), "contiguous", "4d"),
-                                  ((3, 4, 5), "channels_last", "4d-cl")]:
+    for rest, layout, label in [
+        ((5,), "contiguous", "2d"),
+        ((3, 4, 5), "contiguous", "4d"),
+        ((3, 4, 5), "channels_last", "4d-cl"),
+    ]:
         for dtype, dname in dtypes.items():
             for momentum in (0.1, None):
                 cases.append(Case(f"{label}-{dname}-m{momentum}", rest, dtype, momentum, layout))
@@ -205,12 +229,15 @@ def run_steps(bn, case: Case, world: int, rows=None):
             steps.append({"error": str(error)})
             continue
         out.backward(dy[rows])
-        steps.append({
-            "out": out.detach(), "dx": x.grad,
-            "dw": None if bn.weight is None else bn.weight.grad.clone(),
-            "db": None if bn.bias is None else bn.bias.grad.clone(),
-            **{name: buf.clone() for name, buf in bn.named_buffers()},
-        })
+        steps.append(
+            {
+                "out": out.detach(),
+                "dx": x.grad,
+                "dw": None if bn.weight is None else bn.weight.grad.clone(),
+                "db": None if bn.bias is None else bn.bias.grad.clone(),
+                **{name: buf.clone() for name, buf in bn.named_buffers()},
+            }
+        )
         bn.zero_grad()
     return steps
 
@@ -224,16 +251,34 @@ def launch(scenario: str, world: int, directory: Path, deadline: float = LAUNCH_
     """Run ``scenario`` on ``world`` gloo ranks; each rank's results. Killed at the deadline."""
     directory.mkdir(parents=True, exist_ok=True)
     store = directory / f"{scenario}-{world}.store"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO / "src"), str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO / "src"), str(HERE.parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     logs = [directory / f"{scenario}-{world}-rank{r}.log" for r in range(world)]
     procs = []
     for rank in range(world):
         with open(logs[rank], "w") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(HERE), scenario, str(rank), str(world), str(store),
-                 str(directory)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(HERE),
+                        scenario,
+                        str(rank),
+                        str(world),
+                        str(store),
+                        str(directory),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=REPO,
+                )
+            )
     end = time.monotonic() + deadline
     while any(p.poll() is None for p in procs):
         failed = any(p.returncode not in (None, 0) for p in procs)  # the others would only wait
@@ -243,8 +288,10 @@ def launch(scenario: str, world: int, directory: Path, deadline: float = LAUNCH_
                     proc.kill()
                     proc.wait()
             if not failed:
-                pytest.fail(f"{scenario} on {world} ranks did not finish within {deadline} s (ranks "
-                            f"killed); logs:\n{_tails(logs)}")
+                pytest.fail(
+                    f"{scenario} on {world} ranks did not finish within {deadline} s (ranks "
+                    f"killed); logs:\n{_tails(logs)}"
+                )
         time.sleep(0.05)
     bad = [(r, proc.returncode) for r, proc in enumerate(procs) if proc.returncode != 0]
     assert not bad, f"{scenario}: ranks (rank, exit code) {bad} failed; logs:\n{_tails(logs)}"
@@ -299,9 +346,15 @@ def reference_steps(case: Case, world: int):
         xv = _valid_rows(x, mask).clone().requires_grad_()
         out = bn(xv)
         out.backward(_valid_rows(dy, mask))
-        steps.append({"out": out.detach(), "dx": xv.grad, "dw": bn.weight.grad.clone(),
-                      "db": bn.bias.grad.clone(),
-                      **{name: buf.clone() for name, buf in bn.named_buffers()}})
+        steps.append(
+            {
+                "out": out.detach(),
+                "dx": xv.grad,
+                "dw": bn.weight.grad.clone(),
+                "db": bn.bias.grad.clone(),
+                **{name: buf.clone() for name, buf in bn.named_buffers()},
+            }
+        )
         bn.zero_grad()
     return steps
 
@@ -345,26 +398,50 @@ def test_ranks_match_one_process(grid_results, world, name):
         if case.masked:
             x, dy, mask = case_data(case, world, step)
             close(_valid_rows(out, mask), ref["out"], case.dtype, f"step {step} valid outputs")
-            if case.masked == "padding":  # padding outputs depend on the statistics: exact derivative
+            if (
+                case.masked == "padding"
+            ):  # padding outputs depend on the statistics: exact derivative
                 c_out, c_dx, c_dw, c_db = masked_composite(case, world, step, first)
                 close(out, c_out, case.dtype, f"step {step} all outputs (composite)")
                 close(dx, c_dx, case.dtype, f"step {step} all dx (composite)")
-                close(sum(g["dw"] for g in got), c_dw, case.dtype, f"step {step} dweight (composite)",
-                      GRAD_TOL)
-                close(sum(g["db"] for g in got), c_db, case.dtype, f"step {step} dbias (composite)",
-                      GRAD_TOL)
+                close(
+                    sum(g["dw"] for g in got),
+                    c_dw,
+                    case.dtype,
+                    f"step {step} dweight (composite)",
+                    GRAD_TOL,
+                )
+                close(
+                    sum(g["db"] for g in got),
+                    c_db,
+                    case.dtype,
+                    f"step {step} dbias (composite)",
+                    GRAD_TOL,
+                )
             else:  # the loss ignores padding outputs: the valid positions are a batch of their own
                 close(_valid_rows(dx, mask), ref["dx"], case.dtype, f"step {step} valid dx")
                 pad = ~mask.unsqueeze(1).expand_as(dx)
-                assert (dx[pad] == 0).all(), "padding got a gradient it has no path for (dy = 0 there)"
+                assert (dx[pad] == 0).all(), (
+                    "padding got a gradient it has no path for (dy = 0 there)"
+                )
         else:
             close(out, ref["out"], case.dtype, f"step {step} output")
             close(dx, ref["dx"], case.dtype, f"step {step} dx")
         if case.affine and case.masked != "padding":
-            close(sum(g["dw"] for g in got), ref["dw"], case.dtype, f"step {step} sum of dweight",
-                  GRAD_TOL)
-            close(sum(g["db"] for g in got), ref["db"], case.dtype, f"step {step} sum of dbias",
-                  GRAD_TOL)
+            close(
+                sum(g["dw"] for g in got),
+                ref["dw"],
+                case.dtype,
+                f"step {step} sum of dweight",
+                GRAD_TOL,
+            )
+            close(
+                sum(g["db"] for g in got),
+                ref["db"],
+                case.dtype,
+                f"step {step} sum of dbias",
+                GRAD_TOL,
+            )
         for r, g in enumerate(got):
             for key in ("running_mean", "running_var"):
                 close(g[key], ref[key], case.dtype, f"step {step} rank {r} {key}")
@@ -383,8 +460,9 @@ def test_ranks_out_of_step_raise_clear_errors(tmp_path):
         forward, backward = result["forward"], result["backward"]
         assert forward.startswith("SyncBatchNormError"), f"rank {r}: {forward}"
         assert "ranks disagree" in forward and "forward" in forward
-        assert re.search(r"rank 0: call 1 of a 4-channel layer, rank 1: call 2 of a 4-channel layer",
-                         forward), forward
+        assert re.search(
+            r"rank 0: call 1 of a 4-channel layer, rank 1: call 2 of a 4-channel layer", forward
+        ), forward
         assert "same number of times" in forward
         assert backward.startswith("SyncBatchNormError") and "backward" in backward, backward
         assert "rank 0: call 1" in backward and "rank 1: call 2" in backward, backward
@@ -399,8 +477,11 @@ def test_rank_that_exits_makes_the_others_fail(tmp_path):
     ranks = launch("exit", 2, tmp_path, deadline=60)
     result = ranks[0]
     assert result["error"].startswith("SyncBatchNormError"), result
-    assert re.search(r"forward .* on rank 0 of 2: the exchange of batch statistics "
-                     r"(failed after|did not complete within)", result["error"]), result
+    assert re.search(
+        r"forward .* on rank 0 of 2: the exchange of batch statistics "
+        r"(failed after|did not complete within)",
+        result["error"],
+    ), result
     assert "crashed" in result["error"]
     assert result["seconds"] < 12, result  # the lost peer, or the 10 s timeout at the latest
 
@@ -412,15 +493,27 @@ def test_rank_that_exits_makes_the_others_fail(tmp_path):
 
 def test_torchrun_example_trains(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
-    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    command = [*launcher, "--standalone", "--nproc_per_node=2", str(REPO / "examples" / "ddp_train.py"),
-               "--epochs", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    launcher = (
+        [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    )
+    command = [
+        *launcher,
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "examples" / "ddp_train.py"),
+        "--epochs",
+        "1",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
     start = time.monotonic()
     try:
-        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"the example did not finish within 120 s: {error.stdout!r} {error.stderr!r}")
     log = done.stdout + done.stderr
@@ -470,7 +563,10 @@ def _mismatch_scenario(rank, world):
     d(x)
     if rank == 0:  # rank 1 skips this call (alive, but never joins): rank 0 must give up after 5 s
         start = time.monotonic()
-        results["timeout"] = {"error": _error_text(lambda: d(x)), "seconds": time.monotonic() - start}
+        results["timeout"] = {
+            "error": _error_text(lambda: d(x)),
+            "seconds": time.monotonic() - start,
+        }
     else:
         _wait_for(Path(sys.argv[5]) / "mismatch-2-rank0.pt", 30)
     return results
@@ -498,8 +594,13 @@ def _worker(scenario, rank, world, store, directory):
 
     rank, world = int(rank), int(world)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     run = {"grid": _grid_scenario, "mismatch": _mismatch_scenario, "exit": _exit_scenario}[scenario]
     results = run(rank, world)
     path = Path(directory) / f"{scenario}-{world}-rank{rank}.pt"

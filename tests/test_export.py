@@ -20,14 +20,17 @@ from bnlab.export import export_onnx
 from bnlab.inference import batch_norm_layers, fold
 from test_inference import BN, Net, check_fold, data, randomize, shared_bn
 
-
 # ---- the acceptance models, folded in PyTorch ------------------------------------------------
 
 
 def block(c, lib_a, lib_b):
-    return Net(lambda s, x: F.relu(x + s.bn_b(s.conv_b(F.relu(s.bn_a(s.conv_a(x)))))),
-               conv_a=nn.Conv2d(c, c, 3, padding=1, bias=False), bn_a=BN[lib_a][2](c),
-               conv_b=nn.Conv2d(c, c, 3, padding=1, bias=False), bn_b=BN[lib_b][2](c))
+    return Net(
+        lambda s, x: F.relu(x + s.bn_b(s.conv_b(F.relu(s.bn_a(s.conv_a(x)))))),
+        conv_a=nn.Conv2d(c, c, 3, padding=1, bias=False),
+        bn_a=BN[lib_a][2](c),
+        conv_b=nn.Conv2d(c, c, 3, padding=1, bias=False),
+        bn_b=BN[lib_b][2](c),
+    )
 
 
 def resnet_forward(s, x):
@@ -39,27 +42,54 @@ def resnet_forward(s, x):
 
 
 def resnetish():
-    """conv-BN-ReLU blocks with residual additions, a BN before a conv, a grouped conv, a ConvTranspose."""
-    return randomize(Net(
-        resnet_forward, stem=nn.Conv2d(3, 8, 3, padding=1), bn_stem=bnlab.nn.BatchNorm2d(8),
-        block1=block(8, "bnlab", "torch"), bn_pre=nn.BatchNorm2d(8), conv_pre=nn.Conv2d(8, 16, 1),
-        grouped=nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False), bn_g=bnlab.nn.BatchNorm2d(16),
-        block2=block(16, "torch", "bnlab"), up=nn.ConvTranspose2d(16, 8, 2, stride=2),
-        bn_up=nn.BatchNorm2d(8), fc1=nn.Linear(8, 12), bn_fc=bnlab.nn.BatchNorm1d(12),
-        fc2=nn.Linear(12, 5))).eval()
+    """conv-BN-ReLU blocks with residual additions, a BN before a conv, a grouped conv, a
+    ConvTranspose."""
+    return randomize(
+        Net(
+            resnet_forward,
+            stem=nn.Conv2d(3, 8, 3, padding=1),
+            bn_stem=bnlab.nn.BatchNorm2d(8),
+            block1=block(8, "bnlab", "torch"),
+            bn_pre=nn.BatchNorm2d(8),
+            conv_pre=nn.Conv2d(8, 16, 1),
+            grouped=nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False),
+            bn_g=bnlab.nn.BatchNorm2d(16),
+            block2=block(16, "torch", "bnlab"),
+            up=nn.ConvTranspose2d(16, 8, 2, stride=2),
+            bn_up=nn.BatchNorm2d(8),
+            fc1=nn.Linear(8, 12),
+            bn_fc=bnlab.nn.BatchNorm1d(12),
+            fc2=nn.Linear(12, 5),
+        )
+    ).eval()
 
 
-RESNET_FOLDS = {("bn_stem", "stem", "after"), ("block1.bn_a", "block1.conv_a", "after"),
-                ("block1.bn_b", "block1.conv_b", "after"), ("bn_pre", "conv_pre", "before"),
-                ("bn_g", "grouped", "after"), ("block2.bn_a", "block2.conv_a", "after"),
-                ("block2.bn_b", "block2.conv_b", "after"), ("bn_up", "up", "after"),
-                ("bn_fc", "fc1", "after")}
+RESNET_FOLDS = {
+    ("bn_stem", "stem", "after"),
+    ("block1.bn_a", "block1.conv_a", "after"),
+    ("block1.bn_b", "block1.conv_b", "after"),
+    ("bn_pre", "conv_pre", "before"),
+    ("bn_g", "grouped", "after"),
+    ("block2.bn_a", "block2.conv_a", "after"),
+    ("block2.bn_b", "block2.conv_b", "after"),
+    ("bn_up", "up", "after"),
+    ("bn_fc", "fc1", "after"),
+}
 
 
 def mlp():
-    return randomize(nn.Sequential(
-        nn.Linear(10, 32), bnlab.nn.BatchNorm1d(32), nn.ReLU(), nn.BatchNorm1d(32),
-        nn.Linear(32, 16, bias=False), bnlab.nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))).eval()
+    return randomize(
+        nn.Sequential(
+            nn.Linear(10, 32),
+            bnlab.nn.BatchNorm1d(32),
+            nn.ReLU(),
+            nn.BatchNorm1d(32),
+            nn.Linear(32, 16, bias=False),
+            bnlab.nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.Linear(16, 3),
+        )
+    ).eval()
 
 
 MLP_FOLDS = [("1", "0", "after"), ("3", "4", "before"), ("5", "4", "after")]
@@ -140,23 +170,34 @@ def test_export_onnx(name, tmp_path):
     out = run_onnxruntime(tmp_path / "model.onnx", x)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     assert report.max_abs_error <= 1e-4
-    assert report.max_abs_error == pytest.approx((out - model(x).detach()).abs().max().item(), abs=1e-6)
+    assert report.max_abs_error == pytest.approx(
+        (out - model(x).detach()).abs().max().item(), abs=1e-6
+    )
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())  # model untouched
     assert f"folded {folds}, frozen {len(report.fold.frozen)}" in str(report)
 
 
 def cli_model():
-    return randomize(nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), bnlab.nn.BatchNorm2d(6), nn.ReLU(),
-        nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1, groups=2), nn.ReLU(),
-        nn.ConvTranspose2d(4, 4, 2, stride=2), bnlab.nn.BatchNorm2d(4))).eval()
+    return randomize(
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            bnlab.nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.BatchNorm2d(6),
+            nn.Conv2d(6, 4, 1, groups=2),
+            nn.ReLU(),
+            nn.ConvTranspose2d(4, 4, 2, stride=2),
+            bnlab.nn.BatchNorm2d(4),
+        )
+    ).eval()
 
 
 def test_cli_export(tmp_path):
     torch.save(cli_model(), tmp_path / "model.pt")
     out = tmp_path / "model.onnx"
     result = CliRunner().invoke(
-        main, ["export", str(tmp_path / "model.pt"), "--to", str(out), "--input-shape", "2,3,8,8"])
+        main, ["export", str(tmp_path / "model.pt"), "--to", str(out), "--input-shape", "2,3,8,8"]
+    )
     assert result.exit_code == 0, result.output
     assert out.is_file() and "BatchNormalization" not in op_types(out)
     assert f"wrote {out}" in result.output
@@ -166,14 +207,17 @@ def test_cli_export(tmp_path):
     assert error and float(error.group(1)) <= 1e-4
     x = torch.randn(2, 3, 8, 8)  # the written model works on any input of that shape
     expected = torch.load(tmp_path / "model.pt", weights_only=False)(x).detach()
-    np.testing.assert_allclose(run_onnxruntime(out, x).numpy(), expected.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        run_onnxruntime(out, x).numpy(), expected.numpy(), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_cli_export_rejects_state_dict(tmp_path):
     torch.save(cli_model().state_dict(), tmp_path / "weights.pt")
     out = tmp_path / "model.onnx"
     result = CliRunner().invoke(
-        main, ["export", str(tmp_path / "weights.pt"), "--to", str(out), "--input-shape", "2,3,8,8"])
+        main, ["export", str(tmp_path / "weights.pt"), "--to", str(out), "--input-shape", "2,3,8,8"]
+    )
     assert result.exit_code != 0 and "state_dict" in result.output, result.output
     assert not out.exists()
 
@@ -182,8 +226,16 @@ def test_cli_export_rejects_state_dict(tmp_path):
 def test_cli_export_rejects_unparsable_input_shape(shape, tmp_path):
     torch.save(cli_model(), tmp_path / "model.pt")
     result = CliRunner().invoke(
-        main, ["export", str(tmp_path / "model.pt"), "--to", str(tmp_path / "m.onnx"),
-               "--input-shape", shape])
+        main,
+        [
+            "export",
+            str(tmp_path / "model.pt"),
+            "--to",
+            str(tmp_path / "m.onnx"),
+            "--input-shape",
+            shape,
+        ],
+    )
     assert result.exit_code == 2 and "--input-shape" in result.output, result.output
     assert not (tmp_path / "m.onnx").exists()
 
@@ -191,7 +243,15 @@ def test_cli_export_rejects_unparsable_input_shape(shape, tmp_path):
 def test_cli_export_reports_wrong_input_shape(tmp_path):
     torch.save(cli_model(), tmp_path / "model.pt")
     result = CliRunner().invoke(
-        main, ["export", str(tmp_path / "model.pt"), "--to", str(tmp_path / "m.onnx"),
-               "--input-shape", "2,5,8,8"])
+        main,
+        [
+            "export",
+            str(tmp_path / "model.pt"),
+            "--to",
+            str(tmp_path / "m.onnx"),
+            "--input-shape",
+            "2,5,8,8",
+        ],
+    )
     assert result.exit_code != 0 and not (tmp_path / "m.onnx").exists()
     assert "(2, 5, 8, 8)" in result.output, result.output

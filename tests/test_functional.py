@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
-from tolerances import assert_step_within, batch_norm_bounds, layer_norm_bounds
 
 import bnlab
 from bnlab import functional as F
 from bnlab import reference
+from tolerances import assert_step_within, batch_norm_bounds, layer_norm_bounds
 
 F64 = torch.float64
 
@@ -17,12 +17,19 @@ def rand(*shape, dtype=F64, seed=0, channels_last=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+        x = x.contiguous(
+            memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        )
     return x
 
 
-GRAD_SHAPES = [((5, 3), False), ((4, 3, 5), False), ((3, 2, 3, 4), False), ((3, 2, 3, 4), True),
-               ((2, 2, 2, 3, 2), True)]
+GRAD_SHAPES = [
+    ((5, 3), False),
+    ((4, 3, 5), False),
+    ((3, 2, 3, 4), False),
+    ((3, 2, 3, 4), True),
+    ((2, 2, 2, 3, 2), True),
+]
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -62,8 +69,8 @@ def test_second_derivative_matches_torch():
 
     def penalty(fn):
         y = fn(x, None, None, w, None, True)
-        (gx,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
-        return torch.autograd.grad((gx ** 2).sum(), (x, w))
+        (gx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+        return torch.autograd.grad((gx**2).sum(), (x, w))
 
     for ours, theirs in zip(penalty(F.batch_norm), penalty(TF.batch_norm)):
         torch.testing.assert_close(ours, theirs, atol=1e-9, rtol=1e-9)
@@ -80,12 +87,30 @@ def test_opcheck(dtype, training, channels_last):
     rm, rv = torch.zeros(3, dtype=stat_dtype), torch.ones(3, dtype=stat_dtype)
     mask = torch.rand(4, 5, 5, generator=torch.Generator().manual_seed(0)) > 0.3
     for m in (None, mask):
-        torch.library.opcheck(torch.ops.bnlab.batch_norm.default, (x, w, None, rm, rv, m, training, 1e-5, "composite", None))
-    torch.library.opcheck(torch.ops.bnlab.layer_norm.default, (x, [5, 5], None, None, 1e-5, "composite"))
+        torch.library.opcheck(
+            torch.ops.bnlab.batch_norm.default,
+            (x, w, None, rm, rv, m, training, 1e-5, "composite", None),
+        )
+    torch.library.opcheck(
+        torch.ops.bnlab.layer_norm.default, (x, [5, 5], None, None, 1e-5, "composite")
+    )
     dy = torch.ones_like(x)
-    torch.library.opcheck(torch.ops.bnlab.batch_norm_backward.default,
-                          (dy, x.detach(), w.detach(), rm, rv, mask, training, 1e-5, [True, True, False],
-                           "composite", None))
+    torch.library.opcheck(
+        torch.ops.bnlab.batch_norm_backward.default,
+        (
+            dy,
+            x.detach(),
+            w.detach(),
+            rm,
+            rv,
+            mask,
+            training,
+            1e-5,
+            [True, True, False],
+            "composite",
+            None,
+        ),
+    )
 
 
 class Net(torch.nn.Module):
@@ -108,7 +133,9 @@ def test_compile_fullgraph_matches_eager(backend):
     for step in range(2):
         x = rand(8, 3, 7, 7, dtype=torch.float32, seed=step)
         if step == 1:
-            x[0, 0, 0, 0] = float("nan")  # the poisoned-batch guard must compile without a graph break
+            x[0, 0, 0, 0] = float(
+                "nan"
+            )  # the poisoned-batch guard must compile without a graph break
         expected, actual = eager(x), run(x)
         torch.testing.assert_close(actual, expected, equal_nan=True)
         expected.nan_to_num().sum().backward()
@@ -148,21 +175,30 @@ def test_half_inputs_compute_in_float32(half, param_dtype):
     """Half inputs within the float32 bound plus one rounding to their type, nothing more."""
     p_dtype = half if param_dtype == "half" else torch.float32
     x = (rand(8, 3, 4, 4) * 3 + 5).to(half).requires_grad_()
-    w, b = (rand(3, seed=1) + 2).to(p_dtype).requires_grad_(), rand(3, seed=2).to(p_dtype).requires_grad_()
+    w, b = (
+        (rand(3, seed=1) + 2).to(p_dtype).requires_grad_(),
+        rand(3, seed=2).to(p_dtype).requires_grad_(),
+    )
     rm, rv = torch.zeros(3, dtype=p_dtype), torch.ones(3, dtype=p_dtype)
     dy = torch.ones_like(x)
-    truth, bounds = batch_norm_bounds(x, dy, w, b, rm, rv, training=True, momentum=0.1, eps=1e-5,
-                                      dtype=half)
+    truth, bounds = batch_norm_bounds(
+        x, dy, w, b, rm, rv, training=True, momentum=0.1, eps=1e-5, dtype=half
+    )
     y = F.batch_norm(x, rm, rv, w, b, training=True)
     assert y.dtype == half and rm.dtype == p_dtype
     y.backward(dy)
     assert w.grad.dtype == p_dtype and x.grad.dtype == half
-    assert_step_within(dict(out=y, dx=x.grad, dweight=w.grad, dbias=b.grad, running_mean=rm,
-                            running_var=rv), truth, bounds)
+    assert_step_within(
+        dict(out=y, dx=x.grad, dweight=w.grad, dbias=b.grad, running_mean=rm, running_var=rv),
+        truth,
+        bounds,
+    )
 
 
-@pytest.mark.parametrize("shape,k", [((2, 3), 1), ((60, 100), 1), ((8, 16, 5, 5), 2), ((4, 3, 2, 5, 5), 3),
-                                     ((1, 4, 7, 7), 1)])
+@pytest.mark.parametrize(
+    "shape,k",
+    [((2, 3), 1), ((60, 100), 1), ((8, 16, 5, 5), 2), ((4, 3, 2, 5, 5), 3), ((1, 4, 7, 7), 1)],
+)
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
 def test_layer_norm_matches_torch_and_reference(shape, k, affine, dtype):
@@ -201,36 +237,99 @@ def test_cumulative_average_and_momentum_one():
 
 BAD = [
     (lambda: F.batch_norm(torch.randn(3), None, None, training=True), ValueError, r"rank >= 2"),
-    (lambda: F.batch_norm(torch.ones(4, 3, dtype=torch.long), None, None, training=True), TypeError,
-     "floating-point input.*torch.int64"),
-    (lambda: F.batch_norm(torch.ones(4, 3, dtype=torch.bool), None, None, training=True), TypeError,
-     "torch.bool"),
-    (lambda: F.batch_norm(torch.randn(4, 3), None, None, torch.ones(4), training=True), ValueError,
-     r"weight has shape \(4,\), expected \(3,\)"),
-    (lambda: F.batch_norm(torch.randn(4, 3), None, None, None, torch.ones(2), training=True), ValueError,
-     r"bias has shape \(2,\)"),
-    (lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(5), torch.ones(3), training=True), ValueError,
-     r"running_mean has shape \(5,\)"),
-    (lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3, 1), training=True), ValueError,
-     r"running_var has shape \(3, 1\)"),
-    (lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(3, dtype=F64), torch.ones(3), training=True),
-     TypeError, "running_mean has dtype torch.float64, expected torch.float32"),
-    (lambda: F.batch_norm(torch.randn(4, 3), None, None, torch.ones(3, device="meta"), training=True),
-     ValueError, "weight is on meta, expected the input's device cpu"),
-    (lambda: F.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0), ValueError, "eps must be > 0"),
-    (lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=2.0),
-     ValueError, r"momentum must be in \[0, 1\]"),
-    (lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=None),
-     ValueError, "needs num_batches_tracked"),
-    (lambda: F.batch_norm(torch.randn(1, 3), None, None, training=True), ValueError,
-     "Expected more than 1 value per channel when training"),
-    (lambda: F.batch_norm(torch.randn(4, 3), None, None, training=False), ValueError,
-     "eval mode .* needs running_mean"),
-    (lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True), ValueError,
-     "given together"),
-    (lambda: F.batch_norm([[1.0]], None, None), TypeError, "expects a torch.Tensor input, got list"),
-    (lambda: F.layer_norm(torch.randn(4, 3), (4,)), ValueError, r"normalized_shape=\[4\].*shape \(4, 3\)"),
-    (lambda: F.layer_norm(torch.randn(4, 3), (3,), torch.ones(4)), ValueError, r"weight has shape \(4,\)"),
+    (
+        lambda: F.batch_norm(torch.ones(4, 3, dtype=torch.long), None, None, training=True),
+        TypeError,
+        "floating-point input.*torch.int64",
+    ),
+    (
+        lambda: F.batch_norm(torch.ones(4, 3, dtype=torch.bool), None, None, training=True),
+        TypeError,
+        "torch.bool",
+    ),
+    (
+        lambda: F.batch_norm(torch.randn(4, 3), None, None, torch.ones(4), training=True),
+        ValueError,
+        r"weight has shape \(4,\), expected \(3,\)",
+    ),
+    (
+        lambda: F.batch_norm(torch.randn(4, 3), None, None, None, torch.ones(2), training=True),
+        ValueError,
+        r"bias has shape \(2,\)",
+    ),
+    (
+        lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(5), torch.ones(3), training=True),
+        ValueError,
+        r"running_mean has shape \(5,\)",
+    ),
+    (
+        lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3, 1), training=True),
+        ValueError,
+        r"running_var has shape \(3, 1\)",
+    ),
+    (
+        lambda: F.batch_norm(
+            torch.randn(4, 3), torch.zeros(3, dtype=F64), torch.ones(3), training=True
+        ),
+        TypeError,
+        "running_mean has dtype torch.float64, expected torch.float32",
+    ),
+    (
+        lambda: F.batch_norm(
+            torch.randn(4, 3), None, None, torch.ones(3, device="meta"), training=True
+        ),
+        ValueError,
+        "weight is on meta, expected the input's device cpu",
+    ),
+    (
+        lambda: F.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0),
+        ValueError,
+        "eps must be > 0",
+    ),
+    (
+        lambda: F.batch_norm(
+            torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=2.0
+        ),
+        ValueError,
+        r"momentum must be in \[0, 1\]",
+    ),
+    (
+        lambda: F.batch_norm(
+            torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=None
+        ),
+        ValueError,
+        "needs num_batches_tracked",
+    ),
+    (
+        lambda: F.batch_norm(torch.randn(1, 3), None, None, training=True),
+        ValueError,
+        "Expected more than 1 value per channel when training",
+    ),
+    (
+        lambda: F.batch_norm(torch.randn(4, 3), None, None, training=False),
+        ValueError,
+        "eval mode .* needs running_mean",
+    ),
+    (
+        lambda: F.batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True),
+        ValueError,
+        "given together",
+    ),
+    (
+        lambda: F.batch_norm([[1.0]], None, None),
+        TypeError,
+        "expects a torch.Tensor input, got list",
+    ),
+    (
+        lambda: F.layer_norm(torch.randn(4, 3), (4,)),
+        ValueError,
+        r"normalized_shape=\[4\].*shape \(4, 3\)",
+    ),
+    (
+        lambda: F.layer_norm(torch.randn(4, 3), (3,), torch.ones(4)),
+        ValueError,
+        r"weight has shape \(4,\)",
+    ),
     (lambda: F.layer_norm(torch.ones(4, 3, dtype=torch.int32), (3,)), TypeError, "torch.int32"),
     (lambda: F.layer_norm(torch.randn(4, 3), (3,), eps=-1.0), ValueError, "eps must be > 0"),
 ]
@@ -245,7 +344,9 @@ def test_bad_input_is_a_clear_error(call, error, match):
 def test_bad_input_leaves_running_statistics():
     rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
     with pytest.raises(ValueError):
-        F.batch_norm(torch.randn(4, 3), rm, rv, torch.ones(4), training=True, num_batches_tracked=nbt)
+        F.batch_norm(
+            torch.randn(4, 3), rm, rv, torch.ones(4), training=True, num_batches_tracked=nbt
+        )
     assert rm.eq(0).all() and rv.eq(1).all() and int(nbt) == 0
 
 
@@ -275,7 +376,9 @@ def test_masked_statistics_are_those_of_the_valid_values(shape):
     # padding positions are normalized with the same statistics
     scale = w / torch.sqrt(torch.from_numpy(valid.var(0)) + 1e-5)
     pad = valid_rows(x, ~mask)
-    torch.testing.assert_close(valid_rows(y, ~mask), (pad - torch.from_numpy(valid.mean(0))) * scale + b)
+    torch.testing.assert_close(
+        valid_rows(y, ~mask), (pad - torch.from_numpy(valid.mean(0))) * scale + b
+    )
 
 
 @pytest.mark.parametrize("shape", [(6, 3), (4, 2, 5), (3, 2, 3, 2)])
@@ -289,8 +392,9 @@ def test_masked_gradients(shape):
     # with the loss on valid positions only, dx there is plain BN's on the valid values
     dy = rand(*shape, seed=3) * mask.unsqueeze(1)
     (dx,) = torch.autograd.grad(f(x, w, b), x, dy)
-    _, cache = reference.batchnorm_forward(valid_rows(x, mask).detach().numpy(), w.detach().numpy(),
-                                           b.detach().numpy())
+    _, cache = reference.batchnorm_forward(
+        valid_rows(x, mask).detach().numpy(), w.detach().numpy(), b.detach().numpy()
+    )
     ref_dx, _, _ = reference.batchnorm_backward(valid_rows(dy, mask).numpy(), cache)
     np.testing.assert_allclose(valid_rows(dx, mask).numpy(), ref_dx, atol=1e-10)
     assert valid_rows(dx, ~mask).abs().max() == 0
@@ -299,8 +403,12 @@ def test_masked_gradients(shape):
 def test_all_true_mask_is_plain_batch_norm():
     x, _ = masked_case((4, 3, 5))
     mask = torch.ones(4, 5, dtype=torch.bool)
-    torch.testing.assert_close(F.batch_norm(x, None, None, training=True, mask=mask),
-                               F.batch_norm(x, None, None, training=True), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        F.batch_norm(x, None, None, training=True, mask=mask),
+        F.batch_norm(x, None, None, training=True),
+        atol=1e-12,
+        rtol=0,
+    )
 
 
 def test_masked_module_and_bad_masks():

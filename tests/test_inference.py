@@ -1,7 +1,8 @@
-"""bnlab.inference: population statistics (Algorithm 2), freeze and fold, for bnlab and torch.nn BNs.
+"""bnlab.inference: population statistics (Algorithm 2), freeze and fold, for bnlab and torch.nn
+BNs.
 
-Every batch norm is randomized away from the identity (gamma of both signs, non-zero beta and running
-statistics): with gamma = 1, beta = 0, mean = 0, var = 1 most folding bugs would not show.
+Every batch norm is randomized away from the identity (gamma of both signs, non-zero beta and
+running statistics): with gamma = 1, beta = 0, mean = 0, var = 1 most folding bugs would not show.
 """
 
 import copy
@@ -20,8 +21,10 @@ import bnlab
 from bnlab.inference import batch_norm_layers, fold, freeze, population_statistics
 from bnlab.nn import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
-BN = {"torch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
-      "bnlab": {1: bnlab.nn.BatchNorm1d, 2: bnlab.nn.BatchNorm2d, 3: bnlab.nn.BatchNorm3d}}
+BN = {
+    "torch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+    "bnlab": {1: bnlab.nn.BatchNorm1d, 2: bnlab.nn.BatchNorm2d, 3: bnlab.nn.BatchNorm3d},
+}
 FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -58,7 +61,8 @@ def data(shape, seed, dtype=torch.float64):
 
 
 class Net(nn.Module):
-    """Children by keyword; ``forward(self, x)`` given as a function of (module, x) (traceable by fx)."""
+    """Children by keyword; ``forward(self, x)`` given as a function of (module, x) (traceable by
+    fx)."""
 
     def __init__(self, forward, **children):
         super().__init__()
@@ -93,7 +97,9 @@ def assert_same_state(model, saved, skip=()):
 def train_bn(bn, x):
     """A batch norm in training mode, written out: batch statistics over N and spatial dims."""
     dims, shape = [0, *range(2, x.dim())], (1, -1, *[1] * (x.dim() - 2))
-    y = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, correction=0, keepdim=True) + bn.eps)
+    y = (x - x.mean(dims, keepdim=True)) / torch.sqrt(
+        x.var(dims, correction=0, keepdim=True) + bn.eps
+    )
     return y * bn.weight.view(shape) + bn.bias.view(shape) if bn.weight is not None else y
 
 
@@ -142,7 +148,12 @@ def test_population_statistics_exact(rank, libs, sizes, variance):
     assert_stats(model[2], expected(second, variance, literal))
     m = sum(x.numel() // x.shape[1] for x in batches)
     assert report.values == {"0": m, "2": m}
-    assert (report.batches, report.skipped, report.untouched, report.variance) == (5, 0, {}, variance)
+    assert (report.batches, report.skipped, report.untouched, report.variance) == (
+        5,
+        0,
+        {},
+        variance,
+    )
 
 
 @pytest.mark.parametrize("variance", ["batch", "population"])
@@ -154,8 +165,10 @@ def test_population_statistics_far_from_zero(rank, lib, variance):
     # one-pass E[x^2] - E[x]^2 (error ~1e12 * 1e-16 = 1e-4) misses by far.
     model = randomize(nn.Sequential(BN[lib][BN_DIM[rank]](3)).double())
     g = torch.Generator().manual_seed(1)
-    batches = [1e6 + torch.randn((n, 3, *SPATIAL[rank]), generator=g, dtype=torch.float64)
-               for n in SIZES["unequal"]]
+    batches = [
+        1e6 + torch.randn((n, 3, *SPATIAL[rank]), generator=g, dtype=torch.float64)
+        for n in SIZES["unequal"]
+    ]
     population_statistics(model, batches, variance=variance)
     mean, var = expected(batches, variance)
     torch.testing.assert_close(model[0].running_mean, mean, atol=0, rtol=1e-13)
@@ -186,23 +199,35 @@ def test_population_statistics_skips_batch_whole(libs):
     good = [data((n, 3), seed=i) for i, n in enumerate(SIZES["unequal"])]
     report = population_statistics(model, [*good[:2], data((4, 3), 9), *good[2:]])
     assert (report.batches, report.skipped) == (6, 1)
-    assert_stats(model[0], expected(good, "batch"))  # the first BN saw finite values, yet skipped them
+    assert_stats(
+        model[0], expected(good, "batch")
+    )  # the first BN saw finite values, yet skipped them
     assert_stats(model[2], expected([train_bn(model[0], x) for x in good], "batch"))
 
 
 def test_population_statistics_skips_non_finite_with_strict_bnlab_layer():
     model = randomize(nn.Sequential(bnlab.nn.BatchNorm1d(3, strict=True)).double())
-    batches = [data((5, 3), 0), torch.full((5, 3), float("nan"), dtype=torch.float64), data((4, 3), 1)]
+    batches = [
+        data((5, 3), 0),
+        torch.full((5, 3), float("nan"), dtype=torch.float64),
+        data((4, 3), 1),
+    ]
     report = population_statistics(model, batches)
     assert report.skipped == 1
     assert_stats(model[0], expected([batches[0], batches[2]], "batch"))
 
 
 def test_population_statistics_leaves_modes_parameters_and_buffers():
-    model = randomize(Net(
-        lambda s, x: s.sub(s.bn1(s.drop(s.lin(s.bn0(x)))) * s.scale),
-        bn0=bnlab.nn.BatchNorm1d(4), lin=nn.Linear(4, 4), drop=nn.Dropout(0.5), bn1=nn.BatchNorm1d(4),
-        sub=nn.Sequential(nn.Linear(4, 3), bnlab.nn.BatchNorm1d(3))).double())
+    model = randomize(
+        Net(
+            lambda s, x: s.sub(s.bn1(s.drop(s.lin(s.bn0(x)))) * s.scale),
+            bn0=bnlab.nn.BatchNorm1d(4),
+            lin=nn.Linear(4, 4),
+            drop=nn.Dropout(0.5),
+            bn1=nn.BatchNorm1d(4),
+            sub=nn.Sequential(nn.Linear(4, 3), bnlab.nn.BatchNorm1d(3)),
+        ).double()
+    )
     model.register_buffer("scale", torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64))
     model.eval()
     model.bn1.train()
@@ -223,14 +248,19 @@ def test_population_statistics_leaves_modes_parameters_and_buffers():
 
 @MIXED
 def test_population_statistics_reports_untracked_layers(libs):
-    model = randomize(nn.Sequential(BN[libs[0]][1](3, track_running_stats=False), nn.Linear(3, 4),
-                                    BN[libs[1]][1](4)).double())
+    model = randomize(
+        nn.Sequential(
+            BN[libs[0]][1](3, track_running_stats=False), nn.Linear(3, 4), BN[libs[1]][1](4)
+        ).double()
+    )
     batches = [data((n, 3), seed=i) for i, n in enumerate(SIZES["unequal"])]
     report = population_statistics(model, batches)
     assert list(report.untouched) == ["0"] and "track_running_stats" in report.untouched["0"]
     assert list(report.values) == ["2"]
     assert model[0].running_mean is None and model[0].running_var is None
-    assert_stats(model[2], expected([mix(model[1], train_bn(model[0], x)) for x in batches], "batch"))
+    assert_stats(
+        model[2], expected([mix(model[1], train_bn(model[0], x)) for x in batches], "batch")
+    )
 
 
 @LIB
@@ -250,10 +280,16 @@ def test_population_statistics_rejects_bad_models_and_arguments(lib):
 
 @pytest.mark.parametrize("style", ["tuple", "list", "dict", "custom"])
 def test_population_statistics_batch_styles(style):
-    model = randomize(TwoInputNet(lambda s, x, shift: s.bn(x + shift), bn=bnlab.nn.BatchNorm1d(3)).double())
+    model = randomize(
+        TwoInputNet(lambda s, x, shift: s.bn(x + shift), bn=bnlab.nn.BatchNorm1d(3)).double()
+    )
     xs = [data((n, 3), seed=i) for i, n in enumerate(SIZES["unequal"])]
-    make = {"tuple": lambda x: (x, 1.5), "list": lambda x: [x, 1.5],
-            "dict": lambda x: {"x": x, "shift": 1.5}, "custom": lambda x: {"data": x}}[style]
+    make = {
+        "tuple": lambda x: (x, 1.5),
+        "list": lambda x: [x, 1.5],
+        "dict": lambda x: {"x": x, "shift": 1.5},
+        "custom": lambda x: {"data": x},
+    }[style]
     forward = (lambda m, b: m(b["data"] * 2.0, shift=-1.0)) if style == "custom" else None
     population_statistics(model, [make(x) for x in xs], forward=forward)
     seen = [2.0 * x - 1.0 for x in xs] if style == "custom" else [x + 1.5 for x in xs]
@@ -261,10 +297,15 @@ def test_population_statistics_batch_styles(style):
 
 
 def _distributed_worker(rank, init, model_path, batches_path, out_dir):
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
-        model, batches, out = torch.load(model_path, weights_only=False), torch.load(batches_path)[rank], {}
+        model, batches, out = (
+            torch.load(model_path, weights_only=False),
+            torch.load(batches_path)[rank],
+            {},
+        )
         for kind in ("batch", "population"):
             local = copy.deepcopy(model)
             report = population_statistics(local, batches, variance=kind)
@@ -280,10 +321,15 @@ def test_population_statistics_distributed(tmp_path):
     shards = [[data((n, 3, 3, 4), seed=10 + n) for n in sizes] for sizes in ([3, 7], [2, 11, 5])]
     torch.save(model, tmp_path / "model.pt")
     torch.save(shards, tmp_path / "batches.pt")
-    args = (f"file://{tmp_path / 'init'}", str(tmp_path / "model.pt"), str(tmp_path / "batches.pt"),
-            str(tmp_path))
-    context = mp.start_processes(_distributed_worker, args=args, nprocs=2, join=False,
-                                 start_method="spawn")
+    args = (
+        f"file://{tmp_path / 'init'}",
+        str(tmp_path / "model.pt"),
+        str(tmp_path / "batches.pt"),
+        str(tmp_path),
+    )
+    context = mp.start_processes(
+        _distributed_worker, args=args, nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):  # raises ProcessRaisedException if a rank failed
         if time.monotonic() > deadline:
@@ -297,7 +343,9 @@ def test_population_statistics_distributed(tmp_path):
             state, values, batches = torch.load(tmp_path / f"rank{rank}.pt")[kind]
             assert values == report.values and batches == len(shards[rank])
             for key in ("0.running_mean", "0.running_var", "2.running_mean", "2.running_var"):
-                torch.testing.assert_close(state[key], single.state_dict()[key], atol=1e-10, rtol=1e-10)
+                torch.testing.assert_close(
+                    state[key], single.state_dict()[key], atol=1e-10, rtol=1e-10
+                )
 
 
 # ---- freeze ----------------------------------------------------------------------------------
@@ -323,8 +371,15 @@ def test_freeze_matches_eval(rank, lib, dtype, tol):
     assert all(torch.equal(model[0].state_dict()[k], checkpoint[f"0.{k}"]) for k in FROZEN_KEYS)
 
 
-@pytest.mark.parametrize("cls,frozen", [(nn.BatchNorm2d, FrozenBatchNorm2d), (bnlab.nn.BatchNorm2d,
-                         FrozenBatchNorm2d), (bnlab.nn.BatchNorm, FrozenBatchNorm)], ids=str)
+@pytest.mark.parametrize(
+    "cls,frozen",
+    [
+        (nn.BatchNorm2d, FrozenBatchNorm2d),
+        (bnlab.nn.BatchNorm2d, FrozenBatchNorm2d),
+        (bnlab.nn.BatchNorm, FrozenBatchNorm),
+    ],
+    ids=str,
+)
 def test_freeze_model_that_is_a_batch_norm(cls, frozen):
     bn = randomize(cls(3)).double().eval()
     x = data((2, 3, 4, 4), 0)
@@ -357,7 +412,9 @@ def test_freeze_keeps_shared_layer_shared():
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=str)
 @pytest.mark.parametrize("key", ["running_mean", "running_var"])
 def test_freeze_rejects_bad_models(key, value):
-    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.BatchNorm1d(3), bnlab.nn.BatchNorm1d(3)))
+    model = nn.Sequential(
+        nn.Linear(3, 3), nn.Sequential(nn.BatchNorm1d(3), bnlab.nn.BatchNorm1d(3))
+    )
     getattr(model[1][1], key)[1] = value
     with pytest.raises(ValueError, match=re.escape("'1.1'") + ".*" + key):
         freeze(model)
@@ -372,7 +429,8 @@ def test_freeze_rejects_bad_models(key, value):
 
 
 def check_fold(model, x, folded=None, frozen=None, tol=1e-12):
-    """Fold ``model``; check the report, the output, that ``model`` is untouched; return (gm, report)."""
+    """Fold ``model``; check the report, the output, that ``model`` is untouched; return (gm,
+    report)."""
     saved, types = snapshot(model), [type(m) for m in model.modules()]
     gm, report = fold(model, x)
     assert_same_state(model, saved)
@@ -384,8 +442,10 @@ def check_fold(model, x, folded=None, frozen=None, tol=1e-12):
         for name, words in frozen.items():
             assert all(w in report.frozen[name] for w in words), report.frozen[name]
     called = {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-    assert not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, bnlab.nn.BatchNorm))
-                   for m in called.values())
+    assert not any(
+        isinstance(m, (nn.modules.batchnorm._BatchNorm, bnlab.nn.BatchNorm))
+        for m in called.values()
+    )
     assert {t for t, m in called.items() if isinstance(m, FrozenBatchNorm)} == set(report.frozen)
     expected_out, out = model(x), gm(x)
     error = (out.double() - expected_out.double()).abs().max().item()
@@ -394,8 +454,9 @@ def check_fold(model, x, folded=None, frozen=None, tol=1e-12):
     return gm, report
 
 
-AFTER = [("Linear", 1)] + [(f"{k}{d}d", g) for d in (1, 2, 3) for k in ("Conv", "ConvTranspose")
-                           for g in (1, 2)]
+AFTER = [("Linear", 1)] + [
+    (f"{k}{d}d", g) for d in (1, 2, 3) for k in ("Conv", "ConvTranspose") for g in (1, 2)
+]
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -406,7 +467,9 @@ def test_fold_after(layer, groups, lib, bias):
     if layer == "Linear":
         first, x = nn.Linear(4, 6, bias=bias), data((5, 4), 0)
     else:  # 4 in, 6 out channels: a mixed-up in/out axis cannot go unnoticed
-        cls, extra = (CONV_T[dim], {"output_padding": 1}) if "Transpose" in layer else (CONV[dim], {})
+        cls, extra = (
+            (CONV_T[dim], {"output_padding": 1}) if "Transpose" in layer else (CONV[dim], {})
+        )
         first = cls(4, 6, 3, stride=2, dilation=2, padding=1, groups=groups, bias=bias, **extra)
         x = data((2, 4, *[7] * dim), 0)
     model = randomize(nn.Sequential(first, BN[lib][dim](6), nn.ReLU())).double().eval()
@@ -416,9 +479,17 @@ def test_fold_after(layer, groups, lib, bias):
 
 
 BEFORE = [("Linear", 0, "zeros", 1)] + [
-    (f"Conv{d}d", p, mode, g) for d in (1, 2, 3)
-    for p, mode, g in [(0, "zeros", 1), (0, "zeros", 2), (1, "reflect", 2), (1, "replicate", 2),
-                       (1, "circular", 2), (1, "zeros", 2)]]
+    (f"Conv{d}d", p, mode, g)
+    for d in (1, 2, 3)
+    for p, mode, g in [
+        (0, "zeros", 1),
+        (0, "zeros", 2),
+        (1, "reflect", 2),
+        (1, "replicate", 2),
+        (1, "circular", 2),
+        (1, "zeros", 2),
+    ]
+]
 
 
 @LIB
@@ -428,8 +499,16 @@ def test_fold_before(layer, padding, mode, groups, lib):
         dim, second, x = 1, nn.Linear(4, 6, bias=False), data((5, 4), 0)
     else:
         dim = int(layer[-2])
-        second = CONV[dim](4, 6, 3, stride=2, dilation=2 if padding == 0 else 1, padding=padding,
-                           padding_mode=mode, groups=groups)
+        second = CONV[dim](
+            4,
+            6,
+            3,
+            stride=2,
+            dilation=2 if padding == 0 else 1,
+            padding=padding,
+            padding_mode=mode,
+            groups=groups,
+        )
         x = data((2, 4, *[7] * dim), 0)
     model = randomize(nn.Sequential(BN[lib][dim](4), second)).double().eval()
     if padding and mode == "zeros":  # a folded shift would leak into the zero padding
@@ -447,30 +526,65 @@ def test_fold_bn_whose_input_is_used_elsewhere(padding, mode, lib):
         out = s.conv2(s.bn(h))
         return out + h[..., : out.shape[-2], : out.shape[-1]]
 
-    model = randomize(Net(forward, conv1=nn.Conv2d(4, 4, 3, padding=1), bn=BN[lib][2](4),
-                          conv2=nn.Conv2d(4, 4, 3, padding=padding, padding_mode=mode))).double().eval()
+    model = (
+        randomize(
+            Net(
+                forward,
+                conv1=nn.Conv2d(4, 4, 3, padding=1),
+                bn=BN[lib][2](4),
+                conv2=nn.Conv2d(4, 4, 3, padding=padding, padding_mode=mode),
+            )
+        )
+        .double()
+        .eval()
+    )
     if mode == "zeros" and padding:
-        check_fold(model, data((2, 4, 6, 6), 0), folded=[], frozen={"bn": ["used elsewhere", "pad"]})
+        check_fold(
+            model, data((2, 4, 6, 6), 0), folded=[], frozen={"bn": ["used elsewhere", "pad"]}
+        )
     else:
         check_fold(model, data((2, 4, 6, 6), 0), folded=[("bn", "conv2", "before")], frozen={})
 
 
 def shared_bn(bn):
-    return Net(lambda s, x: s.bn(s.c1(x)) + s.bn(s.c2(x)), c1=nn.Conv2d(4, 4, 3), c2=nn.Conv2d(4, 4, 3),
-               bn=bn)
+    return Net(
+        lambda s, x: s.bn(s.c1(x)) + s.bn(s.c2(x)),
+        c1=nn.Conv2d(4, 4, 3),
+        c2=nn.Conv2d(4, 4, 3),
+        bn=bn,
+    )
 
 
 UNFOLDABLE = {  # model for a library, input shape, words in the reason the BN was frozen
-    "output-used-twice": (lambda lib: Net(lambda s, x: (lambda y: s.conv(y) + y)(s.bn(x.relu())),
-                                          bn=BN[lib][2](4), conv=nn.Conv2d(4, 4, 1)),
-                          (2, 4, 5, 5), ["not used by exactly one layer"]),
+    "output-used-twice": (
+        lambda lib: Net(
+            lambda s, x: (lambda y: s.conv(y) + y)(s.bn(x.relu())),
+            bn=BN[lib][2](4),
+            conv=nn.Conv2d(4, 4, 1),
+        ),
+        (2, 4, 5, 5),
+        ["not used by exactly one layer"],
+    ),
     "shared-bn": (lambda lib: shared_bn(BN[lib][2](4)), (2, 4, 6, 6), ["shared by 2 call sites"]),
-    "shared-conv": (lambda lib: Net(lambda s, x: s.conv(torch.relu(s.bn(s.conv(x)))),
-                                    conv=nn.Conv2d(4, 4, 1), bn=BN[lib][2](4)),
-                    (2, 4, 5, 5), ["conv is shared by 2 call sites"]),
-    "linear-rank3": (lambda lib: nn.Sequential(nn.Linear(4, 6), BN[lib][1](5)), (2, 5, 4), ["rank-3"]),
-    "before-transpose": (lambda lib: nn.Sequential(BN[lib][2](4), nn.ConvTranspose2d(4, 3, 2, stride=2)),
-                         (2, 4, 5, 5), ["ConvTranspose2d is not a Linear/Conv"]),
+    "shared-conv": (
+        lambda lib: Net(
+            lambda s, x: s.conv(torch.relu(s.bn(s.conv(x)))),
+            conv=nn.Conv2d(4, 4, 1),
+            bn=BN[lib][2](4),
+        ),
+        (2, 4, 5, 5),
+        ["conv is shared by 2 call sites"],
+    ),
+    "linear-rank3": (
+        lambda lib: nn.Sequential(nn.Linear(4, 6), BN[lib][1](5)),
+        (2, 5, 4),
+        ["rank-3"],
+    ),
+    "before-transpose": (
+        lambda lib: nn.Sequential(BN[lib][2](4), nn.ConvTranspose2d(4, 3, 2, stride=2)),
+        (2, 4, 5, 5),
+        ["ConvTranspose2d is not a Linear/Conv"],
+    ),
 }
 
 
@@ -488,7 +602,9 @@ def test_fold_freezes_what_cannot_fold(case, lib):
 @pytest.mark.parametrize("side", ["after", "before"])
 def test_fold_without_affine_parameters(side, kwargs):
     bn, conv = bnlab.nn.BatchNorm2d(4, **kwargs), nn.Conv2d(4, 4, 3, groups=2)
-    model = randomize(nn.Sequential(conv, bn) if side == "after" else nn.Sequential(bn, conv)).double()
+    model = randomize(
+        nn.Sequential(conv, bn) if side == "after" else nn.Sequential(bn, conv)
+    ).double()
     folded = [("1", "0", "after")] if side == "after" else [("0", "1", "before")]
     check_fold(model.eval(), data((2, 4, 6, 6), 0), folded=folded, frozen={})
 
@@ -518,8 +634,11 @@ def test_fold_freezes_batch_norms_the_trace_keeps_inside_a_leaf(monkeypatch):
 
     model = randomize(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), Leaf()).eval())
     keep_whole = inference._Tracer.is_leaf_module
-    monkeypatch.setattr(inference._Tracer, "is_leaf_module",
-                        lambda self, m, name: isinstance(m, Leaf) or keep_whole(self, m, name))
+    monkeypatch.setattr(
+        inference._Tracer,
+        "is_leaf_module",
+        lambda self, m, name: isinstance(m, Leaf) or keep_whole(self, m, name),
+    )
     x = data((2, 3, 4, 4), 0, dtype=torch.float32)
     gm, report = fold(model, x)
     assert [bn for bn, _, _ in report.folded] == ["1"]

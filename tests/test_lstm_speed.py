@@ -13,15 +13,23 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 def test_lstm_speed_smoke_run_writes_rows_a_plot_and_a_table(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for args in (["lstm_speed.py", "--cases", "row-mnist", "--rounds", "1", "--min-run-time", "0.01"],
-                 ["plot_lstm_speed.py", "--csv", str(tmp_path / "lstm_speed.csv")]):
-        result = subprocess.run([sys.executable, str(BENCHMARKS / args[0]), *args[1:], "--out", str(tmp_path)],
-                                capture_output=True, text=True, env=env, timeout=300)
+    for args in (
+        ["lstm_speed.py", "--cases", "row-mnist", "--rounds", "1", "--min-run-time", "0.01"],
+        ["plot_lstm_speed.py", "--csv", str(tmp_path / "lstm_speed.csv")],
+    ):
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARKS / args[0]), *args[1:], "--out", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     with (tmp_path / "lstm_speed.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["mode"], r["provider"]) for r in rows] == [
-        (m, p) for m in ("forward", "full") for p in ("torch-lstm", "loop-lstm", "bnlstm")]
+        (m, p) for m in ("forward", "full") for p in ("torch-lstm", "loop-lstm", "bnlstm")
+    ]
     for r in rows:
         assert (r["T"], r["N"], r["I"], r["H"]) == ("28", "100", "28", "100")
         assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])

@@ -66,7 +66,9 @@ def test_truncated_file(tmp_path):
     tiny_mnist(tmp_path, gz=False)
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte: \d+ bytes, expected \d+ .*truncated"):
+    with pytest.raises(
+        DatasetError, match=r"train-images-idx3-ubyte: \d+ bytes, expected \d+ .*truncated"
+    ):
         load_mnist(tmp_path)
 
 
@@ -81,7 +83,9 @@ def test_wrong_magic_number(tmp_path):
     tiny_mnist(tmp_path, gz=False)
     labels = (tmp_path / "train-labels-idx1-ubyte").read_bytes()
     (tmp_path / "train-images-idx3-ubyte").write_bytes(labels)  # a labels file where images belong
-    with pytest.raises(DatasetError, match="train-images-idx3-ubyte: magic number 2049, expected 2051"):
+    with pytest.raises(
+        DatasetError, match="train-images-idx3-ubyte: magic number 2049, expected 2051"
+    ):
         load_mnist(tmp_path)
 
 
@@ -94,7 +98,9 @@ def test_images_and_labels_must_pair(tmp_path):
 
 def test_checksum_verification(tmp_path):
     tiny_mnist(tmp_path)
-    with pytest.raises(DatasetError, match=r"md5 of its IDX bytes is [0-9a-f]{32}, expected 6bbc9ace"):
+    with pytest.raises(
+        DatasetError, match=r"md5 of its IDX bytes is [0-9a-f]{32}, expected 6bbc9ace"
+    ):
         load_mnist(tmp_path, verify=True)
 
 
@@ -114,8 +120,10 @@ def mirror(tmp_path):
     handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    files = {name: (magic, hashlib.md5(idx_bytes(arrays[name])).hexdigest())
-             for name, (magic, _) in data.MNIST_FILES.items()}
+    files = {
+        name: (magic, hashlib.md5(idx_bytes(arrays[name])).hexdigest())
+        for name, (magic, _) in data.MNIST_FILES.items()
+    }
     yield f"http://127.0.0.1:{server.server_address[1]}/", files
     server.shutdown()
 

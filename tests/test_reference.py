@@ -1,4 +1,5 @@
-"""Tests for bnlab.reference: cs231n sanity checks, numeric gradients, analytic facts, torch cross-checks."""
+"""Tests for bnlab.reference: cs231n sanity checks, numeric gradients, analytic facts, torch
+cross-checks."""
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def _max_abs(a, b):
     return np.max(np.abs(np.asarray(a) - np.asarray(b)))
 
 
-# --- cs231n sanity checks (its batch-norm assignment) ---------------------------------------------------
+# --- cs231n sanity checks (its batch-norm assignment) --------------------------------------------
 
 
 def test_train_forward_standardizes(rng):
@@ -57,7 +58,9 @@ def test_eval_forward_after_running_stats(rng):
     for _ in range(50):
         x = _affine_data(rng, 200, W, b)
         ref.batchnorm_forward(x, gamma, beta)
-        mean, var, tracked = ref.update_running_stats(mean, var, x.mean(0), x.var(0), 200, 0.1, tracked)
+        mean, var, tracked = ref.update_running_stats(
+            mean, var, x.mean(0), x.var(0), 200, 0.1, tracked
+        )
     assert tracked == 50
     # A large eval batch keeps its own sampling noise (~1/sqrt(n)) well below the 0.1 tolerance.
     out = ref.batchnorm_eval_forward(_affine_data(rng, 10_000, W, b), gamma, beta, mean, var)
@@ -92,7 +95,10 @@ def test_closed_form_matches_staged(rng):
     gamma, beta = _params(rng, 7)
     dout = rng.standard_normal((50, 7))
     _, cache = ref.batchnorm_forward(x, gamma, beta)
-    staged, compact = ref.batchnorm_backward_staged(dout, cache), ref.batchnorm_backward(dout, cache)
+    staged, compact = (
+        ref.batchnorm_backward_staged(dout, cache),
+        ref.batchnorm_backward(dout, cache),
+    )
     for s, c in zip(staged, compact):
         assert ref.rel_error(s, c) < 1e-12
 
@@ -106,9 +112,15 @@ def test_spatial_numeric_gradient(rng, shape):
     _, cache = ref.spatial_batchnorm_forward(x, gamma, beta)
     dx, dgamma, dbeta = ref.spatial_batchnorm_backward(dout, cache)
     assert dx.shape == shape
-    num_dx = ref.numeric_gradient(lambda v: ref.spatial_batchnorm_forward(v, gamma, beta)[0], x, dout)
-    num_dgamma = ref.numeric_gradient(lambda g: ref.spatial_batchnorm_forward(x, g, beta)[0], gamma, dout)
-    num_dbeta = ref.numeric_gradient(lambda b: ref.spatial_batchnorm_forward(x, gamma, b)[0], beta, dout)
+    num_dx = ref.numeric_gradient(
+        lambda v: ref.spatial_batchnorm_forward(v, gamma, beta)[0], x, dout
+    )
+    num_dgamma = ref.numeric_gradient(
+        lambda g: ref.spatial_batchnorm_forward(x, g, beta)[0], gamma, dout
+    )
+    num_dbeta = ref.numeric_gradient(
+        lambda b: ref.spatial_batchnorm_forward(x, gamma, b)[0], beta, dout
+    )
     assert ref.rel_error(dx, num_dx) < 1e-7
     assert ref.rel_error(dgamma, num_dgamma) < 1e-7
     assert ref.rel_error(dbeta, num_dbeta) < 1e-7
@@ -147,7 +159,7 @@ def test_rel_error():
     assert ref.rel_error([0.0], [1e-9]) == pytest.approx(0.1)  # denominator floored at 1e-8
 
 
-# --- analytic facts (Ioffe & Szegedy 2015, section 3) ---------------------------------------------------------
+# --- analytic facts (Ioffe & Szegedy 2015, section 3) --------------------------------------------
 
 
 @pytest.mark.parametrize("m", [2, 5])
@@ -159,11 +171,15 @@ def test_population_statistics_of_constructed_batches(rng, m):
     for mu, var in zip(mus, variances):
         z = rng.standard_normal((m, c, 2, 3))
         z = (z - z.mean(axis=(0, 2, 3), keepdims=True)) / z.std(axis=(0, 2, 3), keepdims=True)
-        batches.append(z * np.sqrt(var)[:, None, None] + mu[:, None, None])  # batch stats exactly (mu, var)
+        batches.append(
+            z * np.sqrt(var)[:, None, None] + mu[:, None, None]
+        )  # batch stats exactly (mu, var)
     mean, var = ref.population_statistics(iter(batches))
     per_channel = m * 2 * 3
     np.testing.assert_allclose(mean, mus.mean(axis=0), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(var, per_channel / (per_channel - 1) * variances.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(
+        var, per_channel / (per_channel - 1) * variances.mean(axis=0), rtol=1e-12
+    )
 
 
 def test_population_statistics_of_one_batch_is_unbiased(rng):
@@ -194,7 +210,8 @@ def test_fold_affine_equals_eval_forward(rng, affine):
 
 
 def test_identity_is_recoverable(rng):
-    # gamma = sqrt(Var[x] + eps), beta = E[x] undoes the normalization (Ioffe & Szegedy 2015, section 3).
+    # gamma = sqrt(Var[x] + eps), beta = E[x] undoes the normalization (Ioffe & Szegedy 2015,
+    # section 3).
     x = rng.standard_normal((30, 4)) * [1.0, 2.0, 3.0, 4.0] + [0.0, -5.0, 5.0, 9.0]
     out, _ = ref.batchnorm_forward(x, np.sqrt(x.var(axis=0) + 1e-5), x.mean(axis=0))
     np.testing.assert_allclose(out, x, atol=1e-12)
@@ -211,7 +228,9 @@ def test_scale_invariance(rng):
     dx, _, _ = ref.spatial_batchnorm_backward(dout, cache)
     dx_a, _, _ = ref.spatial_batchnorm_backward(dout, cache_a)
     np.testing.assert_allclose(dx_a @ (a * W), dx @ W, rtol=0, atol=1e-10)  # dBN/du unchanged
-    np.testing.assert_allclose(dx_a.T @ u, (dx.T @ u) / a, rtol=0, atol=1e-10)  # dBN/d(aW) = dBN/dW / a
+    np.testing.assert_allclose(
+        dx_a.T @ u, (dx.T @ u) / a, rtol=0, atol=1e-10
+    )  # dBN/d(aW) = dBN/dW / a
 
 
 # --- cross-checks against torch (float64) -----------------------------------------------------
@@ -256,7 +275,9 @@ def test_update_running_stats_matches_torch_buffers(rng, momentum):
     for _ in range(3):
         x = rng.standard_normal((m, c)) * 2 + 3
         bn(_t(x))
-        mean, var, tracked = ref.update_running_stats(mean, var, x.mean(0), x.var(0), m, momentum, tracked)
+        mean, var, tracked = ref.update_running_stats(
+            mean, var, x.mean(0), x.var(0), m, momentum, tracked
+        )
         assert _max_abs(mean, bn.running_mean.numpy()) < 1e-12
         assert _max_abs(var, bn.running_var.numpy()) < 1e-12
         assert tracked == bn.num_batches_tracked.item()
@@ -270,7 +291,9 @@ def test_update_running_stats_leaves_inputs_untouched(rng):
         np.testing.assert_array_equal(a, original)
 
 
-@pytest.mark.parametrize("shape,normalized_ndim", [((6, 10), 1), ((2, 5, 8), 1), ((4, 3, 5), 2), ((1, 7), 1)])
+@pytest.mark.parametrize(
+    "shape,normalized_ndim", [((6, 10), 1), ((2, 5, 8), 1), ((4, 3, 5), 2), ((1, 7), 1)]
+)
 @pytest.mark.parametrize("affine", [True, False])
 def test_layernorm_matches_torch(rng, shape, normalized_ndim, affine):
     feature_shape = shape[-normalized_ndim:]

@@ -53,5 +53,3 @@ def test_merge_statistics_with_counts_per_channel():
     torch.testing.assert_close(n, torch.full((3,), 11.0, dtype=torch.float64))
     torch.testing.assert_close(m2 / n, x.var(0, correction=0), atol=1e-13, rtol=1e-13)
     torch.testing.assert_close(mean, x.mean(0), atol=1e-13, rtol=1e-13)
-
-

@@ -62,8 +62,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
-            torch.bfloat16: 2.0 ** -8}
+ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
 # float64 flat tolerances: see the last paragraph of the module docstring
 FLOAT64 = (1e-10, 1e-10)
 FORWARD = {torch.float64: FLOAT64}
@@ -78,8 +82,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def assert_close(actual, expected, dtype, table=FORWARD, msg=None):
     """Flat tolerance comparison, float64 only (the flat bounds are derived for float64 alone)."""
     if dtype not in table:
-        raise AssertionError(f"no flat tolerance for {dtype}: compare with a float64 truth and "
-                             "batch_norm_bounds (or assert_within) instead")
+        raise AssertionError(
+            f"no flat tolerance for {dtype}: compare with a float64 truth and "
+            "batch_norm_bounds (or assert_within) instead"
+        )
     atol, rtol = table[dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=msg, check_dtype=True)
 
@@ -110,8 +116,22 @@ ACTIVATIONS = {
 }
 
 
-def batch_norm_truth(x, dy, weight, bias, running_mean, running_var, *, training, momentum, eps,
-                     num_batches_tracked=None, activation="identity", param=0.0, inplace=False):
+def batch_norm_truth(
+    x,
+    dy,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    *,
+    training,
+    momentum,
+    eps,
+    num_batches_tracked=None,
+    activation="identity",
+    param=0.0,
+    inplace=False,
+):
     """One step of act(batch_norm(x)) in float64 torch on the given values (any dtype, converted
     exactly). ``training`` is F.batch_norm's (batch statistics); the running statistics are updated
     when it is set and they are given. ``inplace``: InPlaceABN's weight |w| + eps.
@@ -120,6 +140,7 @@ def batch_norm_truth(x, dy, weight, bias, running_mean, running_var, *, training
     running_var, the batch's mean and (biased) var in training, and num_batches_tracked (an int,
     or None).
     """
+
     def f64(t):
         return None if t is None else t.detach().to(torch.float64).clone()
 
@@ -140,9 +161,18 @@ def batch_norm_truth(x, dy, weight, bias, running_mean, running_var, *, training
     dims = [d for d in range(x64.dim()) if d != 1]
     mean = x64.detach().mean(dims) if training else None
     var = x64.detach().var(dims, unbiased=False) if training else None
-    return dict(out=out.detach(), z=z.detach(), dx=x64.grad, mean=mean, var=var,
-                dweight=None if w64 is None else w64.grad, dbias=None if b64 is None else b64.grad,
-                running_mean=rm, running_var=rv, num_batches_tracked=nbt)
+    return dict(
+        out=out.detach(),
+        z=z.detach(),
+        dx=x64.grad,
+        mean=mean,
+        var=var,
+        dweight=None if w64 is None else w64.grad,
+        dbias=None if b64 is None else b64.grad,
+        running_mean=rm,
+        running_var=rv,
+        num_batches_tracked=nbt,
+    )
 
 
 def _g(k, u):
@@ -161,7 +191,8 @@ def _unrows(rows: np.ndarray, shape) -> np.ndarray:
 
 
 def _activation_terms(z, activation, param):
-    """(L, J, curvature, slope): Lipschitz constant, jump of the derivative at 0, |act''(z)|, act'(z)."""
+    """(L, J, curvature, slope): Lipschitz constant, jump of the derivative at 0, |act''(z)|,
+    act'(z)."""
     neg = z < 0
     if activation == "identity":
         return 1.0, 0.0, np.zeros_like(z), np.ones_like(z)
@@ -174,18 +205,43 @@ def _activation_terms(z, activation, param):
     raise ValueError(activation)
 
 
-def batch_norm_bounds(x, dy, weight, bias, running_mean, running_var, *, training, momentum, eps,
-                      dtype, num_batches_tracked=None, activation="identity", param=0.0,
-                      inplace=False):
+def batch_norm_bounds(
+    x,
+    dy,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    *,
+    training,
+    momentum,
+    eps,
+    dtype,
+    num_batches_tracked=None,
+    activation="identity",
+    param=0.0,
+    inplace=False,
+):
     """(truth, bounds): :func:`batch_norm_truth`'s result, and elementwise error bounds (float64
     tensors, same keys) for an implementation that computes in ``compute_dtype(dtype)``; see the
     module docstring for each line. The rounding of each result to its own dtype is added by
     :func:`assert_within`.
     """
     truth = batch_norm_truth(
-        x, dy, weight, bias, running_mean, running_var, training=training, momentum=momentum,
-        eps=eps, num_batches_tracked=num_batches_tracked, activation=activation, param=param,
-        inplace=inplace)
+        x,
+        dy,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        num_batches_tracked=num_batches_tracked,
+        activation=activation,
+        param=param,
+        inplace=inplace,
+    )
     u = ROUNDOFF[compute_dtype(dtype)] + ROUNDOFF[torch.float64]
     u_out = ROUNDOFF[dtype]
     shape = tuple(x.shape)
@@ -219,24 +275,36 @@ def batch_norm_bounds(x, dy, weight, bias, running_mean, running_var, *, trainin
         e_xhat = e_xhat + e_stored / (slope * w)
         e_dz = e_dz + np.abs(DY) * np.where(curvature > 0, e_stored, 0.0)
     e_db = _g(m + 1, u) * np.abs(dZ).sum(0) + e_dz.sum(0)
-    e_dw = (_g(m + 2, u) * (np.abs(dZ) * A).sum(0) + (np.abs(dZ) * e_xhat).sum(0)
-            + (e_dz * (np.abs(xhat) + e_xhat)).sum(0))
+    e_dw = (
+        _g(m + 2, u) * (np.abs(dZ) * A).sum(0)
+        + (np.abs(dZ) * e_xhat).sum(0)
+        + (e_dz * (np.abs(xhat) + e_xhat)).sum(0)
+    )
     DX = np.abs(_rows(truth["dx"].numpy()))
     if training:
         db, dw = np.abs(dZ.sum(0)), np.abs((dZ * xhat).sum(0))
-        e_dx = w * s * (e_dz + e_db / m + A * e_dw / m + e_xhat * dw / m
-                        + 4 * u * (np.abs(dZ) + db / m + A * dw / m)) + DX * (rel_s + 2 * u)
+        e_dx = w * s * (
+            e_dz
+            + e_db / m
+            + A * e_dw / m
+            + e_xhat * dw / m
+            + 4 * u * (np.abs(dZ) + db / m + A * dw / m)
+        ) + DX * (rel_s + 2 * u)
     else:
         e_dx = w * s * (e_dz + 2 * u * np.abs(dZ)) + DX * (rel_s + 2 * u)
     bounds = dict(out=e_y, dx=e_dx, dweight=e_dw, dbias=e_db, mean=e_mu, var=e_v)
-    bounds = {k: torch.from_numpy(_unrows(v, shape) if v.ndim == 2 else v) for k, v in bounds.items()}
+    bounds = {
+        k: torch.from_numpy(_unrows(v, shape) if v.ndim == 2 else v) for k, v in bounds.items()
+    }
     if training and running_mean is not None:
         f = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
         u_buf = max(u, ROUNDOFF[running_mean.dtype])
         unbiased = m / (m - 1)
         rm, rv = np.abs(to_numpy(running_mean)), np.abs(to_numpy(running_var))
         bounds["running_mean"] = torch.from_numpy(f * e_mu + 3 * u_buf * (rm + np.abs(mu)))
-        bounds["running_var"] = torch.from_numpy(f * e_v * unbiased + 4 * u_buf * (rv + v * unbiased))
+        bounds["running_var"] = torch.from_numpy(
+            f * e_v * unbiased + 4 * u_buf * (rv + v * unbiased)
+        )
     return truth, bounds
 
 
@@ -245,7 +313,9 @@ def assert_within(actual, truth, bound, name="result", truncated=False):
     bound * (1 + u_out) + u_out |truth|. ``truncated``: the last conversion truncates instead of
     rounding to nearest (Triton's CPU interpreter converts float32 to bfloat16 so), which doubles
     u_out. The message names the worst element and its ratio."""
-    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    assert actual.shape == truth.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    )
     u_out = ROUNDOFF[actual.dtype] * (2 if truncated and actual.dtype != truth.dtype else 1)
     got = actual.detach().to(torch.float64)
     limit = bound * (1 + u_out) + u_out * truth.abs()
@@ -257,10 +327,12 @@ def assert_within(actual, truth, bound, name="result", truncated=False):
         i = int(ratio.flatten().argmax())
         idx = np.unravel_index(i, tuple(truth.shape)) if truth.dim() else ()
         raise AssertionError(
-            f"{name}: {int(bad.sum())} of {truth.numel()} values outside the derived bound; worst at "
+            f"{name}: {int(bad.sum())} of {truth.numel()} values outside the derived bound; "
+            "worst at "
             f"{tuple(int(j) for j in idx)}: got {got.flatten()[i].item():.9g}, truth "
             f"{truth.flatten()[i].item():.9g}, |error| {err.flatten()[i].item():.3g} > bound "
-            f"{limit.flatten()[i].item():.3g} ({ratio.flatten()[i].item():.3g}x)")
+            f"{limit.flatten()[i].item():.3g} ({ratio.flatten()[i].item():.3g}x)"
+        )
 
 
 def assert_step_within(results: dict, truth: dict, bounds: dict, label="", truncated=False):
@@ -269,12 +341,16 @@ def assert_step_within(results: dict, truth: dict, bounds: dict, label="", trunc
     truth does not have (or the reverse: a missing gradient) is an error."""
     for key, value in results.items():
         expected = truth.get(key)
-        assert (value is None) == (expected is None), \
-            f"{label}{key}: {'no' if value is None else 'a'} result, {'a' if value is None else 'no'} truth"
+        assert (value is None) == (expected is None), (
+            f"{label}{key}: {'no' if value is None else 'a'} result, "
+            f"{'a' if value is None else 'no'} truth"
+        )
         if value is None:
             continue
         if key == "num_batches_tracked":
-            assert int(value) == truth[key], f"{label}num_batches_tracked {int(value)} != {truth[key]}"
+            assert int(value) == truth[key], (
+                f"{label}num_batches_tracked {int(value)} != {truth[key]}"
+            )
             continue
         assert_within(value, truth[key], bounds[key], f"{label}{key}", truncated)
 
@@ -287,14 +363,29 @@ def check_module_step(module, x, grad_out, dtype=None, label=""):
     state_keys = ("running_mean", "running_var", "num_batches_tracked")
     tracked = module.running_mean is not None
     use_batch = module.training or not tracked
-    before = {k: None if getattr(module, k) is None else getattr(module, k).clone() for k in state_keys}
+    before = {
+        k: None if getattr(module, k) is None else getattr(module, k).clone() for k in state_keys
+    }
     truth, bounds = batch_norm_bounds(
-        x, grad_out, module.weight, module.bias, before["running_mean"], before["running_var"],
-        training=use_batch, momentum=module.momentum, eps=module.eps, dtype=dtype or x.dtype,
-        num_batches_tracked=before["num_batches_tracked"])
+        x,
+        grad_out,
+        module.weight,
+        module.bias,
+        before["running_mean"],
+        before["running_var"],
+        training=use_batch,
+        momentum=module.momentum,
+        eps=module.eps,
+        dtype=dtype or x.dtype,
+        num_batches_tracked=before["num_batches_tracked"],
+    )
     out, dx, dparams = run(module, x, grad_out)
-    results = dict(out=out, dx=dx, dweight=dparams[0] if module.weight is not None else None,
-                   dbias=dparams[-1] if module.bias is not None else None)
+    results = dict(
+        out=out,
+        dx=dx,
+        dweight=dparams[0] if module.weight is not None else None,
+        dbias=dparams[-1] if module.bias is not None else None,
+    )
     if tracked and use_batch:
         results.update({k: getattr(module, k) for k in state_keys})
     elif tracked:  # eval: not updated, unchanged bit for bit
@@ -310,33 +401,59 @@ def _truncates(module) -> bool:
 
 
 def layer_norm_bounds(x, dy, weight, bias, normalized_ndim, *, eps, dtype):
-    """(truth, bounds) for layer norm over the last ``normalized_ndim`` dims, keyed out, dx, dweight,
-    dbias. Layer norm is batch norm of the transposed (features, examples) matrix without affine,
-    fed the upstream gradient w * dy; the affine is then elementwise and its gradients are sums
-    over the B examples, bounded as dweight and dbias above (with E_xhat from that batch norm)."""
-    norm_shape = tuple(x.shape[x.dim() - normalized_ndim:])
+    """(truth, bounds) for layer norm over the last ``normalized_ndim`` dims, keyed out, dx,
+    dweight, dbias. Layer norm is batch norm of the transposed (features, examples) matrix without
+    affine, fed the upstream gradient w * dy; the affine is then elementwise and its gradients are
+    sums over the B examples, bounded as dweight and dbias above (with E_xhat from that batch
+    norm)."""
+    norm_shape = tuple(x.shape[x.dim() - normalized_ndim :])
     feats = int(np.prod(norm_shape))
     x64 = x.detach().to(torch.float64).reshape(-1, feats)
     dy64 = dy.detach().to(torch.float64).reshape(-1, feats)
-    w = torch.ones(feats, dtype=torch.float64) if weight is None else weight.detach().double().reshape(-1)
-    b = torch.zeros(feats, dtype=torch.float64) if bias is None else bias.detach().double().reshape(-1)
+    w = (
+        torch.ones(feats, dtype=torch.float64)
+        if weight is None
+        else weight.detach().double().reshape(-1)
+    )
+    b = (
+        torch.zeros(feats, dtype=torch.float64)
+        if bias is None
+        else bias.detach().double().reshape(-1)
+    )
     # as batch norm: "channels" are the examples, "values per channel" the features
-    truth_t, bounds_t = batch_norm_bounds(x64.t(), (dy64 * w).t(), None, None, None, None,
-                                          training=True, momentum=None, eps=eps, dtype=dtype)
+    truth_t, bounds_t = batch_norm_bounds(
+        x64.t(),
+        (dy64 * w).t(),
+        None,
+        None,
+        None,
+        None,
+        training=True,
+        momentum=None,
+        eps=eps,
+        dtype=dtype,
+    )
     xhat = truth_t["out"].t()
     e_xhat = bounds_t["out"].t()
     u = ROUNDOFF[compute_dtype(dtype)] + ROUNDOFF[torch.float64]
     n = x64.shape[0]
     e_dx = bounds_t["dx"].t() + 2 * u * (dy64 * w).abs().sum(1, keepdim=True)  # w * dy rounded
     shape = tuple(x.shape)
-    truth = dict(out=(xhat * w + b).reshape(shape), dx=truth_t["dx"].t().reshape(shape),
-                 dweight=None if weight is None else (dy64 * xhat).sum(0).reshape(norm_shape),
-                 dbias=None if bias is None else dy64.sum(0).reshape(norm_shape))
-    bounds = dict(out=(w.abs() * e_xhat + 3 * u * (w.abs() * xhat.abs() + b.abs())).reshape(shape),
-                  dx=e_dx.reshape(shape),
-                  dweight=(_g(n + 2, u) * (dy64.abs() * (xhat.abs() + e_xhat)).sum(0)
-                           + (dy64.abs() * e_xhat).sum(0)).reshape(norm_shape),
-                  dbias=(_g(n + 1, u) * dy64.abs().sum(0)).reshape(norm_shape))
+    truth = dict(
+        out=(xhat * w + b).reshape(shape),
+        dx=truth_t["dx"].t().reshape(shape),
+        dweight=None if weight is None else (dy64 * xhat).sum(0).reshape(norm_shape),
+        dbias=None if bias is None else dy64.sum(0).reshape(norm_shape),
+    )
+    bounds = dict(
+        out=(w.abs() * e_xhat + 3 * u * (w.abs() * xhat.abs() + b.abs())).reshape(shape),
+        dx=e_dx.reshape(shape),
+        dweight=(
+            _g(n + 2, u) * (dy64.abs() * (xhat.abs() + e_xhat)).sum(0)
+            + (dy64.abs() * e_xhat).sum(0)
+        ).reshape(norm_shape),
+        dbias=(_g(n + 1, u) * dy64.abs().sum(0)).reshape(norm_shape),
+    )
     return truth, bounds
 
 
@@ -353,8 +470,18 @@ def assert_rounded_once(actual, expected, name="result"):
 def assert_statistics_within(mean, var, x, label=""):
     """A kernel's batch mean and biased variance of x within E_mu and E_v of the float64 truth."""
     zero = torch.zeros_like(x)
-    truth, bounds = batch_norm_bounds(x.cpu(), zero.cpu(), None, None, None, None, training=True,
-                                      momentum=None, eps=1e-5, dtype=x.dtype)
+    truth, bounds = batch_norm_bounds(
+        x.cpu(),
+        zero.cpu(),
+        None,
+        None,
+        None,
+        None,
+        training=True,
+        momentum=None,
+        eps=1e-5,
+        dtype=x.dtype,
+    )
     for name, value in (("mean", mean), ("var", var)):
         value = torch.as_tensor(value).cpu()
         assert_within(value, truth[name], bounds[name], f"{label}{name}")

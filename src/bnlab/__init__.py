@@ -1,4 +1,4 @@
-"""bnlab: batch normalization done right, fast, in every variant, and a lab that shows why it works."""
+"""bnlab: batch normalization done right, fast, in every variant, and a lab that shows why."""
 
 from . import functional, kernels, nn
 from .functional import NonFiniteStatisticsError, batch_norm, layer_norm
@@ -7,6 +7,14 @@ from .nn import ConversionWarning, convert, convert_sync_batchnorm, revert
 __version__ = "0.1.0"
 
 __all__ = [
-    "functional", "kernels", "nn", "batch_norm", "layer_norm", "convert", "revert",
-    "ConversionWarning", "NonFiniteStatisticsError", "convert_sync_batchnorm",
+    "functional",
+    "kernels",
+    "nn",
+    "batch_norm",
+    "layer_norm",
+    "convert",
+    "revert",
+    "ConversionWarning",
+    "NonFiniteStatisticsError",
+    "convert_sync_batchnorm",
 ]

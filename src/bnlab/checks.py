@@ -10,8 +10,17 @@ from torch import Tensor
 
 from .kernels.composite import accumulation_dtype, values_per_channel
 
-__all__ = ["ACTIVATIONS", "INVERTIBLE_ACTIVATIONS", "check_input", "check_vector", "check_mask",
-           "valid_count", "check_batch_norm_args", "check_layer_norm_args", "check_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "INVERTIBLE_ACTIVATIONS",
+    "check_input",
+    "check_vector",
+    "check_mask",
+    "valid_count",
+    "check_batch_norm_args",
+    "check_layer_norm_args",
+    "check_activation",
+]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
 INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")  # what the in-place mode can undo
@@ -57,11 +66,15 @@ def check_mask(mask: Optional[Tensor], input: Tensor) -> None:
         return
     expected = (input.shape[0], *input.shape[2:])
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = valid position), got "
-                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        raise TypeError(
+            f"mask must be a bool tensor (True = valid position), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}"
+        )
     if tuple(mask.shape) != expected:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {expected}: the input's "
-                         f"shape {tuple(input.shape)} without the channel dim 1")
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected {expected}: the input's "
+            f"shape {tuple(input.shape)} without the channel dim 1"
+        )
     if mask.device != input.device:
         raise ValueError(f"mask is on {mask.device}, expected the input's device {input.device}")
 
@@ -81,14 +94,32 @@ def _vectors_fit(input: Tensor, vectors) -> bool:
     microseconds less (it runs on every call of every layer)."""
     c, device = input.shape[1], input.device
     allowed = (input.dtype, accumulation_dtype(input.dtype))
-    return all(t is None or (isinstance(t, Tensor) and t.dim() == 1 and t.shape[0] == c
-                             and t.dtype in allowed and t.device == device)
-               for _, t in vectors)
+    return all(
+        t is None
+        or (
+            isinstance(t, Tensor)
+            and t.dim() == 1
+            and t.shape[0] == c
+            and t.dtype in allowed
+            and t.device == device
+        )
+        for _, t in vectors
+    )
 
 
-def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
-                          eps, num_batches_tracked, op: str = "batch_norm",
-                          local_count: bool = True) -> None:
+def check_batch_norm_args(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum,
+    eps,
+    num_batches_tracked,
+    op: str = "batch_norm",
+    local_count: bool = True,
+) -> None:
     """The arguments of a batch norm. ``local_count``: training needs more than one value per
     channel in this call (False where the count is global, as in synchronized batch norm)."""
     check_input(op, input)
@@ -97,8 +128,12 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
             f"{op} expects an input of rank >= 2 shaped (N, C, *) with channels on dim 1, "
             f"got shape {tuple(input.shape)}"
         )
-    vectors = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-               ("running_var", running_var))
+    vectors = (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    )
     if not _vectors_fit(input, vectors):  # then say which one does not, and why
         what = f"one value per channel, C = {input.shape[1]}"
         for name, t in vectors:
@@ -138,7 +173,7 @@ def check_layer_norm_args(input, normalized_shape, weight, bias, eps) -> tuple[i
         normalized_shape = (normalized_shape,)
     normalized_shape = tuple(int(s) for s in normalized_shape)
     k = len(normalized_shape)
-    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
+    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k :]) != normalized_shape:
         raise ValueError(
             f"layer_norm normalizes over the trailing dims normalized_shape="
             f"{list(normalized_shape)}, but the input has shape {tuple(input.shape)}"

@@ -12,21 +12,49 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--steps", default=None, type=click.IntRange(min=1),
-              help="SGD steps for each network  [default: 15,000 on digits, 50,000 on mnist]")
-@click.option("--lr", default=0.5, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Learning rate, the same for both networks.")
+@click.option(
+    "--steps",
+    default=None,
+    type=click.IntRange(min=1),
+    help="SGD steps for each network  [default: 15,000 on digits, 50,000 on mnist]",
+)
+@click.option(
+    "--lr",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Learning rate, the same for both networks.",
+)
 @click.option("--batch-size", default=60, show_default=True, type=click.IntRange(min=2))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--dataset", default="digits", show_default=True, type=click.Choice(["digits", "mnist"]),
-              help="The bundled 8x8 digits, or MNIST from --data-dir / $BNLAB_DATA_DIR.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
-              help="The directory holding MNIST's four IDX files.")
-@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Writes OUT/fig1/<timestamp>/.")
+@click.option(
+    "--dataset",
+    default="digits",
+    show_default=True,
+    type=click.Choice(["digits", "mnist"]),
+    help="The bundled 8x8 digits, or MNIST from --data-dir / $BNLAB_DATA_DIR.",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="The directory holding MNIST's four IDX files.",
+)
+@click.option(
+    "--out",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Writes OUT/fig1/<timestamp>/.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
-              help="torch threads (the nets are small: one is fastest on a busy machine).")
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="torch threads (the nets are small: one is fastest on a busy machine).",
+)
 def demo(steps, lr, batch_size, seed, dataset, data_dir, out, quiet, threads) -> None:
     """The paper's Figure 1: its sigmoid MLP with and without BN (`bnlab run fig1`).
 
@@ -45,13 +73,17 @@ def demo(steps, lr, batch_size, seed, dataset, data_dir, out, quiet, threads) ->
     rows = json.loads((directory / "metrics.json").read_text())
     seconds = json.loads((directory / "run.json").read_text()).get("job_seconds", {})
     config = json.loads((directory / "config.json").read_text())
-    click.echo(f"{dataset}: {config['steps']:,} steps of SGD per net, lr {lr:g}, batch {batch_size}, "
-               f"seed {seed}")
+    click.echo(
+        f"{dataset}: {config['steps']:,} steps of SGD per net, lr {lr:g}, batch {batch_size}, "
+        f"seed {seed}"
+    )
     for net, label in (("plain", "without BN"), ("bn", "with BN   ")):
         last = [r for r in rows if r["job"] == net][-1]
         loss = last["train_loss"]
-        click.echo(f"{label}: test accuracy {last['test_accuracy']:.4f}  (final training loss "
-                   f"{loss if loss is None else format(loss, '.4f')}, {seconds.get(net, 0.0):.1f} s)")
+        click.echo(
+            f"{label}: test accuracy {last['test_accuracy']:.4f}  (final training loss "
+            f"{loss if loss is None else format(loss, '.4f')}, {seconds.get(net, 0.0):.1f} s)"
+        )
     _echo_summary_line(report.summary)
     click.echo(f"report: {directory / 'report.md'}")
 
@@ -59,8 +91,10 @@ def demo(steps, lr, batch_size, seed, dataset, data_dir, out, quiet, threads) ->
 def _echo_summary_line(summary: dict) -> None:
     a, b = summary.get("drift_plain_from_0"), summary.get("drift_bn_from_0")
     if a and b:
-        click.echo(f"sigmoid-input drift (max - min of the median over training): without BN "
-                   f"{a['median_range']:.3f}, with BN {b['median_range']:.3f}")
+        click.echo(
+            f"sigmoid-input drift (max - min of the median over training): without BN "
+            f"{a['median_range']:.3f}, with BN {b['median_range']:.3f}"
+        )
 
 
 def _start(name, overrides, out, quiet, threads=1):
@@ -77,6 +111,7 @@ def _start(name, overrides, out, quiet, threads=1):
 # ------------------------------------------------------------------------------------------------
 # The lab: list, run, report
 # ------------------------------------------------------------------------------------------------
+
 
 @main.command("list")
 def list_command() -> None:
@@ -95,8 +130,14 @@ def _experiment_help(name: str) -> str:
 
     exp = get_experiment(name)
     doc = (exp.fn.__doc__ or "").strip()
-    lines = [f"Usage: bnlab run {name} [--key=value ...] [--out DIR] [--quiet]", "", f"  {doc}", "",
-             "Keys (defaults; None is resolved per dataset, see config.json of a run):", ""]
+    lines = [
+        f"Usage: bnlab run {name} [--key=value ...] [--out DIR] [--quiet]",
+        "",
+        f"  {doc}",
+        "",
+        "Keys (defaults; None is resolved per dataset, see config.json of a run):",
+        "",
+    ]
     rows = describe(exp.config)
     width = max(len(f"--{k}={d}") for k, _, d, _ in rows)
     for key, type_, default, comment in rows:
@@ -104,18 +145,38 @@ def _experiment_help(name: str) -> str:
     return "\n".join(lines)
 
 
-@main.command("run", add_help_option=False,
-              context_settings={"ignore_unknown_options": True, "allow_extra_args": False})
+@main.command(
+    "run",
+    add_help_option=False,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": False},
+)
 @click.argument("name", required=False)
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
-@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Base directory: a run writes OUT/NAME/<timestamp>/.")
-@click.option("--resume", "resume_dir", default=None, type=click.Path(file_okay=False),
-              help="Continue the run in RUN_DIR from its last checkpoint (no NAME, no overrides).")
+@click.option(
+    "--out",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Base directory: a run writes OUT/NAME/<timestamp>/.",
+)
+@click.option(
+    "--resume",
+    "resume_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Continue the run in RUN_DIR from its last checkpoint (no NAME, no overrides).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
-              help="torch threads (a resumed run keeps its own).")
-@click.option("--help", "-h", "show_help", is_flag=True, help="Show this message (with NAME: its keys).")
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="torch threads (a resumed run keeps its own).",
+)
+@click.option(
+    "--help", "-h", "show_help", is_flag=True, help="Show this message (with NAME: its keys)."
+)
 @click.pass_context
 def run_command(ctx, name, overrides, out, resume_dir, quiet, threads, show_help) -> None:
     """Run experiment NAME with config overrides --key=value (`bnlab list` names them).
@@ -136,14 +197,18 @@ def run_command(ctx, name, overrides, out, resume_dir, quiet, threads, show_help
             return
         if resume_dir is not None:
             if name or overrides:
-                raise click.UsageError("--resume RUN_DIR takes no experiment name or overrides: "
-                                       "a run resumes with the config it started with")
+                raise click.UsageError(
+                    "--resume RUN_DIR takes no experiment name or overrides: "
+                    "a run resumes with the config it started with"
+                )
             directory, report = resume(resume_dir, progress=not quiet)
         else:
             if not name:
                 raise click.UsageError("name an experiment (bnlab list) or --resume RUN_DIR")
             if name.startswith("-"):
-                raise click.UsageError(f"expected an experiment name before the overrides, got {name!r}")
+                raise click.UsageError(
+                    f"expected an experiment name before the overrides, got {name!r}"
+                )
             directory, report = _start(name, list(overrides), out, quiet, threads)
     except (ConfigError, RunError, DatasetError) as error:
         raise click.ClickException(str(error)) from error
@@ -173,11 +238,21 @@ def report_command(run_dir: str) -> None:
 
 
 @main.command("precise-bn")
-@click.option("--momentum", default=0.001, show_default=True, type=click.FloatRange(0, 1),
-              help="The BN layers' EMA momentum during training (small: the running statistics lag).")
+@click.option(
+    "--momentum",
+    default=0.001,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="The BN layers' EMA momentum during training (small: the running statistics lag).",
+)
 @click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1))
-@click.option("--batches", default=100, show_default=True, type=click.IntRange(min=1),
-              help="Training batches of 60 that population_statistics averages over.")
+@click.option(
+    "--batches",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Training batches of 60 that population_statistics averages over.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 def precise_bn(momentum: float, steps: int, batches: int, seed: int) -> None:
     """Test accuracy with lagging EMA statistics, then with Algorithm 2's exact ones.
@@ -199,13 +274,17 @@ def precise_bn(momentum: float, steps: int, batches: int, seed: int) -> None:
             module.momentum = momentum
     before = train_classifier(model, data, steps, seed=seed, progress=True, label="training")
     generator = torch.Generator().manual_seed(seed + 1)
-    sample = [data.train_x[torch.randint(len(data.train_y), (60,), generator=generator)]
-              for _ in range(batches)]
+    sample = [
+        data.train_x[torch.randint(len(data.train_y), (60,), generator=generator)]
+        for _ in range(batches)
+    ]
     report = population_statistics(model, sample)
     after = accuracy(model, data.test_x, data.test_y)
     click.echo(f"{steps} steps, BN momentum {momentum}")
     click.echo(f"test accuracy with the running (EMA) statistics: {before.test_accuracy:.4f}")
-    click.echo(f"test accuracy with population statistics over {report.batches} batches: {after:.4f}")
+    click.echo(
+        f"test accuracy with population statistics over {report.batches} batches: {after:.4f}"
+    )
 
 
 def _int_list(value: str) -> tuple[int, ...]:
@@ -216,12 +295,21 @@ def _int_list(value: str) -> tuple[int, ...]:
 
 
 @main.command("small-batch")
-@click.option("--batch-sizes", default="2,4,8,16,32,64,128", show_default=True,
-              help="Examples per batch, comma-separated.")
+@click.option(
+    "--batch-sizes",
+    default="2,4,8,16,32,64,128",
+    show_default=True,
+    help="Examples per batch, comma-separated.",
+)
 @click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated.")
 @click.option("--epochs", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--out", default="runs", show_default=True, type=click.Path(file_okay=False),
-              help="Writes OUT/small-batch/<timestamp>/.")
+@click.option(
+    "--out",
+    default="runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Writes OUT/small-batch/<timestamp>/.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def small_batch(batch_sizes: str, seeds: str, epochs: int, out: str, quiet: bool) -> None:
     """BN vs batch renorm vs ghost BN vs layer norm vs group norm across batch sizes.
@@ -239,8 +327,13 @@ def small_batch(batch_sizes: str, seeds: str, epochs: int, out: str, quiet: bool
 
 @main.command("export")
 @click.argument("model_path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--to", "output", required=True, type=click.Path(dir_okay=False),
-              help="The .onnx file to write.")
+@click.option(
+    "--to",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The .onnx file to write.",
+)
 @click.option("--input-shape", required=True, help="Example input shape, e.g. 1,3,32,32.")
 @click.option("--no-fold", is_flag=True, help="Export the batch norms as they are.")
 def export_command(model_path: str, output: str, input_shape: str, no_fold: bool) -> None:
@@ -256,8 +349,9 @@ def export_command(model_path: str, output: str, input_shape: str, no_fold: bool
     try:
         shape = tuple(int(n) for n in input_shape.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {input_shape!r}",
-                                 param_hint="--input-shape") from None
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {input_shape!r}", param_hint="--input-shape"
+        ) from None
     model = torch.load(model_path, weights_only=False, map_location="cpu")
     if not isinstance(model, torch.nn.Module):
         raise click.ClickException(

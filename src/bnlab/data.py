@@ -59,7 +59,7 @@ MNIST_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://yann.lecun.com/exdb/mnist/",
 )
-# name -> (IDX magic number, md5 of the uncompressed IDX bytes: the same whichever archive held them)
+# name -> (IDX magic number, md5 of the uncompressed IDX bytes, whichever archive held them)
 MNIST_FILES = {
     "train-images-idx3-ubyte": (2051, "6bbc9ace898e44ae57da46a324031adb"),
     "train-labels-idx1-ubyte": (2049, "a25bea736e30d166cdddb491f175f624"),
@@ -84,8 +84,10 @@ def _find(directory: Path, name: str) -> Path:
     for candidate in (directory / f"{name}.gz", directory / name):
         if candidate.is_file():
             return candidate
-    raise DatasetError(f"{directory / name}[.gz] not found: MNIST needs the four IDX files "
-                       f"{sorted(MNIST_FILES)} (gzipped or raw) in {directory}")
+    raise DatasetError(
+        f"{directory / name}[.gz] not found: MNIST needs the four IDX files "
+        f"{sorted(MNIST_FILES)} (gzipped or raw) in {directory}"
+    )
 
 
 def _idx_bytes(path: Path) -> bytes:
@@ -114,11 +116,13 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DatasetError(f"{path}: truncated header ({len(data)} bytes, expected {header})")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(data) != expected:
-        raise DatasetError(f"{path}: {len(data)} bytes, expected {expected} for shape {shape} "
-                           "(truncated or corrupt)")
+        raise DatasetError(
+            f"{path}: {len(data)} bytes, expected {expected} for shape {shape} "
+            "(truncated or corrupt)"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -158,8 +162,9 @@ def download_mnist(data_dir: str | os.PathLike | None = None, mirrors=MNIST_MIRR
     return directory
 
 
-def load_mnist(data_dir: str | os.PathLike | None = None, *, download: bool = False,
-               verify: bool = False) -> Split:
+def load_mnist(
+    data_dir: str | os.PathLike | None = None, *, download: bool = False, verify: bool = False
+) -> Split:
     """MNIST from its four IDX files in ``data_dir`` (or ``$BNLAB_DATA_DIR``), pixels in [0, 1].
 
     Args:
@@ -173,15 +178,21 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, download: bool = Fa
     directory = download_mnist(data_dir) if download else mnist_dir(data_dir)
     if verify:
         verify_mnist(directory)
-    arrays = {name: read_idx(_find(directory, name), magic) for name, (magic, _) in MNIST_FILES.items()}
+    arrays = {
+        name: read_idx(_find(directory, name), magic) for name, (magic, _) in MNIST_FILES.items()
+    }
     parts = []
     for split in ("train", "t10k"):
         images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DatasetError(f"{directory}: {split} images {images.shape} and labels {labels.shape} "
-                               "do not pair up (expected (n, rows, cols) and (n,))")
-        parts += [torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0),
-                  torch.from_numpy(labels.astype(np.int64))]
+            raise DatasetError(
+                f"{directory}: {split} images {images.shape} and labels {labels.shape} "
+                "do not pair up (expected (n, rows, cols) and (n,))"
+            )
+        parts += [
+            torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0),
+            torch.from_numpy(labels.astype(np.int64)),
+        ]
     return Split(*parts)
 
 

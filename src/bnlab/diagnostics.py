@@ -64,7 +64,9 @@ class ActivationPercentiles:
             raise ValueError(f"capture must be 'input' or 'output', got {capture!r}")
         percentiles = tuple(float(p) for p in percentiles)
         if not percentiles or not all(0.0 <= p <= 100.0 for p in percentiles):
-            raise ValueError(f"percentiles must be a non-empty sequence in [0, 100], got {percentiles}")
+            raise ValueError(
+                f"percentiles must be a non-empty sequence in [0, 100], got {percentiles}"
+            )
         if unit is not None and (not isinstance(unit, int) or unit < 0):
             raise ValueError(f"unit must be a non-negative int or None, got {unit!r}")
         self.module = module
@@ -82,16 +84,22 @@ class ActivationPercentiles:
             return
         value = args[0] if self.capture == "input" else output
         if not isinstance(value, Tensor):
-            raise TypeError(f"ActivationPercentiles: the module's {self.capture} is a "
-                            f"{type(value).__name__}, expected a Tensor")
+            raise TypeError(
+                f"ActivationPercentiles: the module's {self.capture} is a "
+                f"{type(value).__name__}, expected a Tensor"
+            )
         value = value.detach()
         if self.unit is not None:
             if value.dim() < 2:
-                raise ValueError(f"ActivationPercentiles: a {self.capture} of shape "
-                                 f"{tuple(value.shape)} has no feature dim 1 to pick unit {self.unit} from")
+                raise ValueError(
+                    f"ActivationPercentiles: a {self.capture} of shape "
+                    f"{tuple(value.shape)} has no feature dim 1 to pick unit {self.unit} from"
+                )
             if self.unit >= value.shape[1]:
-                raise ValueError(f"ActivationPercentiles: unit {self.unit} out of range for "
-                                 f"{value.shape[1]} features")
+                raise ValueError(
+                    f"ActivationPercentiles: unit {self.unit} out of range for "
+                    f"{value.shape[1]} features"
+                )
             value = value.select(1, self.unit)
         self._buffer.append(value.reshape(-1).to(torch.float64, copy=True))
 
@@ -133,13 +141,17 @@ class ActivationPercentiles:
         return {self.key(p): float(v) for p, v in zip(self.percentiles, result)}
 
     def record(self, step: int) -> dict[str, float]:
-        """Append ``{"step": step, "p15": ..., ...}`` to :attr:`history` from the values captured since
-        the last record, clear them and return the entry. Raises if nothing was captured."""
+        """Append ``{"step": step, "p15": ..., ...}`` to :attr:`history` from the values captured
+        since the last record, clear them and return the entry. Raises if nothing was captured."""
         if not self._buffer:
-            skipped = {False: " (training-mode forwards are skipped: training=False)",
-                       True: " (eval-mode forwards are skipped: training=True)"}.get(self.training, "")
-            raise RuntimeError("ActivationPercentiles.record: nothing captured since the last "
-                               f"record; run a forward through the watched module first{skipped}")
+            skipped = {
+                False: " (training-mode forwards are skipped: training=False)",
+                True: " (eval-mode forwards are skipped: training=True)",
+            }.get(self.training, "")
+            raise RuntimeError(
+                "ActivationPercentiles.record: nothing captured since the last "
+                f"record; run a forward through the watched module first{skipped}"
+            )
         entry = {"step": int(step), **self.compute()}
         self._buffer.clear()
         self.history.append(entry)
@@ -153,19 +165,27 @@ class ActivationPercentiles:
         self._buffer.clear()
 
     def __repr__(self) -> str:
-        return (f"ActivationPercentiles({type(self.module).__name__}, unit={self.unit}, "
-                f"percentiles={self.percentiles}, capture={self.capture!r}, "
-                f"{'attached' if self.attached else 'detached'}, {len(self.history)} records)")
+        return (
+            f"ActivationPercentiles({type(self.module).__name__}, unit={self.unit}, "
+            f"percentiles={self.percentiles}, capture={self.capture!r}, "
+            f"{'attached' if self.attached else 'detached'}, {len(self.history)} records)"
+        )
 
 
-def band_drift(history: Sequence[dict], low: str = "p15", mid: str = "p50", high: str = "p85",
-               start_step: int = 0) -> dict[str, float]:
+def band_drift(
+    history: Sequence[dict],
+    low: str = "p15",
+    mid: str = "p50",
+    high: str = "p85",
+    start_step: int = 0,
+) -> dict[str, float]:
     """How much a percentile band moved over training, from the first record at or after
     ``start_step`` to the last one:
 
     - ``median_change``: last p50 - first p50; ``spread_change``: last (p85 - p15) - first;
     - ``spread_ratio``: last spread / first spread;
-    - ``median_range``: max - min of p50 over those records; ``spread_range`` likewise for the spread;
+    - ``median_range``: max - min of p50 over those records; ``spread_range``: the same of the
+      spread;
     - ``first_step`` / ``last_step``: the records compared.
     """
     rows = [h for h in history if h["step"] >= start_step and math.isfinite(h[mid])]
@@ -175,11 +195,14 @@ def band_drift(history: Sequence[dict], low: str = "p15", mid: str = "p50", high
     spreads = [h[high] - h[low] for h in rows]
     first, last = rows[0], rows[-1]
     return {
-        "first_step": first["step"], "last_step": last["step"],
-        "median_first": medians[0], "median_last": medians[-1],
+        "first_step": first["step"],
+        "last_step": last["step"],
+        "median_first": medians[0],
+        "median_last": medians[-1],
         "median_change": medians[-1] - medians[0],
         "median_range": max(medians) - min(medians),
-        "spread_first": spreads[0], "spread_last": spreads[-1],
+        "spread_first": spreads[0],
+        "spread_last": spreads[-1],
         "spread_change": spreads[-1] - spreads[0],
         "spread_ratio": spreads[-1] / spreads[0] if spreads[0] > 0 else math.inf,
         "spread_range": max(spreads) - min(spreads),

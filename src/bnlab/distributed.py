@@ -1,4 +1,4 @@
-"""Cross-process batch statistics over torch.distributed: the op behind :class:`bnlab.nn.SyncBatchNorm`.
+"""Batch statistics across processes (torch.distributed): the op of :class:`bnlab.nn.SyncBatchNorm`.
 
 Batch norm whose statistics are those of the concatenation of every rank's batch (Ioffe & Szegedy
 2015, Algorithm 1, with B the union of the per-rank batches), so that training on W processes with
@@ -15,12 +15,13 @@ One collective per direction and layer:
 
 Ranks that disagree are an error, never a hang: every exchange carries the layer's call index
 (and channel count), compared on every rank; an exchange that another rank does not join fails after
-``timeout`` (or the process group's own timeout) with :class:`SyncBatchNormError`, and one whose peer
-died fails as soon as the backend notices. Limits of what the call index can see: two layers of the
-same width that ranks call in swapped order, equally often, are not told apart (their counts agree;
-a skipped call is caught when the counts part, or by the timeout); rows of different widths (a rank
-at a layer with another C) make gloo abort the rank that receives the longer row ("Received data
-size doesn't match expected size"), while the others raise SyncBatchNormError naming both widths.
+``timeout`` (or the process group's own timeout) with :class:`SyncBatchNormError`, and one whose
+peer died fails as soon as the backend notices. Limits of what the call index can see: two layers of
+the same width that ranks call in swapped order, equally often, are not told apart (their counts
+agree; a skipped call is caught when the counts part, or by the timeout); rows of different widths
+(a rank at a layer with another C) make gloo abort the rank that receives the longer row ("Received
+data size doesn't match expected size"), while the others raise SyncBatchNormError naming both
+widths.
 
 Layering: this module sits between :mod:`bnlab.nn` (which uses it) and :mod:`bnlab.functional` /
 :mod:`bnlab.kernels` (which it uses). The collectives live in a ``torch.autograd.Function``, not in
@@ -42,13 +43,23 @@ from torch.autograd.function import once_differentiable
 from . import functional as F
 from .checks import check_batch_norm_args, check_mask
 from .kernels import Backend, select_backend
-from .kernels.composite import (accumulation_dtype, laid_out_like, per_channel,
-                                training_input_grad, values_per_channel)
+from .kernels.composite import (
+    accumulation_dtype,
+    laid_out_like,
+    per_channel,
+    training_input_grad,
+    values_per_channel,
+)
 from .ops import batch_norm_op_name
 from .statistics import merge_statistics, record_batch_statistics
 
-__all__ = ["sync_batch_norm", "batch_norm_over_group", "resolve_group", "world_size",
-           "SyncBatchNormError"]
+__all__ = [
+    "sync_batch_norm",
+    "batch_norm_over_group",
+    "resolve_group",
+    "world_size",
+    "SyncBatchNormError",
+]
 
 TimeoutLike = Union[None, int, float, datetime.timedelta]
 
@@ -92,7 +103,8 @@ def as_timeout(timeout: TimeoutLike) -> Optional[datetime.timedelta]:
     if not isinstance(timeout, datetime.timedelta):
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
             raise TypeError(
-                f"timeout must be seconds (int/float), a timedelta or None, got {timeout!r}")
+                f"timeout must be seconds (int/float), a timedelta or None, got {timeout!r}"
+            )
         timeout = datetime.timedelta(seconds=timeout)
     if not timeout.total_seconds() > 0:
         raise ValueError(f"timeout must be > 0, got {timeout}")
@@ -111,15 +123,17 @@ class _Call:
     timeout: Optional[datetime.timedelta]
 
     def where(self, direction: str) -> str:
-        return (f"SyncBatchNorm {direction} ({self.channels} channels, training call {self.index} of "
-                f"this layer) on rank {self.rank} of {self.world}")
+        return (
+            f"SyncBatchNorm {direction} ({self.channels} channels, training call {self.index} of "
+            f"this layer) on rank {self.rank} of {self.world}"
+        )
 
 
 _ADVICE = (
     "Every rank must run each SyncBatchNorm layer in training mode the same number of times and in "
-    "the same order, forward and backward: look for a rank that stopped or crashed (check its log), "
-    "data-dependent control flow (skipped layers or steps), or an uneven number of batches per rank "
-    "(a rank with no data should still call the layer with an empty batch, N = 0)."
+    "the same order, forward and backward: look for a rank that stopped or crashed (check its "
+    "log), data-dependent control flow (skipped layers or steps), or an uneven number of batches "
+    "per rank (a rank with no data should still call the layer with an empty batch, N = 0)."
 )
 
 
@@ -129,11 +143,13 @@ _ADVICE = (
 
 
 def _wait(work, call: _Call, direction: str, what: str) -> None:
-    """Wait for ``work``; a timeout or a lost peer becomes a SyncBatchNormError saying what to check."""
+    """Wait for ``work``: a timeout or a lost peer is a SyncBatchNormError that says what to do."""
     start = time.monotonic()
     try:
         work.wait(call.timeout or datetime.timedelta(0))  # 0: the process group's own timeout
-    except RuntimeError as error:  # DistBackendError, gloo/NCCL timeouts, "Connection closed by peer"
+    except (
+        RuntimeError
+    ) as error:  # DistBackendError, gloo/NCCL timeouts, "Connection closed by peer"
         elapsed = time.monotonic() - start
         if call.timeout is not None and elapsed >= 0.99 * call.timeout.total_seconds():
             outcome = f"did not complete within the {call.timeout.total_seconds():g} s timeout"
@@ -163,15 +179,18 @@ def _all_reduce(buffer: Tensor, call: _Call) -> Tensor:
     return buffer
 
 
-def _check_same_call(calls: list[float], channels: list[float], call: _Call, direction: str) -> None:
+def _check_same_call(
+    calls: list[float], channels: list[float], call: _Call, direction: str
+) -> None:
     """Raise on every rank if any rank is at another call index (or layer width) than this one."""
     own = (call.index, call.channels)
     differ = [r for r, key in enumerate(zip(calls, channels)) if key != own]
     if not differ:
         return
     shown = sorted({call.rank, *differ[:8]})  # this rank and the first that disagree with it
-    seen = ", ".join(f"rank {r}: call {int(calls[r])} of a {int(channels[r])}-channel layer"
-                     for r in shown)
+    seen = ", ".join(
+        f"rank {r}: call {int(calls[r])} of a {int(channels[r])}-channel layer" for r in shown
+    )
     if len(differ) > 8:
         seen += f", and {len(differ) - 8} more ranks that disagree with rank {call.rank}"
     raise SyncBatchNormError(
@@ -185,8 +204,9 @@ def _check_same_call(calls: list[float], channels: list[float], call: _Call, dir
 # --------------------------------------------------------------------------------------------
 
 
-def _local_statistics(input: Tensor, mask: Optional[Tensor],
-                      kernels: Backend) -> tuple[Tensor, Tensor, Tensor]:
+def _local_statistics(
+    input: Tensor, mask: Optional[Tensor], kernels: Backend
+) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's (count, mean, M2) per channel over its (valid) positions, by the backend's
     kernels (:meth:`bnlab.kernels.contract.Kernels.batch_statistics`).
 
@@ -208,8 +228,9 @@ def _local_statistics(input: Tensor, mask: Optional[Tensor],
     return count, mean.to(acc), (var * count).to(acc)
 
 
-def _global_statistics(input: Tensor, mask: Optional[Tensor], call: Optional[_Call],
-                       kernels: Backend):
+def _global_statistics(
+    input: Tensor, mask: Optional[Tensor], call: Optional[_Call], kernels: Backend
+):
     """(count, mean, var) over every rank's valid positions: count a Python int, mean and biased
     var (C,) in the accumulation dtype (NaN for count 0, as batch norm on an empty batch)."""
     acc = accumulation_dtype(input.dtype)
@@ -242,8 +263,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     Forward normalizes with the selected backend's kernels (its eval path: given statistics).
     Backward treats mean and var as the functions of every rank's input they are (Ioffe & Szegedy
-    2015, section 3, in the compact form of :meth:`bnlab.kernels.contract.Kernels.batch_norm_backward`):
-    this rank's sum(dy) and sum(dy * xhat) come from the same backend, summed over the ranks.
+    2015, section 3, in the compact form of
+    :meth:`bnlab.kernels.contract.Kernels.batch_norm_backward`): this rank's sum(dy) and sum(dy *
+    xhat) come from the same backend, summed over the ranks.
     """
 
     @staticmethod
@@ -251,8 +273,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         out, _, _ = kernels.module.batch_norm_forward(input, weight, bias, mean, var, False, eps)
         ctx.save_for_backward(input, weight, mean, var, mask)
         ctx.count, ctx.eps, ctx.call, ctx.kernels = count, eps, call, kernels
-        ctx.param_dtypes = (None if weight is None else weight.dtype,
-                            None if bias is None else bias.dtype)
+        ctx.param_dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+        )
         return out
 
     @staticmethod
@@ -263,8 +287,18 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:  # the same on every rank (same model), as in torch.nn's SyncBN
             total_dy, total_dy_xhat = _global_sums(sum_dy, sum_dy_xhat, ctx.call)
-            dx = _input_grad(grad_out, input, weight, mean, var, ctx.eps, total_dy, total_dy_xhat,
-                             ctx.count, mask)
+            dx = _input_grad(
+                grad_out,
+                input,
+                weight,
+                mean,
+                var,
+                ctx.eps,
+                total_dy,
+                total_dy_xhat,
+                ctx.count,
+                mask,
+            )
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = sum_dy_xhat.to(ctx.param_dtypes[0])  # local: DDP reduces parameter grads
         if ctx.needs_input_grad[2]:
@@ -278,11 +312,14 @@ def _local_sums(grad_out, input, mean, var, eps, kernels: Backend) -> tuple[Tens
     acc = accumulation_dtype(input.dtype)
     ones = torch.ones(input.shape[1], dtype=acc, device=input.device)
     _, sum_dy_xhat, sum_dy = kernels.module.batch_norm_backward(
-        grad_out, input, ones, mean, var, True, eps, (False, True, True))
+        grad_out, input, ones, mean, var, True, eps, (False, True, True)
+    )
     return sum_dy_xhat.to(acc), sum_dy.to(acc)
 
 
-def _global_sums(sum_dy: Tensor, sum_dy_xhat: Tensor, call: Optional[_Call]) -> tuple[Tensor, Tensor]:
+def _global_sums(
+    sum_dy: Tensor, sum_dy_xhat: Tensor, call: Optional[_Call]
+) -> tuple[Tensor, Tensor]:
     """sum(dy), sum(dy * xhat) over every rank (one all_reduce that also compares call indices)."""
     if call is None:
         return sum_dy, sum_dy_xhat
@@ -291,7 +328,7 @@ def _global_sums(sum_dy: Tensor, sum_dy_xhat: Tensor, call: Optional[_Call]) -> 
     buffer = torch.cat([calls, sum_dy.to(_EXCHANGE_DTYPE), sum_dy_xhat.to(_EXCHANGE_DTYPE)])
     buffer = _all_reduce(buffer, call)  # (W + 2C,)
     _check_same_call(buffer[: call.world].tolist(), [call.channels] * call.world, call, "backward")
-    total_dy, total_dy_xhat = buffer[call.world:].view(2, -1).to(sum_dy.dtype)  # (C,) each
+    total_dy, total_dy_xhat = buffer[call.world :].view(2, -1).to(sum_dy.dtype)  # (C,) each
     return total_dy, total_dy_xhat
 
 
@@ -307,33 +344,54 @@ def _input_grad(grad_out, input, weight, mean, var, eps, total_dy, total_dy_xhat
     return laid_out_like(dx, input)
 
 
-def batch_norm_over_group(input: Tensor, running_mean: Optional[Tensor],
-                         running_var: Optional[Tensor], weight: Optional[Tensor],
-                         bias: Optional[Tensor], momentum: Optional[float], eps: float, *,
-                         num_batches_tracked: Optional[Tensor] = None,
-                         mask: Optional[Tensor] = None, group=None, timeout: TimeoutLike = None,
-                         call_index: int = 0, strict: bool = False,
-                         backend: Optional[str] = None) -> Tensor:
+def batch_norm_over_group(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+    *,
+    num_batches_tracked: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    group=None,
+    timeout: TimeoutLike = None,
+    call_index: int = 0,
+    strict: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
     """Training-mode :func:`sync_batch_norm` over an already resolved ``group`` (see
     :func:`resolve_group`; None: this process alone), arguments already checked: what
     :class:`bnlab.nn.SyncBatchNorm` calls on every training step."""
     call = None
     if group is not None:
-        call = _Call(group, dist.get_rank(group), dist.get_world_size(group), int(call_index),
-                     input.shape[1], as_timeout(timeout))
+        call = _Call(
+            group,
+            dist.get_rank(group),
+            dist.get_world_size(group),
+            int(call_index),
+            input.shape[1],
+            as_timeout(timeout),
+        )
     kernels = select_backend(batch_norm_op_name(mask, True), input, backend)
     count, mean, var = _global_statistics(input, mask, call, kernels)
     if count == 1:  # the same verdict on every rank: all raise, none is left waiting
-        where = ("" if call is None else
-                 f" on this rank and 1 value per channel over all {call.world} ranks")
+        where = (
+            ""
+            if call is None
+            else f" on this rank and 1 value per channel over all {call.world} ranks"
+        )
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}"
             f"{' with 1 valid position' if mask is not None else ''}{where}"
         )
-    out = _SyncBatchNormFunction.apply(input, weight, bias, mean, var, mask, count, eps, call,
-                                       kernels)
-    record_batch_statistics(running_mean, running_var, num_batches_tracked, mean, var, count,
-                            momentum, strict)
+    out = _SyncBatchNormFunction.apply(
+        input, weight, bias, mean, var, mask, count, eps, call, kernels
+    )
+    record_batch_statistics(
+        running_mean, running_var, num_batches_tracked, mean, var, count, momentum, strict
+    )
     return out
 
 
@@ -387,28 +445,63 @@ def sync_batch_norm(
         - a global m of 1 raises ValueError on every rank (as batch norm); a global m of 0 gives NaN
           statistics, an empty output and no running-statistics update;
         - running statistics as :func:`bnlab.functional.batch_norm`: EMA or cumulative average
-          (``momentum=None``), skipped whole for non-finite statistics (decided on the device); every
-          rank computes the same global statistics, so the buffers stay identical across ranks;
+          (``momentum=None``), skipped whole for non-finite statistics (decided on the device);
+          every rank computes the same global statistics, so the buffers stay identical across
+          ranks;
         - backward: one all_reduce of sum(dy) and sum(dy * xhat); dx uses the global sums and m.
           dweight = sum(dy * xhat) and dbias = sum(dy) are this rank's: DistributedDataParallel
           averages parameter gradients over ranks itself (as with torch.nn.SyncBatchNorm), and their
           sum over ranks is the gradient of the summed loss;
         - masked: dx is the exact derivative of the forward. A padding position's input does not
-          enter the statistics, so its dx is dy * weight * invstd; its output does depend on them, so
-          its dy enters sum(dy) and sum(dy * xhat) like every other position's (zero when the loss
-          ignores padding outputs, the usual case). Padding values may be anything for the
+          enter the statistics, so its dx is dy * weight * invstd; its output does depend on them,
+          so its dy enters sum(dy) and sum(dy * xhat) like every other position's (zero when the
+          loss ignores padding outputs, the usual case). Padding values may be anything for the
           statistics, but they are normalized too: keep them finite if the loss sees their output;
         - a rank with N = 0 still takes part in both exchanges and returns an empty output and
           empty dx; one host read per forward (the gathered counts and call indices);
         - first derivatives only (the backward is ``once_differentiable``).
     """
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                          num_batches_tracked, op="sync_batch_norm", local_count=False)
+    check_batch_norm_args(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        num_batches_tracked,
+        op="sync_batch_norm",
+        local_count=False,
+    )
     check_mask(mask, input)
     if not training:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
-                            num_batches_tracked=num_batches_tracked, strict=strict, backend=backend)
+        return F.batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            False,
+            momentum,
+            eps,
+            num_batches_tracked=num_batches_tracked,
+            strict=strict,
+            backend=backend,
+        )
     return batch_norm_over_group(
-        input, running_mean, running_var, weight, bias, momentum, eps,
-        num_batches_tracked=num_batches_tracked, mask=mask, group=resolve_group(process_group),
-        timeout=timeout, call_index=call_index, strict=strict, backend=backend)
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        momentum,
+        eps,
+        num_batches_tracked=num_batches_tracked,
+        mask=mask,
+        group=resolve_group(process_group),
+        timeout=timeout,
+        call_index=call_index,
+        strict=strict,
+        backend=backend,
+    )

@@ -1,4 +1,4 @@
-"""Export a trained network for inference: fold its batch norms, write ONNX, check it in onnxruntime."""
+"""Export a trained network for inference: fold its batch norms, write ONNX, run onnxruntime."""
 
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ def export_onnx(
     graph = onnx.load(str(path)).graph
     op_counts = dict(Counter(node.op_type for node in graph.node))
     if fold_batch_norms and op_counts.get("BatchNormalization"):
-        raise RuntimeError(f"{path}: {op_counts['BatchNormalization']} BatchNormalization node(s) left")
+        raise RuntimeError(
+            f"{path}: {op_counts['BatchNormalization']} BatchNormalization node(s) left"
+        )
     error = _onnxruntime_error(path, model, inputs) if check else None
     return ExportReport(path, report_fold, op_counts, error)
 

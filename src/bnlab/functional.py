@@ -13,14 +13,26 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from . import ops
-from .checks import (ACTIVATIONS, check_activation, check_batch_norm_args, check_layer_norm_args,
-                     check_mask, valid_count)
+from .checks import (
+    ACTIVATIONS,
+    check_activation,
+    check_batch_norm_args,
+    check_layer_norm_args,
+    check_mask,
+    valid_count,
+)
 from .kernels import select_backend
 from .kernels.composite import values_per_channel
 from .statistics import NonFiniteStatisticsError, record_batch_statistics
 
-__all__ = ["batch_norm", "batch_norm_act", "layer_norm", "NonFiniteStatisticsError", "ACTIVATIONS",
-           "check_activation"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_act",
+    "layer_norm",
+    "NonFiniteStatisticsError",
+    "ACTIVATIONS",
+    "check_activation",
+]
 
 
 def batch_norm(
@@ -69,12 +81,13 @@ def batch_norm(
           (times m / (m - 1), m = N * prod(spatial)), as PyTorch does;
         - float16/bfloat16 inputs are computed in float32, with float32 statistics; weight, bias and
           running statistics may be float32 for them (mixed precision);
-        - a training batch with any non-finite statistic leaves ``running_mean``, ``running_var`` and
-          ``num_batches_tracked`` untouched; on a GPU the choice is made on the device (no host
-          sync), on the CPU on the host (fewer small ops, nothing to wait for).
+        - a training batch with any non-finite statistic leaves ``running_mean``,
+          ``running_var`` and ``num_batches_tracked`` untouched; on a GPU the choice is made on the
+          device (no host sync), on the CPU on the host (fewer small ops, nothing to wait for).
     """
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                          num_batches_tracked)
+    check_batch_norm_args(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+    )
     count = values_per_channel(input)
     if mask is not None:
         check_mask(mask, input)
@@ -82,15 +95,27 @@ def batch_norm(
     kernels = select_backend(ops.batch_norm_op_name(mask, training), input, backend)
     eager = None if mask is not None else getattr(kernels.module, "eager_batch_norm", None)
     if eager is not None:
-        out = eager(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                    num_batches_tracked, strict)
+        out = eager(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked,
+            strict,
+        )
         if out is not None:
             return out
-    out, mean, var = ops.batch_norm(input, weight, bias, running_mean, running_var, mask, training,
-                                    eps, kernels.name, backend)
+    out, mean, var = ops.batch_norm(
+        input, weight, bias, running_mean, running_var, mask, training, eps, kernels.name, backend
+    )
     if training:
-        record_batch_statistics(running_mean, running_var, num_batches_tracked, mean, var, count,
-                                momentum, strict)
+        record_batch_statistics(
+            running_mean, running_var, num_batches_tracked, mean, var, count, momentum, strict
+        )
     return out
 
 
@@ -132,21 +157,53 @@ def batch_norm_act(
     needed by the backward of the op that produced it: conv and linear layers keep their own input,
     not their output, so ``conv -> in-place BN+act`` is the intended use.
     """
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                          num_batches_tracked)
+    check_batch_norm_args(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+    )
     activation, param = check_activation(activation, activation_param, inplace)
     kernels = select_backend("batch_norm_act", input, backend)
     eager = None if inplace else getattr(kernels.module, "eager_batch_norm", None)
     if eager is not None:  # the in-place mode always runs fused
-        out = eager(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                    num_batches_tracked, strict, activation, param)
+        out = eager(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked,
+            strict,
+            activation,
+            param,
+        )
         if out is not None:
             return out
-    out, mean, var = ops.batch_norm_act(input, weight, bias, running_mean, running_var, training,
-                                        eps, activation, param, inplace, kernels.name)
+    out, mean, var = ops.batch_norm_act(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        eps,
+        activation,
+        param,
+        inplace,
+        kernels.name,
+    )
     if training:
-        record_batch_statistics(running_mean, running_var, num_batches_tracked, mean, var,
-                                values_per_channel(input), momentum, strict)
+        record_batch_statistics(
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            mean,
+            var,
+            values_per_channel(input),
+            momentum,
+            strict,
+        )
     return out
 
 

@@ -27,13 +27,18 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_flatten
 
 from .kernels.composite import batch_statistics
-from .statistics import merge_statistics
 from .nn import BatchNorm as _BnlabBatchNorm
 from .nn.convert import replace_modules
 from .nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .statistics import merge_statistics
 
 __all__ = [
-    "population_statistics", "PopulationReport", "freeze", "fold", "FoldReport", "batch_norm_layers",
+    "population_statistics",
+    "PopulationReport",
+    "freeze",
+    "fold",
+    "FoldReport",
+    "batch_norm_layers",
 ]
 
 BATCH_NORMS = (_BnlabBatchNorm, nn.modules.batchnorm._BatchNorm)
@@ -106,7 +111,11 @@ class _Moments:
         m, mu, var = self.pending
         self.pending = None
         merged = _merged((self.n, self.mean, self.m2), (m, mu, m * var))
-        new = (*merged, self.w + m * var, self.dof + (m - 1).clamp(min=0))  # m = 0: a step not reached
+        new = (
+            *merged,
+            self.w + m * var,
+            self.dof + (m - 1).clamp(min=0),
+        )  # m = 0: a step not reached
         old = (self.n, self.mean, self.m2, self.w, self.dof)
         self.n, self.mean, self.m2, self.w, self.dof = (
             torch.where(keep, a, b) for a, b in zip(new, old)
@@ -170,7 +179,9 @@ def population_statistics(
     layers = batch_norm_layers(model)
     cells = _RecurrentCells(model)
     if not layers and not cells.cells:
-        raise ValueError("population_statistics: the model has no batch-norm layer (bnlab or torch.nn)")
+        raise ValueError(
+            "population_statistics: the model has no batch-norm layer (bnlab or torch.nn)"
+        )
     report = PopulationReport(variance=variance)
     tracked = {}
     for name, bn in layers.items():
@@ -181,10 +192,14 @@ def population_statistics(
     modes = {m: m.training for m in model.modules()}
     strict = {bn: bn.strict for bn in tracked.values() if getattr(bn, "strict", False)}
     saved = {name: {k: v.clone() for k, v in bn.named_buffers()} for name, bn in tracked.items()}
-    moments = {name: _Moments(bn.num_features, bn.running_mean.device) for name, bn in tracked.items()}
+    moments = {
+        name: _Moments(bn.num_features, bn.running_mean.device) for name, bn in tracked.items()
+    }
     calls: dict[str, int] = {}
-    hooks = [bn.register_forward_pre_hook(_observer(name, moments[name], calls))
-             for name, bn in tracked.items()]
+    hooks = [
+        bn.register_forward_pre_hook(_observer(name, moments[name], calls))
+        for name, bn in tracked.items()
+    ]
     skipped = None
     try:
         cells.begin()
@@ -201,9 +216,9 @@ def population_statistics(
             shared = [name for name in seen if calls[name] > 1]
             if shared:
                 raise ValueError(
-                    f"batch-norm layer(s) {shared} ran more than once in one forward (a module shared "
-                    "by several call sites): its statistics per site are ambiguous; give each site "
-                    "its own module"
+                    f"batch-norm layer(s) {shared} ran more than once in one forward (a module "
+                    "shared by several call sites): its statistics per site are ambiguous; give "
+                    "each site its own module"
                 )
             seen_moments = [moments[name] for name in seen] + cells.observed()
             if not seen_moments:
@@ -276,14 +291,17 @@ class _RecurrentCells:
             for which in "xhc":
                 features = getattr(cell, f"running_mean_{which}").shape[1]
                 self.moments[f"{name}.{which}"] = _StepMoments(cell.max_length, features, device)
-        self.saved = {name: {k: v.clone() for k, v in cell.named_buffers()}
-                      for name, cell in self.cells.items()}
+        self.saved = {
+            name: {k: v.clone() for k, v in cell.named_buffers()}
+            for name, cell in self.cells.items()
+        }
 
     def begin(self) -> None:
         for name, cell in self.cells.items():
             cell.train()
-            cell.observer = (lambda which, t0, mean, var, count, name=name:
-                             self.moments[f"{name}.{which}"].observe_statistics(t0, mean, var, count))
+            cell.observer = lambda which, t0, mean, var, count, name=name: self.moments[
+                f"{name}.{which}"
+            ].observe_statistics(t0, mean, var, count)
 
     def start_batch(self) -> None:
         for mom in self.moments.values():
@@ -309,14 +327,19 @@ class _RecurrentCells:
             if not bool(rows.any()):
                 report.untouched[key] = "saw fewer than 2 values at every step"
                 continue
-            for buffer, value in (("running_mean", mom.mean), ("running_var", mom.variance(variance))):
+            for buffer, value in (
+                ("running_mean", mom.mean),
+                ("running_var", mom.variance(variance)),
+            ):
                 target = getattr(cell, f"{buffer}_{which}")
                 target[rows] = value.view(mom.shape)[rows].to(target.dtype)
             report.values[key] = int(count[rows].min())
             if not bool(rows.all()):
                 missed = (~rows).nonzero().flatten().tolist()
-                report.untouched[key] = (f"steps {missed[0]}..{missed[-1]} ({len(missed)} steps) saw fewer "
-                                         "than 2 values: their statistics are left as they were")
+                report.untouched[key] = (
+                    f"steps {missed[0]}..{missed[-1]} ({len(missed)} steps) saw fewer "
+                    "than 2 values: their statistics are left as they were"
+                )
 
 
 def _all_finite(moments: list[_Moments]) -> Tensor:
@@ -328,6 +351,7 @@ def _observer(name: str, moments: _Moments, calls: dict):
     def hook(module, args):
         calls[name] = calls.get(name, 0) + 1
         moments.observe(args[0])
+
     return hook
 
 
@@ -359,8 +383,11 @@ def _all_processes(moments: dict[str, _Moments]) -> None:
 # freeze (Algorithm 2, step 11, as a layer)
 # --------------------------------------------------------------------------------------------
 
-_FROZEN_CLASS = {"BatchNorm1d": FrozenBatchNorm1d, "BatchNorm2d": FrozenBatchNorm2d,
-                 "BatchNorm3d": FrozenBatchNorm3d}
+_FROZEN_CLASS = {
+    "BatchNorm1d": FrozenBatchNorm1d,
+    "BatchNorm2d": FrozenBatchNorm2d,
+    "BatchNorm3d": FrozenBatchNorm3d,
+}
 
 
 def _frozen_class(bn: nn.Module) -> type:
@@ -382,7 +409,8 @@ def _check_frozen_statistics(name: str, bn: nn.Module) -> None:
         if bool(bad.any()):
             raise ValueError(
                 f"batch-norm layer {name!r} has non-finite {key} in channels "
-                f"{bad.nonzero().flatten().tolist()[:20]}: refusing to build a wrong inference model"
+                f"{bad.nonzero().flatten().tolist()[:20]}: refusing to build a wrong inference "
+                "model"
             )
 
 
@@ -399,7 +427,9 @@ def freeze(model: nn.Module) -> nn.Module:
         _check_frozen_statistics(name, bn)
     if "" in layers:
         return _frozen_class(model).from_batch_norm(model)
-    _replace_modules(model, {id(bn): _frozen_class(bn).from_batch_norm(bn) for bn in layers.values()})
+    _replace_modules(
+        model, {id(bn): _frozen_class(bn).from_batch_norm(bn) for bn in layers.values()}
+    )
     return model
 
 
@@ -429,8 +459,10 @@ class FoldReport:
     max_abs_error: float = 0.0
 
     def __str__(self) -> str:
-        lines = [f"folded {len(self.folded)}, frozen {len(self.frozen)}, "
-                 f"max abs error on the example input {self.max_abs_error:.3g}"]
+        lines = [
+            f"folded {len(self.folded)}, frozen {len(self.frozen)}, "
+            f"max abs error on the example input {self.max_abs_error:.3g}"
+        ]
         lines += [f"  {bn} -> {layer} (BN {side} it)" for bn, layer, side in self.folded]
         lines += [f"  {bn} frozen: {why}" for bn, why in self.frozen.items()]
         return "\n".join(lines)
@@ -441,11 +473,13 @@ class _Tracer(fx.Tracer):
     traces through every other module, bnlab's own containers included."""
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        return type(m).__module__.startswith("bnlab.nn.") or super().is_leaf_module(m, qualified_name)
+        return type(m).__module__.startswith("bnlab.nn.") or super().is_leaf_module(
+            m, qualified_name
+        )
 
 
 def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldReport]:
-    """Fold every batch norm of an eval-mode ``model`` into the adjacent Linear / Conv / ConvTranspose.
+    """Fold every batch norm of an eval-mode ``model`` into its adjacent Linear/Conv/ConvTranspose.
 
     With s = gamma / sqrt(running_var + eps) and t = beta - running_mean * s (Algorithm 2):
 
@@ -470,7 +504,9 @@ def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldRepo
     layers = _require_batch_norms(model, "fold")
     training = [name or "<root>" for name, m in model.named_modules() if m.training]
     if training:
-        raise ValueError(f"fold needs a model in eval mode (call model.eval()); in training: {training[:5]}")
+        raise ValueError(
+            f"fold needs a model in eval mode (call model.eval()); in training: {training[:5]}"
+        )
     for name, bn in layers.items():
         _check_frozen_statistics(name, bn)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -479,7 +515,9 @@ def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldRepo
         ShapeProp(gm).propagate(*inputs)
     except Exception as error:
         shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in inputs]
-        raise ValueError(f"the example input {shapes} could not run through the model: {error}") from error
+        raise ValueError(
+            f"the example input {shapes} could not run through the model: {error}"
+        ) from error
     report = FoldReport()
     modules = dict(gm.named_modules())
     sites = _call_sites(gm)
@@ -496,12 +534,14 @@ def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldRepo
 
 
 def _freeze_untraced(gm: fx.GraphModule, report: FoldReport) -> None:
-    """BNs the trace did not reach as calls (inside a module it kept whole) are frozen, and listed."""
+    """BNs the trace did not reach as calls (inside a module kept whole) are frozen, and listed."""
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for name, bn in batch_norm_layers(gm).items():
         if name not in called and name not in report.frozen:
             _replace_modules(gm, {id(bn): _frozen_class(bn).from_batch_norm(bn)})
-            report.frozen[name] = "inside a module the fx trace keeps whole (not a call in the graph)"
+            report.frozen[name] = (
+                "inside a module the fx trace keeps whole (not a call in the graph)"
+            )
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -539,7 +579,7 @@ def _fold_or_freeze(gm, node, modules, sites, report: FoldReport) -> None:
 
 
 def _fold_partner(node, modules, sites):
-    """(layer node, "after" | "before", None) to fold the BN at ``node`` into, or (None, None, why)."""
+    """(layer node, "after" | "before", None) to fold the BN at ``node`` into; (None, None, why)."""
     producer = node.args[0]
     if isinstance(producer, fx.Node) and producer.op == "call_module":
         layer = modules[producer.target]
@@ -635,6 +675,9 @@ def _set_weights(layer: nn.Module, weight: Tensor, bias: Tensor) -> None:
 def _max_abs_difference(expected: Any, actual: Any) -> float:
     a, _ = tree_flatten(expected)
     b, _ = tree_flatten(actual)
-    diffs = [(x.detach().double() - y.detach().double()).abs().max().item()
-             for x, y in zip(a, b) if isinstance(x, Tensor) and x.numel()]
+    diffs = [
+        (x.detach().double() - y.detach().double()).abs().max().item()
+        for x, y in zip(a, b)
+        if isinstance(x, Tensor) and x.numel()
+    ]
     return max(diffs, default=0.0)

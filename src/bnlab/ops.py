@@ -1,4 +1,4 @@
-"""The custom ops and their autograd: ``bnlab::batch_norm``, ``bnlab::layer_norm`` and their backwards.
+"""The custom ops ``bnlab::batch_norm``, ``bnlab::layer_norm``, their backwards and autograd.
 
 Each op is a ``torch.library`` custom op with a fake (meta) kernel and a registered backward that
 is itself a custom op (``bnlab::batch_norm_backward``, ``bnlab::layer_norm_backward``), so
@@ -43,8 +43,9 @@ def batch_norm_op_name(mask: Optional[Tensor], training: bool) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _batch_norm_kernel(input, weight, bias, running_mean, running_var, mask, training, eps,
-                       backend, requested):
+def _batch_norm_kernel(
+    input, weight, bias, running_mean, running_var, mask, training, eps, backend, requested
+):
     kernels = get_backend(backend).module
     return kernels.batch_norm_forward(
         input, weight, bias, running_mean, running_var, training, eps, mask
@@ -64,8 +65,9 @@ def _batch_norm_op(
     backend: str,
     requested: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _batch_norm_kernel(input, weight, bias, running_mean, running_var, mask, training, eps,
-                              backend, requested)
+    return _batch_norm_kernel(
+        input, weight, bias, running_mean, running_var, mask, training, eps, backend, requested
+    )
 
 
 @_batch_norm_op.register_fake
@@ -89,12 +91,14 @@ def _batch_norm_backward_op(
     backend: str,
     requested: Optional[str],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _batch_norm_backward_kernel(grad_out, input, weight, mean, var, mask, training, eps,
-                                       output_mask, backend, requested)
+    return _batch_norm_backward_kernel(
+        grad_out, input, weight, mean, var, mask, training, eps, output_mask, backend, requested
+    )
 
 
-def _batch_norm_backward_kernel(grad_out, input, weight, mean, var, mask, training, eps,
-                                output_mask, backend, requested):
+def _batch_norm_backward_kernel(
+    grad_out, input, weight, mean, var, mask, training, eps, output_mask, backend, requested
+):
     if batch_norm_op_name(mask, training) == "batch_norm":  # a plain training backward
         kernels = select_backend("batch_norm_backward", input, requested).module
     else:
@@ -139,18 +143,37 @@ def _setup_batch_norm(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward_batch_norm(ctx, grad_out, _grad_mean, _grad_var,
-                         backward_kernel=_batch_norm_backward_op):
+def _backward_batch_norm(
+    ctx, grad_out, _grad_mean, _grad_var, backward_kernel=_batch_norm_backward_op
+):
     input, weight, mean, var, mask = ctx.saved_tensors
     wanted = list(ctx.needs_input_grad[:3])
     if _differentiating_backward(grad_out, input, weight):
         grads = composite.batch_norm_backward(
-            grad_out, input, weight, None if ctx.training else mean,
-            None if ctx.training else var, ctx.training, ctx.eps, wanted, mask,
+            grad_out,
+            input,
+            weight,
+            None if ctx.training else mean,
+            None if ctx.training else var,
+            ctx.training,
+            ctx.eps,
+            wanted,
+            mask,
         )
     else:
-        grads = backward_kernel(grad_out, input, weight, mean, var, mask, ctx.training, ctx.eps,
-                                wanted, ctx.backend, ctx.requested)
+        grads = backward_kernel(
+            grad_out,
+            input,
+            weight,
+            mean,
+            var,
+            mask,
+            ctx.training,
+            ctx.eps,
+            wanted,
+            ctx.backend,
+            ctx.requested,
+        )
     return (*_cast_grads(grads, wanted, ctx.param_dtypes), *([None] * 7))
 
 
@@ -181,17 +204,38 @@ class _EagerBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_var):
-        return _backward_batch_norm(ctx, grad_out, grad_mean, grad_var,
-                                    backward_kernel=_batch_norm_backward_kernel)
+        return _backward_batch_norm(
+            ctx, grad_out, grad_mean, grad_var, backward_kernel=_batch_norm_backward_kernel
+        )
 
 
-def batch_norm(input: Tensor, weight, bias, running_mean, running_var, mask, training: bool,
-               eps: float, backend: str, requested: Optional[str]):
+def batch_norm(
+    input: Tensor,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    mask,
+    training: bool,
+    eps: float,
+    backend: str,
+    requested: Optional[str],
+):
     """(y, mean, var) by the ``backend``'s kernels, differentiable: the custom op when compiling
     or exporting, the eager Function otherwise. ``requested``: what the caller asked for, from
     which a plain training backward selects its own backend."""
-    inputs = (input, weight, bias, running_mean, running_var, mask, training, eps, backend,
-              requested)
+    inputs = (
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        mask,
+        training,
+        eps,
+        backend,
+        requested,
+    )
     if torch.compiler.is_compiling():
         return _batch_norm_op(*inputs)
     return _EagerBatchNorm.apply(*inputs)
@@ -206,15 +250,35 @@ class _BatchNormAct(torch.autograd.Function):
     """act(batch_norm(x)) with one hand-derived backward; in place, only the output is kept."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, eps, activation,
-                param, inplace, backend):
+    def forward(
+        ctx,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        eps,
+        activation,
+        param,
+        inplace,
+        backend,
+    ):
         kernels = get_backend(backend).module
         gamma = weight
         if inplace and weight is not None:
             # Recovering x from y divides by gamma: keep it away from zero (Rota Bulo et al.).
             gamma = weight.abs() + eps
         y, mean, var = kernels.batch_norm_act_forward(
-            input, gamma, bias, running_mean, running_var, training, eps, activation, param,
+            input,
+            gamma,
+            bias,
+            running_mean,
+            running_var,
+            training,
+            eps,
+            activation,
+            param,
             out=input if inplace else None,
         )
         if inplace:
@@ -232,7 +296,17 @@ class _BatchNormAct(torch.autograd.Function):
         training, eps, activation, param, inplace, backend = ctx.config
         wanted = list(ctx.needs_input_grad[:3])
         dx, dgamma, dbias = get_backend(backend).module.batch_norm_act_backward(
-            grad_out, saved, gamma, bias, mean, var, training, eps, activation, param, wanted,
+            grad_out,
+            saved,
+            gamma,
+            bias,
+            mean,
+            var,
+            training,
+            eps,
+            activation,
+            param,
+            wanted,
             from_output=inplace,
         )
         dweight = dgamma
@@ -242,11 +316,33 @@ class _BatchNormAct(torch.autograd.Function):
         return dx, dweight, dbias, *([None] * 8)
 
 
-def batch_norm_act(input: Tensor, weight, bias, running_mean, running_var, training: bool,
-                   eps: float, activation: str, param: float, inplace: bool, backend: str):
+def batch_norm_act(
+    input: Tensor,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    training: bool,
+    eps: float,
+    activation: str,
+    param: float,
+    inplace: bool,
+    backend: str,
+):
     """(y, mean, var) of act(batch_norm(x)) by the ``backend``'s fused kernels, differentiable."""
-    return _BatchNormAct.apply(input, weight, bias, running_mean, running_var, training, eps,
-                               activation, param, inplace, backend)
+    return _BatchNormAct.apply(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        eps,
+        activation,
+        param,
+        inplace,
+        backend,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +423,8 @@ def _backward_layer_norm(ctx, grad_out, _grad_mean, _grad_var):
 _layer_norm_op.register_autograd(_backward_layer_norm, setup_context=_setup_layer_norm)
 
 
-def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight, bias, eps: float,
-               backend: str) -> Tensor:
+def layer_norm(
+    input: Tensor, normalized_shape: Sequence[int], weight, bias, eps: float, backend: str
+) -> Tensor:
     """y of the layer norm by the ``backend``'s kernels, differentiable (one custom op)."""
     return _layer_norm_op(input, list(normalized_shape), weight, bias, eps, backend)[0]

@@ -8,10 +8,10 @@ Written to be read beside the papers, not to be fast:
   transform; Algorithm 2: inference with population statistics).
 - Ba, Kiros & Hinton 2016, "Layer Normalization", https://arxiv.org/abs/1607.06450.
 
-Conventions (PyTorch's; Ioffe & Szegedy 2015, section 3): the normalization uses the *biased* batch variance;
-running / population variances store the *unbiased* one (times m/(m-1)). Everything is computed in
-float64. ``gamma=None`` / ``beta=None`` mean "no scale" / "no shift" (1 and 0); the matching
-gradients are then returned as ``None``.
+Conventions (PyTorch's; Ioffe & Szegedy 2015, section 3): the normalization uses the *biased* batch
+variance; running / population variances store the *unbiased* one (times m/(m-1)). Everything is
+computed in float64. ``gamma=None`` / ``beta=None`` mean "no scale" / "no shift" (1 and 0); the
+matching gradients are then returned as ``None``.
 """
 
 import numpy as np
@@ -44,7 +44,7 @@ def _affine_grads(dout, xhat, gamma, beta, axis):
 
 
 def _dx_closed_form(dxhat, xhat, invstd, axis):
-    """dx = invstd/m * (m*dxhat - sum dxhat - xhat * sum(dxhat*xhat)), sums over the m values in `axis`."""
+    """dx = invstd/m * (m*dxhat - sum dxhat - xhat * sum(dxhat*xhat)), sums over the m of `axis`."""
     m = np.prod([dxhat.shape[a] for a in np.atleast_1d(axis)])
     sum_dxhat = np.sum(dxhat, axis=axis, keepdims=True)
     sum_dxhat_xhat = np.sum(dxhat * xhat, axis=axis, keepdims=True)
@@ -75,7 +75,9 @@ def _channel_stats(x):
 def _unbiased(var, m):
     """var * m/(m-1); undefined for one value per channel, so refuse instead of returning inf."""
     if m < 2:
-        raise ValueError(f"Expected more than 1 value per channel for an unbiased variance, got m={m}")
+        raise ValueError(
+            f"Expected more than 1 value per channel for an unbiased variance, got m={m}"
+        )
     return var * m / (m - 1)
 
 
@@ -108,7 +110,8 @@ def batchnorm_backward_staged(dout, cache):
 
         dl/dxhat_i = dl/dy_i * gamma
         dl/dvar_B  = sum_i dl/dxhat_i * (x_i - mu_B) * (-1/2) (var_B + eps)^(-3/2)
-        dl/dmu_B   = sum_i dl/dxhat_i * (-1/sqrt(var_B + eps)) + dl/dvar_B * sum_i -2 (x_i - mu_B) / m
+        dl/dmu_B   = sum_i dl/dxhat_i * (-1/sqrt(var_B + eps))
+                     + dl/dvar_B * sum_i -2 (x_i - mu_B) / m
         dl/dx_i    = dl/dxhat_i / sqrt(var_B + eps) + dl/dvar_B * 2 (x_i - mu_B) / m + dl/dmu_B / m
         dl/dgamma  = sum_i dl/dy_i * xhat_i
         dl/dbeta   = sum_i dl/dy_i
@@ -186,7 +189,7 @@ def batchnorm_eval_forward(x, gamma, beta, running_mean, running_var, eps=1e-5):
 
         y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta
 
-    The output depends on the input alone: E[x], Var[x] are fixed (running or population) statistics.
+    The output depends on the input alone: E[x], Var[x] are fixed (running or population) values.
 
     Args:
         x: array (N, C, *).
@@ -203,11 +206,12 @@ def batchnorm_eval_forward(x, gamma, beta, running_mean, running_var, eps=1e-5):
     return _affine(xhat, _channel_params(gamma, x.ndim), _channel_params(beta, x.ndim))
 
 
-def update_running_stats(running_mean, running_var, batch_mean, batch_var, m, momentum=0.1,
-                         num_batches_tracked=0):
+def update_running_stats(
+    running_mean, running_var, batch_mean, batch_var, m, momentum=0.1, num_batches_tracked=0
+):
     """One moving-average update of the running statistics, PyTorch's convention.
 
-        f            = momentum                          (or 1/(num_batches_tracked + 1) if momentum is None)
+        f            = momentum  (or 1/(num_batches_tracked + 1) if momentum is None)
         running_mean = (1 - f) * running_mean + f * batch_mean
         running_var  = (1 - f) * running_var  + f * batch_var * m/(m-1)
 
@@ -231,25 +235,27 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, m, mo
 
 
 def population_statistics(batches):
-    """Exact population statistics over training mini-batches, Algorithm 2 steps 8-10 ("precise BN").
+    """Exact population statistics of training mini-batches: Algorithm 2 steps 8-10, precise BN.
 
         E[x]   = E_B[mu_B]
         Var[x] = m/(m-1) * E_B[var_B]          (var_B biased, so Var[x] is unbiased)
 
     Args:
-        batches: iterable of arrays (N, C, *), all with the same m = N * prod(spatial) values per channel.
+        batches: iterable of arrays (N, C, *), all with the same m = N * prod(spatial) per channel.
 
     Returns:
         (mean, var): arrays (C,).
     """
     means, variances, sizes = zip(*(_channel_stats(b) for b in batches))
     if len(set(sizes)) != 1:
-        raise ValueError(f"All batches need the same number of values per channel, got {sorted(set(sizes))}")
+        raise ValueError(
+            f"All batches need the same number of values per channel, got {sorted(set(sizes))}"
+        )
     return np.mean(means, axis=0), _unbiased(np.mean(variances, axis=0), sizes[0])
 
 
 def fold_affine(gamma, beta, mean, var, eps=1e-5):
-    """Algorithm 2 step 11 as one affine map y = scale * x + shift (foldable into the previous layer).
+    """Algorithm 2 step 11 as one affine map y = scale * x + shift (foldable into a previous layer).
 
         scale = gamma / sqrt(var + eps)
         shift = beta - gamma * mean / sqrt(var + eps)
@@ -295,7 +301,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5, normalized_ndim=1):
 
 
 def layernorm_backward(dout, cache):
-    """Backward of `layernorm_forward`: batch norm's closed form with the sums over one example's features.
+    """Backward of `layernorm_forward`: batch norm's closed form, sums over one example's features.
 
         dl/dxhat = dl/dy * gamma
         dl/dx    = invstd/H * (H * dl/dxhat - sum dl/dxhat - xhat * sum(dl/dxhat * xhat))

@@ -1,4 +1,4 @@
-"""The running-statistics rules, written once: every batch norm in bnlab keeps its buffers with these.
+"""The running-statistics rules, written once: every batch norm in bnlab keeps its buffers by them.
 
 - the unbiased factor m / (m - 1) that turns a batch's biased variance into the estimate the
   running variance tracks (Ioffe & Szegedy 2015, Algorithm 2; PyTorch does the same);
@@ -22,8 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteStatisticsError", "unbiased_factor", "record_batch_statistics",
-           "update_running_stats", "all_finite_on_host", "raise_if_not_finite", "merge_statistics"]
+__all__ = [
+    "NonFiniteStatisticsError",
+    "unbiased_factor",
+    "record_batch_statistics",
+    "update_running_stats",
+    "all_finite_on_host",
+    "raise_if_not_finite",
+    "merge_statistics",
+]
 
 Count = Union[int, Tensor]
 
@@ -37,9 +44,16 @@ def unbiased_factor(count: Count):
     return count / (count - 1)
 
 
-def record_batch_statistics(running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                            num_batches_tracked: Optional[Tensor], mean: Tensor, var: Tensor,
-                            count: Count, momentum: Optional[float], strict: bool) -> None:
+def record_batch_statistics(
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    count: Count,
+    momentum: Optional[float],
+    strict: bool,
+) -> None:
     """After a training batch with statistics (mean, biased var) over ``count`` values per channel:
     fold them into the running ones (if tracked; skipped for a non-finite batch), and in ``strict``
     mode raise on non-finite statistics. An empty batch has no statistics: nothing is recorded,
@@ -47,16 +61,28 @@ def record_batch_statistics(running_mean: Optional[Tensor], running_var: Optiona
     if isinstance(count, int) and count == 0:
         return
     if running_mean is not None:
-        update_running_stats(running_mean, running_var, num_batches_tracked, mean,
-                             var * unbiased_factor(count), momentum)
+        update_running_stats(
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            mean,
+            var * unbiased_factor(count),
+            momentum,
+        )
     if strict:
         raise_if_not_finite(mean, var)
 
 
 @torch.no_grad()
-def update_running_stats(running_mean: Tensor, running_var: Tensor,
-                         num_batches_tracked: Optional[Tensor], mean: Tensor, unbiased_var: Tensor,
-                         momentum: Optional[float], finite: Optional[Tensor] = None) -> None:
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    mean: Tensor,
+    unbiased_var: Tensor,
+    momentum: Optional[float],
+    finite: Optional[Tensor] = None,
+) -> None:
     """running <- running + w * (batch - running), skipped whole for a non-finite batch.
 
     w = momentum, or 1 / num_batches_tracked (the cumulative average, ``momentum=None``; the
@@ -65,8 +91,9 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     statistics are zeroed first so they cannot leak in (no host synchronisation); on the CPU,
     where a host decision is free, with half the small ops.
     """
-    on_host = (finite is None and running_mean.device.type == "cpu"
-               and not torch.compiler.is_compiling())
+    on_host = (
+        finite is None and running_mean.device.type == "cpu" and not torch.compiler.is_compiling()
+    )
     if on_host:
         if not all_finite_on_host(mean, unbiased_var):
             return
@@ -103,7 +130,7 @@ def all_finite_on_host(*tensors: Tensor) -> bool:
 
 
 def raise_if_not_finite(mean: Tensor, var: Tensor) -> None:
-    """Raise :class:`NonFiniteStatisticsError` naming the channels whose statistics are not finite."""
+    """Raise :class:`NonFiniteStatisticsError` naming the channels with non-finite statistics."""
     bad = ~(torch.isfinite(mean) & torch.isfinite(var))
     if bool(bad.any()):
         channels = bad.nonzero().flatten().tolist()

@@ -1,8 +1,8 @@
-"""What every fast backend (the Numba CPU kernels, the Triton kernels) must do alike, checked against
-the composite backend and the float64 reference: every layout x activation x dtype x train/eval,
-accurate statistics far from zero, non-finite batches, the in-place mode's backward from the output,
-a gradient in another layout. Backend-specific checks (views, splits, threads, compilation) live in
-test_cpu.py and test_gpu.py."""
+"""What every fast backend (the Numba CPU kernels, the Triton kernels) must do alike, checked
+against the composite backend and the float64 reference: every layout x activation x dtype x
+train/eval, accurate statistics far from zero, non-finite batches, the in-place mode's backward from
+the output, a gradient in another layout. Backend-specific checks (views, splits, threads,
+compilation) live in test_cpu.py and test_gpu.py."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ import torch
 import kernel_cases
 from bnlab import reference
 from bnlab.checks import INVERTIBLE_ACTIVATIONS
-from bnlab.kernels import cpu, composite
+from bnlab.kernels import composite, cpu
 from bnlab.kernels import gpu as gpu
 from kernel_cases import ACT_CASES, LAYOUTS, assert_results_close
 from tolerances import assert_step_within, batch_norm_bounds
@@ -38,33 +38,55 @@ def test_matches_composite_backend(backend, name, dtype, activation, param, trai
     x, dy = (kernel_cases.make(name, dtype, seed, device=device) for seed in (0, 1))
     w, b, rm, rv = kernel_cases.params(x.shape[1], dtype, device)
     args = (w, b, rm, rv, training, 1e-5, activation, param)
-    ours, theirs = kernels.batch_norm_act_forward(x, *args), composite.batch_norm_act_forward(x, *args)
+    ours, theirs = (
+        kernels.batch_norm_act_forward(x, *args),
+        composite.batch_norm_act_forward(x, *args),
+    )
     assert ours[0].stride() == x.stride()
     if dtype == torch.float64:
         assert_results_close(ours, theirs, dict(atol=1e-12, rtol=1e-12))
     backward = []
     for k, forward in ((kernels, ours), (composite, theirs)):
         mean, var = (forward[1], forward[2]) if training else (rm, rv)
-        backward.append(k.batch_norm_act_backward(dy, x, w, b, mean, var, training, 1e-5, activation,
-                                                  param))
+        backward.append(
+            k.batch_norm_act_backward(dy, x, w, b, mean, var, training, 1e-5, activation, param)
+        )
     if dtype == torch.float64:
         assert_results_close(*backward, dict(atol=1e-12, rtol=1e-12))
         return
     # float32: each within the derived bound of the float64 truth (tests/tolerances.py)
     stats = (None, None) if training else (rm.cpu(), rv.cpu())  # kernels update no running stats
-    truth, bounds = batch_norm_bounds(x.cpu(), dy.cpu(), w.cpu(), b.cpu(), *stats,
-                                      training=training, momentum=None, eps=1e-5, dtype=dtype,
-                                      activation=activation, param=param)
+    truth, bounds = batch_norm_bounds(
+        x.cpu(),
+        dy.cpu(),
+        w.cpu(),
+        b.cpu(),
+        *stats,
+        training=training,
+        momentum=None,
+        eps=1e-5,
+        dtype=dtype,
+        activation=activation,
+        param=param,
+    )
     keys = ("out", "mean", "var") if training else ("out",)
-    for name, forward, grads in (("kernels", ours, backward[0]), ("composite", theirs, backward[1])):
+    for name, forward, grads in (
+        ("kernels", ours, backward[0]),
+        ("composite", theirs, backward[1]),
+    ):
         results = dict(zip(keys, [t.cpu() for t in forward]))
         results.update(zip(("dx", "dweight", "dbias"), [t.cpu() for t in grads]))
         assert_step_within(results, truth, bounds, f"{name} ")
 
 
-@pytest.mark.parametrize("shape,fmt", [((32, 4, 16, 16), torch.contiguous_format),
-                                       ((32, 4, 16, 16), torch.channels_last),
-                                       ((4096, 8), torch.contiguous_format)])
+@pytest.mark.parametrize(
+    "shape,fmt",
+    [
+        ((32, 4, 16, 16), torch.contiguous_format),
+        ((32, 4, 16, 16), torch.channels_last),
+        ((4096, 8), torch.contiguous_format),
+    ],
+)
 def test_statistics_stay_accurate_far_from_zero(backend, shape, fmt):
     """float32 1e4 + N(0, 1): variance within 1e-3 relative, where E[x^2] - E[x]^2 fails."""
     kernels, device = backend
@@ -91,19 +113,23 @@ def test_statistics_of_a_non_finite_batch_are_not_finite(backend, name):
         assert torch.isfinite(mean[[0, 1, 3, 4]]).all() and torch.isfinite(var[[0, 1, 3, 4]]).all()
 
 
-@pytest.mark.parametrize("activation,param", [a for a in ACT_CASES if a[0] in INVERTIBLE_ACTIVATIONS])
+@pytest.mark.parametrize(
+    "activation,param", [a for a in ACT_CASES if a[0] in INVERTIBLE_ACTIVATIONS]
+)
 @pytest.mark.parametrize("name", ["nchw", "nhwc", "nc"])
 def test_backward_from_the_output_equals_backward_from_the_input(backend, name, activation, param):
     kernels, device = backend
     x, dy = (kernel_cases.make(name, seed=seed, device=device) for seed in (0, 1))
     w, b, _, _ = kernel_cases.params(x.shape[1], x.dtype, device)
     y = x.clone()
-    out, mean, var = kernels.batch_norm_act_forward(y, w, b, None, None, True, 1e-5, activation,
-                                                    param, out=y)
+    out, mean, var = kernels.batch_norm_act_forward(
+        y, w, b, None, None, True, 1e-5, activation, param, out=y
+    )
     assert out is y and not torch.equal(y, x)
     from_x = kernels.batch_norm_act_backward(dy, x, w, b, mean, var, True, 1e-5, activation, param)
-    from_y = kernels.batch_norm_act_backward(dy, y, w, b, mean, var, True, 1e-5, activation, param,
-                                             from_output=True)
+    from_y = kernels.batch_norm_act_backward(
+        dy, y, w, b, mean, var, True, 1e-5, activation, param, from_output=True
+    )
     assert_results_close(from_x, from_y, dict(atol=1e-10, rtol=1e-10))
 
 

@@ -14,11 +14,14 @@ from tolerances import assert_statistics_within, assert_step_within, batch_norm_
 def test_rows_are_views_in_memory_order(name):
     x = make(name)
     rows = cpu._rows(x)
-    assert np.shares_memory(rows, x.numpy() if x.is_contiguous() else x.permute(
-        0, *range(2, x.dim()), 1).numpy())
+    assert np.shares_memory(
+        rows, x.numpy() if x.is_contiguous() else x.permute(0, *range(2, x.dim()), 1).numpy()
+    )
     assert rows.flags["C_CONTIGUOUS"]
     channel_first_value = rows[0, :, 0] if rows.ndim == 3 else rows[0]
-    np.testing.assert_array_equal(channel_first_value, x.reshape(x.shape[0], x.shape[1], -1)[0, :, 0])
+    np.testing.assert_array_equal(
+        channel_first_value, x.reshape(x.shape[0], x.shape[1], -1)[0, :, 0]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -43,11 +46,17 @@ def test_float32_loops_keep_outputs_and_gradients_far_from_zero(name, activation
     if name == "nhwc":
         x64 = x64.to(memory_format=torch.channels_last)
     x, dy = x64.float(), torch.randn(x64.shape, generator=gen)
-    weight, bias = torch.rand(x.shape[1], generator=gen) + 0.5, torch.randn(x.shape[1], generator=gen)
+    weight, bias = (
+        torch.rand(x.shape[1], generator=gen) + 0.5,
+        torch.randn(x.shape[1], generator=gen),
+    )
     slope = 0.01 if activation == "leaky_relu" else 1.0
-    y, mean, var = cpu.batch_norm_act_forward(x, weight, bias, None, None, True, 1e-5, activation, slope)
-    dx, dw, db = cpu.batch_norm_act_backward(dy, x, weight, bias, mean, var, True, 1e-5, activation,
-                                             slope)
+    y, mean, var = cpu.batch_norm_act_forward(
+        x, weight, bias, None, None, True, 1e-5, activation, slope
+    )
+    dx, dw, db = cpu.batch_norm_act_backward(
+        dy, x, weight, bias, mean, var, True, 1e-5, activation, slope
+    )
     xr = x.double().requires_grad_()
     zr = torch.nn.functional.batch_norm(xr, None, None, weight.double(), bias.double(), True)
     yr = torch.nn.functional.leaky_relu(zr, slope)
@@ -57,7 +66,9 @@ def test_float32_loops_keep_outputs_and_gradients_far_from_zero(name, activation
     # dx's accuracy (and moves the kink): checked away from the kink, at that level
     away = zr.detach().abs() > 1e-2
     assert (dx.double() - xr.grad)[away].abs().max() < 1e-3 * xr.grad.abs().max()
-    torch.testing.assert_close(mean.double(), x.double().mean(dim=[d for d in range(x.dim()) if d != 1]))
+    torch.testing.assert_close(
+        mean.double(), x.double().mean(dim=[d for d in range(x.dim()) if d != 1])
+    )
 
 
 def test_few_channels_still_split_over_the_batch_and_space():
@@ -84,10 +95,13 @@ def test_thread_count_does_not_change_results(name):
         y, mean, var = cpu.batch_norm_forward(x, None, None, None, None, True, 1e-5)
         results.append((y, mean, var, *cpu.batch_norm_backward(dy, x, None, mean, var, True, 1e-5)))
     torch.set_num_threads(1)
-    truth, bounds = batch_norm_bounds(x, dy, None, None, None, None, training=True, momentum=None,
-                                      eps=1e-5, dtype=x.dtype)
+    truth, bounds = batch_norm_bounds(
+        x, dy, None, None, None, None, training=True, momentum=None, eps=1e-5, dtype=x.dtype
+    )
     for threads, (y, mean, var, dx, _, _) in zip((1, 2), results):
-        assert_step_within(dict(out=y, mean=mean, var=var, dx=dx), truth, bounds, f"{threads} threads: ")
+        assert_step_within(
+            dict(out=y, mean=mean, var=var, dx=dx), truth, bounds, f"{threads} threads: "
+        )
 
 
 def test_first_kernel_call_keeps_torch_thread_setting():
@@ -95,8 +109,10 @@ def test_first_kernel_call_keeps_torch_thread_setting():
     import subprocess
     import sys
 
-    code = ("import torch, bnlab; torch.set_num_threads(1); "
-            "bnlab.nn.BatchNorm2d(3, backend='cpu')(torch.randn(4, 3, 5, 5)); "
-            "print(torch.get_num_threads())")
+    code = (
+        "import torch, bnlab; torch.set_num_threads(1); "
+        "bnlab.nn.BatchNorm2d(3, backend='cpu')(torch.randn(4, 3, 5, 5)); "
+        "print(torch.get_num_threads())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import bnlab
+import kernel_cases
 from bnlab.kernels import composite
 from bnlab.kernels import gpu as tk
-import kernel_cases
 from kernel_cases import LAYOUTS, assert_results_close
 from tolerances import assert_statistics_within
 
@@ -56,8 +56,9 @@ def test_statistics_match_reference(name, dtype, split, request):
     assert_statistics_within(mean, var, x)
 
 
-@pytest.mark.parametrize("output_mask", [(True, False, False), (False, True, True),
-                                         (True, True, False)], ids=str)
+@pytest.mark.parametrize(
+    "output_mask", [(True, False, False), (False, True, True), (True, True, False)], ids=str
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_output_mask_leaves_out_what_is_not_wanted(output_mask, training):
     x, dy = make("nchw"), make("nchw", seed=1)
@@ -77,10 +78,15 @@ def test_half_types_compute_in_float32(name, dtype, many_splits):
     ours = tk.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, "leaky_relu", 0.1)
     theirs = composite.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, "leaky_relu", 0.1)
     assert ours[0].dtype == dtype and ours[1].dtype == torch.float32
-    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-10
     assert_results_close(ours, theirs, dict(atol=2 * ulp, rtol=2 * ulp))
-    assert_results_close(*[k.batch_norm_act_backward(dy, x, w, b, ours[1], ours[2], True, 1e-5, "leaky_relu",
-                                         0.1) for k in (tk, composite)], dict(atol=4 * ulp, rtol=4 * ulp))
+    assert_results_close(
+        *[
+            k.batch_norm_act_backward(dy, x, w, b, ours[1], ours[2], True, 1e-5, "leaky_relu", 0.1)
+            for k in (tk, composite)
+        ],
+        dict(atol=4 * ulp, rtol=4 * ulp),
+    )
 
 
 def test_a_strided_view_is_copied_once_and_laid_out_as_empty_like():
@@ -117,8 +123,13 @@ def test_kernels_compile_for_an_h100_without_register_spills():
     """Triton's compiler and ptxas for sm_90a on the CPU: what the interpreter cannot check."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, str(Path(__file__).parent / "triton_sm90.py")],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "triton_sm90.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     compiled = result.stdout.splitlines()
     assert len(compiled) >= 40 and all("spills" in line for line in compiled)

@@ -1,4 +1,5 @@
-"""The backend registry: argument > BNLAB_BACKEND > automatic; named backends that cannot run raise."""
+"""The backend registry: argument > BNLAB_BACKEND > automatic; named backends that cannot run
+raise."""
 
 import re
 import types
@@ -8,12 +9,13 @@ import torch
 
 import bnlab
 from bnlab import kernels
-from bnlab.kernels import native, composite
+from bnlab.kernels import composite, native
 
 
 @pytest.fixture
 def float64_only_backend():
-    """A registered backend that wraps the composite one, runs float64 only, and counts its calls."""
+    """A registered backend that wraps the composite one, runs float64 only, and counts its
+    calls."""
     calls = []
 
     def forward(*args):
@@ -25,8 +27,12 @@ def float64_only_backend():
         return composite.batch_norm_backward(*args)
 
     module = types.SimpleNamespace(batch_norm_forward=forward, batch_norm_backward=backward)
-    kernels.register_backend("f64only", module, lambda op, x: op in ("batch_norm", "batch_norm_backward") and x.dtype == torch.float64,
-                             priority=100)
+    kernels.register_backend(
+        "f64only",
+        module,
+        lambda op, x: op in ("batch_norm", "batch_norm_backward") and x.dtype == torch.float64,
+        priority=100,
+    )
     yield calls
     kernels.unregister_backend("f64only")
     assert "f64only" not in kernels.available_backends()
@@ -35,7 +41,9 @@ def float64_only_backend():
 def test_torch_backend_is_always_there():
     assert "composite" in kernels.available_backends()
     for dtype in (torch.bfloat16, torch.float16):
-        assert kernels.select_backend("batch_norm", torch.randn(2, 3, dtype=dtype)).module is composite
+        assert (
+            kernels.select_backend("batch_norm", torch.randn(2, 3, dtype=dtype)).module is composite
+        )
     assert kernels.select_backend("batch_norm_masked", torch.randn(2, 3)).module is composite
     assert kernels.select_backend("layer_norm", torch.randn(2, 3)).module is composite
 
@@ -43,8 +51,11 @@ def test_torch_backend_is_always_there():
 def test_numba_backend_is_preferred_for_what_it_runs():
     from bnlab.kernels import cpu
 
-    for x in (torch.randn(2 ** 16, 3), torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last),
-              torch.empty(64, 8, 1024, dtype=torch.float64)):
+    for x in (
+        torch.randn(2**16, 3),
+        torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last),
+        torch.empty(64, 8, 1024, dtype=torch.float64),
+    ):
         assert kernels.select_backend("batch_norm", x).module is cpu
         assert kernels.select_backend("batch_norm_act", x).module is cpu
     tiny = torch.randn(2, 3, 4)  # the per-call cost decides: ATen's kernels, unless named
@@ -64,16 +75,24 @@ def test_small_rows_of_spatial_values_go_to_aten_for_training():
     Numba forward plus bnlab's backward, unless its rows are long (few channels, large images)."""
     from bnlab.kernels import cpu
 
-    plain_from, fused_from = cpu._NCS_FORWARD_FROM_NUMEL["batch_norm"], cpu._NCS_FORWARD_FROM_NUMEL["batch_norm_act"]
-    for numel, op, expected in ((plain_from // 2, "batch_norm", native), (plain_from, "batch_norm", cpu),
-                                (fused_from // 2, "batch_norm_act", native),
-                                (fused_from, "batch_norm_act", cpu)):
+    plain_from, fused_from = (
+        cpu._NCS_FORWARD_FROM_NUMEL["batch_norm"],
+        cpu._NCS_FORWARD_FROM_NUMEL["batch_norm_act"],
+    )
+    for numel, op, expected in (
+        (plain_from // 2, "batch_norm", native),
+        (plain_from, "batch_norm", cpu),
+        (fused_from // 2, "batch_norm_act", native),
+        (fused_from, "batch_norm_act", cpu),
+    ):
         x = torch.empty(numel // (64 * 64), 64, 8, 8)  # rows of 64 values
         assert kernels.select_backend(op, x).module is expected, (op, tuple(x.shape))
     long_rows = torch.empty(4, 3, 64, 64)  # 48K values in rows of 4096
     assert kernels.select_backend("batch_norm", torch.empty(8, 3, 64, 64)).module is cpu
     assert kernels.select_backend("batch_norm_act", torch.empty(8, 3, 64, 64)).module is cpu
-    assert kernels.select_backend("batch_norm", long_rows).module is native  # below 64K values: ATen
+    assert (
+        kernels.select_backend("batch_norm", long_rows).module is native
+    )  # below 64K values: ATen
 
 
 def test_many_channels_innermost_prefer_aten_unless_fused_and_large():
@@ -81,14 +100,22 @@ def test_many_channels_innermost_prefer_aten_unless_fused_and_large():
     activation on a large tensor, or when asked by name, bnlab's CPU kernels run it."""
     from bnlab.kernels import cpu
 
-    for x in (torch.randn(4096, 64), torch.randn(32, 64, 8, 8).to(memory_format=torch.channels_last)):
+    for x in (
+        torch.randn(4096, 64),
+        torch.randn(32, 64, 8, 8).to(memory_format=torch.channels_last),
+    ):
         assert kernels.select_backend("batch_norm", x).module is native
         assert kernels.select_backend("batch_norm", x, "cpu").module is cpu
         assert kernels.select_backend("batch_norm_act", x).module is native
-    for x in (torch.empty(4096, 1024), torch.empty(64, 64, 32, 32).to(memory_format=torch.channels_last)):
+    for x in (
+        torch.empty(4096, 1024),
+        torch.empty(64, 64, 32, 32).to(memory_format=torch.channels_last),
+    ):
         assert kernels.select_backend("batch_norm", x).module is native
         assert kernels.select_backend("batch_norm_act", x).module is cpu
-    assert kernels.select_backend("batch_norm_act", torch.empty(1024, 4096)).module is native  # too wide
+    assert (
+        kernels.select_backend("batch_norm_act", torch.empty(1024, 4096)).module is native
+    )  # too wide
     assert kernels.select_backend("batch_norm", torch.empty(128, 64, 8, 8)).module is cpu  # NCHW
 
 
@@ -138,10 +165,10 @@ def test_backend_is_selected_once_per_call(monkeypatch, backend, shape):
     x = torch.randn(*shape, requires_grad=True)
     rm, rv = torch.zeros(3), torch.ones(3)
     for training in (True, False):
-        for call in (lambda: bnlab.functional.batch_norm(x, rm, rv, training=training,
-                                                         backend=backend),
-                     lambda: bnlab.functional.batch_norm_act(x, rm, rv, training=training,
-                                                             backend=backend)):
+        for call in (
+            lambda: bnlab.functional.batch_norm(x, rm, rv, training=training, backend=backend),
+            lambda: bnlab.functional.batch_norm_act(x, rm, rv, training=training, backend=backend),
+        ):
             asked.clear()
             y = call()
             assert len(asked) == 1, asked
@@ -190,7 +217,9 @@ def test_automatic_selection_prefers_priority_and_falls_back(float64_only_backen
 
 
 def test_named_backend_that_cannot_run_raises(float64_only_backend):
-    with pytest.raises(RuntimeError, match="backend 'f64only' cannot run batch_norm on a torch.float32"):
+    with pytest.raises(
+        RuntimeError, match="backend 'f64only' cannot run batch_norm on a torch.float32"
+    ):
         bnlab.batch_norm(torch.randn(4, 3), None, None, training=True, backend="f64only")
 
 

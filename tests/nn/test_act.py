@@ -1,11 +1,19 @@
-"""bnlab.nn.BatchNormAct* and InPlaceABN*: drop-in for BatchNorm + activation, checkpoints included."""
+"""bnlab.nn.BatchNormAct* and InPlaceABN*: drop-in for BatchNorm + activation, checkpoints
+included."""
 
 import pytest
 import torch
-from tolerances import FORWARD, GRADIENT, assert_close
 
 import bnlab
-from bnlab.nn import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, InPlaceABN1d, InPlaceABN2d, InPlaceABN3d
+from bnlab.nn import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    InPlaceABN1d,
+    InPlaceABN2d,
+    InPlaceABN3d,
+)
+from tolerances import FORWARD, GRADIENT, assert_close
 
 
 def torch_block(c, activation, slope=0.01):
@@ -57,7 +65,8 @@ def test_eval_uses_running_statistics():
     m.eval()
     x = torch.randn(5, 3)
     expected = torch.nn.functional.leaky_relu(
-        (x - m.running_mean) / torch.sqrt(m.running_var + m.eps), 0.2)
+        (x - m.running_mean) / torch.sqrt(m.running_var + m.eps), 0.2
+    )
     torch.testing.assert_close(m(x), expected)
 
 
@@ -70,8 +79,16 @@ def test_inplace_module_overwrites_its_input_and_defaults_to_leaky_relu():
     assert BatchNormAct2d(2).activation == "relu"
 
 
-@pytest.mark.parametrize("cls,rank", [(BatchNormAct1d, 4), (BatchNormAct2d, 3), (BatchNormAct3d, 4),
-                                      (InPlaceABN1d, 4), (InPlaceABN2d, 5)])
+@pytest.mark.parametrize(
+    "cls,rank",
+    [
+        (BatchNormAct1d, 4),
+        (BatchNormAct2d, 3),
+        (BatchNormAct3d, 4),
+        (InPlaceABN1d, 4),
+        (InPlaceABN2d, 5),
+    ],
+)
 def test_wrong_rank_is_an_error(cls, rank):
     with pytest.raises(ValueError, match=f"got {rank}D input"):
         cls(3)(torch.randn(*([2, 3] + [2] * (rank - 2))))
@@ -86,7 +103,9 @@ def test_bad_activation_is_an_error_at_construction():
 
 def test_repr_and_state_dict_keys():
     m = InPlaceABN2d(3, activation="elu", activation_param=0.5)
-    assert repr(m) == ("InPlaceABN2d(3, eps=1e-05, momentum=0.1, affine=True, bias=True, "
-                       "track_running_stats=True, activation='elu', activation_param=0.5)")
+    assert repr(m) == (
+        "InPlaceABN2d(3, eps=1e-05, momentum=0.1, affine=True, bias=True, "
+        "track_running_stats=True, activation='elu', activation_param=0.5)"
+    )
     assert list(m.state_dict()) == list(torch.nn.BatchNorm2d(3).state_dict())
     assert "activation='relu'" in repr(bnlab.nn.BatchNormAct1d(4))

@@ -1,21 +1,30 @@
-"""bnlab.nn batch-norm modules against torch.nn and the float64 reference, over the acceptance grid."""
+"""bnlab.nn batch-norm modules against torch.nn and the float64 reference, over the acceptance
+grid."""
 
 import itertools
 
 import numpy as np
 import pytest
 import torch
-from tolerances import check_module_step, run, to_numpy
 
 import bnlab
 from bnlab import reference
+from tolerances import check_module_step, run, to_numpy
 
 SHAPES = [(2, 3), (60, 100), (8, 16, 5, 5), (4, 3, 2, 5, 5), (1, 4, 7, 7)]
 LAYOUTS = {4: torch.channels_last, 5: torch.channels_last_3d}
-TORCH_CLASS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-               5: torch.nn.BatchNorm3d}
-BNLAB_CLASS = {2: bnlab.nn.BatchNorm1d, 3: bnlab.nn.BatchNorm1d, 4: bnlab.nn.BatchNorm2d,
-               5: bnlab.nn.BatchNorm3d}
+TORCH_CLASS = {
+    2: torch.nn.BatchNorm1d,
+    3: torch.nn.BatchNorm1d,
+    4: torch.nn.BatchNorm2d,
+    5: torch.nn.BatchNorm3d,
+}
+BNLAB_CLASS = {
+    2: bnlab.nn.BatchNorm1d,
+    3: bnlab.nn.BatchNorm1d,
+    4: bnlab.nn.BatchNorm2d,
+    5: bnlab.nn.BatchNorm3d,
+}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 BACKENDS = bnlab.kernels.available_backends()  # every backend runs the whole grid
 
@@ -64,11 +73,9 @@ def make_input(shape, layout, dtype, seed):
     return x.requires_grad_()
 
 
-
-
-# torch.nn's own bfloat16 CPU batch norm loses accuracy where a channel's spread is small against its
-# mean (seen on torch 2.13: a (2, 3) batch off by 0.2 against float64). bnlab computes half types in
-# float32, so for bfloat16 the torch.nn side runs in float32 on the same values.
+# torch.nn's own bfloat16 CPU batch norm loses accuracy where a channel's spread is small against
+# its mean (seen on torch 2.13: a (2, 3) batch off by 0.2 against float64). bnlab computes half
+# types in float32, so for bfloat16 the torch.nn side runs in float32 on the same values.
 TORCH_COMPUTE_DTYPE = {torch.bfloat16: torch.float32}
 
 
@@ -76,16 +83,42 @@ def module_grid():
     """shape x layout x affine x track x momentum x mode x backend x dtype. The momentum is applied
     outside the kernels (bnlab.functional), so Triton, slow in its CPU interpreter, runs one."""
     for (shape, layout), affine, track, momentum, training, (backend, dtype) in itertools.product(
-            shape_layouts(), [True, False], [True, False], [0.1, None, 1.0], [True, False],
-            backend_cases(DTYPES)):
+        shape_layouts(),
+        [True, False],
+        [True, False],
+        [0.1, None, 1.0],
+        [True, False],
+        backend_cases(DTYPES),
+    ):
         if backend == "gpu" and momentum != 0.1:
             continue
-        yield pytest.param(shape, layout, affine, track, momentum, training, backend, dtype, id="-".join(
-            [str(shape), layout, "affine" if affine else "noaffine", "track" if track else "notrack",
-             str(momentum), "train" if training else "eval", backend, str(dtype)]))
+        yield pytest.param(
+            shape,
+            layout,
+            affine,
+            track,
+            momentum,
+            training,
+            backend,
+            dtype,
+            id="-".join(
+                [
+                    str(shape),
+                    layout,
+                    "affine" if affine else "noaffine",
+                    "track" if track else "notrack",
+                    str(momentum),
+                    "train" if training else "eval",
+                    backend,
+                    str(dtype),
+                ]
+            ),
+        )
 
 
-@pytest.mark.parametrize("shape,layout,affine,track,momentum,training,backend,dtype", list(module_grid()))
+@pytest.mark.parametrize(
+    "shape,layout,affine,track,momentum,training,backend,dtype", list(module_grid())
+)
 def test_matches_torch_nn(shape, layout, affine, track, momentum, training, backend, dtype):
     """bnlab and torch.nn each within the derived bound of the float64 truth of their own state:
     bnlab is as close to the truth as torch.nn (never two float32 roundings compared)."""
@@ -98,20 +131,22 @@ def test_matches_torch_nn(shape, layout, affine, track, momentum, training, back
         grad_out = make_input(shape, layout, dtype, seed=100 + step).detach()
         out, *_ = check_module_step(ours, x, grad_out, label=f"bnlab step {step}: ")
         assert out.is_contiguous(memory_format=x_format(x)), "output layout differs from input's"
-        check_module_step(theirs, x.to(torch_dtype), grad_out.to(torch_dtype),
-                          label=f"torch.nn step {step}: ")
+        check_module_step(
+            theirs, x.to(torch_dtype), grad_out.to(torch_dtype), label=f"torch.nn step {step}: "
+        )
     if track:
         assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
 
 
 def x_format(x):
     for fmt in (torch.channels_last, torch.channels_last_3d):
-        if x.dim() == (4 if fmt is torch.channels_last else 5) and x.is_contiguous(memory_format=fmt) \
-                and not x.is_contiguous():
+        if (
+            x.dim() == (4 if fmt is torch.channels_last else 5)
+            and x.is_contiguous(memory_format=fmt)
+            and not x.is_contiguous()
+        ):
             return fmt
     return torch.contiguous_format
-
-
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -126,7 +161,8 @@ def test_training_matches_reference(shape, layout, affine, momentum, backend):
         grad_out = make_input(shape, layout, torch.float64, seed=100 + step).detach()
         out, dx, dparams = run(ours, x, grad_out)
         ref_out, cache = reference.spatial_batchnorm_forward(
-            to_numpy(x), to_numpy(ours.weight), to_numpy(ours.bias), ours.eps)
+            to_numpy(x), to_numpy(ours.weight), to_numpy(ours.bias), ours.eps
+        )
         ref_dx, ref_dw, ref_db = reference.spatial_batchnorm_backward(to_numpy(grad_out), cache)
         np.testing.assert_allclose(to_numpy(out), ref_out, atol=1e-10, rtol=1e-10)
         np.testing.assert_allclose(to_numpy(dx), ref_dx, atol=1e-10, rtol=1e-10)
@@ -137,7 +173,8 @@ def test_training_matches_reference(shape, layout, affine, momentum, backend):
         dims = tuple(d for d in range(xs.ndim) if d != 1)
         m = xs.size // xs.shape[1]
         running = reference.update_running_stats(
-            running[0], running[1], xs.mean(axis=dims), xs.var(axis=dims), m, momentum, running[2])
+            running[0], running[1], xs.mean(axis=dims), xs.var(axis=dims), m, momentum, running[2]
+        )
         np.testing.assert_allclose(to_numpy(ours.running_mean), running[0], atol=1e-12, rtol=1e-12)
         np.testing.assert_allclose(to_numpy(ours.running_var), running[1], atol=1e-12, rtol=1e-12)
         assert int(ours.num_batches_tracked) == running[2]
@@ -150,8 +187,13 @@ def test_eval_matches_reference(shape, layout, backend):
     ours.eval()
     x = make_input(shape, layout, torch.float64, seed=0)
     expected = reference.batchnorm_eval_forward(
-        to_numpy(x), to_numpy(ours.weight), to_numpy(ours.bias), to_numpy(ours.running_mean),
-        to_numpy(ours.running_var), ours.eps)
+        to_numpy(x),
+        to_numpy(ours.weight),
+        to_numpy(ours.bias),
+        to_numpy(ours.running_mean),
+        to_numpy(ours.running_var),
+        ours.eps,
+    )
     np.testing.assert_allclose(to_numpy(ours(x)), expected, atol=1e-12, rtol=1e-12)
 
 
@@ -163,20 +205,31 @@ def test_rank_agnostic_module_matches_reference_on_rank_6():
     np.testing.assert_allclose(to_numpy(bn(x)), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls,rank", [(bnlab.nn.BatchNorm1d, 4), (bnlab.nn.BatchNorm2d, 3),
-                                      (bnlab.nn.BatchNorm3d, 4), (bnlab.nn.BatchNorm, 1)])
+@pytest.mark.parametrize(
+    "cls,rank",
+    [
+        (bnlab.nn.BatchNorm1d, 4),
+        (bnlab.nn.BatchNorm2d, 3),
+        (bnlab.nn.BatchNorm3d, 4),
+        (bnlab.nn.BatchNorm, 1),
+    ],
+)
 def test_wrong_rank_is_an_error(cls, rank):
     with pytest.raises(ValueError, match=f"{rank}D input|rank >= 2"):
         cls(3)(torch.randn(*([3] * rank)))
 
 
 def test_wrong_channel_count_names_both():
-    with pytest.raises(ValueError, match=r"expects 3 channels on dim 1, got input of shape \(8, 4, 5, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"expects 3 channels on dim 1, got input of shape \(8, 4, 5, 5\)"
+    ):
         bnlab.nn.BatchNorm2d(3, affine=False, track_running_stats=False)(torch.randn(8, 4, 5, 5))
 
 
-@pytest.mark.parametrize("kwargs,match", [({"eps": 0.0}, "eps"), ({"momentum": 1.5}, "momentum"),
-                                          ({"momentum": -0.1}, "momentum")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"eps": 0.0}, "eps"), ({"momentum": 1.5}, "momentum"), ({"momentum": -0.1}, "momentum")],
+)
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bnlab.nn.BatchNorm2d(3, **kwargs)
@@ -194,7 +247,9 @@ def test_one_value_per_channel_in_training_is_an_error_and_leaves_state():
 NON_FINITE = {"inf": float("inf"), "nan": float("nan"), "overflowing variance": 3e38}
 
 
-@pytest.mark.parametrize("backend", [None, "native", "composite"])  # None: ATen's call, its own update
+@pytest.mark.parametrize(
+    "backend", [None, "native", "composite"]
+)  # None: ATen's call, its own update
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("bad", NON_FINITE)
 @pytest.mark.parametrize("strict", [False, True])
@@ -206,7 +261,9 @@ def test_non_finite_batch_leaves_running_statistics(strict, bad, momentum, backe
     x = torch.randn(4, 3, 5, 5)
     x[2, 1, 0, 0], x[3, 1, 0, 0] = NON_FINITE[bad], -NON_FINITE[bad]
     if strict:
-        with pytest.raises(bnlab.NonFiniteStatisticsError, match=r"1 of 3 channels \(channels \[1\]\)"):
+        with pytest.raises(
+            bnlab.NonFiniteStatisticsError, match=r"1 of 3 channels \(channels \[1\]\)"
+        ):
             bn(x)
     else:
         bn(x)
@@ -256,13 +313,17 @@ def test_parametrized_weight_is_used():
 
 
 def test_extra_repr_names_bnlab_options():
-    assert "strict=True, backend='composite'" in repr(bnlab.nn.BatchNorm2d(3, strict=True, backend="composite"))
+    assert "strict=True, backend='composite'" in repr(
+        bnlab.nn.BatchNorm2d(3, strict=True, backend="composite")
+    )
 
 
 EMPTY_BATCH_MODULES = {
     "bnlab": lambda momentum, strict: bnlab.nn.BatchNorm2d(3, momentum=momentum, strict=strict),
     "converted": lambda momentum, strict: bnlab.convert(torch.nn.BatchNorm2d(3, momentum=momentum)),
-    "bnlab act": lambda momentum, strict: bnlab.nn.BatchNormAct2d(3, momentum=momentum, strict=strict),
+    "bnlab act": lambda momentum, strict: bnlab.nn.BatchNormAct2d(
+        3, momentum=momentum, strict=strict
+    ),
 }
 
 

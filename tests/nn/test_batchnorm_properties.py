@@ -10,19 +10,27 @@ tests/nn/test_batchnorm_properties.py`` (see tests/conftest.py).
 import math
 import warnings
 
-import torch
 import pytest
+import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from tolerances import check_module_step
 
 import bnlab
+from tolerances import check_module_step
 
 MAX_NUMEL = 6000  # keeps Triton's CPU interpreter, which runs each example too, quick
-TORCH_CLASS = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
-               5: torch.nn.BatchNorm3d}
-BNLAB_CLASS = {2: bnlab.nn.BatchNorm1d, 3: bnlab.nn.BatchNorm1d, 4: bnlab.nn.BatchNorm2d,
-               5: bnlab.nn.BatchNorm3d}
+TORCH_CLASS = {
+    2: torch.nn.BatchNorm1d,
+    3: torch.nn.BatchNorm1d,
+    4: torch.nn.BatchNorm2d,
+    5: torch.nn.BatchNorm3d,
+}
+BNLAB_CLASS = {
+    2: bnlab.nn.BatchNorm1d,
+    3: bnlab.nn.BatchNorm1d,
+    4: bnlab.nn.BatchNorm2d,
+    5: bnlab.nn.BatchNorm3d,
+}
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 TORCH_COMPUTE_DTYPE = {torch.bfloat16: torch.float32}  # see test_batchnorm.py
 
@@ -45,7 +53,7 @@ def shapes(draw):
 def make_input(draw, shape, layout, dtype, scale):
     """2 * N(0, 1) * scale + loc, in the layout asked for; "strided" is every other example of a
     batch twice as large (a view no kernel can read as dense)."""
-    seed = draw(st.integers(0, 2 ** 31 - 1))
+    seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
     loc = draw(st.sampled_from([0.0, 1.0, -3.0]))
     big = (2 * shape[0], *shape[1:]) if layout == "strided" else shape
@@ -84,8 +92,13 @@ def backends_for(x, triton: bool):
 def make_pair(case, backend):
     shape, dtype = case["shape"], case["dtype"]
     c = shape[1]
-    kwargs = dict(eps=case["eps"], momentum=case["momentum"], affine=case["affine"],
-                  track_running_stats=case["track"], dtype=dtype)
+    kwargs = dict(
+        eps=case["eps"],
+        momentum=case["momentum"],
+        affine=case["affine"],
+        track_running_stats=case["track"],
+        dtype=dtype,
+    )
     ours = BNLAB_CLASS[len(shape)](c, **kwargs, backend=backend)
     theirs = TORCH_CLASS[len(shape)](c, **kwargs)
     g = torch.Generator().manual_seed(c)
@@ -103,9 +116,14 @@ def make_pair(case, backend):
 
 def check_case(case, data, triton):
     torch_dtype = TORCH_COMPUTE_DTYPE.get(case["dtype"], case["dtype"])
-    steps = [(mode, make_input(data.draw, case["shape"], case["layout"], case["dtype"], case["scale"]),
-              make_input(data.draw, case["shape"], case["layout"], case["dtype"], 1.0))
-             for mode in case["modes"]]
+    steps = [
+        (
+            mode,
+            make_input(data.draw, case["shape"], case["layout"], case["dtype"], case["scale"]),
+            make_input(data.draw, case["shape"], case["layout"], case["dtype"], 1.0),
+        )
+        for mode in case["modes"]
+    ]
     for backend in backends_for(steps[0][1], triton):
         note(f"backend={backend!r}")
         ours, theirs = make_pair(case, backend)
@@ -114,8 +132,9 @@ def check_case(case, data, triton):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the Triton interpreter's invalid-value warnings
                 check_module_step(ours, x, dy, label=f"bnlab[{backend}] step {i} ({mode}): ")
-            check_module_step(theirs, x.to(torch_dtype), dy.to(torch_dtype),
-                              label=f"torch.nn step {i} ({mode}): ")
+            check_module_step(
+                theirs, x.to(torch_dtype), dy.to(torch_dtype), label=f"torch.nn step {i} ({mode}): "
+            )
         if case["track"]:
             assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
 

@@ -1,13 +1,14 @@
-"""bnlab.nn.BNLSTM / BNLSTMCell against a float64 reference written from the equations (Cooijmans et al. 2016, section 3)."""
+"""bnlab.nn.BNLSTM / BNLSTMCell against a float64 reference written from the equations (Cooijmans
+et al. 2016, section 3)."""
 
 import io
 
 import pytest
 import torch
-from tolerances import GRADIENT, FORWARD, assert_close
 
 import bnlab
 from bnlab.nn.bnlstm import BNLSTM, BNLSTMCell
+from tolerances import GRADIENT, assert_close
 
 D = torch.float64
 EPS = 1e-5
@@ -36,16 +37,28 @@ def ref_layer(cell, x, lengths, h, c, record=None, eval_stats=False):
     for t in range(T):
         valid = lengths > t
         r = min(t, cell.max_length - 1)
-        st = (lambda w: (getattr(cell, f"running_mean_{w}")[r], getattr(cell, f"running_var_{w}")[r])
-              ) if eval_stats else (lambda w: None)
+        st = (
+            (
+                lambda w: (
+                    getattr(cell, f"running_mean_{w}")[r],
+                    getattr(cell, f"running_var_{w}")[r],
+                )
+            )
+            if eval_stats
+            else (lambda w: None)
+        )
         xt = torch.where(valid[:, None], x[t], torch.zeros_like(x[t]))
         ux, uh = xt @ cell.weight_ih.t(), h @ cell.weight_hh.t()
-        gates = (ref_bn(uh, cell.weight_h, None, valid, cell.eps, st("h"))
-                 + ref_bn(ux, cell.weight_x, None, valid, cell.eps, st("x")) + cell.bias)
+        gates = (
+            ref_bn(uh, cell.weight_h, None, valid, cell.eps, st("h"))
+            + ref_bn(ux, cell.weight_x, None, valid, cell.eps, st("x"))
+            + cell.bias
+        )
         i, f, g, o = gates.chunk(4, 1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(ref_bn(c_new, cell.weight_c, cell.bias_c, valid,
-                                                     cell.eps, st("c")))
+        h_new = torch.sigmoid(o) * torch.tanh(
+            ref_bn(c_new, cell.weight_c, cell.bias_c, valid, cell.eps, st("c"))
+        )
         if record is not None:
             record.append((ux[valid], uh[valid], c_new[valid]))
         v = valid[:, None]
@@ -62,8 +75,9 @@ def ref_lstm(model, x, lengths=None, hx=None, record=None, eval_stats=False):
     for k, cell in enumerate(model.cells):
         h0 = x.new_zeros(N, H) if hx is None else hx[0][k]
         c0 = x.new_zeros(N, H) if hx is None else hx[1][k]
-        x, h, c = ref_layer(cell, x, lengths, h0, c0,
-                           None if record is None or k else record, eval_stats)
+        x, h, c = ref_layer(
+            cell, x, lengths, h0, c0, None if record is None or k else record, eval_stats
+        )
         hs.append(h)
         cs.append(c)
     return x, (torch.stack(hs), torch.stack(cs))
@@ -130,15 +144,15 @@ def test_batch_constant_prefix(lengths):
     """Leading steps equal for every sequence (MNIST's blank first pixels): values, statistics and
     parameter gradients as the reference's; no overflow over a long prefix."""
     model, x = make(T=6, N=4, L=1, momentum=1.0, eps=0.1)  # eps 0.1: the reference's amplified
-    x = x.clone()                                             # rounding noise stays small
+    x = x.clone()  # rounding noise stays small
     x[:3] = x[:3, :1]  # steps 0..2: the same input in every sequence
     lengths = None if lengths is None else torch.tensor(lengths)
     ref = BNLSTM(3, 4, 1, max_length=6, dtype=D, momentum=1.0, eps=0.1)
     ref.load_state_dict(model.state_dict())
     out, (h, c) = model(x, lengths=lengths)
     ref_out, (rh, rc) = ref_lstm(ref, x, lengths)
-    ((out ** 2).sum() + h.sum() + c.sum()).backward()
-    ((ref_out ** 2).sum() + rh.sum() + rc.sum()).backward()
+    ((out**2).sum() + h.sum() + c.sum()).backward()
+    ((ref_out**2).sum() + rh.sum() + rc.sum()).backward()
     for a, b in ((out, ref_out), (h, rh), (c, rc)):
         assert_close(a, b, D)
     record = []
@@ -147,8 +161,12 @@ def test_batch_constant_prefix(lengths):
     cell = model.cells[0]
     for t, values in enumerate(record):
         for which, v in zip("xhc", values):
-            torch.testing.assert_close(getattr(cell, f"running_mean_{which}")[t], v.mean(0), atol=1e-10, rtol=0)
-            torch.testing.assert_close(getattr(cell, f"running_var_{which}")[t], v.var(0), atol=1e-10, rtol=0)
+            torch.testing.assert_close(
+                getattr(cell, f"running_mean_{which}")[t], v.mean(0), atol=1e-10, rtol=0
+            )
+            torch.testing.assert_close(
+                getattr(cell, f"running_var_{which}")[t], v.var(0), atol=1e-10, rtol=0
+            )
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert_close(p.grad, q.grad, D, GRADIENT, msg=name)
     # float32 over 300 blank steps (gamma 0.1, eps 1e-5): finite gradients
@@ -173,11 +191,15 @@ def test_eval_features_of_variance_zero_give_the_shift():
         assert (getattr(cell, f"running_var_{which}")[:2] == 0).all()
     model.eval()
     with torch.no_grad():
-        for which in "xhc":  # a lagging running mean would otherwise be amplified by gamma / sqrt(eps)
+        for (
+            which
+        ) in "xhc":  # a lagging running mean would otherwise be amplified by gamma / sqrt(eps)
             getattr(cell, f"running_mean_{which}")[:2] += 0.01
     eval_out, _ = model(x)
     assert torch.equal(eval_out[:2], train_out[:2])
-    assert not torch.allclose(eval_out[2:], train_out[2:])  # elsewhere: running, not batch, statistics
+    assert not torch.allclose(
+        eval_out[2:], train_out[2:]
+    )  # elsewhere: running, not batch, statistics
 
 
 def test_gradcheck_tiny():
@@ -191,8 +213,9 @@ def test_gradcheck_tiny():
     lengths = torch.tensor([3, 2, 3])
 
     def f(x, h0, c0, *ps):
-        out, (h, c) = torch.func.functional_call(model, dict(zip(names, ps)), (x, (h0, c0)),
-                                                 {"lengths": lengths})
+        out, (h, c) = torch.func.functional_call(
+            model, dict(zip(names, ps)), (x, (h0, c0)), {"lengths": lengths}
+        )
         return out, h, c
 
     ps = tuple(p.detach().clone().requires_grad_() for p in params.values())
@@ -298,11 +321,11 @@ def test_lengths_eval_match_each_sequence_alone():
     x[2:, 1] = float("nan")  # padding never leaks in
     out, (h, c) = model(x, lengths=lengths)
     for n, ln in enumerate(lengths.tolist()):
-        o1, (h1, c1) = model(x[:ln, n:n + 1])
-        assert_close(out[:ln, n:n + 1], o1, D)
+        o1, (h1, c1) = model(x[:ln, n : n + 1])
+        assert_close(out[:ln, n : n + 1], o1, D)
         assert (out[ln:, n] == 0).all()
-        assert_close(h[:, n:n + 1], h1, D)
-        assert_close(c[:, n:n + 1], c1, D)
+        assert_close(h[:, n : n + 1], h1, D)
+        assert_close(c[:, n : n + 1], c1, D)
 
 
 def test_training_statistics_exclude_finished_sequences():
@@ -344,7 +367,9 @@ def test_mask_equals_lengths():
     bf = BNLSTM(3, 4, 2, max_length=5, batch_first=True, dtype=D)
     bf.load_state_dict(model.state_dict())
     bf.eval(), model.eval()
-    assert_close(bf(x.transpose(0, 1), mask=mask.t())[0].transpose(0, 1), model(x, lengths=lengths)[0], D)
+    assert_close(
+        bf(x.transpose(0, 1), mask=mask.t())[0].transpose(0, 1), model(x, lengths=lengths)[0], D
+    )
     bad = mask.clone()
     bad[1, 0] = False  # a hole in sequence 0
     with pytest.raises(ValueError, match=r"prefix of each sequence.*\[0\]"):
@@ -473,9 +498,11 @@ def test_population_statistics_per_step(variance):
 
     model, _ = make(T=6, N=4, L=2, max_length=8)
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(6, 5, 3, generator=g, dtype=D), torch.tensor([6, 4, 6, 2, 5])),
-               (torch.randn(5, 4, 3, generator=g, dtype=D), None),
-               (torch.randn(6, 3, 3, generator=g, dtype=D), torch.tensor([3, 6, 6]))]
+    batches = [
+        (torch.randn(6, 5, 3, generator=g, dtype=D), torch.tensor([6, 4, 6, 2, 5])),
+        (torch.randn(5, 4, 3, generator=g, dtype=D), None),
+        (torch.randn(6, 3, 3, generator=g, dtype=D), torch.tensor([3, 6, 6])),
+    ]
     batches[1][0][:2] = batches[1][0][:2, :1]  # two steps equal in every sequence
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = population_statistics(model, [(x, None, ln) for x, ln in batches], variance=variance)
@@ -501,10 +528,20 @@ def test_population_statistics_per_step(variance):
         else:
             expect_var = torch.cat(vs).var(0)
         cell = model.cells[k]
-        torch.testing.assert_close(getattr(cell, f"running_mean_{which}")[t], expect_mean,
-                                   atol=1e-12, rtol=1e-10, msg=f"layer {k} {which} step {t}")
-        torch.testing.assert_close(getattr(cell, f"running_var_{which}")[t], expect_var,
-                                   atol=1e-12, rtol=1e-10, msg=f"layer {k} {which} step {t}")
+        torch.testing.assert_close(
+            getattr(cell, f"running_mean_{which}")[t],
+            expect_mean,
+            atol=1e-12,
+            rtol=1e-10,
+            msg=f"layer {k} {which} step {t}",
+        )
+        torch.testing.assert_close(
+            getattr(cell, f"running_var_{which}")[t],
+            expect_var,
+            atol=1e-12,
+            rtol=1e-10,
+            msg=f"layer {k} {which} step {t}",
+        )
     # steps 6, 7 (never reached) keep their statistics, and the report says so
     state = model.state_dict()
     for k in range(2):
@@ -512,8 +549,12 @@ def test_population_statistics_per_step(variance):
             key = f"cells.{k}.running_mean_{which}"
             assert torch.equal(state[key][6:], before[key][6:])
             assert "steps 6..7" in report.untouched[f"cells.{k}.{which}"]
-        assert report.values[f"cells.{k}.x"] == 2 + 2  # the fewest: step 5, 2 sequences in batches 0 and 2
-        assert torch.equal(state[f"cells.{k}.num_batches_tracked"], before[f"cells.{k}.num_batches_tracked"])
+        assert (
+            report.values[f"cells.{k}.x"] == 2 + 2
+        )  # the fewest: step 5, 2 sequences in batches 0 and 2
+        assert torch.equal(
+            state[f"cells.{k}.num_batches_tracked"], before[f"cells.{k}.num_batches_tracked"]
+        )
         assert model.cells[k].observer is None and model.training
     assert report.batches == 3 and report.skipped == 0
 

@@ -1,4 +1,5 @@
-"""bnlab.convert / bnlab.revert and checkpoint compatibility with torch.nn's normalization layers."""
+"""bnlab.convert / bnlab.revert and checkpoint compatibility with torch.nn's normalization
+layers."""
 
 import copy
 import re
@@ -12,8 +13,12 @@ import bnlab
 
 F64 = torch.float64
 TOL = {F64: 1e-10, torch.float32: 1e-5}
-TO_BNLAB = {nn.BatchNorm1d: bnlab.nn.BatchNorm1d, nn.BatchNorm2d: bnlab.nn.BatchNorm2d,
-            nn.BatchNorm3d: bnlab.nn.BatchNorm3d, nn.LayerNorm: bnlab.nn.LayerNorm}
+TO_BNLAB = {
+    nn.BatchNorm1d: bnlab.nn.BatchNorm1d,
+    nn.BatchNorm2d: bnlab.nn.BatchNorm2d,
+    nn.BatchNorm3d: bnlab.nn.BatchNorm3d,
+    nn.LayerNorm: bnlab.nn.LayerNorm,
+}
 TO_TORCH = {v: k for k, v in TO_BNLAB.items()}
 
 
@@ -33,13 +38,20 @@ class Net(nn.Module):  # a custom container, with a norm layer as a direct child
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, affine=False),
-                          nn.ReLU()),
-            nn.BatchNorm2d(4, track_running_stats=False, momentum=0.3))
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Sequential(
+                nn.Conv2d(4, 4, 3, padding=1, bias=False),
+                nn.BatchNorm2d(4, affine=False),
+                nn.ReLU(),
+            ),
+            nn.BatchNorm2d(4, track_running_stats=False, momentum=0.3),
+        )
         self.block = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.BatchNorm3d(3, momentum=None))
-        self.head = nn.Sequential(nn.Linear(7, 6), nn.BatchNorm1d(6, bias=False), nn.ReLU(),
-                                  nn.Linear(6, 5))
+        self.head = nn.Sequential(
+            nn.Linear(7, 6), nn.BatchNorm1d(6, bias=False), nn.ReLU(), nn.Linear(6, 5)
+        )
         self.norm = nn.LayerNorm(5)
 
     def forward(self, x2, x3):
@@ -49,8 +61,9 @@ class Net(nn.Module):  # a custom container, with a norm layer as a direct child
 
 def inputs(dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(6, 3, 5, 5, generator=g, dtype=dtype), torch.randn(6, 2, 3, 4, 4, generator=g,
-                                                                        dtype=dtype)
+    return torch.randn(6, 3, 5, 5, generator=g, dtype=dtype), torch.randn(
+        6, 2, 3, 4, 4, generator=g, dtype=dtype
+    )
 
 
 def step(model, opt, dtype=F64, seed=1):
@@ -86,11 +99,16 @@ def run(net, dtype, seed=1):
         p.grad = None
     out = net(x2, x3)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype))
-    return out.detach(), x2.grad, x3.grad, {n: p.grad for n, p in net.named_parameters()
-                                            if p.requires_grad}
+    return (
+        out.detach(),
+        x2.grad,
+        x3.grad,
+        {n: p.grad for n, p in net.named_parameters() if p.requires_grad},
+    )
 
 
 # ---------------------------------------------------------------------------------------- convert
+
 
 def test_convert_types_identity_and_modes():
     net = trained_net()
@@ -103,7 +121,9 @@ def test_convert_types_identity_and_modes():
     for n, m in net.named_modules():
         cls, training, old = before[n]
         assert m.training == training, n
-        assert (type(m), m is old) == ((TO_BNLAB[cls], False) if cls in TO_BNLAB else (cls, True)), n
+        assert (type(m), m is old) == (
+            (TO_BNLAB[cls], False) if cls in TO_BNLAB else (cls, True)
+        ), n
     assert sum(type(m) in TO_TORCH for m in net.modules()) == 6
     assert dict(net.named_parameters()).keys() == params.keys()
     assert dict(net.named_buffers()).keys() == buffers.keys()
@@ -136,8 +156,10 @@ def test_convert_same_outputs_grads_and_stats(mode, dtype):
 
 def test_optimizer_built_before_conversion_still_updates_model():
     ref, net = trained_net(), trained_net()
-    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
-            for m in (ref, net)]
+    opts = [
+        torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+        for m in (ref, net)
+    ]
     frozen = net.features[0].weight.clone()
     bnlab.convert(net)
     for seed in range(3):
@@ -180,9 +202,16 @@ class MyBN(nn.BatchNorm2d):
     pass
 
 
-@pytest.mark.parametrize("factory", [lambda: MyBN(4), lambda: nn.SyncBatchNorm(4),
-                                     lambda: nn.InstanceNorm2d(4), lambda: nn.LazyBatchNorm2d()],
-                         ids=["subclass", "sync", "instance", "lazy"])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: MyBN(4),
+        lambda: nn.SyncBatchNorm(4),
+        lambda: nn.InstanceNorm2d(4),
+        lambda: nn.LazyBatchNorm2d(),
+    ],
+    ids=["subclass", "sync", "instance", "lazy"],
+)
 def test_unconvertible_layers_left_and_reported(factory):
     odd = factory()
     model = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(nn.ReLU(), odd))
@@ -210,8 +239,14 @@ def test_root_layer_returns_new_bnlab_module(cls):
         assert new.num_batches_tracked is old.num_batches_tracked
 
 
-@pytest.mark.parametrize("make", [trained_net, lambda: nn.Sequential(nn.Linear(2, 2)),
-                                  lambda: nn.Sequential(nn.GroupNorm(2, 4), nn.RMSNorm(4))])
+@pytest.mark.parametrize(
+    "make",
+    [
+        trained_net,
+        lambda: nn.Sequential(nn.Linear(2, 2)),
+        lambda: nn.Sequential(nn.GroupNorm(2, 4), nn.RMSNorm(4)),
+    ],
+)
 def test_no_warning_when_nothing_to_report(make):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -219,6 +254,7 @@ def test_no_warning_when_nothing_to_report(make):
 
 
 # ----------------------------------------------------------------------------------------- revert
+
 
 def test_revert_restores_torch_types_with_trained_state():
     net = bnlab.convert(trained_net())
@@ -247,7 +283,9 @@ def test_revert_restores_torch_types_with_trained_state():
 def test_revert_reports_rank_agnostic_batchnorm():
     generic = bnlab.nn.BatchNorm(3)
     model = nn.Sequential(bnlab.nn.BatchNorm2d(3), nn.Sequential(generic))
-    with pytest.warns(bnlab.ConversionWarning, match=re.escape("1.0 (bnlab.nn.batchnorm.BatchNorm")):
+    with pytest.warns(
+        bnlab.ConversionWarning, match=re.escape("1.0 (bnlab.nn.batchnorm.BatchNorm")
+    ):
         bnlab.revert(model)
     assert model[1][0] is generic and type(model[0]) is nn.BatchNorm2d
 
@@ -264,8 +302,12 @@ def test_revert_of_convert_is_identity_on_state_and_repr():
 
 # ------------------------------------------------------------------------------------ checkpoints
 
-SHAPES = {nn.BatchNorm1d: (5, 4, 3), nn.BatchNorm2d: (5, 4, 3, 3), nn.BatchNorm3d: (3, 4, 2, 3, 3),
-          nn.LayerNorm: (2, 5, 3, 4)}
+SHAPES = {
+    nn.BatchNorm1d: (5, 4, 3),
+    nn.BatchNorm2d: (5, 4, 3, 3),
+    nn.BatchNorm3d: (3, 4, 2, 3, 3),
+    nn.LayerNorm: (2, 5, 3, 4),
+}
 BOOLS = (True, False)
 BN_COMBOS = [(c, a, t, b) for c in list(SHAPES)[:3] for a in BOOLS for t in BOOLS for b in BOOLS]
 LN_COMBOS = [(nn.LayerNorm, a, True, b) for a in BOOLS for b in BOOLS]
@@ -306,8 +348,9 @@ def assert_same_behaviour(a, b, shape):
 def test_checkpoint_round_trip(cls, affine, track, bias, tmp_path):
     fresh_t, fresh_b = build(cls, affine, track, bias), build(TO_BNLAB[cls], affine, track, bias)
     st, sb = fresh_t.state_dict(), fresh_b.state_dict()
-    assert [(k, v.shape, v.dtype) for k, v in st.items()] == [(k, v.shape, v.dtype)
-                                                              for k, v in sb.items()]
+    assert [(k, v.shape, v.dtype) for k, v in st.items()] == [
+        (k, v.shape, v.dtype) for k, v in sb.items()
+    ]
     assert st._metadata == sb._metadata and repr(fresh_t) == repr(fresh_b)
     src = perturbed(cls, affine, track, bias)
     for i, target in enumerate((TO_BNLAB[cls], cls)):  # torch -> bnlab -> torch
@@ -344,12 +387,17 @@ def test_old_checkpoint_without_num_batches_tracked(cls, prefix, version, tmp_pa
             wrap(build(target, True, True, True)).load_state_dict(copy.deepcopy(sd), strict=True)
 
 
-@pytest.mark.parametrize("cls,args,kwargs", [
-    (nn.BatchNorm1d, (7,), {}), (nn.BatchNorm2d, (3, 1e-3, None), {"affine": False}),
-    (nn.BatchNorm3d, (2,), {"track_running_stats": False, "bias": False, "momentum": 0.5}),
-    (nn.LayerNorm, (4,), {}), (nn.LayerNorm, ([2, 3], 1e-6, False), {}),
-    (nn.LayerNorm, ((2, 3),), {"bias": False}),
-])
+@pytest.mark.parametrize(
+    "cls,args,kwargs",
+    [
+        (nn.BatchNorm1d, (7,), {}),
+        (nn.BatchNorm2d, (3, 1e-3, None), {"affine": False}),
+        (nn.BatchNorm3d, (2,), {"track_running_stats": False, "bias": False, "momentum": 0.5}),
+        (nn.LayerNorm, (4,), {}),
+        (nn.LayerNorm, ([2, 3], 1e-6, False), {}),
+        (nn.LayerNorm, ((2, 3),), {"bias": False}),
+    ],
+)
 def test_repr_matches_torch(cls, args, kwargs):
     ours = TO_BNLAB[cls]
     assert repr(ours(*args, **kwargs)) == repr(cls(*args, **kwargs))
@@ -357,8 +405,9 @@ def test_repr_matches_torch(cls, args, kwargs):
     assert "backend='composite'" in repr(ours(*args, **kwargs, backend="composite"))
 
 
-@pytest.mark.parametrize("cls,affine,track,bias",
-                         [c for c in BN_COMBOS if c[0] is nn.BatchNorm2d] + LN_COMBOS)
+@pytest.mark.parametrize(
+    "cls,affine,track,bias", [c for c in BN_COMBOS if c[0] is nn.BatchNorm2d] + LN_COMBOS
+)
 def test_reset_methods_match_torch(cls, affine, track, bias):
     t = perturbed(cls, affine, track, bias)
     b = bnlab.convert(copy.deepcopy(t))

@@ -4,19 +4,36 @@ in a loop and the float64 NumPy reference, over divisible and non-divisible batc
 import numpy as np
 import pytest
 import torch
-from tolerances import FORWARD, GRADIENT, assert_close, assert_rounded_once, run, to_numpy
 
 import bnlab
 from bnlab import reference
-from bnlab.nn.ghost import (GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d,
-                            ghost_batch_sizes)
+from bnlab.nn.ghost import (
+    GhostBatchNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    ghost_batch_sizes,
+)
+from tolerances import FORWARD, GRADIENT, assert_close, assert_rounded_once, run, to_numpy
 
 # (N, virtual_batch_size, the virtual batches' rows): divisible, a remainder merged into the last
 # virtual batch (of 1 row included), and N < 2 * virtual_batch_size (one batch)
-SPLITS = [(8, 4, [4, 4]), (12, 3, [3, 3, 3, 3]), (10, 4, [4, 6]), (9, 4, [4, 5]),
-          (13, 4, [4, 4, 5]), (5, 2, [2, 3]), (7, 4, [7]), (3, 4, [3])]
-TRAILING = {"2d": ((3,), "contiguous"), "3d": ((3, 4), "contiguous"),
-            "4d": ((3, 2, 3), "contiguous"), "4d-channels_last": ((3, 2, 3), "channels_last")}
+SPLITS = [
+    (8, 4, [4, 4]),
+    (12, 3, [3, 3, 3, 3]),
+    (10, 4, [4, 6]),
+    (9, 4, [4, 5]),
+    (13, 4, [4, 4, 5]),
+    (5, 2, [2, 3]),
+    (7, 4, [7]),
+    (3, 4, [3]),
+]
+TRAILING = {
+    "2d": ((3,), "contiguous"),
+    "3d": ((3, 4), "contiguous"),
+    "4d": ((3, 2, 3), "contiguous"),
+    "4d-channels_last": ((3, 2, 3), "channels_last"),
+}
 AFFINE = {"affine": {}, "noaffine": {"affine": False}, "nobias": {"bias": False}}
 
 
@@ -42,15 +59,19 @@ def randomize(module, seed=0):
     return module
 
 
-
-
 def per_chunk_bnlab(module, x, grad_out, sizes):
     """bnlab.functional.batch_norm on each virtual batch in turn (GhostBatchNorm vectorizes it)."""
     x = x.detach().clone().requires_grad_()
-    params = [None if p is None else p.detach().clone().requires_grad_()
-              for p in (module.weight, module.bias)]
-    out = torch.cat([bnlab.batch_norm(chunk, None, None, *params, training=True, eps=module.eps)
-                     for chunk in torch.split(x, sizes)])
+    params = [
+        None if p is None else p.detach().clone().requires_grad_()
+        for p in (module.weight, module.bias)
+    ]
+    out = torch.cat(
+        [
+            bnlab.batch_norm(chunk, None, None, *params, training=True, eps=module.eps)
+            for chunk in torch.split(x, sizes)
+        ]
+    )
     out.backward(grad_out)
     return out, x.grad, [p.grad for p in params if p is not None]
 
@@ -59,8 +80,10 @@ def per_chunk_reference(module, x, grad_out, sizes):
     """reference.spatial_batchnorm_forward/backward per virtual batch; gamma/beta grads summed."""
     gamma, beta = to_numpy(module.weight), to_numpy(module.bias)
     outs, dxs, dgamma, dbeta = [], [], 0.0, 0.0
-    for chunk, dchunk in zip(np.split(to_numpy(x), np.cumsum(sizes)[:-1]),
-                             np.split(to_numpy(grad_out), np.cumsum(sizes)[:-1])):
+    for chunk, dchunk in zip(
+        np.split(to_numpy(x), np.cumsum(sizes)[:-1]),
+        np.split(to_numpy(grad_out), np.cumsum(sizes)[:-1]),
+    ):
         out, cache = reference.spatial_batchnorm_forward(chunk, gamma, beta, module.eps)
         dx, dg, db = reference.spatial_batchnorm_backward(dchunk, cache)
         outs.append(out), dxs.append(dx)
@@ -93,8 +116,15 @@ def test_ghost_batch_sizes(n, vbs, sizes):
 def test_matches_per_virtual_batch_batchnorm(n, vbs, sizes, rank, affine, momentum):
     trailing, layout = TRAILING[rank]
     shape = (n, *trailing)
-    ours = randomize(GhostBatchNorm(shape[1], momentum=momentum, virtual_batch_size=vbs,
-                                    dtype=torch.float64, **AFFINE[affine]))
+    ours = randomize(
+        GhostBatchNorm(
+            shape[1],
+            momentum=momentum,
+            virtual_batch_size=vbs,
+            dtype=torch.float64,
+            **AFFINE[affine],
+        )
+    )
     running = [to_numpy(ours.running_mean), to_numpy(ours.running_var), 3]
     for step in range(2):
         x = make_input(shape, layout, torch.float64, seed=step)
@@ -157,8 +187,9 @@ def test_eval_is_batchnorm_eval(layout):
 
 
 def test_without_running_stats():
-    ours = randomize(GhostBatchNorm1d(3, virtual_batch_size=4, track_running_stats=False,
-                                      dtype=torch.float64))
+    ours = randomize(
+        GhostBatchNorm1d(3, virtual_batch_size=4, track_running_stats=False, dtype=torch.float64)
+    )
     assert list(ours.state_dict()) == ["weight", "bias"]
     x = make_input((10, 3), "contiguous", torch.float64, seed=0)
     grad_out = make_input((10, 3), "contiguous", torch.float64, seed=1, requires_grad=False)
@@ -234,8 +265,12 @@ def test_input_checks_and_repr():
 
 
 def test_public_names():
-    assert (bnlab.nn.GhostBatchNorm, bnlab.nn.GhostBatchNorm1d, bnlab.nn.GhostBatchNorm2d,
-            bnlab.nn.GhostBatchNorm3d) == (GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d,
-                                           GhostBatchNorm3d)
+    assert (
+        bnlab.nn.GhostBatchNorm,
+        bnlab.nn.GhostBatchNorm1d,
+        bnlab.nn.GhostBatchNorm2d,
+        bnlab.nn.GhostBatchNorm3d,
+    ) == (GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d)
     assert {"GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"} <= set(
-        bnlab.nn.__all__)
+        bnlab.nn.__all__
+    )

@@ -6,11 +6,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from tolerances import FORWARD, GRADIENT, assert_close, assert_rounded_once, run, to_numpy
 
 import bnlab
 from bnlab import reference
 from bnlab.nn.renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from tolerances import FORWARD, GRADIENT, assert_close, assert_rounded_once, run, to_numpy
 
 SHAPES = [(6, 3), (5, 3, 4), (4, 3, 5, 5), (3, 3, 2, 3, 4)]
 LAYOUTS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -48,8 +48,6 @@ def randomize(module, seed=0):
     return module
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # r = 1, d = 0: exactly BatchNorm
 # ---------------------------------------------------------------------------------------------
@@ -66,8 +64,7 @@ def test_plain_renorm_is_batchnorm_exactly(shape, layout, plain, affine, momentu
     else:  # the default schedule, still in its warm-up
         kwargs, start = {}, 4998
     c = shape[1]
-    ours = randomize(BatchRenorm(c, momentum=momentum, dtype=dtype, **kwargs,
-                                          **AFFINE[affine]))
+    ours = randomize(BatchRenorm(c, momentum=momentum, dtype=dtype, **kwargs, **AFFINE[affine]))
     ours.num_batches_tracked.fill_(start)
     bn = bnlab.nn.BatchNorm(c, momentum=momentum, dtype=dtype, **AFFINE[affine])
     bn.load_state_dict(ours.state_dict())
@@ -133,8 +130,9 @@ def set_running_stats(module, x, mode):
 @pytest.mark.parametrize("mode", ["clipped", "unclipped"])
 @pytest.mark.parametrize("shape,layout", list(shape_layouts()), ids=str)
 def test_relaxed_renorm_matches_reference(shape, layout, mode, affine, momentum):
-    ours = randomize(RENORM[len(shape)](shape[1], momentum=momentum, dtype=torch.float64,
-                                        **AFFINE[affine]))
+    ours = randomize(
+        RENORM[len(shape)](shape[1], momentum=momentum, dtype=torch.float64, **AFFINE[affine])
+    )
     ours.num_batches_tracked.fill_(PAST_SCHEDULE)
     x = make_input(shape, layout, torch.float64, seed=0)
     set_running_stats(ours, x, mode)
@@ -145,8 +143,16 @@ def test_relaxed_renorm_matches_reference(shape, layout, mode, affine, momentum)
         nbt = int(ours.num_batches_tracked)
         out, dx, grads = run(ours, x, grad_out)
         y, ref_dx, dgamma, dbeta, r_raw, d_raw, mu_b, var_b = renorm_reference(
-            to_numpy(x), to_numpy(ours.weight), to_numpy(ours.bias), rm, rv, ours.eps, 3.0, 5.0,
-            to_numpy(grad_out))
+            to_numpy(x),
+            to_numpy(ours.weight),
+            to_numpy(ours.bias),
+            rm,
+            rv,
+            ours.eps,
+            3.0,
+            5.0,
+            to_numpy(grad_out),
+        )
         if step == 0:
             clipped = (r_raw > 3) | (r_raw < 1 / 3) | (np.abs(d_raw) > 5)
             assert clipped.any() == (mode == "clipped") and not clipped.all()
@@ -187,9 +193,19 @@ def test_reference_gradient_is_the_gradient_with_r_and_d_frozen():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("step,r_lim,d_lim", [
-    (0, 1.0, 0.0), (4999, 1.0, 0.0), (5000, 1.0, 0.0), (15000, 1 + 2 * 10 / 35, 5 * 10 / 20),
-    (22500, 2.0, 4.375), (25000, 1 + 2 * 20 / 35, 5.0), (40000, 3.0, 5.0), (10**7, 3.0, 5.0)])
+@pytest.mark.parametrize(
+    "step,r_lim,d_lim",
+    [
+        (0, 1.0, 0.0),
+        (4999, 1.0, 0.0),
+        (5000, 1.0, 0.0),
+        (15000, 1 + 2 * 10 / 35, 5 * 10 / 20),
+        (22500, 2.0, 4.375),
+        (25000, 1 + 2 * 20 / 35, 5.0),
+        (40000, 3.0, 5.0),
+        (10**7, 3.0, 5.0),
+    ],
+)
 def test_default_schedule(step, r_lim, d_lim):
     bn = BatchRenorm2d(3, dtype=torch.float64)
     bn.num_batches_tracked.fill_(step)
@@ -200,8 +216,9 @@ def test_default_schedule(step, r_lim, d_lim):
 
 
 def test_schedule_advances_once_per_finite_training_batch():
-    bn = BatchRenorm1d(3, r_max=2.0, d_max=1.0, warmup_steps=2, r_max_steps=6,
-                                d_max_steps=2)  # d_max jumps to 1 at step 2
+    bn = BatchRenorm1d(
+        3, r_max=2.0, d_max=1.0, warmup_steps=2, r_max_steps=6, d_max_steps=2
+    )  # d_max jumps to 1 at step 2
     expected = [(1, 0), (1, 0), (1, 1), (1.25, 1), (1.5, 1), (1.75, 1), (2, 1), (2, 1)]
     for r_lim, d_lim in expected:
         assert [float(t) for t in bn.clip_limits()] == [r_lim, d_lim]
@@ -260,8 +277,13 @@ def test_eval_is_batchnorm_eval(shape, layout):
     assert torch.equal(out, bn_out) and torch.equal(dx, bn_dx)
     assert all(torch.equal(a, b) for a, b in zip(grads, bn_grads))
     expected = reference.batchnorm_eval_forward(
-        to_numpy(x), to_numpy(ours.weight), to_numpy(ours.bias), to_numpy(ours.running_mean),
-        to_numpy(ours.running_var), ours.eps)
+        to_numpy(x),
+        to_numpy(ours.weight),
+        to_numpy(ours.bias),
+        to_numpy(ours.running_mean),
+        to_numpy(ours.running_var),
+        ours.eps,
+    )
     np.testing.assert_allclose(to_numpy(out), expected, atol=1e-12, rtol=1e-12)
     assert int(ours.num_batches_tracked) == 3
 
@@ -316,15 +338,21 @@ def test_non_finite_batch_leaves_running_statistics(strict):
         assert torch.equal(value, before[key]), key
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"r_max": 0.5}, "r_max must be a finite number >= 1"),
-    ({"r_max": float("nan")}, "r_max"), ({"r_max": float("inf")}, "r_max"),
-    ({"d_max": -1.0}, "d_max must be a finite number >= 0"),
-    ({"warmup_steps": -1}, "warmup_steps must be an int >= 0"),
-    ({"warmup_steps": 100, "r_max_steps": 50}, r"r_max_steps .* >= warmup_steps=100, got 50"),
-    ({"d_max_steps": 2.5}, "d_max_steps"),
-    ({"track_running_stats": False}, "track_running_stats=True"),
-    ({"momentum": 2.0}, "momentum"), ({"eps": 0.0}, "eps")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"r_max": 0.5}, "r_max must be a finite number >= 1"),
+        ({"r_max": float("nan")}, "r_max"),
+        ({"r_max": float("inf")}, "r_max"),
+        ({"d_max": -1.0}, "d_max must be a finite number >= 0"),
+        ({"warmup_steps": -1}, "warmup_steps must be an int >= 0"),
+        ({"warmup_steps": 100, "r_max_steps": 50}, r"r_max_steps .* >= warmup_steps=100, got 50"),
+        ({"d_max_steps": 2.5}, "d_max_steps"),
+        ({"track_running_stats": False}, "track_running_stats=True"),
+        ({"momentum": 2.0}, "momentum"),
+        ({"eps": 0.0}, "eps"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BatchRenorm2d(3, **kwargs)
@@ -345,7 +373,11 @@ def test_input_checks_and_repr():
 
 
 def test_public_names():
-    assert (bnlab.nn.BatchRenorm, bnlab.nn.BatchRenorm1d, bnlab.nn.BatchRenorm2d,
-            bnlab.nn.BatchRenorm3d) == (BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)
+    assert (
+        bnlab.nn.BatchRenorm,
+        bnlab.nn.BatchRenorm1d,
+        bnlab.nn.BatchRenorm2d,
+        bnlab.nn.BatchRenorm3d,
+    ) == (BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)
     names = {"BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"}
     assert names <= set(bnlab.nn.__all__)

@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from tolerances import FORWARD, assert_close, assert_step_within, batch_norm_bounds
 from torch import nn
 
 import bnlab
 from bnlab import convert_sync_batchnorm
 from bnlab.nn import SyncBatchNorm
+from tolerances import FORWARD, assert_close, assert_step_within, batch_norm_bounds
 
 F64 = torch.float64
 LAYOUTS = {4: torch.channels_last, 5: torch.channels_last_3d}
@@ -22,7 +22,10 @@ LAYOUTS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 def make_pair(c, dtype=F64, seed=0, **kwargs):
     """A BatchNorm and a SyncBatchNorm in the same, non-trivial state."""
-    ours, theirs = SyncBatchNorm(c, dtype=dtype, **kwargs), bnlab.nn.BatchNorm(c, dtype=dtype, **kwargs)
+    ours, theirs = (
+        SyncBatchNorm(c, dtype=dtype, **kwargs),
+        bnlab.nn.BatchNorm(c, dtype=dtype, **kwargs),
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         if theirs.weight is not None:
@@ -69,8 +72,13 @@ def assert_identical(ours, theirs, shape, layout, dtype, steps=2):
             torch.testing.assert_close(buf, ref, atol=0, rtol=0, msg=name)
 
 
-CASES = [((6, 5), "contiguous"), ((4, 3, 7), "contiguous"), ((4, 3, 5, 5), "channels_last"),
-         ((2, 3, 2, 3, 3), "channels_last"), ((0, 3, 4, 4), "contiguous")]
+CASES = [
+    ((6, 5), "contiguous"),
+    ((4, 3, 7), "contiguous"),
+    ((4, 3, 5, 5), "channels_last"),
+    ((2, 3, 2, 3, 3), "channels_last"),
+    ((0, 3, 4, 4), "contiguous"),
+]
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
@@ -89,8 +97,13 @@ def test_without_process_group_is_batch_norm(shape, layout, kwargs, momentum, tr
 
 
 def test_process_group_of_one_rank_is_batch_norm(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp_path / 'store'}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )
     try:
         ours, theirs = make_pair(3, momentum=None)
         assert_identical(ours, theirs, (4, 3, 5, 5), "channels_last", F64, steps=3)
@@ -133,17 +146,34 @@ def test_masked_equals_batch_norm_on_the_valid_values(shape, momentum, dtype):
         grad_out = make_input(shape, dtype, 100 + step) * valid  # the loss ignores padding outputs
         rows, grad_rows = valid_rows(x, mask), valid_rows(grad_out, mask)
         truth, bounds = batch_norm_bounds(  # the valid values are a batch of their own
-            rows, grad_rows, ours.weight, ours.bias, ours.running_mean.clone(),
-            ours.running_var.clone(), training=True, momentum=momentum, eps=ours.eps, dtype=dtype,
-            num_batches_tracked=ours.num_batches_tracked.clone())
-        for name, module, args in (("masked", ours, (x, grad_out, mask)),
-                                   ("batch norm", theirs, (rows, grad_rows))):
+            rows,
+            grad_rows,
+            ours.weight,
+            ours.bias,
+            ours.running_mean.clone(),
+            ours.running_var.clone(),
+            training=True,
+            momentum=momentum,
+            eps=ours.eps,
+            dtype=dtype,
+            num_batches_tracked=ours.num_batches_tracked.clone(),
+        )
+        for name, module, args in (
+            ("masked", ours, (x, grad_out, mask)),
+            ("batch norm", theirs, (rows, grad_rows)),
+        ):
             out, dx, grads = run(module, *args)
             if module is ours:
                 assert (dx.masked_select(~valid) == 0).all()
                 out, dx = valid_rows(out, mask), valid_rows(dx, mask)
-            assert_step_within(dict(out=out, dx=dx, dweight=grads[0], dbias=grads[1],
-                                    **dict(module.named_buffers())), truth, bounds, f"{name} ")
+            assert_step_within(
+                dict(
+                    out=out, dx=dx, dweight=grads[0], dbias=grads[1], **dict(module.named_buffers())
+                ),
+                truth,
+                bounds,
+                f"{name} ",
+            )
 
 
 def test_masked_padding_is_normalized_with_the_valid_statistics():
@@ -162,8 +192,9 @@ def test_masked_padding_is_normalized_with_the_valid_statistics():
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
     pad = ~mask.unsqueeze(1).expand_as(x)
     # padding did not enter the statistics: its gradient is the elementwise one
-    torch.testing.assert_close(x.grad[pad], (grad_out * (invstd * w)[:, None]).expand_as(x)[pad],
-                               atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        x.grad[pad], (grad_out * (invstd * w)[:, None]).expand_as(x)[pad], atol=1e-12, rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("fill", [float("inf"), float("nan"), 1e30])
@@ -174,7 +205,9 @@ def test_masked_statistics_ignore_padding_values(fill):
     ref = theirs(valid_rows(x, mask))
     torch.testing.assert_close(valid_rows(out, mask), ref, atol=1e-12, rtol=1e-12)
     for name in ("running_mean", "running_var"):
-        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(
+            getattr(ours, name), getattr(theirs, name), atol=1e-12, rtol=1e-12
+        )
 
 
 def test_mask_all_valid_is_batch_norm():
@@ -196,8 +229,9 @@ def test_masked_eval_without_running_statistics_uses_the_valid_values():
     ours, theirs = make_pair(3, track_running_stats=False)
     ours.eval(), theirs.eval()
     x, mask = masked_case((4, 3, 7), F64)
-    torch.testing.assert_close(valid_rows(ours(x, mask), mask), theirs(valid_rows(x, mask)),
-                               atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        valid_rows(ours(x, mask), mask), theirs(valid_rows(x, mask)), atol=1e-12, rtol=1e-12
+    )
 
 
 def test_one_valid_value_is_an_error_and_leaves_state():
@@ -211,11 +245,18 @@ def test_one_valid_value_is_an_error_and_leaves_state():
         torch.testing.assert_close(value, before[key], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("mask,error,match", [
-    (torch.ones(4, 6, dtype=torch.bool), ValueError, r"mask has shape \(4, 6\), expected \(4, 7\)"),
-    (torch.ones(4, 3, 7, dtype=torch.bool), ValueError, "without the channel dim 1"),
-    (torch.ones(4, 7), TypeError, "mask must be a bool tensor"),
-])
+@pytest.mark.parametrize(
+    "mask,error,match",
+    [
+        (
+            torch.ones(4, 6, dtype=torch.bool),
+            ValueError,
+            r"mask has shape \(4, 6\), expected \(4, 7\)",
+        ),
+        (torch.ones(4, 3, 7, dtype=torch.bool), ValueError, "without the channel dim 1"),
+        (torch.ones(4, 7), TypeError, "mask must be a bool tensor"),
+    ],
+)
 def test_bad_mask_is_an_error(mask, error, match):
     with pytest.raises(error, match=match):
         SyncBatchNorm(3)(torch.randn(4, 3, 7), mask)
@@ -251,8 +292,9 @@ def test_extra_repr_is_batch_norms():
     assert SyncBatchNorm(5, **kwargs).extra_repr() == bnlab.nn.BatchNorm(5, **kwargs).extra_repr()
 
 
-@pytest.mark.parametrize("timeout,error", [(0, ValueError), (-1.0, ValueError), ("5", TypeError),
-                                           (True, TypeError)])
+@pytest.mark.parametrize(
+    "timeout,error", [(0, ValueError), (-1.0, ValueError), ("5", TypeError), (True, TypeError)]
+)
 def test_bad_timeout_is_an_error(timeout, error):
     with pytest.raises(error, match="timeout"):
         SyncBatchNorm(3, timeout=timeout)
@@ -283,14 +325,27 @@ class Net(nn.Module):
         super().__init__()
         shared = nn.BatchNorm2d(4)
         self.features = nn.Sequential(
-            nn.Conv2d(3, 4, 3, padding=1), shared, nn.ReLU(),
-            nn.Conv2d(4, 4, 3, padding=1), bnlab.nn.BatchNorm2d(4, momentum=None, strict=True),
-            nn.Conv2d(4, 4, 1), shared,  # the same layer twice
-            bnlab.nn.BatchRenorm2d(4), bnlab.nn.GhostBatchNorm2d(4, virtual_batch_size=2),
-            Tagged(4), nn.SyncBatchNorm(4), nn.InstanceNorm2d(4), bnlab.nn.FrozenBatchNorm2d(4))
+            nn.Conv2d(3, 4, 3, padding=1),
+            shared,
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            bnlab.nn.BatchNorm2d(4, momentum=None, strict=True),
+            nn.Conv2d(4, 4, 1),
+            shared,  # the same layer twice
+            bnlab.nn.BatchRenorm2d(4),
+            bnlab.nn.GhostBatchNorm2d(4, virtual_batch_size=2),
+            Tagged(4),
+            nn.SyncBatchNorm(4),
+            nn.InstanceNorm2d(4),
+            bnlab.nn.FrozenBatchNorm2d(4),
+        )
         self.block = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.BatchNorm3d(3, affine=False))
-        self.head = nn.Sequential(nn.Linear(4 + 3, 6), nn.BatchNorm1d(6, track_running_stats=False),
-                                  bnlab.nn.BatchNorm(6), nn.LayerNorm(6))
+        self.head = nn.Sequential(
+            nn.Linear(4 + 3, 6),
+            nn.BatchNorm1d(6, track_running_stats=False),
+            bnlab.nn.BatchNorm(6),
+            nn.LayerNorm(6),
+        )
 
     def forward(self, x2, x3):
         h = [self.features[:7](x2).mean((2, 3)), self.block(x3).relu().mean((2, 3, 4))]
@@ -322,8 +377,12 @@ def convert_quietly(model, *args, **kwargs):
 
 
 CONVERTED = ["features.1", "features.4", "features.6", "block.1", "head.1", "head.2"]
-LEFT = {"features.7": "BatchRenorm2d", "features.8": "GhostBatchNorm2d", "features.9": "Tagged",
-        "features.10": "SyncBatchNorm"}
+LEFT = {
+    "features.7": "BatchRenorm2d",
+    "features.8": "GhostBatchNorm2d",
+    "features.9": "Tagged",
+    "features.10": "SyncBatchNorm",
+}
 
 
 def test_convert_swaps_exactly_the_plain_batch_norms_and_reports_the_rest():
@@ -392,8 +451,9 @@ def test_converted_model_computes_the_same_without_process_group(training):
         inputs = [t.double() if t.is_floating_point() else t for t in net_inputs(seed)]
         assert_close(net(*inputs), twin(*inputs), torch.float64, FORWARD)
     for (name, a), (_, b) in zip(net.state_dict().items(), twin.state_dict().items()):
-        assert_close(a, b, a.dtype, FORWARD, msg=name) if a.is_floating_point() else \
-            torch.testing.assert_close(a, b, msg=name)
+        assert_close(
+            a, b, a.dtype, FORWARD, msg=name
+        ) if a.is_floating_point() else torch.testing.assert_close(a, b, msg=name)
 
 
 def test_converted_layer_keeps_its_input_rank_check():

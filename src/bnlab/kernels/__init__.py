@@ -42,11 +42,24 @@ import torch
 
 from . import composite, native
 
-__all__ = ["Backend", "OPS", "register_backend", "unregister_backend", "available_backends",
-           "get_backend", "select_backend"]
+__all__ = [
+    "Backend",
+    "OPS",
+    "register_backend",
+    "unregister_backend",
+    "available_backends",
+    "get_backend",
+    "select_backend",
+]
 
-OPS = ("batch_norm", "batch_norm_backward", "batch_norm_masked", "batch_norm_eval", "batch_norm_act",
-       "layer_norm")
+OPS = (
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_masked",
+    "batch_norm_eval",
+    "batch_norm_act",
+    "layer_norm",
+)
 
 ALIASES = {"torch": "composite", "numba": "cpu", "triton": "gpu"}  # their former names
 
@@ -62,7 +75,7 @@ class Backend:
     prefers: Optional[Callable[[str, torch.Tensor], bool]] = None
 
     def takes(self, op: str, x: torch.Tensor) -> bool:
-        """Whether automatic selection gives ``op`` on ``x`` to this backend (if none above does)."""
+        """Whether automatic selection gives ``op`` on ``x`` here (if no backend above takes it)."""
         return self.supports(op, x) and (self.prefers is None or self.prefers(op, x))
 
 

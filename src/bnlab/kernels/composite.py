@@ -1,4 +1,4 @@
-"""Composite PyTorch backend: any device, any floating dtype; the fallback every backend can lean on.
+"""Composite PyTorch backend: any device, any floating dtype; the fallback behind every backend.
 
 Plain functions with no autograd inside. Written only with differentiable PyTorch ops, so the
 functional layer also uses the backward functions here to provide second derivatives (autograd
@@ -118,8 +118,9 @@ def _normalize(xa: Tensor, mean: Tensor, var: Tensor, weight, bias, eps: float) 
     return y
 
 
-def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
-                        output_mask=(True, True, True), mask=None):
+def batch_norm_backward(
+    grad_out, x, weight, mean, var, training, eps, output_mask=(True, True, True), mask=None
+):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_backward`. In training ``mean`` None
     recomputes the statistics from x in autograd-visible ops: second derivatives see their
     dependence on x."""
@@ -147,8 +148,15 @@ def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
     return dx, dweight, dbias
 
 
-def training_input_grad(dy: Tensor, xhat: Tensor, scale: Tensor, sum_dy: Tensor,
-                        sum_dy_xhat: Tensor, count, mask: Tensor | None = None) -> Tensor:
+def training_input_grad(
+    dy: Tensor,
+    xhat: Tensor,
+    scale: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count,
+    mask: Tensor | None = None,
+) -> Tensor:
     """dx = scale * (dy - sum(dy) / m - xhat * sum(dy * xhat) / m), per channel (scale = weight *
     invstd; the sums and m = ``count`` over everything the statistics saw, e.g. all ranks).
 
@@ -197,8 +205,18 @@ def activated(batch_norm_forward):
     """``batch_norm_act_forward`` of a backend with plain batch-norm kernels: its
     ``batch_norm_forward``, then PyTorch's activation (written into ``out`` when given)."""
 
-    def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps,
-                               activation="identity", param=0.0, out=None):
+    def batch_norm_act_forward(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        eps,
+        activation="identity",
+        param=0.0,
+        out=None,
+    ):
         y, mean, var = batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
         y = laid_out_like(activate(_acc(y), activation, param), x)
         if out is not None:
@@ -207,16 +225,28 @@ def activated(batch_norm_forward):
 
     batch_norm_act_forward.__doc__ = (
         f"See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`: "
-        f"{batch_norm_forward.__module__}.batch_norm_forward, then the activation.")
+        f"{batch_norm_forward.__module__}.batch_norm_forward, then the activation."
+    )
     return batch_norm_act_forward
 
 
 batch_norm_act_forward = activated(batch_norm_forward)
 
 
-def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, eps,
-                            activation="identity", param=0.0, output_mask=(True, True, True),
-                            from_output=False):
+def batch_norm_act_backward(
+    grad_out,
+    saved,
+    weight,
+    bias,
+    mean,
+    var,
+    training,
+    eps,
+    activation="identity",
+    param=0.0,
+    output_mask=(True, True, True),
+    from_output=False,
+):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`."""
     sa = _acc(saved)
     scale = torch.rsqrt(var.to(sa.dtype) + eps)
@@ -235,7 +265,7 @@ def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, 
 
 
 def layer_norm_dims(x: Tensor, normalized_shape: Sequence[int]) -> tuple[list[int], list[int]]:
-    """(normalized dims, batch dims) of x for a layer norm over its trailing ``normalized_shape``."""
+    """(normalized dims, batch dims) of x, layer norm over its trailing ``normalized_shape``."""
     k = len(normalized_shape)
     return list(range(x.dim() - k, x.dim())), list(range(x.dim() - k))
 
@@ -279,9 +309,7 @@ def layer_norm_backward(
     dx = dweight = dbias = None
     if output_mask[0]:
         g = dy if weight is None else dy * weight.to(xa.dtype)
-        dx = rstd * (
-            g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True)
-        )
+        dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
         dx = laid_out_like(dx, x)
     if weight is not None and output_mask[1]:
         dweight = _sum_over(dy * xhat, batch_dims)

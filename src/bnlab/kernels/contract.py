@@ -33,10 +33,17 @@ class Kernels(Protocol):
         """Per-channel (mean, biased var) over dims (0, 2, 3, ...), or over ``mask``'s True
         positions (mask (N, *spatial))."""
 
-    def batch_norm_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                           running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                           training: bool, eps: float,
-                           mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    def batch_norm_forward(
+        self,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        training: bool,
+        eps: float,
+        mask: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """y = (x - mean) * invstd * weight + bias per channel, invstd = 1 / sqrt(var + eps).
 
         Training: mean and biased var of the batch (:meth:`batch_statistics`), returned; with a
@@ -45,10 +52,18 @@ class Kernels(Protocol):
         Returns (y, mean, var).
         """
 
-    def batch_norm_backward(self, grad_out: Tensor, x: Tensor, weight: Optional[Tensor],
-                            mean: Optional[Tensor], var: Optional[Tensor], training: bool,
-                            eps: float, output_mask: Sequence[bool] = (True, True, True),
-                            mask: Optional[Tensor] = None) -> Grads:
+    def batch_norm_backward(
+        self,
+        grad_out: Tensor,
+        x: Tensor,
+        weight: Optional[Tensor],
+        mean: Optional[Tensor],
+        var: Optional[Tensor],
+        training: bool,
+        eps: float,
+        output_mask: Sequence[bool] = (True, True, True),
+        mask: Optional[Tensor] = None,
+    ) -> Grads:
         """Gradients of :meth:`batch_norm_forward` (Ioffe & Szegedy 2015, section 3, the chain
         rule through the batch statistics, in its compact form). Training, with
         xhat = (x - mean) * invstd and m values per channel::
@@ -62,36 +77,66 @@ class Kernels(Protocol):
         recomputed from x. Returns (dx, dweight, dbias).
         """
 
-    def batch_norm_act_forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                               running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                               training: bool, eps: float, activation: str = "identity",
-                               param: float = 0.0,
-                               out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    def batch_norm_act_forward(
+        self,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        training: bool,
+        eps: float,
+        activation: str = "identity",
+        param: float = 0.0,
+        out: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """y = act(batch_norm(x)) (identity, relu, leaky_relu with slope ``param``, elu with alpha
         ``param``), written into ``out`` when given (it may be x: the in-place mode). Returns
         (y, mean, var) as :meth:`batch_norm_forward`."""
 
-    def batch_norm_act_backward(self, grad_out: Tensor, saved: Tensor, weight: Optional[Tensor],
-                                bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool,
-                                eps: float, activation: str = "identity", param: float = 0.0,
-                                output_mask: Sequence[bool] = (True, True, True),
-                                from_output: bool = False) -> Grads:
+    def batch_norm_act_backward(
+        self,
+        grad_out: Tensor,
+        saved: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        mean: Tensor,
+        var: Tensor,
+        training: bool,
+        eps: float,
+        activation: str = "identity",
+        param: float = 0.0,
+        output_mask: Sequence[bool] = (True, True, True),
+        from_output: bool = False,
+    ) -> Grads:
         """Gradients of :meth:`batch_norm_act_forward`: :meth:`batch_norm_backward` of
         dz = dy * act'(z), z the pre-activation. ``saved`` is x, or the output y when
         ``from_output`` (in-place mode: z = act^-1(y), x - mean = (z - bias) / (weight * invstd),
         which needs a weight without zeros)."""
 
-    def layer_norm_forward(self, x: Tensor, normalized_shape: Sequence[int],
-                           weight: Optional[Tensor], bias: Optional[Tensor],
-                           eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    def layer_norm_forward(
+        self,
+        x: Tensor,
+        normalized_shape: Sequence[int],
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """y = (x - mean) * invstd * weight + bias, statistics over the trailing
         ``normalized_shape`` dims of each example. Returns (y, mean, var), mean and var keeping
         the reduced dims as size 1."""
 
-    def layer_norm_backward(self, grad_out: Tensor, x: Tensor, normalized_shape: Sequence[int],
-                            weight: Optional[Tensor], mean: Optional[Tensor],
-                            var: Optional[Tensor], eps: float,
-                            output_mask: Sequence[bool] = (True, True, True)) -> Grads:
+    def layer_norm_backward(
+        self,
+        grad_out: Tensor,
+        x: Tensor,
+        normalized_shape: Sequence[int],
+        weight: Optional[Tensor],
+        mean: Optional[Tensor],
+        var: Optional[Tensor],
+        eps: float,
+        output_mask: Sequence[bool] = (True, True, True),
+    ) -> Grads:
         """Gradients of :meth:`layer_norm_forward` (Ba, Kiros & Hinton 2016). With
         g = dy * weight and means over the normalized dims::
 
@@ -106,30 +151,43 @@ class EagerBatchNorm(Protocol):
     the backend's own autograd and running-statistics update (``native``: one differentiable ATen
     call). It returns None for a call it leaves to bnlab's autograd Function over its kernels."""
 
-    def __call__(self, input: Tensor, running_mean: Optional[Tensor],
-                 running_var: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                 training: bool, momentum: Optional[float], eps: float,
-                 num_batches_tracked: Optional[Tensor], strict: bool,
-                 activation: str = "identity", param: float = 0.0) -> Optional[Tensor]:
+    def __call__(
+        self,
+        input: Tensor,
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        training: bool,
+        momentum: Optional[float],
+        eps: float,
+        num_batches_tracked: Optional[Tensor],
+        strict: bool,
+        activation: str = "identity",
+        param: float = 0.0,
+    ) -> Optional[Tensor]:
         """y = act(batch_norm(input)) with the running statistics updated (guarded as
         :func:`bnlab.statistics.update_running_stats`), or None."""
 
 
-def plain_from_fused(act_forward: Callable, act_backward: Callable,
-                     batch_statistics: Callable) -> tuple[Callable, Callable]:
+def plain_from_fused(
+    act_forward: Callable, act_backward: Callable, batch_statistics: Callable
+) -> tuple[Callable, Callable]:
     """``batch_norm_forward`` and ``batch_norm_backward`` of a backend whose kernels are the fused
     ones (activation ``identity``); masks are not supported (``supports`` refuses them)."""
 
     def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
         return act_forward(x, weight, bias, running_mean, running_var, training, eps)
 
-    def batch_norm_backward(grad_out, x, weight, mean, var, training, eps,
-                            output_mask=(True, True, True), mask=None):
+    def batch_norm_backward(
+        grad_out, x, weight, mean, var, training, eps, output_mask=(True, True, True), mask=None
+    ):
         if mean is None:  # recompute the statistics from x
             mean, var = batch_statistics(x)
         # the bias does not change dx, dweight or dbias without an activation
-        return act_backward(grad_out, x, weight, None, mean, var, training, eps,
-                            output_mask=output_mask)
+        return act_backward(
+            grad_out, x, weight, None, mean, var, training, eps, output_mask=output_mask
+        )
 
     batch_norm_forward.__doc__ = Kernels.batch_norm_forward.__doc__
     batch_norm_backward.__doc__ = Kernels.batch_norm_backward.__doc__

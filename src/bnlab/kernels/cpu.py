@@ -30,9 +30,9 @@ made the float32 kernels compute-bound). Elementwise work sees x - k with k the 
 rounded to that dtype (exact for x near the mean, by Sterbenz's lemma); the float64 rest k - mean
 is folded into the per-channel terms, so a large mean costs no accuracy: y = (x - k) * a + b'.
 
-Fused activations (see :func:`activation_code`) apply after the affine transform; the backward recomputes the
-pre-activation z from x (or, from the output in the in-place mode, inverts the activation) instead of
-storing anything extra. Kernels are compiled on first use and cached on disk.
+Fused activations (see :func:`activation_code`) apply after the affine transform; the backward
+recomputes the pre-activation z from x (or, from the output in the in-place mode, inverts the
+activation) instead of storing anything extra. Kernels are compiled on first use and cached on disk.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from .contract import plain_from_fused
 from .composite import is_channels_last, is_dense, laid_out_like
+from .contract import plain_from_fused
 
 _DTYPES = (torch.float32, torch.float64)
 # reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf": NaN must still poison the
@@ -129,7 +129,7 @@ def _ncs_stats(x, shift, blocks, out_sum, out_sq):
         s = 0.0
         q = 0.0
         for first in range(0, row.shape[0], _SPAN):  # in x's dtype per span, then float64
-            span = row[first:first + _SPAN]  # (a slice: an index range here does not vectorize)
+            span = row[first : first + _SPAN]  # (a slice: an index range here does not vectorize)
             cs = x.dtype.type(0)
             cq = x.dtype.type(0)
             for i in range(span.shape[0]):
@@ -167,7 +167,7 @@ def _ncs_grad_sums(v, dy, mean, a, b, elu, p, from_output, blocks, out_dz, out_d
         s = 0.0
         q = 0.0
         for first in range(0, row.shape[0], _SPAN):
-            vs, gs = row[first:first + _SPAN], g[first:first + _SPAN]
+            vs, gs = row[first : first + _SPAN], g[first : first + _SPAN]
             cs = v.dtype.type(0)
             cq = v.dtype.type(0)
             if elu:
@@ -350,8 +350,11 @@ def prefers(op: str, x: Tensor) -> bool:
         return False
     channels_innermost = _spatial(x) == 1 or (is_channels_last(x) and not x.is_contiguous())
     if channels_innermost and x.shape[1] >= _NATIVE_FROM_CHANNELS:
-        return (op == "batch_norm_act" and numel >= _ACT_WIDE_ROWS_FROM_NUMEL
-                and x.shape[1] <= _ACT_WIDE_ROWS_MAX_CHANNELS)
+        return (
+            op == "batch_norm_act"
+            and numel >= _ACT_WIDE_ROWS_FROM_NUMEL
+            and x.shape[1] <= _ACT_WIDE_ROWS_MAX_CHANNELS
+        )
     if channels_innermost:
         return True
     if op == "batch_norm_backward":
@@ -415,8 +418,11 @@ class _Plan:
                 self.k -= 1
             rows = rows.reshape(r // self.k, self.k * c)
         self.view = rows
-        self.kernels = ((_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
-                        if rows.ndim == 3 else (_rc_stats, _rc_apply, _rc_grad_sums, _rc_grad_input))
+        self.kernels = (
+            (_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
+            if rows.ndim == 3
+            else (_rc_stats, _rc_apply, _rc_grad_sums, _rc_grad_input)
+        )
         self.blocks = self._blocks(_threads() * _TASKS_PER_THREAD)
 
     def _blocks(self, target: int) -> int:
@@ -454,8 +460,10 @@ class _Plan:
             first = np.empty(view.shape[0] * c * self.blocks)
             second = np.empty_like(first)
             kernel(view, *args, self.blocks, first, second)
-            return (first.reshape(-1, c, self.blocks).sum(axis=(0, 2)),
-                    second.reshape(-1, c, self.blocks).sum(axis=(0, 2)))
+            return (
+                first.reshape(-1, c, self.blocks).sum(axis=(0, 2)),
+                second.reshape(-1, c, self.blocks).sum(axis=(0, 2)),
+            )
         first, second, scratch = _workspace(self.blocks, view.shape[1], view.dtype)
         kernel(view, *args, self.blocks, first, second, scratch)
         return first.reshape(-1, c).sum(axis=0), second.reshape(-1, c).sum(axis=0)
@@ -475,8 +483,11 @@ def _workspace(blocks: int, width: int, dtype) -> tuple[np.ndarray, np.ndarray, 
     if key not in kept:
         if len(kept) >= _WORKSPACES_KEPT:
             kept.pop(next(iter(kept)))
-        kept[key] = (np.empty((blocks, width)), np.empty((blocks, width)),
-                     np.empty((2, blocks, width), dtype))
+        kept[key] = (
+            np.empty((blocks, width)),
+            np.empty((blocks, width)),
+            np.empty((2, blocks, width), dtype),
+        )
     return kept[key]
 
 
@@ -504,8 +515,18 @@ def statistics(x: Tensor, plan: _Plan | None = None) -> tuple[np.ndarray, np.nda
     return mean, var
 
 
-def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps,
-                           activation="identity", param=0.0, out=None):
+def batch_norm_act_forward(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    training,
+    eps,
+    activation="identity",
+    param=0.0,
+    out=None,
+):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`."""
     c = x.shape[1]
     plan = _Plan(x)
@@ -518,17 +539,27 @@ def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training,
     b = _vector(bias, c, 0.0) + rest * a  # y = (x - k) * a + b
     y = torch.empty_like(x) if out is None else out
     elu, p = activation_code(activation, param)
-    plan.kernels[1](plan.view, plan.of(y), *plan.tile(k, a, b), elu, plan.scalar(p),
-                    plan.blocks)
+    plan.kernels[1](plan.view, plan.of(y), *plan.tile(k, a, b), elu, plan.scalar(p), plan.blocks)
     if training:
         return y, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(var).to(x.dtype)
     empty = x.new_empty((0,))
     return y, empty, empty.clone()
 
 
-def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, eps,
-                            activation="identity", param=0.0, output_mask=(True, True, True),
-                            from_output=False):
+def batch_norm_act_backward(
+    grad_out,
+    saved,
+    weight,
+    bias,
+    mean,
+    var,
+    training,
+    eps,
+    activation="identity",
+    param=0.0,
+    output_mask=(True, True, True),
+    from_output=False,
+):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, in the form
     dx = a dz - a invstd^2 (x - mean) sum(dz (x - mean)) / m - a sum(dz) / m, a = weight * invstd
     (eval: the first term). Two parallel passes: the sums, then dx."""
@@ -552,8 +583,16 @@ def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, 
         # k1 (x - mean) = k1 (x - k) + k1 rest: the rest goes into the constant term
         k0 = -a * sum_dz / count + k1 * rest if training else np.zeros(c)
         dx = torch.empty_like(saved)
-        grad_input(plan.view, dy, plan.of(dx), *plan.tile(k, a, b, k1, k0), elu, p,
-                   bool(from_output), plan.blocks)
+        grad_input(
+            plan.view,
+            dy,
+            plan.of(dx),
+            *plan.tile(k, a, b, k1, k0),
+            elu,
+            p,
+            bool(from_output),
+            plan.blocks,
+        )
     acc = saved.dtype
     if weight is not None and output_mask[1]:
         dweight = torch.from_numpy(sum_dz_xc * invstd).to(acc)
@@ -576,4 +615,5 @@ def _statistics64(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 batch_norm_forward, batch_norm_backward = plain_from_fused(
-    batch_norm_act_forward, batch_norm_act_backward, _statistics64)
+    batch_norm_act_forward, batch_norm_act_backward, _statistics64
+)

@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .contract import plain_from_fused
 from .composite import accumulation_dtype, is_dense, laid_out_like
+from .contract import plain_from_fused
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -111,14 +111,16 @@ def _deactivate(y, param, ACT: tl.constexpr):
 @triton.jit
 def _tile(pid_c, t, tiles, C, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Offsets, the in-bounds mask ``inside`` and per-channel value count of position tile t of a
-    channel block. Tiles are numbered over N * cdiv(S, BLOCK_S) = ``tiles``; a t past the last gives an empty tile."""
+    channel block. Tiles are numbered over N * cdiv(S, BLOCK_S) = ``tiles``; a t past the last
+    gives an empty tile."""
     s_tiles = tl.cdiv(S, BLOCK_S)
     n = t // s_tiles
     s0 = (t - n * s_tiles) * BLOCK_S
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     s = s0 + tl.arange(0, BLOCK_S)
-    offsets = n.to(tl.int64) * sn + s0.to(tl.int64) * ss \
-        + (cs[:, None] * sc + (s[None, :] - s0) * ss)  # (BLOCK_C, BLOCK_S)
+    offsets = (
+        n.to(tl.int64) * sn + s0.to(tl.int64) * ss + (cs[:, None] * sc + (s[None, :] - s0) * ss)
+    )  # (BLOCK_C, BLOCK_S)
     s_end = tl.where(t < tiles, S, 0)  # a bound, not a mask of its own: one comparison per value
     inside = (cs[:, None] < C) & (s[None, :] < s_end)
     count = tl.maximum(tl.minimum(s_end - s0, BLOCK_S), 0)
@@ -126,8 +128,19 @@ def _tile(pid_c, t, tiles, C, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.
 
 
 @triton.jit
-def _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W: tl.constexpr,
-                    HAS_B: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _channel_params(
+    pid_c,
+    C,
+    mean_ptr,
+    var_ptr,
+    w_ptr,
+    b_ptr,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """(mean, invstd, a = weight * invstd, b) of a channel block, as (BLOCK_C, 1) columns."""
     cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cs < C
@@ -153,8 +166,22 @@ def _chan_merge(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, N, C, S, sn, sc, ss, tiles_per_program,
-                  ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _stats_kernel(
+    x_ptr,
+    count_ptr,
+    mean_ptr,
+    m2_ptr,
+    N,
+    C,
+    S,
+    sn,
+    sc,
+    ss,
+    tiles_per_program,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Partial (count, mean, M2) per channel over this program's run of tiles -> row pid_t.
 
     Every lane of the tile keeps its own Welford summary (elementwise work only inside the loop);
@@ -166,8 +193,9 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, N, C, S, sn, sc, ss, tiles
     mean = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for i in range(tiles_per_program):
-        offsets, inside, _count = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc,
-                                      ss, BLOCK_C, BLOCK_S)
+        offsets, inside, _count = _tile(
+            pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss, BLOCK_C, BLOCK_S
+        )
         v = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
         count += tl.where(inside, 1.0, 0.0)
         delta = tl.where(inside, v - mean, 0.0)
@@ -188,8 +216,17 @@ def _stats_kernel(x_ptr, count_ptr, mean_ptr, m2_ptr, N, C, S, sn, sc, ss, tiles
 
 
 @triton.jit
-def _merge_stats_kernel(count_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, C, SPLITS,
-                        ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _merge_stats_kernel(
+    count_ptr,
+    mean_ptr,
+    m2_ptr,
+    out_mean_ptr,
+    out_var_ptr,
+    C,
+    SPLITS,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Chan's merge of the (SPLITS, C) partials: the batch mean and biased variance per channel."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cs < C
@@ -197,25 +234,48 @@ def _merge_stats_kernel(count_ptr, mean_ptr, m2_ptr, out_mean_ptr, out_var_ptr, 
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
     for i in range(SPLITS):
-        mean, m2, count = _chan_merge(mean, m2, count,
-                                      tl.load(mean_ptr + i * C + cs, mask=ok, other=0.0),
-                                      tl.load(m2_ptr + i * C + cs, mask=ok, other=0.0),
-                                      tl.load(count_ptr + i * C + cs, mask=ok, other=0.0))
+        mean, m2, count = _chan_merge(
+            mean,
+            m2,
+            count,
+            tl.load(mean_ptr + i * C + cs, mask=ok, other=0.0),
+            tl.load(m2_ptr + i * C + cs, mask=ok, other=0.0),
+            tl.load(count_ptr + i * C + cs, mask=ok, other=0.0),
+        )
     tl.store(out_mean_ptr + cs, mean, mask=ok)
     var = tl.maximum(m2 / tl.maximum(count, 1.0), 0.0)  # lanes past C: 0 / 1, not 0 / 0
     tl.store(out_var_ptr + cs, var, mask=ok)
 
 
 @triton.jit
-def _normalize_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps, param, C, S, sn, sc, ss,
-                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
-                      ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _normalize_kernel(
+    x_ptr,
+    y_ptr,
+    mean_ptr,
+    var_ptr,
+    w_ptr,
+    b_ptr,
+    eps,
+    param,
+    C,
+    S,
+    sn,
+    sc,
+    ss,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """y = act((x - mean) * a + b) on one tile (y may be x: the in-place mode)."""
     pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = n * tl.cdiv(S, BLOCK_S) + pid_t
     offsets, inside, count = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
-    mean, _, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B,
-                                    ACC, BLOCK_C)
+    mean, _, a, b = _channel_params(
+        pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B, ACC, BLOCK_C
+    )
     v = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
     y = _activate((v - mean) * a + b, param, ACT)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
@@ -234,20 +294,44 @@ def _recover(v, dy, mean, a, b, param, ACT: tl.constexpr, FROM_OUTPUT: tl.conste
 
 
 @triton.jit
-def _grad_sums_kernel(v_ptr, dy_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps,
-                      param, N, C, S, sn, sc, ss, tiles_per_program, HAS_W: tl.constexpr,
-                      HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr,
-                      ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _grad_sums_kernel(
+    v_ptr,
+    dy_ptr,
+    sum_dz_ptr,
+    sum_dzx_ptr,
+    mean_ptr,
+    var_ptr,
+    w_ptr,
+    b_ptr,
+    eps,
+    param,
+    N,
+    C,
+    S,
+    sn,
+    sc,
+    ss,
+    tiles_per_program,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Partial sum(dz) and sum(dz * (x - mean)) per channel over this program's tiles."""
     pid_c, pid_t = tl.program_id(0), tl.program_id(1)
-    mean, invstd, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W,
-                                         HAS_B, ACC, BLOCK_C)
+    mean, invstd, a, b = _channel_params(
+        pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B, ACC, BLOCK_C
+    )
     tiles = N * tl.cdiv(S, BLOCK_S)
     acc_dz = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for i in range(tiles_per_program):
-        offsets, inside, count = _tile(pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss,
-                                 BLOCK_C, BLOCK_S)
+        offsets, inside, count = _tile(
+            pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss, BLOCK_C, BLOCK_S
+        )
         v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(ACC)
         centred, dz = _recover(v, dy, mean, a, b, param, ACT, FROM_OUTPUT)
@@ -261,8 +345,16 @@ def _grad_sums_kernel(v_ptr, dy_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr, var_ptr,
 
 
 @triton.jit
-def _merge_sums_kernel(sum_dz_ptr, sum_dzx_ptr, out_dz_ptr, out_dzx_ptr, C, SPLITS,
-                       ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _merge_sums_kernel(
+    sum_dz_ptr,
+    sum_dzx_ptr,
+    out_dz_ptr,
+    out_dzx_ptr,
+    C,
+    SPLITS,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Add the (SPLITS, C) partial sums per channel."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = cs < C
@@ -276,18 +368,41 @@ def _merge_sums_kernel(sum_dz_ptr, sum_dzx_ptr, out_dz_ptr, out_dzx_ptr, C, SPLI
 
 
 @triton.jit
-def _grad_input_kernel(v_ptr, dy_ptr, dx_ptr, sum_dz_ptr, sum_dzx_ptr, mean_ptr, var_ptr, w_ptr,
-                       b_ptr, eps, param, values, C, S, sn, sc, ss, HAS_W: tl.constexpr,
-                       HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr,
-                       TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_S: tl.constexpr):
+def _grad_input_kernel(
+    v_ptr,
+    dy_ptr,
+    dx_ptr,
+    sum_dz_ptr,
+    sum_dzx_ptr,
+    mean_ptr,
+    var_ptr,
+    w_ptr,
+    b_ptr,
+    eps,
+    param,
+    values,
+    C,
+    S,
+    sn,
+    sc,
+    ss,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    ACT: tl.constexpr,
+    FROM_OUTPUT: tl.constexpr,
+    TRAINING: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """dx = a * dz - a * invstd^2 * (x - mean) * sum(dz (x - mean)) / m - a * sum(dz) / m on one
     tile (eval: dx = a * dz)."""
     pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = n * tl.cdiv(S, BLOCK_S) + pid_t
     offsets, inside, count = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
-    mean, invstd, a, b = _channel_params(pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W,
-                                         HAS_B, ACC, BLOCK_C)
+    mean, invstd, a, b = _channel_params(
+        pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B, ACC, BLOCK_C
+    )
     v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(ACC)
     centred, dz = _recover(v, dy, mean, a, b, param, ACT, FROM_OUTPUT)
@@ -383,19 +498,39 @@ def _statistics(x: Tensor, geo: _Geometry) -> tuple[Tensor, Tensor]:
     """Batch mean and biased variance per channel, in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
     count, mean, m2 = torch.empty((3, geo.splits, geo.c), dtype=acc, device=x.device)
-    _stats_kernel[geo.reduce_grid](x, count, mean, m2, N=geo.n, **geo.layout(),
-                                   tiles_per_program=geo.tiles_per_program, ACC=_tl_dtype(acc),
-                                   **geo.reduce_blocks())
+    _stats_kernel[geo.reduce_grid](
+        x,
+        count,
+        mean,
+        m2,
+        N=geo.n,
+        **geo.layout(),
+        tiles_per_program=geo.tiles_per_program,
+        ACC=_tl_dtype(acc),
+        **geo.reduce_blocks(),
+    )
     out_mean, out_var = torch.empty((2, geo.c), dtype=acc, device=x.device)
     _merge_stats_kernel[(triton.cdiv(geo.c, _MERGE_BLOCK),)](
-        count, mean, m2, out_mean, out_var, geo.c, geo.splits, ACC=_tl_dtype(acc),
-        BLOCK_C=_MERGE_BLOCK)
+        count,
+        mean,
+        m2,
+        out_mean,
+        out_var,
+        geo.c,
+        geo.splits,
+        ACC=_tl_dtype(acc),
+        BLOCK_C=_MERGE_BLOCK,
+    )
     return out_mean, out_var
 
 
 def _params(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> dict:
-    return dict(w_ptr=x if weight is None else weight, b_ptr=x if bias is None else bias,
-                HAS_W=weight is not None, HAS_B=bias is not None)
+    return dict(
+        w_ptr=x if weight is None else weight,
+        b_ptr=x if bias is None else bias,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,8 +538,18 @@ def _params(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training, eps,
-                           activation="identity", param=0.0, out=None):
+def batch_norm_act_forward(
+    x,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    training,
+    eps,
+    activation="identity",
+    param=0.0,
+    out=None,
+):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`."""
     src = _dense_view(x)
     geo = _Geometry(src)
@@ -415,10 +560,18 @@ def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training,
     direct = out is not None and out.stride() == src.stride() and is_dense(out)
     y = out if direct else torch.empty_like(src)
     _normalize_kernel[geo.tile_grid()](
-        src, y, mean, var, eps=float(eps), param=float(param), **_params(src, weight, bias),
-        **geo.layout(), ACT=ACTIVATION_CODES[activation],
+        src,
+        y,
+        mean,
+        var,
+        eps=float(eps),
+        param=float(param),
+        **_params(src, weight, bias),
+        **geo.layout(),
+        ACT=ACTIVATION_CODES[activation],
         ACC=_tl_dtype(accumulation_dtype(x.dtype)),
-        **geo.blocks())
+        **geo.blocks(),
+    )
     if out is not None and not direct:
         y = out.copy_(y)
     y = laid_out_like(y, x)
@@ -428,9 +581,20 @@ def batch_norm_act_forward(x, weight, bias, running_mean, running_var, training,
     return y, empty, empty.clone()
 
 
-def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, eps,
-                            activation="identity", param=0.0, output_mask=(True, True, True),
-                            from_output=False):
+def batch_norm_act_backward(
+    grad_out,
+    saved,
+    weight,
+    bias,
+    mean,
+    var,
+    training,
+    eps,
+    activation="identity",
+    param=0.0,
+    output_mask=(True, True, True),
+    from_output=False,
+):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, in the form
     dx = a dz - a invstd^2 (x - mean) sum(dz (x - mean)) / m - a sum(dz) / m, a = weight * invstd
     (eval: the first term). Two launches (and a merge of the partial sums): the sums, then dx."""
@@ -438,28 +602,59 @@ def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, 
     dy = laid_out_like(grad_out, src)
     geo = _Geometry(src)
     acc = accumulation_dtype(saved.dtype)
-    common = dict(eps=float(eps), param=float(param), **_params(src, weight, bias),
-                  ACT=ACTIVATION_CODES[activation], FROM_OUTPUT=bool(from_output),
-                  ACC=_tl_dtype(acc))
+    common = dict(
+        eps=float(eps),
+        param=float(param),
+        **_params(src, weight, bias),
+        ACT=ACTIVATION_CODES[activation],
+        FROM_OUTPUT=bool(from_output),
+        ACC=_tl_dtype(acc),
+    )
     want_params = (weight is not None and output_mask[1]) or output_mask[2]
     sum_dz = sum_dzx = None
     if training or want_params:
         partial_dz, partial_dzx = torch.empty((2, geo.splits, geo.c), dtype=acc, device=src.device)
-        _grad_sums_kernel[geo.reduce_grid](src, dy, partial_dz, partial_dzx, mean, var,
-                                           N=geo.n, **geo.layout(),
-                                           tiles_per_program=geo.tiles_per_program, **common,
-                                           **geo.reduce_blocks())
+        _grad_sums_kernel[geo.reduce_grid](
+            src,
+            dy,
+            partial_dz,
+            partial_dzx,
+            mean,
+            var,
+            N=geo.n,
+            **geo.layout(),
+            tiles_per_program=geo.tiles_per_program,
+            **common,
+            **geo.reduce_blocks(),
+        )
         sum_dz, sum_dzx = torch.empty((2, geo.c), dtype=acc, device=src.device)
         _merge_sums_kernel[(triton.cdiv(geo.c, _MERGE_BLOCK),)](
-            partial_dz, partial_dzx, sum_dz, sum_dzx, geo.c, geo.splits, ACC=_tl_dtype(acc),
-            BLOCK_C=_MERGE_BLOCK)
+            partial_dz,
+            partial_dzx,
+            sum_dz,
+            sum_dzx,
+            geo.c,
+            geo.splits,
+            ACC=_tl_dtype(acc),
+            BLOCK_C=_MERGE_BLOCK,
+        )
     dx = dweight = dbias = None
     if output_mask[0]:
         dx = torch.empty_like(src)
         sums = (sum_dz, sum_dzx) if training else (mean, mean)  # eval: unused pointers
-        _grad_input_kernel[geo.tile_grid()](src, dy, dx, *sums, mean, var,
-                                            values=float(src.numel() // geo.c), **geo.layout(),
-                                            TRAINING=bool(training), **common, **geo.blocks())
+        _grad_input_kernel[geo.tile_grid()](
+            src,
+            dy,
+            dx,
+            *sums,
+            mean,
+            var,
+            values=float(src.numel() // geo.c),
+            **geo.layout(),
+            TRAINING=bool(training),
+            **common,
+            **geo.blocks(),
+        )
         dx = laid_out_like(dx, saved)
     if weight is not None and output_mask[1]:
         dweight = sum_dzx * torch.rsqrt(var.to(acc) + eps)
@@ -475,4 +670,5 @@ def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Ten
 
 
 batch_norm_forward, batch_norm_backward = plain_from_fused(
-    batch_norm_act_forward, batch_norm_act_backward, batch_statistics)
+    batch_norm_act_forward, batch_norm_act_backward, batch_statistics
+)

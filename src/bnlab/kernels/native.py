@@ -27,26 +27,42 @@ _DTYPES = (torch.float32, torch.float64)
 def supports(op: str, x: Tensor) -> bool:
     """Batch norm without a mask (plain or with a fused activation), training or eval, in
     float32/float64."""
-    return (op in ("batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_act")
-            and x.dtype in _DTYPES and x.numel() > 0)
+    return (
+        op in ("batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_act")
+        and x.dtype in _DTYPES
+        and x.numel() > 0
+    )
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
-    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_forward`. The batch variance comes back from
-    ATen's saved 1 / sqrt(var + eps)."""
+    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_forward`. The batch variance comes back
+    from ATen's saved 1 / sqrt(var + eps)."""
     if training:  # no running statistics here: bnlab updates them itself
-        y, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0,
-                                                           eps)
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, None, None, True, 0.0, eps
+        )
         return laid_out_like(y, x), mean, (invstd.reciprocal().square() - eps).clamp_(min=0.0)
-    y, _, _ = torch.ops.aten.native_batch_norm(x, weight, bias, running_mean.to(x.dtype),
-                                               running_var.to(x.dtype), False, 0.0, eps)
+    y, _, _ = torch.ops.aten.native_batch_norm(
+        x, weight, bias, running_mean.to(x.dtype), running_var.to(x.dtype), False, 0.0, eps
+    )
     empty = x.new_empty((0,))
     return laid_out_like(y, x), empty, empty.clone()
 
 
-def eager_batch_norm(input: Tensor, running_mean, running_var, weight, bias, training: bool,
-                     momentum, eps: float, num_batches_tracked, strict: bool,
-                     activation: str = "identity", param: float = 0.0) -> Optional[Tensor]:
+def eager_batch_norm(
+    input: Tensor,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training: bool,
+    momentum,
+    eps: float,
+    num_batches_tracked,
+    strict: bool,
+    activation: str = "identity",
+    param: float = 0.0,
+) -> Optional[Tensor]:
     """The whole eager CPU batch norm (then the activation) as ATen's own differentiable op, which
     also updates the running statistics inside its kernel (as torch.nn's does), with bnlab's guard
     kept: if the batch's statistics are not finite, the running statistics are put back and the
@@ -65,16 +81,18 @@ def eager_batch_norm(input: Tensor, running_mean, running_var, weight, bias, tra
     if input.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     if not training:
-        y = torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0,
-                                    eps)[0]
+        y = torch.native_batch_norm(
+            input, weight, bias, running_mean, running_var, False, 0.0, eps
+        )[0]
         return composite.activate(laid_out_like(y, input), activation, param)
     tracked = running_mean is not None
     factor = 0.0
     if tracked:
         before = running_mean.detach().numpy().copy(), running_var.detach().numpy().copy()
         factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
-    y, mean, invstd = torch.native_batch_norm(input, weight, bias, running_mean, running_var,
-                                              True, factor, eps)
+    y, mean, invstd = torch.native_batch_norm(
+        input, weight, bias, running_mean, running_var, True, factor, eps
+    )
     # invstd = 1 / sqrt(var + eps) is NaN where the mean or the variance is NaN or an infinite
     # input made them so, and 0 for an infinite variance: all statistics are finite iff its
     # minimum is > 0 (a NaN minimum compares False)
@@ -94,8 +112,17 @@ def eager_batch_norm(input: Tensor, running_mean, running_var, weight, bias, tra
 batch_statistics = composite.batch_statistics
 
 
-def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training: bool,
-                        eps: float, output_mask: Sequence[bool] = (True, True, True), mask=None):
+def batch_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight,
+    mean,
+    var,
+    training: bool,
+    eps: float,
+    output_mask: Sequence[bool] = (True, True, True),
+    mask=None,
+):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_backward`."""
     if mean is None:  # statistics recomputed from x
         var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
@@ -103,10 +130,12 @@ def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training
     wanted = [output_mask[0], weight is not None and output_mask[1], output_mask[2]]
     if training:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, weight, None, None, mean, torch.rsqrt(var + eps), True, eps, wanted)
+            grad_out, x, weight, None, None, mean, torch.rsqrt(var + eps), True, eps, wanted
+        )
     else:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, weight, mean, var, None, None, False, eps, wanted)
+            grad_out, x, weight, mean, var, None, None, False, eps, wanted
+        )
     dx = None if dx is None else laid_out_like(dx, x)
     return (dx if wanted[0] else None, dw if wanted[1] else None, db if wanted[2] else None)
 
@@ -114,14 +143,37 @@ def batch_norm_backward(grad_out: Tensor, x: Tensor, weight, mean, var, training
 batch_norm_act_forward = composite.activated(batch_norm_forward)
 
 
-def batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training, eps,
-                            activation="identity", param=0.0, output_mask=(True, True, True),
-                            from_output=False):
+def batch_norm_act_backward(
+    grad_out,
+    saved,
+    weight,
+    bias,
+    mean,
+    var,
+    training,
+    eps,
+    activation="identity",
+    param=0.0,
+    output_mask=(True, True, True),
+    from_output=False,
+):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`: dz = dy * act'(z) with z
     recomputed (or recovered from the output), then ATen's batch-norm backward."""
     if from_output:  # z from y needs the activation's inverse: the composite backend has it
-        return composite.batch_norm_act_backward(grad_out, saved, weight, bias, mean, var, training,
-                                                 eps, activation, param, output_mask, from_output)
+        return composite.batch_norm_act_backward(
+            grad_out,
+            saved,
+            weight,
+            bias,
+            mean,
+            var,
+            training,
+            eps,
+            activation,
+            param,
+            output_mask,
+            from_output,
+        )
     z, _, _ = batch_norm_forward(saved, weight, bias, mean, var, False, eps)
     dz = composite.activation_grad(grad_out, z, activation, param)
     return batch_norm_backward(dz, saved, weight, mean, var, training, eps, output_mask)

@@ -1,7 +1,15 @@
 """Modules: drop-in replacements for torch.nn's normalization layers."""
 
-from .act import (BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, InPlaceABN,
-                  InPlaceABN1d, InPlaceABN2d, InPlaceABN3d)
+from .act import (
+    BatchNormAct,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    InPlaceABN,
+    InPlaceABN1d,
+    InPlaceABN2d,
+    InPlaceABN3d,
+)
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .bnlstm import BNLSTM, BNLSTMCell
 from .convert import ConversionWarning, convert, revert
@@ -12,13 +20,36 @@ from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
-    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm",
-    "convert", "revert", "ConversionWarning",
-    "FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d",
-    "BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
-    "GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
-    "SyncBatchNorm", "convert_sync_batchnorm",
-    "BNLSTM", "BNLSTMCell",
-    "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
-    "InPlaceABN", "InPlaceABN1d", "InPlaceABN2d", "InPlaceABN3d",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LayerNorm",
+    "convert",
+    "revert",
+    "ConversionWarning",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
+    "BNLSTM",
+    "BNLSTMCell",
+    "BatchNormAct",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "InPlaceABN",
+    "InPlaceABN1d",
+    "InPlaceABN2d",
+    "InPlaceABN3d",
 ]

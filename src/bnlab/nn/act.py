@@ -15,8 +15,14 @@ from .. import functional as F
 from .batchnorm import BatchNorm
 
 __all__ = [
-    "BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
-    "InPlaceABN", "InPlaceABN1d", "InPlaceABN2d", "InPlaceABN3d",
+    "BatchNormAct",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "InPlaceABN",
+    "InPlaceABN1d",
+    "InPlaceABN2d",
+    "InPlaceABN3d",
 ]
 
 
@@ -32,12 +38,34 @@ class BatchNormAct(BatchNorm):
     inplace = False
     _default_activation = "relu"
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 *, activation: Optional[str] = None, activation_param: Optional[float] = None,
-                 bias: bool = True, strict: bool = False, backend: Optional[str] = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias, strict=strict, backend=backend)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        activation: Optional[str] = None,
+        activation_param: Optional[float] = None,
+        bias: bool = True,
+        strict: bool = False,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            strict=strict,
+            backend=backend,
+        )
         self.activation, self.activation_param = F.check_activation(
             activation or self._default_activation, activation_param, self.inplace
         )
@@ -45,8 +73,12 @@ class BatchNormAct(BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         return F.batch_norm_act(
-            input, **self._functional_args(), activation=self.activation,
-            activation_param=self.activation_param, inplace=self.inplace, strict=self.strict,
+            input,
+            **self._functional_args(),
+            activation=self.activation,
+            activation_param=self.activation_param,
+            inplace=self.inplace,
+            strict=self.strict,
             backend=self.backend,
         )
 

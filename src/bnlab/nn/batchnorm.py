@@ -1,8 +1,8 @@
-"""Batch-norm modules: drop-in replacements for torch.nn.BatchNorm1d/2d/3d, plus a rank-agnostic one.
+"""Batch-norm modules: drop-in replacements for torch.nn.BatchNorm1d/2d/3d, and one for any rank.
 
-Constructor arguments, parameters, buffers, ``state_dict`` keys (and version), ``reset_*`` methods and
-``extra_repr`` are torch.nn's, so checkpoints move both ways. bnlab adds two keyword-only options:
-``strict`` (raise on non-finite batch statistics) and ``backend`` (kernel backend name).
+Constructor arguments, parameters, buffers, ``state_dict`` keys (and version), ``reset_*`` methods
+and ``extra_repr`` are torch.nn's, so checkpoints move both ways. bnlab adds two keyword-only
+options: ``strict`` (raise on non-finite batch statistics) and ``backend`` (kernel backend name).
 """
 
 from __future__ import annotations
@@ -107,7 +107,9 @@ class _NormBase(nn.Module):
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
             keep = self.num_batches_tracked is not None and not self.num_batches_tracked.is_meta
-            state_dict[key] = self.num_batches_tracked if keep else torch.tensor(0, dtype=torch.long)
+            state_dict[key] = (
+                self.num_batches_tracked if keep else torch.tensor(0, dtype=torch.long)
+            )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -150,16 +152,17 @@ class BatchNorm(_NormBase):
             raise ValueError(f"expected {wanted} input (got {input.dim()}D input)")
         if input.dim() >= 2 and input.shape[1] != self.num_features:
             raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels on "
-                f"dim 1, got input of shape {tuple(input.shape)}"
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels "
+                f"on dim 1, got input of shape {tuple(input.shape)}"
             )
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Normalize ``input``; an optional bool ``mask`` (N, *spatial) restricts the batch
         statistics to its True positions (see :func:`bnlab.functional.batch_norm`)."""
         self._check_input_dim(input)
-        return F.batch_norm(input, **self._functional_args(), mask=mask, strict=self.strict,
-                            backend=self.backend)
+        return F.batch_norm(
+            input, **self._functional_args(), mask=mask, strict=self.strict, backend=self.backend
+        )
 
     def _functional_args(self) -> dict:
         """Statistics, parameters and mode as torch.nn decides them: batch statistics in training

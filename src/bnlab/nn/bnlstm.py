@@ -1,7 +1,8 @@
 r"""Recurrent batch normalization: the BN-LSTM of Cooijmans et al. 2016 (https://arxiv.org/abs/1603.09025).
 
 .. math::
-    (\tilde f, \tilde i, \tilde o, \tilde g) = BN(W_h h_{t-1}; \gamma_h, 0) + BN(W_x x_t; \gamma_x, 0) + b
+    (\tilde f, \tilde i, \tilde o, \tilde g)
+        = BN(W_h h_{t-1}; \gamma_h, 0) + BN(W_x x_t; \gamma_x, 0) + b
 
     c_t = \sigma(\tilde f) c_{t-1} + \sigma(\tilde i) \tanh(\tilde g)
 
@@ -9,16 +10,16 @@ r"""Recurrent batch normalization: the BN-LSTM of Cooijmans et al. 2016 (https:/
 
 Design (Cooijmans et al. 2016, section 3):
 
-- **Gate order** in ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias``, ``weight_x``, ``weight_h``
-  and the (max_length, 4H) statistics is torch.nn.LSTM's: (i, f, g, o).
+- **Gate order** in ``weight_ih`` (4H, I), ``weight_hh`` (4H, H), ``bias``, ``weight_x``,
+  ``weight_h`` and the (max_length, 4H) statistics is torch.nn.LSTM's: (i, f, g, o).
 - **Statistics per time step**: each of the three BNs has ``running_mean_*`` / ``running_var_*``
   buffers of shape (max_length, features); gamma (and beta_c) are shared over time. In eval, steps
   t >= max_length use step max_length - 1's statistics; in training a sequence longer than
   max_length is a ValueError. One ``num_batches_tracked`` per cell, incremented once per training
   forward (``momentum=None``, the cumulative average, is not supported).
 - **Parameters**: ``weight_x`` (gamma_x, 4H), ``weight_h`` (gamma_h, 4H), ``weight_c`` (gamma_c, H),
-  all initialized to ``gamma_init`` = 0.1; ``bias_c`` (beta_c, H) = 0; ``bias`` (b, 4H) = 0 except the
-  forget gate, set to ``forget_bias`` (default 0.0, the paper's b = 0; 1.0 is a common choice).
+  all initialized to ``gamma_init`` = 0.1; ``bias_c`` (beta_c, H) = 0; ``bias`` (b, 4H) = 0 except
+  the forget gate, set to ``forget_bias`` (default 0.0, the paper's b = 0; 1.0 is a common choice).
 - **Init** ``init="paper"`` (default): orthogonal ``weight_ih``, ``weight_hh`` = four stacked
   identities (the paper's (p)MNIST setup; needs nothing of the sizes). ``init="uniform"``:
   torch.nn.LSTM's U(-1/sqrt(H), 1/sqrt(H)) for both matrices.
@@ -57,7 +58,6 @@ from torch import Tensor, nn
 
 from ..statistics import unbiased_factor, update_running_stats
 
-
 __all__ = ["BNLSTMCell", "BNLSTM"]
 
 
@@ -84,12 +84,17 @@ class BNLSTMCell(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
-                        ("max_length", max_length)):
+        for name, v in (
+            ("input_size", input_size),
+            ("hidden_size", hidden_size),
+            ("max_length", max_length),
+        ):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if momentum is None or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be a float in [0, 1] (None is not supported), got {momentum}")
+            raise ValueError(
+                f"momentum must be a float in [0, 1] (None is not supported), got {momentum}"
+            )
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         if init not in ("paper", "uniform"):
@@ -109,7 +114,9 @@ class BNLSTMCell(nn.Module):
         for which, width in (("x", G), ("h", G), ("c", hidden_size)):
             self.register_buffer(f"running_mean_{which}", torch.zeros(max_length, width, **f))
             self.register_buffer(f"running_var_{which}", torch.ones(max_length, width, **f))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer(
+            "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+        )
         # observer(which, t0, mean, var, count) of every training batch statistic: which in "xhc",
         # mean and biased var (S, F) for steps t0..t0+S-1 over count rows (bnlab.inference sets it)
         self.observer: Optional[Callable[[str, int, Tensor, Tensor, int], None]] = None
@@ -133,15 +140,17 @@ class BNLSTMCell(nn.Module):
             nn.init.uniform_(self.weight_ih, -bound, bound)
             nn.init.uniform_(self.weight_hh, -bound, bound)
         self.bias.zero_()
-        self.bias[H:2 * H].fill_(self.forget_bias)  # (i, f, g, o): forget gate is block 1
+        self.bias[H : 2 * H].fill_(self.forget_bias)  # (i, f, g, o): forget gate is block 1
         for p in (self.weight_x, self.weight_h, self.weight_c):
             p.fill_(self.gamma_init)
         self.bias_c.zero_()
 
     def extra_repr(self) -> str:
-        return (f"{self.input_size}, {self.hidden_size}, max_length={self.max_length}, "
-                f"gamma_init={self.gamma_init}, forget_bias={self.forget_bias}, "
-                f"momentum={self.momentum}, eps={self.eps}, init={self.init!r}")
+        return (
+            f"{self.input_size}, {self.hidden_size}, max_length={self.max_length}, "
+            f"gamma_init={self.gamma_init}, forget_bias={self.forget_bias}, "
+            f"momentum={self.momentum}, eps={self.eps}, init={self.init!r}"
+        )
 
     # ---------------------------------------------------------------------------------------
     def _rows(self, t0: int, t1: int):
@@ -153,10 +162,12 @@ class BNLSTMCell(nn.Module):
                 f"sequence of length {t1} > max_length = {self.max_length} in training; "
                 f"build the module with a larger max_length"
             )
-        return torch.arange(t0, t1, device=self.running_mean_x.device).clamp(max=self.max_length - 1)
+        return torch.arange(t0, t1, device=self.running_mean_x.device).clamp(
+            max=self.max_length - 1
+        )
 
     def _input_term(self, x: Tensor, t0: int) -> Tensor:
-        """BN(W_x x_t; gamma_x, 0) + b for steps t0, t0 + 1, ... at once: x (S, k, I), valid rows only.
+        """BN(W_x x_t; gamma_x, 0) + b of steps t0, t0 + 1, ... at once; x (S, k, I): valid rows.
 
         Returns (S, k, 4H). With I <= k the statistics of W_x x_t come from the (I, I) covariance of
         x_t (var_j = w_j^T Cov(x_t) w_j) and the normalization is folded into the weights, one
@@ -181,8 +192,14 @@ class BNLSTMCell(nn.Module):
                 self.observer("x", t0, mean, var, k)
             # EMA with the unbiased variance, as torch.batch_norm does for h and c below, and
             # skipped for non-finite statistics
-            update_running_stats(self.running_mean_x[rows], self.running_var_x[rows], None, mean,
-                                 var * unbiased_factor(k), self.momentum)
+            update_running_stats(
+                self.running_mean_x[rows],
+                self.running_var_x[rows],
+                None,
+                mean,
+                var * unbiased_factor(k),
+                self.momentum,
+            )
             mean = None  # x is centred already
         else:
             mean, var = self.running_mean_x[rows], self.running_var_x[rows]
@@ -203,7 +220,7 @@ class BNLSTMCell(nn.Module):
             self._observe("h", t, uh)
         gates = self._bn(uh, "h", r, self.weight_h, None) + wx
         i, f, _, o = torch.sigmoid(gates).chunk(4, 1)  # the g block's sigmoid is wasted but cheap
-        c = torch.addcmul(f * c, i, torch.tanh(gates[:, 2 * H:3 * H]))
+        c = torch.addcmul(f * c, i, torch.tanh(gates[:, 2 * H : 3 * H]))
         if self.observer is not None and self.training:
             self._observe("c", t, c)
         return o * torch.tanh(self._bn(c, "c", r, self.weight_c, self.bias_c)), c
@@ -211,9 +228,14 @@ class BNLSTMCell(nn.Module):
     def _bn(self, x: Tensor, which: str, r: int, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """Step r's BN of x (k, F): torch.batch_norm in training (batch statistics, fused running
         update); in eval, the running statistics, features of variance 0 giving the shift."""
-        mean, var = getattr(self, f"running_mean_{which}")[r], getattr(self, f"running_var_{which}")[r]
+        mean, var = (
+            getattr(self, f"running_mean_{which}")[r],
+            getattr(self, f"running_var_{which}")[r],
+        )
         if self.training:
-            return torch.batch_norm(x, weight, bias, mean, var, True, self.momentum, self.eps, False)
+            return torch.batch_norm(
+                x, weight, bias, mean, var, True, self.momentum, self.eps, False
+            )
         scale = _scale(weight, var, self.eps, constant_is_zero=True)
         return torch.addcmul(-mean * scale if bias is None else bias - mean * scale, x, scale)
 
@@ -234,17 +256,17 @@ class BNLSTMCell(nn.Module):
         pixels of MNIST): x (S, N, I), h and c (N, H), all rows equal.
 
         Every BN then sees features that are constant over the batch: its output is exactly its
-        shift (0, or beta_c for the cell) and its statistics are (value, variance 0). Its exact input
-        gradient, gamma / sqrt(eps) times the deviation from the batch mean, is left out: it lies in
-        the direction in which the sequences differ, so it reaches no parameter, and compounded over
-        a long constant prefix it overflows float32 (eps = 1e-5, gamma = 0.1: about 250x per step)
-        and turns every parameter gradient into NaN. The cell path c_t = f c_{t-1} + i g keeps its
-        gradient. Returns outputs (S, N, H) and the state (h, c) after the steps.
+        shift (0, or beta_c for the cell) and its statistics are (value, variance 0). Its exact
+        input gradient, gamma / sqrt(eps) times the deviation from the batch mean, is left out: it
+        lies in the direction in which the sequences differ, so it reaches no parameter, and
+        compounded over a long constant prefix it overflows float32 (eps = 1e-5, gamma = 0.1: about
+        250x per step) and turns every parameter gradient into NaN. The cell path c_t = f c_{t-1} +
+        i g keeps its gradient. Returns outputs (S, N, H) and the state (h, c) after the steps.
         """
         S, N, _ = x.shape
         H = self.hidden_size
         i, f, _, o = torch.sigmoid(self.bias).chunk(4)  # the gates are b: both BN terms are 0
-        ig = i * torch.tanh(self.bias[2 * H:3 * H])
+        ig = i * torch.tanh(self.bias[2 * H : 3 * H])
         h_out = o * torch.tanh(self.bias_c)  # (H,): BN(c_t) = beta_c
         cs = []
         for _ in range(S):
@@ -253,8 +275,11 @@ class BNLSTMCell(nn.Module):
         with torch.no_grad():
             rows = slice(0, S)
             h_rows = torch.cat([h[:1], h_out.expand(S - 1, H)])  # h_{t-1} of each step
-            means = {"x": x[:, 0] @ self.weight_ih.t(), "h": h_rows @ self.weight_hh.t(),
-                     "c": torch.stack([v[0] for v in cs])}
+            means = {
+                "x": x[:, 0] @ self.weight_ih.t(),
+                "h": h_rows @ self.weight_hh.t(),
+                "c": torch.stack([v[0] for v in cs]),
+            }
             for which, mean in means.items():  # torch.batch_norm's update, variance 0
                 getattr(self, f"running_mean_{which}")[rows].lerp_(mean, self.momentum)
                 getattr(self, f"running_var_{which}")[rows].mul_(1 - self.momentum)
@@ -280,8 +305,10 @@ class BNLSTMCell(nn.Module):
         returned state of the other rows is the one given). Returns (h_t, c_t).
         """
         if input.dim() != 2 or input.shape[1] != self.input_size:
-            raise ValueError(f"expected input of shape (N, input_size) with input_size = "
-                             f"{self.input_size}, got {tuple(input.shape)}")
+            raise ValueError(
+                f"expected input of shape (N, input_size) with input_size = "
+                f"{self.input_size}, got {tuple(input.shape)}"
+            )
         h, c = self._check_state(state, input.shape[0], input)
         idx = None if mask is None else mask.nonzero().flatten()
         k = input.shape[0] if idx is None else idx.numel()
@@ -303,8 +330,10 @@ class BNLSTMCell(nn.Module):
         Returns output (T, N, H) (zero at padding) and the last valid (h, c), each (N, H).
         """
         if input.dim() != 3 or input.shape[2] != self.input_size:
-            raise ValueError(f"expected input of shape (T, N, input_size) with input_size = "
-                             f"{self.input_size}, got {tuple(input.shape)}")
+            raise ValueError(
+                f"expected input of shape (T, N, input_size) with input_size = "
+                f"{self.input_size}, got {tuple(input.shape)}"
+            )
         T, N, _ = input.shape
         if T == 0 or N == 0:
             raise ValueError(f"expected a non-empty input, got shape {tuple(input.shape)}")
@@ -328,7 +357,7 @@ class BNLSTMCell(nn.Module):
         weight_hh_t = self.weight_hh.t()
         outputs, done_h, done_c = [], [], []
         if self.training:
-            same = self._constant_steps(input[:runs[0][1]], h, c)
+            same = self._constant_steps(input[: runs[0][1]], h, c)
             if same:
                 out, (h, c) = self._constant_forward(input[:same], h, c)
                 outputs.append(out)
@@ -369,20 +398,26 @@ def _scale(weight: Tensor, var: Tensor, eps: float, constant_is_zero: bool) -> T
 
 def _require_two(k: int, where: str) -> None:
     if k < 2:
-        raise ValueError(f"training needs at least 2 valid sequences at every step; {where} has {k}")
+        raise ValueError(
+            f"training needs at least 2 valid sequences at every step; {where} has {k}"
+        )
 
 
 def lengths_from_mask(mask: Tensor, T: int, N: int) -> Tensor:
     """The lengths (N,) of a (T, N) bool mask that is True on a prefix of every column."""
     if mask.shape != (T, N) or mask.dtype != torch.bool:
-        raise ValueError(f"expected a bool mask of shape (T, N) = {(T, N)} (batch_first: (N, T)), "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected a bool mask of shape (T, N) = {(T, N)} (batch_first: (N, T)), "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
     lengths = mask.sum(0)
     prefix = torch.arange(T, device=mask.device).unsqueeze(1) < lengths
     if not torch.equal(prefix, mask):
         bad = (prefix != mask).any(0).nonzero().flatten().tolist()
-        raise ValueError(f"mask must be True on a prefix of each sequence (padding at the end); "
-                         f"sequences {bad[:10]} are not")
+        raise ValueError(
+            f"mask must be True on a prefix of each sequence (padding at the end); "
+            f"sequences {bad[:10]} are not"
+        )
     return lengths
 
 
@@ -390,12 +425,15 @@ def check_lengths(lengths, N: int, T: int) -> list[int]:
     """``lengths`` (N,) integers in [1, T] as a list, or a ValueError saying what is wrong."""
     lengths = torch.as_tensor(lengths)
     if lengths.shape != (N,) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-        raise ValueError(f"expected integer lengths of shape ({N},), got {lengths.dtype} "
-                         f"{tuple(lengths.shape)}")
+        raise ValueError(
+            f"expected integer lengths of shape ({N},), got {lengths.dtype} {tuple(lengths.shape)}"
+        )
     lens = [int(v) for v in lengths.tolist()]
     if min(lens) < 1:
-        raise ValueError(f"every sequence needs length >= 1 (zero-length sequences are not "
-                         f"supported), got lengths {lens}")
+        raise ValueError(
+            f"every sequence needs length >= 1 (zero-length sequences are not "
+            f"supported), got lengths {lens}"
+        )
     if max(lens) > T:
         raise ValueError(f"lengths must be <= the input's T = {T}, got {lens}")
     return lens
@@ -405,9 +443,9 @@ class BNLSTM(nn.Module):
     """A stack of :class:`BNLSTMCell` layers with torch.nn.LSTM's interface.
 
     ``forward(input, hx=None, lengths=None, mask=None)``: input (T, N, I) (or (N, T, I) with
-    batch_first), hx = (h0, c0) each (num_layers, N, H) or None; variable lengths as ``lengths`` (N,)
-    ints in [1, T], or as ``mask`` (T, N) bool (batch_first: (N, T)), True on each sequence's valid
-    steps, which must be a prefix (padding at the end).
+    batch_first), hx = (h0, c0) each (num_layers, N, H) or None; variable lengths as ``lengths``
+    (N,) ints in [1, T], or as ``mask`` (T, N) bool (batch_first: (N, T)), True on each sequence's
+    valid steps, which must be a prefix (padding at the end).
     Returns output (T, N, H) (batch_first: (N, T, H)), zero at padding, and (h_n, c_n) each
     (num_layers, N, H): each sequence's last valid state. ``dropout`` applies to the outputs of
     every layer but the last, in training only, as in torch.nn.LSTM. Keyword arguments after
@@ -415,9 +453,19 @@ class BNLSTM(nn.Module):
     ``eps``, ``init``).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
-                 batch_first: bool = False, dropout: float = 0.0, *, max_length: int,
-                 device=None, dtype=None, **cell_kwargs) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        *,
+        max_length: int,
+        device=None,
+        dtype=None,
+        **cell_kwargs,
+    ) -> None:
         super().__init__()
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -426,21 +474,36 @@ class BNLSTM(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.batch_first, self.dropout, self.max_length = batch_first, dropout, max_length
         self.cells = nn.ModuleList(
-            BNLSTMCell(input_size if k == 0 else hidden_size, hidden_size, max_length,
-                       device=device, dtype=dtype, **cell_kwargs)
+            BNLSTMCell(
+                input_size if k == 0 else hidden_size,
+                hidden_size,
+                max_length,
+                device=device,
+                dtype=dtype,
+                **cell_kwargs,
+            )
             for k in range(num_layers)
         )
 
     def extra_repr(self) -> str:
-        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"batch_first={self.batch_first}, dropout={self.dropout}, max_length={self.max_length}")
+        return (
+            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+            f"batch_first={self.batch_first}, dropout={self.dropout}, max_length={self.max_length}"
+        )
 
-    def forward(self, input: Tensor, hx=None, lengths: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None):
+    def forward(
+        self,
+        input: Tensor,
+        hx=None,
+        lengths: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+    ):
         if input.dim() != 3 or input.shape[2] != self.input_size:
             order = "(N, T, input_size)" if self.batch_first else "(T, N, input_size)"
-            raise ValueError(f"expected input of shape {order} with input_size = {self.input_size}, "
-                             f"got {tuple(input.shape)}")
+            raise ValueError(
+                f"expected input of shape {order} with input_size = {self.input_size}, "
+                f"got {tuple(input.shape)}"
+            )
         if self.batch_first:
             input = input.transpose(0, 1)
         T, N, _ = input.shape
@@ -451,8 +514,10 @@ class BNLSTM(nn.Module):
             h0, c0 = hx
             for name, s in (("h0", h0), ("c0", c0)):
                 if tuple(s.shape) != (L, N, H):
-                    raise ValueError(f"expected {name} of shape (num_layers, N, hidden_size) = "
-                                     f"{(L, N, H)}, got {tuple(s.shape)}")
+                    raise ValueError(
+                        f"expected {name} of shape (num_layers, N, hidden_size) = "
+                        f"{(L, N, H)}, got {tuple(s.shape)}"
+                    )
         if mask is not None:
             if lengths is not None:
                 raise ValueError("give lengths or mask, not both")

@@ -47,7 +47,7 @@ def convert(model: nn.Module) -> nn.Module:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert`: bnlab BatchNorm1d/2d/3d and LayerNorm become torch.nn's, with their state.
+    """Undo :func:`convert`: bnlab BatchNorm1d/2d/3d and LayerNorm become torch.nn's, state and all.
 
     bnlab-only settings (``strict``, ``backend``) are dropped; modules with no torch.nn
     counterpart (e.g. the rank-agnostic ``bnlab.nn.BatchNorm``) are left and reported.
@@ -55,8 +55,7 @@ def revert(model: nn.Module) -> nn.Module:
     return _swap(model, _TO_TORCH, _BNLAB_NORMS, "revert")
 
 
-def replace_modules(model: nn.Module,
-                    replace: Callable[[nn.Module, str], nn.Module]) -> nn.Module:
+def replace_modules(model: nn.Module, replace: Callable[[nn.Module, str], nn.Module]) -> nn.Module:
     """Offer every module of ``model`` (the root included), once each, with its qualified name
     ("<root>" for the root) to ``replace``; a module it answers with another is replaced by that
     one at every place it appears (a layer used at several places stays one layer).
@@ -92,8 +91,10 @@ def _swap(model: nn.Module, mapping: dict, family: tuple, verb: str) -> nn.Modul
         if target is not None:
             return rebuild(module, target)
         if isinstance(module, family):
-            skipped.append(f"{name} ({type(module).__module__}.{type(module).__qualname__}: no "
-                           "exact counterpart)")
+            skipped.append(
+                f"{name} ({type(module).__module__}.{type(module).__qualname__}: no "
+                "exact counterpart)"
+            )
         return module
 
     model = replace_modules(model, swap)

@@ -43,7 +43,7 @@ class FrozenBatchNorm(nn.Module):
 
     @classmethod
     def from_batch_norm(cls, bn: nn.Module) -> "FrozenBatchNorm":
-        """The frozen counterpart of a bnlab or torch.nn batch norm that tracks running statistics."""
+        """The frozen counterpart of a bnlab or torch.nn batch norm with running statistics."""
         if getattr(bn, "running_mean", None) is None:
             raise ValueError(
                 f"cannot freeze {type(bn).__name__}: it has no running statistics "
@@ -75,11 +75,13 @@ class FrozenBatchNorm(nn.Module):
         y = torch.addcmul(per_channel(shift, x), x.to(scale.dtype), per_channel(scale, x))
         return y.to(x.dtype)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -90,7 +92,7 @@ class FrozenBatchNorm1d(FrozenBatchNorm):
 
 
 class FrozenBatchNorm2d(FrozenBatchNorm):
-    """Frozen batch norm for (N, C, H, W) input; torchvision's FrozenBatchNorm2d checkpoint format."""
+    """Frozen batch norm of (N, C, H, W) input; torchvision's FrozenBatchNorm2d checkpoints."""
 
 
 class FrozenBatchNorm3d(FrozenBatchNorm):

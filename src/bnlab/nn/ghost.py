@@ -14,12 +14,17 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..statistics import raise_if_not_finite, update_running_stats
 from ..kernels.composite import accumulation_dtype, reduction_dims
+from ..statistics import raise_if_not_finite, update_running_stats
 from .batchnorm import BatchNorm
 
-__all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
-           "ghost_batch_sizes"]
+__all__ = [
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "ghost_batch_sizes",
+]
 
 
 def ghost_batch_sizes(batch_size: int, virtual_batch_size: int) -> list[int]:
@@ -102,8 +107,18 @@ class GhostBatchNorm(BatchNorm):
                 f"virtual_batch_size must be an int >= 2 (a one-row batch has no variance), "
                 f"got {virtual_batch_size!r}"
             )
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias, strict=strict, backend=backend)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            strict=strict,
+            backend=backend,
+        )
         self.virtual_batch_size = int(virtual_batch_size)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -113,7 +128,7 @@ class GhostBatchNorm(BatchNorm):
             return super().forward(input)  # eval, or one virtual batch: plain batch norm
         k, vbs = len(sizes) - (sizes[-1] != self.virtual_batch_size), self.virtual_batch_size
         head = _split_channels(input[: k * vbs], k)  # (vbs, k*C, *): the k equal virtual batches
-        tail = input[k * vbs:]  # (vbs + remainder, C, *) or empty
+        tail = input[k * vbs :]  # (vbs + remainder, C, *) or empty
         want_stats = self.running_mean is not None or self.strict
         count = input.new_zeros((), dtype=torch.long) if want_stats else None  # finite calls
         head_stats, tail_stats = _scratch(head, want_stats), _scratch(tail, want_stats)
@@ -121,14 +136,18 @@ class GhostBatchNorm(BatchNorm):
         y = self._normalize(head, k, head_stats, count).unflatten(1, (k, -1))  # (vbs, k, C, *)
         _virtual_batch_view(out[: k * vbs], k).copy_(y)
         if tail.shape[0]:
-            out[k * vbs:] = self._normalize(tail, 1, tail_stats, count)
+            out[k * vbs :] = self._normalize(tail, 1, tail_stats, count)
         if want_stats:
             finite = count == 1 + bool(tail.shape[0])  # on the device
             if self.running_mean is not None:
-                update_running_stats(self.running_mean, self.running_var,
-                                     self.num_batches_tracked,
-                                     *_pooled(head_stats, k, tail_stats, sizes), self.momentum,
-                                     finite=finite)
+                update_running_stats(
+                    self.running_mean,
+                    self.running_var,
+                    self.num_batches_tracked,
+                    *_pooled(head_stats, k, tail_stats, sizes),
+                    self.momentum,
+                    finite=finite,
+                )
             if self.strict and not bool(finite):
                 raise_if_not_finite(*_pooled(_statistics(head), k, _statistics(tail), sizes))
         return out
@@ -138,8 +157,18 @@ class GhostBatchNorm(BatchNorm):
         weight = None if self.weight is None else self.weight.repeat(k)
         bias = None if self.bias is None else self.bias.repeat(k)
         mean, var = stats if stats is not None else (None, None)
-        return F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.eps,
-                            num_batches_tracked=count, backend=self.backend)
+        return F.batch_norm(
+            x,
+            mean,
+            var,
+            weight,
+            bias,
+            True,
+            1.0,
+            self.eps,
+            num_batches_tracked=count,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
@@ -160,7 +189,7 @@ def _virtual_batch_view(out: Tensor, k: int) -> Tensor:
 
 
 def _scratch(x: Tensor, wanted: bool) -> Optional[tuple[Tensor, Tensor]]:
-    """Scratch running buffers for x's channels: batch_norm with momentum 1 writes x's statistics."""
+    """Scratch running buffers of x's channels: batch_norm with momentum 1 writes x's statistics."""
     if not wanted or not x.shape[0]:
         return None
     acc = accumulation_dtype(x.dtype)

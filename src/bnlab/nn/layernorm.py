@@ -81,8 +81,8 @@ class LayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         text = (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-            f"bias={self.bias is not None}"
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
         )
         if self.backend is not None:
             text += f", backend={self.backend!r}"

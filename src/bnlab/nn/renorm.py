@@ -131,8 +131,18 @@ class BatchRenorm(BatchNorm):
                 "statistics only)"
             )
         _check_schedule(r_max, d_max, warmup_steps, r_max_steps, d_max_steps)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias, strict=strict, backend=backend)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            strict=strict,
+            backend=backend,
+        )
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps = int(warmup_steps)
         self.r_max_steps, self.d_max_steps = int(r_max_steps), int(d_max_steps)
@@ -178,8 +188,17 @@ class BatchRenorm(BatchNorm):
         self._check_input_dim(input)
         weight, bias = self._renormalized_affine(input)
         return F.batch_norm(
-            input, self.running_mean, self.running_var, weight, bias, True, self.momentum, self.eps,
-            num_batches_tracked=self.num_batches_tracked, strict=self.strict, backend=self.backend,
+            input,
+            self.running_mean,
+            self.running_var,
+            weight,
+            bias,
+            True,
+            self.momentum,
+            self.eps,
+            num_batches_tracked=self.num_batches_tracked,
+            strict=self.strict,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

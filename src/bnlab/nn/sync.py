@@ -2,8 +2,8 @@
 
 :class:`SyncBatchNorm` is :class:`BatchNorm` (same parameters, buffers, ``state_dict``, eval path)
 whose training statistics are those of all ranks' batches together (see
-:func:`bnlab.distributed.sync_batch_norm`); :func:`convert_sync_batchnorm` swaps a model's batch-norm
-layers for it, keeping their state.
+:func:`bnlab.distributed.sync_batch_norm`); :func:`convert_sync_batchnorm` swaps a model's
+batch-norm layers for it, keeping their state.
 """
 
 from __future__ import annotations
@@ -29,18 +29,20 @@ class SyncBatchNorm(BatchNorm):
         \qquad \mathrm{E}, \mathrm{Var} \text{ over } B_1 \cup \dots \cup B_W
 
     Ioffe & Szegedy 2015 (https://arxiv.org/abs/1502.03167), Algorithm 1, with the mini-batch spread
-    over W processes. In training, W processes with batches B_1..B_W compute exactly what one process
-    computes on their concatenation (outputs, input gradients, running statistics); batch sizes may
-    differ between ranks and may be 0. In eval, and without an initialized process group (or with
-    one rank), it is :class:`BatchNorm`, exactly.
+    over W processes. In training, W processes with batches B_1..B_W compute exactly what one
+    process computes on their concatenation (outputs, input gradients, running statistics); batch
+    sizes may differ between ranks and may be 0. In eval, and without an initialized process group
+    (or with one rank), it is :class:`BatchNorm`, exactly.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, bias, strict, backend: as
             :class:`BatchNorm`.
-        process_group: the ranks to synchronize over; None: the default group (``dist.group.WORLD``).
-            In the position of torch.nn.SyncBatchNorm's, so it swaps in without edits.
+        process_group: the ranks to synchronize over; None: the default group
+            (``dist.group.WORLD``). In the position of torch.nn.SyncBatchNorm's, so it swaps in
+            without edits.
         timeout: seconds (or a timedelta) to wait for the other ranks at each exchange before
-            raising :class:`bnlab.distributed.SyncBatchNormError`; None: the process group's timeout.
+            raising :class:`bnlab.distributed.SyncBatchNormError`; None: the process group's
+            timeout.
 
     Shape:
         input and output (N, C, *), contiguous or channels_last; optional ``mask`` (N, *) for
@@ -79,8 +81,18 @@ class SyncBatchNorm(BatchNorm):
         backend: Optional[str] = None,
         timeout: D.TimeoutLike = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias, strict=strict, backend=backend)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            strict=strict,
+            backend=backend,
+        )
         self.process_group = process_group
         self.timeout = D.as_timeout(timeout)
         self._sync_calls = 0
@@ -131,14 +143,16 @@ _CONVERTIBLE = {
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, BatchNorm)  # reported when left unchanged
 
 
-def convert_sync_batchnorm(model: nn.Module, process_group=None, *,
-                           timeout: D.TimeoutLike = None) -> nn.Module:
+def convert_sync_batchnorm(
+    model: nn.Module, process_group=None, *, timeout: D.TimeoutLike = None
+) -> nn.Module:
     """Replace every batch-norm layer of ``model`` by a :class:`SyncBatchNorm`, in place.
 
     Converts exactly torch.nn BatchNorm1d/2d/3d and bnlab.nn BatchNorm/BatchNorm1d/2d/3d. Each new
-    layer takes over the old one's whole state: the very same Parameter and buffer tensors (optimizers
-    keep working), train/eval mode, hooks, extra attributes, and its input-rank check; a layer used at
-    several places stays one layer. Needs no process group (the group is looked up at each forward).
+    layer takes over the old one's whole state: the very same Parameter and buffer tensors
+    (optimizers keep working), train/eval mode, hooks, extra attributes, and its input-rank check; a
+    layer used at several places stays one layer. Needs no process group (the group is looked up at
+    each forward).
 
     Args:
         model: the module to convert (a new module is returned when it is itself a batch norm).
@@ -178,15 +192,17 @@ def _why_left(module: nn.Module, process_group) -> Optional[str]:
     if isinstance(module, nn.SyncBatchNorm):
         return "already synchronized by torch.nn.SyncBatchNorm"
     if isinstance(module, BatchNorm):
-        return ("a subclass of bnlab.nn.BatchNorm with its own training behaviour, which a plain "
-                "SyncBatchNorm would silently drop")
+        return (
+            "a subclass of bnlab.nn.BatchNorm with its own training behaviour, which a plain "
+            "SyncBatchNorm would silently drop"
+        )
     if isinstance(module, _BATCH_NORMS):
         return "no exact counterpart (a subclass or a lazy module)"
     return None
 
 
 def _to_sync(old: nn.Module, process_group, timeout) -> SyncBatchNorm:
-    """A SyncBatchNorm holding old's whole state (see bnlab.nn.convert), synchronized over the group."""
+    """A SyncBatchNorm with old's whole state (see bnlab.nn.convert), synchronized over a group."""
     new = rebuild(old, SyncBatchNorm)
     new.process_group = process_group
     new.timeout = timeout
