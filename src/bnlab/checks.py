@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .kernels.composite import accumulation_dtype, values_per_channel
+from .statistics import RunningStatistics
 
 __all__ = [
     "ACTIVATIONS",
@@ -109,19 +110,17 @@ def _vectors_fit(input: Tensor, vectors) -> bool:
 
 def check_batch_norm_args(
     input,
-    running_mean,
-    running_var,
     weight,
     bias,
+    running: RunningStatistics,
     training,
-    momentum,
     eps,
-    num_batches_tracked,
-    op: str = "batch_norm",
-    local_count: bool = True,
+    op="batch_norm",
+    local_count=True,
 ) -> None:
     """The arguments of a batch norm. ``local_count``: training needs more than one value per
     channel in this call (False where the count is global, as in synchronized batch norm)."""
+    running_mean, running_var = running.mean, running.var
     check_input(op, input)
     if input.dim() < 2:
         raise ValueError(
@@ -148,10 +147,11 @@ def check_batch_norm_args(
         )
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    _check_momentum(momentum, training and running_mean is not None, num_batches_tracked)
+    _check_momentum(running, training and running_mean is not None)
 
 
-def _check_momentum(momentum, updates: bool, num_batches_tracked) -> None:
+def _check_momentum(running: RunningStatistics, updates: bool) -> None:
+    momentum, num_batches_tracked = running.momentum, running.num_batches_tracked
     if momentum is None:
         if updates and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")

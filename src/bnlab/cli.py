@@ -5,6 +5,20 @@ from __future__ import annotations
 import click
 
 
+def out_option(help: str):
+    """``--out DIR`` (default runs/), where a command writes its run directory."""
+    return click.option(
+        "--out", default="runs", show_default=True, type=click.Path(file_okay=False), help=help
+    )
+
+
+def threads_option(help: str):
+    """``--threads N`` (default 1): torch's intra-op threads for the command."""
+    return click.option(
+        "--threads", default=1, show_default=True, type=click.IntRange(min=1), help=help
+    )
+
+
 @click.group()
 @click.version_option(package_name="bnlab")
 def main() -> None:
@@ -40,21 +54,9 @@ def main() -> None:
     type=click.Path(file_okay=False),
     help="The directory holding MNIST's four IDX files.",
 )
-@click.option(
-    "--out",
-    default="runs",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Writes OUT/fig1/<timestamp>/.",
-)
+@out_option("Writes OUT/fig1/<timestamp>/.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option(
-    "--threads",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="torch threads (the nets are small: one is fastest on a busy machine).",
-)
+@threads_option("torch threads (the nets are small: one is fastest on a busy machine).")
 def demo(steps, lr, batch_size, seed, dataset, data_dir, out, quiet, threads) -> None:
     """The paper's Figure 1: its sigmoid MLP with and without BN (`bnlab run fig1`).
 
@@ -152,13 +154,7 @@ def _experiment_help(name: str) -> str:
 )
 @click.argument("name", required=False)
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
-@click.option(
-    "--out",
-    default="runs",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Base directory: a run writes OUT/NAME/<timestamp>/.",
-)
+@out_option("Base directory: a run writes OUT/NAME/<timestamp>/.")
 @click.option(
     "--resume",
     "resume_dir",
@@ -167,13 +163,7 @@ def _experiment_help(name: str) -> str:
     help="Continue the run in RUN_DIR from its last checkpoint (no NAME, no overrides).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option(
-    "--threads",
-    default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="torch threads (a resumed run keeps its own).",
-)
+@threads_option("torch threads (a resumed run keeps its own).")
 @click.option(
     "--help", "-h", "show_help", is_flag=True, help="Show this message (with NAME: its keys)."
 )
@@ -303,13 +293,7 @@ def _int_list(value: str) -> tuple[int, ...]:
 )
 @click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated.")
 @click.option("--epochs", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--out",
-    default="runs",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Writes OUT/small-batch/<timestamp>/.",
-)
+@out_option("Writes OUT/small-batch/<timestamp>/.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def small_batch(batch_sizes: str, seeds: str, epochs: int, out: str, quiet: bool) -> None:
     """BN vs batch renorm vs ghost BN vs layer norm vs group norm across batch sizes.

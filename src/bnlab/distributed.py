@@ -51,7 +51,7 @@ from .kernels.composite import (
     values_per_channel,
 )
 from .ops import batch_norm_op_name
-from .statistics import merge_statistics, record_batch_statistics
+from .statistics import RunningStatistics, merge_statistics
 
 __all__ = [
     "sync_batch_norm",
@@ -346,14 +346,11 @@ def _input_grad(grad_out, input, weight, mean, var, eps, total_dy, total_dy_xhat
 
 def batch_norm_over_group(
     input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
     weight: Optional[Tensor],
     bias: Optional[Tensor],
-    momentum: Optional[float],
+    running: RunningStatistics,
     eps: float,
     *,
-    num_batches_tracked: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     group=None,
     timeout: TimeoutLike = None,
@@ -366,32 +363,21 @@ def batch_norm_over_group(
     :class:`bnlab.nn.SyncBatchNorm` calls on every training step."""
     call = None
     if group is not None:
-        call = _Call(
-            group,
-            dist.get_rank(group),
-            dist.get_world_size(group),
-            int(call_index),
-            input.shape[1],
-            as_timeout(timeout),
-        )
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        call = _Call(group, rank, world, int(call_index), input.shape[1], as_timeout(timeout))
     kernels = select_backend(batch_norm_op_name(mask, True), input, backend)
     count, mean, var = _global_statistics(input, mask, call, kernels)
     if count == 1:  # the same verdict on every rank: all raise, none is left waiting
-        where = (
-            ""
-            if call is None
-            else f" on this rank and 1 value per channel over all {call.world} ranks"
-        )
+        where = ""
+        if call is not None:
+            where = f" on this rank and 1 value per channel over all {call.world} ranks"
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}"
             f"{' with 1 valid position' if mask is not None else ''}{where}"
         )
-    out = _SyncBatchNormFunction.apply(
-        input, weight, bias, mean, var, mask, count, eps, call, kernels
-    )
-    record_batch_statistics(
-        running_mean, running_var, num_batches_tracked, mean, var, count, momentum, strict
-    )
+    args = (input, weight, bias, mean, var, mask, count, eps, call, kernels)
+    out = _SyncBatchNormFunction.apply(*args)
+    running.record(mean, var, count, strict)
     return out
 
 
@@ -461,43 +447,19 @@ def sync_batch_norm(
           empty dx; one host read per forward (the gathered counts and call indices);
         - first derivatives only (the backward is ``once_differentiable``).
     """
-    check_batch_norm_args(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        num_batches_tracked,
-        op="sync_batch_norm",
-        local_count=False,
-    )
+    running = RunningStatistics(running_mean, running_var, num_batches_tracked, momentum)
+    check_batch_norm_args(input, weight, bias, running, training, eps, "sync_batch_norm", False)
     check_mask(mask, input)
-    if not training:
+    if not training:  # eval: no statistics to gather, nothing to record
         return F.batch_norm(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            False,
-            momentum,
-            eps,
-            num_batches_tracked=num_batches_tracked,
-            strict=strict,
-            backend=backend,
+            input, running_mean, running_var, weight, bias, eps=eps, backend=backend
         )
     return batch_norm_over_group(
         input,
-        running_mean,
-        running_var,
         weight,
         bias,
-        momentum,
+        running,
         eps,
-        num_batches_tracked=num_batches_tracked,
         mask=mask,
         group=resolve_group(process_group),
         timeout=timeout,

@@ -23,7 +23,7 @@ from .checks import (
 )
 from .kernels import select_backend
 from .kernels.composite import values_per_channel
-from .statistics import NonFiniteStatisticsError, record_batch_statistics
+from .statistics import NonFiniteStatisticsError, RunningStatistics
 
 __all__ = [
     "batch_norm",
@@ -85,9 +85,8 @@ def batch_norm(
           ``running_var`` and ``num_batches_tracked`` untouched; on a GPU the choice is made on the
           device (no host sync), on the CPU on the host (fewer small ops, nothing to wait for).
     """
-    check_batch_norm_args(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
-    )
+    running = RunningStatistics(running_mean, running_var, num_batches_tracked, momentum)
+    check_batch_norm_args(input, weight, bias, running, training, eps)
     count = values_per_channel(input)
     if mask is not None:
         check_mask(mask, input)
@@ -95,27 +94,14 @@ def batch_norm(
     kernels = select_backend(ops.batch_norm_op_name(mask, training), input, backend)
     eager = None if mask is not None else getattr(kernels.module, "eager_batch_norm", None)
     if eager is not None:
-        out = eager(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            num_batches_tracked,
-            strict,
-        )
+        out = eager(input, weight, bias, running, training, eps, strict)
         if out is not None:
             return out
     out, mean, var = ops.batch_norm(
-        input, weight, bias, running_mean, running_var, mask, training, eps, kernels.name, backend
+        input, weight, bias, running, mask, training, eps, kernels.name, backend
     )
     if training:
-        record_batch_statistics(
-            running_mean, running_var, num_batches_tracked, mean, var, count, momentum, strict
-        )
+        running.record(mean, var, count, strict)
     return out
 
 
@@ -157,53 +143,20 @@ def batch_norm_act(
     needed by the backward of the op that produced it: conv and linear layers keep their own input,
     not their output, so ``conv -> in-place BN+act`` is the intended use.
     """
-    check_batch_norm_args(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
-    )
+    running = RunningStatistics(running_mean, running_var, num_batches_tracked, momentum)
+    check_batch_norm_args(input, weight, bias, running, training, eps)
     activation, param = check_activation(activation, activation_param, inplace)
     kernels = select_backend("batch_norm_act", input, backend)
     eager = None if inplace else getattr(kernels.module, "eager_batch_norm", None)
     if eager is not None:  # the in-place mode always runs fused
-        out = eager(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            num_batches_tracked,
-            strict,
-            activation,
-            param,
-        )
+        out = eager(input, weight, bias, running, training, eps, strict, activation, param)
         if out is not None:
             return out
     out, mean, var = ops.batch_norm_act(
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        eps,
-        activation,
-        param,
-        inplace,
-        kernels.name,
+        input, weight, bias, running, training, eps, activation, param, inplace, kernels.name
     )
     if training:
-        record_batch_statistics(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            mean,
-            var,
-            values_per_channel(input),
-            momentum,
-            strict,
-        )
+        running.record(mean, var, values_per_channel(input), strict)
     return out
 
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .kernels import composite, get_backend, select_backend
 from .kernels.composite import accumulation_dtype
+from .statistics import RunningStatistics
 
 __all__ = ["batch_norm_op_name", "batch_norm", "batch_norm_act", "layer_norm"]
 
@@ -210,32 +211,14 @@ class _EagerBatchNorm(torch.autograd.Function):
 
 
 def batch_norm(
-    input: Tensor,
-    weight,
-    bias,
-    running_mean,
-    running_var,
-    mask,
-    training: bool,
-    eps: float,
-    backend: str,
-    requested: Optional[str],
+    input, weight, bias, running: RunningStatistics, mask, training, eps, backend, requested
 ):
     """(y, mean, var) by the ``backend``'s kernels, differentiable: the custom op when compiling
-    or exporting, the eager Function otherwise. ``requested``: what the caller asked for, from
-    which a plain training backward selects its own backend."""
-    inputs = (
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        mask,
-        training,
-        eps,
-        backend,
-        requested,
-    )
+    or exporting, the eager Function otherwise. ``running``: its buffers normalize in eval (they are
+    not updated here). ``requested``: what the caller asked for, from which a plain training
+    backward selects its own backend."""
+    inputs = (input, weight, bias, running.mean, running.var, mask, training, eps)
+    inputs += (backend, requested)
     if torch.compiler.is_compiling():
         return _batch_norm_op(*inputs)
     return _EagerBatchNorm.apply(*inputs)
@@ -317,32 +300,20 @@ class _BatchNormAct(torch.autograd.Function):
 
 
 def batch_norm_act(
-    input: Tensor,
+    input,
     weight,
     bias,
-    running_mean,
-    running_var,
-    training: bool,
-    eps: float,
-    activation: str,
-    param: float,
-    inplace: bool,
-    backend: str,
+    running: RunningStatistics,
+    training,
+    eps,
+    activation,
+    param,
+    inplace,
+    backend,
 ):
     """(y, mean, var) of act(batch_norm(x)) by the ``backend``'s fused kernels, differentiable."""
-    return _BatchNormAct.apply(
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        eps,
-        activation,
-        param,
-        inplace,
-        backend,
-    )
+    inputs = (input, weight, bias, running.mean, running.var, training, eps, activation, param)
+    return _BatchNormAct.apply(*inputs, inplace, backend)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ imports none of them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
@@ -25,7 +26,7 @@ from torch import Tensor
 __all__ = [
     "NonFiniteStatisticsError",
     "unbiased_factor",
-    "record_batch_statistics",
+    "RunningStatistics",
     "update_running_stats",
     "all_finite_on_host",
     "raise_if_not_finite",
@@ -44,33 +45,40 @@ def unbiased_factor(count: Count):
     return count / (count - 1)
 
 
-def record_batch_statistics(
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    num_batches_tracked: Optional[Tensor],
-    mean: Tensor,
-    var: Tensor,
-    count: Count,
-    momentum: Optional[float],
-    strict: bool,
-) -> None:
-    """After a training batch with statistics (mean, biased var) over ``count`` values per channel:
-    fold them into the running ones (if tracked; skipped for a non-finite batch), and in ``strict``
-    mode raise on non-finite statistics. An empty batch has no statistics: nothing is recorded,
-    nothing raised, ``num_batches_tracked`` is not counted."""
-    if isinstance(count, int) and count == 0:
-        return
-    if running_mean is not None:
-        update_running_stats(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            mean,
-            var * unbiased_factor(count),
-            momentum,
-        )
-    if strict:
-        raise_if_not_finite(mean, var)
+@dataclass
+class RunningStatistics:
+    """A batch norm's running statistics: the buffers a training batch updates in place, and how.
+
+    Attributes:
+        mean, var: (C,) buffers, or both None (statistics not tracked).
+        num_batches_tracked: integer scalar buffer counting the batches recorded, or None.
+        momentum: the moving-average factor, or None for the cumulative average (which needs
+            ``num_batches_tracked``).
+    """
+
+    mean: Optional[Tensor] = None
+    var: Optional[Tensor] = None
+    num_batches_tracked: Optional[Tensor] = None
+    momentum: Optional[float] = 0.1
+
+    def record(self, mean: Tensor, var: Tensor, count: Count, strict: bool = False) -> None:
+        """After a training batch with statistics (mean, biased var) over ``count`` values per
+        channel: fold them into the buffers (if tracked; skipped for a non-finite batch), and in
+        ``strict`` mode raise on non-finite statistics. An empty batch has no statistics: nothing
+        is recorded, nothing raised, ``num_batches_tracked`` is not counted."""
+        if isinstance(count, int) and count == 0:
+            return
+        if self.mean is not None:
+            update_running_stats(
+                self.mean,
+                self.var,
+                self.num_batches_tracked,
+                mean,
+                var * unbiased_factor(count),
+                self.momentum,
+            )
+        if strict:
+            raise_if_not_finite(mean, var)
 
 
 @torch.no_grad()

@@ -23,6 +23,8 @@ from typing import Callable, Optional, Protocol, Sequence
 
 from torch import Tensor
 
+from ..statistics import RunningStatistics
+
 Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
 
@@ -154,14 +156,11 @@ class EagerBatchNorm(Protocol):
     def __call__(
         self,
         input: Tensor,
-        running_mean: Optional[Tensor],
-        running_var: Optional[Tensor],
         weight: Optional[Tensor],
         bias: Optional[Tensor],
+        running: RunningStatistics,
         training: bool,
-        momentum: Optional[float],
         eps: float,
-        num_batches_tracked: Optional[Tensor],
         strict: bool,
         activation: str = "identity",
         param: float = 0.0,

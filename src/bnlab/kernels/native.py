@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..statistics import raise_if_not_finite
+from ..statistics import RunningStatistics, raise_if_not_finite
 from . import composite
 from .composite import laid_out_like
 
@@ -50,18 +50,15 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
 
 
 def eager_batch_norm(
-    input: Tensor,
-    running_mean,
-    running_var,
+    input,
     weight,
     bias,
-    training: bool,
-    momentum,
-    eps: float,
-    num_batches_tracked,
-    strict: bool,
-    activation: str = "identity",
-    param: float = 0.0,
+    running: RunningStatistics,
+    training,
+    eps,
+    strict,
+    activation="identity",
+    param=0.0,
 ) -> Optional[Tensor]:
     """The whole eager CPU batch norm (then the activation) as ATen's own differentiable op, which
     also updates the running statistics inside its kernel (as torch.nn's does), with bnlab's guard
@@ -80,6 +77,11 @@ def eager_batch_norm(
     """
     if input.device.type != "cpu" or torch.compiler.is_compiling():
         return None
+    running_mean, running_var, num_batches_tracked = (
+        running.mean,
+        running.var,
+        running.num_batches_tracked,
+    )
     if not training:
         y = torch.native_batch_norm(
             input, weight, bias, running_mean, running_var, False, 0.0, eps
@@ -89,6 +91,7 @@ def eager_batch_norm(
     factor = 0.0
     if tracked:
         before = running_mean.detach().numpy().copy(), running_var.detach().numpy().copy()
+        momentum = running.momentum
         factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
     y, mean, invstd = torch.native_batch_norm(
         input, weight, bias, running_mean, running_var, True, factor, eps

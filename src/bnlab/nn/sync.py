@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .. import distributed as D
 from ..checks import check_mask
+from ..statistics import RunningStatistics
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import rebuild, replace_modules, warn_unchanged
 
@@ -106,16 +107,17 @@ class SyncBatchNorm(BatchNorm):
             return super().forward(input)  # nothing to synchronize, nothing to mask: BatchNorm
         if group is not None:
             self._sync_calls += 1
-        use_running = self.training and self.track_running_stats
+        running = RunningStatistics(momentum=self.momentum)  # eval with a mask: not updated
+        if self.training and self.track_running_stats:
+            running = RunningStatistics(
+                self.running_mean, self.running_var, self.num_batches_tracked, self.momentum
+            )
         return D.batch_norm_over_group(
             input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
             self.weight,
             self.bias,
-            self.momentum,
+            running,
             self.eps,
-            num_batches_tracked=self.num_batches_tracked if use_running else None,
             mask=mask,
             group=group,
             timeout=self.timeout,
