@@ -27,10 +27,12 @@ from ..diagnostics import ActivationPercentiles, band_drift
 from .common import Dataset, by_dataset, check_positive, classifier_job, load_data, pct, pyplot, save, table
 from .mlp import sigmoid_mlp
 from .runner import Report, Run, RunView, experiment
+from .schedules import describe_schedule, lr_at_step
 
 NETS = (("plain", "without BN"), ("bn", "with BN"))
 PAPER_STEPS = 50_000
 DIGITS_STEPS = 15_000
+_lr = lr_at_step  # the earlier name of bnlab.lab.schedules.lr_at_step, kept for scripts
 
 
 @dataclass
@@ -104,7 +106,7 @@ def _report(view: RunView) -> Report:
         for ax in axes[1:]:
             ax.set_ylim(ylim[0] - pad, ylim[1] + pad)  # the same scale for (b) and (c)
     fig.suptitle(f"Ioffe & Szegedy 2015, Figure 1 at lab scale: {c.dataset}, {c.steps:,} steps, "
-                 f"SGD {_schedule(c)}, batch {c.batch_size}")
+                 f"SGD {describe_schedule(c)}, batch {c.batch_size}")
     save(fig, view.plot_path("fig1.png"))
 
     summary: dict = {"dataset": c.dataset, "steps": c.steps}
@@ -117,7 +119,7 @@ def _report(view: RunView) -> Report:
         "# Figure 1 of Ioffe & Szegedy (2015) at lab scale", "",
         f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} sigmoid units, "
         f"N(0, {c.init_std:g}^2) weights, softmax cross-entropy, mini-batches of {c.batch_size}, "
-        f"{c.steps:,} steps of plain SGD ({_schedule(c)}; no momentum, no weight decay; the paper gives no "
+        f"{c.steps:,} steps of plain SGD ({describe_schedule(c)}; no momentum, no weight decay; the paper gives no "
         f"optimizer or rate: see below), seed {c.seed}; with BN, every hidden layer is Linear (no bias) -> BatchNorm1d -> "
         f"sigmoid. Test accuracy on the full test set every {c.eval_every:,} steps, in eval mode "
         "(BN uses its running statistics)." + steps_note, "",
@@ -204,22 +206,6 @@ def _report(view: RunView) -> Report:
     return Report("\n".join(lines), summary)
 
 
-def _drop_step(c: Fig1Config) -> Optional[int]:
-    return None if c.lr_drop_at is None or c.lr_drop == 1 else round(c.lr_drop_at * c.steps)
-
-
-def _lr(c: Fig1Config, step: int) -> float:
-    drop = _drop_step(c)
-    return c.lr * c.lr_drop if drop is not None and step > drop else c.lr
-
-
-def _schedule(c: Fig1Config) -> str:
-    drop = _drop_step(c)
-    if drop is None:
-        return f"lr {c.lr:g}"
-    return f"lr {c.lr:g}, x{c.lr_drop:g} after step {drop:,}"
-
-
 def _band_rows(rows: list[dict], mid: str) -> list[dict]:
     return [r for r in rows if r["step"] > 0 and r.get(mid) is not None and math.isfinite(r[mid])]
 
@@ -258,5 +244,5 @@ def fig1(run: Run) -> None:
             x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
             steps=c.steps, batch_size=c.batch_size, seed=c.seed, eval_every=c.eval_every,
             eval_at_start=True, tags={"net": net},
-            hooks=hooks, lr_at=lambda i: _lr(c, i), extra_eval=lambda i, model: {k: v for k, v in trackers["t"].record(i).items() if k != "step"},
+            hooks=hooks, lr_at=lambda i: lr_at_step(c, i), extra_eval=lambda i, model: {k: v for k, v in trackers["t"].record(i).items() if k != "step"},
         )

@@ -33,8 +33,8 @@ from ..data import Split, permute_pixels, sequential
 from ..inference import population_statistics
 from ..nn import BNLSTM
 from .common import Dataset, check_positive, classifier_job, evaluate, load_data, pct, pyplot, save, table
-from .fig1 import _lr, _schedule
 from .runner import Report, Run, RunView, experiment
+from .schedules import describe_schedule, lr_at_step
 
 MODELS = ("lstm", "bnlstm")
 LONG_PIXEL_STEPS = 50_000  # our choice for a paper-length pixel-by-pixel run (about 90 epochs), not the paper's number
@@ -226,7 +226,7 @@ def _train_all(run: Run) -> None:
             x=train.train_x, y=train.train_y, test_x=train.test_x, test_y=train.test_y,
             steps=config.steps, batch_size=config.batch_size, seed=config.seed,
             eval_every=config.eval_every, eval_at_start=True, tags={"model": kind},
-            extra_eval=metrics, lr_at=lambda i: _lr(config, i),
+            extra_eval=metrics, lr_at=lambda i: lr_at_step(config, i),
         )
 
 
@@ -275,7 +275,7 @@ def _report(view: RunView) -> Report:
                     100.5)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
-    fig.suptitle(f"{name}: LSTM vs BN-LSTM ({c.hidden} units, RMSProp {_schedule(c)}, batch {c.batch_size})")
+    fig.suptitle(f"{name}: LSTM vs BN-LSTM ({c.hidden} units, RMSProp {describe_schedule(c)}, batch {c.batch_size})")
     save(fig, view.plot_path("accuracy.png"))
 
     summary: dict = {"task": name, "steps": c.steps}
@@ -299,7 +299,7 @@ def _report(view: RunView) -> Report:
         f"One recurrent layer of {c.hidden} units, the last hidden state into a softmax layer; "
         f"{'one row' if c.mode == 'row' else 'one pixel'} per step"
         f"{' in a fixed random order (seed ' + str(c.permutation_seed) + ')' if c.permute else ''}. "
-        f"RMSProp {_schedule(c)}, gradient norm clipped at {c.clip:g}, batches of {c.batch_size}, "
+        f"RMSProp {describe_schedule(c)}, gradient norm clipped at {c.clip:g}, batches of {c.batch_size}, "
         f"{c.steps:,} steps per net, seed {c.seed}; orthogonal input-to-hidden and identity "
         f"hidden-to-hidden weights for both nets; BN-LSTM gammas start at {c.gamma_init:g}. The last "
         f"{c.valid_size:,} training images are the validation set; accuracies on the {test_set} "
