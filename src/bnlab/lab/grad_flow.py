@@ -3,8 +3,8 @@
 Batch normalization fixes the standard deviation of a pre-activation to gamma. With gamma = 1 a
 tanh's input is spread over its saturated range, where its derivative is small; multiplied along
 the time steps, the gradient of the loss with respect to early hidden states vanishes. With
-gamma = 0.1 the inputs stay in the near-linear range (SPEC section 3; the paper's Figure 1 shows
-this for a batch-normalized tanh RNN).
+gamma = 0.1 the inputs stay in the near-linear range (Cooijmans et al. 2016, "Initializing gamma
+for gradient flow"; the paper's Figure 1 shows this for a batch-normalized tanh RNN).
 
 For each gamma, at initialization and with batch statistics as in a training step, the norm of
 dloss/dh_t of a mini-batch's mean cross-entropy (a softmax layer reads h_T), for every step t,

@@ -1,11 +1,12 @@
 """Small batches: BN against batch renorm, ghost BN, layer norm and group norm, by batch size.
 
 BN's statistics come from the batch, so tiny batches make them noisy in training and unlike the
-running statistics used at test time (SPEC section 5: Wu & He 2018 see ResNet-50's error rise from
-23.6% at 32 images per GPU to 34.7% at 2, while GroupNorm stays near 24.1%). This experiment shows
-the same on the bundled digits with an MLP, where a BatchNorm1d layer's statistics run over the
-batch alone (m = N): Linear -> norm -> ReLU, twice, then a Linear; SGD with momentum for a fixed
-number of epochs at each batch size, learning rate scaled linearly below batch 32.
+running statistics used at test time (Wu & He 2018, Group Normalization, Figure 1 and section 4.1:
+ResNet-50's ImageNet error rises from 23.6% at 32 images per GPU to 34.7% at 2, while GroupNorm
+stays near 24.1%). This experiment shows the same on the bundled digits with an MLP, where a
+BatchNorm1d layer's statistics run over the batch alone (m = N): Linear -> norm -> ReLU, twice,
+then a Linear; SGD with momentum for a fixed number of epochs at each batch size, learning rate
+scaled linearly below batch 32.
 
 In the lab framework this is ``bnlab run small-batch`` (one job per norm, batch size and seed,
 checkpointed and resumable); :func:`run` and :func:`write_outputs` remain as the plain-Python API.
