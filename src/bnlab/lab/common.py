@@ -12,10 +12,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..data import Split
+
 from .datasets import DATASETS, Dataset, by_dataset, images, load_data  # noqa: F401 (re-exported)
 from .runner import Run, seeded
 
+
 def check_positive(config: Any, *names: str) -> None:
+    """Fail config validation (ValueError) unless every named field is set and > 0."""
     for name in names:
         value = getattr(config, name)
         if value is None or value <= 0:
@@ -103,6 +107,34 @@ def classifier_job(
                 obj.remove()
 
 
+def train_on_split(run: Run, key: str, data: Split, **job: Any) -> dict[str, Any]:
+    """:func:`classifier_job` on ``data``: trained on its training set, evaluated on its test set."""
+    return classifier_job(run, key, x=data.train_x, y=data.train_y, test_x=data.test_x,
+                          test_y=data.test_y, **job)
+
+
+def train_mlp(run: Run, key: str, data: Split, config: Any, *, norm: str,
+              mlp_options: Optional[Mapping[str, Any]] = None, **job: Any) -> dict[str, Any]:
+    """One job of an MLP sweep: ``config``'s MLP (``hidden`` units, ``depth`` hidden layers, the
+    ``norm``, any other :func:`mlp` options) trained on ``data`` with ``config``'s ``steps``,
+    ``batch_size`` and ``seed`` unless ``job`` names its own (with the optimizer, tags, ...)."""
+    for name in ("steps", "batch_size", "seed"):
+        if name not in job:
+            job[name] = getattr(config, name)
+    options = dict(mlp_options or {})
+
+    def build() -> nn.Sequential:
+        return mlp(data.num_features, data.num_classes, config.hidden, config.depth, norm=norm,
+                   **options)
+
+    return train_on_split(run, key, data, build=build, **job)
+
+
+def bn_or_none(net: str) -> str:
+    """The :func:`mlp` norm of a net named "bn" (with BN) or "plain" (without)."""
+    return "bn" if net == "bn" else "none"
+
+
 # -- models -----------------------------------------------------------------------------------------
 
 def mlp(in_features: int, num_classes: int, hidden: int, depth: int, norm: str = "none",
@@ -156,6 +188,23 @@ def save(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
+
+
+def style_axes(ax, xlabel: str, ylabel: Optional[str] = None, **legend: Any) -> None:
+    """The lab's axes: labels, a light grid, a legend (``legend``: its keyword arguments)."""
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
+
+
+def batch_size_axes(ax, sizes: Sequence[int], title: str) -> None:
+    """Test accuracy in percent against the batch size on a log2 axis, each size labelled."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set_title(title)
+    style_axes(ax, "examples per batch", "test accuracy (%)")
 
 
 def pct(value: Optional[float]) -> str:
