@@ -9,15 +9,18 @@ experiment). A ReLU MLP is trained with Adam for the same number of epochs at ea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional
 
 import torch
 
-from .common import Dataset, check_positive, classifier_job, load_data, mlp, pct, pyplot, save, table
+from .common import (Dataset, batch_size_axes, check_positive, load_data, pct, pyplot, save, table,
+                     train_mlp)
 from .runner import Report, Run, RunView, experiment
 
 NORMS = (("none", "no normalization"), ("bn", "BatchNorm"), ("ln", "LayerNorm"))
+LABELS = dict(NORMS)
+PLOT = "accuracy_vs_batch_size.png"
 
 
 @dataclass
@@ -39,7 +42,7 @@ class BatchSizeConfig:
         check_positive(c, "epochs", "lr", "hidden", "depth")
         if not c.batch_sizes or min(c.batch_sizes) < 2:
             raise ValueError(f"batch sizes must be >= 2 (BN needs more than one value per feature), got {c.batch_sizes}")
-        bad = [n for n in c.norms if n not in dict(NORMS)]
+        bad = [n for n in c.norms if n not in LABELS]
         if bad or not c.norms:
             raise ValueError(f"unknown norm(s) {bad}; expected some of {[n for n, _ in NORMS]}")
         return c
@@ -52,45 +55,81 @@ def _key(norm: str, b: int) -> str:
     return f"{norm}/b={b}"
 
 
-def _report(view: RunView) -> Report:
+@dataclass
+class NormEnds:
+    """One normalization's final test accuracy at the smallest and the largest batch size."""
+
+    smallest_batch: float
+    largest_batch: float
+    range: float  # max - min over every batch size run
+
+
+@dataclass
+class BatchSizeSummary:
+    """Every number the batch-size report quotes, computed once from the run's rows."""
+
+    accuracy: dict[tuple[str, int], Optional[float]]  # (norm, batch) -> final (None: not run)
+    ends: dict[str, NormEnds]  # norms that have both the smallest and the largest batch
+
+    def headline(self) -> dict[str, Any]:
+        """summary.json: each normalization's ends and range."""
+        return {norm: asdict(ends) for norm, ends in self.ends.items()}
+
+
+def summarize(view: RunView) -> BatchSizeSummary:
+    """The final test accuracy of every (norm, batch size) job and each norm's sensitivity."""
     c: BatchSizeConfig = view.config
-    labels = dict(NORMS)
-    last = {(n, b): view.last(_key(n, b)) for n in c.norms for b in c.batch_sizes}
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    accuracy = {(n, b): _final_accuracy(view, _key(n, b)) for n in c.norms for b in c.batch_sizes}
+    small, large = min(c.batch_sizes), max(c.batch_sizes)
+    ends = {}
     for n in c.norms:
-        pts = [(b, last[n, b]) for b in c.batch_sizes if last[n, b] is not None]
-        ax.plot([b for b, _ in pts], [100 * r["test_accuracy"] for _, r in pts], "o-", label=labels[n])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(c.batch_sizes, [str(b) for b in c.batch_sizes])
-    ax.set_xlabel("examples per batch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{c.dataset}: {c.depth}x{c.hidden} ReLU MLP, Adam, {c.epochs:g} epochs")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save(fig, view.plot_path("accuracy_vs_batch_size.png"))
+        if accuracy[n, small] is not None and accuracy[n, large] is not None:
+            values = [accuracy[n, b] for b in c.batch_sizes if accuracy[n, b] is not None]
+            ends[n] = NormEnds(accuracy[n, small], accuracy[n, large], max(values) - min(values))
+    return BatchSizeSummary(accuracy, ends)
+
+
+def _final_accuracy(view: RunView, key: str) -> Optional[float]:
+    last = view.last(key)
+    return None if last is None else last["test_accuracy"]
+
+
+def plot(s: BatchSizeSummary, c: BatchSizeConfig, path) -> None:
+    """Final test accuracy against the batch size (log2), one curve per normalization."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
+    for n in c.norms:
+        done = [b for b in c.batch_sizes if s.accuracy[n, b] is not None]
+        ax.plot(done, [100 * s.accuracy[n, b] for b in done], "o-", label=LABELS[n])
+    batch_size_axes(ax, c.batch_sizes,
+                    f"{c.dataset}: {c.depth}x{c.hidden} ReLU MLP, Adam, {c.epochs:g} epochs")
+    save(fig, path)
+
+
+def render(s: BatchSizeSummary, c: BatchSizeConfig) -> str:
+    """report.md: the setup, the accuracy table and each normalization's sensitivity."""
+    small, large = min(c.batch_sizes), max(c.batch_sizes)
     lines = [
         "# Batch size: BN vs layer norm vs no normalization", "",
         f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} units, the "
-        f"normalization after each hidden Linear; Adam (lr {c.lr:g}) for {c.epochs:g} epochs at each "
-        f"batch size (at least {c.min_steps} steps), seed {c.seed}. Test accuracy (%) at the end, in eval "
-        "mode (BN uses its running statistics).", "",
+        f"normalization after each hidden Linear; Adam (lr {c.lr:g}) for {c.epochs:g} epochs at "
+        f"each batch size (at least {c.min_steps} steps), seed {c.seed}. Test accuracy (%) at the "
+        "end, in eval mode (BN uses its running statistics).", "",
         *table(["normalization", *map(str, c.batch_sizes)],
-               [[labels[n], *[pct(last[n, b]["test_accuracy"]) if last[n, b] else "-" for b in c.batch_sizes]]
-                for n in c.norms]),
-        "", "![accuracy vs batch size](accuracy_vs_batch_size.png)", "",
+               [[LABELS[n], *[pct(s.accuracy[n, b]) for b in c.batch_sizes]] for n in c.norms]),
+        "", f"![accuracy vs batch size]({PLOT})", "",
     ]
-    summary: dict = {}
-    small, large = min(c.batch_sizes), max(c.batch_sizes)
-    for n in c.norms:
-        if last[n, small] and last[n, large]:
-            a, b = last[n, small]["test_accuracy"], last[n, large]["test_accuracy"]
-            values = [last[n, s]["test_accuracy"] for s in c.batch_sizes if last[n, s]]
-            summary[n] = {"smallest_batch": a, "largest_batch": b, "range": max(values) - min(values)}
-            lines.append(f"- {labels[n]}: {pct(a)}% at batch {small}, {pct(b)}% at batch {large}; "
-                         f"max - min over batch sizes {100 * (max(values) - min(values)):.1f} points.")
+    for n, e in s.ends.items():
+        lines.append(f"- {LABELS[n]}: {pct(e.smallest_batch)}% at batch {small}, "
+                     f"{pct(e.largest_batch)}% at batch {large}; "
+                     f"max - min over batch sizes {pct(e.range)} points.")
     lines.append("")
-    return Report("\n".join(lines), summary)
+    return "\n".join(lines)
+
+
+def _report(view: RunView) -> Report:
+    summary = summarize(view)
+    plot(summary, view.config, view.plot_path(PLOT))
+    return Report(render(summary, view.config), summary.headline())
 
 
 @experiment("batch-size", BatchSizeConfig, _report)
@@ -101,11 +140,7 @@ def batch_size(run: Run) -> None:
     run.total_jobs = len(c.norms) * len(c.batch_sizes)
     for b in c.batch_sizes:
         for norm in c.norms:
-            classifier_job(
-                run, _key(norm, b),
-                build=lambda norm=norm: mlp(data.num_features, data.num_classes, c.hidden, c.depth, norm=norm),
-                optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
-                x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
-                steps=c.steps(b, len(data.train_y)), batch_size=b, seed=c.seed,
-                tags={"norm": norm, "batch_size": b},
-            )
+            train_mlp(run, _key(norm, b), data, c, norm=norm,
+                      optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
+                      steps=c.steps(b, len(data.train_y)), batch_size=b,
+                      tags={"norm": norm, "batch_size": b})
