@@ -9,15 +9,18 @@ there) the BN net still trains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, Optional
 
 import torch
 
-from .common import Dataset, by_dataset, check_positive, classifier_job, fmt_lr, load_data, mlp, pct, pyplot, save, table
+from .common import (Dataset, bn_or_none, by_dataset, check_positive, fmt_lr, load_data, pct,
+                     pyplot, save, style_axes, table, train_mlp)
 from .runner import Report, Run, RunView, experiment
 
 NETS = (("plain", "without BN"), ("bn", "with BN"))
+LABELS = dict(NETS)
+PLOT = "accuracy_vs_lr.png"
 
 
 @dataclass
@@ -49,67 +52,107 @@ def _key(net: str, lr: float) -> str:
     return f"{net}/lr={fmt_lr(lr)}"
 
 
-def _report(view: RunView) -> Report:
+@dataclass
+class NetBest:
+    """One net's best rate in the sweep and the rates at which it diverged."""
+
+    best_lr: float
+    best_accuracy: float
+    diverged_lrs: list[float]
+
+
+@dataclass
+class LrSummary:
+    """Every number the learning-rate report quotes, computed once from the run's rows."""
+
+    finals: dict[tuple[str, float], Optional[dict]]  # (net, lr) -> the job's last row (None: not run)
+    best: dict[str, NetBest]  # the nets with at least one finished rate
+    rescued: dict[float, float]  # lr -> BN's accuracy, where the plain net diverged and BN did not
+    good_lrs: dict[str, list[float]]  # net -> the rates (ascending) at >= 90% without diverging
+
+    def headline(self) -> dict[str, Any]:
+        """summary.json: each net's best rate, then BN's accuracy where the plain net diverged."""
+        out: dict[str, Any] = {net: asdict(best) for net, best in self.best.items()}
+        out["bn_trains_where_plain_diverges"] = {fmt_lr(lr): a for lr, a in self.rescued.items()}
+        return out
+
+
+def summarize(view: RunView) -> LrSummary:
+    """The last row of every job, each net's best rate, where BN trains and the plain net not."""
     c: LrConfig = view.config
-    last = {(net, lr): view.last(_key(net, lr)) for net, _ in NETS for lr in c.lrs}
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    finals = {(net, lr): view.last(_key(net, lr)) for net, _ in NETS for lr in c.lrs}
+    best = {}
+    for net, _ in NETS:
+        done = [(lr, finals[net, lr]) for lr in c.lrs if finals[net, lr] is not None]
+        if done:
+            best_lr, row = max(done, key=lambda p: (p[1]["test_accuracy"], -p[0]))
+            best[net] = NetBest(best_lr, row["test_accuracy"], [lr for lr, r in done if r["diverged"]])
+    both = [lr for lr in c.lrs if finals["plain", lr] is not None and finals["bn", lr] is not None]
+    rescued = {lr: finals["bn", lr]["test_accuracy"] for lr in both
+               if finals["plain", lr]["diverged"] and not finals["bn", lr]["diverged"]}
+    good = {net: [lr for lr in c.lrs if finals[net, lr] is not None
+                  and not finals[net, lr]["diverged"] and finals[net, lr]["test_accuracy"] >= 0.9]
+            for net, _ in NETS}
+    return LrSummary(finals, best, rescued, good)
+
+
+def plot(s: LrSummary, c: LrConfig, path) -> None:
+    """Test accuracy against the rate (log), one curve per net; diverged jobs crossed out."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
     for (net, label), color in zip(NETS, ("C0", "C1")):
-        points = [(lr, last[net, lr]) for lr in c.lrs if last[net, lr] is not None]
+        points = [(lr, s.finals[net, lr]) for lr in c.lrs if s.finals[net, lr] is not None]
         ax.plot([lr for lr, _ in points], [100 * r["test_accuracy"] for _, r in points], "o-",
                 color=color, label=label)
         bad = [(lr, r) for lr, r in points if r["diverged"]]
         if bad:
-            ax.plot([lr for lr, _ in bad], [100 * r["test_accuracy"] for _, r in bad], "x", color="red",
-                    markersize=10, mew=2, label=f"{label}: diverged")
+            ax.plot([lr for lr, _ in bad], [100 * r["test_accuracy"] for _, r in bad], "x",
+                    color="red", markersize=10, mew=2, label=f"{label}: diverged")
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"test accuracy after {c.steps:,} steps (%)")
     ax.set_title(f"{c.dataset}: {c.depth}x{c.hidden} {c.activation} MLP, SGD, batch {c.batch_size}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save(fig, view.plot_path("accuracy_vs_lr.png"))
+    style_axes(ax, "learning rate", f"test accuracy after {c.steps:,} steps (%)")
+    save(fig, path)
 
-    def cell(r):
-        if r is None:
-            return "-"
-        return f"{pct(r['test_accuracy'])} (diverged at step {r['step']:,})" if r["diverged"] else pct(r["test_accuracy"])
 
+def render(s: LrSummary, c: LrConfig) -> str:
+    """report.md: the setup, the accuracy table by rate and net, and the findings."""
     lines = [
         "# Learning rate: accuracy after a fixed budget, with and without BN", "",
-        f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} {c.activation} units "
-        f"(He/LeCun normal init; with BN, Linear without bias -> BatchNorm1d -> {c.activation}), "
-        f"{c.steps:,} steps of SGD (momentum {c.momentum:g}) on mini-batches of {c.batch_size} at each "
-        f"rate, seed {c.seed}. A non-finite training loss ends a job there (\"diverged\"); its accuracy "
-        "is then that of the diverged weights.", "",
+        f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} {c.activation} "
+        f"units (He/LeCun normal init; with BN, Linear without bias -> BatchNorm1d -> "
+        f"{c.activation}), {c.steps:,} steps of SGD (momentum {c.momentum:g}) on mini-batches of "
+        f"{c.batch_size} at each rate, seed {c.seed}. A non-finite training loss ends a job there "
+        "(\"diverged\"); its accuracy is then that of the diverged weights.", "",
         *table(["lr", *[label for _, label in NETS]],
-               [[fmt_lr(lr), *[cell(last[net, lr]) for net, _ in NETS]] for lr in c.lrs]),
-        "", "![accuracy vs learning rate](accuracy_vs_lr.png)", "",
+               [[fmt_lr(lr), *[_cell(s.finals[net, lr]) for net, _ in NETS]] for lr in c.lrs]),
+        "", f"![accuracy vs learning rate]({PLOT})", "",
     ]
-    summary: dict = {}
-    for net, label in NETS:
-        done = [(lr, last[net, lr]) for lr in c.lrs if last[net, lr] is not None]
-        if not done:
-            continue
-        best_lr, best = max(done, key=lambda p: (p[1]["test_accuracy"], -p[0]))
-        diverged = [lr for lr, r in done if r["diverged"]]
-        summary[net] = {"best_lr": best_lr, "best_accuracy": best["test_accuracy"], "diverged_lrs": diverged}
-        lines.append(f"- {label}: best {pct(best['test_accuracy'])}% at lr {fmt_lr(best_lr)}; "
-                     + (f"diverged at lr {', '.join(map(fmt_lr, diverged))}." if diverged else "never diverged."))
-    rescued = [lr for lr in c.lrs if last["plain", lr] is not None and last["bn", lr] is not None
-               and last["plain", lr]["diverged"] and not last["bn", lr]["diverged"]]
-    if rescued:
-        lines.append("- Where the plain net diverged, BN trained to "
-                     + ", ".join(f"{pct(last['bn', lr]['test_accuracy'])}% (lr {fmt_lr(lr)})" for lr in rescued) + ".")
-    summary["bn_trains_where_plain_diverges"] = {fmt_lr(lr): last["bn", lr]["test_accuracy"] for lr in rescued}
-    good = {net: [lr for lr in c.lrs if last[net, lr] is not None and not last[net, lr]["diverged"]
-                  and last[net, lr]["test_accuracy"] >= 0.9] for net, _ in NETS}
-    for net, label in NETS:
-        if good[net]:
-            lines.append(f"- {label}: >= 90% test accuracy at {len(good[net])} of {len(c.lrs)} rates "
-                         f"(lr {fmt_lr(min(good[net]))} .. {fmt_lr(max(good[net]))}).")
+    for net, b in s.best.items():
+        lines.append(f"- {LABELS[net]}: best {pct(b.best_accuracy)}% at lr {fmt_lr(b.best_lr)}; "
+                     + (f"diverged at lr {', '.join(map(fmt_lr, b.diverged_lrs))}."
+                        if b.diverged_lrs else "never diverged."))
+    if s.rescued:
+        lines.append("- Where the plain net diverged, BN trained to " + ", ".join(
+            f"{pct(a)}% (lr {fmt_lr(lr)})" for lr, a in s.rescued.items()) + ".")
+    for net, good in s.good_lrs.items():
+        if good:
+            lines.append(f"- {LABELS[net]}: >= 90% test accuracy at {len(good)} of {len(c.lrs)} "
+                         f"rates (lr {fmt_lr(good[0])} .. {fmt_lr(good[-1])}).")
     lines.append("")
-    return Report("\n".join(lines), summary)
+    return "\n".join(lines)
+
+
+def _cell(row: Optional[dict]) -> str:
+    if row is None:
+        return "-"
+    if row["diverged"]:
+        return f"{pct(row['test_accuracy'])} (diverged at step {row['step']:,})"
+    return pct(row["test_accuracy"])
+
+
+def _report(view: RunView) -> Report:
+    summary = summarize(view)
+    plot(summary, view.config, view.plot_path(PLOT))
+    return Report(render(summary, view.config), summary.headline())
 
 
 @experiment("lr", LrConfig, _report)
@@ -120,11 +163,6 @@ def lr_sweep(run: Run) -> None:
     run.total_jobs = len(c.lrs) * len(NETS)
     for lr in c.lrs:
         for net, _ in NETS:
-            classifier_job(
-                run, _key(net, lr),
-                build=lambda net=net: mlp(data.num_features, data.num_classes, c.hidden, c.depth,
-                                          norm="bn" if net == "bn" else "none", activation=c.activation),
-                optimizer=lambda p, lr=lr: torch.optim.SGD(p, lr=lr, momentum=c.momentum),
-                x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
-                steps=c.steps, batch_size=c.batch_size, seed=c.seed, tags={"net": net, "lr": lr},
-            )
+            train_mlp(run, _key(net, lr), data, c, norm=bn_or_none(net),
+                      mlp_options={"activation": c.activation}, tags={"net": net, "lr": lr},
+                      optimizer=lambda p, lr=lr: torch.optim.SGD(p, lr=lr, momentum=c.momentum))
