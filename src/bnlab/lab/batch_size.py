@@ -14,19 +14,17 @@ from typing import Any, Optional
 
 import torch
 
-from .common import (Dataset, batch_size_axes, check_positive, load_data, pct, pyplot, save, table,
-                     train_mlp)
-from .runner import Report, Run, RunView, experiment
+from ..data import Split
+from .common import (batch_size_axes, check_positive, heading, pct, pyplot,
+                     save, staged_report, table, sweep, train_mlp)
+from .datasets import DatasetConfig
+from .runner import Run, RunView, experiment
 
 NORMS = (("none", "no normalization"), ("bn", "BatchNorm"), ("ln", "LayerNorm"))
-LABELS = dict(NORMS)
-PLOT = "accuracy_vs_batch_size.png"
 
 
 @dataclass
-class BatchSizeConfig:
-    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits; mnist: IDX files in data_dir
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+class BatchSizeConfig(DatasetConfig):
     batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)  # examples per mini-batch (>= 2: BN needs two)
     norms: tuple[str, ...] = ("none", "bn", "ln")  # none, bn (BatchNorm1d), ln (LayerNorm)
     epochs: Optional[float] = None  # passes over the training set at every batch size; None: 6 on digits, 1 on mnist
@@ -42,17 +40,13 @@ class BatchSizeConfig:
         check_positive(c, "epochs", "lr", "hidden", "depth")
         if not c.batch_sizes or min(c.batch_sizes) < 2:
             raise ValueError(f"batch sizes must be >= 2 (BN needs more than one value per feature), got {c.batch_sizes}")
-        bad = [n for n in c.norms if n not in LABELS]
+        bad = [n for n in c.norms if n not in dict(NORMS)]
         if bad or not c.norms:
             raise ValueError(f"unknown norm(s) {bad}; expected some of {[n for n, _ in NORMS]}")
         return c
 
     def steps(self, batch_size: int, n: int) -> int:
         return max(self.min_steps, round(self.epochs * n / batch_size))
-
-
-def _key(norm: str, b: int) -> str:
-    return f"{norm}/b={b}"
 
 
 @dataclass
@@ -76,6 +70,11 @@ class BatchSizeSummary:
         return {norm: asdict(ends) for norm, ends in self.ends.items()}
 
 
+def _key(norm: str, b: int) -> str:
+    """The job of one normalization at one batch size, e.g. "ln/b=32"."""
+    return f"{norm}/b={b}"
+
+
 def summarize(view: RunView) -> BatchSizeSummary:
     """The final test accuracy of every (norm, batch size) job and each norm's sensitivity."""
     c: BatchSizeConfig = view.config
@@ -94,26 +93,32 @@ def _final_accuracy(view: RunView, key: str) -> Optional[float]:
     return None if last is None else last["test_accuracy"]
 
 
-def plot(s: BatchSizeSummary, c: BatchSizeConfig, path) -> None:
+LABELS = dict(NORMS)
+PLOT = "accuracy_vs_batch_size.png"
+
+
+def plot(view: RunView, s: BatchSizeSummary) -> None:
     """Final test accuracy against the batch size (log2), one curve per normalization."""
+    c: BatchSizeConfig = view.config
     fig, ax = pyplot().subplots(figsize=(6.5, 4))
     for n in c.norms:
         done = [b for b in c.batch_sizes if s.accuracy[n, b] is not None]
         ax.plot(done, [100 * s.accuracy[n, b] for b in done], "o-", label=LABELS[n])
     batch_size_axes(ax, c.batch_sizes,
                     f"{c.dataset}: {c.depth}x{c.hidden} ReLU MLP, Adam, {c.epochs:g} epochs")
-    save(fig, path)
+    save(fig, view.plot_path(PLOT))
 
 
 def render(s: BatchSizeSummary, c: BatchSizeConfig) -> str:
     """report.md: the setup, the accuracy table and each normalization's sensitivity."""
     small, large = min(c.batch_sizes), max(c.batch_sizes)
     lines = [
-        "# Batch size: BN vs layer norm vs no normalization", "",
-        f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} units, the "
-        f"normalization after each hidden Linear; Adam (lr {c.lr:g}) for {c.epochs:g} epochs at "
-        f"each batch size (at least {c.min_steps} steps), seed {c.seed}. Test accuracy (%) at the "
-        "end, in eval mode (BN uses its running statistics).", "",
+        *heading("Batch size: BN vs layer norm vs no normalization",
+                 f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} "
+                 f"units, the normalization after each hidden Linear; Adam (lr {c.lr:g}) for "
+                 f"{c.epochs:g} epochs at each batch size (at least {c.min_steps} steps), seed "
+                 f"{c.seed}. Test accuracy (%) at the end, in eval mode (BN uses its running "
+                 "statistics)."),
         *table(["normalization", *map(str, c.batch_sizes)],
                [[LABELS[n], *[pct(s.accuracy[n, b]) for b in c.batch_sizes]] for n in c.norms]),
         "", f"![accuracy vs batch size]({PLOT})", "",
@@ -126,21 +131,15 @@ def render(s: BatchSizeSummary, c: BatchSizeConfig) -> str:
     return "\n".join(lines)
 
 
-def _report(view: RunView) -> Report:
-    summary = summarize(view)
-    plot(summary, view.config, view.plot_path(PLOT))
-    return Report(render(summary, view.config), summary.headline())
-
-
-@experiment("batch-size", BatchSizeConfig, _report)
+@experiment("batch-size", BatchSizeConfig, staged_report(summarize, plot, render))
 def batch_size(run: Run) -> None:
     """BN vs layer norm vs no normalization across batch sizes 2..256."""
     c: BatchSizeConfig = run.config
-    data = load_data(c.dataset, c.data_dir)
-    run.total_jobs = len(c.norms) * len(c.batch_sizes)
-    for b in c.batch_sizes:
-        for norm in c.norms:
-            train_mlp(run, _key(norm, b), data, c, norm=norm,
-                      optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
-                      steps=c.steps(b, len(data.train_y)), batch_size=b,
-                      tags={"norm": norm, "batch_size": b})
+
+    def job(data: Split, b: int, norm: str) -> None:
+        train_mlp(run, _key(norm, b), data, c, norm=norm,
+                  optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
+                  steps=c.steps(b, len(data.train_y)), batch_size=b,
+                  tags={"norm": norm, "batch_size": b})
+
+    sweep(run, c.batch_sizes, c.norms, job)

@@ -15,7 +15,10 @@ from torch import Tensor, nn
 from ..data import Split
 
 from .datasets import DATASETS, Dataset, by_dataset, images, load_data  # noqa: F401 (re-exported)
-from .runner import Run, seeded
+from .runner import Report, Run, RunView, seeded
+
+# The two nets the BN-against-none experiments compare: (job key, label in reports and plots).
+NETS = (("plain", "without BN"), ("bn", "with BN"))
 
 
 def check_positive(config: Any, *names: str) -> None:
@@ -108,7 +111,8 @@ def classifier_job(
 
 
 def train_on_split(run: Run, key: str, data: Split, **job: Any) -> dict[str, Any]:
-    """:func:`classifier_job` on ``data``: trained on its training set, evaluated on its test set."""
+    """:func:`classifier_job` on ``data``: trained on its training set, evaluated on its test
+    set."""
     return classifier_job(run, key, x=data.train_x, y=data.train_y, test_x=data.test_x,
                           test_y=data.test_y, **job)
 
@@ -128,6 +132,29 @@ def train_mlp(run: Run, key: str, data: Split, config: Any, *, norm: str,
                    **options)
 
     return train_on_split(run, key, data, build=build, **job)
+
+
+def sweep(run: Run, values: Sequence[Any], nets: Sequence[str],
+          job: Callable[[Split, Any, str], Any]) -> None:
+    """Run ``job(data, value, net)`` for every value of a sweep (outermost) and every net, on the
+    config's dataset, after telling the progress bar how many jobs there are."""
+    data = load_data(run.config.dataset, run.config.data_dir)
+    run.total_jobs = len(values) * len(nets)
+    for value in values:
+        for net in nets:
+            job(data, value, net)
+
+
+def final_rows(view: RunView, nets: Sequence[str], values: Sequence[Any],
+               key: Callable[[str, Any], str]) -> dict[tuple[str, Any], Optional[dict]]:
+    """The last row of every (net, value) job of a sweep, keyed (net, value); None: not run yet."""
+    return {(net, value): view.last(key(net, value)) for net in nets for value in values}
+
+
+def finished(finals: Mapping[tuple[str, Any], Optional[dict]], net: str,
+             values: Sequence[Any]) -> list[tuple[Any, dict]]:
+    """(value, last row) of the net's finished jobs in :func:`final_rows`, in sweep order."""
+    return [(value, finals[net, value]) for value in values if finals[net, value] is not None]
 
 
 def bn_or_none(net: str) -> str:
@@ -205,6 +232,28 @@ def batch_size_axes(ax, sizes: Sequence[int], title: str) -> None:
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.set_title(title)
     style_axes(ax, "examples per batch", "test accuracy (%)")
+
+
+def staged_report(summarize: Callable[[RunView], Any], plot: Callable[[RunView, Any], None],
+                  render: Callable[[Any, Any], str]) -> Callable[[RunView], Report]:
+    """An experiment's report in three stages, so that the text cannot disagree with the numbers:
+    ``summarize(view)`` computes every number once (an object with ``headline()``, the dict
+    written to summary.json), ``plot(view, summary)`` draws the figures and
+    ``render(summary, config)`` only formats the summary's numbers as markdown."""
+    def report(view: RunView) -> Report:
+        summary = summarize(view)
+        plot(view, summary)
+        return Report(render(summary, view.config), summary.headline())
+
+    return report
+
+
+def heading(title: str, *paragraphs: str) -> list[str]:
+    """A report's first lines: the title, then each paragraph followed by a blank line."""
+    lines = [f"# {title}", ""]
+    for paragraph in paragraphs:
+        lines += [paragraph, ""]
+    return lines
 
 
 def pct(value: Optional[float]) -> str:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ..data import Split
-from .common import (Dataset, by_dataset, check_positive, fmt_lr, images, load_data, pct, pyplot,
-                     save, style_axes, table, train_on_split)
-from .runner import Report, Run, RunView, experiment
+from .common import (Dataset, by_dataset, check_positive, fmt_lr, heading, images, load_data, pct,
+                     pyplot, save, staged_report, style_axes, table, train_on_split)
+from .runner import Run, RunView, experiment
 
 PLOT = "conv_accuracy.png"
 
@@ -152,7 +152,8 @@ def plot(view: RunView, s: ConvSummary) -> None:
                     label=f"no BN, lr {fmt_lr(lr)}" + (" (best)" if best else ""))
     for (m, rows), color in zip(_bn_rows(view, c).items(), ("C2", "C1", "C3", "C4")):
         if rows:
-            ax.plot(*zip(*_curve(rows)), color=color, label=f"BN, lr {fmt_lr(rows[0]['lr'])} (x{m:g})")
+            ax.plot(*zip(*_curve(rows)), color=color,
+                    label=f"BN, lr {fmt_lr(rows[0]['lr'])} (x{m:g})")
     if s.target is not None:
         ax.axhline(s.target, color="gray", lw=0.8, ls="--")
     lowest = min([a for key in view.jobs() for _, a in _curve(view.job_rows(key))] or [0])
@@ -164,16 +165,15 @@ def plot(view: RunView, s: ConvSummary) -> None:
 
 def render(s: ConvSummary, c: ConvConfig) -> str:
     """report.md: the setup, then the baseline's target and the BN nets' steps to it."""
-    lines = [
-        "# Convolutions: steps to the baseline's best accuracy, BN at a higher rate", "",
+    lines = heading(
+        "Convolutions: steps to the baseline's best accuracy, BN at a higher rate",
         f"Dataset **{c.dataset}** as (N, 1, side, side) images; convnet "
         f"conv3x3({c.channels[0]}) -> ReLU -> maxpool2 -> conv3x3({c.channels[1]}) -> ReLU -> "
         "maxpool2 -> Linear, with BN a per-channel BatchNorm2d after each conv; SGD (momentum "
         f"{c.momentum:g}), batch {c.batch_size}, {c.steps:,} steps per net, test accuracy every "
         f"{c.eval_every:,} steps, seed {c.seed}. The baseline (no BN) is trained at each rate of "
         f"{', '.join(map(fmt_lr, c.baseline_lrs))}; its best test accuracy over all evaluations "
-        "is the target.", "",
-    ]
+        "is the target.")
     if s.target is None:
         return "\n".join(lines + ["No baseline finished yet.", ""])
     rows = [["no BN", fmt_lr(s.baseline_lr), f"{s.baseline_steps:,}", "1.0x (reference)",
@@ -192,13 +192,7 @@ def render(s: ConvSummary, c: ConvConfig) -> str:
     return "\n".join(lines)
 
 
-def _report(view: RunView) -> Report:
-    summary = summarize(view)
-    plot(view, summary)
-    return Report(render(summary, view.config), summary.headline())
-
-
-@experiment("conv", ConvConfig, _report)
+@experiment("conv", ConvConfig, staged_report(summarize, plot, render))
 def conv(run: Run) -> None:
     """A small convnet with BatchNorm2d at 5x the rate: steps to the baseline's best accuracy."""
     c: ConvConfig = run.config

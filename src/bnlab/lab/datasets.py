@@ -7,6 +7,7 @@ dataset fails early) and the experiments need these; this module imports neither
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from torch import Tensor
@@ -17,6 +18,14 @@ Dataset = Literal["digits", "mnist"]
 DATASETS = ("digits", "mnist")
 
 _DATA_CACHE: dict[tuple, Split] = {}
+
+
+@dataclass
+class DatasetConfig:
+    """The first two fields of the configs of the experiments on the digits or MNIST."""
+
+    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits; mnist: IDX files in data_dir
+    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
 
 
 def load_data(dataset: str, data_dir: Optional[str] = None) -> Split:

@@ -24,22 +24,20 @@ from typing import Any, Optional
 import torch
 
 from ..diagnostics import ActivationPercentiles, band_drift
-from .common import (Dataset, by_dataset, check_positive, load_data, pct, pyplot, save, table,
-                     train_on_split)
+from .common import (NETS, by_dataset, check_positive, load_data, pct, pyplot, save,
+                     staged_report, table, train_on_split)
 from .mlp import sigmoid_mlp
-from .runner import Report, Run, RunView, experiment
+from .datasets import DatasetConfig
+from .runner import Run, RunView, experiment
 from .schedules import describe_schedule, lr_at_step
 
-NETS = (("plain", "without BN"), ("bn", "with BN"))
 PAPER_STEPS = 50_000
 DIGITS_STEPS = 15_000
 _lr = lr_at_step  # the earlier name of bnlab.lab.schedules.lr_at_step, kept for scripts
 
 
 @dataclass
-class Fig1Config:
-    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits; mnist: IDX files in data_dir
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+class Fig1Config(DatasetConfig):
     steps: Optional[int] = None  # SGD steps per net; None: 50,000 on mnist (the paper), 15,000 on digits (make demo's 3-minute budget)
     batch_size: int = 60  # the paper's mini-batch
     lr: float = 0.5  # plain SGD, both nets (the paper gives none; the report says why 0.5)
@@ -193,8 +191,9 @@ def _band_keys(c: Fig1Config) -> tuple[str, str, str]:
     return lo, mid, hi
 
 
-def plot(view: RunView) -> None:
-    """fig1.png: (a) both nets' test accuracy, (b, c) the sigmoid-input band of each net."""
+def plot(view: RunView, summary: Fig1Summary) -> None:
+    """fig1.png: (a) both nets' test accuracy, (b, c) the sigmoid-input band of each net (every
+    evaluation: the curves come from the rows, not the summary's milestones)."""
     c: Fig1Config = view.config
     curves = {net: view.job_rows(net) for net, _ in NETS}
     fig, axes = pyplot().subplots(1, 3, figsize=(14, 4))
@@ -259,9 +258,10 @@ def render(s: Fig1Summary, c: Fig1Config) -> str:
 def _setup_lines(c: Fig1Config) -> list[str]:
     steps_note = ""
     if c.dataset == "digits" and c.steps != PAPER_STEPS:
-        steps_note = (f" The paper trains for {PAPER_STEPS:,} steps on MNIST; on the bundled digits "
-                      f"(1,437 training images) this run uses {c.steps:,} (`--steps`), which keeps "
-                      "`make demo` within its 3-minute budget and is long past convergence here.")
+        steps_note = (f" The paper trains for {PAPER_STEPS:,} steps on MNIST; on the bundled "
+                      f"digits (1,437 training images) this run uses {c.steps:,} (`--steps`), "
+                      "which keeps `make demo` within its 3-minute budget and is long past "
+                      "convergence here.")
     return [
         "# Figure 1 of Ioffe & Szegedy (2015) at lab scale", "",
         f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} sigmoid units, "
@@ -347,12 +347,6 @@ def _comparison_text(k: DriftComparison) -> str:
             f"{times(k.spread_range_ratio)} BN's.")
 
 
-def _report(view: RunView) -> Report:
-    summary = summarize(view)
-    plot(view)
-    return Report(render(summary, view.config), summary.headline())
-
-
 def _band_rows(rows: list[dict], mid: str) -> list[dict]:
     return [r for r in rows if r["step"] > 0 and r.get(mid) is not None and math.isfinite(r[mid])]
 
@@ -366,7 +360,7 @@ def _milestones(steps: int) -> set[int]:
     return marks
 
 
-@experiment("fig1", Fig1Config, _report)
+@experiment("fig1", Fig1Config, staged_report(summarize, plot, render))
 def fig1(run: Run) -> None:
     """The paper's Figure 1: a sigmoid MLP with and without BN, accuracy and sigmoid-input drift."""
     c: Fig1Config = run.config

@@ -184,7 +184,7 @@ class GradFlowSummary:
 
 
 def summarize(view: RunView) -> GradFlowSummary:
-    """The gradient norms at the table's steps, each net's first-to-last ratio and gamma's effect."""
+    """The gradient norms at the table's steps, each net's first-to-last ratio, gamma's effect."""
     c: GradFlowConfig = view.config
     curves = _curves(view)
     T = max(r["t"] for rows in curves.values() for r in rows)
@@ -208,7 +208,8 @@ def _task(c: GradFlowConfig) -> str:
     return task_name(SeqMnistConfig(dataset=c.dataset, mode=c.mode))
 
 
-def _gamma_effects(ratios: dict[str, dict[str, float]], c: GradFlowConfig) -> dict[str, GammaEffect]:
+def _gamma_effects(ratios: dict[str, dict[str, float]],
+                   c: GradFlowConfig) -> dict[str, GammaEffect]:
     lo, hi = min(c.gammas), max(c.gammas)
     effects = {}
     for net in ("rnn", "bnlstm"):

@@ -14,19 +14,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .common import (Dataset, bn_or_none, by_dataset, check_positive, evaluate, load_data, pct,
-                     pyplot, save, style_axes, table, train_mlp)
-from .runner import Report, Run, RunView, experiment
-
-NETS = (("plain", "without BN"), ("bn", "with BN"))
-LABELS = dict(NETS)
-PLOT = "accuracy_vs_init_scale.png"
+from ..data import Split
+from .common import (NETS, bn_or_none, by_dataset, check_positive, evaluate, final_rows,
+                     finished, heading, pct, pyplot, save, staged_report, style_axes, sweep, table,
+                     train_mlp)
+from .datasets import DatasetConfig
+from .runner import Run, RunView, experiment
 
 
 @dataclass
-class InitConfig:
-    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits; mnist: IDX files in data_dir
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+class InitConfig(DatasetConfig):
     scales: tuple[float, ...] = tuple(float(s) for s in np.logspace(-4, 0, 20))  # weight std of every Linear: cs231n's np.logspace(-4, 0, 20)
     steps: Optional[int] = None  # Adam steps per net and scale; None: 400 on digits, 1,000 on mnist
     batch_size: int = 50  # cs231n's
@@ -42,10 +39,6 @@ class InitConfig:
         if not c.scales or min(c.scales) <= 0:
             raise ValueError(f"scales must be positive, got {c.scales}")
         return c
-
-
-def _key(net: str, scale: float) -> str:
-    return f"{net}/scale={scale:.3g}"
 
 
 @dataclass
@@ -66,32 +59,42 @@ class InitSummary:
     nets: dict[str, NetScales]  # the nets with at least one finished scale
 
     def headline(self) -> dict[str, Any]:
-        """summary.json: per net, the best accuracy, how many scales reach 90% of it, divergences."""
+        """summary.json: per net, the best accuracy, the scales within 90% of it, divergences."""
         return {net: {"best_accuracy": n.best_accuracy,
                       "scales_within_90pct_of_best": len(n.good_scales), "diverged": n.diverged}
                 for net, n in self.nets.items()}
 
 
+def _key(net: str, scale: float) -> str:
+    """The job of one net at one initialization scale, e.g. "bn/scale=0.0001"."""
+    return f"{net}/scale={scale:.3g}"
+
+
 def summarize(view: RunView) -> InitSummary:
     """The last row of every job and, per net, the scales that train."""
     c: InitConfig = view.config
-    finals = {(net, s): view.last(_key(net, s)) for net, _ in NETS for s in c.scales}
-    nets = {}
-    for net, _ in NETS:
-        done = [(s, finals[net, s]) for s in c.scales if finals[net, s] is not None]
-        if done:
-            best = max(r["test_accuracy"] for _, r in done)
-            nets[net] = NetScales(best, [s for s, r in done if r["test_accuracy"] >= 0.9 * best],
-                                  len(done), sum(bool(r["diverged"]) for _, r in done))
+    finals = final_rows(view, [net for net, _ in NETS], c.scales, _key)
+    nets = {net: _net_scales(done) for net, _ in NETS
+            if (done := finished(finals, net, c.scales))}
     return InitSummary(finals, nets)
 
 
-def plot(s: InitSummary, c: InitConfig, path) -> None:
+def _net_scales(done: list[tuple[float, dict]]) -> NetScales:
+    """A net's best accuracy over its finished scales and the scales within 90% of it."""
+    best = max(r["test_accuracy"] for _, r in done)
+    return NetScales(best, [s for s, r in done if r["test_accuracy"] >= 0.9 * best],
+                     len(done), sum(bool(r["diverged"]) for _, r in done))
+
+
+PLOT = "accuracy_vs_init_scale.png"
+
+
+def plot(view: RunView, s: InitSummary) -> None:
     """Final test and training accuracy against the scale (log), with and without BN."""
+    c: InitConfig = view.config
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for (net, label), color in zip(NETS, ("C0", "C1")):
-        done = [(scale, s.finals[net, scale]) for scale in c.scales
-                if s.finals[net, scale] is not None]
+        done = finished(s.finals, net, c.scales)
         for ax, column in zip(axes, ("test_accuracy", "train_accuracy")):
             ax.plot([scale for scale, _ in done], [100 * r[column] for _, r in done], "o-",
                     color=color, label=label)
@@ -99,26 +102,29 @@ def plot(s: InitSummary, c: InitConfig, path) -> None:
         ax.set_xscale("log")
         style_axes(ax, "weight initialization scale (std)", f"final {what} accuracy (%)")
     fig.suptitle(f"{c.dataset}: {c.depth}x{c.hidden} ReLU MLP, Adam lr {c.lr:g}, {c.steps:,} steps")
-    save(fig, path)
+    save(fig, view.plot_path(PLOT))
 
 
 def render(s: InitSummary, c: InitConfig) -> str:
     """report.md: the setup, the accuracy table by scale and net, each net's trainable range."""
     lines = [
-        "# Initialization scale: final accuracy with and without BN", "",
-        f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} units, "
-        f"every Linear's weights from N(0, scale^2) (zero biases), {c.steps:,} Adam steps (lr "
-        f"{c.lr:g}) on mini-batches of {c.batch_size}, seed {c.seed}; with BN, Linear (no bias) "
-        "-> BatchNorm1d -> ReLU. The cs231n assignment's experiment (its 20 scales "
-        "np.logspace(-4, 0, 20)).", "",
+        *heading("Initialization scale: final accuracy with and without BN",
+                 f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} "
+                 f"units, every Linear's weights from N(0, scale^2) (zero biases), {c.steps:,} "
+                 f"Adam steps (lr {c.lr:g}) on mini-batches of {c.batch_size}, seed {c.seed}; "
+                 "with BN, Linear (no bias) -> BatchNorm1d -> ReLU. The cs231n assignment's "
+                 "experiment (its 20 scales np.logspace(-4, 0, 20))."),
         *table(["scale", "test without BN", "test with BN", "train without BN", "train with BN"],
                [[f"{scale:.2e}", *_cells(s, scale, "test_accuracy"),
                  *_cells(s, scale, "train_accuracy")] for scale in c.scales]),
         "", f"![accuracy vs init scale]({PLOT})", "",
     ]
-    for net, n in s.nets.items():
+    for net, label in NETS:
+        if net not in s.nets:
+            continue
+        n = s.nets[net]
         good = n.good_scales
-        lines.append(f"- {LABELS[net]}: best test accuracy {pct(n.best_accuracy)}%; {len(good)} of "
+        lines.append(f"- {label}: best test accuracy {pct(n.best_accuracy)}%; {len(good)} of "
                      f"{n.finished} scales reach at least 90% of that"
                      + (f" (scale {good[0]:.1e} .. {good[-1]:.1e})." if good else "."))
     lines.append("")
@@ -130,24 +136,17 @@ def _cells(s: InitSummary, scale: float, column: str) -> list[str]:
     return [pct(row[column]) if row else "-" for row in rows]
 
 
-def _report(view: RunView) -> Report:
-    summary = summarize(view)
-    plot(summary, view.config, view.plot_path(PLOT))
-    return Report(render(summary, view.config), summary.headline())
-
-
-@experiment("init", InitConfig, _report)
+@experiment("init", InitConfig, staged_report(summarize, plot, render))
 def init_scale(run: Run) -> None:
     """Accuracy against the weight-initialization scale (cs231n's 20 scales), BN vs no BN."""
     c: InitConfig = run.config
-    data = load_data(c.dataset, c.data_dir)
-    run.total_jobs = len(c.scales) * len(NETS)
 
-    def train_accuracy(step: int, model: torch.nn.Module) -> dict:
-        return {"train_accuracy": evaluate(model, data.train_x, data.train_y)["test_accuracy"]}
+    def job(data: Split, scale: float, net: str) -> None:
+        def train_accuracy(step: int, model: torch.nn.Module) -> dict:
+            return {"train_accuracy": evaluate(model, data.train_x, data.train_y)["test_accuracy"]}
 
-    for scale in c.scales:
-        for net, _ in NETS:
-            train_mlp(run, _key(net, scale), data, c, norm=bn_or_none(net),
-                      mlp_options={"init_std": scale}, tags={"net": net, "scale": scale},
-                      optimizer=lambda p: torch.optim.Adam(p, lr=c.lr), extra_eval=train_accuracy)
+        train_mlp(run, _key(net, scale), data, c, norm=bn_or_none(net),
+                  mlp_options={"init_std": scale}, tags={"net": net, "scale": scale},
+                  optimizer=lambda p: torch.optim.Adam(p, lr=c.lr), extra_eval=train_accuracy)
+
+    sweep(run, c.scales, [net for net, _ in NETS], job)

@@ -32,7 +32,7 @@ def lr_at_step(c: DropSchedule, step: int) -> float:
 
 
 def describe_schedule(c: DropSchedule) -> str:
-    """The schedule in words for reports and plot titles, e.g. ``lr 0.5, x0.1 after step 12,000``."""
+    """The schedule in words for reports and plot titles: ``lr 0.5, x0.1 after step 12,000``."""
     drop = drop_step(c)
     if drop is None:
         return f"lr {c.lr:g}"

@@ -399,8 +399,8 @@ def _setup_lines(c: SeqMnistConfig) -> list[str]:
 
 
 def _head_to_head_lines(h: HeadToHead, models: dict[str, ModelResult], target: float) -> list[str]:
-    words = {m: "not within the run" if r.steps_to_target is None else f"at step {r.steps_to_target:,}"
-             for m, r in models.items()}
+    words = {m: "not within the run" if r.steps_to_target is None
+             else f"at step {r.steps_to_target:,}" for m, r in models.items()}
     return [f"- BN-LSTM ahead of the LSTM (test accuracy) at {h.ahead} of {h.evaluations} common "
             f"evaluations (steps {h.first_step:,} to {h.last_step:,}).",
             f"- {100 * target:g}% test accuracy: BN-LSTM {words['bnlstm']}, LSTM {words['lstm']}.",

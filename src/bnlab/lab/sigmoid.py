@@ -16,17 +16,14 @@ from typing import Any, Optional
 
 import torch
 
-from .common import (Dataset, bn_or_none, by_dataset, check_positive, load_data, pct, pyplot, save,
-                     style_axes, table, train_mlp)
-from .runner import Report, Run, RunView, experiment
-
-NETS = (("plain", "without BN"), ("bn", "with BN"))
+from .common import (NETS, bn_or_none, by_dataset, check_positive, heading, load_data, pct,
+                     pyplot, save, staged_report, style_axes, table, train_mlp)
+from .datasets import DatasetConfig
+from .runner import Run, RunView, experiment
 
 
 @dataclass
-class SigmoidConfig:
-    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits; mnist: IDX files in data_dir
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+class SigmoidConfig(DatasetConfig):
     depth: int = 8  # sigmoid hidden layers
     hidden: int = 100  # units per hidden layer
     steps: Optional[int] = None  # SGD steps per net; None: 3,000 on digits, 10,000 on mnist
@@ -82,8 +79,9 @@ def _grad_norm(row: dict) -> Optional[float]:
     return value if value is not None and math.isfinite(value) else None
 
 
-def plot(view: RunView) -> None:
-    """Test accuracy and the first layer's gradient norm (log) against the step, both nets."""
+def plot(view: RunView, summary: SigmoidSummary) -> None:
+    """Test accuracy and the first layer's gradient norm (log) against the step, both nets
+    (every evaluation: the curves come from the rows, not the summary's table)."""
     c: SigmoidConfig = view.config
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for (net, label), color in zip(NETS, ("C0", "C1")):
@@ -103,15 +101,15 @@ def plot(view: RunView) -> None:
 def render(s: SigmoidSummary, c: SigmoidConfig) -> str:
     """report.md: the setup, accuracy and gradient norm over training, the final accuracies."""
     init = "LeCun-normal init" if c.init_std is None else f"N(0, {c.init_std:g}^2) init"
-    lines = [
-        "# Saturating nonlinearities: a deep sigmoid MLP with and without BN", "",
+    lines = heading(
+        "Saturating nonlinearities: a deep sigmoid MLP with and without BN",
         f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} sigmoid units "
         f"({init}; with BN, Linear without bias -> BatchNorm1d -> sigmoid), {c.steps:,} steps of "
         f"plain SGD at lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}. The gradient norm is "
-        "that of the last training step before each evaluation.", "",
-    ]
+        "that of the last training step before each evaluation.")
     if s.finals:
-        lines += table(["step", "accuracy without BN", "with BN", "grad norm without BN", "with BN"],
+        lines += table(["step", "accuracy without BN", "with BN", "grad norm without BN",
+                        "with BN"],
                        [[f"{m:,}", pct(at["plain"][0]), pct(at["bn"][0]),
                          _sci(at["plain"][1]), _sci(at["bn"][1])] for m, at in s.evaluations])
         lines += ["", f"- Final test accuracy: without BN {pct(s.finals['plain'])}%, "
@@ -125,13 +123,7 @@ def _sci(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
-def _report(view: RunView) -> Report:
-    summary = summarize(view)
-    plot(view)
-    return Report(render(summary, view.config), summary.headline())
-
-
-@experiment("sigmoid", SigmoidConfig, _report)
+@experiment("sigmoid", SigmoidConfig, staged_report(summarize, plot, render))
 def sigmoid(run: Run) -> None:
     """BN makes a deep sigmoid MLP trainable where the same net without BN stalls."""
     c: SigmoidConfig = run.config

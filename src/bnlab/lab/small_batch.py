@@ -144,7 +144,7 @@ class SmallBatchSummary:
     batch_sizes: tuple[int, ...]
     norms: tuple[str, ...]  # the norms finished at every batch size, in the config's order
     means: dict[tuple[str, int], float]  # (norm, batch size) -> mean test accuracy over seeds
-    bn_gain_points: Optional[float]  # BN's accuracy at the largest batch minus the smallest, in points
+    bn_gain_points: Optional[float]  # BN at the largest batch minus at the smallest, in points
 
     @property
     def smallest(self) -> int:
