@@ -9,21 +9,22 @@ experiment). A ReLU MLP is trained with Adam for the same number of epochs at ea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional
 
 import torch
 
-from .common import Dataset, check_positive, classifier_job, load_data, mlp, pct, pyplot, save, table
-from .runner import Report, Run, RunView, experiment
+from ..data import Split
+from .common import (batch_size_axes, check_positive, heading, pct, pyplot,
+                     save, staged_report, table, sweep, train_mlp)
+from .datasets import DatasetConfig
+from .runner import Run, RunView, experiment
 
 NORMS = (("none", "no normalization"), ("bn", "BatchNorm"), ("ln", "LayerNorm"))
 
 
 @dataclass
-class BatchSizeConfig:
-    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits; mnist: IDX files in data_dir
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+class BatchSizeConfig(DatasetConfig):
     batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)  # examples per mini-batch (>= 2: BN needs two)
     norms: tuple[str, ...] = ("none", "bn", "ln")  # none, bn (BatchNorm1d), ln (LayerNorm)
     epochs: Optional[float] = None  # passes over the training set at every batch size; None: 6 on digits, 1 on mnist
@@ -48,64 +49,97 @@ class BatchSizeConfig:
         return max(self.min_steps, round(self.epochs * n / batch_size))
 
 
+@dataclass
+class NormEnds:
+    """One normalization's final test accuracy at the smallest and the largest batch size."""
+
+    smallest_batch: float
+    largest_batch: float
+    range: float  # max - min over every batch size run
+
+
+@dataclass
+class BatchSizeSummary:
+    """Every number the batch-size report quotes, computed once from the run's rows."""
+
+    accuracy: dict[tuple[str, int], Optional[float]]  # (norm, batch) -> final (None: not run)
+    ends: dict[str, NormEnds]  # norms that have both the smallest and the largest batch
+
+    def headline(self) -> dict[str, Any]:
+        """summary.json: each normalization's ends and range."""
+        return {norm: asdict(ends) for norm, ends in self.ends.items()}
+
+
 def _key(norm: str, b: int) -> str:
+    """The job of one normalization at one batch size, e.g. "ln/b=32"."""
     return f"{norm}/b={b}"
 
 
-def _report(view: RunView) -> Report:
+def summarize(view: RunView) -> BatchSizeSummary:
+    """The final test accuracy of every (norm, batch size) job and each norm's sensitivity."""
     c: BatchSizeConfig = view.config
-    labels = dict(NORMS)
-    last = {(n, b): view.last(_key(n, b)) for n in c.norms for b in c.batch_sizes}
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for n in c.norms:
-        pts = [(b, last[n, b]) for b in c.batch_sizes if last[n, b] is not None]
-        ax.plot([b for b, _ in pts], [100 * r["test_accuracy"] for _, r in pts], "o-", label=labels[n])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(c.batch_sizes, [str(b) for b in c.batch_sizes])
-    ax.set_xlabel("examples per batch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{c.dataset}: {c.depth}x{c.hidden} ReLU MLP, Adam, {c.epochs:g} epochs")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save(fig, view.plot_path("accuracy_vs_batch_size.png"))
-    lines = [
-        "# Batch size: BN vs layer norm vs no normalization", "",
-        f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} units, the "
-        f"normalization after each hidden Linear; Adam (lr {c.lr:g}) for {c.epochs:g} epochs at each "
-        f"batch size (at least {c.min_steps} steps), seed {c.seed}. Test accuracy (%) at the end, in eval "
-        "mode (BN uses its running statistics).", "",
-        *table(["normalization", *map(str, c.batch_sizes)],
-               [[labels[n], *[pct(last[n, b]["test_accuracy"]) if last[n, b] else "-" for b in c.batch_sizes]]
-                for n in c.norms]),
-        "", "![accuracy vs batch size](accuracy_vs_batch_size.png)", "",
-    ]
-    summary: dict = {}
+    accuracy = {(n, b): _final_accuracy(view, _key(n, b)) for n in c.norms for b in c.batch_sizes}
     small, large = min(c.batch_sizes), max(c.batch_sizes)
+    ends = {}
     for n in c.norms:
-        if last[n, small] and last[n, large]:
-            a, b = last[n, small]["test_accuracy"], last[n, large]["test_accuracy"]
-            values = [last[n, s]["test_accuracy"] for s in c.batch_sizes if last[n, s]]
-            summary[n] = {"smallest_batch": a, "largest_batch": b, "range": max(values) - min(values)}
-            lines.append(f"- {labels[n]}: {pct(a)}% at batch {small}, {pct(b)}% at batch {large}; "
-                         f"max - min over batch sizes {100 * (max(values) - min(values)):.1f} points.")
+        if accuracy[n, small] is not None and accuracy[n, large] is not None:
+            values = [accuracy[n, b] for b in c.batch_sizes if accuracy[n, b] is not None]
+            ends[n] = NormEnds(accuracy[n, small], accuracy[n, large], max(values) - min(values))
+    return BatchSizeSummary(accuracy, ends)
+
+
+def _final_accuracy(view: RunView, key: str) -> Optional[float]:
+    last = view.last(key)
+    return None if last is None else last["test_accuracy"]
+
+
+LABELS = dict(NORMS)
+PLOT = "accuracy_vs_batch_size.png"
+
+
+def plot(view: RunView, s: BatchSizeSummary) -> None:
+    """Final test accuracy against the batch size (log2), one curve per normalization."""
+    c: BatchSizeConfig = view.config
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
+    for n in c.norms:
+        done = [b for b in c.batch_sizes if s.accuracy[n, b] is not None]
+        ax.plot(done, [100 * s.accuracy[n, b] for b in done], "o-", label=LABELS[n])
+    batch_size_axes(ax, c.batch_sizes,
+                    f"{c.dataset}: {c.depth}x{c.hidden} ReLU MLP, Adam, {c.epochs:g} epochs")
+    save(fig, view.plot_path(PLOT))
+
+
+def render(s: BatchSizeSummary, c: BatchSizeConfig) -> str:
+    """report.md: the setup, the accuracy table and each normalization's sensitivity."""
+    small, large = min(c.batch_sizes), max(c.batch_sizes)
+    lines = [
+        *heading("Batch size: BN vs layer norm vs no normalization",
+                 f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} "
+                 f"units, the normalization after each hidden Linear; Adam (lr {c.lr:g}) for "
+                 f"{c.epochs:g} epochs at each batch size (at least {c.min_steps} steps), seed "
+                 f"{c.seed}. Test accuracy (%) at the end, in eval mode (BN uses its running "
+                 "statistics)."),
+        *table(["normalization", *map(str, c.batch_sizes)],
+               [[LABELS[n], *[pct(s.accuracy[n, b]) for b in c.batch_sizes]] for n in c.norms]),
+        "", f"![accuracy vs batch size]({PLOT})", "",
+    ]
+    for n, e in s.ends.items():
+        lines.append(f"- {LABELS[n]}: {pct(e.smallest_batch)}% at batch {small}, "
+                     f"{pct(e.largest_batch)}% at batch {large}; "
+                     f"max - min over batch sizes {pct(e.range)} points.")
     lines.append("")
-    return Report("\n".join(lines), summary)
+    return "\n".join(lines)
 
 
-@experiment("batch-size", BatchSizeConfig, _report)
+@experiment("batch-size", BatchSizeConfig, staged_report(summarize, plot, render))
 def batch_size(run: Run) -> None:
     """BN vs layer norm vs no normalization across batch sizes 2..256."""
     c: BatchSizeConfig = run.config
-    data = load_data(c.dataset, c.data_dir)
-    run.total_jobs = len(c.norms) * len(c.batch_sizes)
-    for b in c.batch_sizes:
-        for norm in c.norms:
-            classifier_job(
-                run, _key(norm, b),
-                build=lambda norm=norm: mlp(data.num_features, data.num_classes, c.hidden, c.depth, norm=norm),
-                optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
-                x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
-                steps=c.steps(b, len(data.train_y)), batch_size=b, seed=c.seed,
-                tags={"norm": norm, "batch_size": b},
-            )
+
+    def job(data: Split, b: int, norm: str) -> None:
+        train_mlp(run, _key(norm, b), data, c, norm=norm,
+                  optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
+                  steps=c.steps(b, len(data.train_y)), batch_size=b,
+                  tags={"norm": norm, "batch_size": b})
+
+    sweep(run, c.batch_sizes, c.norms, job)

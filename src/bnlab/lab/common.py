@@ -1,52 +1,28 @@
-"""What the experiments share: datasets, seeded models, the classifier training job, plotting."""
+"""What the experiments share: the classifier training job, models, plotting and report tables.
+
+The dataset helpers live in :mod:`bnlab.lab.datasets` (the runner needs them too) and are
+importable from here as well.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..data import Split, load_digits, load_mnist
-from .runner import Run, seeded
+from ..data import Split
 
-Dataset = Literal["digits", "mnist"]
-DATASETS = ("digits", "mnist")
+from .datasets import DATASETS, Dataset, by_dataset, images, load_data  # noqa: F401 (re-exported)
+from .runner import Report, Run, RunView, seeded
 
-_DATA_CACHE: dict[tuple, Split] = {}
-
-
-def load_data(dataset: str, data_dir: Optional[str] = None) -> Split:
-    """``digits``: scikit-learn's bundled 8x8 digits (1,437 train / 360 test, split with seed 0);
-    ``mnist``: the IDX files in ``data_dir`` or ``$BNLAB_DATA_DIR`` (60,000 / 10,000)."""
-    key = (dataset, data_dir)
-    if key not in _DATA_CACHE:
-        if dataset == "digits":
-            _DATA_CACHE[key] = load_digits()
-        elif dataset == "mnist":
-            _DATA_CACHE[key] = load_mnist(data_dir)
-        else:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-    return _DATA_CACHE[key]
-
-
-def by_dataset(value: Any, dataset: str, digits: Any, mnist: Any) -> Any:
-    """A field's resolved value: itself if set, else the dataset's default."""
-    if value is not None:
-        return value
-    return mnist if dataset == "mnist" else digits
-
-
-def images(x: Tensor) -> Tensor:
-    """Flattened square images (N, side^2) as (N, 1, side, side)."""
-    side = math.isqrt(x.shape[1])
-    if side * side != x.shape[1]:
-        raise ValueError(f"{x.shape[1]} features are not a square image")
-    return x.reshape(len(x), 1, side, side)
+# The two nets the BN-against-none experiments compare: (job key, label in reports and plots).
+NETS = (("plain", "without BN"), ("bn", "with BN"))
 
 
 def check_positive(config: Any, *names: str) -> None:
+    """Fail config validation (ValueError) unless every named field is set and > 0."""
     for name in names:
         value = getattr(config, name)
         if value is None or value <= 0:
@@ -134,6 +110,58 @@ def classifier_job(
                 obj.remove()
 
 
+def train_on_split(run: Run, key: str, data: Split, **job: Any) -> dict[str, Any]:
+    """:func:`classifier_job` on ``data``: trained on its training set, evaluated on its test
+    set."""
+    return classifier_job(run, key, x=data.train_x, y=data.train_y, test_x=data.test_x,
+                          test_y=data.test_y, **job)
+
+
+def train_mlp(run: Run, key: str, data: Split, config: Any, *, norm: str,
+              mlp_options: Optional[Mapping[str, Any]] = None, **job: Any) -> dict[str, Any]:
+    """One job of an MLP sweep: ``config``'s MLP (``hidden`` units, ``depth`` hidden layers, the
+    ``norm``, any other :func:`mlp` options) trained on ``data`` with ``config``'s ``steps``,
+    ``batch_size`` and ``seed`` unless ``job`` names its own (with the optimizer, tags, ...)."""
+    for name in ("steps", "batch_size", "seed"):
+        if name not in job:
+            job[name] = getattr(config, name)
+    options = dict(mlp_options or {})
+
+    def build() -> nn.Sequential:
+        return mlp(data.num_features, data.num_classes, config.hidden, config.depth, norm=norm,
+                   **options)
+
+    return train_on_split(run, key, data, build=build, **job)
+
+
+def sweep(run: Run, values: Sequence[Any], nets: Sequence[str],
+          job: Callable[[Split, Any, str], Any]) -> None:
+    """Run ``job(data, value, net)`` for every value of a sweep (outermost) and every net, on the
+    config's dataset, after telling the progress bar how many jobs there are."""
+    data = load_data(run.config.dataset, run.config.data_dir)
+    run.total_jobs = len(values) * len(nets)
+    for value in values:
+        for net in nets:
+            job(data, value, net)
+
+
+def final_rows(view: RunView, nets: Sequence[str], values: Sequence[Any],
+               key: Callable[[str, Any], str]) -> dict[tuple[str, Any], Optional[dict]]:
+    """The last row of every (net, value) job of a sweep, keyed (net, value); None: not run yet."""
+    return {(net, value): view.last(key(net, value)) for net in nets for value in values}
+
+
+def finished(finals: Mapping[tuple[str, Any], Optional[dict]], net: str,
+             values: Sequence[Any]) -> list[tuple[Any, dict]]:
+    """(value, last row) of the net's finished jobs in :func:`final_rows`, in sweep order."""
+    return [(value, finals[net, value]) for value in values if finals[net, value] is not None]
+
+
+def bn_or_none(net: str) -> str:
+    """The :func:`mlp` norm of a net named "bn" (with BN) or "plain" (without)."""
+    return "bn" if net == "bn" else "none"
+
+
 # -- models -----------------------------------------------------------------------------------------
 
 def mlp(in_features: int, num_classes: int, hidden: int, depth: int, norm: str = "none",
@@ -187,6 +215,45 @@ def save(fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
+
+
+def style_axes(ax, xlabel: str, ylabel: Optional[str] = None, **legend: Any) -> None:
+    """The lab's axes: labels, a light grid, a legend (``legend``: its keyword arguments)."""
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
+
+
+def batch_size_axes(ax, sizes: Sequence[int], title: str) -> None:
+    """Test accuracy in percent against the batch size on a log2 axis, each size labelled."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set_title(title)
+    style_axes(ax, "examples per batch", "test accuracy (%)")
+
+
+def staged_report(summarize: Callable[[RunView], Any], plot: Callable[[RunView, Any], None],
+                  render: Callable[[Any, Any], str]) -> Callable[[RunView], Report]:
+    """An experiment's report in three stages, so that the text cannot disagree with the numbers:
+    ``summarize(view)`` computes every number once (an object with ``headline()``, the dict
+    written to summary.json), ``plot(view, summary)`` draws the figures and
+    ``render(summary, config)`` only formats the summary's numbers as markdown."""
+    def report(view: RunView) -> Report:
+        summary = summarize(view)
+        plot(view, summary)
+        return Report(render(summary, view.config), summary.headline())
+
+    return report
+
+
+def heading(title: str, *paragraphs: str) -> list[str]:
+    """A report's first lines: the title, then each paragraph followed by a blank line."""
+    lines = [f"# {title}", ""]
+    for paragraph in paragraphs:
+        lines += [paragraph, ""]
+    return lines
 
 
 def pct(value: Optional[float]) -> str:

@@ -11,14 +11,18 @@ takes to first reach the target, and the ratio to the baseline's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .common import Dataset, by_dataset, check_positive, classifier_job, fmt_lr, images, load_data, pct, pyplot, save, table
-from .runner import Report, Run, RunView, experiment
+from ..data import Split
+from .common import (Dataset, by_dataset, check_positive, fmt_lr, heading, images, load_data, pct,
+                     pyplot, save, staged_report, style_axes, table, train_on_split)
+from .runner import Run, RunView, experiment
+
+PLOT = "conv_accuracy.png"
 
 
 @dataclass
@@ -88,76 +92,120 @@ def baseline_target(view_or_run, c: ConvConfig) -> tuple[Optional[float], Option
     return best if best is not None else (None, None, None)
 
 
-def _report(view: RunView) -> Report:
+@dataclass
+class BnAtRate:
+    """The BN net at the baseline's best rate times one multiplier."""
+
+    lr: float
+    steps_to_target: Optional[int]  # first evaluated step at the baseline's best (None: never)
+    speedup: Optional[float]  # the baseline's steps to its best / this net's (None: never reached)
+    best: float  # this net's best test accuracy
+
+
+@dataclass
+class ConvSummary:
+    """Every number the convolution report quotes, computed once from the run's rows."""
+
+    baseline_lr: Optional[float]  # the baseline's best rate (None: no baseline finished)
+    target: Optional[float]  # its best test accuracy: the target
+    baseline_steps: Optional[int]  # the first step it reached the target
+    bn: dict[float, BnAtRate]  # multiplier -> the BN net at that rate, for the nets with rows
+
+    def headline(self) -> dict[str, Any]:
+        """summary.json: the baseline's target, then each BN net's steps to it and speed-up."""
+        if self.target is None:
+            return {}
+        out: dict[str, Any] = {"baseline_lr": self.baseline_lr, "target": self.target,
+                               "baseline_steps": self.baseline_steps}
+        out.update({f"bn_x{m:g}": asdict(bn) for m, bn in self.bn.items()})
+        return out
+
+
+def summarize(view: RunView) -> ConvSummary:
+    """The baseline's best rate and accuracy, and the steps each BN net takes to reach it."""
     c: ConvConfig = view.config
     best_lr, target, base_steps = baseline_target(view, c)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    bn = {}
+    if target is not None:
+        for m, rows in _bn_rows(view, c).items():
+            if rows:
+                reached = _first_at(_curve(rows), target)
+                bn[m] = BnAtRate(rows[0]["lr"], reached, base_steps / reached if reached else None,
+                                 max(a for _, a in _curve(rows)))
+    return ConvSummary(best_lr, target, base_steps, bn)
+
+
+def _bn_rows(view: RunView, c: ConvConfig) -> dict[float, list[dict]]:
+    return {m: view.job_rows(f"bn/x{m:g}") for m in c.bn_multipliers}
+
+
+def plot(view: RunView, s: ConvSummary) -> None:
+    """Test accuracy against the step: the baseline at every rate (its best solid), the BN nets,
+    and the target as a dashed line."""
+    c: ConvConfig = view.config
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
     for lr in c.baseline_lrs:
         rows = view.job_rows(f"plain/lr={fmt_lr(lr)}")
+        best = lr == s.baseline_lr
         if rows:
-            ax.plot(*zip(*_curve(rows)), "-" if lr == best_lr else ":", color="C0", alpha=1 if lr == best_lr else 0.5,
-                    label=f"no BN, lr {fmt_lr(lr)}" + (" (best)" if lr == best_lr else ""))
-    bn_rows = {m: view.job_rows(f"bn/x{m:g}") for m in c.bn_multipliers}
-    for (m, rows), color in zip(bn_rows.items(), ("C2", "C1", "C3", "C4")):
+            ax.plot(*zip(*_curve(rows)), "-" if best else ":", color="C0", alpha=1 if best else 0.5,
+                    label=f"no BN, lr {fmt_lr(lr)}" + (" (best)" if best else ""))
+    for (m, rows), color in zip(_bn_rows(view, c).items(), ("C2", "C1", "C3", "C4")):
         if rows:
-            ax.plot(*zip(*_curve(rows)), color=color, label=f"BN, lr {fmt_lr(rows[0]['lr'])} (x{m:g})")
-    if target is not None:
-        ax.axhline(target, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("step")
-    ax.set_ylabel("test accuracy")
-    lo = min([a for rows in [view.job_rows(k) for k in view.jobs()] for _, a in _curve(rows)] or [0])
-    ax.set_ylim(max(lo, (target or 1) - 0.15), 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            ax.plot(*zip(*_curve(rows)), color=color,
+                    label=f"BN, lr {fmt_lr(rows[0]['lr'])} (x{m:g})")
+    if s.target is not None:
+        ax.axhline(s.target, color="gray", lw=0.8, ls="--")
+    lowest = min([a for key in view.jobs() for _, a in _curve(view.job_rows(key))] or [0])
+    ax.set_ylim(max(lowest, (s.target or 1) - 0.15), 1.0)
     ax.set_title(f"{c.dataset}: small convnet, SGD momentum {c.momentum:g}, batch {c.batch_size}")
-    save(fig, view.plot_path("conv_accuracy.png"))
+    style_axes(ax, "step", "test accuracy", fontsize=8)
+    save(fig, view.plot_path(PLOT))
 
-    lines = [
-        "# Convolutions: steps to the baseline's best accuracy, BN at a higher rate", "",
-        f"Dataset **{c.dataset}** as (N, 1, side, side) images; convnet conv3x3({c.channels[0]}) -> ReLU -> maxpool2 "
-        f"-> conv3x3({c.channels[1]}) -> ReLU -> maxpool2 -> Linear, with BN a per-channel BatchNorm2d after each "
-        f"conv; SGD (momentum {c.momentum:g}), batch {c.batch_size}, {c.steps:,} steps per net, test accuracy every "
+
+def render(s: ConvSummary, c: ConvConfig) -> str:
+    """report.md: the setup, then the baseline's target and the BN nets' steps to it."""
+    lines = heading(
+        "Convolutions: steps to the baseline's best accuracy, BN at a higher rate",
+        f"Dataset **{c.dataset}** as (N, 1, side, side) images; convnet "
+        f"conv3x3({c.channels[0]}) -> ReLU -> maxpool2 -> conv3x3({c.channels[1]}) -> ReLU -> "
+        "maxpool2 -> Linear, with BN a per-channel BatchNorm2d after each conv; SGD (momentum "
+        f"{c.momentum:g}), batch {c.batch_size}, {c.steps:,} steps per net, test accuracy every "
         f"{c.eval_every:,} steps, seed {c.seed}. The baseline (no BN) is trained at each rate of "
-        f"{', '.join(map(fmt_lr, c.baseline_lrs))}; its best test accuracy over all evaluations is the target.", "",
-    ]
-    summary: dict = {}
-    if target is None:
-        return Report("\n".join(lines + ["No baseline finished yet.", ""]), summary)
-    summary.update(baseline_lr=best_lr, target=target, baseline_steps=base_steps)
-    rows_t = [["no BN", fmt_lr(best_lr), f"{base_steps:,}", "1.0x (reference)", pct(target)]]
-    for m, rows in bn_rows.items():
-        if not rows:
-            continue
-        reached = _first_at(_curve(rows), target)
-        best = max(a for _, a in _curve(rows))
-        ratio = base_steps / reached if reached else None
-        summary[f"bn_x{m:g}"] = {"lr": rows[0]["lr"], "steps_to_target": reached, "speedup": ratio, "best": best}
-        rows_t.append([f"BN x{m:g}", fmt_lr(rows[0]["lr"]), f"{reached:,}" if reached else "never",
-                       f"{ratio:.1f}x fewer steps" if ratio else "-", pct(best)])
-    lines += [f"Baseline's best: {pct(target)}% at lr {fmt_lr(best_lr)}, first reached at step {base_steps:,}.", "",
-              *table(["net", "lr", f"steps to {pct(target)}%", "speed-up", "best accuracy"], rows_t),
-              "", "![accuracy vs steps](conv_accuracy.png)", "",
-              "The paper's ImageNet numbers for comparison: Inception reached 72.2% in 31.0M steps, "
-              "BN-Baseline in 13.3M (2.3x fewer), BN-x5 in 2.1M (14x fewer).", ""]
-    return Report("\n".join(lines), summary)
+        f"{', '.join(map(fmt_lr, c.baseline_lrs))}; its best test accuracy over all evaluations "
+        "is the target.")
+    if s.target is None:
+        return "\n".join(lines + ["No baseline finished yet.", ""])
+    rows = [["no BN", fmt_lr(s.baseline_lr), f"{s.baseline_steps:,}", "1.0x (reference)",
+             pct(s.target)]]
+    rows += [[f"BN x{m:g}", fmt_lr(bn.lr),
+              f"{bn.steps_to_target:,}" if bn.steps_to_target else "never",
+              f"{bn.speedup:.1f}x fewer steps" if bn.speedup else "-", pct(bn.best)]
+             for m, bn in s.bn.items()]
+    lines += [f"Baseline's best: {pct(s.target)}% at lr {fmt_lr(s.baseline_lr)}, first reached "
+              f"at step {s.baseline_steps:,}.", "",
+              *table(["net", "lr", f"steps to {pct(s.target)}%", "speed-up", "best accuracy"],
+                     rows),
+              "", f"![accuracy vs steps]({PLOT})", "",
+              "The paper's ImageNet numbers for comparison: Inception reached 72.2% in 31.0M "
+              "steps, BN-Baseline in 13.3M (2.3x fewer), BN-x5 in 2.1M (14x fewer).", ""]
+    return "\n".join(lines)
 
 
-@experiment("conv", ConvConfig, _report)
+@experiment("conv", ConvConfig, staged_report(summarize, plot, render))
 def conv(run: Run) -> None:
     """A small convnet with BatchNorm2d at 5x the rate: steps to the baseline's best accuracy."""
     c: ConvConfig = run.config
-    data = load_data(c.dataset, c.data_dir)
-    x, test_x = images(data.train_x), images(data.test_x)
-    side = x.shape[-1]
+    flat = load_data(c.dataset, c.data_dir)
+    data = Split(images(flat.train_x), flat.train_y, images(flat.test_x), flat.test_y)
+    side = data.train_x.shape[-1]
     run.total_jobs = len(c.baseline_lrs) + len(c.bn_multipliers)
 
     def job(key: str, lr: float, batch_norm: bool, tags: dict) -> None:
-        classifier_job(
-            run, key, build=lambda: ConvNet(side, c.channels, data.num_classes, batch_norm),
+        train_on_split(
+            run, key, data, build=lambda: ConvNet(side, c.channels, data.num_classes, batch_norm),
             optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=c.momentum),
-            x=x, y=data.train_y, test_x=test_x, test_y=data.test_y, steps=c.steps,
-            batch_size=c.batch_size, seed=c.seed, eval_every=c.eval_every, tags=tags,
+            steps=c.steps, batch_size=c.batch_size, seed=c.seed, eval_every=c.eval_every, tags=tags,
         )
 
     for lr in c.baseline_lrs:

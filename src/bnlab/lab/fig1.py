@@ -19,24 +19,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ..diagnostics import ActivationPercentiles, band_drift
-from .common import Dataset, by_dataset, check_positive, classifier_job, load_data, pct, pyplot, save, table
+from .common import (NETS, by_dataset, check_positive, load_data, pct, pyplot, save,
+                     staged_report, table, train_on_split)
 from .mlp import sigmoid_mlp
-from .runner import Report, Run, RunView, experiment
+from .datasets import DatasetConfig
+from .runner import Run, RunView, experiment
+from .schedules import describe_schedule, lr_at_step
 
-NETS = (("plain", "without BN"), ("bn", "with BN"))
 PAPER_STEPS = 50_000
 DIGITS_STEPS = 15_000
+_lr = lr_at_step  # the earlier name of bnlab.lab.schedules.lr_at_step, kept for scripts
 
 
 @dataclass
-class Fig1Config:
-    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits; mnist: IDX files in data_dir
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+class Fig1Config(DatasetConfig):
     steps: Optional[int] = None  # SGD steps per net; None: 50,000 on mnist (the paper), 15,000 on digits (make demo's 3-minute budget)
     batch_size: int = 60  # the paper's mini-batch
     lr: float = 0.5  # plain SGD, both nets (the paper gives none; the report says why 0.5)
@@ -72,23 +73,154 @@ class Fig1Config:
         return c
 
 
-def _report(view: RunView) -> Report:
+@dataclass
+class AccuracySummary:
+    """Figure 1 (a) in numbers: both nets' test accuracy, compared evaluation by evaluation."""
+
+    finals: dict[str, float]  # net -> final test accuracy
+    milestones: list[tuple[int, dict[str, float]]]  # the table: (step, net -> test accuracy)
+    ahead_from: int  # BN's lead is checked at every evaluation from this step on
+    evaluations_from: int  # how many evaluations both nets have from that step on
+    bn_behind_at: list[int]  # the steps among them where BN is not above the baseline
+    first_at_90: dict[str, Optional[int]]  # net -> first evaluated step at >= 90% (None: never)
+    diverged: bool  # a net's loss went non-finite
+
+
+@dataclass
+class DriftComparison:
+    """Figure 1 (b, c) in one sentence: how far each net's band moved from ``drift_from`` on."""
+
+    baseline: dict[str, float]  # band_drift of the net without BN
+    bn: dict[str, float]  # band_drift of the net with BN
+    median_range_ratio: Optional[float]  # baseline's / BN's (None: BN's range is 0)
+    spread_range_ratio: Optional[float]
+
+    @property
+    def baseline_drifts_more(self) -> bool:
+        return bool(self.baseline["median_range"] > self.bn["median_range"]
+                    and self.baseline["spread_range"] > self.bn["spread_range"])
+
+
+@dataclass
+class Fig1Summary:
+    """Every number the Figure 1 report quotes, computed once from the run's rows."""
+
+    dataset: str
+    steps: int
+    accuracy: Optional[AccuracySummary]  # None until both nets have rows
+    drifts: list[tuple[str, int, dict[str, float]]]  # (net, from step, band_drift) per table row
+    comparison: Optional[DriftComparison]
+    seconds: dict[str, float]  # net -> training time
+    threads: Any
+    torch: Any
+
+    def headline(self) -> dict[str, Any]:
+        """summary.json: the final accuracies, BN's lead, the drift of each band."""
+        out: dict[str, Any] = {"dataset": self.dataset, "steps": self.steps}
+        a = self.accuracy
+        if a is not None:
+            out.update({f"final_accuracy_{net}": a.finals[net] for net, _ in NETS})
+            out["bn_ahead_from"] = a.ahead_from
+            out["bn_ahead_at_every_evaluation"] = not a.bn_behind_at
+            out.update({f"first_step_at_90_{net}": a.first_at_90[net] for net, _ in NETS})
+        out.update({f"drift_{net}_from_{start}": d for net, start, d in self.drifts})
+        if self.comparison is not None:
+            out["baseline_drifts_more"] = self.comparison.baseline_drifts_more
+        return out
+
+
+def summarize(view: RunView) -> Fig1Summary:
+    """The report's numbers from the run's rows and its timings."""
     c: Fig1Config = view.config
-    plt = pyplot()
-    lo, mid, hi = (ActivationPercentiles.key(p) for p in c.percentiles)
     curves = {net: view.job_rows(net) for net, _ in NETS}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    drifts = _band_drifts(curves, c)
+    found = {(net, start): d for net, start, d in drifts}
+    baseline, bn = found.get(("plain", c.drift_from)), found.get(("bn", c.drift_from))
+    return Fig1Summary(
+        dataset=c.dataset, steps=c.steps,
+        accuracy=_accuracy_summary(curves, c) if all(curves.values()) else None,
+        drifts=drifts,
+        comparison=_compare_drifts(baseline, bn) if baseline and bn else None,
+        seconds=view.info.get("job_seconds", {}),
+        threads=view.info.get("threads", "?"), torch=view.info.get("torch", "?"),
+    )
+
+
+def _accuracy_summary(curves: dict[str, list[dict]], c: Fig1Config) -> AccuracySummary:
+    acc = {net: {r["step"]: r["test_accuracy"] for r in curves[net]} for net, _ in NETS}
+    marks = sorted(acc["bn"].keys() & acc["plain"].keys())
+    wanted = [m for m in marks if m in _milestones(c.steps)] or marks[-1:]
+    later = [m for m in marks if m >= c.ahead_from]
+    return AccuracySummary(
+        finals={net: curves[net][-1]["test_accuracy"] for net, _ in NETS},
+        milestones=[(m, {net: acc[net][m] for net, _ in NETS}) for m in wanted],
+        ahead_from=c.ahead_from,
+        evaluations_from=len(later),
+        bn_behind_at=[m for m in later if not acc["bn"][m] > acc["plain"][m]],
+        first_at_90={net: next((r["step"] for r in curves[net] if r["test_accuracy"] >= 0.9), None)
+                     for net, _ in NETS},
+        diverged=any(r["diverged"] for net, _ in NETS for r in curves[net]),
+    )
+
+
+def _band_drifts(curves: dict[str, list[dict]], c: Fig1Config) -> list[tuple[str, int, dict]]:
+    """band_drift of each net from step 0 and from ``drift_from`` (where it has a band there)."""
+    lo, mid, hi = _band_keys(c)
+    drifts = []
+    for net, _ in NETS:
+        history = _band_rows(curves[net], mid)
+        for start in sorted({0, c.drift_from}):
+            try:
+                drifts.append((net, start, band_drift(history, lo, mid, hi, start_step=start)))
+            except ValueError:
+                continue
+    return drifts
+
+
+def _compare_drifts(baseline: dict[str, float], bn: dict[str, float]) -> DriftComparison:
+    def ratio(x: float, y: float) -> Optional[float]:
+        return x / y if y > 0 else None
+
+    return DriftComparison(baseline, bn, ratio(baseline["median_range"], bn["median_range"]),
+                           ratio(baseline["spread_range"], bn["spread_range"]))
+
+
+def _band_keys(c: Fig1Config) -> tuple[str, str, str]:
+    """The history keys of the low, middle and high percentile, e.g. ("p15", "p50", "p85")."""
+    lo, mid, hi = (ActivationPercentiles.key(p) for p in c.percentiles)
+    return lo, mid, hi
+
+
+def plot(view: RunView, summary: Fig1Summary) -> None:
+    """fig1.png: (a) both nets' test accuracy, (b, c) the sigmoid-input band of each net (every
+    evaluation: the curves come from the rows, not the summary's milestones)."""
+    c: Fig1Config = view.config
+    curves = {net: view.job_rows(net) for net, _ in NETS}
+    fig, axes = pyplot().subplots(1, 3, figsize=(14, 4))
+    _plot_accuracy(axes[0], curves)
+    _plot_bands(axes[1:], curves, c)
+    fig.suptitle(f"Ioffe & Szegedy 2015, Figure 1 at lab scale: {c.dataset}, {c.steps:,} steps, "
+                 f"SGD {describe_schedule(c)}, batch {c.batch_size}")
+    save(fig, view.plot_path("fig1.png"))
+
+
+def _plot_accuracy(ax, curves: dict[str, list[dict]]) -> None:
     for net, label in NETS:
         rows = curves[net]
-        axes[0].plot([r["step"] for r in rows], [r["test_accuracy"] for r in rows], label=label)
-    axes[0].set_title("(a) test accuracy")
-    axes[0].set_xlabel("step")
-    axes[0].set_ylim(top=1.0)
-    axes[0].grid(alpha=0.3)
-    axes[0].legend(loc="lower right")
+        ax.plot([r["step"] for r in rows], [r["test_accuracy"] for r in rows], label=label)
+    ax.set_title("(a) test accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylim(top=1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+
+
+def _plot_bands(axes, curves: dict[str, list[dict]], c: Fig1Config) -> None:
+    """Panels (b) and (c) on one y scale, so that the two bands' widths compare at a glance."""
+    lo, mid, hi = _band_keys(c)
     ylim = [math.inf, -math.inf]
-    for ax, (net, label), panel in zip(axes[1:], NETS, "bc"):
-        rows = [r for r in _band_rows(curves[net], mid)]
+    for ax, (net, label), panel in zip(axes, NETS, "bc"):
+        rows = _band_rows(curves[net], mid)
         steps = [r["step"] for r in rows]
         for key, style in ((lo, "--"), (mid, "-"), (hi, "--")):
             values = [r[key] for r in rows]
@@ -96,128 +228,123 @@ def _report(view: RunView) -> Report:
             if values:
                 ylim = [min(ylim[0], min(values)), max(ylim[1], max(values))]
         ax.set_title(f"({panel}) {label}: sigmoid input of unit {c.unit}, "
-                     f"{'/'.join(f'{p:g}' for p in c.percentiles)}th pct", fontsize=9)
+                     f"{_percentile_names(c)}th pct", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     if math.isfinite(ylim[0]):
         pad = 0.05 * (ylim[1] - ylim[0] or 1.0)
-        for ax in axes[1:]:
-            ax.set_ylim(ylim[0] - pad, ylim[1] + pad)  # the same scale for (b) and (c)
-    fig.suptitle(f"Ioffe & Szegedy 2015, Figure 1 at lab scale: {c.dataset}, {c.steps:,} steps, "
-                 f"SGD {_schedule(c)}, batch {c.batch_size}")
-    save(fig, view.plot_path("fig1.png"))
+        for ax in axes:
+            ax.set_ylim(ylim[0] - pad, ylim[1] + pad)
 
-    summary: dict = {"dataset": c.dataset, "steps": c.steps}
+
+def _percentile_names(c: Fig1Config) -> str:
+    return "/".join(f"{p:g}" for p in c.percentiles)
+
+
+def render(s: Fig1Summary, c: Fig1Config) -> str:
+    """report.md: the setup, figure, accuracy findings, drift table and timings of the summary."""
+    lines = _setup_lines(c)
+    if s.accuracy is not None:
+        lines += _accuracy_lines(s.accuracy)
+    lines += _drift_lines(s, c)
+    if s.seconds:
+        lines += ["", "Training time: " + ", ".join(
+            f"{label} {s.seconds[net]:.0f} s" for net, label in NETS if net in s.seconds)
+            + f" ({s.threads} thread(s), torch {s.torch})."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _setup_lines(c: Fig1Config) -> list[str]:
     steps_note = ""
     if c.dataset == "digits" and c.steps != PAPER_STEPS:
-        steps_note = (f" The paper trains for {PAPER_STEPS:,} steps on MNIST; on the bundled digits "
-                      f"(1,437 training images) this run uses {c.steps:,} (`--steps`), which keeps "
-                      "`make demo` within its 3-minute budget and is long past convergence here.")
-    lines = [
+        steps_note = (f" The paper trains for {PAPER_STEPS:,} steps on MNIST; on the bundled "
+                      f"digits (1,437 training images) this run uses {c.steps:,} (`--steps`), "
+                      "which keeps `make demo` within its 3-minute budget and is long past "
+                      "convergence here.")
+    return [
         "# Figure 1 of Ioffe & Szegedy (2015) at lab scale", "",
         f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} sigmoid units, "
         f"N(0, {c.init_std:g}^2) weights, softmax cross-entropy, mini-batches of {c.batch_size}, "
-        f"{c.steps:,} steps of plain SGD ({_schedule(c)}; no momentum, no weight decay; the paper gives no "
-        f"optimizer or rate: see below), seed {c.seed}; with BN, every hidden layer is Linear (no bias) -> BatchNorm1d -> "
-        f"sigmoid. Test accuracy on the full test set every {c.eval_every:,} steps, in eval mode "
+        f"{c.steps:,} steps of plain SGD ({describe_schedule(c)}; no momentum, no weight decay; "
+        "the paper gives no optimizer or rate: see below), seed "
+        f"{c.seed}; with BN, every hidden layer is Linear (no bias) -> BatchNorm1d -> sigmoid. "
+        f"Test accuracy on the full test set every {c.eval_every:,} steps, in eval mode "
         "(BN uses its running statistics)." + steps_note, "",
         "![Figure 1](fig1.png)", "",
-        "Why this optimizer: at lr 0.5 the plain net learns as in the paper's plot, slowly at first (the "
-        "0.01-std init holds it on a plateau for a few thousand steps), while the BN net is high within a "
-        "few hundred steps; much lower rates leave the plain net near chance for tens of thousands of "
-        "steps, higher ones make both curves noisy. The one final drop of the rate (x0.1 for the last 20% "
-        "of the steps) lets both nets settle: on MNIST it is worth about 0.2 points to the BN net.", "",
+        "Why this optimizer: at lr 0.5 the plain net learns as in the paper's plot, slowly at "
+        "first (the 0.01-std init holds it on a plateau for a few thousand steps), while the BN "
+        "net is high within a few hundred steps; much lower rates leave the plain net near chance "
+        "for tens of thousands of steps, higher ones make both curves noisy. The one final drop of "
+        "the rate (x0.1 for the last 20% of the steps) lets both nets settle: on MNIST it is worth "
+        "about 0.2 points to the BN net.", "",
     ]
-    finals = {net: (curves[net][-1] if curves[net] else None) for net, _ in NETS}
-    if all(finals.values()):
-        summary.update({f"final_accuracy_{net}": finals[net]["test_accuracy"] for net, _ in NETS})
-        lines += ["## (a) Test accuracy", ""]
-        marks = sorted({r["step"] for r in curves["bn"]} & {r["step"] for r in curves["plain"]})
-        wanted = [m for m in marks if m in _milestones(c.steps)] or marks[-1:]
-        acc = {net: {r["step"]: r["test_accuracy"] for r in curves[net]} for net, _ in NETS}
-        lines += table(["step", *[label for _, label in NETS]],
-                       [[f"{m:,}", *[pct(acc[net][m]) for net, _ in NETS]] for m in wanted])
-        later = [m for m in marks if m >= c.ahead_from]
-        behind = [m for m in later if not acc["bn"][m] > acc["plain"][m]]
-        summary["bn_ahead_from"] = c.ahead_from
-        summary["bn_ahead_at_every_evaluation"] = not behind
-        lines += ["", f"- Final test accuracy: without BN {pct(finals['plain']['test_accuracy'])}%, "
-                      f"with BN {pct(finals['bn']['test_accuracy'])}%."]
-        if later:
-            lines.append(
-                f"- BN is above the baseline at {'every' if not behind else 'not every'} evaluation from "
-                f"step {c.ahead_from:,} on ({len(later) - len(behind)} of {len(later)} evaluations"
-                + (f"; not at step(s) {', '.join(f'{m:,}' for m in behind[:5])}" if behind else "") + ").")
-        for net, label in NETS:
-            first = next((r["step"] for r in curves[net] if r["test_accuracy"] >= 0.9), None)
-            summary[f"first_step_at_90_{net}"] = first
-            lines.append(f"- {label}: first evaluation at >= 90% test accuracy: "
-                         + (f"step {first:,}." if first is not None else "never."))
-        if any(r["diverged"] for net, _ in NETS for r in curves[net]):
-            lines.append("- A net diverged (non-finite loss): see metrics.json.")
 
-    lines += ["", "## (b, c) Drift of the sigmoid-input distribution", "",
-              f"Unit {c.unit} of the last hidden layer: its sigmoid input (the pre-activation W u "
-              "without BN, the BN output with BN) over the full test set at every evaluation, "
-              f"summarized by its {'/'.join(f'{p:g}' for p in c.percentiles)}th percentiles. "
-              f"\"Spread\" is {hi} - {lo}; \"change\" is last minus first; \"range\" is max minus min "
-              "over the evaluations compared. The bands start at the first evaluation after step 0: before "
-              "any training step the BN net's running statistics are still their initial values "
-              "(mean 0, variance 1) and describe no data.", ""]
-    drift_rows = []
+
+def _accuracy_lines(a: AccuracySummary) -> list[str]:
+    lines = ["## (a) Test accuracy", ""]
+    lines += table(["step", *[label for _, label in NETS]],
+                   [[f"{m:,}", *[pct(acc[net]) for net, _ in NETS]] for m, acc in a.milestones])
+    lines += ["", f"- Final test accuracy: without BN {pct(a.finals['plain'])}%, "
+                  f"with BN {pct(a.finals['bn'])}%."]
+    if a.evaluations_from:
+        behind = a.bn_behind_at
+        lines.append(
+            f"- BN is above the baseline at {'every' if not behind else 'not every'} evaluation "
+            f"from step {a.ahead_from:,} on ({a.evaluations_from - len(behind)} of "
+            f"{a.evaluations_from} evaluations"
+            + (f"; not at step(s) {', '.join(f'{m:,}' for m in behind[:5])}" if behind else "")
+            + ").")
     for net, label in NETS:
-        history = _band_rows(curves[net], mid)
-        for start in sorted({0, c.drift_from}):
-            try:
-                d = band_drift(history, lo, mid, hi, start_step=start)
-            except ValueError:
-                continue
-            summary[f"drift_{net}_from_{start}"] = d
-            drift_rows.append([label, f"{d['first_step']:,} -> {d['last_step']:,}",
-                               f"{d['median_first']:+.3f} -> {d['median_last']:+.3f}",
-                               f"{d['median_change']:+.3f}", f"{d['median_range']:.3f}",
-                               f"{d['spread_first']:.3f} -> {d['spread_last']:.3f}",
-                               f"{d['spread_change']:+.3f}", f"{d['spread_range']:.3f}"])
-    if drift_rows:
-        lines += table(["net", "steps", f"{mid}", f"{mid} change", f"{mid} range", "spread",
-                        "spread change", "spread range"], drift_rows)
-        a = summary.get(f"drift_plain_from_{c.drift_from}")
-        b = summary.get(f"drift_bn_from_{c.drift_from}")
-        if a and b:
-            def ratio(x: float, y: float) -> str:
-                return f"{x / y:.1f}x" if y > 0 else "inf"
-            lines += ["", f"From step {a['first_step']:,} to the end, the baseline's median moved "
-                          f"{abs(a['median_change']):.3f} (range {a['median_range']:.3f}) and its spread "
-                          f"{abs(a['spread_change']):.3f} (range {a['spread_range']:.3f}); with BN the median "
-                          f"moved {abs(b['median_change']):.3f} (range {b['median_range']:.3f}) and the spread "
-                          f"{abs(b['spread_change']):.3f} (range {b['spread_range']:.3f}): the baseline's "
-                          f"median range is {ratio(a['median_range'], b['median_range'])} and its spread range "
-                          f"{ratio(a['spread_range'], b['spread_range'])} BN's."]
-            summary["baseline_drifts_more"] = bool(a["median_range"] > b["median_range"]
-                                                   and a["spread_range"] > b["spread_range"])
-    seconds = view.info.get("job_seconds", {})
-    if seconds:
-        lines += ["", "Training time: " + ", ".join(
-            f"{label} {seconds[net]:.0f} s" for net, label in NETS if net in seconds)
-            + f" ({view.info.get('threads', '?')} thread(s), torch {view.info.get('torch', '?')})."]
-    lines.append("")
-    return Report("\n".join(lines), summary)
+        first = a.first_at_90[net]
+        lines.append(f"- {label}: first evaluation at >= 90% test accuracy: "
+                     + (f"step {first:,}." if first is not None else "never."))
+    if a.diverged:
+        lines.append("- A net diverged (non-finite loss): see metrics.json.")
+    return lines
 
 
-def _drop_step(c: Fig1Config) -> Optional[int]:
-    return None if c.lr_drop_at is None or c.lr_drop == 1 else round(c.lr_drop_at * c.steps)
+def _drift_lines(s: Fig1Summary, c: Fig1Config) -> list[str]:
+    lo, mid, hi = _band_keys(c)
+    lines = ["", "## (b, c) Drift of the sigmoid-input distribution", "",
+             f"Unit {c.unit} of the last hidden layer: its sigmoid input (the pre-activation W u "
+             "without BN, the BN output with BN) over the full test set at every evaluation, "
+             f"summarized by its {_percentile_names(c)}th percentiles. "
+             f"\"Spread\" is {hi} - {lo}; \"change\" is last minus first; \"range\" is max minus "
+             "min over the evaluations compared. The bands start at the first evaluation after "
+             "step 0: before any training step the BN net's running statistics are still their "
+             "initial values (mean 0, variance 1) and describe no data.", ""]
+    if not s.drifts:
+        return lines
+    lines += table(["net", "steps", f"{mid}", f"{mid} change", f"{mid} range", "spread",
+                    "spread change", "spread range"],
+                   [_drift_row(dict(NETS)[net], d) for net, _, d in s.drifts])
+    if s.comparison is not None:
+        lines += ["", _comparison_text(s.comparison)]
+    return lines
 
 
-def _lr(c: Fig1Config, step: int) -> float:
-    drop = _drop_step(c)
-    return c.lr * c.lr_drop if drop is not None and step > drop else c.lr
+def _drift_row(label: str, d: dict[str, float]) -> list[str]:
+    return [label, f"{d['first_step']:,} -> {d['last_step']:,}",
+            f"{d['median_first']:+.3f} -> {d['median_last']:+.3f}",
+            f"{d['median_change']:+.3f}", f"{d['median_range']:.3f}",
+            f"{d['spread_first']:.3f} -> {d['spread_last']:.3f}",
+            f"{d['spread_change']:+.3f}", f"{d['spread_range']:.3f}"]
 
 
-def _schedule(c: Fig1Config) -> str:
-    drop = _drop_step(c)
-    if drop is None:
-        return f"lr {c.lr:g}"
-    return f"lr {c.lr:g}, x{c.lr_drop:g} after step {drop:,}"
+def _comparison_text(k: DriftComparison) -> str:
+    a, b = k.baseline, k.bn
+
+    def times(ratio: Optional[float]) -> str:
+        return "inf" if ratio is None else f"{ratio:.1f}x"
+
+    return (f"From step {a['first_step']:,} to the end, the baseline's median moved "
+            f"{abs(a['median_change']):.3f} (range {a['median_range']:.3f}) and its spread "
+            f"{abs(a['spread_change']):.3f} (range {a['spread_range']:.3f}); with BN the median "
+            f"moved {abs(b['median_change']):.3f} (range {b['median_range']:.3f}) and the spread "
+            f"{abs(b['spread_change']):.3f} (range {b['spread_range']:.3f}): the baseline's "
+            f"median range is {times(k.median_range_ratio)} and its spread range "
+            f"{times(k.spread_range_ratio)} BN's.")
 
 
 def _band_rows(rows: list[dict], mid: str) -> list[dict]:
@@ -233,7 +360,7 @@ def _milestones(steps: int) -> set[int]:
     return marks
 
 
-@experiment("fig1", Fig1Config, _report)
+@experiment("fig1", Fig1Config, staged_report(summarize, plot, render))
 def fig1(run: Run) -> None:
     """The paper's Figure 1: a sigmoid MLP with and without BN, accuracy and sigmoid-input drift."""
     c: Fig1Config = run.config
@@ -244,19 +371,30 @@ def fig1(run: Run) -> None:
             return sigmoid_mlp(data.num_features, data.num_classes, hidden=c.hidden, depth=c.depth,
                                batch_norm=net == "bn", init_std=c.init_std)
 
-        trackers: dict[str, ActivationPercentiles] = {}
-
-        def hooks(model: torch.nn.Module) -> dict:
-            last_sigmoid = [m for m in model if isinstance(m, torch.nn.Sigmoid)][-1]
-            trackers["t"] = ActivationPercentiles(last_sigmoid, unit=c.unit, percentiles=c.percentiles,
-                                                  capture="input")
-            return {"tracker": trackers["t"]}
-
-        classifier_job(
-            run, net, build=build,
+        band = _SigmoidInputBand(c)
+        train_on_split(
+            run, net, data, build=build,
             optimizer=lambda params: torch.optim.SGD(params, lr=c.lr),
-            x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
             steps=c.steps, batch_size=c.batch_size, seed=c.seed, eval_every=c.eval_every,
             eval_at_start=True, tags={"net": net},
-            hooks=hooks, lr_at=lambda i: _lr(c, i), extra_eval=lambda i, model: {k: v for k, v in trackers["t"].record(i).items() if k != "step"},
+            hooks=band.attach, lr_at=lambda i: lr_at_step(c, i), extra_eval=band.record,
         )
+
+
+class _SigmoidInputBand:
+    """The percentiles of one last-hidden-layer sigmoid input, recorded at every evaluation."""
+
+    def __init__(self, c: Fig1Config) -> None:
+        self.config = c
+        self.tracker: Optional[ActivationPercentiles] = None
+
+    def attach(self, model: torch.nn.Module) -> dict:
+        """Hook the model's last sigmoid; the tracker is checkpointed with the job."""
+        last_sigmoid = [m for m in model if isinstance(m, torch.nn.Sigmoid)][-1]
+        self.tracker = ActivationPercentiles(last_sigmoid, unit=self.config.unit,
+                                             percentiles=self.config.percentiles, capture="input")
+        return {"tracker": self.tracker}
+
+    def record(self, step: int, model: torch.nn.Module) -> dict:
+        """The evaluation row's percentile columns (the test forward has just filled them)."""
+        return {k: v for k, v in self.tracker.record(step).items() if k != "step"}

@@ -3,8 +3,8 @@
 Batch normalization fixes the standard deviation of a pre-activation to gamma. With gamma = 1 a
 tanh's input is spread over its saturated range, where its derivative is small; multiplied along
 the time steps, the gradient of the loss with respect to early hidden states vanishes. With
-gamma = 0.1 the inputs stay in the near-linear range (SPEC section 3; the paper's Figure 1 shows
-this for a batch-normalized tanh RNN).
+gamma = 0.1 the inputs stay in the near-linear range (Cooijmans et al. 2016, "Initializing gamma
+for gradient flow"; the paper's Figure 1 shows this for a batch-normalized tanh RNN).
 
 For each gamma, at initialization and with batch statistics as in a training step, the norm of
 dloss/dh_t of a mini-batch's mean cross-entropy (a softmax layer reads h_T), for every step t,
@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ..data import sequential
-from .common import Dataset, check_positive, pyplot, save, table
+from .common import Dataset, check_positive, pyplot, save, style_axes, table
 from .runner import Report, Run, RunView, experiment, seeded
 from .seq_mnist import Mode, SeqMnistConfig, build, sequence_data, task_name
 
@@ -150,83 +150,156 @@ def grad_flow(run: Run) -> None:
         run.completed.append(key)
 
 
-def _report(view: RunView) -> Report:
-    c: GradFlowConfig = view.config
-    curves = {key: view.job_rows(key) for key, _, _ in _nets(c) if view.job_rows(key)}
-    name = task_name(SeqMnistConfig(dataset=c.dataset, mode=c.mode))
-    if not curves:
-        return Report(f"# Gradient flow on {name}\n\nNo results yet.\n", {})
-    plt = pyplot()
-    panels = [k for k in ("rnn", "bnlstm") if any(key.startswith(k) for key in curves)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
-    titles = {"rnn": "(a) BN tanh RNN (the paper's Figure 1)", "bnlstm": "(b) BN-LSTM, LSTM for reference"}
-    for ax, panel in zip(axes[0], panels):
-        for key, rows in curves.items():
-            if key.split("/")[0] not in ((panel,) if panel == "rnn" else ("bnlstm", "lstm")):
-                continue
-            label = "LSTM (no BN)" if key == "lstm" else f"gamma {rows[0]['gamma']:g}"
-            ax.plot([r["t"] for r in rows], [r["grad_norm"] for r in rows], "--" if key == "lstm" else "-",
-                    label=label, color="gray" if key == "lstm" else None)
-        ax.set_yscale("log")
-        ax.set_xlabel("time step t")
-        ax.set_ylabel("||dloss / dh_t||")
-        ax.set_title(titles[panel], fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Gradient flow at initialization, {name}", fontsize=10)
-    save(fig, view.plot_path("grad_flow.png"))
+@dataclass
+class GammaEffect:
+    """How much more the gradient vanishes with the larger gamma than with the smaller one."""
 
+    small: float  # the smaller gamma
+    large: float
+    small_ratio: float  # the gradient norm at the first step / at the last, smaller gamma
+    large_ratio: float
+    small_over_large: float  # small_ratio / large_ratio (inf or NaN where large_ratio is 0)
+    large_over_small: Optional[float]  # large_ratio / small_ratio (None where small_ratio is 0)
+
+
+@dataclass
+class GradFlowSummary:
+    """Every number the gradient-flow report quotes, computed once from the run's rows."""
+
+    task: str
+    steps: int  # T, the last step
+    first_step: int  # the first step every mini-batch has
+    marks: list[int]  # the steps the table shows
+    norms: dict[str, dict[int, float]]  # net key -> ||dloss/dh_t|| at each mark
+    ratios: dict[str, dict[str, float]]  # net key -> first, last, first_over_last
+    gamma_effects: dict[str, GammaEffect]  # "rnn" / "bnlstm" -> the effect of gamma
+
+    def headline(self) -> dict[str, Any]:
+        """summary.json: the steps, every net's first-to-last ratio, the effect of gamma."""
+        out: dict[str, Any] = {"task": self.task, "steps": self.steps,
+                               "first_step": self.first_step, **self.ratios}
+        out.update({f"{net}_small_over_large_gamma": e.small_over_large
+                    for net, e in self.gamma_effects.items()})
+        return out
+
+
+def summarize(view: RunView) -> GradFlowSummary:
+    """The gradient norms at the table's steps, each net's first-to-last ratio, gamma's effect."""
+    c: GradFlowConfig = view.config
+    curves = _curves(view)
     T = max(r["t"] for rows in curves.values() for r in rows)
     first = max(min(r["t"] for r in rows) for rows in curves.values())
-    marks = sorted({first, first + (T - first) // 4, first + (T - first) // 2, first + 3 * (T - first) // 4, T})
-    summary: dict = {"task": name, "steps": T, "first_step": first}
-    body = []
+    marks = sorted({first, first + (T - first) // 4, first + (T - first) // 2,
+                    first + 3 * (T - first) // 4, T})
+    norms, ratios = {}, {}
     for key, rows in curves.items():
         by_t = {r["t"]: r["grad_norm"] for r in rows}
+        norms[key] = {t: by_t[t] for t in marks}
         ratio = by_t[first] / by_t[T] if by_t[T] > 0 else math.inf
-        summary[key] = {"first": by_t[first], "last": by_t[T], "first_over_last": ratio}
-        body.append([key, *[f"{by_t[t]:.2e}" for t in marks], f"{ratio:.2e}"])
-    lines = [
-        f"# Gradient flow at initialization by gamma ({name})", "",
-        f"The norm of dloss/dh_t (mean cross-entropy of a mini-batch of {c.batch_size} through a softmax "
-        f"layer on h_T, Frobenius norm over the batch) for every step t, averaged over {c.batches} "
-        f"mini-batches, at initialization (seed {c.seed}; {c.hidden} units; BN epsilon {c.eps:g}; orthogonal input and identity "
-        "recurrent weights, zero biases; batch statistics as in a training step). The loss reads h_T "
-        "only: the gradient at early steps is what survives the trip back through the recurrence. Each "
-        "mini-batch starts at its first step where the sequences differ (before it, every image of the "
-        f"batch is blank); the table starts at t = {first}, the first step all mini-batches have.", "",
-        "![gradient flow](grad_flow.png)", "",
-        *table(["net", *[f"t = {t}" for t in marks], f"t = {first} / t = {T}"], body), "",
-    ]
-    lines += _findings(summary, c, first, T)
-    if any(key.startswith("bnlstm") for key in curves):
-        lines += [
-            "", "In the BN-LSTM the cell path c_t = f_t c_{t-1} + ... also carries the gradient, "
-            "past every BN. At initialization (zero biases) its forget gate is sigma(BN terms), "
-            "about 0.5 when gamma is 0.1 (the gradient along c halves at every step), while with "
-            "gamma 1 the gates spread and some units keep f_t near 1 for a while; how the two "
-            "effects balance, the table shows. The paper's argument for 0.1 is the tanh RNN's "
-            "(panel a); the BN-LSTM's training (seq-mnist, pmnist) moves the forget gates quickly.",
-        ]
-    return Report("\n".join(lines) + "\n", summary)
+        ratios[key] = {"first": by_t[first], "last": by_t[T], "first_over_last": ratio}
+    return GradFlowSummary(_task(c), T, first, marks, norms, ratios, _gamma_effects(ratios, c))
 
 
-def _findings(summary: dict, c: GradFlowConfig, first: int, T: int) -> list[str]:
-    lines = []
+def _curves(view: RunView) -> dict[str, list[dict]]:
+    return {key: view.job_rows(key) for key, _, _ in _nets(view.config) if view.job_rows(key)}
+
+
+def _task(c: GradFlowConfig) -> str:
+    return task_name(SeqMnistConfig(dataset=c.dataset, mode=c.mode))
+
+
+def _gamma_effects(ratios: dict[str, dict[str, float]],
+                   c: GradFlowConfig) -> dict[str, GammaEffect]:
     lo, hi = min(c.gammas), max(c.gammas)
-    for net, label in (("rnn", "BN tanh RNN"), ("bnlstm", "BN-LSTM")):
-        a, b = summary.get(f"{net}/gamma={lo:g}"), summary.get(f"{net}/gamma={hi:g}")
+    effects = {}
+    for net in ("rnn", "bnlstm"):
+        a, b = ratios.get(f"{net}/gamma={lo:g}"), ratios.get(f"{net}/gamma={hi:g}")
         if a is None or b is None or lo == hi:
             continue
         ra, rb = a["first_over_last"], b["first_over_last"]
-        summary[f"{net}_small_over_large_gamma"] = ra / rb if rb > 0 else math.inf if ra > 0 else math.nan
-        if ra == 0 or rb == 0:
-            which = " and ".join(f"gamma {g:g}" for g, r in ((lo, ra), (hi, rb)) if r == 0)
-            verdict = f"vanishes completely (below float32's smallest value) with {which}"
-        elif rb < ra:
-            verdict = f"vanishes {ra / rb:.1e} times more with gamma {hi:g}"
-        else:
-            verdict = f"does not vanish faster with gamma {hi:g} (it keeps {rb / ra:.1e} times more)"
-        lines.append(f"- {label}: from t = {T} back to t = {first} the gradient norm changes by a factor "
-                     f"{ra:.2e} with gamma {lo:g} and {rb:.2e} with gamma {hi:g}: it {verdict}.")
-    return lines
+        effects[net] = GammaEffect(lo, hi, ra, rb,
+                                   ra / rb if rb > 0 else math.inf if ra > 0 else math.nan,
+                                   rb / ra if ra > 0 else None)
+    return effects
+
+
+def plot(view: RunView) -> None:
+    """grad_flow.png: ||dloss/dh_t|| against t (log), (a) the BN tanh RNN, (b) the BN-LSTM."""
+    curves = _curves(view)
+    panels = [k for k in ("rnn", "bnlstm") if any(key.startswith(k) for key in curves)]
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        nets = (panel,) if panel == "rnn" else ("bnlstm", "lstm")
+        for key, rows in curves.items():
+            if key.split("/")[0] in nets:
+                lstm = key == "lstm"
+                ax.plot([r["t"] for r in rows], [r["grad_norm"] for r in rows],
+                        "--" if lstm else "-", color="gray" if lstm else None,
+                        label="LSTM (no BN)" if lstm else f"gamma {rows[0]['gamma']:g}")
+        ax.set_yscale("log")
+        ax.set_title(PANEL_TITLES[panel], fontsize=10)
+        style_axes(ax, "time step t", "||dloss / dh_t||", fontsize=8)
+        ax.grid(alpha=0.3, which="both")  # the log axis's minor ticks too
+    fig.suptitle(f"Gradient flow at initialization, {_task(view.config)}", fontsize=10)
+    save(fig, view.plot_path("grad_flow.png"))
+
+
+def render(s: GradFlowSummary, c: GradFlowConfig) -> str:
+    """report.md: the setup, the gradient norms at the marked steps, gamma's effect per net."""
+    first, T = s.first_step, s.steps
+    body = [[key, *[f"{norms[t]:.2e}" for t in s.marks], f"{s.ratios[key]['first_over_last']:.2e}"]
+            for key, norms in s.norms.items()]
+    lines = [
+        f"# Gradient flow at initialization by gamma ({s.task})", "",
+        "The norm of dloss/dh_t (mean cross-entropy of a mini-batch of "
+        f"{c.batch_size} through a softmax layer on h_T, Frobenius norm over the batch) for every "
+        f"step t, averaged over {c.batches} mini-batches, at initialization (seed {c.seed}; "
+        f"{c.hidden} units; BN epsilon {c.eps:g}; orthogonal input and identity recurrent "
+        "weights, zero biases; batch statistics as in a training step). The loss reads h_T only: "
+        "the gradient at early steps is what survives the trip back through the recurrence. Each "
+        "mini-batch starts at its first step where the sequences differ (before it, every image "
+        f"of the batch is blank); the table starts at t = {first}, the first step all "
+        "mini-batches have.", "",
+        "![gradient flow](grad_flow.png)", "",
+        *table(["net", *[f"t = {t}" for t in s.marks], f"t = {first} / t = {T}"], body), "",
+    ]
+    lines += [_gamma_line(net, e, first, T) for net, e in s.gamma_effects.items()]
+    if any(key.startswith("bnlstm") for key in s.norms):
+        lines += ["", BNLSTM_NOTE]
+    return "\n".join(lines) + "\n"
+
+
+def _gamma_line(net: str, e: GammaEffect, first: int, T: int) -> str:
+    if e.small_ratio == 0 or e.large_ratio == 0:
+        which = " and ".join(f"gamma {g:g}" for g, r in ((e.small, e.small_ratio),
+                                                          (e.large, e.large_ratio)) if r == 0)
+        verdict = f"vanishes completely (below float32's smallest value) with {which}"
+    elif e.large_ratio < e.small_ratio:
+        verdict = f"vanishes {e.small_over_large:.1e} times more with gamma {e.large:g}"
+    else:
+        verdict = (f"does not vanish faster with gamma {e.large:g} (it keeps "
+                   f"{e.large_over_small:.1e} times more)")
+    return (f"- {NET_LABELS[net]}: from t = {T} back to t = {first} the gradient norm changes by a "
+            f"factor {e.small_ratio:.2e} with gamma {e.small:g} and {e.large_ratio:.2e} with gamma "
+            f"{e.large:g}: it {verdict}.")
+
+
+PANEL_TITLES = {"rnn": "(a) BN tanh RNN (the paper's Figure 1)",
+                "bnlstm": "(b) BN-LSTM, LSTM for reference"}
+NET_LABELS = {"rnn": "BN tanh RNN", "bnlstm": "BN-LSTM"}
+BNLSTM_NOTE = (
+    "In the BN-LSTM the cell path c_t = f_t c_{t-1} + ... also carries the gradient, "
+    "past every BN. At initialization (zero biases) its forget gate is sigma(BN terms), "
+    "about 0.5 when gamma is 0.1 (the gradient along c halves at every step), while with "
+    "gamma 1 the gates spread and some units keep f_t near 1 for a while; how the two "
+    "effects balance, the table shows. The paper's argument for 0.1 is the tanh RNN's "
+    "(panel a); the BN-LSTM's training (seq-mnist, pmnist) moves the forget gates quickly."
+)
+
+
+def _report(view: RunView) -> Report:
+    if not _curves(view):
+        return Report(f"# Gradient flow on {_task(view.config)}\n\nNo results yet.\n", {})
+    summary = summarize(view)
+    plot(view)
+    return Report(render(summary, view.config), summary.headline())

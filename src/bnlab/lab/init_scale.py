@@ -9,21 +9,21 @@ BN almost every scale does, since BN(W u) = BN(a W u) removes the scale of each 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from .common import Dataset, by_dataset, check_positive, classifier_job, evaluate, load_data, mlp, pct, pyplot, save, table
-from .runner import Report, Run, RunView, experiment
-
-NETS = (("plain", "without BN"), ("bn", "with BN"))
+from ..data import Split
+from .common import (NETS, bn_or_none, by_dataset, check_positive, evaluate, final_rows,
+                     finished, heading, pct, pyplot, save, staged_report, style_axes, sweep, table,
+                     train_mlp)
+from .datasets import DatasetConfig
+from .runner import Run, RunView, experiment
 
 
 @dataclass
-class InitConfig:
-    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits; mnist: IDX files in data_dir
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+class InitConfig(DatasetConfig):
     scales: tuple[float, ...] = tuple(float(s) for s in np.logspace(-4, 0, 20))  # weight std of every Linear: cs231n's np.logspace(-4, 0, 20)
     steps: Optional[int] = None  # Adam steps per net and scale; None: 400 on digits, 1,000 on mnist
     batch_size: int = 50  # cs231n's
@@ -41,68 +41,112 @@ class InitConfig:
         return c
 
 
+@dataclass
+class NetScales:
+    """How one net fared across the initialization scales it finished."""
+
+    best_accuracy: float
+    good_scales: list[float]  # ascending: the scales within 90% of the best test accuracy
+    finished: int  # scales with a result
+    diverged: int  # of those, the jobs whose loss went non-finite
+
+
+@dataclass
+class InitSummary:
+    """Every number the initialization-scale report quotes, computed once from the run's rows."""
+
+    finals: dict[tuple[str, float], Optional[dict]]  # (net, scale) -> last row (None: not run)
+    nets: dict[str, NetScales]  # the nets with at least one finished scale
+
+    def headline(self) -> dict[str, Any]:
+        """summary.json: per net, the best accuracy, the scales within 90% of it, divergences."""
+        return {net: {"best_accuracy": n.best_accuracy,
+                      "scales_within_90pct_of_best": len(n.good_scales), "diverged": n.diverged}
+                for net, n in self.nets.items()}
+
+
 def _key(net: str, scale: float) -> str:
+    """The job of one net at one initialization scale, e.g. "bn/scale=0.0001"."""
     return f"{net}/scale={scale:.3g}"
 
 
-def _report(view: RunView) -> Report:
+def summarize(view: RunView) -> InitSummary:
+    """The last row of every job and, per net, the scales that train."""
     c: InitConfig = view.config
-    last = {(net, s): view.last(_key(net, s)) for net, _ in NETS for s in c.scales}
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    finals = final_rows(view, [net for net, _ in NETS], c.scales, _key)
+    nets = {net: _net_scales(done) for net, _ in NETS
+            if (done := finished(finals, net, c.scales))}
+    return InitSummary(finals, nets)
+
+
+def _net_scales(done: list[tuple[float, dict]]) -> NetScales:
+    """A net's best accuracy over its finished scales and the scales within 90% of it."""
+    best = max(r["test_accuracy"] for _, r in done)
+    return NetScales(best, [s for s, r in done if r["test_accuracy"] >= 0.9 * best],
+                     len(done), sum(bool(r["diverged"]) for _, r in done))
+
+
+PLOT = "accuracy_vs_init_scale.png"
+
+
+def plot(view: RunView, s: InitSummary) -> None:
+    """Final test and training accuracy against the scale (log), with and without BN."""
+    c: InitConfig = view.config
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for (net, label), color in zip(NETS, ("C0", "C1")):
-        pts = [(s, last[net, s]) for s in c.scales if last[net, s] is not None]
-        axes[0].plot([s for s, _ in pts], [100 * r["test_accuracy"] for _, r in pts], "o-", color=color, label=label)
-        axes[1].plot([s for s, _ in pts], [100 * r["train_accuracy"] for _, r in pts], "o-", color=color, label=label)
+        done = finished(s.finals, net, c.scales)
+        for ax, column in zip(axes, ("test_accuracy", "train_accuracy")):
+            ax.plot([scale for scale, _ in done], [100 * r[column] for _, r in done], "o-",
+                    color=color, label=label)
     for ax, what in zip(axes, ("test", "training")):
         ax.set_xscale("log")
-        ax.set_xlabel("weight initialization scale (std)")
-        ax.set_ylabel(f"final {what} accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        style_axes(ax, "weight initialization scale (std)", f"final {what} accuracy (%)")
     fig.suptitle(f"{c.dataset}: {c.depth}x{c.hidden} ReLU MLP, Adam lr {c.lr:g}, {c.steps:,} steps")
-    save(fig, view.plot_path("accuracy_vs_init_scale.png"))
+    save(fig, view.plot_path(PLOT))
 
+
+def render(s: InitSummary, c: InitConfig) -> str:
+    """report.md: the setup, the accuracy table by scale and net, each net's trainable range."""
     lines = [
-        "# Initialization scale: final accuracy with and without BN", "",
-        f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} units, every "
-        f"Linear's weights from N(0, scale^2) (zero biases), {c.steps:,} Adam steps (lr {c.lr:g}) on "
-        f"mini-batches of {c.batch_size}, seed {c.seed}; with BN, Linear (no bias) -> BatchNorm1d -> ReLU. "
-        "The cs231n assignment's experiment (its 20 scales np.logspace(-4, 0, 20)).", "",
+        *heading("Initialization scale: final accuracy with and without BN",
+                 f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} "
+                 f"units, every Linear's weights from N(0, scale^2) (zero biases), {c.steps:,} "
+                 f"Adam steps (lr {c.lr:g}) on mini-batches of {c.batch_size}, seed {c.seed}; "
+                 "with BN, Linear (no bias) -> BatchNorm1d -> ReLU. The cs231n assignment's "
+                 "experiment (its 20 scales np.logspace(-4, 0, 20))."),
         *table(["scale", "test without BN", "test with BN", "train without BN", "train with BN"],
-               [[f"{s:.2e}", *[pct(last[n, s]["test_accuracy"]) if last[n, s] else "-" for n, _ in NETS],
-                 *[pct(last[n, s]["train_accuracy"]) if last[n, s] else "-" for n, _ in NETS]] for s in c.scales]),
-        "", "![accuracy vs init scale](accuracy_vs_init_scale.png)", "",
+               [[f"{scale:.2e}", *_cells(s, scale, "test_accuracy"),
+                 *_cells(s, scale, "train_accuracy")] for scale in c.scales]),
+        "", f"![accuracy vs init scale]({PLOT})", "",
     ]
-    summary: dict = {}
     for net, label in NETS:
-        done = [(s, last[net, s]) for s in c.scales if last[net, s] is not None]
-        if not done:
+        if net not in s.nets:
             continue
-        best = max(r["test_accuracy"] for _, r in done)
-        good = [s for s, r in done if r["test_accuracy"] >= 0.9 * best]
-        summary[net] = {"best_accuracy": best, "scales_within_90pct_of_best": len(good),
-                        "diverged": sum(bool(r["diverged"]) for _, r in done)}
-        lines.append(f"- {label}: best test accuracy {pct(best)}%; {len(good)} of {len(done)} scales reach "
-                     f"at least 90% of that" + (f" (scale {min(good):.1e} .. {max(good):.1e})." if good else "."))
+        n = s.nets[net]
+        good = n.good_scales
+        lines.append(f"- {label}: best test accuracy {pct(n.best_accuracy)}%; {len(good)} of "
+                     f"{n.finished} scales reach at least 90% of that"
+                     + (f" (scale {good[0]:.1e} .. {good[-1]:.1e})." if good else "."))
     lines.append("")
-    return Report("\n".join(lines), summary)
+    return "\n".join(lines)
 
 
-@experiment("init", InitConfig, _report)
+def _cells(s: InitSummary, scale: float, column: str) -> list[str]:
+    rows = [s.finals[net, scale] for net, _ in NETS]
+    return [pct(row[column]) if row else "-" for row in rows]
+
+
+@experiment("init", InitConfig, staged_report(summarize, plot, render))
 def init_scale(run: Run) -> None:
     """Accuracy against the weight-initialization scale (cs231n's 20 scales), BN vs no BN."""
     c: InitConfig = run.config
-    data = load_data(c.dataset, c.data_dir)
-    run.total_jobs = len(c.scales) * len(NETS)
-    for scale in c.scales:
-        for net, _ in NETS:
-            classifier_job(
-                run, _key(net, scale),
-                build=lambda net=net, scale=scale: mlp(data.num_features, data.num_classes, c.hidden, c.depth,
-                                                       norm="bn" if net == "bn" else "none", init_std=scale),
-                optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
-                x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
-                steps=c.steps, batch_size=c.batch_size, seed=c.seed, tags={"net": net, "scale": scale},
-                extra_eval=lambda i, model: {"train_accuracy": evaluate(model, data.train_x, data.train_y)["test_accuracy"]},
-            )
+
+    def job(data: Split, scale: float, net: str) -> None:
+        def train_accuracy(step: int, model: torch.nn.Module) -> dict:
+            return {"train_accuracy": evaluate(model, data.train_x, data.train_y)["test_accuracy"]}
+
+        train_mlp(run, _key(net, scale), data, c, norm=bn_or_none(net),
+                  mlp_options={"init_std": scale}, tags={"net": net, "scale": scale},
+                  optimizer=lambda p: torch.optim.Adam(p, lr=c.lr), extra_eval=train_accuracy)
+
+    sweep(run, c.scales, [net for net, _ in NETS], job)

@@ -9,21 +9,21 @@ there) the BN net still trains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal, Optional
 
 import torch
 
-from .common import Dataset, by_dataset, check_positive, classifier_job, fmt_lr, load_data, mlp, pct, pyplot, save, table
-from .runner import Report, Run, RunView, experiment
-
-NETS = (("plain", "without BN"), ("bn", "with BN"))
+from ..data import Split
+from .common import (NETS, bn_or_none, by_dataset, check_positive, final_rows, finished,
+                     fmt_lr, heading, pct, pyplot, save, staged_report, style_axes, sweep, table,
+                     train_mlp)
+from .datasets import DatasetConfig
+from .runner import Run, RunView, experiment
 
 
 @dataclass
-class LrConfig:
-    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits; mnist: IDX files in data_dir
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+class LrConfig(DatasetConfig):
     lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # the log grid of SGD learning rates
     steps: Optional[int] = None  # the budget per net and rate; None: 1,000 on digits, 3,000 on mnist
     batch_size: int = 60  # examples per mini-batch
@@ -45,86 +45,126 @@ class LrConfig:
         return c
 
 
+@dataclass
+class NetBest:
+    """One net's best rate in the sweep and the rates at which it diverged."""
+
+    best_lr: float
+    best_accuracy: float
+    diverged_lrs: list[float]
+
+
+@dataclass
+class LrSummary:
+    """Every number the learning-rate report quotes, computed once from the run's rows."""
+
+    finals: dict[tuple[str, float], Optional[dict]]  # (net, lr) -> last row (None: not run)
+    best: dict[str, NetBest]  # the nets with at least one finished rate
+    rescued: dict[float, float]  # lr -> BN's accuracy, where the plain net diverged and BN did not
+    good_lrs: dict[str, list[float]]  # net -> the rates (ascending) at >= 90% without diverging
+
+    def headline(self) -> dict[str, Any]:
+        """summary.json: each net's best rate, then BN's accuracy where the plain net diverged."""
+        out: dict[str, Any] = {net: asdict(best) for net, best in self.best.items()}
+        out["bn_trains_where_plain_diverges"] = {fmt_lr(lr): a for lr, a in self.rescued.items()}
+        return out
+
+
 def _key(net: str, lr: float) -> str:
+    """The job of one net at one learning rate, e.g. "bn/lr=0.1"."""
     return f"{net}/lr={fmt_lr(lr)}"
 
 
-def _report(view: RunView) -> Report:
+def summarize(view: RunView) -> LrSummary:
+    """The last row of every job, each net's best rate, where BN trains and the plain net not."""
     c: LrConfig = view.config
-    last = {(net, lr): view.last(_key(net, lr)) for net, _ in NETS for lr in c.lrs}
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    finals = final_rows(view, [net for net, _ in NETS], c.lrs, _key)
+    best = {net: _best_rate(done) for net, _ in NETS if (done := finished(finals, net, c.lrs))}
+    both = [lr for lr in c.lrs if finals["plain", lr] is not None and finals["bn", lr] is not None]
+    rescued = {lr: finals["bn", lr]["test_accuracy"] for lr in both
+               if finals["plain", lr]["diverged"] and not finals["bn", lr]["diverged"]}
+    good = {net: [lr for lr in c.lrs if finals[net, lr] is not None
+                  and not finals[net, lr]["diverged"] and finals[net, lr]["test_accuracy"] >= 0.9]
+            for net, _ in NETS}
+    return LrSummary(finals, best, rescued, good)
+
+
+def _best_rate(done: list[tuple[float, dict]]) -> NetBest:
+    """The rate of the highest final accuracy (the lowest such rate on a tie)."""
+    best_lr, row = max(done, key=lambda p: (p[1]["test_accuracy"], -p[0]))
+    return NetBest(best_lr, row["test_accuracy"], [lr for lr, r in done if r["diverged"]])
+
+
+def render(s: LrSummary, c: LrConfig) -> str:
+    """report.md: the setup, the accuracy table by rate and net, and the findings."""
+    lines = [
+        *heading("Learning rate: accuracy after a fixed budget, with and without BN",
+                 f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} "
+                 f"{c.activation} units (He/LeCun normal init; with BN, Linear without bias -> "
+                 f"BatchNorm1d -> {c.activation}), {c.steps:,} steps of SGD (momentum "
+                 f"{c.momentum:g}) on mini-batches of {c.batch_size} at each rate, seed {c.seed}. "
+                 "A non-finite training loss ends a job there (\"diverged\"); its accuracy is "
+                 "then that of the diverged weights."),
+        *table(["lr", *[label for _, label in NETS]],
+               [[fmt_lr(lr), *[_cell(s.finals[net, lr]) for net, _ in NETS]] for lr in c.lrs]),
+        "", f"![accuracy vs learning rate]({PLOT})", "",
+    ]
+    for net, label in NETS:
+        if net not in s.best:
+            continue
+        b = s.best[net]
+        lines.append(f"- {label}: best {pct(b.best_accuracy)}% at lr {fmt_lr(b.best_lr)}; "
+                     + (f"diverged at lr {', '.join(map(fmt_lr, b.diverged_lrs))}."
+                        if b.diverged_lrs else "never diverged."))
+    if s.rescued:
+        lines.append("- Where the plain net diverged, BN trained to " + ", ".join(
+            f"{pct(a)}% (lr {fmt_lr(lr)})" for lr, a in s.rescued.items()) + ".")
+    for net, label in NETS:
+        good = s.good_lrs[net]
+        if good:
+            lines.append(f"- {label}: >= 90% test accuracy at {len(good)} of {len(c.lrs)} "
+                         f"rates (lr {fmt_lr(good[0])} .. {fmt_lr(good[-1])}).")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(row: Optional[dict]) -> str:
+    if row is None:
+        return "-"
+    if row["diverged"]:
+        return f"{pct(row['test_accuracy'])} (diverged at step {row['step']:,})"
+    return pct(row["test_accuracy"])
+
+
+PLOT = "accuracy_vs_lr.png"
+
+
+def plot(view: RunView, s: LrSummary) -> None:
+    """Test accuracy against the rate (log), one curve per net; diverged jobs crossed out."""
+    c: LrConfig = view.config
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
     for (net, label), color in zip(NETS, ("C0", "C1")):
-        points = [(lr, last[net, lr]) for lr in c.lrs if last[net, lr] is not None]
+        points = finished(s.finals, net, c.lrs)
         ax.plot([lr for lr, _ in points], [100 * r["test_accuracy"] for _, r in points], "o-",
                 color=color, label=label)
         bad = [(lr, r) for lr, r in points if r["diverged"]]
         if bad:
-            ax.plot([lr for lr, _ in bad], [100 * r["test_accuracy"] for _, r in bad], "x", color="red",
-                    markersize=10, mew=2, label=f"{label}: diverged")
+            ax.plot([lr for lr, _ in bad], [100 * r["test_accuracy"] for _, r in bad], "x",
+                    color="red", markersize=10, mew=2, label=f"{label}: diverged")
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"test accuracy after {c.steps:,} steps (%)")
     ax.set_title(f"{c.dataset}: {c.depth}x{c.hidden} {c.activation} MLP, SGD, batch {c.batch_size}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save(fig, view.plot_path("accuracy_vs_lr.png"))
-
-    def cell(r):
-        if r is None:
-            return "-"
-        return f"{pct(r['test_accuracy'])} (diverged at step {r['step']:,})" if r["diverged"] else pct(r["test_accuracy"])
-
-    lines = [
-        "# Learning rate: accuracy after a fixed budget, with and without BN", "",
-        f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} {c.activation} units "
-        f"(He/LeCun normal init; with BN, Linear without bias -> BatchNorm1d -> {c.activation}), "
-        f"{c.steps:,} steps of SGD (momentum {c.momentum:g}) on mini-batches of {c.batch_size} at each "
-        f"rate, seed {c.seed}. A non-finite training loss ends a job there (\"diverged\"); its accuracy "
-        "is then that of the diverged weights.", "",
-        *table(["lr", *[label for _, label in NETS]],
-               [[fmt_lr(lr), *[cell(last[net, lr]) for net, _ in NETS]] for lr in c.lrs]),
-        "", "![accuracy vs learning rate](accuracy_vs_lr.png)", "",
-    ]
-    summary: dict = {}
-    for net, label in NETS:
-        done = [(lr, last[net, lr]) for lr in c.lrs if last[net, lr] is not None]
-        if not done:
-            continue
-        best_lr, best = max(done, key=lambda p: (p[1]["test_accuracy"], -p[0]))
-        diverged = [lr for lr, r in done if r["diverged"]]
-        summary[net] = {"best_lr": best_lr, "best_accuracy": best["test_accuracy"], "diverged_lrs": diverged}
-        lines.append(f"- {label}: best {pct(best['test_accuracy'])}% at lr {fmt_lr(best_lr)}; "
-                     + (f"diverged at lr {', '.join(map(fmt_lr, diverged))}." if diverged else "never diverged."))
-    rescued = [lr for lr in c.lrs if last["plain", lr] is not None and last["bn", lr] is not None
-               and last["plain", lr]["diverged"] and not last["bn", lr]["diverged"]]
-    if rescued:
-        lines.append("- Where the plain net diverged, BN trained to "
-                     + ", ".join(f"{pct(last['bn', lr]['test_accuracy'])}% (lr {fmt_lr(lr)})" for lr in rescued) + ".")
-    summary["bn_trains_where_plain_diverges"] = {fmt_lr(lr): last["bn", lr]["test_accuracy"] for lr in rescued}
-    good = {net: [lr for lr in c.lrs if last[net, lr] is not None and not last[net, lr]["diverged"]
-                  and last[net, lr]["test_accuracy"] >= 0.9] for net, _ in NETS}
-    for net, label in NETS:
-        if good[net]:
-            lines.append(f"- {label}: >= 90% test accuracy at {len(good[net])} of {len(c.lrs)} rates "
-                         f"(lr {fmt_lr(min(good[net]))} .. {fmt_lr(max(good[net]))}).")
-    lines.append("")
-    return Report("\n".join(lines), summary)
+    style_axes(ax, "learning rate", f"test accuracy after {c.steps:,} steps (%)")
+    save(fig, view.plot_path(PLOT))
 
 
-@experiment("lr", LrConfig, _report)
+@experiment("lr", LrConfig, staged_report(summarize, plot, render))
 def lr_sweep(run: Run) -> None:
     """Accuracy after a fixed budget against the learning rate (log grid), BN vs no BN."""
     c: LrConfig = run.config
-    data = load_data(c.dataset, c.data_dir)
-    run.total_jobs = len(c.lrs) * len(NETS)
-    for lr in c.lrs:
-        for net, _ in NETS:
-            classifier_job(
-                run, _key(net, lr),
-                build=lambda net=net: mlp(data.num_features, data.num_classes, c.hidden, c.depth,
-                                          norm="bn" if net == "bn" else "none", activation=c.activation),
-                optimizer=lambda p, lr=lr: torch.optim.SGD(p, lr=lr, momentum=c.momentum),
-                x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
-                steps=c.steps, batch_size=c.batch_size, seed=c.seed, tags={"net": net, "lr": lr},
-            )
+
+    def job(data: Split, lr: float, net: str) -> None:
+        train_mlp(run, _key(net, lr), data, c, norm=bn_or_none(net),
+                  mlp_options={"activation": c.activation}, tags={"net": net, "lr": lr},
+                  optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=c.momentum))
+
+    sweep(run, c.lrs, [net for net, _ in NETS], job)

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 
 from . import config as cfg
+from .datasets import load_data
 
 __all__ = ["Experiment", "Report", "Run", "RunView", "EXPERIMENTS", "experiment", "get_experiment",
            "start", "resume", "write_report", "seeded", "CHECKPOINT", "RunError"]
@@ -530,8 +531,6 @@ def start(name: str, overrides=(), out: str | os.PathLike = "runs", progress: bo
     config = exp.make_config(overrides)
     _require_matplotlib()
     if hasattr(config, "dataset"):  # a missing or corrupt dataset fails before the run directory exists
-        from .common import load_data
-
         load_data(config.dataset, getattr(config, "data_dir", None))
     directory = Path(directory) if directory is not None else _new_dir(Path(out), name)
     directory.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from ..data import Split, permute_pixels, sequential
 from ..inference import population_statistics
 from ..nn import BNLSTM
-from .common import Dataset, check_positive, classifier_job, evaluate, load_data, pct, pyplot, save, table
-from .fig1 import _lr, _schedule
+from .common import (Dataset, check_positive, evaluate, load_data, pct, pyplot, save, style_axes,
+                     table, train_on_split)
 from .runner import Report, Run, RunView, experiment
+from .schedules import describe_schedule, lr_at_step
 
 MODELS = ("lstm", "bnlstm")
 LONG_PIXEL_STEPS = 50_000  # our choice for a paper-length pixel-by-pixel run (about 90 epochs), not the paper's number
@@ -219,14 +220,13 @@ def _train_all(run: Run) -> None:
         return row
 
     for kind in config.models:
-        classifier_job(
-            run, kind,
+        train_on_split(
+            run, kind, train,
             build=lambda kind=kind: build(kind, train, config),
             optimizer=lambda p: ClippedRMSprop(p, config.clip, lr=config.lr),
-            x=train.train_x, y=train.train_y, test_x=train.test_x, test_y=train.test_y,
             steps=config.steps, batch_size=config.batch_size, seed=config.seed,
             eval_every=config.eval_every, eval_at_start=True, tags={"model": kind},
-            extra_eval=metrics, lr_at=lambda i: _lr(config, i),
+            extra_eval=metrics, lr_at=lambda i: lr_at_step(config, i),
         )
 
 
@@ -251,74 +251,179 @@ def first_reaching(rows: list[dict], target: float, key: str = "test_accuracy") 
     return next((r["step"] for r in rows if r.get(key) is not None and r[key] >= target), None)
 
 
-def _report(view: RunView) -> Report:
+@dataclass
+class ModelResult:
+    """One recurrent net's test accuracy over the run."""
+
+    final_test_accuracy: float
+    best_test_accuracy: float
+    best_step: int
+    steps_to_target: Optional[int]  # the first evaluated step at >= the target (None: never)
+    last_step: int
+    final_valid_accuracy: Optional[float]
+    final_other: dict[str, float]  # the last row's accuracies with other BN statistics, by column
+
+    def headline(self, target: float) -> dict[str, Any]:
+        return {"final_test_accuracy": self.final_test_accuracy,
+                "best_test_accuracy": self.best_test_accuracy, "best_step": self.best_step,
+                f"steps_to_{target:g}": self.steps_to_target, "last_step": self.last_step,
+                "final_valid_accuracy": self.final_valid_accuracy,
+                **{f"final_{column}": value for column, value in self.final_other.items()}}
+
+
+@dataclass
+class HeadToHead:
+    """The BN-LSTM against the LSTM at the evaluations both have (step 0 left out)."""
+
+    ahead: int  # evaluations where the BN-LSTM's test accuracy is higher
+    evaluations: int
+    first_step: int
+    last_step: int
+    last_accuracy: dict[str, float]  # model -> test accuracy at the last common step
+
+
+@dataclass
+class SeqMnistSummary:
+    """Every number the sequential-MNIST report quotes, computed once from the run's rows."""
+
+    task: str
+    steps: int
+    target: float
+    models: dict[str, ModelResult]  # the models with rows, in the config's order
+    head_to_head: Optional[HeadToHead]  # None unless both models have common evaluations
+
+    def headline(self) -> dict[str, Any]:
+        """summary.json: each model's results, then the BN-LSTM's lead."""
+        out: dict[str, Any] = {"task": self.task, "steps": self.steps}
+        out.update({m: r.headline(self.target) for m, r in self.models.items()})
+        if self.head_to_head is not None:
+            out["bnlstm_ahead_at"] = f"{self.head_to_head.ahead}/{self.head_to_head.evaluations}"
+        return out
+
+
+def summarize(view: RunView) -> SeqMnistSummary:
+    """Each model's results and, with both models, how they compare evaluation by evaluation."""
     c: SeqMnistConfig = view.config
-    curves = {m: view.job_rows(m) for m in c.models if view.job_rows(m)}
-    name = task_name(c)
-    if not curves:
-        return Report(f"# {name}: LSTM vs BN-LSTM\n\nNo evaluations yet.\n", {})
-    plt = pyplot()
+    curves = _curves(view)
+    return SeqMnistSummary(task_name(c), c.steps, c.target,
+                           {m: _model_result(rows, c.target) for m, rows in curves.items()},
+                           _head_to_head(curves))
+
+
+def _curves(view: RunView) -> dict[str, list[dict]]:
+    c: SeqMnistConfig = view.config
+    return {m: view.job_rows(m) for m in c.models if view.job_rows(m)}
+
+
+def _model_result(rows: list[dict], target: float) -> ModelResult:
+    last = rows[-1]
+    best = max(rows, key=lambda r: r["test_accuracy"])
+    return ModelResult(last["test_accuracy"], best["test_accuracy"], best["step"],
+                       first_reaching(rows, target), last["step"], last.get("valid_accuracy"),
+                       {other: last[other] for other, _, _ in EXTRA_CURVES if other in last})
+
+
+def _head_to_head(curves: dict[str, list[dict]]) -> Optional[HeadToHead]:
+    if set(curves) != {"lstm", "bnlstm"}:
+        return None
+    acc = {m: {r["step"]: r["test_accuracy"] for r in rows} for m, rows in curves.items()}
+    common = sorted(set(acc["lstm"]) & set(acc["bnlstm"]) - {0})
+    if not common:
+        return None
+    ahead = [s for s in common if acc["bnlstm"][s] > acc["lstm"][s]]
+    return HeadToHead(len(ahead), len(common), common[0], common[-1],
+                      {m: acc[m][common[-1]] for m in ("bnlstm", "lstm")})
+
+
+def plot(view: RunView) -> None:
+    """accuracy.png: test (and validation) accuracy against the step, one curve per model, and
+    the BN-LSTM evaluated with other statistics beside its test curve."""
+    c: SeqMnistConfig = view.config
+    curves = _curves(view)
     has_valid = any("valid_accuracy" in r for rows in curves.values() for r in rows)
     keys = [("test_accuracy", "test")] + ([("valid_accuracy", "validation")] if has_valid else [])
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys):
-        for m, rows in curves.items():
-            ax.plot([r["step"] for r in rows], [100 * r[key] for r in rows], label=LABELS[m])
-            for other, style, what in EXTRA_CURVES:
-                extra = [r for r in rows if key == "test_accuracy" and other in r]
-                if extra:
-                    ax.plot([r["step"] for r in extra], [100 * r[other] for r in extra], style, color="C1",
-                            label=f"{LABELS[m]}, {what}")
-        ax.set_xlabel("training step")
-        ax.set_ylabel(f"{label} accuracy (%)")
-        ax.set_ylim(max(0, min(100 * r[key] for rows in curves.values() for r in rows[1:] or rows) - 2),
-                    100.5)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.suptitle(f"{name}: LSTM vs BN-LSTM ({c.hidden} units, RMSProp {_schedule(c)}, batch {c.batch_size})")
+        _plot_panel(ax, curves, key)
+        lowest = min(100 * r[key] for rows in curves.values() for r in rows[1:] or rows)
+        ax.set_ylim(max(0, lowest - 2), 100.5)
+        style_axes(ax, "training step", f"{label} accuracy (%)", loc="lower right")
+    fig.suptitle(f"{task_name(c)}: LSTM vs BN-LSTM ({c.hidden} units, RMSProp "
+                 f"{describe_schedule(c)}, batch {c.batch_size})")
     save(fig, view.plot_path("accuracy.png"))
 
-    summary: dict = {"task": name, "steps": c.steps}
-    rows_out = []
+
+def _plot_panel(ax, curves: dict[str, list[dict]], key: str) -> None:
     for m, rows in curves.items():
-        last = rows[-1]
-        best = max(rows, key=lambda r: r["test_accuracy"])
-        reach = first_reaching(rows, c.target)
-        summary[m] = {"final_test_accuracy": last["test_accuracy"], "best_test_accuracy": best["test_accuracy"],
-                      "best_step": best["step"], f"steps_to_{c.target:g}": reach, "last_step": last["step"],
-                      "final_valid_accuracy": last.get("valid_accuracy")}
-        for other, _, _ in EXTRA_CURVES:
-            if other in last:
-                summary[m][f"final_{other}"] = last[other]
-        rows_out.append([LABELS[m], f"{last['step']:,}", pct(last["test_accuracy"]),
-                         pct(last.get("valid_accuracy")), f"{pct(best['test_accuracy'])} (step {best['step']:,})",
-                         "-" if reach is None else f"{reach:,}"])
-    test_set = "test" if c.eval_examples is None else f"first {c.eval_examples:,} test"
-    lines = [
-        f"# {name}: LSTM vs BN-LSTM (Cooijmans et al. 2016)", "",
-        f"One recurrent layer of {c.hidden} units, the last hidden state into a softmax layer; "
-        f"{'one row' if c.mode == 'row' else 'one pixel'} per step"
-        f"{' in a fixed random order (seed ' + str(c.permutation_seed) + ')' if c.permute else ''}. "
-        f"RMSProp {_schedule(c)}, gradient norm clipped at {c.clip:g}, batches of {c.batch_size}, "
-        f"{c.steps:,} steps per net, seed {c.seed}; orthogonal input-to-hidden and identity "
-        f"hidden-to-hidden weights for both nets; BN-LSTM gammas start at {c.gamma_init:g}. The last "
-        f"{c.valid_size:,} training images are the validation set; accuracies on the {test_set} "
-        f"images every {c.eval_every:,} steps, in eval mode (per-step population statistics).", "",
-        "![accuracy](accuracy.png)", "",
-        *table(["net", "steps", "final test %", "final valid %", "best test %",
-                f"first step at >= {100 * c.target:g}% test"], rows_out), "",
-    ]
-    if c.population_batches and "bnlstm" in curves:
+        ax.plot([r["step"] for r in rows], [100 * r[key] for r in rows], label=LABELS[m])
+        for other, style, what in EXTRA_CURVES:
+            extra = [r for r in rows if key == "test_accuracy" and other in r]
+            if extra:
+                ax.plot([r["step"] for r in extra], [100 * r[other] for r in extra], style,
+                        color="C1", label=f"{LABELS[m]}, {what}")
+
+
+def render(s: SeqMnistSummary, c: SeqMnistConfig) -> str:
+    """report.md: the setup, the results table, how the BN-LSTM was evaluated, the findings."""
+    lines = [*_setup_lines(c), *table(
+        ["net", "steps", "final test %", "final valid %", "best test %",
+         f"first step at >= {100 * c.target:g}% test"],
+        [[LABELS[m], f"{r.last_step:,}", pct(r.final_test_accuracy), pct(r.final_valid_accuracy),
+          f"{pct(r.best_test_accuracy)} (step {r.best_step:,})",
+          "-" if r.steps_to_target is None else f"{r.steps_to_target:,}"]
+         for m, r in s.models.items()]), ""]
+    if c.population_batches and "bnlstm" in s.models:
         lines += [_population_text(c), ""]
-    lines += _findings(curves, c, summary)
+    if s.head_to_head is not None:
+        lines += _head_to_head_lines(s.head_to_head, s.models, c.target)
     if c.dataset == "mnist" and c.mode == "pixel" and c.steps < LONG_PIXEL_STEPS:
-        name_ = "pmnist" if c.permute else "seq-mnist --mode=pixel"
-        lines += ["", f"This is a budget run ({c.steps:,} steps per net). A run of the paper's length "
-                  f"(tens of thousands of steps; {LONG_PIXEL_STEPS:,} steps is about "
-                  f"{LONG_PIXEL_STEPS * c.batch_size // (60_000 - c.valid_size)} epochs):", "",
-                  f"    bnlab run {name_} --dataset=mnist --data_dir=MNIST_DIR --steps={LONG_PIXEL_STEPS} "
-                  "--eval_every=1000 --threads=1"]
-    return Report("\n".join(lines) + "\n", summary)
+        lines += _long_run_lines(c)
+    return "\n".join(lines) + "\n"
+
+
+def _setup_lines(c: SeqMnistConfig) -> list[str]:
+    test_set = "test" if c.eval_examples is None else f"first {c.eval_examples:,} test"
+    order = f" in a fixed random order (seed {c.permutation_seed})" if c.permute else ""
+    return [
+        f"# {task_name(c)}: LSTM vs BN-LSTM (Cooijmans et al. 2016)", "",
+        f"One recurrent layer of {c.hidden} units, the last hidden state into a softmax layer; "
+        f"{'one row' if c.mode == 'row' else 'one pixel'} per step{order}. "
+        f"RMSProp {describe_schedule(c)}, gradient norm clipped at {c.clip:g}, batches of "
+        f"{c.batch_size}, {c.steps:,} steps per net, seed {c.seed}; orthogonal input-to-hidden "
+        "and identity hidden-to-hidden weights for both nets; BN-LSTM gammas start at "
+        f"{c.gamma_init:g}. The last {c.valid_size:,} training images are the validation set; "
+        f"accuracies on the {test_set} images every {c.eval_every:,} steps, in eval mode "
+        "(per-step population statistics).", "",
+        "![accuracy](accuracy.png)", "",
+    ]
+
+
+def _head_to_head_lines(h: HeadToHead, models: dict[str, ModelResult], target: float) -> list[str]:
+    words = {m: "not within the run" if r.steps_to_target is None
+             else f"at step {r.steps_to_target:,}" for m, r in models.items()}
+    return [f"- BN-LSTM ahead of the LSTM (test accuracy) at {h.ahead} of {h.evaluations} common "
+            f"evaluations (steps {h.first_step:,} to {h.last_step:,}).",
+            f"- {100 * target:g}% test accuracy: BN-LSTM {words['bnlstm']}, LSTM {words['lstm']}.",
+            f"- At step {h.last_step:,}: BN-LSTM {pct(h.last_accuracy['bnlstm'])}%, "
+            f"LSTM {pct(h.last_accuracy['lstm'])}%."]
+
+
+def _long_run_lines(c: SeqMnistConfig) -> list[str]:
+    """How to run a pixel-by-pixel task for as long as the paper (this run is a budget one)."""
+    name = "pmnist" if c.permute else "seq-mnist --mode=pixel"
+    epochs = LONG_PIXEL_STEPS * c.batch_size // (60_000 - c.valid_size)
+    return ["", f"This is a budget run ({c.steps:,} steps per net). A run of the paper's length "
+            f"(tens of thousands of steps; {LONG_PIXEL_STEPS:,} steps is about {epochs} epochs):",
+            "", f"    bnlab run {name} --dataset=mnist --data_dir=MNIST_DIR "
+            f"--steps={LONG_PIXEL_STEPS} --eval_every=1000 --threads=1"]
+
+
+def _report(view: RunView) -> Report:
+    summary = summarize(view)
+    if not summary.models:
+        return Report(f"# {summary.task}: LSTM vs BN-LSTM\n\nNo evaluations yet.\n", {})
+    plot(view)
+    return Report(render(summary, view.config), summary.headline())
 
 
 def _population_text(c: SeqMnistConfig) -> str:
@@ -349,25 +454,6 @@ def _population_text(c: SeqMnistConfig) -> str:
         "batches, and statistics with a small epsilon, turn those steps' rare values into large ones "
         "at test time, and the error compounds along the sequence."
     )
-
-
-def _findings(curves: dict, c: SeqMnistConfig, summary: dict) -> list[str]:
-    if set(curves) != {"lstm", "bnlstm"}:
-        return []
-    acc = {m: {r["step"]: r["test_accuracy"] for r in rows} for m, rows in curves.items()}
-    common = sorted(set(acc["lstm"]) & set(acc["bnlstm"]) - {0})
-    if not common:
-        return []
-    ahead = [s for s in common if acc["bnlstm"][s] > acc["lstm"][s]]
-    summary["bnlstm_ahead_at"] = f"{len(ahead)}/{len(common)}"
-    reach = {m: first_reaching(curves[m], c.target) for m in curves}
-    lines = [f"- BN-LSTM ahead of the LSTM (test accuracy) at {len(ahead)} of {len(common)} common "
-             f"evaluations (steps {common[0]:,} to {common[-1]:,})."]
-    words = {m: "not within the run" if reach[m] is None else f"at step {reach[m]:,}" for m in reach}
-    lines.append(f"- {100 * c.target:g}% test accuracy: BN-LSTM {words['bnlstm']}, LSTM {words['lstm']}.")
-    last = common[-1]
-    lines.append(f"- At step {last:,}: BN-LSTM {pct(acc['bnlstm'][last])}%, LSTM {pct(acc['lstm'][last])}%.")
-    return lines
 
 
 @experiment("seq-mnist", SeqMnistConfig, _report)

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from .common import Dataset, by_dataset, check_positive, classifier_job, load_data, mlp, pct, pyplot, save, table
-from .runner import Report, Run, RunView, experiment
-
-NETS = (("plain", "without BN"), ("bn", "with BN"))
+from .common import (NETS, bn_or_none, by_dataset, check_positive, heading, load_data, pct,
+                     pyplot, save, staged_report, style_axes, table, train_mlp)
+from .datasets import DatasetConfig
+from .runner import Run, RunView, experiment
 
 
 @dataclass
-class SigmoidConfig:
-    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits; mnist: IDX files in data_dir
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+class SigmoidConfig(DatasetConfig):
     depth: int = 8  # sigmoid hidden layers
     hidden: int = 100  # units per hidden layer
     steps: Optional[int] = None  # SGD steps per net; None: 3,000 on digits, 10,000 on mnist
@@ -43,62 +41,89 @@ class SigmoidConfig:
         return c
 
 
-def _report(view: RunView) -> Report:
-    c: SigmoidConfig = view.config
+@dataclass
+class SigmoidSummary:
+    """Every number the sigmoid report quotes, computed once from the run's rows."""
+
+    # about six evaluations: (step, net -> (test accuracy, first-layer gradient norm or None))
+    evaluations: list[tuple[int, dict[str, tuple[float, Optional[float]]]]]
+    finals: dict[str, float]  # net -> final test accuracy
+    plain_stalled: bool  # the plain net ended below 50%
+
+    def headline(self) -> dict[str, Any]:
+        """summary.json: both final accuracies and whether the plain net stalled."""
+        if not self.finals:
+            return {}
+        out: dict[str, Any] = {f"final_accuracy_{net}": self.finals[net] for net, _ in NETS}
+        out["plain_stalled"] = self.plain_stalled
+        return out
+
+
+def summarize(view: RunView) -> SigmoidSummary:
+    """Both nets' accuracy and gradient norm at about six common evaluations, and at the end."""
     curves = {net: view.job_rows(net) for net, _ in NETS}
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if not all(curves.values()):
+        return SigmoidSummary([], {}, False)
+    marks = sorted({r["step"] for r in curves["plain"]} & {r["step"] for r in curves["bn"]})
+    shown = [m for i, m in enumerate(marks) if i % max(1, len(marks) // 6) == 0 or m == marks[-1]]
+    by_step = {net: {r["step"]: r for r in curves[net]} for net, _ in NETS}
+    evaluations = [(m, {net: (by_step[net][m]["test_accuracy"], _grad_norm(by_step[net][m]))
+                        for net, _ in NETS}) for m in shown]
+    finals = {net: curves[net][-1]["test_accuracy"] for net, _ in NETS}
+    return SigmoidSummary(evaluations, finals, finals["plain"] < 0.5)
+
+
+def _grad_norm(row: dict) -> Optional[float]:
+    """The row's first-layer gradient norm; None where there is none or it is not finite."""
+    value = row.get("first_layer_grad_norm")
+    return value if value is not None and math.isfinite(value) else None
+
+
+def plot(view: RunView, summary: SigmoidSummary) -> None:
+    """Test accuracy and the first layer's gradient norm (log) against the step, both nets
+    (every evaluation: the curves come from the rows, not the summary's table)."""
+    c: SigmoidConfig = view.config
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for (net, label), color in zip(NETS, ("C0", "C1")):
-        rows = curves[net]
-        axes[0].plot([r["step"] for r in rows], [100 * r["test_accuracy"] for r in rows], color=color, label=label)
-        g = [(r["step"], r["first_layer_grad_norm"]) for r in rows
-             if r.get("first_layer_grad_norm") is not None and math.isfinite(r["first_layer_grad_norm"])
-             and r["first_layer_grad_norm"] > 0]
-        if g:
-            axes[1].plot(*zip(*g), color=color, label=label)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[1].set_ylabel("gradient norm at the first layer's weights")
+        rows = view.job_rows(net)
+        axes[0].plot([r["step"] for r in rows], [100 * r["test_accuracy"] for r in rows],
+                     color=color, label=label)
+        grads = [(r["step"], g) for r in rows if (g := _grad_norm(r)) is not None and g > 0]
+        if grads:
+            axes[1].plot(*zip(*grads), color=color, label=label)
     axes[1].set_yscale("log")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    style_axes(axes[0], "step", "test accuracy (%)")
+    style_axes(axes[1], "step", "gradient norm at the first layer's weights")
     fig.suptitle(f"{c.dataset}: {c.depth} sigmoid hidden layers of {c.hidden}, SGD lr {c.lr:g}")
     save(fig, view.plot_path("sigmoid.png"))
-    lines = [
-        "# Saturating nonlinearities: a deep sigmoid MLP with and without BN", "",
-        f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} sigmoid units ("
-        + ("LeCun-normal init" if c.init_std is None else f"N(0, {c.init_std:g}^2) init")
-        + f"; with BN, Linear without bias -> BatchNorm1d -> sigmoid), {c.steps:,} steps of plain SGD at lr "
-        f"{c.lr:g}, batch {c.batch_size}, seed {c.seed}. The gradient norm is that of the last training "
-        "step before each evaluation.", "",
-    ]
-    summary: dict = {}
-    finals = {net: rows[-1] for net, rows in curves.items() if rows}
-    if len(finals) == len(NETS):
-        marks = sorted({r["step"] for r in curves["plain"]} & {r["step"] for r in curves["bn"]})
-        shown = [m for i, m in enumerate(marks) if i % max(1, len(marks) // 6) == 0 or m == marks[-1]]
-        acc = {net: {r["step"]: r for r in curves[net]} for net, _ in NETS}
 
-        def grad(r):
-            v = r.get("first_layer_grad_norm")
-            return "-" if v is None or not math.isfinite(v) else f"{v:.2e}"
 
-        lines += table(["step", "accuracy without BN", "with BN", "grad norm without BN", "with BN"],
-                       [[f"{m:,}", pct(acc["plain"][m]["test_accuracy"]), pct(acc["bn"][m]["test_accuracy"]),
-                         grad(acc["plain"][m]), grad(acc["bn"][m])] for m in shown])
-        for net, label in NETS:
-            summary[f"final_accuracy_{net}"] = finals[net]["test_accuracy"]
-        stalled = finals["plain"]["test_accuracy"] < 0.5
-        lines += ["", f"- Final test accuracy: without BN {pct(finals['plain']['test_accuracy'])}%, "
-                      f"with BN {pct(finals['bn']['test_accuracy'])}%"
-                  + (" (the plain net stalled near chance)." if stalled else ".")]
-        summary["plain_stalled"] = stalled
+def render(s: SigmoidSummary, c: SigmoidConfig) -> str:
+    """report.md: the setup, accuracy and gradient norm over training, the final accuracies."""
+    init = "LeCun-normal init" if c.init_std is None else f"N(0, {c.init_std:g}^2) init"
+    lines = heading(
+        "Saturating nonlinearities: a deep sigmoid MLP with and without BN",
+        f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} sigmoid units "
+        f"({init}; with BN, Linear without bias -> BatchNorm1d -> sigmoid), {c.steps:,} steps of "
+        f"plain SGD at lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}. The gradient norm is "
+        "that of the last training step before each evaluation.")
+    if s.finals:
+        lines += table(["step", "accuracy without BN", "with BN", "grad norm without BN",
+                        "with BN"],
+                       [[f"{m:,}", pct(at["plain"][0]), pct(at["bn"][0]),
+                         _sci(at["plain"][1]), _sci(at["bn"][1])] for m, at in s.evaluations])
+        lines += ["", f"- Final test accuracy: without BN {pct(s.finals['plain'])}%, "
+                      f"with BN {pct(s.finals['bn'])}%"
+                  + (" (the plain net stalled near chance)." if s.plain_stalled else ".")]
     lines += ["", "![sigmoid nets](sigmoid.png)", ""]
-    return Report("\n".join(lines), summary)
+    return "\n".join(lines)
 
 
-@experiment("sigmoid", SigmoidConfig, _report)
+def _sci(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+@experiment("sigmoid", SigmoidConfig, staged_report(summarize, plot, render))
 def sigmoid(run: Run) -> None:
     """BN makes a deep sigmoid MLP trainable where the same net without BN stalls."""
     c: SigmoidConfig = run.config
@@ -110,13 +135,7 @@ def sigmoid(run: Run) -> None:
         return {"first_layer_grad_norm": float(g.norm()) if g is not None else math.nan}
 
     for net, _ in NETS:
-        classifier_job(
-            run, net,
-            build=lambda net=net: mlp(data.num_features, data.num_classes, c.hidden, c.depth,
-                                      norm="bn" if net == "bn" else "none", activation="sigmoid",
-                                      init_std=c.init_std),
-            optimizer=lambda p: torch.optim.SGD(p, lr=c.lr),
-            x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
-            steps=c.steps, batch_size=c.batch_size, seed=c.seed, eval_every=c.eval_every,
-            eval_at_start=True, tags={"net": net}, extra_eval=grad_norm,
-        )
+        train_mlp(run, net, data, c, norm=bn_or_none(net),
+                  mlp_options={"activation": "sigmoid", "init_std": c.init_std},
+                  optimizer=lambda p: torch.optim.SGD(p, lr=c.lr), eval_every=c.eval_every,
+                  eval_at_start=True, tags={"net": net}, extra_eval=grad_norm)

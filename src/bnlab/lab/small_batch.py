@@ -1,11 +1,12 @@
 """Small batches: BN against batch renorm, ghost BN, layer norm and group norm, by batch size.
 
 BN's statistics come from the batch, so tiny batches make them noisy in training and unlike the
-running statistics used at test time (SPEC section 5: Wu & He 2018 see ResNet-50's error rise from
-23.6% at 32 images per GPU to 34.7% at 2, while GroupNorm stays near 24.1%). This experiment shows
-the same on the bundled digits with an MLP, where a BatchNorm1d layer's statistics run over the
-batch alone (m = N): Linear -> norm -> ReLU, twice, then a Linear; SGD with momentum for a fixed
-number of epochs at each batch size, learning rate scaled linearly below batch 32.
+running statistics used at test time (Wu & He 2018, Group Normalization, Figure 1 and section 4.1:
+ResNet-50's ImageNet error rises from 23.6% at 32 images per GPU to 34.7% at 2, while GroupNorm
+stays near 24.1%). This experiment shows the same on the bundled digits with an MLP, where a
+BatchNorm1d layer's statistics run over the batch alone (m = N): Linear -> norm -> ReLU, twice,
+then a Linear; SGD with momentum for a fixed number of epochs at each batch size, learning rate
+scaled linearly below batch 32.
 
 In the lab framework this is ``bnlab run small-batch`` (one job per norm, batch size and seed,
 checkpointed and resumable); :func:`run` and :func:`write_outputs` remain as the plain-Python API.
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..data import Split
 from ..nn import BatchNorm1d, BatchRenorm1d, GhostBatchNorm1d, LayerNorm
-from .common import Dataset, load_data
+from .common import Dataset, batch_size_axes, load_data, pct, pyplot, table, train_on_split
 from .mlp import accuracy
 from .runner import Report, Run, RunView, experiment
 
@@ -129,10 +130,42 @@ def run(config: SmallBatchConfig, progress: bool = False) -> list[dict]:
 
 
 def mean_accuracy(rows: list[dict]) -> dict[tuple[str, int], float]:
+    """The test accuracy of each (norm, batch size), averaged over the seeds run."""
     cells: dict[tuple[str, int], list[float]] = {}
     for row in rows:
         cells.setdefault((row["norm"], row["batch_size"]), []).append(row["test_accuracy"])
     return {key: mean(values) for key, values in cells.items()}
+
+
+@dataclass
+class SmallBatchSummary:
+    """Every number the small-batch report quotes, computed once from the rows."""
+
+    batch_sizes: tuple[int, ...]
+    norms: tuple[str, ...]  # the norms finished at every batch size, in the config's order
+    means: dict[tuple[str, int], float]  # (norm, batch size) -> mean test accuracy over seeds
+    bn_gain_points: Optional[float]  # BN at the largest batch minus at the smallest, in points
+
+    @property
+    def smallest(self) -> int:
+        return min(self.batch_sizes)
+
+    @property
+    def largest(self) -> int:
+        return max(self.batch_sizes)
+
+    def headline(self) -> dict[str, float]:
+        """summary.json: the mean accuracy of every finished cell, keyed "norm@batch"."""
+        return {f"{k}@{b}": self.means[k, b] for k in self.norms for b in self.batch_sizes}
+
+
+def summarize(rows: list[dict], config: SmallBatchConfig) -> SmallBatchSummary:
+    """The mean accuracies of the rows (one per job: its end) and BN's small-to-large gain."""
+    means = mean_accuracy(rows)
+    sizes = config.batch_sizes
+    done = tuple(k for k in config.norms if all((k, b) in means for b in sizes))
+    gain = 100 * means["bn", max(sizes)] - 100 * means["bn", min(sizes)] if "bn" in done else None
+    return SmallBatchSummary(sizes, done, means, gain)
 
 
 def write_outputs(rows: list[dict], config: SmallBatchConfig, out_dir: Path) -> Path:
@@ -144,65 +177,55 @@ def write_outputs(rows: list[dict], config: SmallBatchConfig, out_dir: Path) -> 
         writer.writeheader()
         writer.writerows(rows)
     (out_dir / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
-    means = mean_accuracy(rows)
-    _plot(means, config, out_dir / "accuracy.png")
+    summary = summarize(rows, config)
+    plot(summary, config, out_dir / "accuracy.png")
     report = out_dir / "report.md"
-    report.write_text(_report(means, config))
+    report.write_text(render(summary, config))
     return report
 
 
-def _plot(means: dict, config: SmallBatchConfig, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind in config.norms:
-        ax.plot(config.batch_sizes, [100 * means[kind, b] for b in config.batch_sizes], "o-",
+def plot(s: SmallBatchSummary, config: SmallBatchConfig, path: Path) -> None:
+    """Mean test accuracy against the batch size (log2), one curve per finished norm."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for kind in s.norms:
+        ax.plot(s.batch_sizes, [100 * s.means[kind, b] for b in s.batch_sizes], "o-",
                 label=LABELS[kind])
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(config.batch_sizes, [str(b) for b in config.batch_sizes])
-    ax.set_xlabel("examples per batch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Digits MLP, {config.epochs} epochs, {len(config.seeds)} seed(s)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    batch_size_axes(ax, s.batch_sizes,
+                    f"Digits MLP, {config.epochs} epochs, {len(config.seeds)} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
-def _report(means: dict, config: SmallBatchConfig) -> str:
-    sizes = config.batch_sizes
-    header = "| normalization | " + " | ".join(str(b) for b in sizes) + " |"
+def render(s: SmallBatchSummary, config: SmallBatchConfig) -> str:
+    """report.md: the setup, the accuracy table by norm and batch size, the findings."""
     lines = [
         "# Small batches: test accuracy (%) by examples per batch", "",
-        f"Bundled 8x8 digits, MLP 64-{config.hidden}-{config.hidden}-10 with the normalization after "
-        f"each hidden Linear, {config.epochs} epochs of SGD (momentum {config.sgd_momentum}, lr "
-        f"{config.lr} scaled linearly below batch 32), mean over seeds {list(config.seeds)}.", "",
-        header, "|" + "---|" * (len(sizes) + 1),
+        f"Bundled 8x8 digits, MLP 64-{config.hidden}-{config.hidden}-10 with the normalization "
+        f"after each hidden Linear, {config.epochs} epochs of SGD (momentum "
+        f"{config.sgd_momentum}, lr {config.lr} scaled linearly below batch 32), mean over seeds "
+        f"{list(config.seeds)}.", "",
+        *table(["normalization", *map(str, s.batch_sizes)],
+               [[LABELS[k], *[pct(s.means[k, b]) for b in s.batch_sizes]] for k in s.norms]),
     ]
-    for kind in config.norms:
-        lines.append(f"| {LABELS[kind]} | " + " | ".join(f"{100 * means[kind, b]:.1f}" for b in sizes) + " |")
-    lines += ["", *_findings(means, config), "", "![accuracy by batch size](accuracy.png)", ""]
+    lines += ["", *_findings(s, config), "", "![accuracy by batch size](accuracy.png)", ""]
     return "\n".join(lines)
 
 
-def _findings(means: dict, config: SmallBatchConfig) -> list[str]:
-    if "bn" not in config.norms:
+def _findings(s: SmallBatchSummary, config: SmallBatchConfig) -> list[str]:
+    if s.bn_gain_points is None:
         return []
-    small, large = min(config.batch_sizes), max(config.batch_sizes)
-    bn_small, bn_large = 100 * means["bn", small], 100 * means["bn", large]
-    lines = [f"- BatchNorm: {bn_small:.1f}% at batch {small} against {bn_large:.1f}% at batch {large} "
-             f"({bn_large - bn_small:+.1f} points from small to large)."]
-    others = [k for k in config.norms if k != "bn"]
-    for kind in others:
-        lines.append(f"- {LABELS[kind]}: {100 * means[kind, small]:.1f}% at batch {small}, "
-                     f"{100 * means[kind, large]:.1f}% at batch {large}.")
-    if "ghost" in config.norms:
-        lines.append(f"- GhostBatchNorm is plain BN at batches up to {2 * config.virtual_batch_size - 1} "
-                     "(one virtual batch): it targets large batches, not small ones.")
+    small, large = s.smallest, s.largest
+    lines = [f"- BatchNorm: {pct(s.means['bn', small])}% at batch {small} against "
+             f"{pct(s.means['bn', large])}% at batch {large} "
+             f"({s.bn_gain_points:+.1f} points from small to large)."]
+    for kind in (k for k in s.norms if k != "bn"):
+        lines.append(f"- {LABELS[kind]}: {pct(s.means[kind, small])}% at batch {small}, "
+                     f"{pct(s.means[kind, large])}% at batch {large}.")
+    if "ghost" in s.norms:
+        lines.append("- GhostBatchNorm is plain BN at batches up to "
+                     f"{2 * config.virtual_batch_size - 1} (one virtual batch): it targets large "
+                     "batches, not small ones.")
     return lines
 
 
@@ -211,33 +234,26 @@ def _findings(means: dict, config: SmallBatchConfig) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 def _framework_report(view: RunView) -> Report:
-    config: SmallBatchConfig = view.config
-    means = mean_accuracy(view.rows)  # one row per job: its end
-    done = [k for k in config.norms if all((k, b) in means for b in config.batch_sizes)]
-    if not done:
+    summary = summarize(view.rows, view.config)
+    if not summary.norms:
         return Report("# Small batches\n\nNo finished norm yet.\n", {})
-    shown = SmallBatchConfig(**{**asdict(config), "norms": tuple(done)})
-    _plot(means, shown, view.plot_path("accuracy.png"))
-    summary = {f"{k}@{b}": means[k, b] for k in done for b in config.batch_sizes}
-    return Report(_report(means, shown), summary)
+    plot(summary, view.config, view.plot_path("accuracy.png"))
+    return Report(render(summary, view.config), summary.headline())
 
 
 @experiment("small-batch", SmallBatchConfig, _framework_report)
 def small_batch(run_: Run) -> None:
     """BN vs batch renorm vs ghost BN vs layer norm vs group norm across batch sizes (Wu & He 2018)."""
-    from .common import classifier_job
-
     config: SmallBatchConfig = run_.config
     data = load_data(config.dataset, config.data_dir)
     grid = [(k, b, s) for b in config.batch_sizes for k in config.norms for s in config.seeds]
     run_.total_jobs = len(grid)
     for kind, batch_size, seed in grid:
         lr = config.lr * min(1.0, batch_size / 32)
-        classifier_job(
-            run_, f"{kind}/b={batch_size}/seed={seed}",
+        train_on_split(
+            run_, f"{kind}/b={batch_size}/seed={seed}", data,
             build=lambda kind=kind: make_model(kind, data, config),
             optimizer=lambda p, lr=lr: torch.optim.SGD(p, lr=lr, momentum=config.sgd_momentum),
-            x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
             steps=config.epochs * len(data.train_y) // batch_size, batch_size=batch_size,
             seed=seed, batch_seed=seed, tags={"norm": kind, "batch_size": batch_size, "seed": seed},
         )
