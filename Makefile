@@ -16,7 +16,11 @@ install: $(BIN)/bnlab
 demo: install
 	$(BIN)/bnlab demo
 
+# ruff first (lint, import order, formatting; line length 100, see pyproject.toml): cheap, and a
+# style slip fails fast
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=10
 
 # The Numba kernels' tests again with code generated for other CPUs than this one: AVX2 only

@@ -26,8 +26,8 @@ from torch import nn
 
 from bnlab.inference import population_statistics
 from bnlab.lab.common import evaluate
-from bnlab.lab.fig1 import _lr
 from bnlab.lab.runner import seeded
+from bnlab.lab.schedules import lr_at_step
 from bnlab.lab.seq_mnist import ClippedRMSprop, SeqMnistConfig, build, sequence_data
 
 
@@ -40,7 +40,7 @@ def train(config: SeqMnistConfig, data) -> nn.Module:
     g = torch.Generator().manual_seed(config.seed + 1)
     for i in range(1, config.steps + 1):
         for group in opt.param_groups:
-            group["lr"] = _lr(config, i)
+            group["lr"] = lr_at_step(config, i)
         batch = torch.randint(len(data.train_y), (config.batch_size,), generator=g)
         loss = nn.functional.cross_entropy(model(data.train_x[batch]), data.train_y[batch])
         opt.zero_grad(set_to_none=True)

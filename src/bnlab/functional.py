@@ -87,10 +87,10 @@ def batch_norm(
     """
     running = RunningStatistics(running_mean, running_var, num_batches_tracked, momentum)
     check_batch_norm_args(input, weight, bias, running, training, eps)
-    count = values_per_channel(input)
+    count = None  # values per channel; counted only where the statistics are recorded
     if mask is not None:
         check_mask(mask, input)
-        count = valid_count(mask, training)
+        count = valid_count(mask, training)  # before the op: too few valid values raise
     kernels = select_backend(ops.batch_norm_op_name(mask, training), input, backend)
     eager = None if mask is not None else getattr(kernels.module, "eager_batch_norm", None)
     if eager is not None:
@@ -101,7 +101,7 @@ def batch_norm(
         input, weight, bias, running, mask, training, eps, kernels.name, backend
     )
     if training:
-        running.record(mean, var, count, strict)
+        running.record(mean, var, values_per_channel(input) if count is None else count, strict)
     return out
 
 

@@ -45,7 +45,7 @@ def unbiased_factor(count: Count):
     return count / (count - 1)
 
 
-@dataclass
+@dataclass(slots=True)
 class RunningStatistics:
     """A batch norm's running statistics: the buffers a training batch updates in place, and how.
 

@@ -3,7 +3,15 @@ from typing import Literal, Optional
 
 import pytest
 
-from bnlab.lab.config import ConfigError, apply_overrides, describe, field_docs, from_dict, parse_overrides, to_dict
+from bnlab.lab.config import (
+    ConfigError,
+    apply_overrides,
+    describe,
+    field_docs,
+    from_dict,
+    parse_overrides,
+    to_dict,
+)
 from bnlab.lab.runner import get_experiment
 
 
@@ -20,27 +28,54 @@ class Demo:
 
 
 def test_overrides_are_converted_to_the_field_types():
-    c = apply_overrides(Demo(), ["--steps=5e3", "--lr=1", "--fast=yes", "--dataset=mnist", "--data-dir", "/d",
-                                 "--limit=none", "--sizes=8,16,32", "--name=7"])
-    assert c == Demo(steps=5000, lr=1.0, name="7", fast=True, dataset="mnist", data_dir="/d", limit=None,
-                     sizes=(8, 16, 32))
+    c = apply_overrides(
+        Demo(),
+        [
+            "--steps=5e3",
+            "--lr=1",
+            "--fast=yes",
+            "--dataset=mnist",
+            "--data-dir",
+            "/d",
+            "--limit=none",
+            "--sizes=8,16,32",
+            "--name=7",
+        ],
+    )
+    assert c == Demo(
+        steps=5000,
+        lr=1.0,
+        name="7",
+        fast=True,
+        dataset="mnist",
+        data_dir="/d",
+        limit=None,
+        sizes=(8, 16, 32),
+    )
     assert isinstance(c.lr, float)
     assert apply_overrides(Demo(), ["--fast"]).fast is True
     assert apply_overrides(Demo(fast=True), ["--no-fast"]).fast is False
     assert apply_overrides(Demo(), ["--limit=3"]).limit == 3
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--stepz=3"], r"unknown key 'stepz' for experiment 'demo' \(did you mean steps\?\); valid keys: steps, lr, name"),
-    (["--steps=1.5"], "--steps: expected an int"),
-    (["--lr=fast"], "--lr: expected a float"),
-    (["--fast=maybe"], "expected a bool"),
-    (["--dataset=cifar"], "expected one of digits, mnist"),
-    (["--sizes=2,x"], "expected an int"),
-    (["--steps=1", "--steps=2"], "given twice"),
-    (["steps=3"], "expected --key=value"),
-    (["--steps"], "needs a value"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--stepz=3"],
+            r"unknown key 'stepz' for experiment 'demo' \(did you mean steps\?\); "
+            r"valid keys: steps, lr, name",
+        ),
+        (["--steps=1.5"], "--steps: expected an int"),
+        (["--lr=fast"], "--lr: expected a float"),
+        (["--fast=maybe"], "expected a bool"),
+        (["--dataset=cifar"], "expected one of digits, mnist"),
+        (["--sizes=2,x"], "expected an int"),
+        (["--steps=1", "--steps=2"], "given twice"),
+        (["steps=3"], "expected --key=value"),
+        (["--steps"], "needs a value"),
+    ],
+)
 def test_bad_overrides_are_clear_errors(args, message):
     with pytest.raises(ConfigError, match=message):
         parse_overrides(Demo, args, "demo")
@@ -69,7 +104,9 @@ def test_every_experiment_documents_every_key_and_resolves_its_defaults():
         missing = [key for key, _, _, doc in describe(exp.config) if not doc]
         assert not missing, f"{name}: undocumented keys {missing}"
         config = exp.make_config([])
-        assert all(v is not None for k, v in vars(config).items() if k not in ("data_dir", "init_std")), name
+        assert all(
+            v is not None for k, v in vars(config).items() if k not in ("data_dir", "init_std")
+        ), name
     fig1 = get_experiment("fig1")
     assert fig1.make_config([]).steps < fig1.make_config(["--dataset=mnist"]).steps == 50_000
     with pytest.raises(ConfigError, match="steps must be > 0"):

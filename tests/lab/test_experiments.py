@@ -1,11 +1,13 @@
-"""Every experiment at a tiny size: it runs, writes its outputs, and its report says what it should."""
+"""Every experiment at a tiny size: it runs, writes its outputs, and its report says what it
+should."""
 
 import json
 
 import pytest
 
 from bnlab.lab.runner import start
-from bnlab.lab.small_batch import SmallBatchConfig, mean_accuracy, run as legacy_small_batch
+from bnlab.lab.small_batch import SmallBatchConfig, mean_accuracy
+from bnlab.lab.small_batch import run as legacy_small_batch
 
 OUTPUTS = ("config.json", "run.json", "metrics.json", "metrics.csv", "summary.json", "report.md")
 
@@ -38,8 +40,13 @@ def test_fig1(tmp_path):
 
 def test_lr(tmp_path):
     _, report, rows = _run("lr", ["--lrs=0.1,10", "--steps=60"], tmp_path)
-    assert {(r["net"], r["lr"]) for r in rows} == {(n, lr) for n in ("plain", "bn") for lr in (0.1, 10.0)}
-    assert report.summary["plain"]["diverged_lrs"] == [10.0] and report.summary["bn"]["diverged_lrs"] == []
+    assert {(r["net"], r["lr"]) for r in rows} == {
+        (n, lr) for n in ("plain", "bn") for lr in (0.1, 10.0)
+    }
+    assert (
+        report.summary["plain"]["diverged_lrs"] == [10.0]
+        and report.summary["bn"]["diverged_lrs"] == []
+    )
 
 
 def test_init(tmp_path):
@@ -50,14 +57,21 @@ def test_init(tmp_path):
 
 
 def test_batch_size(tmp_path):
-    _, report, rows = _run("batch-size", ["--batch_sizes=2,32", "--epochs=0.5", "--min_steps=20"], tmp_path)
-    assert {(r["norm"], r["batch_size"]) for r in rows} == {(n, b) for n in ("none", "bn", "ln") for b in (2, 32)}
+    _, report, rows = _run(
+        "batch-size", ["--batch_sizes=2,32", "--epochs=0.5", "--min_steps=20"], tmp_path
+    )
+    assert {(r["norm"], r["batch_size"]) for r in rows} == {
+        (n, b) for n in ("none", "bn", "ln") for b in (2, 32)
+    }
     assert report.summary["bn"]["range"] > report.summary["ln"]["range"]
 
 
 def test_conv(tmp_path):
-    directory, report, rows = _run("conv", ["--steps=150", "--eval_every=25", "--baseline_lrs=0.01,0.03",
-                                            "--channels=4,8"], tmp_path)
+    directory, report, rows = _run(
+        "conv",
+        ["--steps=150", "--eval_every=25", "--baseline_lrs=0.01,0.03", "--channels=4,8"],
+        tmp_path,
+    )
     s = report.summary
     assert s["baseline_lr"] in (0.01, 0.03) and 0 < s["target"] <= 1
     bn5 = [r for r in rows if r["job"] == "bn/x5"]
@@ -75,8 +89,12 @@ def test_sigmoid(tmp_path):
 def test_small_batch_in_the_framework_matches_the_plain_api(tmp_path):
     args = ["--batch_sizes=4,16", "--epochs=1", "--hidden=16", "--norms=bn,layernorm"]
     directory, report, rows = _run("small-batch", args, tmp_path)
-    legacy = legacy_small_batch(SmallBatchConfig(batch_sizes=(4, 16), epochs=1, hidden=16, norms=("bn", "layernorm")))
+    legacy = legacy_small_batch(
+        SmallBatchConfig(batch_sizes=(4, 16), epochs=1, hidden=16, norms=("bn", "layernorm"))
+    )
     new, old = mean_accuracy(rows), mean_accuracy(legacy)
     assert new.keys() == old.keys()
-    assert all(new[k] == pytest.approx(old[k], abs=1e-6) for k in old)  # the same training as before the move
+    assert all(
+        new[k] == pytest.approx(old[k], abs=1e-6) for k in old
+    )  # the same training as before the move
     assert "| BatchNorm |" in (directory / "report.md").read_text()

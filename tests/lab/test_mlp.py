@@ -7,14 +7,19 @@ from bnlab.lab.mlp import accuracy, sigmoid_mlp, train_classifier
 
 def test_architecture_follows_the_paper():
     plain, with_bn = sigmoid_mlp(64), sigmoid_mlp(64, batch_norm=True)
-    assert [type(m).__name__ for m in with_bn] == ["Linear", "BatchNorm1d", "Sigmoid"] * 3 + ["Linear"]
-    assert all(isinstance(m, bnlab.nn.BatchNorm1d) for m in with_bn if "BatchNorm" in type(m).__name__)
+    assert [type(m).__name__ for m in with_bn] == ["Linear", "BatchNorm1d", "Sigmoid"] * 3 + [
+        "Linear"
+    ]
+    assert all(
+        isinstance(m, bnlab.nn.BatchNorm1d) for m in with_bn if "BatchNorm" in type(m).__name__
+    )
     assert with_bn[0].bias is None and plain[0].bias is not None  # beta replaces the bias
     assert sum(isinstance(m, torch.nn.Linear) and m.out_features == 100 for m in plain) == 3
 
 
 def test_bn_trains_where_the_plain_sigmoid_net_stalls():
-    """The demo's claim at a tenth of its budget: BN learns fast at a rate where the plain net stalls."""
+    """The demo's claim at a tenth of its budget: BN learns fast at a rate where the plain net
+    stalls."""
     data = load_digits()
     results = {}
     for batch_norm in (False, True):

@@ -7,12 +7,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
-from bnlab.lab import runner
 from bnlab.lab.common import classifier_job, load_data, mlp
 from bnlab.lab.runner import CHECKPOINT, Report, RunError, experiment, resume, start, write_report
 
@@ -42,6 +40,7 @@ def tiny(run):
     c = run.config
     data = load_data("digits")
     for key in ("a", "b"):
+
         def build():
             return mlp(data.num_features, data.num_classes, 16, 2, norm="bn")
 
@@ -50,23 +49,49 @@ def tiny(run):
                 raise Interrupt
             return {}
 
-        classifier_job(run, key, build=build,
-                       optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=c.momentum),
-                       x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y,
-                       steps=c.steps, batch_size=16, seed=3, eval_every=c.eval_every, extra_eval=extra)
+        classifier_job(
+            run,
+            key,
+            build=build,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=c.momentum),
+            x=data.train_x,
+            y=data.train_y,
+            test_x=data.test_x,
+            test_y=data.test_y,
+            steps=c.steps,
+            batch_size=16,
+            seed=3,
+            eval_every=c.eval_every,
+            extra_eval=extra,
+        )
 
 
 def test_a_run_writes_every_output(tmp_path):
     directory, report = start("tiny-test", ["--steps=30"], out=tmp_path, progress=False)
     assert directory.parent == tmp_path / "tiny-test"
-    for name in ("config.json", "run.json", "metrics.json", "metrics.csv", "summary.json", "report.md", CHECKPOINT):
+    for name in (
+        "config.json",
+        "run.json",
+        "metrics.json",
+        "metrics.csv",
+        "summary.json",
+        "report.md",
+        CHECKPOINT,
+    ):
         assert (directory / name).stat().st_size > 0, name
     assert json.loads((directory / "config.json").read_text())["steps"] == 30
     info = json.loads((directory / "run.json").read_text())
     assert info["status"] == "complete" and set(info["job_seconds"]) == {"a", "b"}
     rows = json.loads((directory / "metrics.json").read_text())
-    assert [(r["job"], r["step"]) for r in rows] == [(k, s) for k in "ab" for s in (7, 14, 21, 28, 30)]
-    assert (directory / "metrics.csv").read_text().splitlines()[0].startswith("job,step,train_loss,test_accuracy")
+    assert [(r["job"], r["step"]) for r in rows] == [
+        (k, s) for k in "ab" for s in (7, 14, 21, 28, 30)
+    ]
+    assert (
+        (directory / "metrics.csv")
+        .read_text()
+        .splitlines()[0]
+        .startswith("job,step,train_loss,test_accuracy")
+    )
     # a second run in the same second gets its own directory
     again, _ = start("tiny-test", ["--steps=5"], out=tmp_path, progress=False)
     assert again != directory
@@ -86,7 +111,9 @@ def test_an_interrupted_run_resumes_to_identical_metrics(tmp_path):
         CRASH["at"] = 0
     cut = next((tmp_path / "cut" / "tiny-test").iterdir())
     checkpoint = torch.load(cut / CHECKPOINT, weights_only=True)
-    assert checkpoint["job"] == "b" and checkpoint["step"] == 40 and checkpoint["completed"] == ["a"]
+    assert (
+        checkpoint["job"] == "b" and checkpoint["step"] == 40 and checkpoint["completed"] == ["a"]
+    )
     assert json.loads((cut / "run.json").read_text())["status"] == "running"
     # the crash came at step 49 of job b, after its row at step 42: rows the resume must discard
     resume(cut, progress=False)
@@ -127,17 +154,21 @@ def restore_threads():
 
 
 def test_kill_9_and_resume_gives_the_uninterrupted_metrics(tmp_path, restore_threads):
-    """A run killed with SIGKILL after its first checkpoint and resumed ends with the same metrics.json
-    as an uninterrupted run (the victim runs in a subprocess; the reference and the resume in-process,
-    all with one thread)."""
+    """A run killed with SIGKILL after its first checkpoint and resumed ends with the same
+    metrics.json as an uninterrupted run (the victim runs in a subprocess; the reference and the
+    resume in-process, all with one thread)."""
     args = ["--depth=2", "--hidden=16", "--steps=500", "--eval_every=40", "--checkpoint_every=100"]
     killed = tmp_path / "killed"
-    victim = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(killed), *args],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    victim = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(killed), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 60
         while not (killed / CHECKPOINT).exists():
-            assert victim.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+            assert victim.poll() is None and time.monotonic() < deadline, (
+                "no checkpoint before the run ended"
+            )
             time.sleep(0.002)
         victim.send_signal(signal.SIGKILL)
     finally:

@@ -20,7 +20,9 @@ def _run(name, args, tmp_path):
 
 
 def test_seq_mnist_row_by_row(tmp_path):
-    directory, report, rows = _run("seq-mnist", ["--steps=150", "--eval_every=50", "--hidden=32"], tmp_path)
+    directory, report, rows = _run(
+        "seq-mnist", ["--steps=150", "--eval_every=50", "--hidden=32"], tmp_path
+    )
     config = json.loads((directory / "config.json").read_text())
     assert config["mode"] == "row" and config["permute"] is False and config["valid_size"] == 200
     for model in ("lstm", "bnlstm"):
@@ -37,15 +39,23 @@ def test_seq_mnist_row_by_row(tmp_path):
     assert "row-by-row digits" in text and "![accuracy](accuracy.png)" in text
     assert config["population_joint"] is True  # row mode: the population batches run as one batch
     assert "per-time-step population statistics of 5,000 training images" in text
-    assert "BN-LSTM ahead of the LSTM (test accuracy) at" in text and (directory / "accuracy.png").exists()
+    assert (
+        "BN-LSTM ahead of the LSTM (test accuracy) at" in text
+        and (directory / "accuracy.png").exists()
+    )
 
 
 def test_pmnist_pixel_by_pixel(tmp_path):
-    directory, report, rows = _run("pmnist", ["--steps=6", "--eval_every=3", "--hidden=8",
-                                              "--eval_examples=40", "--batch_size=16"], tmp_path)
+    directory, report, rows = _run(
+        "pmnist",
+        ["--steps=6", "--eval_every=3", "--hidden=8", "--eval_examples=40", "--batch_size=16"],
+        tmp_path,
+    )
     config = json.loads((directory / "config.json").read_text())
     assert config["mode"] == "pixel" and config["permute"] is True
-    assert {(r["model"], r["step"]) for r in rows} == {(m, s) for m in ("lstm", "bnlstm") for s in (0, 3, 6)}
+    assert {(r["model"], r["step"]) for r in rows} == {
+        (m, s) for m in ("lstm", "bnlstm") for s in (0, 3, 6)
+    }
     assert "permuted pixel-by-pixel digits" in (directory / "report.md").read_text()
 
 
@@ -65,16 +75,41 @@ def test_population_joint_option(tmp_path):
     args = ["--steps=20", "--eval_every=20", "--hidden=8", "--models=bnlstm"]
     directory, _, rows = _run("seq-mnist", args + ["--population_joint=false"], tmp_path / "a")
     assert json.loads((directory / "config.json").read_text())["population_joint"] is False
-    assert not any("test_accuracy_algorithm2" in r for r in rows)  # the curve is Algorithm 2's itself
-    assert "Algorithm 2's population statistics, per time step, over 50 training batches" in \
-        (directory / "report.md").read_text()
-    directory, _, _ = _run("pmnist", ["--steps=3", "--eval_every=3", "--hidden=8", "--eval_examples=20",
-                                      "--batch_size=16", "--models=bnlstm", "--population_batches=2"],
-                           tmp_path / "b")
+    assert not any(
+        "test_accuracy_algorithm2" in r for r in rows
+    )  # the curve is Algorithm 2's itself
+    assert (
+        "Algorithm 2's population statistics, per time step, over 50 training batches"
+        in (directory / "report.md").read_text()
+    )
+    directory, _, _ = _run(
+        "pmnist",
+        [
+            "--steps=3",
+            "--eval_every=3",
+            "--hidden=8",
+            "--eval_examples=20",
+            "--batch_size=16",
+            "--models=bnlstm",
+            "--population_batches=2",
+        ],
+        tmp_path / "b",
+    )
     assert json.loads((directory / "config.json").read_text())["population_joint"] is False
-    directory, _, _ = _run("pmnist", ["--steps=3", "--eval_every=3", "--hidden=8", "--eval_examples=20",
-                                      "--batch_size=16", "--models=bnlstm", "--population_batches=2",
-                                      "--population_joint=true"], tmp_path / "c")
+    directory, _, _ = _run(
+        "pmnist",
+        [
+            "--steps=3",
+            "--eval_every=3",
+            "--hidden=8",
+            "--eval_examples=20",
+            "--batch_size=16",
+            "--models=bnlstm",
+            "--population_batches=2",
+            "--population_joint=true",
+        ],
+        tmp_path / "c",
+    )
     assert "run through the net as one batch" in (directory / "report.md").read_text()
 
 
@@ -86,7 +121,9 @@ def test_bad_configs_fail_before_training(tmp_path):
 
 
 def test_grad_flow_run(tmp_path):
-    directory, report, rows = _run("grad-flow", ["--batches=2", "--hidden=16", "--batch_size=32"], tmp_path)
+    directory, report, rows = _run(
+        "grad-flow", ["--batches=2", "--hidden=16", "--batch_size=32"], tmp_path
+    )
     jobs = {"rnn/gamma=0.1", "rnn/gamma=1", "bnlstm/gamma=0.1", "bnlstm/gamma=1", "lstm"}
     assert {r["job"] for r in rows} == jobs
     s = report.summary

@@ -15,8 +15,18 @@ from typing import Any, Optional
 import torch
 
 from ..data import Split
-from .common import (batch_size_axes, check_positive, heading, pct, pyplot,
-                     save, staged_report, table, sweep, train_mlp)
+from .common import (
+    batch_size_axes,
+    check_positive,
+    heading,
+    pct,
+    pyplot,
+    save,
+    staged_report,
+    sweep,
+    table,
+    train_mlp,
+)
 from .datasets import DatasetConfig
 from .runner import Run, RunView, experiment
 
@@ -25,9 +35,18 @@ NORMS = (("none", "no normalization"), ("bn", "BatchNorm"), ("ln", "LayerNorm"))
 
 @dataclass
 class BatchSizeConfig(DatasetConfig):
-    batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128, 256)  # examples per mini-batch (>= 2: BN needs two)
+    batch_sizes: tuple[int, ...] = (  # examples per mini-batch (>= 2: BN needs two)
+        2,
+        4,
+        8,
+        16,
+        32,
+        64,
+        128,
+        256,
+    )
     norms: tuple[str, ...] = ("none", "bn", "ln")  # none, bn (BatchNorm1d), ln (LayerNorm)
-    epochs: Optional[float] = None  # passes over the training set at every batch size; None: 6 on digits, 1 on mnist
+    epochs: Optional[float] = None  # passes over the data per batch size; None: 6 digits, 1 mnist
     min_steps: int = 200  # at least this many steps (large batches)
     lr: float = 1e-3  # Adam, every batch size (cs231n's setting)
     hidden: int = 100  # units per hidden layer
@@ -36,10 +55,18 @@ class BatchSizeConfig(DatasetConfig):
     checkpoint_every: int = 1000  # steps between checkpoints (0: none)
 
     def resolve(self) -> "BatchSizeConfig":
-        c = replace(self, epochs=self.epochs if self.epochs is not None else (1.0 if self.dataset == "mnist" else 6.0))
+        c = replace(
+            self,
+            epochs=self.epochs
+            if self.epochs is not None
+            else (1.0 if self.dataset == "mnist" else 6.0),
+        )
         check_positive(c, "epochs", "lr", "hidden", "depth")
         if not c.batch_sizes or min(c.batch_sizes) < 2:
-            raise ValueError(f"batch sizes must be >= 2 (BN needs more than one value per feature), got {c.batch_sizes}")
+            raise ValueError(
+                "batch sizes must be >= 2 (BN needs more than one value per feature), "
+                f"got {c.batch_sizes}"
+            )
         bad = [n for n in c.norms if n not in dict(NORMS)]
         if bad or not c.norms:
             raise ValueError(f"unknown norm(s) {bad}; expected some of {[n for n, _ in NORMS]}")
@@ -104,8 +131,9 @@ def plot(view: RunView, s: BatchSizeSummary) -> None:
     for n in c.norms:
         done = [b for b in c.batch_sizes if s.accuracy[n, b] is not None]
         ax.plot(done, [100 * s.accuracy[n, b] for b in done], "o-", label=LABELS[n])
-    batch_size_axes(ax, c.batch_sizes,
-                    f"{c.dataset}: {c.depth}x{c.hidden} ReLU MLP, Adam, {c.epochs:g} epochs")
+    batch_size_axes(
+        ax, c.batch_sizes, f"{c.dataset}: {c.depth}x{c.hidden} ReLU MLP, Adam, {c.epochs:g} epochs"
+    )
     save(fig, view.plot_path(PLOT))
 
 
@@ -113,20 +141,28 @@ def render(s: BatchSizeSummary, c: BatchSizeConfig) -> str:
     """report.md: the setup, the accuracy table and each normalization's sensitivity."""
     small, large = min(c.batch_sizes), max(c.batch_sizes)
     lines = [
-        *heading("Batch size: BN vs layer norm vs no normalization",
-                 f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} "
-                 f"units, the normalization after each hidden Linear; Adam (lr {c.lr:g}) for "
-                 f"{c.epochs:g} epochs at each batch size (at least {c.min_steps} steps), seed "
-                 f"{c.seed}. Test accuracy (%) at the end, in eval mode (BN uses its running "
-                 "statistics)."),
-        *table(["normalization", *map(str, c.batch_sizes)],
-               [[LABELS[n], *[pct(s.accuracy[n, b]) for b in c.batch_sizes]] for n in c.norms]),
-        "", f"![accuracy vs batch size]({PLOT})", "",
+        *heading(
+            "Batch size: BN vs layer norm vs no normalization",
+            f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} "
+            f"units, the normalization after each hidden Linear; Adam (lr {c.lr:g}) for "
+            f"{c.epochs:g} epochs at each batch size (at least {c.min_steps} steps), seed "
+            f"{c.seed}. Test accuracy (%) at the end, in eval mode (BN uses its running "
+            "statistics).",
+        ),
+        *table(
+            ["normalization", *map(str, c.batch_sizes)],
+            [[LABELS[n], *[pct(s.accuracy[n, b]) for b in c.batch_sizes]] for n in c.norms],
+        ),
+        "",
+        f"![accuracy vs batch size]({PLOT})",
+        "",
     ]
     for n, e in s.ends.items():
-        lines.append(f"- {LABELS[n]}: {pct(e.smallest_batch)}% at batch {small}, "
-                     f"{pct(e.largest_batch)}% at batch {large}; "
-                     f"max - min over batch sizes {pct(e.range)} points.")
+        lines.append(
+            f"- {LABELS[n]}: {pct(e.smallest_batch)}% at batch {small}, "
+            f"{pct(e.largest_batch)}% at batch {large}; "
+            f"max - min over batch sizes {pct(e.range)} points."
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -137,9 +173,16 @@ def batch_size(run: Run) -> None:
     c: BatchSizeConfig = run.config
 
     def job(data: Split, b: int, norm: str) -> None:
-        train_mlp(run, _key(norm, b), data, c, norm=norm,
-                  optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
-                  steps=c.steps(b, len(data.train_y)), batch_size=b,
-                  tags={"norm": norm, "batch_size": b})
+        train_mlp(
+            run,
+            _key(norm, b),
+            data,
+            c,
+            norm=norm,
+            optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
+            steps=c.steps(b, len(data.train_y)),
+            batch_size=b,
+            tags={"norm": norm, "batch_size": b},
+        )
 
     sweep(run, c.batch_sizes, c.norms, job)

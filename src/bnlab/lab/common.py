@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from ..data import Split
-
 from .datasets import DATASETS, Dataset, by_dataset, images, load_data  # noqa: F401 (re-exported)
 from .runner import Report, Run, RunView, seeded
 
@@ -31,14 +30,15 @@ def check_positive(config: Any, *names: str) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch: int = 10_000) -> dict[str, float]:
-    """Test accuracy and loss in eval mode (BN uses its running statistics); the mode is restored."""
+    """Test accuracy and loss in eval mode (BN uses its running statistics); the mode is
+    restored."""
     was_training = model.training
     model.eval()
     correct, loss = 0, 0.0
     for i in range(0, len(y), batch):
-        logits = model(x[i:i + batch])
-        correct += int((logits.argmax(dim=1) == y[i:i + batch]).sum())
-        loss += float(nn.functional.cross_entropy(logits, y[i:i + batch], reduction="sum"))
+        logits = model(x[i : i + batch])
+        correct += int((logits.argmax(dim=1) == y[i : i + batch]).sum())
+        loss += float(nn.functional.cross_entropy(logits, y[i : i + batch], reduction="sum"))
     model.train(was_training)
     return {"test_accuracy": correct / len(y), "test_loss": loss / len(y)}
 
@@ -66,12 +66,13 @@ def classifier_job(
     lr_at: Optional[Callable[[int], float]] = None,
 ) -> dict[str, Any]:
     """Train ``build()`` (built under ``seeded(seed)``) on random mini-batches of ``batch_size``
-    (drawn with replacement from a generator seeded with ``batch_seed``, default ``seed + 1``) with cross-entropy for
-    ``steps`` steps; rows carry the test accuracy and loss at every evaluation.
+    (drawn with replacement from a generator seeded with ``batch_seed``, default ``seed + 1``) with
+    cross-entropy for ``steps`` steps; rows carry the test accuracy and loss at every evaluation.
 
     ``hooks(model)`` may attach diagnostics and return them by name (they are checkpointed);
-    ``extra_eval(step, model)`` adds columns to every evaluation row (it runs after the test forward).
-    ``lr_at(step)``: the learning rate of step i (a function of i alone, so resuming needs no state).
+    ``extra_eval(step, model)`` adds columns to every evaluation row (it runs after the test
+    forward). ``lr_at(step)``: the learning rate of step i (a function of i alone, so resuming needs
+    no state).
     """
     with seeded(seed):
         model = build()
@@ -101,9 +102,16 @@ def classifier_job(
         return row
 
     try:
-        return run.train(key, steps=steps, step=step, evaluate=evaluate_,
-                         state={"model": model, "optimizer": opt, "batches": generator, **extra_state},
-                         eval_every=eval_every, eval_at_start=eval_at_start, tags=tags)
+        return run.train(
+            key,
+            steps=steps,
+            step=step,
+            evaluate=evaluate_,
+            state={"model": model, "optimizer": opt, "batches": generator, **extra_state},
+            eval_every=eval_every,
+            eval_at_start=eval_at_start,
+            tags=tags,
+        )
     finally:
         for obj in extra_state.values():
             if hasattr(obj, "remove"):
@@ -113,12 +121,21 @@ def classifier_job(
 def train_on_split(run: Run, key: str, data: Split, **job: Any) -> dict[str, Any]:
     """:func:`classifier_job` on ``data``: trained on its training set, evaluated on its test
     set."""
-    return classifier_job(run, key, x=data.train_x, y=data.train_y, test_x=data.test_x,
-                          test_y=data.test_y, **job)
+    return classifier_job(
+        run, key, x=data.train_x, y=data.train_y, test_x=data.test_x, test_y=data.test_y, **job
+    )
 
 
-def train_mlp(run: Run, key: str, data: Split, config: Any, *, norm: str,
-              mlp_options: Optional[Mapping[str, Any]] = None, **job: Any) -> dict[str, Any]:
+def train_mlp(
+    run: Run,
+    key: str,
+    data: Split,
+    config: Any,
+    *,
+    norm: str,
+    mlp_options: Optional[Mapping[str, Any]] = None,
+    **job: Any,
+) -> dict[str, Any]:
     """One job of an MLP sweep: ``config``'s MLP (``hidden`` units, ``depth`` hidden layers, the
     ``norm``, any other :func:`mlp` options) trained on ``data`` with ``config``'s ``steps``,
     ``batch_size`` and ``seed`` unless ``job`` names its own (with the optimizer, tags, ...)."""
@@ -128,14 +145,16 @@ def train_mlp(run: Run, key: str, data: Split, config: Any, *, norm: str,
     options = dict(mlp_options or {})
 
     def build() -> nn.Sequential:
-        return mlp(data.num_features, data.num_classes, config.hidden, config.depth, norm=norm,
-                   **options)
+        return mlp(
+            data.num_features, data.num_classes, config.hidden, config.depth, norm=norm, **options
+        )
 
     return train_on_split(run, key, data, build=build, **job)
 
 
-def sweep(run: Run, values: Sequence[Any], nets: Sequence[str],
-          job: Callable[[Split, Any, str], Any]) -> None:
+def sweep(
+    run: Run, values: Sequence[Any], nets: Sequence[str], job: Callable[[Split, Any, str], Any]
+) -> None:
     """Run ``job(data, value, net)`` for every value of a sweep (outermost) and every net, on the
     config's dataset, after telling the progress bar how many jobs there are."""
     data = load_data(run.config.dataset, run.config.data_dir)
@@ -145,14 +164,16 @@ def sweep(run: Run, values: Sequence[Any], nets: Sequence[str],
             job(data, value, net)
 
 
-def final_rows(view: RunView, nets: Sequence[str], values: Sequence[Any],
-               key: Callable[[str, Any], str]) -> dict[tuple[str, Any], Optional[dict]]:
+def final_rows(
+    view: RunView, nets: Sequence[str], values: Sequence[Any], key: Callable[[str, Any], str]
+) -> dict[tuple[str, Any], Optional[dict]]:
     """The last row of every (net, value) job of a sweep, keyed (net, value); None: not run yet."""
     return {(net, value): view.last(key(net, value)) for net in nets for value in values}
 
 
-def finished(finals: Mapping[tuple[str, Any], Optional[dict]], net: str,
-             values: Sequence[Any]) -> list[tuple[Any, dict]]:
+def finished(
+    finals: Mapping[tuple[str, Any], Optional[dict]], net: str, values: Sequence[Any]
+) -> list[tuple[Any, dict]]:
     """(value, last row) of the net's finished jobs in :func:`final_rows`, in sweep order."""
     return [(value, finals[net, value]) for value in values if finals[net, value] is not None]
 
@@ -162,10 +183,18 @@ def bn_or_none(net: str) -> str:
     return "bn" if net == "bn" else "none"
 
 
-# -- models -----------------------------------------------------------------------------------------
+# -- models ----------------------------------------------------------------------------------------
 
-def mlp(in_features: int, num_classes: int, hidden: int, depth: int, norm: str = "none",
-        activation: str = "relu", init_std: Optional[float] = None) -> nn.Sequential:
+
+def mlp(
+    in_features: int,
+    num_classes: int,
+    hidden: int,
+    depth: int,
+    norm: str = "none",
+    activation: str = "relu",
+    init_std: Optional[float] = None,
+) -> nn.Sequential:
     """Linear -> [norm] -> activation, ``depth`` times, then a Linear to the logits.
 
     ``norm``: "none", "bn" (bnlab BatchNorm1d) or "ln" (bnlab LayerNorm); with a norm the hidden
@@ -200,7 +229,8 @@ def mlp(in_features: int, num_classes: int, hidden: int, depth: int, norm: str =
     return nn.Sequential(*layers)
 
 
-# -- plots and tables ---------------------------------------------------------------------------------
+# -- plots and tables ------------------------------------------------------------------------------
+
 
 def pyplot():
     import matplotlib
@@ -234,12 +264,16 @@ def batch_size_axes(ax, sizes: Sequence[int], title: str) -> None:
     style_axes(ax, "examples per batch", "test accuracy (%)")
 
 
-def staged_report(summarize: Callable[[RunView], Any], plot: Callable[[RunView, Any], None],
-                  render: Callable[[Any, Any], str]) -> Callable[[RunView], Report]:
+def staged_report(
+    summarize: Callable[[RunView], Any],
+    plot: Callable[[RunView, Any], None],
+    render: Callable[[Any, Any], str],
+) -> Callable[[RunView], Report]:
     """An experiment's report in three stages, so that the text cannot disagree with the numbers:
     ``summarize(view)`` computes every number once (an object with ``headline()``, the dict
     written to summary.json), ``plot(view, summary)`` draws the figures and
     ``render(summary, config)`` only formats the summary's numbers as markdown."""
+
     def report(view: RunView) -> Report:
         summary = summarize(view)
         plot(view, summary)
@@ -257,7 +291,11 @@ def heading(title: str, *paragraphs: str) -> list[str]:
 
 
 def pct(value: Optional[float]) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+    return (
+        "-"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{100 * value:.1f}"
+    )
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:

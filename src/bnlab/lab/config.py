@@ -28,8 +28,17 @@ import types
 import typing
 from typing import Any, Literal, Sequence, Union, get_args, get_origin
 
-__all__ = ["ConfigError", "apply_overrides", "parse_overrides", "field_docs", "describe", "to_dict",
-           "from_dict", "convert_value", "type_name"]
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "parse_overrides",
+    "field_docs",
+    "describe",
+    "to_dict",
+    "from_dict",
+    "convert_value",
+    "type_name",
+]
 
 
 class ConfigError(ValueError):
@@ -50,7 +59,8 @@ def _is_union(tp: Any) -> bool:
 
 
 def type_name(tp: Any) -> str:
-    """A short readable name: int, float, str, bool, 'digits'|'mnist', tuple[int, ...], int or none."""
+    """A short readable name: int, float, str, bool, 'digits'|'mnist', tuple[int, ...], int or
+    none."""
     if _is_union(tp):
         args = [a for a in get_args(tp) if a is not type(None)]
         suffix = " or none" if len(args) < len(get_args(tp)) else ""
@@ -171,8 +181,9 @@ def _unknown(key: str, config_cls: type, experiment: str) -> ConfigError:
     names = _names(config_cls)
     close = difflib.get_close_matches(key, names, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return ConfigError(f"unknown key {key!r} for experiment {experiment!r}{hint}; valid keys: "
-                       + ", ".join(names))
+    return ConfigError(
+        f"unknown key {key!r} for experiment {experiment!r}{hint}; valid keys: " + ", ".join(names)
+    )
 
 
 def parse_overrides(config_cls: type, args: Sequence[str], experiment: str = "") -> dict[str, Any]:
@@ -193,8 +204,13 @@ def parse_overrides(config_cls: type, args: Sequence[str], experiment: str = "")
             raise ConfigError(f"expected --key=value, got {arg!r}")
         key, eq, text = arg[2:].partition("=")
         key = key.replace("-", "_")
-        if key not in names and key.startswith("no_") and key[3:] in names and not eq \
-                and hints[key[3:]] is bool:
+        if (
+            key not in names
+            and key.startswith("no_")
+            and key[3:] in names
+            and not eq
+            and hints[key[3:]] is bool
+        ):
             values[key[3:]] = False
             continue
         if key not in names:
@@ -212,12 +228,15 @@ def parse_overrides(config_cls: type, args: Sequence[str], experiment: str = "")
         try:
             values[key] = convert_value(text, hints[key])
         except ValueError as error:
-            raise ConfigError(f"--{key}: {error} (the key {key!r} is {type_name(hints[key])})") from None
+            raise ConfigError(
+                f"--{key}: {error} (the key {key!r} is {type_name(hints[key])})"
+            ) from None
     return values
 
 
 def apply_overrides(config: Any, args: Sequence[str] | dict[str, Any], experiment: str = "") -> Any:
-    """A copy of ``config`` with the overrides (command-line strings or a dict of values) applied."""
+    """A copy of ``config`` with the overrides (command-line strings or a dict of values)
+    applied."""
     cls = type(config)
     if isinstance(args, dict):
         hints = _hints(cls)

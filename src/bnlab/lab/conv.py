@@ -1,4 +1,5 @@
-"""Convolutions: a BN convnet at a 5x higher learning rate reaches the baseline's accuracy in fewer steps.
+"""Convolutions: a BN convnet at a 5x higher learning rate reaches the baseline's accuracy in
+fewer steps.
 
 Ioffe & Szegedy 2015, section 4.2 at lab scale: their BN-x5 Inception reached the baseline's best
 accuracy (72.2%) in 2.1M steps where the baseline needed 31.0M (14x fewer); BN-Baseline (BN at the
@@ -18,8 +19,22 @@ import torch
 from torch import nn
 
 from ..data import Split
-from .common import (Dataset, by_dataset, check_positive, fmt_lr, heading, images, load_data, pct,
-                     pyplot, save, staged_report, style_axes, table, train_on_split)
+from .common import (
+    Dataset,
+    by_dataset,
+    check_positive,
+    fmt_lr,
+    heading,
+    images,
+    load_data,
+    pct,
+    pyplot,
+    save,
+    staged_report,
+    style_axes,
+    table,
+    train_on_split,
+)
 from .runner import Run, RunView, experiment
 
 PLOT = "conv_accuracy.png"
@@ -27,10 +42,12 @@ PLOT = "conv_accuracy.png"
 
 @dataclass
 class ConvConfig:
-    dataset: Dataset = "digits"  # digits: 8x8 images as (N, 1, 8, 8); mnist: 28x28 (IDX files in data_dir)
+    dataset: Dataset = (  # digits: 8x8 images as (N, 1, 8, 8); mnist: 28x28 (IDX files in data_dir)
+        "digits"
+    )
     data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
-    baseline_lrs: tuple[float, ...] = (0.003, 0.01, 0.03)  # SGD rates tried for the unnormalized net
-    bn_multipliers: tuple[float, ...] = (1.0, 5.0)  # BN net at the baseline's best rate times these (the paper's BN-Baseline, BN-x5)
+    baseline_lrs: tuple[float, ...] = (0.003, 0.01, 0.03)  # SGD rates tried on the unnormalized net
+    bn_multipliers: tuple[float, ...] = (1.0, 5.0)  # BN net at the baseline's best rate times these
     steps: Optional[int] = None  # steps per net; None: 3,000 on digits, 6,000 on mnist
     eval_every: Optional[int] = None  # test-set evaluations every so many steps; None: steps / 60
     batch_size: int = 32  # examples per mini-batch
@@ -41,10 +58,19 @@ class ConvConfig:
 
     def resolve(self) -> "ConvConfig":
         steps = by_dataset(self.steps, self.dataset, 3000, 6000)
-        c = replace(self, steps=steps, eval_every=self.eval_every or max(1, steps // 60),
-                    baseline_lrs=tuple(sorted(self.baseline_lrs)))
+        c = replace(
+            self,
+            steps=steps,
+            eval_every=self.eval_every or max(1, steps // 60),
+            baseline_lrs=tuple(sorted(self.baseline_lrs)),
+        )
         check_positive(c, "steps", "eval_every", "batch_size")
-        if not c.baseline_lrs or min(c.baseline_lrs) <= 0 or not c.bn_multipliers or min(c.bn_multipliers) <= 0:
+        if (
+            not c.baseline_lrs
+            or min(c.baseline_lrs) <= 0
+            or not c.bn_multipliers
+            or min(c.bn_multipliers) <= 0
+        ):
             raise ValueError("baseline_lrs and bn_multipliers must be positive")
         if len(c.channels) != 2 or min(c.channels) < 1:
             raise ValueError(f"channels must be two positive ints, got {c.channels}")
@@ -52,18 +78,25 @@ class ConvConfig:
 
 
 class ConvNet(nn.Module):
-    """conv3x3 -> [BN2d] -> ReLU -> maxpool2, twice, then a Linear (a lazy one sized by the image)."""
+    """conv3x3 -> [BN2d] -> ReLU -> maxpool2, twice, then a Linear (a lazy one sized by the
+    image)."""
 
-    def __init__(self, side: int, channels: tuple[int, int], classes: int, batch_norm: bool) -> None:
+    def __init__(
+        self, side: int, channels: tuple[int, int], classes: int, batch_norm: bool
+    ) -> None:
         from ..nn import BatchNorm2d
 
         super().__init__()
         c1, c2 = channels
         self.features = nn.Sequential(
             nn.Conv2d(1, c1, 3, padding=1, bias=not batch_norm),
-            BatchNorm2d(c1) if batch_norm else nn.Identity(), nn.ReLU(), nn.MaxPool2d(2),
+            BatchNorm2d(c1) if batch_norm else nn.Identity(),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 3, padding=1, bias=not batch_norm),
-            BatchNorm2d(c2) if batch_norm else nn.Identity(), nn.ReLU(), nn.MaxPool2d(2),
+            BatchNorm2d(c2) if batch_norm else nn.Identity(),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.head = nn.Linear(c2 * (side // 4) ** 2, classes)
 
@@ -79,7 +112,9 @@ def _first_at(curve: list[tuple[int, float]], target: float) -> Optional[int]:
     return next((s for s, a in curve if a >= target), None)
 
 
-def baseline_target(view_or_run, c: ConvConfig) -> tuple[Optional[float], Optional[float], Optional[int]]:
+def baseline_target(
+    view_or_run, c: ConvConfig
+) -> tuple[Optional[float], Optional[float], Optional[int]]:
     """(best baseline rate, its best test accuracy, the first step it got there)."""
     best = None
     for lr in c.baseline_lrs:
@@ -115,8 +150,11 @@ class ConvSummary:
         """summary.json: the baseline's target, then each BN net's steps to it and speed-up."""
         if self.target is None:
             return {}
-        out: dict[str, Any] = {"baseline_lr": self.baseline_lr, "target": self.target,
-                               "baseline_steps": self.baseline_steps}
+        out: dict[str, Any] = {
+            "baseline_lr": self.baseline_lr,
+            "target": self.target,
+            "baseline_steps": self.baseline_steps,
+        }
         out.update({f"bn_x{m:g}": asdict(bn) for m, bn in self.bn.items()})
         return out
 
@@ -130,8 +168,12 @@ def summarize(view: RunView) -> ConvSummary:
         for m, rows in _bn_rows(view, c).items():
             if rows:
                 reached = _first_at(_curve(rows), target)
-                bn[m] = BnAtRate(rows[0]["lr"], reached, base_steps / reached if reached else None,
-                                 max(a for _, a in _curve(rows)))
+                bn[m] = BnAtRate(
+                    rows[0]["lr"],
+                    reached,
+                    base_steps / reached if reached else None,
+                    max(a for _, a in _curve(rows)),
+                )
     return ConvSummary(best_lr, target, base_steps, bn)
 
 
@@ -148,12 +190,18 @@ def plot(view: RunView, s: ConvSummary) -> None:
         rows = view.job_rows(f"plain/lr={fmt_lr(lr)}")
         best = lr == s.baseline_lr
         if rows:
-            ax.plot(*zip(*_curve(rows)), "-" if best else ":", color="C0", alpha=1 if best else 0.5,
-                    label=f"no BN, lr {fmt_lr(lr)}" + (" (best)" if best else ""))
+            ax.plot(
+                *zip(*_curve(rows)),
+                "-" if best else ":",
+                color="C0",
+                alpha=1 if best else 0.5,
+                label=f"no BN, lr {fmt_lr(lr)}" + (" (best)" if best else ""),
+            )
     for (m, rows), color in zip(_bn_rows(view, c).items(), ("C2", "C1", "C3", "C4")):
         if rows:
-            ax.plot(*zip(*_curve(rows)), color=color,
-                    label=f"BN, lr {fmt_lr(rows[0]['lr'])} (x{m:g})")
+            ax.plot(
+                *zip(*_curve(rows)), color=color, label=f"BN, lr {fmt_lr(rows[0]['lr'])} (x{m:g})"
+            )
     if s.target is not None:
         ax.axhline(s.target, color="gray", lw=0.8, ls="--")
     lowest = min([a for key in view.jobs() for _, a in _curve(view.job_rows(key))] or [0])
@@ -173,22 +221,35 @@ def render(s: ConvSummary, c: ConvConfig) -> str:
         f"{c.momentum:g}), batch {c.batch_size}, {c.steps:,} steps per net, test accuracy every "
         f"{c.eval_every:,} steps, seed {c.seed}. The baseline (no BN) is trained at each rate of "
         f"{', '.join(map(fmt_lr, c.baseline_lrs))}; its best test accuracy over all evaluations "
-        "is the target.")
+        "is the target.",
+    )
     if s.target is None:
         return "\n".join(lines + ["No baseline finished yet.", ""])
-    rows = [["no BN", fmt_lr(s.baseline_lr), f"{s.baseline_steps:,}", "1.0x (reference)",
-             pct(s.target)]]
-    rows += [[f"BN x{m:g}", fmt_lr(bn.lr),
-              f"{bn.steps_to_target:,}" if bn.steps_to_target else "never",
-              f"{bn.speedup:.1f}x fewer steps" if bn.speedup else "-", pct(bn.best)]
-             for m, bn in s.bn.items()]
-    lines += [f"Baseline's best: {pct(s.target)}% at lr {fmt_lr(s.baseline_lr)}, first reached "
-              f"at step {s.baseline_steps:,}.", "",
-              *table(["net", "lr", f"steps to {pct(s.target)}%", "speed-up", "best accuracy"],
-                     rows),
-              "", f"![accuracy vs steps]({PLOT})", "",
-              "The paper's ImageNet numbers for comparison: Inception reached 72.2% in 31.0M "
-              "steps, BN-Baseline in 13.3M (2.3x fewer), BN-x5 in 2.1M (14x fewer).", ""]
+    rows = [
+        ["no BN", fmt_lr(s.baseline_lr), f"{s.baseline_steps:,}", "1.0x (reference)", pct(s.target)]
+    ]
+    rows += [
+        [
+            f"BN x{m:g}",
+            fmt_lr(bn.lr),
+            f"{bn.steps_to_target:,}" if bn.steps_to_target else "never",
+            f"{bn.speedup:.1f}x fewer steps" if bn.speedup else "-",
+            pct(bn.best),
+        ]
+        for m, bn in s.bn.items()
+    ]
+    lines += [
+        f"Baseline's best: {pct(s.target)}% at lr {fmt_lr(s.baseline_lr)}, first reached "
+        f"at step {s.baseline_steps:,}.",
+        "",
+        *table(["net", "lr", f"steps to {pct(s.target)}%", "speed-up", "best accuracy"], rows),
+        "",
+        f"![accuracy vs steps]({PLOT})",
+        "",
+        "The paper's ImageNet numbers for comparison: Inception reached 72.2% in 31.0M "
+        "steps, BN-Baseline in 13.3M (2.3x fewer), BN-x5 in 2.1M (14x fewer).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -203,9 +264,16 @@ def conv(run: Run) -> None:
 
     def job(key: str, lr: float, batch_norm: bool, tags: dict) -> None:
         train_on_split(
-            run, key, data, build=lambda: ConvNet(side, c.channels, data.num_classes, batch_norm),
+            run,
+            key,
+            data,
+            build=lambda: ConvNet(side, c.channels, data.num_classes, batch_norm),
             optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=c.momentum),
-            steps=c.steps, batch_size=c.batch_size, seed=c.seed, eval_every=c.eval_every, tags=tags,
+            steps=c.steps,
+            batch_size=c.batch_size,
+            seed=c.seed,
+            eval_every=c.eval_every,
+            tags=tags,
         )
 
     for lr in c.baseline_lrs:

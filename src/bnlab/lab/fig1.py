@@ -24,33 +24,42 @@ from typing import Any, Optional
 import torch
 
 from ..diagnostics import ActivationPercentiles, band_drift
-from .common import (NETS, by_dataset, check_positive, load_data, pct, pyplot, save,
-                     staged_report, table, train_on_split)
-from .mlp import sigmoid_mlp
+from .common import (
+    NETS,
+    by_dataset,
+    check_positive,
+    load_data,
+    pct,
+    pyplot,
+    save,
+    staged_report,
+    table,
+    train_on_split,
+)
 from .datasets import DatasetConfig
+from .mlp import sigmoid_mlp
 from .runner import Run, RunView, experiment
 from .schedules import describe_schedule, lr_at_step
 
 PAPER_STEPS = 50_000
 DIGITS_STEPS = 15_000
-_lr = lr_at_step  # the earlier name of bnlab.lab.schedules.lr_at_step, kept for scripts
 
 
 @dataclass
 class Fig1Config(DatasetConfig):
-    steps: Optional[int] = None  # SGD steps per net; None: 50,000 on mnist (the paper), 15,000 on digits (make demo's 3-minute budget)
+    steps: Optional[int] = None  # SGD steps per net; None: mnist 50,000 (the paper), digits 15,000
     batch_size: int = 60  # the paper's mini-batch
     lr: float = 0.5  # plain SGD, both nets (the paper gives none; the report says why 0.5)
-    lr_drop_at: Optional[float] = 0.8  # after this fraction of the steps the rate is multiplied by lr_drop (None: constant)
+    lr_drop_at: Optional[float] = 0.8  # rate *= lr_drop past this fraction of steps; None: constant
     lr_drop: float = 0.1  # the factor of that one final drop
     hidden: int = 100  # sigmoid units per hidden layer
     depth: int = 3  # hidden layers
     init_std: float = 0.01  # the "small random Gaussian" weights: N(0, init_std^2), zero biases
-    eval_every: Optional[int] = None  # evaluate on the full test set every so many steps; None: steps / 100
+    eval_every: Optional[int] = None  # steps between full test-set evaluations; None: steps / 100
     unit: int = 0  # which of the last hidden layer's sigmoid inputs figures (b, c) follow
-    percentiles: tuple[float, ...] = (15.0, 50.0, 85.0)  # the band of figures (b, c): low, middle, high
-    drift_from: Optional[int] = None  # the band's drift is also measured from the first evaluation at or after this step; None: 1,000 (mnist) or steps / 50
-    ahead_from: Optional[int] = None  # "BN ahead at every evaluation from this step on"; None: 5,000 (mnist) or steps / 10
+    percentiles: tuple[float, ...] = (15.0, 50.0, 85.0)  # band of figures (b, c): low, middle, high
+    drift_from: Optional[int] = None  # band drift also from here; None: 1,000 (mnist) or steps / 50
+    ahead_from: Optional[int] = None  # BN lead checked from here; None: 5,000 (mnist) or steps / 10
     seed: int = 0  # initialization (both nets) and the mini-batch order (shared by both nets)
     checkpoint_every: int = 1000  # steps between checkpoints (0: none)
 
@@ -67,7 +76,9 @@ class Fig1Config(DatasetConfig):
         if len(c.percentiles) != 3 or list(c.percentiles) != sorted(c.percentiles):
             raise ValueError(f"percentiles must be three increasing values, got {c.percentiles}")
         if c.lr_drop_at is not None and not (0 < c.lr_drop_at <= 1 and c.lr_drop > 0):
-            raise ValueError(f"lr_drop_at must be in (0, 1] and lr_drop > 0, got {c.lr_drop_at}, {c.lr_drop}")
+            raise ValueError(
+                f"lr_drop_at must be in (0, 1] and lr_drop > 0, got {c.lr_drop_at}, {c.lr_drop}"
+            )
         if not 0 <= c.unit < c.hidden:
             raise ValueError(f"unit must be in [0, hidden={c.hidden}), got {c.unit}")
         return c
@@ -97,8 +108,10 @@ class DriftComparison:
 
     @property
     def baseline_drifts_more(self) -> bool:
-        return bool(self.baseline["median_range"] > self.bn["median_range"]
-                    and self.baseline["spread_range"] > self.bn["spread_range"])
+        return bool(
+            self.baseline["median_range"] > self.bn["median_range"]
+            and self.baseline["spread_range"] > self.bn["spread_range"]
+        )
 
 
 @dataclass
@@ -137,12 +150,14 @@ def summarize(view: RunView) -> Fig1Summary:
     found = {(net, start): d for net, start, d in drifts}
     baseline, bn = found.get(("plain", c.drift_from)), found.get(("bn", c.drift_from))
     return Fig1Summary(
-        dataset=c.dataset, steps=c.steps,
+        dataset=c.dataset,
+        steps=c.steps,
         accuracy=_accuracy_summary(curves, c) if all(curves.values()) else None,
         drifts=drifts,
         comparison=_compare_drifts(baseline, bn) if baseline and bn else None,
         seconds=view.info.get("job_seconds", {}),
-        threads=view.info.get("threads", "?"), torch=view.info.get("torch", "?"),
+        threads=view.info.get("threads", "?"),
+        torch=view.info.get("torch", "?"),
     )
 
 
@@ -157,8 +172,10 @@ def _accuracy_summary(curves: dict[str, list[dict]], c: Fig1Config) -> AccuracyS
         ahead_from=c.ahead_from,
         evaluations_from=len(later),
         bn_behind_at=[m for m in later if not acc["bn"][m] > acc["plain"][m]],
-        first_at_90={net: next((r["step"] for r in curves[net] if r["test_accuracy"] >= 0.9), None)
-                     for net, _ in NETS},
+        first_at_90={
+            net: next((r["step"] for r in curves[net] if r["test_accuracy"] >= 0.9), None)
+            for net, _ in NETS
+        },
         diverged=any(r["diverged"] for net, _ in NETS for r in curves[net]),
     )
 
@@ -181,8 +198,12 @@ def _compare_drifts(baseline: dict[str, float], bn: dict[str, float]) -> DriftCo
     def ratio(x: float, y: float) -> Optional[float]:
         return x / y if y > 0 else None
 
-    return DriftComparison(baseline, bn, ratio(baseline["median_range"], bn["median_range"]),
-                           ratio(baseline["spread_range"], bn["spread_range"]))
+    return DriftComparison(
+        baseline,
+        bn,
+        ratio(baseline["median_range"], bn["median_range"]),
+        ratio(baseline["spread_range"], bn["spread_range"]),
+    )
 
 
 def _band_keys(c: Fig1Config) -> tuple[str, str, str]:
@@ -199,8 +220,10 @@ def plot(view: RunView, summary: Fig1Summary) -> None:
     fig, axes = pyplot().subplots(1, 3, figsize=(14, 4))
     _plot_accuracy(axes[0], curves)
     _plot_bands(axes[1:], curves, c)
-    fig.suptitle(f"Ioffe & Szegedy 2015, Figure 1 at lab scale: {c.dataset}, {c.steps:,} steps, "
-                 f"SGD {describe_schedule(c)}, batch {c.batch_size}")
+    fig.suptitle(
+        f"Ioffe & Szegedy 2015, Figure 1 at lab scale: {c.dataset}, {c.steps:,} steps, "
+        f"SGD {describe_schedule(c)}, batch {c.batch_size}"
+    )
     save(fig, view.plot_path("fig1.png"))
 
 
@@ -227,8 +250,10 @@ def _plot_bands(axes, curves: dict[str, list[dict]], c: Fig1Config) -> None:
             ax.plot(steps, values, style, color="C0" if net == "plain" else "C1", label=key)
             if values:
                 ylim = [min(ylim[0], min(values)), max(ylim[1], max(values))]
-        ax.set_title(f"({panel}) {label}: sigmoid input of unit {c.unit}, "
-                     f"{_percentile_names(c)}th pct", fontsize=9)
+        ax.set_title(
+            f"({panel}) {label}: sigmoid input of unit {c.unit}, {_percentile_names(c)}th pct",
+            fontsize=9,
+        )
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     if math.isfinite(ylim[0]):
@@ -248,9 +273,14 @@ def render(s: Fig1Summary, c: Fig1Config) -> str:
         lines += _accuracy_lines(s.accuracy)
     lines += _drift_lines(s, c)
     if s.seconds:
-        lines += ["", "Training time: " + ", ".join(
-            f"{label} {s.seconds[net]:.0f} s" for net, label in NETS if net in s.seconds)
-            + f" ({s.threads} thread(s), torch {s.torch})."]
+        lines += [
+            "",
+            "Training time: "
+            + ", ".join(
+                f"{label} {s.seconds[net]:.0f} s" for net, label in NETS if net in s.seconds
+            )
+            + f" ({s.threads} thread(s), torch {s.torch}).",
+        ]
     lines.append("")
     return "\n".join(lines)
 
@@ -258,35 +288,46 @@ def render(s: Fig1Summary, c: Fig1Config) -> str:
 def _setup_lines(c: Fig1Config) -> list[str]:
     steps_note = ""
     if c.dataset == "digits" and c.steps != PAPER_STEPS:
-        steps_note = (f" The paper trains for {PAPER_STEPS:,} steps on MNIST; on the bundled "
-                      f"digits (1,437 training images) this run uses {c.steps:,} (`--steps`), "
-                      "which keeps `make demo` within its 3-minute budget and is long past "
-                      "convergence here.")
+        steps_note = (
+            f" The paper trains for {PAPER_STEPS:,} steps on MNIST; on the bundled "
+            f"digits (1,437 training images) this run uses {c.steps:,} (`--steps`), "
+            "which keeps `make demo` within its 3-minute budget and is long past "
+            "convergence here."
+        )
     return [
-        "# Figure 1 of Ioffe & Szegedy (2015) at lab scale", "",
+        "# Figure 1 of Ioffe & Szegedy (2015) at lab scale",
+        "",
         f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} sigmoid units, "
         f"N(0, {c.init_std:g}^2) weights, softmax cross-entropy, mini-batches of {c.batch_size}, "
         f"{c.steps:,} steps of plain SGD ({describe_schedule(c)}; no momentum, no weight decay; "
         "the paper gives no optimizer or rate: see below), seed "
         f"{c.seed}; with BN, every hidden layer is Linear (no bias) -> BatchNorm1d -> sigmoid. "
         f"Test accuracy on the full test set every {c.eval_every:,} steps, in eval mode "
-        "(BN uses its running statistics)." + steps_note, "",
-        "![Figure 1](fig1.png)", "",
+        "(BN uses its running statistics)." + steps_note,
+        "",
+        "![Figure 1](fig1.png)",
+        "",
         "Why this optimizer: at lr 0.5 the plain net learns as in the paper's plot, slowly at "
         "first (the 0.01-std init holds it on a plateau for a few thousand steps), while the BN "
         "net is high within a few hundred steps; much lower rates leave the plain net near chance "
         "for tens of thousands of steps, higher ones make both curves noisy. The one final drop of "
         "the rate (x0.1 for the last 20% of the steps) lets both nets settle: on MNIST it is worth "
-        "about 0.2 points to the BN net.", "",
+        "about 0.2 points to the BN net.",
+        "",
     ]
 
 
 def _accuracy_lines(a: AccuracySummary) -> list[str]:
     lines = ["## (a) Test accuracy", ""]
-    lines += table(["step", *[label for _, label in NETS]],
-                   [[f"{m:,}", *[pct(acc[net]) for net, _ in NETS]] for m, acc in a.milestones])
-    lines += ["", f"- Final test accuracy: without BN {pct(a.finals['plain'])}%, "
-                  f"with BN {pct(a.finals['bn'])}%."]
+    lines += table(
+        ["step", *[label for _, label in NETS]],
+        [[f"{m:,}", *[pct(acc[net]) for net, _ in NETS]] for m, acc in a.milestones],
+    )
+    lines += [
+        "",
+        f"- Final test accuracy: without BN {pct(a.finals['plain'])}%, "
+        f"with BN {pct(a.finals['bn'])}%.",
+    ]
     if a.evaluations_from:
         behind = a.bn_behind_at
         lines.append(
@@ -294,11 +335,14 @@ def _accuracy_lines(a: AccuracySummary) -> list[str]:
             f"from step {a.ahead_from:,} on ({a.evaluations_from - len(behind)} of "
             f"{a.evaluations_from} evaluations"
             + (f"; not at step(s) {', '.join(f'{m:,}' for m in behind[:5])}" if behind else "")
-            + ").")
+            + ")."
+        )
     for net, label in NETS:
         first = a.first_at_90[net]
-        lines.append(f"- {label}: first evaluation at >= 90% test accuracy: "
-                     + (f"step {first:,}." if first is not None else "never."))
+        lines.append(
+            f"- {label}: first evaluation at >= 90% test accuracy: "
+            + (f"step {first:,}." if first is not None else "never.")
+        )
     if a.diverged:
         lines.append("- A net diverged (non-finite loss): see metrics.json.")
     return lines
@@ -306,30 +350,50 @@ def _accuracy_lines(a: AccuracySummary) -> list[str]:
 
 def _drift_lines(s: Fig1Summary, c: Fig1Config) -> list[str]:
     lo, mid, hi = _band_keys(c)
-    lines = ["", "## (b, c) Drift of the sigmoid-input distribution", "",
-             f"Unit {c.unit} of the last hidden layer: its sigmoid input (the pre-activation W u "
-             "without BN, the BN output with BN) over the full test set at every evaluation, "
-             f"summarized by its {_percentile_names(c)}th percentiles. "
-             f"\"Spread\" is {hi} - {lo}; \"change\" is last minus first; \"range\" is max minus "
-             "min over the evaluations compared. The bands start at the first evaluation after "
-             "step 0: before any training step the BN net's running statistics are still their "
-             "initial values (mean 0, variance 1) and describe no data.", ""]
+    lines = [
+        "",
+        "## (b, c) Drift of the sigmoid-input distribution",
+        "",
+        f"Unit {c.unit} of the last hidden layer: its sigmoid input (the pre-activation W u "
+        "without BN, the BN output with BN) over the full test set at every evaluation, "
+        f"summarized by its {_percentile_names(c)}th percentiles. "
+        f'"Spread" is {hi} - {lo}; "change" is last minus first; "range" is max minus '
+        "min over the evaluations compared. The bands start at the first evaluation after "
+        "step 0: before any training step the BN net's running statistics are still their "
+        "initial values (mean 0, variance 1) and describe no data.",
+        "",
+    ]
     if not s.drifts:
         return lines
-    lines += table(["net", "steps", f"{mid}", f"{mid} change", f"{mid} range", "spread",
-                    "spread change", "spread range"],
-                   [_drift_row(dict(NETS)[net], d) for net, _, d in s.drifts])
+    lines += table(
+        [
+            "net",
+            "steps",
+            f"{mid}",
+            f"{mid} change",
+            f"{mid} range",
+            "spread",
+            "spread change",
+            "spread range",
+        ],
+        [_drift_row(dict(NETS)[net], d) for net, _, d in s.drifts],
+    )
     if s.comparison is not None:
         lines += ["", _comparison_text(s.comparison)]
     return lines
 
 
 def _drift_row(label: str, d: dict[str, float]) -> list[str]:
-    return [label, f"{d['first_step']:,} -> {d['last_step']:,}",
-            f"{d['median_first']:+.3f} -> {d['median_last']:+.3f}",
-            f"{d['median_change']:+.3f}", f"{d['median_range']:.3f}",
-            f"{d['spread_first']:.3f} -> {d['spread_last']:.3f}",
-            f"{d['spread_change']:+.3f}", f"{d['spread_range']:.3f}"]
+    return [
+        label,
+        f"{d['first_step']:,} -> {d['last_step']:,}",
+        f"{d['median_first']:+.3f} -> {d['median_last']:+.3f}",
+        f"{d['median_change']:+.3f}",
+        f"{d['median_range']:.3f}",
+        f"{d['spread_first']:.3f} -> {d['spread_last']:.3f}",
+        f"{d['spread_change']:+.3f}",
+        f"{d['spread_range']:.3f}",
+    ]
 
 
 def _comparison_text(k: DriftComparison) -> str:
@@ -338,13 +402,15 @@ def _comparison_text(k: DriftComparison) -> str:
     def times(ratio: Optional[float]) -> str:
         return "inf" if ratio is None else f"{ratio:.1f}x"
 
-    return (f"From step {a['first_step']:,} to the end, the baseline's median moved "
-            f"{abs(a['median_change']):.3f} (range {a['median_range']:.3f}) and its spread "
-            f"{abs(a['spread_change']):.3f} (range {a['spread_range']:.3f}); with BN the median "
-            f"moved {abs(b['median_change']):.3f} (range {b['median_range']:.3f}) and the spread "
-            f"{abs(b['spread_change']):.3f} (range {b['spread_range']:.3f}): the baseline's "
-            f"median range is {times(k.median_range_ratio)} and its spread range "
-            f"{times(k.spread_range_ratio)} BN's.")
+    return (
+        f"From step {a['first_step']:,} to the end, the baseline's median moved "
+        f"{abs(a['median_change']):.3f} (range {a['median_range']:.3f}) and its spread "
+        f"{abs(a['spread_change']):.3f} (range {a['spread_range']:.3f}); with BN the median "
+        f"moved {abs(b['median_change']):.3f} (range {b['median_range']:.3f}) and the spread "
+        f"{abs(b['spread_change']):.3f} (range {b['spread_range']:.3f}): the baseline's "
+        f"median range is {times(k.median_range_ratio)} and its spread range "
+        f"{times(k.spread_range_ratio)} BN's."
+    )
 
 
 def _band_rows(rows: list[dict], mid: str) -> list[dict]:
@@ -367,17 +433,33 @@ def fig1(run: Run) -> None:
     data = load_data(c.dataset, c.data_dir)
     run.total_jobs = len(NETS)
     for net, _ in NETS:
+
         def build(net=net):
-            return sigmoid_mlp(data.num_features, data.num_classes, hidden=c.hidden, depth=c.depth,
-                               batch_norm=net == "bn", init_std=c.init_std)
+            return sigmoid_mlp(
+                data.num_features,
+                data.num_classes,
+                hidden=c.hidden,
+                depth=c.depth,
+                batch_norm=net == "bn",
+                init_std=c.init_std,
+            )
 
         band = _SigmoidInputBand(c)
         train_on_split(
-            run, net, data, build=build,
+            run,
+            net,
+            data,
+            build=build,
             optimizer=lambda params: torch.optim.SGD(params, lr=c.lr),
-            steps=c.steps, batch_size=c.batch_size, seed=c.seed, eval_every=c.eval_every,
-            eval_at_start=True, tags={"net": net},
-            hooks=band.attach, lr_at=lambda i: lr_at_step(c, i), extra_eval=band.record,
+            steps=c.steps,
+            batch_size=c.batch_size,
+            seed=c.seed,
+            eval_every=c.eval_every,
+            eval_at_start=True,
+            tags={"net": net},
+            hooks=band.attach,
+            lr_at=lambda i: lr_at_step(c, i),
+            extra_eval=band.record,
         )
 
 
@@ -391,8 +473,12 @@ class _SigmoidInputBand:
     def attach(self, model: torch.nn.Module) -> dict:
         """Hook the model's last sigmoid; the tracker is checkpointed with the job."""
         last_sigmoid = [m for m in model if isinstance(m, torch.nn.Sigmoid)][-1]
-        self.tracker = ActivationPercentiles(last_sigmoid, unit=self.config.unit,
-                                             percentiles=self.config.percentiles, capture="input")
+        self.tracker = ActivationPercentiles(
+            last_sigmoid,
+            unit=self.config.unit,
+            percentiles=self.config.percentiles,
+            capture="input",
+        )
         return {"tracker": self.tracker}
 
     def record(self, step: int, model: torch.nn.Module) -> dict:

@@ -38,11 +38,18 @@ from .seq_mnist import Mode, SeqMnistConfig, build, sequence_data, task_name
 
 @dataclass
 class GradFlowConfig:
-    dataset: Dataset = "digits"  # digits: the bundled 8x8 digits (64 pixels); mnist: IDX files in data_dir
+    dataset: Dataset = (  # digits: the bundled 8x8 digits (64 pixels); mnist: IDX files in data_dir
+        "digits"
+    )
     data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
-    mode: Mode = "pixel"  # pixel: one pixel per step (784 on MNIST, the paper's figure); row: one row per step
+    mode: Mode = (  # pixel: a pixel per step (784 on MNIST, paper's figure); row: a row per step
+        "pixel"
+    )
     gammas: tuple[float, ...] = (0.1, 1.0)  # initial gammas to compare
-    nets: tuple[str, ...] = ("rnn", "bnlstm")  # rnn: BN tanh RNN (the paper's figure); bnlstm: BN-LSTM (and the LSTM)
+    nets: tuple[str, ...] = (  # rnn: BN tanh RNN (the paper's figure); bnlstm: BN-LSTM (and LSTM)
+        "rnn",
+        "bnlstm",
+    )
     hidden: int = 100  # recurrent units
     eps: float = 1e-5  # BN epsilon, both nets
     batch_size: int = 100  # examples per mini-batch
@@ -73,8 +80,12 @@ class BNTanhRNN(nn.Module):
     def step(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         def bn(u, gamma):
             return torch.batch_norm(u, gamma, None, None, None, True, 0.0, self.eps, False)
-        return torch.tanh(bn(h @ self.weight_hh.t(), self.gamma_h) + bn(x @ self.weight_ih.t(), self.gamma_x)
-                          + self.bias)
+
+        return torch.tanh(
+            bn(h @ self.weight_hh.t(), self.gamma_h)
+            + bn(x @ self.weight_ih.t(), self.gamma_x)
+            + self.bias
+        )
 
 
 def first_varying_step(seq: torch.Tensor) -> int:
@@ -83,9 +94,11 @@ def first_varying_step(seq: torch.Tensor) -> int:
     return int(differs.int().argmax()) if bool(differs.any()) else len(seq)
 
 
-def hidden_state_gradients(kind: str, rnn: nn.Module, head: nn.Module, seq: torch.Tensor,
-                           y: torch.Tensor) -> torch.Tensor:
-    """||dloss/dh_t|| (Frobenius over the batch) for t = 0..T-1 (NaN before the first varying step)."""
+def hidden_state_gradients(
+    kind: str, rnn: nn.Module, head: nn.Module, seq: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """||dloss/dh_t|| (Frobenius over the batch) for t = 0..T-1 (NaN before the first varying
+    step)."""
     T, N, _ = seq.shape
     start = first_varying_step(seq)
     hs, state = [], None
@@ -114,19 +127,29 @@ def _nets(c: GradFlowConfig) -> list[tuple[str, str, float]]:
     if "rnn" in c.nets:
         nets += [(f"rnn/gamma={g:g}", "rnn", g) for g in c.gammas]
     if "bnlstm" in c.nets:
-        nets += [(f"bnlstm/gamma={g:g}", "bnlstm", g) for g in c.gammas] + [("lstm", "lstm", math.nan)]
+        nets += [(f"bnlstm/gamma={g:g}", "bnlstm", g) for g in c.gammas] + [
+            ("lstm", "lstm", math.nan)
+        ]
     return nets
 
 
 @experiment("grad-flow", GradFlowConfig, lambda view: _report(view))
 def grad_flow(run: Run) -> None:
-    """Gradient flow ||dloss/dh_t|| vs t at initialization, gamma 0.1 vs 1.0 (Cooijmans et al. 2016)."""
+    """Gradient flow ||dloss/dh_t|| vs t at init, gamma 0.1 vs 1.0 (Cooijmans et al. 2016)."""
     c: GradFlowConfig = run.config
-    seq_config = SeqMnistConfig(dataset=c.dataset, data_dir=c.data_dir, mode=c.mode, hidden=c.hidden,
-                                batch_size=c.batch_size, valid_size=0).resolve()
+    seq_config = SeqMnistConfig(
+        dataset=c.dataset,
+        data_dir=c.data_dir,
+        mode=c.mode,
+        hidden=c.hidden,
+        batch_size=c.batch_size,
+        valid_size=0,
+    ).resolve()
     train, _ = sequence_data(seq_config)
     g = torch.Generator().manual_seed(c.seed + 1)
-    batches = [torch.randint(len(train.train_y), (c.batch_size,), generator=g) for _ in range(c.batches)]
+    batches = [
+        torch.randint(len(train.train_y), (c.batch_size,), generator=g) for _ in range(c.batches)
+    ]
     side = math.isqrt(train.num_features)
     for key, kind, gamma in _nets(c):
         if key in run.completed:
@@ -135,8 +158,13 @@ def grad_flow(run: Run) -> None:
             if kind == "rnn":
                 rnn = BNTanhRNN(1 if c.mode == "pixel" else side, c.hidden, gamma, c.eps)
             else:
-                config = SeqMnistConfig(**{**seq_config.__dict__, "bn_eps": c.eps,
-                                           "gamma_init": 0.1 if kind == "lstm" else gamma})
+                config = SeqMnistConfig(
+                    **{
+                        **seq_config.__dict__,
+                        "bn_eps": c.eps,
+                        "gamma_init": 0.1 if kind == "lstm" else gamma,
+                    }
+                )
                 rnn = build(kind, train, config).rnn
             head = nn.Linear(c.hidden, train.num_classes)
         norms = []
@@ -146,7 +174,9 @@ def grad_flow(run: Run) -> None:
         mean = torch.stack(norms).mean(0)  # NaN where some batch has not started yet
         for t, value in enumerate(mean.tolist(), start=1):
             if math.isfinite(value):
-                run.rows.append({"job": key, "net": kind, "gamma": gamma, "t": t, "grad_norm": value})
+                run.rows.append(
+                    {"job": key, "net": kind, "gamma": gamma, "t": t, "grad_norm": value}
+                )
         run.completed.append(key)
 
 
@@ -176,10 +206,18 @@ class GradFlowSummary:
 
     def headline(self) -> dict[str, Any]:
         """summary.json: the steps, every net's first-to-last ratio, the effect of gamma."""
-        out: dict[str, Any] = {"task": self.task, "steps": self.steps,
-                               "first_step": self.first_step, **self.ratios}
-        out.update({f"{net}_small_over_large_gamma": e.small_over_large
-                    for net, e in self.gamma_effects.items()})
+        out: dict[str, Any] = {
+            "task": self.task,
+            "steps": self.steps,
+            "first_step": self.first_step,
+            **self.ratios,
+        }
+        out.update(
+            {
+                f"{net}_small_over_large_gamma": e.small_over_large
+                for net, e in self.gamma_effects.items()
+            }
+        )
         return out
 
 
@@ -189,8 +227,9 @@ def summarize(view: RunView) -> GradFlowSummary:
     curves = _curves(view)
     T = max(r["t"] for rows in curves.values() for r in rows)
     first = max(min(r["t"] for r in rows) for rows in curves.values())
-    marks = sorted({first, first + (T - first) // 4, first + (T - first) // 2,
-                    first + 3 * (T - first) // 4, T})
+    marks = sorted(
+        {first, first + (T - first) // 4, first + (T - first) // 2, first + 3 * (T - first) // 4, T}
+    )
     norms, ratios = {}, {}
     for key, rows in curves.items():
         by_t = {r["t"]: r["grad_norm"] for r in rows}
@@ -208,8 +247,9 @@ def _task(c: GradFlowConfig) -> str:
     return task_name(SeqMnistConfig(dataset=c.dataset, mode=c.mode))
 
 
-def _gamma_effects(ratios: dict[str, dict[str, float]],
-                   c: GradFlowConfig) -> dict[str, GammaEffect]:
+def _gamma_effects(
+    ratios: dict[str, dict[str, float]], c: GradFlowConfig
+) -> dict[str, GammaEffect]:
     lo, hi = min(c.gammas), max(c.gammas)
     effects = {}
     for net in ("rnn", "bnlstm"):
@@ -217,9 +257,14 @@ def _gamma_effects(ratios: dict[str, dict[str, float]],
         if a is None or b is None or lo == hi:
             continue
         ra, rb = a["first_over_last"], b["first_over_last"]
-        effects[net] = GammaEffect(lo, hi, ra, rb,
-                                   ra / rb if rb > 0 else math.inf if ra > 0 else math.nan,
-                                   rb / ra if ra > 0 else None)
+        effects[net] = GammaEffect(
+            lo,
+            hi,
+            ra,
+            rb,
+            ra / rb if rb > 0 else math.inf if ra > 0 else math.nan,
+            rb / ra if ra > 0 else None,
+        )
     return effects
 
 
@@ -233,9 +278,13 @@ def plot(view: RunView) -> None:
         for key, rows in curves.items():
             if key.split("/")[0] in nets:
                 lstm = key == "lstm"
-                ax.plot([r["t"] for r in rows], [r["grad_norm"] for r in rows],
-                        "--" if lstm else "-", color="gray" if lstm else None,
-                        label="LSTM (no BN)" if lstm else f"gamma {rows[0]['gamma']:g}")
+                ax.plot(
+                    [r["t"] for r in rows],
+                    [r["grad_norm"] for r in rows],
+                    "--" if lstm else "-",
+                    color="gray" if lstm else None,
+                    label="LSTM (no BN)" if lstm else f"gamma {rows[0]['gamma']:g}",
+                )
         ax.set_yscale("log")
         ax.set_title(PANEL_TITLES[panel], fontsize=10)
         style_axes(ax, "time step t", "||dloss / dh_t||", fontsize=8)
@@ -247,10 +296,13 @@ def plot(view: RunView) -> None:
 def render(s: GradFlowSummary, c: GradFlowConfig) -> str:
     """report.md: the setup, the gradient norms at the marked steps, gamma's effect per net."""
     first, T = s.first_step, s.steps
-    body = [[key, *[f"{norms[t]:.2e}" for t in s.marks], f"{s.ratios[key]['first_over_last']:.2e}"]
-            for key, norms in s.norms.items()]
+    body = [
+        [key, *[f"{norms[t]:.2e}" for t in s.marks], f"{s.ratios[key]['first_over_last']:.2e}"]
+        for key, norms in s.norms.items()
+    ]
     lines = [
-        f"# Gradient flow at initialization by gamma ({s.task})", "",
+        f"# Gradient flow at initialization by gamma ({s.task})",
+        "",
         "The norm of dloss/dh_t (mean cross-entropy of a mini-batch of "
         f"{c.batch_size} through a softmax layer on h_T, Frobenius norm over the batch) for every "
         f"step t, averaged over {c.batches} mini-batches, at initialization (seed {c.seed}; "
@@ -259,9 +311,12 @@ def render(s: GradFlowSummary, c: GradFlowConfig) -> str:
         "the gradient at early steps is what survives the trip back through the recurrence. Each "
         "mini-batch starts at its first step where the sequences differ (before it, every image "
         f"of the batch is blank); the table starts at t = {first}, the first step all "
-        "mini-batches have.", "",
-        "![gradient flow](grad_flow.png)", "",
-        *table(["net", *[f"t = {t}" for t in s.marks], f"t = {first} / t = {T}"], body), "",
+        "mini-batches have.",
+        "",
+        "![gradient flow](grad_flow.png)",
+        "",
+        *table(["net", *[f"t = {t}" for t in s.marks], f"t = {first} / t = {T}"], body),
+        "",
     ]
     lines += [_gamma_line(net, e, first, T) for net, e in s.gamma_effects.items()]
     if any(key.startswith("bnlstm") for key in s.norms):
@@ -271,21 +326,30 @@ def render(s: GradFlowSummary, c: GradFlowConfig) -> str:
 
 def _gamma_line(net: str, e: GammaEffect, first: int, T: int) -> str:
     if e.small_ratio == 0 or e.large_ratio == 0:
-        which = " and ".join(f"gamma {g:g}" for g, r in ((e.small, e.small_ratio),
-                                                          (e.large, e.large_ratio)) if r == 0)
+        which = " and ".join(
+            f"gamma {g:g}"
+            for g, r in ((e.small, e.small_ratio), (e.large, e.large_ratio))
+            if r == 0
+        )
         verdict = f"vanishes completely (below float32's smallest value) with {which}"
     elif e.large_ratio < e.small_ratio:
         verdict = f"vanishes {e.small_over_large:.1e} times more with gamma {e.large:g}"
     else:
-        verdict = (f"does not vanish faster with gamma {e.large:g} (it keeps "
-                   f"{e.large_over_small:.1e} times more)")
-    return (f"- {NET_LABELS[net]}: from t = {T} back to t = {first} the gradient norm changes by a "
-            f"factor {e.small_ratio:.2e} with gamma {e.small:g} and {e.large_ratio:.2e} with gamma "
-            f"{e.large:g}: it {verdict}.")
+        verdict = (
+            f"does not vanish faster with gamma {e.large:g} (it keeps "
+            f"{e.large_over_small:.1e} times more)"
+        )
+    return (
+        f"- {NET_LABELS[net]}: from t = {T} back to t = {first} the gradient norm changes by a "
+        f"factor {e.small_ratio:.2e} with gamma {e.small:g} and {e.large_ratio:.2e} with gamma "
+        f"{e.large:g}: it {verdict}."
+    )
 
 
-PANEL_TITLES = {"rnn": "(a) BN tanh RNN (the paper's Figure 1)",
-                "bnlstm": "(b) BN-LSTM, LSTM for reference"}
+PANEL_TITLES = {
+    "rnn": "(a) BN tanh RNN (the paper's Figure 1)",
+    "bnlstm": "(b) BN-LSTM, LSTM for reference",
+}
 NET_LABELS = {"rnn": "BN tanh RNN", "bnlstm": "BN-LSTM"}
 BNLSTM_NOTE = (
     "In the BN-LSTM the cell path c_t = f_t c_{t-1} + ... also carries the gradient, "

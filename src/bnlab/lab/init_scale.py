@@ -1,4 +1,5 @@
-"""Initialization scale: final accuracy against the weight-initialization scale, with and without BN.
+"""Initialization scale: final accuracy against the weight-initialization scale, with and without
+BN.
 
 The cs231n batch-normalization assignment's experiment: a deep ReLU MLP whose weights are drawn from
 N(0, scale^2) for 20 scales np.logspace(-4, 0, 20), trained with Adam; without BN only a narrow band
@@ -15,16 +16,33 @@ import numpy as np
 import torch
 
 from ..data import Split
-from .common import (NETS, bn_or_none, by_dataset, check_positive, evaluate, final_rows,
-                     finished, heading, pct, pyplot, save, staged_report, style_axes, sweep, table,
-                     train_mlp)
+from .common import (
+    NETS,
+    bn_or_none,
+    by_dataset,
+    check_positive,
+    evaluate,
+    final_rows,
+    finished,
+    heading,
+    pct,
+    pyplot,
+    save,
+    staged_report,
+    style_axes,
+    sweep,
+    table,
+    train_mlp,
+)
 from .datasets import DatasetConfig
 from .runner import Run, RunView, experiment
 
 
 @dataclass
 class InitConfig(DatasetConfig):
-    scales: tuple[float, ...] = tuple(float(s) for s in np.logspace(-4, 0, 20))  # weight std of every Linear: cs231n's np.logspace(-4, 0, 20)
+    scales: tuple[float, ...] = tuple(  # weight std of every Linear: cs231n's logspace(-4, 0, 20)
+        float(s) for s in np.logspace(-4, 0, 20)
+    )
     steps: Optional[int] = None  # Adam steps per net and scale; None: 400 on digits, 1,000 on mnist
     batch_size: int = 50  # cs231n's
     lr: float = 1e-3  # Adam (cs231n's setting)
@@ -34,7 +52,11 @@ class InitConfig(DatasetConfig):
     checkpoint_every: int = 1000  # steps between checkpoints (0: none)
 
     def resolve(self) -> "InitConfig":
-        c = replace(self, steps=by_dataset(self.steps, self.dataset, 400, 1000), scales=tuple(sorted(self.scales)))
+        c = replace(
+            self,
+            steps=by_dataset(self.steps, self.dataset, 400, 1000),
+            scales=tuple(sorted(self.scales)),
+        )
         check_positive(c, "steps", "batch_size", "lr", "hidden", "depth")
         if not c.scales or min(c.scales) <= 0:
             raise ValueError(f"scales must be positive, got {c.scales}")
@@ -60,9 +82,14 @@ class InitSummary:
 
     def headline(self) -> dict[str, Any]:
         """summary.json: per net, the best accuracy, the scales within 90% of it, divergences."""
-        return {net: {"best_accuracy": n.best_accuracy,
-                      "scales_within_90pct_of_best": len(n.good_scales), "diverged": n.diverged}
-                for net, n in self.nets.items()}
+        return {
+            net: {
+                "best_accuracy": n.best_accuracy,
+                "scales_within_90pct_of_best": len(n.good_scales),
+                "diverged": n.diverged,
+            }
+            for net, n in self.nets.items()
+        }
 
 
 def _key(net: str, scale: float) -> str:
@@ -74,16 +101,19 @@ def summarize(view: RunView) -> InitSummary:
     """The last row of every job and, per net, the scales that train."""
     c: InitConfig = view.config
     finals = final_rows(view, [net for net, _ in NETS], c.scales, _key)
-    nets = {net: _net_scales(done) for net, _ in NETS
-            if (done := finished(finals, net, c.scales))}
+    nets = {net: _net_scales(done) for net, _ in NETS if (done := finished(finals, net, c.scales))}
     return InitSummary(finals, nets)
 
 
 def _net_scales(done: list[tuple[float, dict]]) -> NetScales:
     """A net's best accuracy over its finished scales and the scales within 90% of it."""
     best = max(r["test_accuracy"] for _, r in done)
-    return NetScales(best, [s for s, r in done if r["test_accuracy"] >= 0.9 * best],
-                     len(done), sum(bool(r["diverged"]) for _, r in done))
+    return NetScales(
+        best,
+        [s for s, r in done if r["test_accuracy"] >= 0.9 * best],
+        len(done),
+        sum(bool(r["diverged"]) for _, r in done),
+    )
 
 
 PLOT = "accuracy_vs_init_scale.png"
@@ -96,8 +126,13 @@ def plot(view: RunView, s: InitSummary) -> None:
     for (net, label), color in zip(NETS, ("C0", "C1")):
         done = finished(s.finals, net, c.scales)
         for ax, column in zip(axes, ("test_accuracy", "train_accuracy")):
-            ax.plot([scale for scale, _ in done], [100 * r[column] for _, r in done], "o-",
-                    color=color, label=label)
+            ax.plot(
+                [scale for scale, _ in done],
+                [100 * r[column] for _, r in done],
+                "o-",
+                color=color,
+                label=label,
+            )
     for ax, what in zip(axes, ("test", "training")):
         ax.set_xscale("log")
         style_axes(ax, "weight initialization scale (std)", f"final {what} accuracy (%)")
@@ -108,25 +143,39 @@ def plot(view: RunView, s: InitSummary) -> None:
 def render(s: InitSummary, c: InitConfig) -> str:
     """report.md: the setup, the accuracy table by scale and net, each net's trainable range."""
     lines = [
-        *heading("Initialization scale: final accuracy with and without BN",
-                 f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} "
-                 f"units, every Linear's weights from N(0, scale^2) (zero biases), {c.steps:,} "
-                 f"Adam steps (lr {c.lr:g}) on mini-batches of {c.batch_size}, seed {c.seed}; "
-                 "with BN, Linear (no bias) -> BatchNorm1d -> ReLU. The cs231n assignment's "
-                 "experiment (its 20 scales np.logspace(-4, 0, 20))."),
-        *table(["scale", "test without BN", "test with BN", "train without BN", "train with BN"],
-               [[f"{scale:.2e}", *_cells(s, scale, "test_accuracy"),
-                 *_cells(s, scale, "train_accuracy")] for scale in c.scales]),
-        "", f"![accuracy vs init scale]({PLOT})", "",
+        *heading(
+            "Initialization scale: final accuracy with and without BN",
+            f"Dataset **{c.dataset}**; ReLU MLP with {c.depth} hidden layers of {c.hidden} "
+            f"units, every Linear's weights from N(0, scale^2) (zero biases), {c.steps:,} "
+            f"Adam steps (lr {c.lr:g}) on mini-batches of {c.batch_size}, seed {c.seed}; "
+            "with BN, Linear (no bias) -> BatchNorm1d -> ReLU. The cs231n assignment's "
+            "experiment (its 20 scales np.logspace(-4, 0, 20)).",
+        ),
+        *table(
+            ["scale", "test without BN", "test with BN", "train without BN", "train with BN"],
+            [
+                [
+                    f"{scale:.2e}",
+                    *_cells(s, scale, "test_accuracy"),
+                    *_cells(s, scale, "train_accuracy"),
+                ]
+                for scale in c.scales
+            ],
+        ),
+        "",
+        f"![accuracy vs init scale]({PLOT})",
+        "",
     ]
     for net, label in NETS:
         if net not in s.nets:
             continue
         n = s.nets[net]
         good = n.good_scales
-        lines.append(f"- {label}: best test accuracy {pct(n.best_accuracy)}%; {len(good)} of "
-                     f"{n.finished} scales reach at least 90% of that"
-                     + (f" (scale {good[0]:.1e} .. {good[-1]:.1e})." if good else "."))
+        lines.append(
+            f"- {label}: best test accuracy {pct(n.best_accuracy)}%; {len(good)} of "
+            f"{n.finished} scales reach at least 90% of that"
+            + (f" (scale {good[0]:.1e} .. {good[-1]:.1e})." if good else ".")
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -145,8 +194,16 @@ def init_scale(run: Run) -> None:
         def train_accuracy(step: int, model: torch.nn.Module) -> dict:
             return {"train_accuracy": evaluate(model, data.train_x, data.train_y)["test_accuracy"]}
 
-        train_mlp(run, _key(net, scale), data, c, norm=bn_or_none(net),
-                  mlp_options={"init_std": scale}, tags={"net": net, "scale": scale},
-                  optimizer=lambda p: torch.optim.Adam(p, lr=c.lr), extra_eval=train_accuracy)
+        train_mlp(
+            run,
+            _key(net, scale),
+            data,
+            c,
+            norm=bn_or_none(net),
+            mlp_options={"init_std": scale},
+            tags={"net": net, "scale": scale},
+            optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
+            extra_eval=train_accuracy,
+        )
 
     sweep(run, c.scales, [net for net, _ in NETS], job)

@@ -15,28 +15,57 @@ from typing import Any, Literal, Optional
 import torch
 
 from ..data import Split
-from .common import (NETS, bn_or_none, by_dataset, check_positive, final_rows, finished,
-                     fmt_lr, heading, pct, pyplot, save, staged_report, style_axes, sweep, table,
-                     train_mlp)
+from .common import (
+    NETS,
+    bn_or_none,
+    by_dataset,
+    check_positive,
+    final_rows,
+    finished,
+    fmt_lr,
+    heading,
+    pct,
+    pyplot,
+    save,
+    staged_report,
+    style_axes,
+    sweep,
+    table,
+    train_mlp,
+)
 from .datasets import DatasetConfig
 from .runner import Run, RunView, experiment
 
 
 @dataclass
 class LrConfig(DatasetConfig):
-    lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # the log grid of SGD learning rates
-    steps: Optional[int] = None  # the budget per net and rate; None: 1,000 on digits, 3,000 on mnist
+    lrs: tuple[float, ...] = (  # the log grid of SGD learning rates
+        0.003,
+        0.01,
+        0.03,
+        0.1,
+        0.3,
+        1.0,
+        3.0,
+        10.0,
+    )
+    steps: Optional[int] = None  # budget per net and rate; None: 1,000 on digits, 3,000 on mnist
     batch_size: int = 60  # examples per mini-batch
     hidden: int = 100  # units per hidden layer
     depth: int = 3  # hidden layers
-    activation: Literal["relu", "sigmoid", "tanh"] = "relu"  # hidden nonlinearity (He init for relu, LeCun otherwise)
+    activation: Literal["relu", "sigmoid", "tanh"] = (  # nonlinearity (He init if relu, else LeCun)
+        "relu"
+    )
     momentum: float = 0.0  # SGD momentum (0: plain SGD)
     seed: int = 0  # initialization and mini-batch order (the same for every job)
     checkpoint_every: int = 1000  # steps between checkpoints (0: none)
 
     def resolve(self) -> "LrConfig":
-        c = replace(self, steps=by_dataset(self.steps, self.dataset, 1000, 3000),
-                    lrs=tuple(sorted(self.lrs)))
+        c = replace(
+            self,
+            steps=by_dataset(self.steps, self.dataset, 1000, 3000),
+            lrs=tuple(sorted(self.lrs)),
+        )
         check_positive(c, "steps", "batch_size", "hidden", "depth")
         if not c.lrs or min(c.lrs) <= 0:
             raise ValueError(f"lrs must be positive, got {c.lrs}")
@@ -81,11 +110,21 @@ def summarize(view: RunView) -> LrSummary:
     finals = final_rows(view, [net for net, _ in NETS], c.lrs, _key)
     best = {net: _best_rate(done) for net, _ in NETS if (done := finished(finals, net, c.lrs))}
     both = [lr for lr in c.lrs if finals["plain", lr] is not None and finals["bn", lr] is not None]
-    rescued = {lr: finals["bn", lr]["test_accuracy"] for lr in both
-               if finals["plain", lr]["diverged"] and not finals["bn", lr]["diverged"]}
-    good = {net: [lr for lr in c.lrs if finals[net, lr] is not None
-                  and not finals[net, lr]["diverged"] and finals[net, lr]["test_accuracy"] >= 0.9]
-            for net, _ in NETS}
+    rescued = {
+        lr: finals["bn", lr]["test_accuracy"]
+        for lr in both
+        if finals["plain", lr]["diverged"] and not finals["bn", lr]["diverged"]
+    }
+    good = {
+        net: [
+            lr
+            for lr in c.lrs
+            if finals[net, lr] is not None
+            and not finals[net, lr]["diverged"]
+            and finals[net, lr]["test_accuracy"] >= 0.9
+        ]
+        for net, _ in NETS
+    }
     return LrSummary(finals, best, rescued, good)
 
 
@@ -98,32 +137,48 @@ def _best_rate(done: list[tuple[float, dict]]) -> NetBest:
 def render(s: LrSummary, c: LrConfig) -> str:
     """report.md: the setup, the accuracy table by rate and net, and the findings."""
     lines = [
-        *heading("Learning rate: accuracy after a fixed budget, with and without BN",
-                 f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} "
-                 f"{c.activation} units (He/LeCun normal init; with BN, Linear without bias -> "
-                 f"BatchNorm1d -> {c.activation}), {c.steps:,} steps of SGD (momentum "
-                 f"{c.momentum:g}) on mini-batches of {c.batch_size} at each rate, seed {c.seed}. "
-                 "A non-finite training loss ends a job there (\"diverged\"); its accuracy is "
-                 "then that of the diverged weights."),
-        *table(["lr", *[label for _, label in NETS]],
-               [[fmt_lr(lr), *[_cell(s.finals[net, lr]) for net, _ in NETS]] for lr in c.lrs]),
-        "", f"![accuracy vs learning rate]({PLOT})", "",
+        *heading(
+            "Learning rate: accuracy after a fixed budget, with and without BN",
+            f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} "
+            f"{c.activation} units (He/LeCun normal init; with BN, Linear without bias -> "
+            f"BatchNorm1d -> {c.activation}), {c.steps:,} steps of SGD (momentum "
+            f"{c.momentum:g}) on mini-batches of {c.batch_size} at each rate, seed {c.seed}. "
+            'A non-finite training loss ends a job there ("diverged"); its accuracy is '
+            "then that of the diverged weights.",
+        ),
+        *table(
+            ["lr", *[label for _, label in NETS]],
+            [[fmt_lr(lr), *[_cell(s.finals[net, lr]) for net, _ in NETS]] for lr in c.lrs],
+        ),
+        "",
+        f"![accuracy vs learning rate]({PLOT})",
+        "",
     ]
     for net, label in NETS:
         if net not in s.best:
             continue
         b = s.best[net]
-        lines.append(f"- {label}: best {pct(b.best_accuracy)}% at lr {fmt_lr(b.best_lr)}; "
-                     + (f"diverged at lr {', '.join(map(fmt_lr, b.diverged_lrs))}."
-                        if b.diverged_lrs else "never diverged."))
+        lines.append(
+            f"- {label}: best {pct(b.best_accuracy)}% at lr {fmt_lr(b.best_lr)}; "
+            + (
+                f"diverged at lr {', '.join(map(fmt_lr, b.diverged_lrs))}."
+                if b.diverged_lrs
+                else "never diverged."
+            )
+        )
     if s.rescued:
-        lines.append("- Where the plain net diverged, BN trained to " + ", ".join(
-            f"{pct(a)}% (lr {fmt_lr(lr)})" for lr, a in s.rescued.items()) + ".")
+        lines.append(
+            "- Where the plain net diverged, BN trained to "
+            + ", ".join(f"{pct(a)}% (lr {fmt_lr(lr)})" for lr, a in s.rescued.items())
+            + "."
+        )
     for net, label in NETS:
         good = s.good_lrs[net]
         if good:
-            lines.append(f"- {label}: >= 90% test accuracy at {len(good)} of {len(c.lrs)} "
-                         f"rates (lr {fmt_lr(good[0])} .. {fmt_lr(good[-1])}).")
+            lines.append(
+                f"- {label}: >= 90% test accuracy at {len(good)} of {len(c.lrs)} "
+                f"rates (lr {fmt_lr(good[0])} .. {fmt_lr(good[-1])})."
+            )
     lines.append("")
     return "\n".join(lines)
 
@@ -145,12 +200,24 @@ def plot(view: RunView, s: LrSummary) -> None:
     fig, ax = pyplot().subplots(figsize=(6.5, 4))
     for (net, label), color in zip(NETS, ("C0", "C1")):
         points = finished(s.finals, net, c.lrs)
-        ax.plot([lr for lr, _ in points], [100 * r["test_accuracy"] for _, r in points], "o-",
-                color=color, label=label)
+        ax.plot(
+            [lr for lr, _ in points],
+            [100 * r["test_accuracy"] for _, r in points],
+            "o-",
+            color=color,
+            label=label,
+        )
         bad = [(lr, r) for lr, r in points if r["diverged"]]
         if bad:
-            ax.plot([lr for lr, _ in bad], [100 * r["test_accuracy"] for _, r in bad], "x",
-                    color="red", markersize=10, mew=2, label=f"{label}: diverged")
+            ax.plot(
+                [lr for lr, _ in bad],
+                [100 * r["test_accuracy"] for _, r in bad],
+                "x",
+                color="red",
+                markersize=10,
+                mew=2,
+                label=f"{label}: diverged",
+            )
     ax.set_xscale("log")
     ax.set_title(f"{c.dataset}: {c.depth}x{c.hidden} {c.activation} MLP, SGD, batch {c.batch_size}")
     style_axes(ax, "learning rate", f"test accuracy after {c.steps:,} steps (%)")
@@ -163,8 +230,15 @@ def lr_sweep(run: Run) -> None:
     c: LrConfig = run.config
 
     def job(data: Split, lr: float, net: str) -> None:
-        train_mlp(run, _key(net, lr), data, c, norm=bn_or_none(net),
-                  mlp_options={"activation": c.activation}, tags={"net": net, "lr": lr},
-                  optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=c.momentum))
+        train_mlp(
+            run,
+            _key(net, lr),
+            data,
+            c,
+            norm=bn_or_none(net),
+            mlp_options={"activation": c.activation},
+            tags={"net": net, "lr": lr},
+            optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=c.momentum),
+        )
 
     sweep(run, c.lrs, [net for net, _ in NETS], job)

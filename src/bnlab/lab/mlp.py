@@ -58,7 +58,8 @@ def train_classifier(
     progress: bool = False,
     label: str = "",
 ) -> TrainResult:
-    """Plain SGD on random mini-batches (sampled with a seeded generator); test accuracy at the end."""
+    """Plain SGD on random mini-batches (sampled with a seeded generator); test accuracy at the
+    end."""
     from tqdm import tqdm
 
     generator = torch.Generator().manual_seed(seed)

@@ -28,7 +28,9 @@ class SmallResNet(nn.Module):
     Every batch-norm placement that inference folding has to handle appears once.
     """
 
-    def __init__(self, in_channels: int = 3, width: int = 32, blocks: int = 2, classes: int = 10) -> None:
+    def __init__(
+        self, in_channels: int = 3, width: int = 32, blocks: int = 2, classes: int = 10
+    ) -> None:
         super().__init__()
         self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=False)
         self.stem_bn = BatchNorm2d(width)
@@ -48,7 +50,9 @@ class SmallResNet(nn.Module):
         return self.head_bn(self.head(x.mean((2, 3))))
 
 
-def bn_mlp(in_features: int = 784, hidden: int = 512, depth: int = 3, classes: int = 10) -> nn.Sequential:
+def bn_mlp(
+    in_features: int = 784, hidden: int = 512, depth: int = 3, classes: int = 10
+) -> nn.Sequential:
     """Linear-BN-ReLU x depth, then a Linear."""
     layers: list[nn.Module] = []
     width = in_features

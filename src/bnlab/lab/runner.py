@@ -48,8 +48,21 @@ import torch
 from . import config as cfg
 from .datasets import load_data
 
-__all__ = ["Experiment", "Report", "Run", "RunView", "EXPERIMENTS", "experiment", "get_experiment",
-           "start", "resume", "write_report", "seeded", "CHECKPOINT", "RunError"]
+__all__ = [
+    "Experiment",
+    "Report",
+    "Run",
+    "RunView",
+    "EXPERIMENTS",
+    "experiment",
+    "get_experiment",
+    "start",
+    "resume",
+    "write_report",
+    "seeded",
+    "CHECKPOINT",
+    "RunError",
+]
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -62,6 +75,7 @@ class RunError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 # Registry
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Report:
@@ -97,17 +111,28 @@ class Experiment:
 
 
 EXPERIMENTS: dict[str, Experiment] = {}
-_MODULES = ("fig1", "lr_sweep", "init_scale", "batch_size", "conv", "sigmoid", "small_batch",
-            "seq_mnist", "grad_flow")
+_MODULES = (
+    "fig1",
+    "lr_sweep",
+    "init_scale",
+    "batch_size",
+    "conv",
+    "sigmoid",
+    "small_batch",
+    "seq_mnist",
+    "grad_flow",
+)
 
 
 def experiment(name: str, config: type, report: Callable[["RunView"], Report]):
     """Register ``fn(run)`` as the experiment ``name`` with its config class and report."""
+
     def register(fn: Callable[["Run"], None]) -> Callable[["Run"], None]:
         if not dataclasses.is_dataclass(config):
             raise TypeError(f"{name}: config must be a dataclass, got {config!r}")
         EXPERIMENTS[name] = Experiment(name, config, fn, report)
         return fn
+
     return register
 
 
@@ -122,7 +147,9 @@ def all_experiments() -> dict[str, Experiment]:
     """Every registered experiment: the lab's own in their fixed order, then any others."""
     _load_all()
     order = {f"{__package__}.{m}": i for i, m in enumerate(_MODULES)}
-    return dict(sorted(EXPERIMENTS.items(), key=lambda kv: order.get(kv[1].fn.__module__, len(order))))
+    return dict(
+        sorted(EXPERIMENTS.items(), key=lambda kv: order.get(kv[1].fn.__module__, len(order)))
+    )
 
 
 def get_experiment(name: str) -> Experiment:
@@ -132,14 +159,16 @@ def get_experiment(name: str) -> Experiment:
 
         close = difflib.get_close_matches(name, list(EXPERIMENTS), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise cfg.ConfigError(f"unknown experiment {name!r}{hint}; experiments: "
-                              + ", ".join(EXPERIMENTS))
+        raise cfg.ConfigError(
+            f"unknown experiment {name!r}{hint}; experiments: " + ", ".join(EXPERIMENTS)
+        )
     return EXPERIMENTS[name]
 
 
 # ------------------------------------------------------------------------------------------------
 # Determinism helpers
 # ------------------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
@@ -155,8 +184,10 @@ def _get_state(obj: Any) -> Any:
         return obj.get_state()
     if hasattr(obj, "state_dict"):
         return obj.state_dict()
-    raise TypeError(f"cannot checkpoint a {type(obj).__name__}: register objects with state_dict() "
-                    "or torch.Generators")
+    raise TypeError(
+        f"cannot checkpoint a {type(obj).__name__}: register objects with state_dict() "
+        "or torch.Generators"
+    )
 
 
 def _set_state(obj: Any, state: Any) -> None:
@@ -197,11 +228,19 @@ def dumps(value: Any) -> str:
 # The run
 # ------------------------------------------------------------------------------------------------
 
+
 class Run:
     """One execution of an experiment in its directory; experiments call :meth:`train`."""
 
-    def __init__(self, exp: Experiment, config: Any, directory: Path, *, progress: bool = True,
-                 checkpoint: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        exp: Experiment,
+        config: Any,
+        directory: Path,
+        *,
+        progress: bool = True,
+        checkpoint: Optional[dict] = None,
+    ) -> None:
         self.experiment = exp
         self.config = config
         self.dir = Path(directory)
@@ -254,13 +293,17 @@ class Run:
         Args:
             key: the job's name, unique in the run (e.g. ``"bn"``, ``"lr=0.1/plain"``).
             steps: optimisation steps.
-            step: ``step(i)`` does step i (1-based) and returns the mini-batch loss (tensor or float).
-            evaluate: ``evaluate(i)`` returns the metrics at step i (after step i; 0 = before training).
+            step: ``step(i)`` does step i (1-based) and returns the mini-batch loss (tensor or
+                float).
+            evaluate: ``evaluate(i)`` returns the metrics at step i (after step i; 0 = before
+                training).
             state: every object whose state the job's future depends on, by name: modules,
                 optimizers, torch.Generators, trackers (anything with state_dict/load_state_dict).
-            eval_every: evaluate every so many steps (always at the last step); None: at the end only.
+            eval_every: evaluate every so many steps (always at the last step); None: at the end
+                only.
             eval_at_start: evaluate before the first step too (a curve's starting point).
-            tags: constant columns added to every row of the job (e.g. ``{"lr": 0.1, "norm": "bn"}``).
+            tags: constant columns added to every row of the job (e.g. ``{"lr": 0.1, "norm":
+                "bn"}``).
 
         A non-finite loss ends the job at that step (evaluated there, ``diverged`` True) instead of
         raising. A finished job (on resume) is not rerun: its saved last row is returned.
@@ -269,7 +312,9 @@ class Run:
             raise ValueError(f"{key}: steps must be >= 0, got {steps}")
         self._jobs_seen += 1
         if key in self._started:
-            raise ValueError(f"job {key!r} was already trained in this run (job keys must be unique)")
+            raise ValueError(
+                f"job {key!r} was already trained in this run (job keys must be unique)"
+            )
         self._started.add(key)
         if key in self.completed:
             return self.result(key)
@@ -278,16 +323,24 @@ class Run:
         if self._pending is not None:
             pending = self._pending
             if pending["job"] != key:
-                raise RunError(f"the checkpoint is inside job {pending['job']!r}, but the experiment "
-                               f"started job {key!r} first: its job order is not deterministic")
+                raise RunError(
+                    f"the checkpoint is inside job {pending['job']!r}, but the experiment "
+                    f"started job {key!r} first: its job order is not deterministic"
+                )
             missing = set(pending["state"]) ^ set(state)
             if missing:
-                raise RunError(f"job {key!r}: the checkpoint's state names {sorted(pending['state'])} "
-                               f"do not match the job's {sorted(state)}")
+                raise RunError(
+                    f"job {key!r}: the checkpoint's state names {sorted(pending['state'])} "
+                    f"do not match the job's {sorted(state)}"
+                )
             for name, obj in state.items():
                 _set_state(obj, pending["state"][name])
             torch.set_rng_state(pending["torch_rng"])
-            start, loss_sum, loss_count = pending["step"], pending["loss_sum"], pending["loss_count"]
+            start, loss_sum, loss_count = (
+                pending["step"],
+                pending["loss_sum"],
+                pending["loss_count"],
+            )
             self._pending = None
         elif eval_at_start:
             self._log(key, 0, tags, math.nan, evaluate(0), diverged=False)
@@ -311,13 +364,17 @@ class Run:
                 loss_count += 1
                 shown_loss = loss if math.isnan(shown_loss) else 0.95 * shown_loss + 0.05 * loss
                 if (eval_every and i % eval_every == 0) or i == steps:
-                    last = self._log(key, i, tags, loss_sum / loss_count, evaluate(i), diverged=False)
+                    last = self._log(
+                        key, i, tags, loss_sum / loss_count, evaluate(i), diverged=False
+                    )
                     loss_sum, loss_count = 0.0, 0
                 bar.update(1)
                 if i % 25 == 0 or i == steps:
                     bar.set_postfix_str(_postfix(shown_loss, last))
                 if self.checkpoint_every and i % self.checkpoint_every == 0 and i < steps:
-                    self._save(job=key, step=i, state=state, loss_sum=loss_sum, loss_count=loss_count)
+                    self._save(
+                        job=key, step=i, state=state, loss_sum=loss_sum, loss_count=loss_count
+                    )
         finally:
             bar.close()
         if last is None:  # steps == 0 and no start evaluation
@@ -327,15 +384,34 @@ class Run:
         self._save(job=None)
         return last
 
-    def _log(self, key: str, step: int, tags: dict, loss: float, metrics: Mapping[str, Any],
-             diverged: bool) -> dict[str, Any]:
-        row = {"job": key, **tags, "step": step, "train_loss": loss, **dict(metrics),
-               "diverged": diverged}
+    def _log(
+        self,
+        key: str,
+        step: int,
+        tags: dict,
+        loss: float,
+        metrics: Mapping[str, Any],
+        diverged: bool,
+    ) -> dict[str, Any]:
+        row = {
+            "job": key,
+            **tags,
+            "step": step,
+            "train_loss": loss,
+            **dict(metrics),
+            "diverged": diverged,
+        }
         self.rows.append(row)
         return row
 
-    def _save(self, job: Optional[str], step: int = 0, state: Optional[Mapping[str, Any]] = None,
-              loss_sum: float = 0.0, loss_count: int = 0) -> None:
+    def _save(
+        self,
+        job: Optional[str],
+        step: int = 0,
+        state: Optional[Mapping[str, Any]] = None,
+        loss_sum: float = 0.0,
+        loss_count: int = 0,
+    ) -> None:
         payload = {
             "format": FORMAT,
             "experiment": self.experiment.name,
@@ -371,6 +447,7 @@ def _postfix(loss: float, row: Optional[dict]) -> str:
 # ------------------------------------------------------------------------------------------------
 # Views for reports
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class RunView:
@@ -428,10 +505,15 @@ def _read_json(path: Path) -> Any:
 
 def _restore_rows(rows: list[dict]) -> list[dict]:
     # JSON stores non-finite floats as null; the losses are the only columns that can hold them
-    return [{k: (math.nan if v is None and k == "train_loss" else v) for k, v in r.items()} for r in rows]
+    return [
+        {k: (math.nan if v is None and k == "train_loss" else v) for k, v in r.items()}
+        for r in rows
+    ]
 
 
-def write_report(directory: Path, rows: Optional[list[dict]] = None, info: Optional[dict] = None) -> Report:
+def write_report(
+    directory: Path, rows: Optional[list[dict]] = None, info: Optional[dict] = None
+) -> Report:
     """(Re)write metrics, plots, report.md and summary.json of the run in ``directory``."""
     directory = Path(directory)
     info = info if info is not None else _read_json(directory / "run.json")
@@ -442,15 +524,20 @@ def write_report(directory: Path, rows: Optional[list[dict]] = None, info: Optio
         if checkpoint is not None:
             rows = list(checkpoint["rows"])
         else:
-            rows = _restore_rows(_read_json(directory / "metrics.json")) \
-                if (directory / "metrics.json").exists() else []
+            rows = (
+                _restore_rows(_read_json(directory / "metrics.json"))
+                if (directory / "metrics.json").exists()
+                else []
+            )
     write_metrics(directory, rows)
     view = RunView(exp, config, rows, directory, info)
     report = exp.report(view)
     markdown = report.markdown
     if not view.complete:
-        markdown = (f"> **Incomplete run** ({len(view.jobs())} job(s) with metrics so far): "
-                    f"resume it with `bnlab run --resume {directory}`.\n\n" + markdown)
+        markdown = (
+            f"> **Incomplete run** ({len(view.jobs())} job(s) with metrics so far): "
+            f"resume it with `bnlab run --resume {directory}`.\n\n" + markdown
+        )
     _atomic_text(directory / "report.md", markdown)
     _atomic_text(directory / "summary.json", dumps(report.summary))
     return Report(markdown, report.summary)
@@ -470,6 +557,7 @@ def _load_checkpoint(directory: Path) -> Optional[dict]:
 # Starting, resuming
 # ------------------------------------------------------------------------------------------------
 
+
 def _new_dir(base: Path, name: str) -> Path:
     parent = Path(base) / name
     parent.mkdir(parents=True, exist_ok=True)
@@ -488,15 +576,23 @@ def _info(exp: Experiment, status: str, **extra) -> dict[str, Any]:
     return {"experiment": exp.name, "status": status, **extra}
 
 
-def _execute(exp: Experiment, config: Any, directory: Path, info: dict, progress: bool,
-             checkpoint: Optional[dict], threads: Optional[int]) -> tuple[Path, Report]:
+def _execute(
+    exp: Experiment,
+    config: Any,
+    directory: Path,
+    info: dict,
+    progress: bool,
+    checkpoint: Optional[dict],
+    threads: Optional[int],
+) -> tuple[Path, Report]:
     if threads is not None:
         if threads < 1:
             raise cfg.ConfigError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     run = Run(exp, config, directory, progress=progress, checkpoint=checkpoint)
-    info.update(status="running", torch=torch.__version__, threads=torch.get_num_threads(),
-                pid=os.getpid())
+    info.update(
+        status="running", torch=torch.__version__, threads=torch.get_num_threads(), pid=os.getpid()
+    )
     _atomic_text(directory / "run.json", dumps(info))
     began = time.perf_counter()
     exp.fn(run)
@@ -515,12 +611,20 @@ def _require_matplotlib() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:  # fail before training, not after it
-        raise RunError("the lab draws its plots with matplotlib, which is not installed: "
-                       "pip install matplotlib")
+        raise RunError(
+            "the lab draws its plots with matplotlib, which is not installed: "
+            "pip install matplotlib"
+        )
 
 
-def start(name: str, overrides=(), out: str | os.PathLike = "runs", progress: bool = True,
-          directory: Optional[Path] = None, threads: Optional[int] = None) -> tuple[Path, Report]:
+def start(
+    name: str,
+    overrides=(),
+    out: str | os.PathLike = "runs",
+    progress: bool = True,
+    directory: Optional[Path] = None,
+    threads: Optional[int] = None,
+) -> tuple[Path, Report]:
     """Run experiment ``name`` with the overrides in a new ``out/<name>/<timestamp>/``.
 
     ``threads``: torch's intra-op threads for the run (None: leave as set). The lab's networks are
@@ -530,15 +634,22 @@ def start(name: str, overrides=(), out: str | os.PathLike = "runs", progress: bo
     exp = get_experiment(name)
     config = exp.make_config(overrides)
     _require_matplotlib()
-    if hasattr(config, "dataset"):  # a missing or corrupt dataset fails before the run directory exists
+    if hasattr(
+        config, "dataset"
+    ):  # a missing or corrupt dataset fails before the run directory exists
         load_data(config.dataset, getattr(config, "data_dir", None))
     directory = Path(directory) if directory is not None else _new_dir(Path(out), name)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_text(directory / "config.json", dumps(cfg.to_dict(config)))
-    info = _info(exp, "running", created=datetime.now().isoformat(timespec="seconds"),
-                 command=" ".join(["bnlab", "run", name, *map(str, overrides)]) if not isinstance(
-                     overrides, dict) else f"bnlab run {name} (overrides {overrides})",
-                 resumed=0)
+    info = _info(
+        exp,
+        "running",
+        created=datetime.now().isoformat(timespec="seconds"),
+        command=" ".join(["bnlab", "run", name, *map(str, overrides)])
+        if not isinstance(overrides, dict)
+        else f"bnlab run {name} (overrides {overrides})",
+        resumed=0,
+    )
     return _execute(exp, config, directory, info, progress, checkpoint=None, threads=threads)
 
 
@@ -552,10 +663,14 @@ def resume(directory: str | os.PathLike, progress: bool = True) -> tuple[Path, R
     checkpoint = _load_checkpoint(directory)
     if checkpoint is not None:
         if checkpoint.get("format") != FORMAT or checkpoint.get("experiment") != exp.name:
-            raise RunError(f"{directory / CHECKPOINT} is not a format-{FORMAT} checkpoint of {exp.name}")
+            raise RunError(
+                f"{directory / CHECKPOINT} is not a format-{FORMAT} checkpoint of {exp.name}"
+            )
         if checkpoint["config"] != cfg.to_dict(config):
-            raise RunError(f"{directory}: config.json differs from the checkpoint's config; "
-                           "a run resumes with the config it started with")
+            raise RunError(
+                f"{directory}: config.json differs from the checkpoint's config; "
+                "a run resumes with the config it started with"
+            )
     for stale in directory.glob(f".{CHECKPOINT}.tmp*"):  # a write cut short by a kill
         stale.unlink(missing_ok=True)
     info["resumed"] = info.get("resumed", 0) + 1

@@ -3,9 +3,9 @@
 Ioffe & Szegedy 2015, section 4.2.1: Inception with sigmoid nonlinearities never trained (accuracy
 < 1/1000), while BN-x5-Sigmoid reached 69.8%. With BN each sigmoid input keeps a fixed mean and
 variance, so units neither saturate nor collapse onto the flat middle where depth multiplies the
-derivative (at most 1/4) layer after layer. Here: a sigmoid MLP deeper than the paper's 3-layer MNIST
-net, LeCun-normal init, plain SGD; the report follows the test accuracy and the gradient norm that
-reaches the first layer.
+derivative (at most 1/4) layer after layer. Here: a sigmoid MLP deeper than the paper's 3-layer
+MNIST net, LeCun-normal init, plain SGD; the report follows the test accuracy and the gradient norm
+that reaches the first layer.
 """
 
 from __future__ import annotations
@@ -16,8 +16,21 @@ from typing import Any, Optional
 
 import torch
 
-from .common import (NETS, bn_or_none, by_dataset, check_positive, heading, load_data, pct,
-                     pyplot, save, staged_report, style_axes, table, train_mlp)
+from .common import (
+    NETS,
+    bn_or_none,
+    by_dataset,
+    check_positive,
+    heading,
+    load_data,
+    pct,
+    pyplot,
+    save,
+    staged_report,
+    style_axes,
+    table,
+    train_mlp,
+)
 from .datasets import DatasetConfig
 from .runner import Run, RunView, experiment
 
@@ -30,7 +43,9 @@ class SigmoidConfig(DatasetConfig):
     eval_every: Optional[int] = None  # test evaluations every so many steps; None: steps / 30
     batch_size: int = 60  # examples per mini-batch
     lr: float = 0.5  # plain SGD, both nets
-    init_std: Optional[float] = None  # weights N(0, init_std^2); None: LeCun normal (1 / sqrt(fan_in))
+    init_std: Optional[float] = (  # weights N(0, init_std^2); None: LeCun normal (1 / sqrt(fan_in))
+        None
+    )
     seed: int = 0  # initialization and mini-batch order (the same for both nets)
     checkpoint_every: int = 1000  # steps between checkpoints (0: none)
 
@@ -67,8 +82,16 @@ def summarize(view: RunView) -> SigmoidSummary:
     marks = sorted({r["step"] for r in curves["plain"]} & {r["step"] for r in curves["bn"]})
     shown = [m for i, m in enumerate(marks) if i % max(1, len(marks) // 6) == 0 or m == marks[-1]]
     by_step = {net: {r["step"]: r for r in curves[net]} for net, _ in NETS}
-    evaluations = [(m, {net: (by_step[net][m]["test_accuracy"], _grad_norm(by_step[net][m]))
-                        for net, _ in NETS}) for m in shown]
+    evaluations = [
+        (
+            m,
+            {
+                net: (by_step[net][m]["test_accuracy"], _grad_norm(by_step[net][m]))
+                for net, _ in NETS
+            },
+        )
+        for m in shown
+    ]
     finals = {net: curves[net][-1]["test_accuracy"] for net, _ in NETS}
     return SigmoidSummary(evaluations, finals, finals["plain"] < 0.5)
 
@@ -86,8 +109,12 @@ def plot(view: RunView, summary: SigmoidSummary) -> None:
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for (net, label), color in zip(NETS, ("C0", "C1")):
         rows = view.job_rows(net)
-        axes[0].plot([r["step"] for r in rows], [100 * r["test_accuracy"] for r in rows],
-                     color=color, label=label)
+        axes[0].plot(
+            [r["step"] for r in rows],
+            [100 * r["test_accuracy"] for r in rows],
+            color=color,
+            label=label,
+        )
         grads = [(r["step"], g) for r in rows if (g := _grad_norm(r)) is not None and g > 0]
         if grads:
             axes[1].plot(*zip(*grads), color=color, label=label)
@@ -106,15 +133,28 @@ def render(s: SigmoidSummary, c: SigmoidConfig) -> str:
         f"Dataset **{c.dataset}**; MLP with {c.depth} hidden layers of {c.hidden} sigmoid units "
         f"({init}; with BN, Linear without bias -> BatchNorm1d -> sigmoid), {c.steps:,} steps of "
         f"plain SGD at lr {c.lr:g}, batch {c.batch_size}, seed {c.seed}. The gradient norm is "
-        "that of the last training step before each evaluation.")
+        "that of the last training step before each evaluation.",
+    )
     if s.finals:
-        lines += table(["step", "accuracy without BN", "with BN", "grad norm without BN",
-                        "with BN"],
-                       [[f"{m:,}", pct(at["plain"][0]), pct(at["bn"][0]),
-                         _sci(at["plain"][1]), _sci(at["bn"][1])] for m, at in s.evaluations])
-        lines += ["", f"- Final test accuracy: without BN {pct(s.finals['plain'])}%, "
-                      f"with BN {pct(s.finals['bn'])}%"
-                  + (" (the plain net stalled near chance)." if s.plain_stalled else ".")]
+        lines += table(
+            ["step", "accuracy without BN", "with BN", "grad norm without BN", "with BN"],
+            [
+                [
+                    f"{m:,}",
+                    pct(at["plain"][0]),
+                    pct(at["bn"][0]),
+                    _sci(at["plain"][1]),
+                    _sci(at["bn"][1]),
+                ]
+                for m, at in s.evaluations
+            ],
+        )
+        lines += [
+            "",
+            f"- Final test accuracy: without BN {pct(s.finals['plain'])}%, "
+            f"with BN {pct(s.finals['bn'])}%"
+            + (" (the plain net stalled near chance)." if s.plain_stalled else "."),
+        ]
     lines += ["", "![sigmoid nets](sigmoid.png)", ""]
     return "\n".join(lines)
 
@@ -135,7 +175,16 @@ def sigmoid(run: Run) -> None:
         return {"first_layer_grad_norm": float(g.norm()) if g is not None else math.nan}
 
     for net, _ in NETS:
-        train_mlp(run, net, data, c, norm=bn_or_none(net),
-                  mlp_options={"activation": "sigmoid", "init_std": c.init_std},
-                  optimizer=lambda p: torch.optim.SGD(p, lr=c.lr), eval_every=c.eval_every,
-                  eval_at_start=True, tags={"net": net}, extra_eval=grad_norm)
+        train_mlp(
+            run,
+            net,
+            data,
+            c,
+            norm=bn_or_none(net),
+            mlp_options={"activation": "sigmoid", "init_std": c.init_std},
+            optimizer=lambda p: torch.optim.SGD(p, lr=c.lr),
+            eval_every=c.eval_every,
+            eval_at_start=True,
+            tags={"net": net},
+            extra_eval=grad_norm,
+        )

@@ -31,15 +31,20 @@ from .mlp import accuracy
 from .runner import Report, Run, RunView, experiment
 
 NORMS = ("bn", "renorm", "ghost", "layernorm", "groupnorm")
-LABELS = {"bn": "BatchNorm", "renorm": "BatchRenorm", "ghost": "GhostBatchNorm",
-          "layernorm": "LayerNorm", "groupnorm": "GroupNorm"}
+LABELS = {
+    "bn": "BatchNorm",
+    "renorm": "BatchRenorm",
+    "ghost": "GhostBatchNorm",
+    "layernorm": "LayerNorm",
+    "groupnorm": "GroupNorm",
+}
 
 
 @dataclass
 class SmallBatchConfig:
     batch_sizes: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)  # examples per batch
     norms: tuple[str, ...] = NORMS  # some of bn, renorm, ghost, layernorm, groupnorm
-    seeds: tuple[int, ...] = (0,)  # one run per seed (init and batch order); the report averages them
+    seeds: tuple[int, ...] = (0,)  # one run per seed (init, batch order); the report averages them
     epochs: int = 8  # the same number of passes over the data at every batch size
     hidden: int = 128  # width of both hidden layers
     lr: float = 0.05  # SGD learning rate at batch >= 32; lr * batch / 32 below
@@ -71,13 +76,17 @@ def make_norm(kind: str, features: int, config: SmallBatchConfig) -> nn.Module:
     if kind == "bn":
         return BatchNorm1d(features, momentum=config.bn_momentum)
     if kind == "renorm":
-        return BatchRenorm1d(features, momentum=config.bn_momentum,
-                             warmup_steps=config.renorm_warmup_steps,
-                             r_max_steps=config.renorm_r_max_steps,
-                             d_max_steps=config.renorm_d_max_steps)
+        return BatchRenorm1d(
+            features,
+            momentum=config.bn_momentum,
+            warmup_steps=config.renorm_warmup_steps,
+            r_max_steps=config.renorm_r_max_steps,
+            d_max_steps=config.renorm_d_max_steps,
+        )
     if kind == "ghost":
-        return GhostBatchNorm1d(features, momentum=config.bn_momentum,
-                                virtual_batch_size=config.virtual_batch_size)
+        return GhostBatchNorm1d(
+            features, momentum=config.bn_momentum, virtual_batch_size=config.virtual_batch_size
+        )
     if kind == "layernorm":
         return LayerNorm(features)
     if kind == "groupnorm":
@@ -88,13 +97,19 @@ def make_norm(kind: str, features: int, config: SmallBatchConfig) -> nn.Module:
 def make_model(kind: str, data: Split, config: SmallBatchConfig) -> nn.Sequential:
     h = config.hidden
     return nn.Sequential(
-        nn.Linear(data.num_features, h, bias=False), make_norm(kind, h, config), nn.ReLU(),
-        nn.Linear(h, h, bias=False), make_norm(kind, h, config), nn.ReLU(),
+        nn.Linear(data.num_features, h, bias=False),
+        make_norm(kind, h, config),
+        nn.ReLU(),
+        nn.Linear(h, h, bias=False),
+        make_norm(kind, h, config),
+        nn.ReLU(),
         nn.Linear(h, data.num_classes),
     )
 
 
-def train_one(kind: str, batch_size: int, seed: int, data: Split, config: SmallBatchConfig) -> float:
+def train_one(
+    kind: str, batch_size: int, seed: int, data: Split, config: SmallBatchConfig
+) -> float:
     """Test accuracy after ``config.epochs`` epochs of SGD at ``batch_size``."""
     torch.manual_seed(seed)
     model = make_model(kind, data, config)
@@ -188,10 +203,12 @@ def plot(s: SmallBatchSummary, config: SmallBatchConfig, path: Path) -> None:
     """Mean test accuracy against the batch size (log2), one curve per finished norm."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
     for kind in s.norms:
-        ax.plot(s.batch_sizes, [100 * s.means[kind, b] for b in s.batch_sizes], "o-",
-                label=LABELS[kind])
-    batch_size_axes(ax, s.batch_sizes,
-                    f"Digits MLP, {config.epochs} epochs, {len(config.seeds)} seed(s)")
+        ax.plot(
+            s.batch_sizes, [100 * s.means[kind, b] for b in s.batch_sizes], "o-", label=LABELS[kind]
+        )
+    batch_size_axes(
+        ax, s.batch_sizes, f"Digits MLP, {config.epochs} epochs, {len(config.seeds)} seed(s)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
@@ -200,13 +217,17 @@ def plot(s: SmallBatchSummary, config: SmallBatchConfig, path: Path) -> None:
 def render(s: SmallBatchSummary, config: SmallBatchConfig) -> str:
     """report.md: the setup, the accuracy table by norm and batch size, the findings."""
     lines = [
-        "# Small batches: test accuracy (%) by examples per batch", "",
+        "# Small batches: test accuracy (%) by examples per batch",
+        "",
         f"Bundled 8x8 digits, MLP 64-{config.hidden}-{config.hidden}-10 with the normalization "
         f"after each hidden Linear, {config.epochs} epochs of SGD (momentum "
         f"{config.sgd_momentum}, lr {config.lr} scaled linearly below batch 32), mean over seeds "
-        f"{list(config.seeds)}.", "",
-        *table(["normalization", *map(str, s.batch_sizes)],
-               [[LABELS[k], *[pct(s.means[k, b]) for b in s.batch_sizes]] for k in s.norms]),
+        f"{list(config.seeds)}.",
+        "",
+        *table(
+            ["normalization", *map(str, s.batch_sizes)],
+            [[LABELS[k], *[pct(s.means[k, b]) for b in s.batch_sizes]] for k in s.norms],
+        ),
     ]
     lines += ["", *_findings(s, config), "", "![accuracy by batch size](accuracy.png)", ""]
     return "\n".join(lines)
@@ -216,22 +237,29 @@ def _findings(s: SmallBatchSummary, config: SmallBatchConfig) -> list[str]:
     if s.bn_gain_points is None:
         return []
     small, large = s.smallest, s.largest
-    lines = [f"- BatchNorm: {pct(s.means['bn', small])}% at batch {small} against "
-             f"{pct(s.means['bn', large])}% at batch {large} "
-             f"({s.bn_gain_points:+.1f} points from small to large)."]
+    lines = [
+        f"- BatchNorm: {pct(s.means['bn', small])}% at batch {small} against "
+        f"{pct(s.means['bn', large])}% at batch {large} "
+        f"({s.bn_gain_points:+.1f} points from small to large)."
+    ]
     for kind in (k for k in s.norms if k != "bn"):
-        lines.append(f"- {LABELS[kind]}: {pct(s.means[kind, small])}% at batch {small}, "
-                     f"{pct(s.means[kind, large])}% at batch {large}.")
+        lines.append(
+            f"- {LABELS[kind]}: {pct(s.means[kind, small])}% at batch {small}, "
+            f"{pct(s.means[kind, large])}% at batch {large}."
+        )
     if "ghost" in s.norms:
-        lines.append("- GhostBatchNorm is plain BN at batches up to "
-                     f"{2 * config.virtual_batch_size - 1} (one virtual batch): it targets large "
-                     "batches, not small ones.")
+        lines.append(
+            "- GhostBatchNorm is plain BN at batches up to "
+            f"{2 * config.virtual_batch_size - 1} (one virtual batch): it targets large "
+            "batches, not small ones."
+        )
     return lines
 
 
 # ------------------------------------------------------------------------------------------------
 # The lab framework: bnlab run small-batch
 # ------------------------------------------------------------------------------------------------
+
 
 def _framework_report(view: RunView) -> Report:
     summary = summarize(view.rows, view.config)
@@ -243,7 +271,7 @@ def _framework_report(view: RunView) -> Report:
 
 @experiment("small-batch", SmallBatchConfig, _framework_report)
 def small_batch(run_: Run) -> None:
-    """BN vs batch renorm vs ghost BN vs layer norm vs group norm across batch sizes (Wu & He 2018)."""
+    """BN vs batch renorm vs ghost BN vs layer norm vs group norm by batch size (Wu & He 2018)."""
     config: SmallBatchConfig = run_.config
     data = load_data(config.dataset, config.data_dir)
     grid = [(k, b, s) for b in config.batch_sizes for k in config.norms for s in config.seeds]
@@ -251,9 +279,14 @@ def small_batch(run_: Run) -> None:
     for kind, batch_size, seed in grid:
         lr = config.lr * min(1.0, batch_size / 32)
         train_on_split(
-            run_, f"{kind}/b={batch_size}/seed={seed}", data,
+            run_,
+            f"{kind}/b={batch_size}/seed={seed}",
+            data,
             build=lambda kind=kind: make_model(kind, data, config),
             optimizer=lambda p, lr=lr: torch.optim.SGD(p, lr=lr, momentum=config.sgd_momentum),
-            steps=config.epochs * len(data.train_y) // batch_size, batch_size=batch_size,
-            seed=seed, batch_seed=seed, tags={"norm": kind, "batch_size": batch_size, "seed": seed},
+            steps=config.epochs * len(data.train_y) // batch_size,
+            batch_size=batch_size,
+            seed=seed,
+            batch_seed=seed,
+            tags={"norm": kind, "batch_size": batch_size, "seed": seed},
         )
