@@ -233,21 +233,41 @@ def activated(batch_norm_forward):
 batch_norm_act_forward = activated(batch_norm_forward)
 
 
-def batch_norm_act_backward(
-    grad_out,
-    saved,
-    weight,
-    bias,
-    mean,
-    var,
-    training,
-    eps,
-    activation="identity",
-    param=0.0,
-    output_mask=(True, True, True),
-    from_output=False,
-):
-    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`."""
+def activated_backward(batch_norm_backward):
+    """``batch_norm_act_backward`` of a backend with a plain batch-norm backward: z (and, in the
+    in-place mode, x) recovered here, dz = dy * act'(z), then the backend's ``batch_norm_backward``
+    of dz."""
+
+    def batch_norm_act_backward(
+        grad_out,
+        saved,
+        weight,
+        bias,
+        mean,
+        var,
+        training,
+        eps,
+        activation="identity",
+        param=0.0,
+        output_mask=(True, True, True),
+        from_output=False,
+    ):
+        x, z = _recover(saved, weight, bias, mean, var, eps, activation, param, from_output)
+        dz = activation_grad(_acc(grad_out), z, activation, param)
+        dx, dweight, dbias = batch_norm_backward(
+            dz, x, weight, mean, var, training, eps, output_mask
+        )
+        return (None if dx is None else laid_out_like(dx, saved)), dweight, dbias
+
+    batch_norm_act_backward.__doc__ = (
+        f"See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`: dz = dy * act'(z), "
+        f"then {batch_norm_backward.__module__}.batch_norm_backward."
+    )
+    return batch_norm_act_backward
+
+
+def _recover(saved, weight, bias, mean, var, eps, activation, param, from_output):
+    """(x, z): the input and the pre-activation, from x itself or (in place) from y = act(z)."""
     sa = _acc(saved)
     scale = torch.rsqrt(var.to(sa.dtype) + eps)
     if weight is not None:
@@ -255,13 +275,11 @@ def batch_norm_act_backward(
     shift = per_channel(bias.to(sa.dtype), sa) if bias is not None else 0.0
     if from_output:
         z = _invert_activation(sa, activation, param)
-        x = (z - shift) / per_channel(scale, sa) + per_channel(mean.to(sa.dtype), sa)
-    else:
-        x = sa
-        z = (sa - per_channel(mean.to(sa.dtype), sa)) * per_channel(scale, sa) + shift
-    dz = activation_grad(_acc(grad_out), z, activation, param)
-    dx, dweight, dbias = batch_norm_backward(dz, x, weight, mean, var, training, eps, output_mask)
-    return (None if dx is None else laid_out_like(dx, saved)), dweight, dbias
+        return (z - shift) / per_channel(scale, sa) + per_channel(mean.to(sa.dtype), sa), z
+    return sa, (sa - per_channel(mean.to(sa.dtype), sa)) * per_channel(scale, sa) + shift
+
+
+batch_norm_act_backward = activated_backward(batch_norm_backward)
 
 
 def layer_norm_dims(x: Tensor, normalized_shape: Sequence[int]) -> tuple[list[int], list[int]]:

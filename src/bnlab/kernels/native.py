@@ -146,37 +146,4 @@ def batch_norm_backward(
 batch_norm_act_forward = composite.activated(batch_norm_forward)
 
 
-def batch_norm_act_backward(
-    grad_out,
-    saved,
-    weight,
-    bias,
-    mean,
-    var,
-    training,
-    eps,
-    activation="identity",
-    param=0.0,
-    output_mask=(True, True, True),
-    from_output=False,
-):
-    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`: dz = dy * act'(z) with z
-    recomputed (or recovered from the output), then ATen's batch-norm backward."""
-    if from_output:  # z from y needs the activation's inverse: the composite backend has it
-        return composite.batch_norm_act_backward(
-            grad_out,
-            saved,
-            weight,
-            bias,
-            mean,
-            var,
-            training,
-            eps,
-            activation,
-            param,
-            output_mask,
-            from_output,
-        )
-    z, _, _ = batch_norm_forward(saved, weight, bias, mean, var, False, eps)
-    dz = composite.activation_grad(grad_out, z, activation, param)
-    return batch_norm_backward(dz, saved, weight, mean, var, training, eps, output_mask)
+batch_norm_act_backward = composite.activated_backward(batch_norm_backward)
