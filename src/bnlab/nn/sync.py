@@ -107,15 +107,14 @@ class SyncBatchNorm(BatchNorm):
             return super().forward(input)  # nothing to synchronize, nothing to mask: BatchNorm
         if group is not None:
             self._sync_calls += 1
-        running = RunningStatistics(momentum=self.momentum)  # eval with a mask: not updated
-        if self.training and self.track_running_stats:
-            running = RunningStatistics(
-                self.running_mean, self.running_var, self.num_batches_tracked, self.momentum
-            )
+        args = self._functional_args()  # statistics and parameters as BatchNorm decides them
+        running = RunningStatistics(
+            args["running_mean"], args["running_var"], args["num_batches_tracked"], self.momentum
+        )
         return D.batch_norm_over_group(
             input,
-            self.weight,
-            self.bias,
+            args["weight"],
+            args["bias"],
             running,
             self.eps,
             mask=mask,
