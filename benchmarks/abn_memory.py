@@ -36,10 +36,8 @@ import gc
 import click
 import torch
 from torch import nn
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
-from common import append_rows, parse_shape, shape_name
+from common import append_rows, parse_shape, peak_bytes, shape_name
 
 SHAPES = [(32, 64, 56, 56), (64, 256, 14, 14)]
 PROVIDERS = ("torch", "torch-inplace", "bnlab-bn", "bnlab-act", "bnlab-iabn")
@@ -103,28 +101,6 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         train_step(model, x, dy)
     return sum(storages.values())
-
-
-def peak_bytes(fn) -> int:
-    """Peak of live CPU allocations while ``fn()`` runs, above the level when it starts.
-
-    The profiler's allocation events (size > 0 allocated, < 0 freed, in every op or outside any) are
-    summed in time order; the event tree is the one torch.profiler's own memory timeline reads.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
-    while nodes:
-        node = nodes.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, len(events), node.extra_fields.alloc_size))
-        nodes.extend(node.children)
-    live = peak = 0
-    for _, _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def check_method(n: int = 1 << 20) -> None:

@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
 RESULTS = Path(__file__).parent / "results"
@@ -73,3 +75,25 @@ def append_rows(csv_name: str, rows: list[dict], directory: Path | None = None) 
             writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def peak_bytes(fn) -> int:
+    """Peak of live CPU allocations while ``fn()`` runs, above the level when it starts.
+
+    The profiler's allocation events (size > 0 allocated, < 0 freed, in every op or outside any) are
+    summed in time order; the event tree is the one torch.profiler's own memory timeline reads.
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, len(events), node.extra_fields.alloc_size))
+        nodes.extend(node.children)
+    live = peak = 0
+    for _, _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 SPEED_COLUMNS = {
@@ -210,3 +211,36 @@ def test_dispatch_overhead_smoke_run_pairs_bnlab_with_torch(tmp_path):
     assert all(float(r["median_us"]) > 0 for r in rows)
     assert {float(r["over_torch"]) for r in rows if r["provider"] == "torch"} == {1.0}
     assert "appended to" in out
+
+
+def test_model_speed_smoke_run_pairs_every_provider_with_torch(tmp_path):
+    out = run_script(
+        "model_speed.py",
+        *("--models", "mlp", "--sizes", "8", "--batch", "4", "--dtypes", "float32"),
+        *("--layouts", "contiguous", "--rounds", "2", "--warmup", "1", "--out", str(tmp_path)),
+    )
+    rows = read_rows(tmp_path / "model_speed.csv")
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        (mode, provider) for mode in ("train", "eval") for provider in ("torch", "bnlab", "no-bn")
+    ]
+    assert all(float(r["median_ms"]) > 0 and float(r["paired_speedup"]) > 0 for r in rows)
+    assert {float(r["paired_speedup"]) for r in rows if r["provider"] == "torch"} == {1.0}
+    assert all(float(r["peak_mb"]) > 0 for r in rows if r["mode"] == "train")
+    assert "appended to" in out
+
+
+def test_model_speed_without_batch_norm_keeps_the_activation():
+    sys.path.insert(0, str(BENCHMARKS))
+    from model_speed import without_batch_norm
+
+    class BatchNormAct(torch.nn.BatchNorm2d):
+        def __init__(self, c):
+            super().__init__(c)
+            self.drop, self.act = torch.nn.Identity(), torch.nn.ReLU()
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), BatchNormAct(2), torch.nn.BatchNorm2d(2))
+    x = torch.randn(1, 1, 3, 3)
+    expected = torch.relu(model[0](x))
+    without_batch_norm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(model(x), expected)

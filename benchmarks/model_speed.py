@@ -1,0 +1,247 @@
+"""Whole training steps and eval forwards of real models: torch.nn against bnlab, paired.
+
+    python benchmarks/model_speed.py                       # -> results/model_speed.csv
+    python benchmarks/model_speed.py --models resnet50,densenet121 --sizes 224 --batch 8
+
+What a user sees when they swap bnlab in: one training step (forward, backward, SGD step with
+momentum) and one eval forward (``torch.no_grad``) of each model, per provider:
+
+  torch        the model as built (torch.nn's batch norm)
+  bnlab        ``bnlab.convert(model)`` with its defaults
+  no-bn        every batch norm replaced by an identity (activations kept): the ceiling a batch
+               norm kernel could reach, so ``1 - no-bn / torch`` is batch norm's share of the step
+
+Models: timm's architectures when timm is installed (``--models``, default resnet18, resnet50,
+efficientnet_b0, mobilenetv3_large_100, densenet121) and ``mlp`` (a 3-layer BatchNorm1d MLP on
+flattened images), at each ``--sizes`` (square images, 3 channels, ``--batch`` each), in NCHW
+and channels_last (``--layouts``) and in float32 and CPU bfloat16 autocast (``--dtypes``).
+
+Method: every provider's model is a deep copy of the same initialized model. After ``--warmup``
+steps each, ``--rounds`` interleaved rounds run one step of every provider (the order rotates
+each round); a row gives each provider's median step time and the median over rounds of the
+paired ratio torch / provider (> 1: faster than torch.nn). ``peak_mb`` is the peak of live CPU
+allocations during one training step (torch.profiler's allocation events, see
+``common.peak_bytes``), above the level at its start. ``--cold-start`` adds rows with the time of
+the first training forward of a BatchNorm2d in a new process (import excluded).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import click
+import torch
+from torch import nn
+
+from common import append_rows, peak_bytes
+
+PROVIDERS = ("torch", "bnlab", "no-bn")
+TIMM_MODELS = ("resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "densenet121")
+
+
+def import_timm():
+    """timm, through the tests' torchvision stand-in when the installed torchvision cannot load."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from torchvision_standin import import_timm as load
+
+    return load()
+
+
+def build(name: str, size: int, num_classes: int = 10) -> nn.Module:
+    """A freshly initialized model (seed 0)."""
+    torch.manual_seed(0)
+    if name == "mlp":
+        return nn.Sequential(
+            nn.Flatten(),
+            *[m for width in (512, 256) for m in (nn.LazyLinear(width), nn.BatchNorm1d(width))],
+            nn.ReLU(),
+            nn.Linear(256, num_classes),
+        )
+    return import_timm().create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def without_batch_norm(model: nn.Module) -> nn.Module:
+    """Every batch-norm module replaced by an identity; a BN subclass that also applies an
+    activation (timm's BatchNormAct2d) keeps it (its ``drop`` and ``act`` children)."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            tail = [getattr(child, key) for key in ("drop", "act") if hasattr(child, key)]
+            setattr(model, name, nn.Sequential(*tail) if tail else nn.Identity())
+        else:
+            without_batch_norm(child)
+    return model
+
+
+def provider_model(provider: str, base: nn.Module) -> nn.Module:
+    model = copy.deepcopy(base)
+    if provider == "bnlab":
+        import bnlab
+
+        return bnlab.convert(model)
+    if provider == "no-bn":
+        return without_batch_norm(model)
+    return model
+
+
+class Workload:
+    """One provider's model, optimizer and inputs; ``train_step()`` and ``eval_forward()``."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: str):
+        self.model, self.x, self.y = model, x, y
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+        )
+
+    def train_step(self) -> None:
+        self.model.train()
+        with self.autocast:
+            loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def eval_forward(self) -> None:
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            self.model(self.x)
+
+
+def paired_times(work: dict[str, Workload], mode: str, rounds: int, warmup: int) -> dict:
+    """Per provider: all step times (ms) over ``rounds`` interleaved rounds, after warm-up."""
+    method = "train_step" if mode == "train" else "eval_forward"
+    step = {p: getattr(w, method) for p, w in work.items()}
+    for fn in step.values():
+        for _ in range(warmup):
+            fn()
+    times = {p: [] for p in work}
+    order = list(work)
+    for r in range(rounds):
+        for p in order[r % len(order) :] + order[: r % len(order)]:
+            start = time.perf_counter()
+            step[p]()
+            times[p].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: dict) -> list[dict]:
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    base = build(name, size)
+    base(x[:2])  # materializes lazy layers
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.contiguous(memory_format=memory_format)
+    work = {}
+    for p in opts["providers"]:
+        model = provider_model(p, base).to(memory_format=memory_format)
+        work[p] = Workload(model, x, y, dtype)
+    rows = []
+    for mode in opts["modes"]:
+        times = paired_times(work, mode, opts["rounds"], opts["warmup"])
+        for p in work:
+            ratios = [t / s for t, s in zip(times["torch"], times[p])]
+            peak = ""
+            if mode == "train" and opts["memory"]:
+                gc.collect()
+                peak = round(peak_bytes(work[p].train_step) / 2**20, 1)
+            rows.append(
+                dict(
+                    model=name,
+                    input=f"{batch}x3x{size}x{size}",
+                    layout=layout,
+                    dtype=dtype,
+                    threads=torch.get_num_threads(),
+                    mode=mode,
+                    provider=p,
+                    median_ms=round(statistics.median(times[p]), 3),
+                    paired_speedup=round(statistics.median(ratios), 3),
+                    peak_mb=peak,
+                    rounds=opts["rounds"],
+                )
+            )
+            print(" ".join(f"{v}" for v in rows[-1].values()), flush=True)
+    return rows
+
+
+COLD_START = """
+import time, torch, bnlab.nn
+x = torch.randn(8, 16, 8, 8)
+bn = {cls}(16)
+start = time.perf_counter()
+bn(x)
+print((time.perf_counter() - start) * 1e3)
+"""
+
+
+def cold_start_rows(repeats: int) -> list[dict]:
+    """The first training forward of a BatchNorm2d in a new process (after the imports)."""
+    rows = []
+    for provider, cls in (("torch", "torch.nn.BatchNorm2d"), ("bnlab", "bnlab.nn.BatchNorm2d")):
+        runs = [
+            float(subprocess.check_output([sys.executable, "-c", COLD_START.format(cls=cls)]))
+            for _ in range(repeats)
+        ]
+        rows.append(
+            dict(
+                model="BatchNorm2d",
+                input="8x16x8x8",
+                layout="contiguous",
+                dtype="float32",
+                threads=torch.get_num_threads(),
+                mode="first-call",
+                provider=provider,
+                median_ms=round(statistics.median(runs), 3),
+                paired_speedup="",
+                peak_mb="",
+                rounds=repeats,
+            )
+        )
+        print(" ".join(f"{v}" for v in rows[-1].values()), flush=True)
+    return rows
+
+
+def split(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
+
+
+@click.command(help=__doc__.splitlines()[0])
+@click.option("--models", default=",".join((*TIMM_MODELS, "mlp")), help="comma-separated")
+@click.option("--sizes", default="64,224", help="square input sizes, comma-separated")
+@click.option("--batch", default=16, show_default=True, help="images per step")
+@click.option("--layouts", default="contiguous,channels_last", show_default=True)
+@click.option("--dtypes", default="float32,bf16", show_default=True, help="bf16: CPU autocast")
+@click.option("--modes", default="train,eval", show_default=True)
+@click.option("--providers", default=",".join(PROVIDERS), show_default=True)
+@click.option("--rounds", default=10, show_default=True, help="interleaved rounds per case")
+@click.option("--warmup", default=2, show_default=True, help="steps per provider before timing")
+@click.option("--threads", default=0, help="torch threads (0: torch's default)")
+@click.option("--memory/--no-memory", default=True, help="peak memory of one training step")
+@click.option("--cold-start", default=0, help="new processes timing a first call (0: none)")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="CSV directory")
+def main(**args):
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    opts = {key: args[key] for key in ("rounds", "warmup", "memory")}
+    opts.update(providers=split(args["providers"]), modes=split(args["modes"]))
+    if "torch" not in opts["providers"]:
+        raise click.BadParameter("the paired ratios need 'torch'", param_hint="--providers")
+    rows = []
+    for name in split(args["models"]):
+        for size in map(int, split(args["sizes"])):
+            for layout in split(args["layouts"]):
+                for dtype in split(args["dtypes"]):
+                    rows += case_rows(name, size, args["batch"], layout, dtype, opts)
+    if args["cold_start"]:
+        rows += cold_start_rows(args["cold_start"])
+    print("appended to", append_rows("model_speed.csv", rows, args["out"]))
+
+
+if __name__ == "__main__":
+    main()
