@@ -3,6 +3,7 @@
 from . import functional, kernels, nn
 from .functional import NonFiniteStatisticsError, batch_norm, layer_norm
 from .nn import ConversionWarning, convert, convert_sync_batchnorm, revert
+from .statistics import accumulate
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = [
     "ConversionWarning",
     "NonFiniteStatisticsError",
     "convert_sync_batchnorm",
+    "accumulate",
 ]

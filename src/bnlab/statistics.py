@@ -7,7 +7,11 @@
   included, decided on the device (no host synchronisation) or, on the CPU, on the host;
 - Chan, Golub & LeVeque's merge of (count, mean, M2) summaries of parts into the whole's
   ("Updating formulae and a pairwise algorithm for computing sample variances", 1979);
-- :class:`NonFiniteStatisticsError` and the strict mode's check.
+- :class:`NonFiniteStatisticsError` and the strict mode's check;
+- when an update is *deferred* instead of applied: during :class:`accumulate` (gradient
+  accumulation: one update per optimizer step, with the merged statistics of its micro-batches)
+  and while ``torch.utils.checkpoint`` recomputes a forward inside the backward (which must not
+  update a second time).
 
 This module sits below everything that keeps statistics (:mod:`bnlab.functional`,
 :mod:`bnlab.distributed`, :mod:`bnlab.inference`, :mod:`bnlab.nn`, :mod:`bnlab.kernels.native`) and
@@ -16,7 +20,7 @@ imports none of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
@@ -31,6 +35,9 @@ __all__ = [
     "all_finite_on_host",
     "raise_if_not_finite",
     "merge_statistics",
+    "accumulate",
+    "recomputing",
+    "updates_deferred",
 ]
 
 Count = Union[int, Tensor]
@@ -76,6 +83,7 @@ class RunningStatistics:
                 mean,
                 var * unbiased_factor(count),
                 self.momentum,
+                count=count,
             )
         if strict:
             raise_if_not_finite(mean, var)
@@ -90,6 +98,9 @@ def update_running_stats(
     unbiased_var: Tensor,
     momentum: Optional[float],
     finite: Optional[Tensor] = None,
+    *,
+    count: Optional[Count] = None,
+    pooled: bool = False,
 ) -> None:
     """running <- running + w * (batch - running), skipped whole for a non-finite batch.
 
@@ -98,7 +109,31 @@ def update_running_stats(
     otherwise decided from the statistics. On the device: w = 0 for a non-finite batch, whose
     statistics are zeroed first so they cannot leak in (no host synchronisation); on the CPU,
     where a host decision is free, with half the small ops.
+
+    Deferred (see :func:`updates_deferred`): inside :class:`accumulate` the batch is recorded
+    instead, as ``count`` values per channel (``pooled``: mean and variance are averages over
+    parts, e.g. ghost batch norm's virtual batches, and merge as averages); while a checkpointed
+    forward is recomputed, nothing happens.
     """
+    if _deferred():
+        _defer(
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            mean,
+            unbiased_var,
+            momentum,
+            finite,
+            count,
+            pooled,
+        )
+        return
+    _apply(running_mean, running_var, num_batches_tracked, mean, unbiased_var, momentum, finite)
+
+
+@torch.no_grad()
+def _apply(running_mean, running_var, num_batches_tracked, mean, unbiased_var, momentum, finite):
+    """The guarded update itself (see :func:`update_running_stats`)."""
     on_host = (
         finite is None and running_mean.device.type == "cpu" and not torch.compiler.is_compiling()
     )
@@ -178,3 +213,220 @@ def merge_statistics(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor
     mean = (share * means).sum(0)  # (C,)
     spread = (weights * (means - mean).square()).sum(0)  # (C,)
     return n, mean, m2s.sum(0) + spread
+
+
+# --------------------------------------------------------------------------------------------
+# deferred updates: gradient accumulation and checkpoint recomputation
+# --------------------------------------------------------------------------------------------
+
+_ACTIVE: list["accumulate"] = []  # the open accumulate contexts, innermost last
+
+
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: ``torch.utils.checkpoint`` recomputing a
+    checkpointed forward (both ``use_reentrant`` values run it from the autograd engine). Its
+    batch was recorded by the original forward already: recording it again would count it twice
+    (pytorch/pytorch#96136)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+def _deferred() -> bool:
+    return bool(_ACTIVE) or recomputing()
+
+
+def updates_deferred(running_mean: Optional[Tensor]) -> bool:
+    """Whether a training batch's update of these buffers must not be applied now (an open
+    :class:`accumulate` holding them, or a checkpoint recomputation). Kernels that update running
+    statistics inside themselves (ATen's) must then leave the buffers alone and report the
+    batch through :func:`update_running_stats` instead."""
+    if running_mean is None:
+        return False
+    return recomputing() or any(acc.holds(running_mean) for acc in _ACTIVE)
+
+
+def _buffer_key(t: Tensor) -> tuple:
+    """The memory a buffer (or a view into one, e.g. a BN-LSTM time step's rows) occupies."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+
+def _defer(
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    mean,
+    unbiased_var,
+    momentum,
+    finite,
+    count,
+    pooled,
+) -> None:
+    if recomputing():
+        return
+    for acc in reversed(_ACTIVE):
+        if acc.holds(running_mean):
+            acc.add(
+                running_mean,
+                running_var,
+                num_batches_tracked,
+                mean,
+                unbiased_var,
+                momentum,
+                finite,
+                count,
+                pooled,
+            )
+            return
+    _apply(running_mean, running_var, num_batches_tracked, mean, unbiased_var, momentum, finite)
+
+
+@dataclass
+class _Parts:
+    """The micro-batches one set of buffers saw inside an :class:`accumulate`."""
+
+    buffers: tuple  # (running_mean, running_var, num_batches_tracked)
+    momentum: Optional[float]
+    pooled: bool
+    counts: list = field(default_factory=list)
+    means: list = field(default_factory=list)
+    variances: list = field(default_factory=list)  # unbiased
+    finite: list = field(default_factory=list)
+
+
+@dataclass
+class AccumulatedLayer:
+    """What :class:`accumulate` did with one layer's buffers at its exit."""
+
+    name: str
+    merged: int  # micro-batch calls merged into the one update
+    skipped: int  # calls left out for non-finite statistics
+    count: float  # values per channel in the merged statistics
+
+
+class accumulate:
+    r"""Gradient accumulation without the running-statistics error: inside this context, every
+    training batch norm of ``model`` normalizes each micro-batch with its own statistics (as
+    always) but *records* them instead of updating; at the exit each layer gets **one** update
+    with the statistics of all its recorded micro-batches taken together, and
+    ``num_batches_tracked`` grows by one.
+
+    The merge is Chan et al.'s (:func:`merge_statistics`): with n_p values per channel, mean
+    mu_p and unbiased variance s_p^2 in micro-batch p, n = sum n_p,
+
+    .. math::
+        \mu = \sum_p \frac{n_p}{n}\mu_p, \qquad
+        s^2 = \frac{\sum_p (n_p - 1) s_p^2 + \sum_p n_p (\mu_p - \mu)^2}{n - 1}
+
+    so a first layer ends exactly as after one training forward of the concatenated batch (deeper
+    layers see inputs normalized per micro-batch, and merge what they saw). Layers whose
+    statistics are averages over parts (ghost batch norm's virtual batches) merge them as
+    count-weighted averages. A micro-batch with non-finite statistics is left out and counted; a
+    layer called several times per micro-batch merges every call. Exiting on an exception applies
+    nothing (the step is being abandoned).
+
+    Example::
+
+        with bnlab.accumulate(model) as acc:
+            for x, y in micro_batches:
+                loss_fn(model(x), y).backward()
+        optimizer.step()
+        print(acc.report)  # per layer: calls merged, skipped, values per channel
+
+    Covers every module whose buffers are updated through :func:`update_running_stats` (bnlab's
+    batch norms, converted models) and, through :func:`updates_deferred`, bnlab's ATen path.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.report: list[AccumulatedLayer] = []
+        self._names: dict[tuple, str] = {}
+        self._storages: set[int] = set()
+        self._parts: dict[tuple, _Parts] = {}
+
+    def __enter__(self) -> "accumulate":
+        buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+        self._names = {_buffer_key(b): _layer_name(name) for name, b in buffers}
+        self._storages = {b.untyped_storage().data_ptr() for _, b in buffers}
+        self._parts = {}
+        self.report = []
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        _ACTIVE.remove(self)
+        if exc_type is None:
+            self._apply_all()
+
+    def holds(self, running_mean: Tensor) -> bool:
+        """Whether ``running_mean`` is one of the model's buffers or a view into one."""
+        return running_mean.untyped_storage().data_ptr() in self._storages
+
+    def add(
+        self,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        mean,
+        unbiased_var,
+        momentum,
+        finite,
+        count,
+        pooled,
+    ) -> None:
+        if count is None:
+            raise RuntimeError(
+                "bnlab.accumulate: this batch norm reported its statistics without a count of "
+                "values, which the merge needs"
+            )
+        key = _buffer_key(running_mean)
+        parts = self._parts.setdefault(
+            key, _Parts((running_mean, running_var, num_batches_tracked), momentum, pooled)
+        )
+        if finite is None:
+            finite = torch.isfinite(mean + unbiased_var).all()
+        parts.counts.append(count)
+        parts.means.append(mean.detach())
+        parts.variances.append(unbiased_var.detach())
+        parts.finite.append(finite)
+
+    def _apply_all(self) -> None:
+        for key, parts in self._parts.items():
+            finite = [bool(f) for f in parts.finite]
+            keep = [i for i, ok in enumerate(finite) if ok]
+            name = self._names.get(key, "") or _view_name(key, self._names)
+            if not keep:
+                self.report.append(AccumulatedLayer(name, 0, len(finite), 0.0))
+                continue
+            n, mean, unbiased_var = _merged(parts, keep)
+            self.report.append(AccumulatedLayer(name, len(keep), len(finite) - len(keep), n))
+            _apply(*parts.buffers, mean, unbiased_var, parts.momentum, None)
+
+
+def _merged(parts: _Parts, keep: list[int]) -> tuple[float, Tensor, Tensor]:
+    """(n, mean, unbiased variance) of the kept micro-batches together."""
+    dtype = torch.float64  # exact enough for any count; the buffers' dtype comes at the update
+    counts = torch.tensor([float(parts.counts[i]) for i in keep], dtype=dtype)
+    means = torch.stack([parts.means[i].to(dtype) for i in keep])
+    variances = torch.stack([parts.variances[i].to(dtype) for i in keep])
+    counts = counts.to(means.device)
+    if parts.pooled:  # averages over parts: averaged again, weighted by count
+        share = (counts / counts.sum()).unsqueeze(1)
+        return float(counts.sum()), (share * means).sum(0), (share * variances).sum(0)
+    m2s = variances * (counts - 1).unsqueeze(1)
+    n, mean, m2 = merge_statistics(counts, means, m2s)
+    return float(n), mean, m2 / (n - 1)
+
+
+def _layer_name(buffer_name: str) -> str:
+    """'layer1.0.bn1.running_mean' -> 'layer1.0.bn1'; a root layer's buffer -> '<root>'."""
+    owner, _, _ = buffer_name.rpartition(".")
+    return owner or "<root>"
+
+
+def _view_name(key: tuple, names: dict) -> str:
+    """A buffer view's name: its buffer's, with the offset (e.g. one BN-LSTM time step)."""
+    for k, name in names.items():
+        if k[1] == key[1]:
+            return f"{name}[offset {key[2]}]"
+    return "?"

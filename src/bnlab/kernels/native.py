@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..statistics import RunningStatistics, raise_if_not_finite
+from ..statistics import RunningStatistics, raise_if_not_finite, updates_deferred
 from . import composite
 from .composite import laid_out_like
 
@@ -88,6 +88,8 @@ def eager_batch_norm(
         )[0]
         return composite.activate(laid_out_like(y, input), activation, param)
     tracked = running_mean is not None
+    if tracked and updates_deferred(running_mean):
+        return _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, param)
     factor = 0.0
     if tracked:
         before = running_mean.detach().numpy().copy(), running_var.detach().numpy().copy()
@@ -109,6 +111,19 @@ def eager_batch_norm(
         with np.errstate(divide="ignore", invalid="ignore"):
             var = np.reciprocal(np.square(invstd.detach().numpy())) - eps
         raise_if_not_finite(mean.detach(), torch.from_numpy(var))
+    return composite.activate(laid_out_like(y, input), activation, param)
+
+
+def _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, param) -> Tensor:
+    """:func:`eager_batch_norm` whose update must wait (gradient accumulation, or a checkpointed
+    forward being recomputed): ATen's op runs on copies of the running statistics, so that it saves
+    the very same tensors for its backward as the undeferred call (a recomputation must), and the
+    batch goes to :meth:`RunningStatistics.record`, which defers it."""
+    copies = running.mean.detach().clone(), running.var.detach().clone()
+    y, mean, invstd = torch.native_batch_norm(input, weight, bias, *copies, True, 0.0, eps)
+    var = (invstd.detach().double().reciprocal().square() - eps).clamp_(min=0.0)
+    count = input.numel() // input.shape[1]
+    running.record(mean.detach(), var.to(mean.dtype), count, strict)
     return composite.activate(laid_out_like(y, input), activation, param)
 
 

@@ -199,6 +199,7 @@ class BNLSTMCell(nn.Module):
                 mean,
                 var * unbiased_factor(k),
                 self.momentum,
+                count=k,
             )
             mean = None  # x is centred already
         else:

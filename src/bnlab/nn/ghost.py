@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from ..kernels.composite import accumulation_dtype, reduction_dims
+from ..kernels.composite import accumulation_dtype, reduction_dims, values_per_channel
 from ..statistics import raise_if_not_finite, update_running_stats
 from .batchnorm import BatchNorm
 
@@ -147,6 +147,8 @@ class GhostBatchNorm(BatchNorm):
                     *_pooled(head_stats, k, tail_stats, sizes),
                     self.momentum,
                     finite=finite,
+                    count=values_per_channel(input),
+                    pooled=True,
                 )
             if self.strict and not bool(finite):
                 raise_if_not_finite(*_pooled(_statistics(head), k, _statistics(tail), sizes))
