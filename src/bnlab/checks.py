@@ -21,6 +21,7 @@ __all__ = [
     "check_batch_norm_args",
     "check_layer_norm_args",
     "check_activation",
+    "check_untransformable",
 ]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
@@ -205,3 +206,13 @@ def check_activation(activation: str, param: Optional[float], inplace: bool) -> 
     if activation == "elu" and param < 0:
         raise ValueError(f"elu needs alpha >= 0, got {param}")
     return activation, param
+
+
+def check_untransformable(mask: bool = False, inplace: bool = False) -> None:
+    """Options that have no torch.nn counterpart to run as under a torch.func transform."""
+    what = "a mask" if mask else "inplace=True" if inplace else None
+    if what:
+        raise NotImplementedError(
+            f"bnlab batch norm with {what} cannot run under a torch.func transform (vmap, grad, "
+            "jacrev, ...): call it outside the transform, or without that option"
+        )

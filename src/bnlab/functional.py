@@ -3,13 +3,16 @@
 Each checks its arguments (:mod:`bnlab.checks`), selects the kernel backend once
 (:func:`bnlab.kernels.select_backend`), runs it through the differentiable ops of :mod:`bnlab.ops`
 (or the backend's own eager path, see :class:`bnlab.kernels.contract.EagerBatchNorm`), and folds a
-training batch's statistics into the running ones (:mod:`bnlab.statistics`).
+training batch's statistics into the running ones (:mod:`bnlab.statistics`). Under a torch.func
+transform (vmap, grad, jacrev, ...) they run as torch.nn.functional's (see
+:func:`bnlab.ops.transforms_active`).
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch.nn.functional as TF
 from torch import Tensor
 
 from . import ops
@@ -19,6 +22,7 @@ from .checks import (
     check_batch_norm_args,
     check_layer_norm_args,
     check_mask,
+    check_untransformable,
     valid_count,
 )
 from .kernels import select_backend
@@ -87,6 +91,9 @@ def batch_norm(
     """
     running = RunningStatistics(running_mean, running_var, num_batches_tracked, momentum)
     check_batch_norm_args(input, weight, bias, running, training, eps)
+    if ops.transforms_active():
+        check_untransformable(mask=mask is not None)
+        return ops.transformed_batch_norm(input, weight, bias, running, training, eps)
     count = None  # values per channel; counted only where the statistics are recorded
     if mask is not None:
         check_mask(mask, input)
@@ -146,6 +153,11 @@ def batch_norm_act(
     running = RunningStatistics(running_mean, running_var, num_batches_tracked, momentum)
     check_batch_norm_args(input, weight, bias, running, training, eps)
     activation, param = check_activation(activation, activation_param, inplace)
+    if ops.transforms_active():
+        check_untransformable(inplace=inplace)
+        return ops.transformed_batch_norm(
+            input, weight, bias, running, training, eps, activation, param
+        )
     kernels = select_backend("batch_norm_act", input, backend)
     eager = None if inplace else getattr(kernels.module, "eager_batch_norm", None)
     if eager is not None:  # the in-place mode always runs fused
@@ -181,5 +193,7 @@ def layer_norm(
     Details: biased variance; float16/bfloat16 computed in float32.
     """
     normalized_shape = check_layer_norm_args(input, normalized_shape, weight, bias, eps)
+    if ops.transforms_active():
+        return TF.layer_norm(input, normalized_shape, weight, bias, eps)
     kernels = select_backend("layer_norm", input, backend)
     return ops.layer_norm(input, normalized_shape, weight, bias, eps, kernels.name)

@@ -28,7 +28,14 @@ from .kernels import composite, get_backend, select_backend
 from .kernels.composite import accumulation_dtype
 from .statistics import RunningStatistics
 
-__all__ = ["batch_norm_op_name", "batch_norm", "batch_norm_act", "layer_norm"]
+__all__ = [
+    "batch_norm_op_name",
+    "batch_norm",
+    "batch_norm_act",
+    "layer_norm",
+    "transforms_active",
+    "transformed_batch_norm",
+]
 
 
 def batch_norm_op_name(mask: Optional[Tensor], training: bool) -> str:
@@ -399,3 +406,45 @@ def layer_norm(
 ) -> Tensor:
     """y of the layer norm by the ``backend``'s kernels, differentiable (one custom op)."""
     return _layer_norm_op(input, list(normalized_shape), weight, bias, eps, backend)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func transforms
+# --------------------------------------------------------------------------------------------
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, jvp, ...) is tracing this call.
+
+    bnlab's ops have no batching rules and its kernels read data pointers, so under a transform
+    the public ops run as torch.nn.functional's, which functorch knows: they then work exactly
+    where torch.nn's do, and fail where torch.nn's fail, with torch's message.
+    """
+    if torch.compiler.is_compiling():  # dynamo traces bnlab's ops themselves
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def transformed_batch_norm(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running: RunningStatistics,
+    training: bool,
+    eps: float,
+    activation: str = "identity",
+    param: float = 0.0,
+) -> Tensor:
+    """Batch norm (then the activation) as torch.nn.BatchNorm computes it, for a call under a
+    torch.func transform: ``num_batches_tracked`` counted and the cumulative factor taken as the
+    module does, the running statistics updated by ATen's op. bnlab's non-finite guard and
+    :class:`bnlab.accumulate` do not apply inside a transform."""
+    factor = running.momentum
+    if training and running.mean is not None and running.num_batches_tracked is not None:
+        running.num_batches_tracked.add_(1)
+        if factor is None:
+            factor = 1.0 / float(running.num_batches_tracked)
+    y = torch.nn.functional.batch_norm(
+        input, running.mean, running.var, weight, bias, training, factor or 0.0, eps
+    )
+    return composite.activate(y, activation, param)

@@ -10,7 +10,13 @@ from .act import (
     InPlaceABN2d,
     InPlaceABN3d,
 )
-from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchnorm import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    replace_all_batch_norm_modules_,
+)
 from .bnlstm import BNLSTM, BNLSTMCell
 from .convert import ConversionWarning, convert, revert
 from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
@@ -24,6 +30,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "replace_all_batch_norm_modules_",
     "LayerNorm",
     "convert",
     "revert",

@@ -14,7 +14,13 @@ from torch import Tensor, nn
 
 from .. import functional as F
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "replace_all_batch_norm_modules_",
+]
 
 
 class _NormBase(nn.Module):
@@ -206,3 +212,18 @@ class BatchNorm3d(BatchNorm):
     """Batch norm over (N, C, D, H, W) input, per channel; see :class:`BatchNorm`."""
 
     expected_dims = (5,)
+
+
+def replace_all_batch_norm_modules_(root: nn.Module) -> nn.Module:
+    """:func:`torch.func.replace_all_batch_norm_modules_` for bnlab's batch norms too: every batch
+    norm of ``root`` (torch.nn's and bnlab's) stops tracking running statistics, in place, so that
+    it normalizes with batch statistics and updates nothing under vmap / grad (the torch.func
+    recipe for models with batch norm). Returns ``root``."""
+    torch.func.replace_all_batch_norm_modules_(root)
+    for module in root.modules():
+        if isinstance(module, BatchNorm) and module.track_running_stats:
+            module.running_mean = None
+            module.running_var = None
+            module.num_batches_tracked = None
+            module.track_running_stats = False
+    return root
