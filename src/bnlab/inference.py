@@ -30,17 +30,9 @@ from torch.utils._pytree import tree_flatten
 from .kernels.composite import batch_statistics
 from .nn import BatchNorm as _BnlabBatchNorm
 from .nn import BatchNormAct, BatchRenorm, GhostBatchNorm, SyncBatchNorm
+from .nn import frozen as fbn
 from .nn.convert import replace_modules
-from .nn.frozen import (
-    FrozenBatchNorm,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    FrozenBatchNormAct,
-    FrozenBatchNormAct1d,
-    FrozenBatchNormAct2d,
-    FrozenBatchNormAct3d,
-)
+from .nn.frozen import FrozenBatchNorm, FrozenBatchNormAct
 from .statistics import merge_statistics
 
 __all__ = [
@@ -397,15 +389,15 @@ def _all_processes(moments: dict[str, _Moments]) -> None:
 # --------------------------------------------------------------------------------------------
 
 _FROZEN_CLASS = {  # (plain, with drop and activation)
-    "1d": (FrozenBatchNorm1d, FrozenBatchNormAct1d),
-    "2d": (FrozenBatchNorm2d, FrozenBatchNormAct2d),
-    "3d": (FrozenBatchNorm3d, FrozenBatchNormAct3d),
+    "1d": (fbn.FrozenBatchNorm1d, fbn.FrozenBatchNormAct1d),
+    "2d": (fbn.FrozenBatchNorm2d, fbn.FrozenBatchNormAct2d),
+    "3d": (fbn.FrozenBatchNorm3d, fbn.FrozenBatchNormAct3d),
 }
 _FROZEN_BY_RANK = {
-    2: FrozenBatchNorm1d,
-    3: FrozenBatchNorm1d,
-    4: FrozenBatchNorm2d,
-    5: FrozenBatchNorm3d,
+    2: fbn.FrozenBatchNorm1d,
+    3: fbn.FrozenBatchNorm1d,
+    4: fbn.FrozenBatchNorm2d,
+    5: fbn.FrozenBatchNorm3d,
 }
 
 
@@ -418,17 +410,16 @@ def _frozen_class(bn: nn.Module, act: bool) -> type:
     return FrozenBatchNormAct if act else FrozenBatchNorm
 
 
-def _plain_forwards() -> set:
-    """The forward methods known to compute, in eval mode, batch norm with the running statistics
-    and nothing after it: torch.nn's and bnlab's batch norms (ghost and renorm ones included)."""
-    return {
-        nn.modules.batchnorm._BatchNorm.forward,
-        nn.SyncBatchNorm.forward,
-        _BnlabBatchNorm.forward,
-        GhostBatchNorm.forward,
-        BatchRenorm.forward,
-        SyncBatchNorm.forward,
-    }
+# the forward methods known to compute, in eval mode, batch norm with the running statistics and
+# nothing after it: torch.nn's and bnlab's batch norms (ghost and renorm ones included)
+_PLAIN_FORWARDS = {
+    nn.modules.batchnorm._BatchNorm.forward,
+    nn.SyncBatchNorm.forward,
+    _BnlabBatchNorm.forward,
+    GhostBatchNorm.forward,
+    BatchRenorm.forward,
+    SyncBatchNorm.forward,
+}
 
 
 def _has_drop_or_act(bn: nn.Module) -> bool:
@@ -448,7 +439,7 @@ def frozen_counterpart(name: str, bn: nn.Module) -> FrozenBatchNorm:
     forward = type(bn).forward
     if isinstance(bn, BatchNormAct) and forward is BatchNormAct.forward:
         act = True
-    elif forward in _plain_forwards():
+    elif forward in _PLAIN_FORWARDS:
         act = False
     elif _has_drop_or_act(bn):
         act = True
@@ -587,7 +578,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         if isinstance(m, BATCH_NORMS) and (
-            type(m).forward in _plain_forwards() or (self.act_leaves and _has_drop_or_act(m))
+            type(m).forward in _PLAIN_FORWARDS or (self.act_leaves and _has_drop_or_act(m))
         ):
             return True
         return type(m).__module__.startswith("bnlab.nn.") or super().is_leaf_module(
