@@ -3,6 +3,7 @@ bnlab.export.export_onnx and `bnlab export`: ONNX with no BatchNormalization nod
 onnxruntime against PyTorch. The exporter takes seconds per model: few exports here."""
 
 import re
+import sys
 from collections import Counter
 
 import numpy as np
@@ -255,3 +256,42 @@ def test_cli_export_reports_wrong_input_shape(tmp_path):
     )
     assert result.exit_code != 0 and not (tmp_path / "m.onnx").exists()
     assert "(2, 5, 8, 8)" in result.output, result.output
+
+
+# ---- batch norm + activation modules (timm), and the ONNX extra -------------------------------
+
+
+def test_export_onnx_timm_batch_norm_act(tmp_path):
+    """timm's BatchNormAct2d: the batch norm folds or freezes, its activation is exported."""
+    from torchvision_standin import import_timm
+
+    timm = import_timm()
+
+    def forward(s, x):  # conv -> bn+SiLU (folds); + x -> bn+hard-swish (frozen)
+        return s.bn2(s.bn1(s.conv(x)) + x)
+
+    model = randomize(
+        Net(
+            forward,
+            conv=nn.Conv2d(4, 4, 3, padding=1),
+            bn1=timm.layers.BatchNormAct2d(4, act_layer=nn.SiLU),
+            bn2=timm.layers.BatchNormAct2d(4, act_layer=nn.Hardswish),
+        )
+    ).eval()
+    x = data((2, 4, 6, 6), 0, dtype=torch.float32)
+    expected = model(x).detach()
+    report = export_onnx(model, x, tmp_path / "model.onnx")
+    ops = op_types(tmp_path / "model.onnx")
+    assert "BatchNormalization" not in ops and ops["HardSwish"] == 1, ops
+    assert report.fold.folded == [("bn1", "conv", "after")] and list(report.fold.frozen) == ["bn2"]
+    out = run_onnxruntime(tmp_path / "model.onnx", x)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert report.max_abs_error == pytest.approx((out - expected).abs().max().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxscript", "onnxruntime"])
+def test_export_onnx_without_the_onnx_extra_says_what_to_install(missing, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, missing, None)  # import of it now fails
+    with pytest.raises(ImportError, match=re.escape("pip install 'bnlab[onnx]'")) as error:
+        export_onnx(mlp(), data((16, 10), 0, dtype=torch.float32), tmp_path / "m.onnx")
+    assert missing in str(error.value) and not (tmp_path / "m.onnx").exists()

@@ -18,8 +18,22 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import bnlab
-from bnlab.inference import batch_norm_layers, fold, freeze, population_statistics
-from bnlab.nn import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from bnlab.functional import ACTIVATIONS
+from bnlab.inference import (
+    batch_norm_layers,
+    batch_norms_in_graph,
+    fold,
+    freeze,
+    population_statistics,
+)
+from bnlab.nn import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    FrozenBatchNormAct,
+    FrozenBatchNormAct2d,
+)
 
 BN = {
     "torch": {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
@@ -425,6 +439,110 @@ def test_freeze_rejects_bad_models(key, value):
         freeze(nn.Sequential(nn.Linear(3, 3)))
 
 
+class TorchBatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d convention on a torch.nn batch norm: act(drop(batch_norm(x))). fx
+    cannot trace into ``super().forward`` (its input check): fold keeps it whole."""
+
+    def __init__(self, c, act=None, drop=None):
+        super().__init__(c)
+        self.drop = drop or nn.Identity()
+        self.act = act or nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class TracedBatchNormAct2d(TorchBatchNormAct2d):
+    """As timm's BatchNormAct2d: torch's forward written out, traceable by fx (a functional
+    batch_norm call), with a shape check fx records as a use of the input's ``ndim``."""
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected 4D input")
+        x = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+class BnlabBatchNormAct2d(bnlab.nn.BatchNorm2d):
+    """The same convention on a bnlab batch norm (a bnlab.nn module: fx keeps it whole)."""
+
+    def __init__(self, c, act=None, drop=None):
+        super().__init__(c)
+        self.drop = drop or nn.Dropout(0.5)
+        self.act = act or nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+BN_ACT = {
+    "torch-subclass": TorchBatchNormAct2d,
+    "traced-subclass": TracedBatchNormAct2d,
+    "bnlab-subclass": BnlabBatchNormAct2d,
+}
+
+
+@pytest.mark.parametrize("cls", list(BN_ACT))
+def test_freeze_keeps_drop_and_activation_modules(cls):
+    act, drop = nn.Hardswish(), nn.Dropout(0.3)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 1), BN_ACT[cls](4, act, drop))).double()
+    x = data((2, 3, 5, 5), 0)
+    out = model.eval()(x)
+    freeze(model)
+    assert type(model[1]) is FrozenBatchNormAct2d and not batch_norm_layers(model)
+    assert model[1].act is act and model[1].drop is drop  # the same objects
+    assert list(model[1].state_dict()) == FROZEN_KEYS
+    torch.testing.assert_close(model(x), out, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "cls,activation",
+    [(bnlab.nn.BatchNormAct2d, a) for a in ACTIVATIONS]
+    + [(bnlab.nn.InPlaceABN2d, a) for a in bnlab.checks.INVERTIBLE_ACTIVATIONS],
+    ids=str,
+)
+def test_freeze_keeps_bnlab_activation(cls, activation):
+    param = 0.2 if activation in ("leaky_relu", "elu") else None  # the others take none
+    model = randomize(nn.Sequential(cls(4, activation=activation, activation_param=param)))
+    model = model.double()
+    x = data((2, 4, 3, 3), 0)
+    out = model.eval()(x.clone())  # the in-place mode writes over its input
+    checked = (model[0].activation, model[0].activation_param)
+    assert type(freeze(model)[0]) is FrozenBatchNormAct2d
+    assert (model[0].act.activation, model[0].act.activation_param) == checked
+    torch.testing.assert_close(model(x), out, atol=1e-12, rtol=1e-12)
+
+
+def test_frozen_batch_norm_act_module():
+    act = nn.PReLU(4)
+    frozen = FrozenBatchNormAct2d(4, act=act).double()
+    assert list(frozen.state_dict()) == [*FROZEN_KEYS, "act.weight"]
+    plain = FrozenBatchNorm2d(4).double()
+    for module in (frozen, plain):
+        module.load_state_dict(
+            randomize(nn.Sequential(nn.BatchNorm2d(4))).double()[0].state_dict(), strict=False
+        )
+    x = data((2, 4, 3, 3), 0)
+    torch.testing.assert_close(frozen(x), act(plain(x)), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="FrozenBatchNormAct.from_batch_norm"):
+        FrozenBatchNorm2d.from_batch_norm(TorchBatchNormAct2d(4))
+    with pytest.raises(ValueError, match="FrozenBatchNormAct.from_batch_norm"):
+        FrozenBatchNorm.from_batch_norm(bnlab.nn.BatchNormAct2d(4))
+
+
+class OwnForward(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_freeze_refuses_batch_norm_subclass_it_does_not_know():
+    model = nn.Sequential(nn.BatchNorm2d(3), OwnForward(3))
+    with pytest.raises(ValueError, match=re.escape("'1'") + ".*OwnForward.*overrides forward"):
+        freeze(model)
+    assert type(model[0]) is nn.BatchNorm2d  # nothing replaced before the error
+
+
 # ---- fold ------------------------------------------------------------------------------------
 
 
@@ -645,3 +763,126 @@ def test_fold_freezes_batch_norms_the_trace_keeps_inside_a_leaf(monkeypatch):
     assert list(report.frozen) == ["2.bn"] and "keeps whole" in report.frozen["2.bn"]
     assert isinstance(gm.get_submodule("2.bn"), FrozenBatchNorm2d)
     torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def fold_clean(model, x, tol):
+    """Fold; check that no batch norm is left and the output; return (gm, report)."""
+    gm, report = fold(model, x)
+    assert batch_norms_in_graph(gm) == [] and not batch_norm_layers(gm)
+    error = (gm(x) - model(x)).abs().max().item()
+    assert error <= tol and report.max_abs_error == pytest.approx(error, rel=1e-9, abs=1e-300)
+    return gm, report
+
+
+FUNCTIONAL = {
+    "F.batch_norm": lambda s, x: nn.functional.batch_norm(
+        x, s.mean, s.var, s.weight, s.bias, False, 0.1, 1e-3
+    ),
+    "torch.batch_norm": lambda s, x: torch.batch_norm(
+        x, s.weight, s.bias, s.mean, s.var, False, 0.1, 1e-3, False
+    ),
+    "no-affine": lambda s, x: nn.functional.batch_norm(x, s.mean, s.var, eps=1e-3),
+}
+
+
+class Functional(nn.Module):
+    """A batch norm written as a functional call on the module's own tensors."""
+
+    def __init__(self, call, c=4):
+        super().__init__()
+        self.call = call
+        g = torch.Generator().manual_seed(3)
+        self.weight = nn.Parameter(torch.rand(c, generator=g) + 0.5)
+        self.bias = nn.Parameter(torch.randn(c, generator=g))
+        self.register_buffer("mean", torch.randn(c, generator=g))
+        self.register_buffer("var", torch.rand(c, generator=g) + 0.5)
+
+    def forward(self, x):
+        return self.call(self, x)
+
+
+@pytest.mark.parametrize("call", list(FUNCTIONAL))
+def test_fold_functional_batch_norm_calls(call):
+    def forward(s, x):  # conv -> bn (folds after); relu -> bn -> 3x3 zero-padded conv (frozen)
+        return s.conv2(s.bn2(torch.relu(s.bn1(s.conv1(x)))))
+
+    model = Net(
+        forward,
+        conv1=nn.Conv2d(3, 4, 3),
+        bn1=Functional(FUNCTIONAL[call]),
+        bn2=Functional(FUNCTIONAL[call]),
+        conv2=nn.Conv2d(4, 2, 3, padding=1),
+    )
+    model = model.double().eval()
+    gm, report = fold_clean(model, data((2, 3, 6, 6), 0), tol=1e-12)
+    assert report.folded == [("bn1", "conv1", "after")]
+    assert list(report.frozen) == ["bn2"] and "pad" in report.frozen["bn2"]
+    assert type(gm.get_submodule("bn2.frozen")) is FrozenBatchNorm2d
+
+
+def test_fold_refuses_functional_batch_norm_without_fixed_statistics():
+    batch_stats = Functional(lambda s, x: nn.functional.batch_norm(x, None, None, training=True))
+    computed = Functional(  # a parameter is a graph value (a buffer would be a constant)
+        lambda s, x: nn.functional.batch_norm(x, s.mean, s.var, s.weight * 2)
+    )
+    x = data((2, 4, 3, 3), 0)
+    with pytest.raises(ValueError, match="batch statistics"):
+        fold(nn.Sequential(nn.BatchNorm2d(4), batch_stats).double().eval(), x)
+    with pytest.raises(ValueError, match="weight from a computation"):
+        fold(nn.Sequential(nn.BatchNorm2d(4), computed).double().eval(), x)
+
+
+@pytest.mark.parametrize("cls", [*BN_ACT, "bnlab.BatchNormAct2d"])
+def test_fold_batch_norm_act_modules_keeps_activation(cls):
+    def bn_act(c):
+        if cls == "bnlab.BatchNormAct2d":
+            return bnlab.nn.BatchNormAct2d(c, activation="elu")
+        return BN_ACT[cls](c)
+
+    def forward(s, x):  # conv -> bn+act (folds); + x -> bn+act (frozen: input not from a layer)
+        return s.bn2(s.bn1(s.conv(x)) + x)
+
+    model = randomize(
+        Net(forward, conv=nn.Conv2d(4, 4, 3, padding=1), bn1=bn_act(4), bn2=bn_act(4))
+    )
+    model = model.double().eval()
+    gm, report = fold_clean(model, data((2, 4, 5, 5), 0), tol=1e-12)
+    assert report.folded == [("bn1", "conv", "after")]
+    assert list(report.frozen) == ["bn2"] and "from a layer" in report.frozen["bn2"]
+    if cls == "traced-subclass":  # traced into: functional calls, drop and act calls stay
+        assert type(gm.get_submodule("bn2.frozen")) is FrozenBatchNorm2d
+        assert {"bn1.drop", "bn1.act", "bn2.drop", "bn2.act"} <= _call_targets(gm)
+    else:  # module calls: the folded one's drop and act stay, the frozen one keeps them
+        assert type(gm.get_submodule("bn2")) is FrozenBatchNormAct2d
+        assert {"bn1", "bn2"} <= _call_targets(gm) and type(gm.bn1) is nn.Sequential
+        assert list(gm.bn1) == [gm.bn1.drop, gm.bn1.act]
+        assert type(gm.bn2.act) is type(gm.bn1.act)  # SiLU, GELU, or bnlab's elu as a module
+
+
+def _call_targets(gm):
+    return {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+
+def test_fold_freezes_a_model_fx_cannot_trace():
+    def forward(s, x):  # control flow on a tensor's value: fx cannot trace it
+        h = s.bn(s.conv(x))
+        return s.act(h) if h.sum() > 0 else -s.act(h)
+
+    model = randomize(
+        Net(
+            forward,
+            conv=nn.Conv2d(3, 4, 1),
+            bn=TorchBatchNormAct2d(4),
+            act=bnlab.nn.BatchNormAct2d(4),
+        )
+    )
+    model = model.double().eval()
+    x = data((2, 3, 4, 4), 0)
+    out, saved = model(x), snapshot(model)
+    folded, report = fold(model, x)
+    assert not isinstance(folded, torch.fx.GraphModule) and not batch_norm_layers(folded)
+    assert report.untraced and "trace" in report.untraced and "not traced" in str(report)
+    assert set(report.frozen) == {"bn", "act"} and not report.folded
+    assert isinstance(folded.bn, FrozenBatchNormAct) and isinstance(folded.act, FrozenBatchNormAct)
+    torch.testing.assert_close(folded(x), out, atol=1e-12, rtol=1e-12)
+    assert_same_state(model, saved)

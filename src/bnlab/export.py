@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ class ExportReport:
     path: Path
     fold: Optional[FoldReport]  # None when the model had no batch norm to fold
     op_counts: dict[str, int]  # ONNX node types in the written graph
-    max_abs_error: Optional[float]  # onnxruntime vs PyTorch on the example input (None: not run)
+    max_abs_error: Optional[float]  # onnxruntime vs the given model on the example input (None:
+    # not run); the folding error included
 
     def __str__(self) -> str:
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.op_counts.items()))
@@ -55,26 +57,44 @@ def export_onnx(
 
     Returns:
         an :class:`ExportReport`. Raises RuntimeError if a BatchNormalization node is left after
-        folding.
+        folding, ImportError naming the ONNX extra when onnx, onnxscript or onnxruntime is missing.
+
+    Folding finds every batch norm :func:`bnlab.inference.fold` finds: modules, batch norm +
+    activation modules (their activation stays) and functional calls; a model torch.fx cannot
+    trace is exported with its batch norms frozen (the fold report says so).
     """
+    _require_onnx_extra(check)
     import onnx
 
     path = Path(path)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    report_fold = None
+    report_fold, exported = None, model
     if fold_batch_norms and batch_norm_layers(model):
-        model, report_fold = fold(model, inputs)
+        exported, report_fold = fold(model, inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the exporter's own deprecation noise
-        torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False)
+        torch.onnx.export(exported, inputs, str(path), dynamo=True, verbose=False)
     graph = onnx.load(str(path)).graph
     op_counts = dict(Counter(node.op_type for node in graph.node))
     if fold_batch_norms and op_counts.get("BatchNormalization"):
         raise RuntimeError(
             f"{path}: {op_counts['BatchNormalization']} BatchNormalization node(s) left"
         )
-    error = _onnxruntime_error(path, model, inputs) if check else None
+    error = _onnxruntime_error(path, model, inputs) if check else None  # vs the model as given
     return ExportReport(path, report_fold, op_counts, error)
+
+
+def _require_onnx_extra(check: bool) -> None:
+    """ImportError with the install command when a package of the ``onnx`` extra is missing
+    (torch.onnx.export would otherwise fail with a bare "No module named 'onnxscript'")."""
+    for name in ("onnx", "onnxscript", *(("onnxruntime",) if check else ())):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ImportError(
+                f"export_onnx needs {name}, which is not installed ({error}); install bnlab's ONNX "
+                "extra: pip install 'bnlab[onnx]'"
+            ) from error
 
 
 @torch.no_grad()

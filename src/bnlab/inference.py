@@ -17,6 +17,7 @@ the layers see.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -28,8 +29,10 @@ from torch.utils._pytree import tree_flatten
 
 from .kernels.composite import batch_statistics
 from .nn import BatchNorm as _BnlabBatchNorm
+from .nn import BatchNormAct, BatchRenorm, GhostBatchNorm, SyncBatchNorm
+from .nn import frozen as fbn
 from .nn.convert import replace_modules
-from .nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .nn.frozen import FrozenBatchNorm, FrozenBatchNormAct
 from .statistics import merge_statistics
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "fold",
     "FoldReport",
     "batch_norm_layers",
+    "batch_norms_in_graph",
+    "frozen_counterpart",
 ]
 
 BATCH_NORMS = (_BnlabBatchNorm, nn.modules.batchnorm._BatchNorm)
@@ -383,19 +388,69 @@ def _all_processes(moments: dict[str, _Moments]) -> None:
 # freeze (Algorithm 2, step 11, as a layer)
 # --------------------------------------------------------------------------------------------
 
-_FROZEN_CLASS = {
-    "BatchNorm1d": FrozenBatchNorm1d,
-    "BatchNorm2d": FrozenBatchNorm2d,
-    "BatchNorm3d": FrozenBatchNorm3d,
+_FROZEN_CLASS = {  # (plain, with drop and activation)
+    "1d": (fbn.FrozenBatchNorm1d, fbn.FrozenBatchNormAct1d),
+    "2d": (fbn.FrozenBatchNorm2d, fbn.FrozenBatchNormAct2d),
+    "3d": (fbn.FrozenBatchNorm3d, fbn.FrozenBatchNormAct3d),
+}
+_FROZEN_BY_RANK = {
+    2: fbn.FrozenBatchNorm1d,
+    3: fbn.FrozenBatchNorm1d,
+    4: fbn.FrozenBatchNorm2d,
+    5: fbn.FrozenBatchNorm3d,
 }
 
 
-def _frozen_class(bn: nn.Module) -> type:
-    """FrozenBatchNorm{1,2,3}d for (subclasses of) bnlab's or torch's BatchNorm{1,2,3}d."""
+def _frozen_class(bn: nn.Module, act: bool) -> type:
+    """FrozenBatchNorm{,Act}{1,2,3}d for a batch norm of a class named ...{1,2,3}d, or a subclass
+    of one (BatchNorm2d, BatchNormAct2d, GhostBatchNorm1d...); else the rank-agnostic class."""
     for cls in type(bn).__mro__:
-        if cls.__name__ in _FROZEN_CLASS:
-            return _FROZEN_CLASS[cls.__name__]
-    return FrozenBatchNorm
+        if cls.__name__[-2:] in _FROZEN_CLASS and issubclass(cls, BATCH_NORMS):
+            return _FROZEN_CLASS[cls.__name__[-2:]][act]
+    return FrozenBatchNormAct if act else FrozenBatchNorm
+
+
+# the forward methods known to compute, in eval mode, batch norm with the running statistics and
+# nothing after it: torch.nn's and bnlab's batch norms (ghost and renorm ones included)
+_PLAIN_FORWARDS = {
+    nn.modules.batchnorm._BatchNorm.forward,
+    nn.SyncBatchNorm.forward,
+    _BnlabBatchNorm.forward,
+    GhostBatchNorm.forward,
+    BatchRenorm.forward,
+    SyncBatchNorm.forward,
+}
+
+
+def _has_drop_or_act(bn: nn.Module) -> bool:
+    return any(isinstance(getattr(bn, key, None), nn.Module) for key in ("drop", "act"))
+
+
+def frozen_counterpart(name: str, bn: nn.Module) -> FrozenBatchNorm:
+    """The fixed layer computing what the batch norm ``bn`` computes in eval mode.
+
+    - bnlab's BatchNormAct / InPlaceABN: a FrozenBatchNormAct with its activation as a module;
+    - a batch norm with torch.nn's or bnlab's own forward: a FrozenBatchNorm;
+    - a subclass with its own forward and ``drop`` and/or ``act`` modules (timm's BatchNormAct2d,
+      whose forward is act(drop(batch_norm(x)))): a FrozenBatchNormAct keeping those modules;
+    - any other subclass with its own forward: refused (ValueError naming ``name`` and the class),
+      since what it computes is unknown.
+    """
+    forward = type(bn).forward
+    if isinstance(bn, BatchNormAct) and forward is BatchNormAct.forward:
+        act = True
+    elif forward in _PLAIN_FORWARDS:
+        act = False
+    elif _has_drop_or_act(bn):
+        act = True
+    else:
+        raise ValueError(
+            f"cannot freeze batch-norm layer {name!r}: {type(bn).__qualname__} overrides forward "
+            "and has no 'drop' or 'act' module, so what it computes in eval mode is unknown; "
+            "replace it yourself (or give it drop/act modules if it is batch norm, then drop, "
+            "then activation)"
+        )
+    return _frozen_class(bn, act).from_batch_norm(bn)
 
 
 def _check_frozen_statistics(name: str, bn: nn.Module) -> None:
@@ -405,31 +460,37 @@ def _check_frozen_statistics(name: str, bn: nn.Module) -> None:
             "(track_running_stats=False)"
         )
     for key in ("running_mean", "running_var"):
-        bad = ~torch.isfinite(getattr(bn, key))
-        if bool(bad.any()):
-            raise ValueError(
-                f"batch-norm layer {name!r} has non-finite {key} in channels "
-                f"{bad.nonzero().flatten().tolist()[:20]}: refusing to build a wrong inference "
-                "model"
-            )
+        _check_finite(name, key, getattr(bn, key))
+
+
+def _check_finite(name: str, key: str, statistic: Tensor) -> None:
+    bad = ~torch.isfinite(statistic)
+    if bool(bad.any()):
+        raise ValueError(
+            f"batch-norm layer {name!r} has non-finite {key} in channels "
+            f"{bad.nonzero().flatten().tolist()[:20]}: refusing to build a wrong inference model"
+        )
 
 
 def freeze(model: nn.Module) -> nn.Module:
     """Replace every batch norm of ``model`` by a :class:`bnlab.nn.FrozenBatchNorm`, in place.
 
     The frozen layer is the fixed affine map of Algorithm 2 with the layer's running statistics,
-    gamma and beta, in torchvision's FrozenBatchNorm2d ``state_dict`` format. Returns the model (a
-    new module when ``model`` itself is a batch norm). Raises ValueError for a model without batch
-    norm, a layer without running statistics, or non-finite running statistics.
+    gamma and beta, in torchvision's FrozenBatchNorm2d ``state_dict`` format. A batch norm followed
+    by an activation in one module (bnlab's BatchNormAct, timm's BatchNormAct2d) becomes a
+    :class:`bnlab.nn.FrozenBatchNormAct` that keeps its drop layer and activation (the same module
+    objects); see :func:`frozen_counterpart`. Returns the model (a new module when ``model`` itself
+    is a batch norm). Raises ValueError, before changing anything, for a model without batch norm,
+    a layer without running statistics or with non-finite ones, or a batch-norm subclass whose
+    eval computation is unknown.
     """
     layers = _require_batch_norms(model, "freeze")
     for name, bn in layers.items():
         _check_frozen_statistics(name, bn)
+    frozen = {name: frozen_counterpart(name, bn) for name, bn in layers.items()}
     if "" in layers:
-        return _frozen_class(model).from_batch_norm(model)
-    _replace_modules(
-        model, {id(bn): _frozen_class(bn).from_batch_norm(bn) for bn in layers.values()}
-    )
+        return frozen[""]
+    _replace_modules(model, {id(bn): frozen[name] for name, bn in layers.items()})
     return model
 
 
@@ -442,6 +503,33 @@ def _replace_modules(model: nn.Module, replacement: dict[int, nn.Module]) -> Non
 # fold (Algorithm 2, step 11, folded into the adjacent linear layer)
 # --------------------------------------------------------------------------------------------
 
+# the functional batch norms fx records when it traces into a batch-norm subclass's forward, with
+# their positional parameters
+_BN_FUNCTIONS = {
+    nn.functional.batch_norm: (
+        "input",
+        "running_mean",
+        "running_var",
+        "weight",
+        "bias",
+        "training",
+        "momentum",
+        "eps",
+    ),
+    torch.batch_norm: (
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "training",
+        "momentum",
+        "eps",
+        "cudnn_enabled",
+    ),
+}
+_BN_DEFAULTS = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+
 
 @dataclass
 class FoldReport:
@@ -450,35 +538,67 @@ class FoldReport:
     Attributes:
         folded: (batch-norm name, layer name, "after" | "before"): the BN followed or preceded the
             layer it was folded into.
-        frozen: batch-norm name -> why it could not be folded (it became a FrozenBatchNorm).
+        frozen: batch-norm name -> why it could not be folded (it became a FrozenBatchNorm, a
+            FrozenBatchNormAct, or, for a functional batch_norm call, a FrozenBatchNorm module
+            ``frozen`` in the module that held its statistics).
         max_abs_error: max |folded(x) - model(x)| on the example input, in the model's dtype.
+        untraced: why fold froze the model module by module instead (torch.fx could not trace it
+            or run the trace); None when it was traced.
+
+    A batch norm is named by its module's qualified name, also when fx traced into the module and
+    met it as a functional ``batch_norm`` call (named by the module owning the running statistics).
     """
 
     folded: list[tuple[str, str, str]] = field(default_factory=list)
     frozen: dict[str, str] = field(default_factory=dict)
     max_abs_error: float = 0.0
+    untraced: Optional[str] = None
 
     def __str__(self) -> str:
         lines = [
             f"folded {len(self.folded)}, frozen {len(self.frozen)}, "
             f"max abs error on the example input {self.max_abs_error:.3g}"
         ]
+        if self.untraced:
+            lines.append(f"  not traced, every batch norm frozen in place: {self.untraced}")
         lines += [f"  {bn} -> {layer} (BN {side} it)" for bn, layer, side in self.folded]
         lines += [f"  {bn} frozen: {why}" for bn, why in self.frozen.items()]
         return "\n".join(lines)
 
 
 class _Tracer(fx.Tracer):
-    """Keeps torch.nn's layers and bnlab's normalization layers (bnlab.nn) as call_module nodes;
-    traces through every other module, bnlab's own containers included."""
+    """Keeps torch.nn's layers, bnlab's normalization layers (bnlab.nn) and batch norms with torch's
+    or bnlab's forward as call_module nodes; traces through every other module, bnlab's own
+    containers included. ``act_leaves``: keep batch norms with drop/act modules whole too (for
+    subclasses that call ``super().forward``, whose input check fx cannot trace)."""
+
+    def __init__(self, act_leaves: bool = False) -> None:
+        super().__init__()
+        self.act_leaves = act_leaves
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        if isinstance(m, BATCH_NORMS) and (
+            type(m).forward in _PLAIN_FORWARDS or (self.act_leaves and _has_drop_or_act(m))
+        ):
+            return True
         return type(m).__module__.startswith("bnlab.nn.") or super().is_leaf_module(
             m, qualified_name
         )
 
 
-def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldReport]:
+def _trace(model: nn.Module, layers: dict) -> tuple[Optional[fx.GraphModule], str]:
+    """(the traced module, "") or (None, why fx cannot trace it). Batch norms with drop/act
+    modules are traced into (exact); if that fails, kept whole (their forward by convention)."""
+    errors = []
+    for act_leaves in (False, True)[: 1 + any(map(_has_drop_or_act, layers.values()))]:
+        try:
+            return fx.GraphModule(model, _Tracer(act_leaves).trace(model)), ""
+        except Exception as error:
+            errors.append(error)
+    return None, f"torch.fx cannot trace it: {errors[0]}"
+
+
+def fold(model: nn.Module, example_input: Any) -> tuple[nn.Module, FoldReport]:
     """Fold every batch norm of an eval-mode ``model`` into its adjacent Linear/Conv/ConvTranspose.
 
     With s = gamma / sqrt(running_var + eps) and t = beta - running_mean * s (Algorithm 2):
@@ -490,18 +610,26 @@ def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldRepo
       padding: padding 0, or a reflect/replicate/circular padding mode);
     - otherwise the BN is frozen (a FrozenBatchNorm), and the reason reported.
 
+    Batch norms are found as module calls and as functional ``batch_norm`` calls on stored
+    running statistics (what fx records inside a batch-norm subclass it traces into, such as
+    timm's BatchNormAct2d). A batch norm + activation module (bnlab's BatchNormAct) folds its
+    batch norm part only: its drop layer and activation stay. After fold the graph has no batch
+    norm left (checked). A model torch.fx cannot trace is frozen module by module instead, exact,
+    with the reason in :attr:`FoldReport.untraced`.
+
     The model is traced with torch.fx and copied: ``model`` itself is left as it is. Weights are
     folded in float64 and cast back.
 
     Args:
-        model: in eval mode, traceable by torch.fx.
+        model: in eval mode.
         example_input: a tensor, or a tuple of positional inputs, run through both models to find
             shapes and measure the folding error.
 
     Returns:
-        (the folded GraphModule, a :class:`FoldReport`).
+        (the folded GraphModule, or the frozen copy of an untraceable model; a
+        :class:`FoldReport`).
     """
-    layers = _require_batch_norms(model, "fold")
+    layers = batch_norm_layers(model)
     training = [name or "<root>" for name, m in model.named_modules() if m.training]
     if training:
         raise ValueError(
@@ -510,27 +638,80 @@ def fold(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, FoldRepo
     for name, bn in layers.items():
         _check_frozen_statistics(name, bn)
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    gm = _trace(copy.deepcopy(model))
+    twin = copy.deepcopy(model)
+    gm, why = _trace(twin, layers)
+    if gm is None:
+        return _freeze_instead(model, twin, inputs, layers, why)
     try:
         ShapeProp(gm).propagate(*inputs)
     except Exception as error:
-        shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in inputs]
-        raise ValueError(
-            f"the example input {shapes} could not run through the model: {error}"
-        ) from error
+        _check_runs(model, inputs)  # a bad example input is the caller's error
+        return _freeze_instead(model, twin, inputs, layers, f"its fx trace does not run: {error}")
+    report = _fold_graph(gm)
+    if not layers and not (report.folded or report.frozen):
+        raise ValueError("fold: the model has no batch-norm layer (bnlab or torch.nn)")
+    report.max_abs_error = _max_abs_difference(model(*inputs), gm(*inputs))
+    return gm, report
+
+
+def _fold_graph(gm: fx.GraphModule) -> FoldReport:
+    """Fold or freeze every batch norm of the traced ``gm``, in place; check that none is left."""
     report = FoldReport()
     modules = dict(gm.named_modules())
     sites = _call_sites(gm)
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(modules[node.target], BATCH_NORMS):
-            _fold_or_freeze(gm, node, modules, sites, report)
+            site = _module_site(node, modules, sites)
+        elif node.op == "call_function" and node.target in _BN_FUNCTIONS:
+            site = _functional_site(gm, node, report)
+        else:
+            continue
+        _fold_or_freeze(gm, site, modules, sites, report)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()  # folded BNs must not linger in state_dict / named_modules
     _freeze_untraced(gm, report)
     gm.graph.lint()
     gm.recompile()
-    report.max_abs_error = _max_abs_difference(model(*inputs), gm(*inputs))
-    return gm, report
+    left = batch_norms_in_graph(gm)
+    if left:
+        raise RuntimeError(f"fold left batch norms in the graph: {left} (a bug in bnlab's fold)")
+    return report
+
+
+def batch_norms_in_graph(gm: fx.GraphModule) -> list[str]:
+    """Nodes of ``gm``'s graph that still compute batch norm with statistics: calls of batch-norm
+    modules and functional ``batch_norm`` calls; and batch-norm modules anywhere in ``gm``."""
+    nodes = [
+        node.name
+        for node in gm.graph.nodes
+        if (node.op == "call_function" and node.target in _BN_FUNCTIONS)
+        or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), BATCH_NORMS))
+    ]
+    return nodes + [name for name in batch_norm_layers(gm) if name not in nodes]
+
+
+def _check_runs(model: nn.Module, inputs: tuple) -> None:
+    try:
+        model(*inputs)
+    except Exception as error:
+        shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in inputs]
+        raise ValueError(
+            f"the example input {shapes} could not run through the model: {error}"
+        ) from error
+
+
+def _freeze_instead(model, twin, inputs, layers, why: str) -> tuple[nn.Module, FoldReport]:
+    """The copy ``twin`` of ``model`` frozen module by module (exact), for a model fold cannot
+    trace; the report names why."""
+    if not layers:
+        raise ValueError(f"fold: the model has no batch-norm module, and {why}")
+    _check_runs(model, inputs)
+    frozen = freeze(twin)
+    first_line = why.strip().splitlines()[0]
+    report = FoldReport(untraced=first_line[:300])
+    report.frozen = {name: "not traced: frozen in place" for name in layers}
+    report.max_abs_error = _max_abs_difference(model(*inputs), frozen(*inputs))
+    return frozen, report
 
 
 def _freeze_untraced(gm: fx.GraphModule, report: FoldReport) -> None:
@@ -538,18 +719,10 @@ def _freeze_untraced(gm: fx.GraphModule, report: FoldReport) -> None:
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for name, bn in batch_norm_layers(gm).items():
         if name not in called and name not in report.frozen:
-            _replace_modules(gm, {id(bn): _frozen_class(bn).from_batch_norm(bn)})
+            _replace_modules(gm, {id(bn): frozen_counterpart(name, bn)})
             report.frozen[name] = (
                 "inside a module the fx trace keeps whole (not a call in the graph)"
             )
-
-
-def _trace(model: nn.Module) -> fx.GraphModule:
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as error:
-        raise ValueError(f"fold needs a model torch.fx can trace symbolically: {error}") from error
-    return fx.GraphModule(model, graph)
 
 
 def _call_sites(gm: fx.GraphModule) -> dict[str, int]:
@@ -560,27 +733,152 @@ def _call_sites(gm: fx.GraphModule) -> dict[str, int]:
     return sites
 
 
-def _fold_or_freeze(gm, node, modules, sites, report: FoldReport) -> None:
+@dataclass
+class _Site:
+    """One batch norm in the graph: a module call or a functional batch_norm call.
+
+    ``frozen`` is its fixed map (a FrozenBatchNormAct for a batch norm + activation module), whose
+    scale and shift fold; ``tail`` what stays in the graph after folding (the module's drop layer
+    and activation), None for a plain batch norm.
+    """
+
+    node: fx.Node
+    name: str  # in the report
+    input: Any
+    frozen: FrozenBatchNorm
+    shared_by: int = 1
+    module: Optional[nn.Module] = None  # the batch-norm module of a module call
+    tail: Optional[nn.Module] = None
+    owner: str = ""  # of a functional call: the module holding its running statistics
+
+
+def _module_site(node: fx.Node, modules: dict, sites: dict) -> _Site:
     bn = modules[node.target]
-    if sites[node.target] > 1:
-        reason = f"shared by {sites[node.target]} call sites"
+    frozen = frozen_counterpart(node.target, bn)
+    tail = None
+    if isinstance(frozen, FrozenBatchNormAct):  # same keys as the module's: drop.*, act.*
+        tail = nn.Sequential(OrderedDict(drop=frozen.drop, act=frozen.act))
+    return _Site(node, node.target, node.args[0], frozen, sites[node.target], bn, tail)
+
+
+def _functional_site(gm: fx.GraphModule, node: fx.Node, report: FoldReport) -> _Site:
+    """A functional batch_norm call on stored tensors in eval mode, as its fixed map; ValueError
+    for one that normalizes with batch statistics or with statistics computed in the graph."""
+    args = {**_BN_DEFAULTS, **dict(zip(_BN_FUNCTIONS[node.target], node.args)), **node.kwargs}
+    if args["training"] is not False:
+        raise ValueError(
+            f"fold: the batch_norm call {node.name!r} normalizes with batch statistics in eval "
+            f"mode (training={args['training']}): there is no fixed map to fold or freeze"
+        )
+    stored = {}
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        value = args[key]
+        if isinstance(value, fx.Node) and value.op == "get_attr":
+            stored[key] = _attribute(gm, value.target)
+        elif value is not None:  # (running statistics None with training=False: torch raises)
+            raise ValueError(
+                f"fold: the batch_norm call {node.name!r} takes its {key} from a computation, "
+                "not a stored tensor: fold cannot fix it"
+            )
+    owner = args["running_mean"].target.rpartition(".")[0]
+    name = _unique(owner, node, report)
+    for key in ("running_mean", "running_var"):
+        _check_finite(name, key, stored[key])
+    rank = len(args["input"].meta["tensor_meta"].shape)
+    frozen = _FROZEN_BY_RANK.get(rank, FrozenBatchNorm).from_statistics(
+        stored["running_mean"],
+        stored["running_var"],
+        stored.get("weight"),
+        stored.get("bias"),
+        args["eps"],
+    )
+    return _Site(node, name, args["input"], frozen, owner=owner)
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> Tensor:
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), attr)
+
+
+def _unique(name: str, node: fx.Node, report: FoldReport) -> str:
+    """``name`` for the report, or with the call's node name where it is already used (a module
+    whose forward ran twice)."""
+    used = set(report.frozen) | {bn for bn, _, _ in report.folded}
+    name = name or node.name
+    return name if name not in used else f"{name} ({node.name})"
+
+
+def _fold_or_freeze(gm, site: _Site, modules, sites, report: FoldReport) -> None:
+    if site.shared_by > 1:
+        reason = f"shared by {site.shared_by} call sites"
     else:
-        scale, shift = FrozenBatchNorm.from_batch_norm(bn).scale_and_shift(torch.float64)
-        layer_node, side, reason = _fold_partner(node, modules, sites)
+        layer_node, side, reason = _fold_partner(site, modules, sites)
         if layer_node is not None:
+            scale, shift = site.frozen.scale_and_shift(torch.float64)
             layer = modules[layer_node.target]
             (_fold_after if side == "after" else _fold_before)(layer, scale, shift)
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            report.folded.append((node.target, layer_node.target, side))
+            _remove(gm, site)
+            report.folded.append((site.name, layer_node.target, side))
             return
-    _replace_modules(gm, {id(bn): _frozen_class(bn).from_batch_norm(bn)})
-    report.frozen[node.target] = reason
+    _install_frozen(gm, site)
+    report.frozen[site.name] = reason
 
 
-def _fold_partner(node, modules, sites):
-    """(layer node, "after" | "before", None) to fold the BN at ``node`` into; (None, None, why)."""
-    producer = node.args[0]
+def _remove(gm: fx.GraphModule, site: _Site) -> None:
+    """Take a folded batch norm out of the graph; a module's drop layer and activation stay."""
+    if site.module is not None and site.tail is not None:
+        _replace_modules(gm, {id(site.module): site.tail})
+        return
+    site.node.replace_all_uses_with(site.input)
+    gm.graph.erase_node(site.node)
+
+
+def _install_frozen(gm: fx.GraphModule, site: _Site) -> None:
+    """Put the batch norm's fixed map in its place: the module swapped at every place it appears
+    (a shared layer stays shared), a functional call replaced by a call of ``<name>.frozen``."""
+    if site.module is not None:
+        _replace_modules(gm, {id(site.module): site.frozen})
+        return
+    prefix = f"{site.owner}." if site.owner else ""
+    target, suffix = f"{prefix}frozen", 0
+    while _exists(gm, target):
+        suffix += 1
+        target = f"{prefix}frozen_{suffix}"
+    gm.add_submodule(target, site.frozen)
+    with gm.graph.inserting_before(site.node):
+        call = gm.graph.call_module(target, (site.input,))
+    call.meta = dict(site.node.meta)
+    site.node.replace_all_uses_with(call)
+    gm.graph.erase_node(site.node)
+
+
+def _exists(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_submodule(target)
+    except AttributeError:
+        return False
+    return True
+
+
+_METADATA = ("ndim", "shape", "dtype", "device")
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node``'s values: not those that read only its shape, dtype or device (such as
+    timm's ``_assert(x.ndim == 4)``), which a fold leaves as they are."""
+    return [
+        user
+        for user in node.users
+        if not (
+            (user.op == "call_function" and user.target is getattr and user.args[1] in _METADATA)
+            or (user.op == "call_method" and user.target in ("size", "dim"))
+        )
+    ]
+
+
+def _fold_partner(site: _Site, modules, sites):
+    """(layer node, "after" | "before", None) to fold the BN ``site`` into; (None, None, why)."""
+    node, producer = site.node, site.input
     if isinstance(producer, fx.Node) and producer.op == "call_module":
         layer = modules[producer.target]
         why = _why_not_after(layer, producer, sites)
@@ -588,7 +886,9 @@ def _fold_partner(node, modules, sites):
             return producer, "after", None
     else:
         why = "its input does not come from a layer"
-    users = list(node.users)
+    if site.tail is not None:
+        return None, None, f"cannot fold after ({why}); its activation comes before what follows"
+    users = _value_users(node)
     if len(users) != 1 or users[0].op != "call_module":
         return None, None, f"cannot fold after ({why}); its output is not used by exactly one layer"
     consumer = users[0]
@@ -601,7 +901,7 @@ def _fold_partner(node, modules, sites):
 def _why_not_after(layer, producer, sites) -> Optional[str]:
     if not isinstance(layer, (nn.Linear, *_CONV, *_CONV_TRANSPOSE)):
         return f"{type(layer).__name__} is not a Linear/Conv/ConvTranspose"
-    if len(producer.users) != 1:
+    if len(_value_users(producer)) != 1:
         return f"the output of {producer.target} is also used elsewhere"
     if sites[producer.target] > 1:
         return f"{producer.target} is shared by {sites[producer.target]} call sites"

@@ -19,7 +19,16 @@ from .batchnorm import (
 )
 from .bnlstm import BNLSTM, BNLSTMCell
 from .convert import ConversionWarning, convert, revert
-from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .frozen import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    FrozenBatchNormAct,
+    FrozenBatchNormAct1d,
+    FrozenBatchNormAct2d,
+    FrozenBatchNormAct3d,
+)
 from .ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .layernorm import LayerNorm
 from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -39,6 +48,10 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "FrozenBatchNormAct",
+    "FrozenBatchNormAct1d",
+    "FrozenBatchNormAct2d",
+    "FrozenBatchNormAct3d",
     "BatchRenorm",
     "BatchRenorm1d",
     "BatchRenorm2d",

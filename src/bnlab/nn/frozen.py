@@ -1,13 +1,28 @@
-"""Frozen batch norm: Algorithm 2's inference transform as a fixed affine layer."""
+"""Frozen batch norm: Algorithm 2's inference transform as a fixed affine layer, alone or followed
+by the drop layer and activation of a batch norm + activation module."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..kernels.composite import accumulation_dtype, per_channel
+from ..checks import ACTIVATIONS
+from ..kernels.composite import accumulation_dtype, activate, per_channel
+from .act import BatchNormAct
 
-__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+__all__ = [
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "FrozenBatchNormAct",
+    "FrozenBatchNormAct1d",
+    "FrozenBatchNormAct2d",
+    "FrozenBatchNormAct3d",
+    "Activation",
+]
 
 
 class FrozenBatchNorm(nn.Module):
@@ -43,21 +58,47 @@ class FrozenBatchNorm(nn.Module):
 
     @classmethod
     def from_batch_norm(cls, bn: nn.Module) -> "FrozenBatchNorm":
-        """The frozen counterpart of a bnlab or torch.nn batch norm with running statistics."""
+        """The frozen counterpart of a bnlab or torch.nn batch norm with running statistics.
+
+        A batch norm that applies an activation or drop layer after normalizing (bnlab's
+        BatchNormAct, timm's BatchNormAct2d, anything with ``act`` / ``drop`` modules) is refused
+        here: :meth:`FrozenBatchNormAct.from_batch_norm` keeps them.
+        """
+        if not issubclass(cls, FrozenBatchNormAct) and _has_activation(bn):
+            raise ValueError(
+                f"{type(bn).__name__} applies an activation or drop layer after normalizing; "
+                f"{cls.__name__} would drop it: use FrozenBatchNormAct.from_batch_norm"
+            )
         if getattr(bn, "running_mean", None) is None:
             raise ValueError(
                 f"cannot freeze {type(bn).__name__}: it has no running statistics "
                 "(track_running_stats=False normalizes with batch statistics even in eval mode)"
             )
-        mean, var = bn.running_mean, bn.running_var
-        frozen = cls(mean.numel(), bn.eps, device=mean.device, dtype=mean.dtype)
+        return cls.from_statistics(
+            bn.running_mean, bn.running_var, _effective_weight(bn), bn.bias, bn.eps
+        )
+
+    @classmethod
+    def from_statistics(
+        cls,
+        running_mean: Tensor,
+        running_var: Tensor,
+        weight: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None,
+        eps: float = 1e-5,
+    ) -> "FrozenBatchNorm":
+        """The fixed map of ``batch_norm(x, running_mean, running_var, weight, bias, eps=eps)`` in
+        eval mode (copies of the tensors; weight None means 1, bias None means 0)."""
+        frozen = cls(
+            running_mean.numel(), eps, device=running_mean.device, dtype=running_mean.dtype
+        )
         with torch.no_grad():
-            frozen.running_mean.copy_(mean)
-            frozen.running_var.copy_(var)
-            if bn.weight is not None:
-                frozen.weight.copy_(bn.weight)
-            if bn.bias is not None:
-                frozen.bias.copy_(bn.bias)
+            frozen.running_mean.copy_(running_mean)
+            frozen.running_var.copy_(running_var)
+            if weight is not None:
+                frozen.weight.copy_(weight)
+            if bias is not None:
+                frozen.bias.copy_(bias)
         return frozen
 
     def scale_and_shift(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
@@ -97,3 +138,92 @@ class FrozenBatchNorm2d(FrozenBatchNorm):
 
 class FrozenBatchNorm3d(FrozenBatchNorm):
     """Frozen batch norm for (N, C, D, H, W) input."""
+
+
+def _effective_weight(bn: nn.Module) -> Optional[Tensor]:
+    """The gamma ``bn`` normalizes with: |gamma| + eps in bnlab's in-place activated mode (Rota Bulo
+    et al., CVPR 2018, section 3.2: the inversion must never divide by zero), else its weight."""
+    if isinstance(bn, BatchNormAct) and bn.inplace and bn.weight is not None:
+        return bn.weight.detach().abs() + bn.eps
+    return bn.weight
+
+
+def _has_activation(bn: nn.Module) -> bool:
+    """Whether ``bn`` applies something after normalizing: a bnlab activation other than identity,
+    or ``act`` / ``drop`` modules other than nn.Identity (timm's BatchNormAct2d convention)."""
+    if isinstance(bn, BatchNormAct):
+        return bn.activation != "identity" or bn.inplace
+    return any(
+        isinstance(getattr(bn, key, None), nn.Module)
+        and not isinstance(getattr(bn, key), nn.Identity)
+        for key in ("drop", "act")
+    )
+
+
+class Activation(nn.Module):
+    """bnlab's activation ``activation`` (one of :data:`bnlab.functional.ACTIVATIONS`) as a module,
+    computed as bnlab's BatchNormAct computes it after normalizing."""
+
+    def __init__(self, activation: str, activation_param: float = 0.0) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        self.activation, self.activation_param = activation, float(activation_param)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return activate(x, self.activation, self.activation_param)
+
+    def extra_repr(self) -> str:
+        return f"{self.activation!r}, activation_param={self.activation_param}"
+
+
+class FrozenBatchNormAct(FrozenBatchNorm):
+    """A frozen batch norm, then its drop layer and activation: ``act(drop(frozen_bn(x)))``.
+
+    What a batch norm + activation module (bnlab's BatchNormAct, timm's BatchNormAct2d) computes in
+    eval mode. ``state_dict``: FrozenBatchNorm's keys, plus those of ``drop`` and ``act`` (if any),
+    as in timm's FrozenBatchNormAct2d.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+        *,
+        drop: Optional[nn.Module] = None,
+        act: Optional[nn.Module] = None,
+    ) -> None:
+        super().__init__(num_features, eps, device=device, dtype=dtype)
+        self.drop = nn.Identity() if drop is None else drop
+        self.act = nn.Identity() if act is None else act
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.Module) -> "FrozenBatchNormAct":
+        """The frozen counterpart of a batch norm followed by an activation. Keeps ``bn.drop`` and
+        ``bn.act`` (the same module objects) when it has them as modules, else makes bnlab's
+        string ``activation`` a module (:class:`Activation`); in-place activated batch norm's
+        gamma becomes |gamma| + eps."""
+        frozen = super().from_batch_norm(bn)
+        if isinstance(bn, BatchNormAct) and not isinstance(getattr(bn, "act", None), nn.Module):
+            frozen.act = Activation(bn.activation, bn.activation_param)
+        for key in ("drop", "act"):
+            if isinstance(getattr(bn, key, None), nn.Module):
+                setattr(frozen, key, getattr(bn, key))
+        return frozen
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class FrozenBatchNormAct1d(FrozenBatchNormAct, FrozenBatchNorm1d):
+    """Frozen batch norm + activation for (N, C) or (N, C, L) input."""
+
+
+class FrozenBatchNormAct2d(FrozenBatchNormAct, FrozenBatchNorm2d):
+    """Frozen batch norm + activation for (N, C, H, W) input (timm's BatchNormAct2d frozen)."""
+
+
+class FrozenBatchNormAct3d(FrozenBatchNormAct, FrozenBatchNorm3d):
+    """Frozen batch norm + activation for (N, C, D, H, W) input."""
