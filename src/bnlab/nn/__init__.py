@@ -16,6 +16,7 @@ from .batchnorm import (
     BatchNorm2d,
     BatchNorm3d,
     replace_all_batch_norm_modules_,
+    set_statistics,
 )
 from .bnlstm import BNLSTM, BNLSTMCell
 from .convert import ConversionWarning, convert, revert
@@ -40,6 +41,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "replace_all_batch_norm_modules_",
+    "set_statistics",
     "LayerNorm",
     "convert",
     "revert",

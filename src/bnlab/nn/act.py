@@ -12,6 +12,8 @@ from typing import Optional
 from torch import Tensor
 
 from .. import functional as F
+from ..checks import check_activation
+from ..kernels.composite import activate
 from .batchnorm import BatchNorm
 
 __all__ = [
@@ -72,6 +74,12 @@ class BatchNormAct(BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if self._mixing():  # prediction-time statistics (set_statistics): never in place
+            weight = self.weight
+            if self.inplace and weight is not None:  # as the in-place op takes gamma
+                weight = weight.abs() + self.eps
+            activation, param = check_activation(self.activation, self.activation_param, False)
+            return activate(self._mixed(input, weight=weight), activation, param)
         return F.batch_norm_act(
             input,
             **self._functional_args(),

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..kernels.composite import accumulation_dtype, per_channel, reduction_dims
 
 __all__ = [
     "BatchNorm",
@@ -20,6 +21,8 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "replace_all_batch_norm_modules_",
+    "set_statistics",
+    "STATISTICS_MODES",
 ]
 
 
@@ -30,6 +33,9 @@ class _NormBase(nn.Module):
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
     strict: bool = False  # class-level defaults too, for modules built by bnlab.convert
     backend: Optional[str] = None
+    # which statistics normalize (see bnlab.nn.set_statistics): plain attributes, not state_dict
+    statistics: str = "standard"
+    statistics_alpha: Optional[float] = None
 
     def __init__(
         self,
@@ -166,25 +172,79 @@ class BatchNorm(_NormBase):
         """Normalize ``input``; an optional bool ``mask`` (N, *spatial) restricts the batch
         statistics to its True positions (see :func:`bnlab.functional.batch_norm`)."""
         self._check_input_dim(input)
+        if self._mixing():
+            return self._mixed(input, mask)
         return F.batch_norm(
             input, **self._functional_args(), mask=mask, strict=self.strict, backend=self.backend
         )
 
     def _functional_args(self) -> dict:
-        """Statistics, parameters and mode as torch.nn decides them: batch statistics in training
-        or without running ones; running statistics updated only when tracked."""
+        """Statistics, parameters and mode as torch.nn decides them (``statistics="standard"``:
+        batch statistics in training or without running ones; running statistics updated only
+        when tracked), or as the layer's statistics mode fixes them (see :func:`set_statistics`).
+        """
+        mode = _statistics_mode(self)
         running_mean = self._registered("running_mean")
-        use_running = not self.training or self.track_running_stats
+        if mode == "standard":
+            use_running = not self.training or self.track_running_stats
+            training = self.training or running_mean is None
+        else:
+            if mode == "running" and running_mean is None:
+                raise ValueError(
+                    f"{type(self).__name__} has no running statistics (track_running_stats=False)"
+                    " to normalize with: statistics='running' needs them"
+                )
+            use_running, training = mode == "running", mode == "batch"
         return dict(
             running_mean=running_mean if use_running else None,
             running_var=self._registered("running_var") if use_running else None,
             weight=self._registered("weight"),
             bias=self._registered("bias"),
-            training=self.training or running_mean is None,
+            training=training,
             momentum=self.momentum,
             eps=self.eps,
             num_batches_tracked=self._registered("num_batches_tracked") if use_running else None,
         )
+
+    def _mixing(self) -> bool:
+        """statistics="mix" with 0 < alpha < 1 (alpha 0 and 1 run as "running" and "batch")."""
+        return _statistics_mode(self) == "mix"
+
+    def _mixed(self, input: Tensor, mask: Optional[Tensor] = None, weight="own") -> Tensor:
+        r"""Prediction-time batch norm: with the batch's mean and biased variance
+        :math:`\mu_B, \sigma_B^2` and alpha = ``statistics_alpha``,
+
+        .. math::
+            \mu = (1 - \alpha)\,\mathrm{running\_mean} + \alpha\,\mu_B, \quad
+            \sigma^2 = (1 - \alpha)\,\mathrm{running\_var} + \alpha\,\sigma_B^2, \quad
+            y = \gamma\,(x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta
+
+        (Nado et al. 2020, "Evaluating prediction-time batch normalization", Section 3; Schneider
+        et al. 2020). Nothing is updated. Differentiable through the batch statistics.
+        ``weight``: gamma as the caller's op takes it (default: the layer's own).
+        """
+        weight = self.weight if isinstance(weight, str) else weight
+        if mask is not None:
+            raise ValueError("statistics='mix' does not take a mask")
+        if self.running_mean is None:
+            raise ValueError(
+                f"{type(self).__name__} has no running statistics (track_running_stats=False) "
+                "to mix with the batch's"
+            )
+        acc = accumulation_dtype(input.dtype)
+        var_b, mean_b = torch.var_mean(input.to(acc), dim=reduction_dims(input), correction=0)
+        alpha = float(self.statistics_alpha)
+        mean = torch.lerp(self.running_mean.to(acc), mean_b, alpha)
+        var = torch.lerp(self.running_var.to(acc), var_b, alpha)
+        scale = torch.rsqrt(var + self.eps)
+        if weight is not None:
+            scale = scale * weight.to(acc)
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.to(acc)
+        return torch.addcmul(
+            per_channel(shift, input), input.to(acc), per_channel(scale, input)
+        ).to(input.dtype)
 
     def _registered(self, name: str):
         """A parameter or buffer straight from its registry (nn.Module.__getattr__ made up a third
@@ -227,3 +287,70 @@ def replace_all_batch_norm_modules_(root: nn.Module) -> nn.Module:
             module.num_batches_tracked = None
             module.track_running_stats = False
     return root
+
+
+STATISTICS_MODES = ("standard", "running", "batch", "mix")
+
+
+def _statistics_mode(layer: nn.Module) -> str:
+    """The layer's statistics mode, with "mix" at alpha 0 / 1 as "running" / "batch"."""
+    mode = layer.statistics
+    if mode == "mix":
+        alpha = layer.statistics_alpha
+        if alpha is None or not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"statistics='mix' needs statistics_alpha in [0, 1], got {alpha!r}")
+        return "running" if alpha == 0 else "batch" if alpha == 1 else "mix"
+    if mode not in STATISTICS_MODES:
+        raise ValueError(f"unknown statistics mode {mode!r}; expected one of {STATISTICS_MODES}")
+    return mode
+
+
+def set_statistics(model: nn.Module, mode: str, alpha: Optional[float] = None) -> int:
+    """Fix which statistics every bnlab batch norm of ``model`` normalizes with, whatever
+    ``.train()`` / ``.eval()`` later say; returns the number of layers set.
+
+    - ``"standard"``: torch.nn's behaviour (batch statistics and an update in training, the
+      running ones in eval); the default.
+    - ``"running"``: always the running statistics, never an update: fine-tuning with frozen
+      batch norm (the affine parameters still train).
+    - ``"batch"``: always the current batch's statistics, never an update: test-time batch
+      statistics (AdaBN-style evaluation) without overwriting the running ones.
+    - ``"mix"`` with ``alpha`` in [0, 1]: (1 - alpha) x running + alpha x batch mean and
+      (biased) variance, never an update: prediction-time batch norm (Nado et al. 2020).
+
+    The mode is the attribute ``statistics`` (and ``statistics_alpha``) of each layer, kept out
+    of ``state_dict``, which stays torch.nn's key for key. torch.nn batch norms cannot take a mode:
+    they raise here, naming them (``bnlab.convert(model)`` first), and so do layers whose
+    statistics are fixed otherwise (frozen) or are not a plain batch norm's (BN-LSTM), unless the
+    mode is "standard". For export, :func:`bnlab.inference.freeze` is the tool: it replaces the
+    layers by fixed affine maps (torchvision's format); ``"running"`` keeps the model trainable.
+    """
+    if mode not in STATISTICS_MODES:
+        raise ValueError(f"unknown statistics mode {mode!r}; expected one of {STATISTICS_MODES}")
+    if mode == "mix" and (alpha is None or not 0.0 <= float(alpha) <= 1.0):
+        raise ValueError(f"statistics='mix' needs alpha in [0, 1], got {alpha!r}")
+    if mode != "mix" and alpha is not None:
+        raise ValueError(f"alpha is for statistics='mix' only, got it with {mode!r}")
+    layers, refused = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, BatchNorm):
+            layers.append(module)
+        elif _has_own_statistics(module) and mode != "standard":
+            refused.append(f"{name or '<root>'} ({type(module).__name__})")
+    if refused:
+        raise ValueError(
+            f"set_statistics({mode!r}) cannot set {len(refused)} layer(s) that are not bnlab batch "
+            f"norms: {', '.join(refused[:10])}{' ...' if len(refused) > 10 else ''}; convert "
+            "torch.nn layers first (bnlab.convert(model))"
+        )
+    for module in layers:
+        module.statistics = mode
+        module.statistics_alpha = None if alpha is None else float(alpha)
+    return len(layers)
+
+
+def _has_own_statistics(module: nn.Module) -> bool:
+    """A normalization layer with running statistics that is not a bnlab BatchNorm."""
+    return "running_mean" in module._buffers or any(
+        key.startswith("running_mean") for key in module._buffers
+    )

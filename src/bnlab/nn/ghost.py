@@ -124,8 +124,9 @@ class GhostBatchNorm(BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         sizes = ghost_batch_sizes(input.shape[0], self.virtual_batch_size)
-        if not self.training or len(sizes) == 1:
-            return super().forward(input)  # eval, or one virtual batch: plain batch norm
+        if not self.training or len(sizes) == 1 or self.statistics != "standard":
+            # eval, one virtual batch, or fixed statistics (set_statistics): plain batch norm
+            return super().forward(input)
         k, vbs = len(sizes) - (sizes[-1] != self.virtual_batch_size), self.virtual_batch_size
         head = _split_channels(input[: k * vbs], k)  # (vbs, k*C, *): the k equal virtual batches
         tail = input[k * vbs :]  # (vbs + remainder, C, *) or empty

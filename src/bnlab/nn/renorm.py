@@ -181,9 +181,10 @@ class BatchRenorm(BatchNorm):
         return weight, bias
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training or not input.is_floating_point():
+        if not self.training or not input.is_floating_point() or self.statistics != "standard":
             # inference: plain batch norm with the running statistics (and batch_norm's clear error
-            # for a non-float input, which torch.var_mean would reject less clearly)
+            # for a non-float input, which torch.var_mean would reject less clearly); fixed
+            # statistics (set_statistics): plain batch norm with them
             return super().forward(input)
         self._check_input_dim(input)
         weight, bias = self._renormalized_affine(input)

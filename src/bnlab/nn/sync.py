@@ -98,9 +98,21 @@ class SyncBatchNorm(BatchNorm):
         self.timeout = D.as_timeout(timeout)
         self._sync_calls = 0
 
+    def _fixed_statistics_forward(self, input: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """statistics="running" needs no other rank; batch or mixed statistics across ranks are
+        not implemented (each rank's own would silently differ from the synchronized ones)."""
+        if self._functional_args()["training"] or self._mixing():
+            raise NotImplementedError(
+                f"SyncBatchNorm with statistics={self.statistics!r}: only 'standard' and "
+                "'running' are implemented across processes"
+            )
+        return super().forward(input, mask)
+
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
         check_mask(mask, input)
+        if self.statistics != "standard":
+            return self._fixed_statistics_forward(input, mask)
         group = D.resolve_group(self.process_group) if self.training else None
         masked_stats = mask is not None and (self.training or self.running_mean is None)
         if group is None and not masked_stats:
