@@ -216,3 +216,60 @@ def test_checkpointing_inside_accumulate_records_each_micro_batch_once():
             checkpointed(model, x.requires_grad_(), False).sum().backward()
     assert [r.merged for r in acc.report] == [PARTS] * 3
     assert int(model[0][1].num_batches_tracked) == 1
+
+
+def merged_rows(parts: list[tuple[torch.Tensor, torch.Tensor, int]]):
+    """Per step (row): Chan's merge of (mean, biased var, count) parts; unbiased var."""
+    n = sum(k for _, _, k in parts)
+    mean = sum(m * k for m, _, k in parts) / n
+    m2 = sum(v * k + k * (m - mean).square() for m, v, k in parts)
+    return mean, m2 / (n - 1)
+
+
+@pytest.mark.parametrize("constant_prefix", [0, 3])
+def test_bnlstm_merges_each_time_step_over_the_micro_batches(constant_prefix):
+    torch.manual_seed(7)
+    cell = bn.BNLSTMCell(3, 4, max_length=6).double()
+    observed = []
+    cell.observer = lambda which, t0, mean, var, count: observed.append(
+        (which, t0, mean.detach().clone(), var.detach().clone(), count)
+    )
+    xs = [torch.randn(6, MICRO, 3, dtype=torch.float64) for _ in range(PARTS)]
+    for x in xs:
+        x[:constant_prefix] = 0.5  # the same pixels in every sequence: the constant path
+    before = {k: v.clone() for k, v in cell.named_buffers()}
+    with bnlab.accumulate(cell):
+        for x in xs:
+            cell.forward_sequence(x)[0].sum().backward()
+    assert int(cell.num_batches_tracked) == int(before["num_batches_tracked"]) + 1
+    for which in "xhc":
+        rows = {}
+        for w, t0, mean, var, count in observed:
+            if w == which:
+                for s in range(mean.shape[0]):
+                    rows.setdefault(t0 + s, []).append((mean[s], var[s], count))
+        assert sorted(rows) == list(range(6))
+        for t, parts in rows.items():
+            assert len(parts) == PARTS
+            mean, var = merged_rows(parts)
+            expected_mean = 0.9 * before[f"running_mean_{which}"][t] + 0.1 * mean
+            expected_var = 0.9 * before[f"running_var_{which}"][t] + 0.1 * var
+            got_mean = getattr(cell, f"running_mean_{which}")[t]
+            got_var = getattr(cell, f"running_var_{which}")[t]
+            torch.testing.assert_close(got_mean, expected_mean, rtol=0, atol=1e-12)
+            torch.testing.assert_close(got_var, expected_var, rtol=0, atol=1e-11)
+
+
+def test_bnlstm_input_statistics_equal_one_forward_of_the_whole_batch():
+    torch.manual_seed(8)
+    whole, accumulated = (bn.BNLSTMCell(3, 4, max_length=5).double() for _ in range(2))
+    accumulated.load_state_dict(whole.state_dict())
+    xs = [torch.randn(5, MICRO, 3, dtype=torch.float64) for _ in range(PARTS)]
+    whole.forward_sequence(torch.cat(xs, 1))
+    with bnlab.accumulate(accumulated):
+        for x in xs:
+            accumulated.forward_sequence(x)
+    for key in ("running_mean_x", "running_var_x", "num_batches_tracked"):
+        torch.testing.assert_close(
+            getattr(accumulated, key), getattr(whole, key), rtol=0, atol=1e-12
+        )

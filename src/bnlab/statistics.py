@@ -38,6 +38,7 @@ __all__ = [
     "accumulate",
     "recomputing",
     "updates_deferred",
+    "count_batch",
 ]
 
 Count = Union[int, Tensor]
@@ -246,6 +247,19 @@ def updates_deferred(running_mean: Optional[Tensor]) -> bool:
     return recomputing() or any(acc.holds(running_mean) for acc in _ACTIVE)
 
 
+def count_batch(num_batches_tracked: Tensor) -> None:
+    """One more training batch for a layer that keeps its own counter beside statistics it
+    records per part (BN-LSTM: one counter, statistics per time step): +1 now, or once at the
+    exit of the :class:`accumulate` holding it, or not at all while a checkpoint recomputes."""
+    if recomputing():
+        return
+    for acc in reversed(_ACTIVE):
+        if acc.holds(num_batches_tracked):
+            acc.counters[num_batches_tracked.untyped_storage().data_ptr()] = num_batches_tracked
+            return
+    num_batches_tracked.add_(1)
+
+
 def _buffer_key(t: Tensor) -> tuple:
     """The memory a buffer (or a view into one, e.g. a BN-LSTM time step's rows) occupies."""
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -345,9 +359,10 @@ class accumulate:
         self._parts: dict[tuple, _Parts] = {}
 
     def __enter__(self) -> "accumulate":
-        buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+        buffers = list(self.model.named_buffers())
         self._names = {_buffer_key(b): _layer_name(name) for name, b in buffers}
         self._storages = {b.untyped_storage().data_ptr() for _, b in buffers}
+        self.counters: dict[int, Tensor] = {}
         self._parts = {}
         self.report = []
         _ACTIVE.append(self)
@@ -401,6 +416,8 @@ class accumulate:
             n, mean, unbiased_var = _merged(parts, keep)
             self.report.append(AccumulatedLayer(name, len(keep), len(finite) - len(keep), n))
             _apply(*parts.buffers, mean, unbiased_var, parts.momentum, None)
+        for counter in self.counters.values():
+            counter.add_(1)
 
 
 def _merged(parts: _Parts, keep: list[int]) -> tuple[float, Tensor, Tensor]:

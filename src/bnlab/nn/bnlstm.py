@@ -56,7 +56,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..statistics import unbiased_factor, update_running_stats
+from ..statistics import count_batch, unbiased_factor, update_running_stats, updates_deferred
 
 __all__ = ["BNLSTMCell", "BNLSTM"]
 
@@ -192,15 +192,7 @@ class BNLSTMCell(nn.Module):
                 self.observer("x", t0, mean, var, k)
             # EMA with the unbiased variance, as torch.batch_norm does for h and c below, and
             # skipped for non-finite statistics
-            update_running_stats(
-                self.running_mean_x[rows],
-                self.running_var_x[rows],
-                None,
-                mean,
-                var * unbiased_factor(k),
-                self.momentum,
-                count=k,
-            )
+            self._record("x", t0, mean, var * unbiased_factor(k), k)
             mean = None  # x is centred already
         else:
             mean, var = self.running_mean_x[rows], self.running_var_x[rows]
@@ -226,6 +218,30 @@ class BNLSTMCell(nn.Module):
             self._observe("c", t, c)
         return o * torch.tanh(self._bn(c, "c", r, self.weight_c, self.bias_c)), c
 
+    def _record(self, which: str, t0: int, mean: Tensor, unbiased_var: Tensor, count: int) -> None:
+        """Fold steps t0, t0 + 1, ...'s statistics (S, F) into their rows of the running ones.
+        Deferred (bnlab.accumulate): one record per step, each step's rows being their own batch
+        norm, so that micro-batches processed in different chunks of steps still merge per step."""
+        running_mean = getattr(self, f"running_mean_{which}")
+        running_var = getattr(self, f"running_var_{which}")
+        steps = range(t0, t0 + mean.shape[0])
+        if not updates_deferred(running_mean):
+            rows = slice(steps.start, steps.stop)
+            update_running_stats(
+                running_mean[rows], running_var[rows], None, mean, unbiased_var, self.momentum
+            )
+            return
+        for s, t in enumerate(steps):
+            update_running_stats(
+                running_mean[t],
+                running_var[t],
+                None,
+                mean[s],
+                unbiased_var[s],
+                self.momentum,
+                count=count,
+            )
+
     def _bn(self, x: Tensor, which: str, r: int, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         """Step r's BN of x (k, F): torch.batch_norm in training (batch statistics, fused running
         update); in eval, the running statistics, features of variance 0 giving the shift."""
@@ -233,6 +249,16 @@ class BNLSTMCell(nn.Module):
             getattr(self, f"running_mean_{which}")[r],
             getattr(self, f"running_var_{which}")[r],
         )
+        if self.training and updates_deferred(mean):  # ATen's update must wait: record instead
+            y, batch_mean, invstd = torch.native_batch_norm(
+                x, weight, bias, mean.clone(), var.clone(), True, 0.0, self.eps
+            )
+            batch_var = (invstd.detach().double().reciprocal().square() - self.eps).clamp(min=0)
+            k = x.shape[0]
+            self._record(
+                which, r, batch_mean.detach()[None], (batch_var * k / (k - 1)).to(x.dtype)[None], k
+            )
+            return y
         if self.training:
             return torch.batch_norm(
                 x, weight, bias, mean, var, True, self.momentum, self.eps, False
@@ -282,8 +308,11 @@ class BNLSTMCell(nn.Module):
                 "c": torch.stack([v[0] for v in cs]),
             }
             for which, mean in means.items():  # torch.batch_norm's update, variance 0
-                getattr(self, f"running_mean_{which}")[rows].lerp_(mean, self.momentum)
-                getattr(self, f"running_var_{which}")[rows].mul_(1 - self.momentum)
+                if updates_deferred(self.running_mean_x):
+                    self._record(which, 0, mean, torch.zeros_like(mean), N)
+                else:
+                    getattr(self, f"running_mean_{which}")[rows].lerp_(mean, self.momentum)
+                    getattr(self, f"running_var_{which}")[rows].mul_(1 - self.momentum)
                 if self.observer is not None:
                     self.observer(which, 0, mean, torch.zeros_like(mean), N)
         return h_out.expand(S, N, H), (h_out.expand(N, H), c)
@@ -317,7 +346,7 @@ class BNLSTMCell(nn.Module):
             self._rows(t, t + 1)
             _require_two(k, f"step {t}")
             if t == 0:
-                self.num_batches_tracked.add_(1)
+                count_batch(self.num_batches_tracked)
         xs, hs, cs = (input, h, c) if idx is None else (input[idx], h[idx], c[idx])
         wx = self._input_term(xs.unsqueeze(0), t)[0]
         h_new, c_new = self._step(wx, hs, cs, t, self.weight_hh.t())
@@ -354,7 +383,7 @@ class BNLSTMCell(nn.Module):
             self._rows(0, steps)
             for a, _, k in runs:
                 _require_two(k, f"step {a}" + ("" if order is None else f" (lengths {lens})"))
-            self.num_batches_tracked.add_(1)
+            count_batch(self.num_batches_tracked)
         weight_hh_t = self.weight_hh.t()
         outputs, done_h, done_c = [], [], []
         if self.training:
