@@ -2,8 +2,9 @@
 
 Automatic selection sends here what bnlab's own kernels do not do better: on the CPU, inputs whose
 channels are the innermost dimension ((N, C) with many channels, channels_last) where PyTorch's
-vectorized per-channel loops are already near memory speed, and small tensors, where a call's fixed
-cost outweighs the kernel. Same contract as :mod:`bnlab.kernels.composite`: bnlab still owns the
+vectorized per-channel loops are already near memory speed, small tensors, where a call's fixed
+cost outweighs the kernel, and float16/bfloat16 inputs (ATen's mixed-precision kernel, float32
+statistics: what torch.nn runs under autocast). Same contract as :mod:`bnlab.kernels.composite`: bnlab still owns the
 running statistics, the non-finite guard and the argument checks; only the arithmetic runs in ATen.
 A fused activation is ATen's batch norm followed by PyTorch's activation. Eager CPU calls skip
 these kernel functions: :func:`eager_batch_norm` runs the whole op as ATen's differentiable op.
@@ -22,28 +23,48 @@ from . import composite
 from .composite import laid_out_like
 
 _DTYPES = (torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def supports(op: str, x: Tensor) -> bool:
     """Batch norm without a mask (plain or with a fused activation), training or eval, in
-    float32/float64."""
+    float32/float64, and float16/bfloat16 through ATen's mixed-precision kernel (float32
+    statistics and parameters, as torch.nn runs under autocast)."""
     return (
         op in ("batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_act")
-        and x.dtype in _DTYPES
+        and (x.dtype in _DTYPES or x.dtype in _HALF)
         and x.numel() > 0
     )
+
+
+def _statistics_dtype(x: Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in _HALF else x.dtype
+
+
+def _mixed_params(x: Tensor, weight, bias):
+    """gamma and beta as ATen's kernel takes them: for half inputs float32 (ones and zeros where
+    absent), which selects its mixed-precision kernel: float32 arithmetic and statistics, one
+    rounding of the output to the input's type."""
+    if x.dtype not in _HALF:
+        return weight, bias
+    channels = x.shape[1]
+    weight = x.new_ones(channels, dtype=torch.float32) if weight is None else weight.float()
+    bias = x.new_zeros(channels, dtype=torch.float32) if bias is None else bias.float()
+    return weight, bias
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_forward`. The batch variance comes back
     from ATen's saved 1 / sqrt(var + eps)."""
+    weight, bias = _mixed_params(x, weight, bias)
     if training:  # no running statistics here: bnlab updates them itself
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, None, None, True, 0.0, eps
         )
         return laid_out_like(y, x), mean, (invstd.reciprocal().square() - eps).clamp_(min=0.0)
+    dtype = _statistics_dtype(x)
     y, _, _ = torch.ops.aten.native_batch_norm(
-        x, weight, bias, running_mean.to(x.dtype), running_var.to(x.dtype), False, 0.0, eps
+        x, weight, bias, running_mean.to(dtype), running_var.to(dtype), False, 0.0, eps
     )
     empty = x.new_empty((0,))
     return laid_out_like(y, x), empty, empty.clone()
@@ -77,6 +98,8 @@ def eager_batch_norm(
     """
     if input.device.type != "cpu" or torch.compiler.is_compiling():
         return None
+    if input.dtype in _HALF and not _ready_for_mixed(weight, bias, running):
+        return None  # the kernels' path casts gamma and beta for ATen's mixed kernel
     running_mean, running_var, num_batches_tracked = (
         running.mean,
         running.var,
@@ -114,6 +137,13 @@ def eager_batch_norm(
     return composite.activate(laid_out_like(y, input), activation, param)
 
 
+def _ready_for_mixed(weight, bias, running: RunningStatistics) -> bool:
+    """Whether ATen's mixed-precision kernel takes these as they are (float32 gamma, and float32
+    beta and running statistics where present), returning float32 statistics."""
+    present = [t for t in (bias, running.mean, running.var) if t is not None]
+    return weight is not None and all(t.dtype == torch.float32 for t in (weight, *present))
+
+
 def _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, param) -> Tensor:
     """:func:`eager_batch_norm` whose update must wait (gradient accumulation, or a checkpointed
     forward being recomputed): ATen's op runs on copies of the running statistics, so that it saves
@@ -143,9 +173,12 @@ def batch_norm_backward(
 ):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_backward`."""
     if mean is None:  # statistics recomputed from x
-        var, mean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
-    mean, var = mean.to(x.dtype), var.to(x.dtype)
+        var, mean = torch.var_mean(
+            x.to(_statistics_dtype(x)), [0, *range(2, x.dim())], correction=0
+        )
     wanted = [output_mask[0], weight is not None and output_mask[1], output_mask[2]]
+    weight = _mixed_params(x, weight, None)[0]
+    mean, var = mean.to(_statistics_dtype(x)), var.to(_statistics_dtype(x))
     if training:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, weight, None, None, mean, torch.rsqrt(var + eps), True, eps, wanted
