@@ -61,10 +61,6 @@ ACTIVATION_CODES = {
     "gelu": 7,
     "gelu_tanh": 8,
 }
-_SQRT1_2: tl.constexpr = 0.7071067811865476  # 1 / sqrt(2)
-_INV_SQRT_2PI: tl.constexpr = 0.3989422804014327  # 1 / sqrt(2 pi)
-_TANH_BETA: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi): gelu_tanh, as torch's
-_TANH_KAPPA: tl.constexpr = 0.044715
 _TILE = 4096  # values per elementwise tile: 16 per thread at 8 warps
 _REDUCE_TILE = 2048  # values per reduction tile: 8 per thread, x3 running summaries
 _PROGRAMS_PER_SM = 4  # reduction programs per SM: enough to hide latency, few partials to merge
@@ -101,8 +97,10 @@ def _relu6_over_6(z):
 @triton.jit
 def _tanh_gate(z):
     """(1 + tanh(u)) / 2 = sigmoid(2 u), u = sqrt(2 / pi) (z + 0.044715 z^3): gelu_tanh's factor,
-    without the cancellation of 1 + tanh(u) for negative u (Triton has no tanh of its own)."""
-    return tl.sigmoid(2.0 * _TANH_BETA * (z + _TANH_KAPPA * z * z * z))
+    without the cancellation of 1 + tanh(u) for negative u (Triton has no tanh of its own).
+    Constants are literals: a global would have to be a tl.constexpr, which the interpreter
+    cannot multiply a tensor by."""
+    return tl.sigmoid(2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z))
 
 
 @triton.jit
@@ -121,7 +119,7 @@ def _activate(z, param, ACT: tl.constexpr):
     elif ACT == 6:
         z = _relu6_over_6(z)
     elif ACT == 7:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1 / sqrt(2)
     elif ACT == 8:
         z = z * _tanh_gate(z)
     return z
@@ -144,12 +142,12 @@ def _activation_grad(dy, z, param, ACT: tl.constexpr):
     elif ACT == 6:
         dy = tl.where((z > -3.0) & (z < 3.0), dy / 6.0, 0.0)
     elif ACT == 7:
-        pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-        dy = dy * (0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * pdf)
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        dy = dy * (0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * pdf)
     elif ACT == 8:
         # (1 + t) / 2 = s and (1 - t^2) / 2 = 2 s (1 - s), t = tanh(u), s = sigmoid(2 u)
         s = _tanh_gate(z)
-        slope = _TANH_BETA * (1.0 + 3.0 * _TANH_KAPPA * z * z)
+        slope = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
         dy = dy * (s + 2.0 * z * s * (1.0 - s) * slope)
     return dy
 
