@@ -118,16 +118,23 @@ def _hardsigmoid(z):
     return torch.where(z <= -3, 0.0, torch.where(z >= 3, 1.0, (z + 3) / 6))
 
 
+def _gelu_tanh(z):
+    return z * (1 + torch.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3))) / 2
+
+
+# the truth's activations: torch's for the piecewise-linear ones and elu, the closed forms for the
+# others (whose float64 autograd gives the exact derivatives and, for hardswish = z hardsigmoid(z),
+# torch's branches at the kinks: 0 at z = -3, 1 at z = 3)
 ACTIVATIONS = {
     "identity": lambda z, p: z,
     "relu": lambda z, p: torch.nn.functional.relu(z),
     "leaky_relu": lambda z, p: torch.nn.functional.leaky_relu(z, p),
     "elu": lambda z, p: torch.nn.functional.elu(z, p),
-    "silu": lambda z, p: torch.nn.functional.silu(z),
-    "hardswish": lambda z, p: torch.nn.functional.hardswish(z),
+    "silu": lambda z, p: z * torch.sigmoid(z),
+    "hardswish": lambda z, p: z * _hardsigmoid(z),
     "hardsigmoid": lambda z, p: _hardsigmoid(z),
-    "gelu": lambda z, p: torch.nn.functional.gelu(z),
-    "gelu_tanh": lambda z, p: torch.nn.functional.gelu(z, approximate="tanh"),
+    "gelu": lambda z, p: z * (1 + torch.erf(z / np.sqrt(2))) / 2,
+    "gelu_tanh": lambda z, p: _gelu_tanh(z),
 }
 
 
