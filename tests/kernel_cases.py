@@ -13,7 +13,17 @@ LAYOUTS = {
     "rank6": ((2, 3, 2, 3, 2, 3), torch.contiguous_format),
     "nc11": ((9, 4, 1, 1), torch.channels_last),
 }
-ACT_CASES = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7)]
+ACT_CASES = [
+    ("identity", 0.0),
+    ("relu", 0.0),
+    ("leaky_relu", 0.1),
+    ("elu", 0.7),
+    ("silu", 0.0),
+    ("hardswish", 0.0),
+    ("hardsigmoid", 0.0),
+    ("gelu", 0.0),
+    ("gelu_tanh", 0.0),
+]
 
 
 def make(name, dtype=torch.float64, seed=0, loc=1.0, device="cpu"):

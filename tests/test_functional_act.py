@@ -1,6 +1,8 @@
 """bnlab.functional.batch_norm_act: fused batch norm + activation and the in-place activated mode,
 on every backend, against torch.nn.functional and the float64 reference."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -21,16 +23,27 @@ TORCH_ACT = {
     "relu": lambda z, p: TF.relu(z),
     "leaky_relu": lambda z, p: TF.leaky_relu(z, p),
     "elu": lambda z, p: TF.elu(z, p),
+    "silu": lambda z, p: TF.silu(z),
+    "hardswish": lambda z, p: TF.hardswish(z),
+    "hardsigmoid": lambda z, p: TF.hardsigmoid(z),
+    "gelu": lambda z, p: TF.gelu(z),
+    "gelu_tanh": lambda z, p: TF.gelu(z, approximate="tanh"),
 }
+NEW_ACTIVATIONS = ("silu", "hardswish", "hardsigmoid", "gelu", "gelu_tanh")  # no parameter
 CASES = [
     ("identity", None, False),
     ("relu", None, False),
     ("leaky_relu", 0.2, False),
     ("elu", 0.8, False),
+    *[(name, None, False) for name in NEW_ACTIVATIONS],
     ("identity", None, True),
     ("leaky_relu", 0.01, True),
     ("elu", 1.0, True),
 ]
+# torch's float64 hardsigmoid backward multiplies by 1/6 rounded to float32 (relative error 3e-8,
+# torch 2.13): outside the float64 bound, so its gradients get this much more (relative to the
+# largest value of each) in test_matches_torch; bnlab's are held to the bound.
+TORCH_FLOAT64_HARDSIGMOID_GRAD = 2.0**-24
 SHAPES = [
     ((16, 5), None),
     ((4, 3, 7), None),
@@ -151,27 +164,48 @@ def test_matches_torch(backend, shape, fmt, activation, param, inplace, dtype, t
             assert torch.equal(results.pop("running_mean"), rm)
             assert torch.equal(results.pop("running_var"), rv)
     assert_step_within(ours, truth, bounds, "bnlab ")
+    if activation == "hardsigmoid" and dtype == torch.float64:
+        bounds = {
+            k: v + TORCH_FLOAT64_HARDSIGMOID_GRAD * truth[k].abs().max()
+            if k in ("dx", "dweight", "dbias")
+            else v
+            for k, v in bounds.items()
+        }
     assert_step_within(theirs, truth, bounds, "torch ")
 
 
 def gradcheck_cases():
-    """backend x layout. Triton's interpreter spends ~8 s per channels_last gradcheck; its backward
-    on that layout is held to the composite backend's (gradchecked here) at 1e-12 in the contract
-    grid (tests/kernels/test_contract.py), so it is gradchecked on (N, C) only."""
+    """backend x layout x activation. Triton's interpreter spends ~8 s per channels_last gradcheck
+    and ~5 s per (N, C) one; its backward is held to the composite backend's (gradchecked here) at
+    1e-12 in the contract grid (tests/kernels/test_contract.py), so it is gradchecked on (N, C)
+    only, and with the activations that take no parameter only in training (their derivatives
+    are gradchecked on every other backend)."""
     for backend in BACKENDS:
-        yield pytest.param(backend, (6, 3), None, id=f"{backend}-(6, 3)")
-        if backend != "gpu":
-            yield pytest.param(
-                backend,
-                (3, 2, 3, 4),
-                torch.channels_last,
-                id=f"{backend}-(3, 2, 3, 4)-channels_last",
-            )
+        for activation, param, inplace in CASES:
+            for training in (True, False):
+                if backend == "gpu" and activation in NEW_ACTIVATIONS and not training:
+                    continue
+                mode = "train" if training else "eval"
+                layouts = [((6, 3), None)]
+                if backend != "gpu":
+                    layouts.append(((3, 2, 3, 4), torch.channels_last))
+                for shape, fmt in layouts:
+                    name = f"{shape}" + ("-channels_last" if fmt is not None else "")
+                    yield pytest.param(
+                        backend,
+                        shape,
+                        fmt,
+                        training,
+                        activation,
+                        param,
+                        inplace,
+                        id=f"{backend}-{name}-{mode}-{activation}-{param}-{inplace}",
+                    )
 
 
-@pytest.mark.parametrize("activation,param,inplace", CASES)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("backend,shape,fmt", list(gradcheck_cases()))
+@pytest.mark.parametrize(
+    "backend,shape,fmt,training,activation,param,inplace", list(gradcheck_cases())
+)
 def test_gradcheck(backend, shape, fmt, training, activation, param, inplace):
     x = rand(shape, fmt=fmt).requires_grad_()
     w, b, rm, rv = params(shape[1], torch.float64)
@@ -196,19 +230,112 @@ def test_gradcheck(backend, shape, fmt, training, activation, param, inplace):
     assert torch.autograd.gradcheck(f, (x, w, b))
 
 
-@pytest.mark.parametrize("activation,param", [("relu", None), ("leaky_relu", 0.1), ("elu", 1.0)])
-def test_matches_float64_reference(activation, param):
-    x = rand((6, 4, 3, 5))
+def _erf(x):
+    return np.vectorize(math.erf)(x)
+
+
+# float64 NumPy definitions, written from the formulas (not torch's code): act(z) and act'(z), with
+# torch's branches at the kinks (see bnlab.kernels.contract)
+def _tanh_gelu_parts(z):
+    beta, kappa = np.sqrt(2 / np.pi), 0.044715
+    t = np.tanh(beta * (z + kappa * z**3))
+    return t, beta * (1 + 3 * kappa * z * z)
+
+
+NUMPY_ACT = {
+    "relu": (lambda z, p: np.maximum(z, 0), lambda z, p: np.where(z > 0, 1.0, 0.0)),
+    "leaky_relu": (
+        lambda z, p: np.where(z > 0, z, p * z),
+        lambda z, p: np.where(z > 0, 1.0, p),
+    ),
+    "elu": (
+        lambda z, p: np.where(z > 0, z, p * np.expm1(np.minimum(z, 0))),
+        lambda z, p: np.where(z > 0, 1.0, p * np.exp(np.minimum(z, 0))),
+    ),
+    "silu": (
+        lambda z, p: z / (1 + np.exp(-z)),
+        lambda z, p: (1 + np.exp(-z) + z * np.exp(-z)) / (1 + np.exp(-z)) ** 2,
+    ),
+    "hardswish": (
+        lambda z, p: z * np.clip(z + 3, 0, 6) / 6,
+        lambda z, p: np.where(z <= -3, 0.0, np.where(z < 3, (2 * z + 3) / 6, 1.0)),
+    ),
+    "hardsigmoid": (
+        lambda z, p: np.clip(z + 3, 0, 6) / 6,
+        lambda z, p: np.where((z > -3) & (z < 3), 1 / 6, 0.0),
+    ),
+    "gelu": (
+        lambda z, p: z * (1 + _erf(z / np.sqrt(2))) / 2,
+        lambda z, p: (1 + _erf(z / np.sqrt(2))) / 2 + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi),
+    ),
+    "gelu_tanh": (
+        lambda z, p: z * (1 + _tanh_gelu_parts(z)[0]) / 2,
+        lambda z, p: (
+            (1 + _tanh_gelu_parts(z)[0]) / 2
+            + z * (1 - _tanh_gelu_parts(z)[0] ** 2) * _tanh_gelu_parts(z)[1] / 2
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "activation,param", [(a, p) for a, p, inplace in CASES if a != "identity" and not inplace]
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_float64_reference(backend, activation, param):
+    """Output and gradients against bnlab.reference's batch norm with the activation in NumPy:
+    dz = dy * act'(z) into reference.spatial_batchnorm_backward."""
+    x, dy = rand((6, 4, 3, 5)), rand((6, 4, 3, 5), seed=1)
     w, b, _, _ = params(4, torch.float64)
-    y = F.batch_norm_act(x, None, None, w, b, True, activation=activation, activation_param=param)
-    z, _ = reference.spatial_batchnorm_forward(x.numpy(), w.numpy(), b.numpy(), 1e-5)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = F.batch_norm_act(
+        leaves[0],
+        None,
+        None,
+        *leaves[1:],
+        True,
+        activation=activation,
+        activation_param=param,
+        backend=backend,
+    )
+    y.backward(dy)
+    z, cache = reference.spatial_batchnorm_forward(x.numpy(), w.numpy(), b.numpy(), 1e-5)
     p = F.check_activation(activation, param, False)[1]
-    expected = {
-        "relu": np.maximum(z, 0),
-        "leaky_relu": np.where(z > 0, z, p * z),
-        "elu": np.where(z > 0, z, p * np.expm1(np.minimum(z, 0))),
-    }[activation]
-    np.testing.assert_allclose(y.numpy(), expected, atol=1e-12, rtol=1e-12)
+    act, act_grad = NUMPY_ACT[activation]
+    expected = reference.spatial_batchnorm_backward(dy.numpy() * act_grad(z, p), cache)
+    np.testing.assert_allclose(y.detach().numpy(), act(z, p), atol=1e-12, rtol=1e-12)
+    for got, want in zip((t.grad for t in leaves), expected):
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-11, rtol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "hardswish", "hardsigmoid"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kinks_take_torchs_branches(backend, activation, dtype):
+    """z exactly at each kink (and beside it): eval with mean 0, var + eps = 1/4 and weight 1/2
+    makes z = x exactly in every backend, so the output and dx = dy * act'(z) / 1 must be
+    torch's, whose branch each kink takes (hardswish' (-3) = 0, hardswish' (3) = 1,
+    hardsigmoid' (+-3) = 0, relu' (0) = 0)."""
+    kinks = torch.tensor([-3.0, 3.0, 0.0, -2.5, 2.5, -3.5, 3.5, 1.0], dtype=torch.float64)
+    x = kinks.repeat(4, 1).T.contiguous().to(dtype)  # (8, 4): every kink in every channel
+    rm, rv = torch.zeros(4, dtype=dtype), torch.zeros(4, dtype=dtype)
+    w, b = torch.full((4,), 0.5, dtype=dtype), torch.zeros(4, dtype=dtype)
+    param = {"leaky_relu": 0.1, "elu": 0.7}.get(activation)
+    results = []
+    for run in ("bnlab", "torch"):
+        xin = x.clone().requires_grad_()
+        if run == "bnlab":
+            y = F.batch_norm_act(
+                xin, rm, rv, w, b, False, 0.1, 0.25, activation, param, backend=backend
+            )
+        else:
+            y = TORCH_ACT[activation](TF.batch_norm(xin, rm, rv, w, b, False, 0.1, 0.25), param)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), xin.grad))
+    (y, dx), (y_torch, dx_torch) = results
+    torch.testing.assert_close(y, y_torch, rtol=2e-7, atol=0)
+    # torch's float64 hardsigmoid' is 1/6 rounded to float32: 2e-7 relative (exact zeros stay)
+    torch.testing.assert_close(dx, dx_torch, rtol=2e-7, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -250,8 +377,14 @@ def test_inplace_over_a_tensor_its_producer_needs_is_caught_by_autograd():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(activation="gelu"), "unknown activation 'gelu'"),
+        (dict(activation="swish"), "unknown activation 'swish'"),
         (dict(activation="relu", inplace=True), "'relu' is not invertible"),
+        *[
+            (dict(activation=name, inplace=True), f"'{name}' is not invertible, expected one of")
+            for name in NEW_ACTIVATIONS
+        ],
+        (dict(activation="gelu", activation_param=0.5), "'gelu' takes no parameter"),
+        (dict(activation="relu", activation_param=0.1), "'relu' takes no parameter"),
         (dict(activation="leaky_relu", activation_param=0.0, inplace=True), "must be > 0, got 0.0"),
         (dict(activation="elu", activation_param=-1.0), "alpha >= 0"),
     ],

@@ -30,9 +30,10 @@ Per channel, with m values, mu, v the (biased) batch statistics, s = 1 / sqrt(v 
   E_s/s  = E_v / (2 (v + eps)) + 3u                    (d sqrt(t) / sqrt(t) = dt / 2t; sqrt, div)
   E_xhat = E_mu s + |xhat| E_s/s + 2u A                (subtract, multiply)
   E_z    = |w| E_xhat + 3u (|w| A + |b|)               (w xhat + b, or x a + (b - mu a))
-  E_y    = L E_z + 4u |y|                              (activation with Lipschitz constant L;
+  E_y    = L E_z + 4u |y| + E_eval_y                   (activation with Lipschitz constant L;
                                                         elu + 2u alpha: exp(z) - 1 without expm1)
-  E_dz   = |dy| J [|z| <= E_z] + |dy| |act''| E_z + 2u |dz|   (a kink with jump J may flip)
+  E_dz   = |dy| sum_k J_k [|z - z_k| <= E_z] + |dy| |act''| E_z + 2u |dz| + E_eval_dz
+                                                       (a kink at z_k with jump J_k may flip)
   E_db   = g(m+1) sum|dz| + sum E_dz
   E_dw   = g(m+2) sum |dz| A + sum |dz| E_xhat + sum E_dz (|xhat| + E_xhat)
   E_dx   = |w| s [E_dz + E_db/m + A E_dw/m + E_xhat |dw|/m + 4u (|dz| + |db|/m + A |dw|/m)]
@@ -40,12 +41,13 @@ Per channel, with m values, mu, v the (biased) batch statistics, s = 1 / sqrt(v 
   E_running_mean = f E_mu + 3u_buf (|running_mean| + |mu|)
   E_running_var  = f E_v m/(m-1) + 4u_buf (|running_var| + |v| m/(m-1))
 
-(f the momentum, or 1 / (num_batches_tracked + 1); u_buf the buffer's own roundoff, where the update
-runs). In eval with running statistics, E_mu = E_v = 0. The in-place mode (InPlaceABN) recovers z
-from the stored y by inverting the activation, which divides y's error by act'(z): its backward
-uses E_xhat_rec = (E_y + u_out |y|) / (act'(z) |w|) + E_xhat, and elu's act'(z) = y + alpha
-carries y's error E_y + u_out |y| into E_dz. Finally the result is rounded to its
-own dtype: + u_out |truth|, and the whole error by (1 + u_out).
+(E_eval: the cancellations inside silu, gelu, gelu_tanh and hardswish and their derivatives, see
+:func:`_evaluation_errors`; f the momentum, or 1 / (num_batches_tracked + 1); u_buf the buffer's own
+roundoff, where the update runs). In eval with running statistics, E_mu = E_v = 0. The in-place mode
+(InPlaceABN) recovers z from the stored y by inverting the activation, which divides y's error by
+act'(z): its backward uses E_xhat_rec = (E_y + u_out |y|) / (act'(z) |w|) + E_xhat, and elu's
+act'(z) = y + alpha carries y's error E_y + u_out |y| into E_dz. Finally the result is rounded to
+its own dtype: + u_out |truth|, and the whole error by (1 + u_out).
 
 For m = 200 float32 values these allow ~1e-5 of sum |terms|: the AVX2 / AVX-512 difference of a
 correct kernel (2e-5 relative on a dweight, i.e. ~1e-6 of its sum |terms|) is far inside, while
@@ -108,11 +110,31 @@ def to_numpy(t):
 # ---------------------------------------------------------------------------------------------
 # the float64 truth of one batch-norm (+ activation) step, and its error bounds
 
+
+def _hardsigmoid(z):
+    """(z + 3) / 6 inside (-3, 3): autograd gives exactly 1/6 there and 0 at and outside the kinks
+    (torch's convention), where torch's float64 hardsigmoid backward multiplies by 1/6 rounded to
+    float32."""
+    return torch.where(z <= -3, 0.0, torch.where(z >= 3, 1.0, (z + 3) / 6))
+
+
+def _gelu_tanh(z):
+    return z * (1 + torch.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3))) / 2
+
+
+# the truth's activations: torch's for the piecewise-linear ones and elu, the closed forms for the
+# others (whose float64 autograd gives the exact derivatives and, for hardswish = z hardsigmoid(z),
+# torch's branches at the kinks: 0 at z = -3, 1 at z = 3)
 ACTIVATIONS = {
     "identity": lambda z, p: z,
     "relu": lambda z, p: torch.nn.functional.relu(z),
     "leaky_relu": lambda z, p: torch.nn.functional.leaky_relu(z, p),
     "elu": lambda z, p: torch.nn.functional.elu(z, p),
+    "silu": lambda z, p: z * torch.sigmoid(z),
+    "hardswish": lambda z, p: z * _hardsigmoid(z),
+    "hardsigmoid": lambda z, p: _hardsigmoid(z),
+    "gelu": lambda z, p: z * (1 + torch.erf(z / np.sqrt(2))) / 2,
+    "gelu_tanh": lambda z, p: _gelu_tanh(z),
 }
 
 
@@ -191,18 +213,78 @@ def _unrows(rows: np.ndarray, shape) -> np.ndarray:
 
 
 def _activation_terms(z, activation, param):
-    """(L, J, curvature, slope): Lipschitz constant, jump of the derivative at 0, |act''(z)|,
-    act'(z)."""
+    """(L, kinks, curvature, slope): Lipschitz constant, the kinks as (position, jump of the
+    derivative) pairs, |act''(z)|, act'(z)."""
     neg = z < 0
     if activation == "identity":
-        return 1.0, 0.0, np.zeros_like(z), np.ones_like(z)
+        return 1.0, [], np.zeros_like(z), np.ones_like(z)
     if activation in ("relu", "leaky_relu"):
         slope = 0.0 if activation == "relu" else param
-        return max(1.0, abs(slope)), abs(1.0 - slope), np.zeros_like(z), np.where(neg, slope, 1.0)
+        kinks = [(0.0, abs(1.0 - slope))]
+        return max(1.0, abs(slope)), kinks, np.zeros_like(z), np.where(neg, slope, 1.0)
     if activation == "elu":
         e = param * np.exp(np.minimum(z, 0.0))
-        return max(1.0, param), abs(1.0 - param), np.where(neg, e, 0.0), np.where(neg, e, 1.0)
-    raise ValueError(activation)
+        kinks = [(0.0, abs(1.0 - param))]
+        return max(1.0, param), kinks, np.where(neg, e, 0.0), np.where(neg, e, 1.0)
+    if activation in ("hardswish", "hardsigmoid"):
+        inside = np.abs(z) < 3
+        if activation == "hardsigmoid":
+            return (
+                1 / 6,
+                [(-3.0, 1 / 6), (3.0, 1 / 6)],
+                np.zeros_like(z),
+                np.where(inside, 1 / 6, 0),
+            )
+        slope = np.where(z <= -3, 0.0, np.where(z < 3, z / 3 + 0.5, 1.0))
+        return 1.5, [(-3.0, 0.5), (3.0, 0.5)], np.where(inside, 1 / 3, 0.0), slope
+    slope, curvature = _smooth_derivatives(z, activation)
+    return _SMOOTH_LIPSCHITZ[activation], [], curvature, slope
+
+
+# max |act'| of the smooth ones, which have no kinks (silu 1.0998 at z = 2.40, gelu 1.1289 at
+# z = sqrt(2), gelu_tanh 1.1295 near 1.42)
+_SMOOTH_LIPSCHITZ = {"silu": 1.1, "gelu": 1.129, "gelu_tanh": 1.13}
+
+
+def _smooth_derivatives(z, activation):
+    """(act'(z), |act''(z)|) of silu, gelu and gelu_tanh, from their closed forms."""
+    if activation == "silu":
+        s = 1 / (1 + np.exp(-z))
+        return s * (1 + z * (1 - s)), np.abs(s * (1 - s) * (2 + z * (1 - 2 * s)))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + _erf(z / np.sqrt(2)))
+        pdf = np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi)
+        return cdf + z * pdf, np.abs(pdf * (2 - z * z))
+    beta, kappa = np.sqrt(2 / np.pi), 0.044715
+    t = np.tanh(beta * (z + kappa * z**3))
+    du = beta * (1 + 3 * kappa * z * z)  # u'(z), u = beta (z + kappa z^3)
+    sech2 = 1 - t * t
+    curvature = sech2 * du - z * t * sech2 * du * du + 3 * beta * kappa * z * z * sech2
+    return 0.5 * (1 + t) + 0.5 * z * sech2 * du, np.abs(curvature)
+
+
+def _erf(x):
+    return torch.special.erf(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+
+
+def _evaluation_errors(z, dy, activation, u):
+    """(E_eval_y, E_eval_dz): what evaluating act and act' adds beyond one rounding per operation
+    of a first-order analysis: exp, erf and tanh within 2u of their result; 1 + erf(.) and
+    1 + tanh(.) (gelu) and 1 + z (1 - s) (silu') cancel to absolute errors of ~3u |z|; gelu_tanh's
+    derivative carries the error of 1 - t^2 times |z| u'(z); hardswish's z / 3 + 1/2 cancels near
+    z = -3/2. Zero for the piecewise-linear activations and elu (covered by the 4u |y| and 2u |dz|
+    terms and the elu term in batch_norm_bounds)."""
+    az, ady = np.abs(z), np.abs(dy)
+    if activation == "silu":
+        return 4 * u * np.abs(z / (1 + np.exp(-z))), 6 * u * ady * (1 + az)
+    if activation == "gelu":
+        return 4 * u * az, 6 * u * ady * (1 + az)
+    if activation == "gelu_tanh":
+        du = np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * z * z)
+        return 4 * u * az, 6 * u * ady * (1 + az * du)
+    if activation == "hardswish":
+        return np.zeros_like(z), 2 * u * ady * (1 + az)
+    return np.zeros_like(z), np.zeros_like(z)
 
 
 def batch_norm_bounds(
@@ -263,13 +345,15 @@ def batch_norm_bounds(
     e_xhat = e_mu * s + np.abs(xhat) * rel_s + 2 * u * A
     Z = _rows(truth["z"].numpy())
     e_z = w * e_xhat + 3 * u * (w * A + b)
-    lip, jump, curvature, slope = _activation_terms(Z, activation, param)
+    lip, kinks, curvature, slope = _activation_terms(Z, activation, param)
+    eval_y, eval_dz = _evaluation_errors(Z, DY, activation, u)
     Y = _rows(truth["out"].numpy())
-    e_y = lip * e_z + 4 * u * np.abs(Y)
+    e_y = lip * e_z + 4 * u * np.abs(Y) + eval_y
     if activation == "elu":  # alpha (exp(z) - 1), without expm1, is accurate to 2u alpha absolute
         e_y = e_y + np.where(Z < 0, 2 * u * param, 0.0)
     dZ = DY * slope
-    e_dz = np.abs(DY) * (jump * (np.abs(Z) <= e_z) + curvature * e_z) + 2 * u * np.abs(dZ)
+    flips = sum((jump * (np.abs(Z - at) <= e_z) for at, jump in kinks), np.zeros_like(Z))
+    e_dz = np.abs(DY) * (flips + curvature * e_z) + 2 * u * np.abs(dZ) + eval_dz
     if inplace:  # the backward recovers z (and elu's act'(z) = y + alpha) from the stored y
         e_stored = e_y + u_out * np.abs(Y)
         e_xhat = e_xhat + e_stored / (slope * w)

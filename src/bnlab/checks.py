@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .kernels.composite import accumulation_dtype, values_per_channel
+from .kernels.contract import ACTIVATIONS, INVERTIBLE_ACTIVATIONS  # the table of their definitions
 from .statistics import RunningStatistics
 
 __all__ = [
@@ -24,9 +25,7 @@ __all__ = [
     "check_untransformable",
 ]
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
-INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")  # what the in-place mode can undo
-_DEFAULT_PARAM = {"identity": 0.0, "relu": 0.0, "leaky_relu": 0.01, "elu": 1.0}
+_DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0}  # the others take no parameter (0.0)
 
 
 def check_input(op: str, input) -> None:
@@ -187,16 +186,24 @@ def check_layer_norm_args(input, normalized_shape, weight, bias, eps) -> tuple[i
 
 
 def check_activation(activation: str, param: Optional[float], inplace: bool) -> tuple[str, float]:
-    """Validate an activation name and its parameter; returns (name, parameter with its default)."""
+    """Validate an activation name and its parameter; returns (name, parameter with its default).
+
+    Only leaky_relu (negative slope) and elu (alpha) take a parameter; for the others it must be
+    None or their 0.0 (what this returns for them), never a value that would be ignored."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if param is None:
-        param = _DEFAULT_PARAM[activation]
-    param = float(param)
+    default = _DEFAULT_PARAM.get(activation, 0.0)
+    param = default if param is None else float(param)
+    if activation not in _DEFAULT_PARAM and param != 0.0:
+        raise ValueError(
+            f"{activation!r} takes no parameter, got activation_param={param}; only "
+            f"{tuple(_DEFAULT_PARAM)} take one"
+        )
     if inplace and activation not in INVERTIBLE_ACTIVATIONS:
         raise ValueError(
             f"the in-place mode recovers its input by inverting the activation; {activation!r} is "
-            f"not invertible, expected one of {INVERTIBLE_ACTIVATIONS}"
+            f"not invertible, expected one of {INVERTIBLE_ACTIVATIONS} (the fused mode without "
+            f"inplace, BatchNormAct, runs {activation!r})"
         )
     if inplace and activation in ("leaky_relu", "elu") and not param > 0:
         raise ValueError(

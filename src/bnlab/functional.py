@@ -134,9 +134,12 @@ def batch_norm_act(
     .. math::
         y = \mathrm{act}\left(\frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} \gamma + \beta\right)
 
-    with act one of identity, relu, leaky_relu (negative slope ``activation_param``, default 0.01)
-    or elu (alpha ``activation_param``, default 1). The backward recomputes the pre-activation from
-    x, so nothing but x is kept for it. Other arguments as :func:`batch_norm` (no mask).
+    with act one of identity, relu, leaky_relu (negative slope ``activation_param``, default 0.01),
+    elu (alpha ``activation_param``, default 1), silu (swish), hardswish, hardsigmoid, gelu (exact)
+    or gelu_tanh (the tanh approximation), each with torch.nn.functional's definition and its
+    backward's branches at the kinks (the table in :mod:`bnlab.kernels.contract`); only leaky_relu
+    and elu take an ``activation_param``. The backward recomputes the pre-activation from x, so
+    nothing but x is kept for it. Other arguments as :func:`batch_norm` (no mask).
     Where automatic selection finds bnlab's kernels no faster (small CPU tensors, see
     :func:`bnlab.kernels.cpu.prefers`), it runs as ATen's batch norm followed by the activation
     instead, which keeps x and one more tensor of its size (the activation's input or output) for
@@ -145,7 +148,8 @@ def batch_norm_act(
     In-place activated mode (``inplace=True``, after Rota Bulo et al., "In-Place Activated
     BatchNorm", CVPR 2018, https://arxiv.org/abs/1712.02616): y is written over ``input`` (which is
     returned), and only y is kept for the backward, which recovers the normalized input by inverting
-    the activation (identity, leaky_relu with slope > 0, elu with alpha > 0). As in that paper,
+    the activation: identity, leaky_relu with slope > 0, elu with alpha > 0 only; the others raise
+    a ValueError naming these. As in that paper,
     gamma enters as |gamma| + eps so the inversion never divides by zero. ``input`` must not be
     needed by the backward of the op that produced it: conv and linear layers keep their own input,
     not their output, so ``conv -> in-place BN+act`` is the intended use.

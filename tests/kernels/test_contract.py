@@ -10,7 +10,7 @@ import torch
 
 import kernel_cases
 from bnlab import reference
-from bnlab.checks import INVERTIBLE_ACTIVATIONS
+from bnlab.checks import ACTIVATIONS, INVERTIBLE_ACTIVATIONS
 from bnlab.kernels import composite, cpu
 from bnlab.kernels import gpu as gpu
 from kernel_cases import ACT_CASES, LAYOUTS, assert_results_close
@@ -131,6 +131,35 @@ def test_backward_from_the_output_equals_backward_from_the_input(backend, name, 
         dy, y, w, b, mean, var, True, 1e-5, activation, param, from_output=True
     )
     assert_results_close(from_x, from_y, dict(atol=1e-10, rtol=1e-10))
+
+
+def test_every_backend_runs_every_activation():
+    """The names bnlab.checks accepts are the ones every backend's tables know."""
+    assert set(ACTIVATIONS) == {name for name, _ in ACT_CASES}
+    assert set(gpu.ACTIVATION_CODES) == set(ACTIVATIONS)
+    assert len(set(gpu.ACTIVATION_CODES.values())) == len(ACTIVATIONS)
+    cpu_codes = {name: cpu.activation_code(name, 0.5) for name in ACTIVATIONS}
+    linear = {name for name, (code, _) in cpu_codes.items() if code == cpu._LINEAR}
+    assert linear == {"identity", "relu", "leaky_relu"}
+    assert len({code for code, _ in cpu_codes.values()}) == len(ACTIVATIONS) - 2
+    z = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    for name in ACTIVATIONS:  # composite's tables too (their values: test_functional_act.py)
+        assert composite.activate(z, name, 0.5).shape == z.shape
+        assert composite.activation_grad(z, z, name, 0.5).shape == z.shape
+
+
+@pytest.mark.parametrize("activation", [a for a, _ in ACT_CASES if a not in INVERTIBLE_ACTIVATIONS])
+def test_backward_from_the_output_refuses_what_it_cannot_invert(backend, activation):
+    """relu, silu, gelu, ... map two inputs to one output: the in-place mode's backward cannot
+    recover z from y, and says so instead of treating y as z."""
+    kernels, device = backend
+    y, dy = (kernel_cases.make("nchw", seed=seed, device=device) for seed in (0, 1))
+    w, b, rm, rv = kernel_cases.params(y.shape[1], y.dtype, device)
+    for k in (kernels, composite):
+        with pytest.raises(ValueError, match=rf"'{activation}' is not invertible.*'elu'"):
+            k.batch_norm_act_backward(
+                dy, y, w, b, rm, rv, True, 1e-5, activation, 0.0, from_output=True
+            )
 
 
 def test_grad_out_in_another_layout(backend):

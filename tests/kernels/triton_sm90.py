@@ -66,14 +66,15 @@ def signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 def variants():
     """(kernel, dtype, constexprs): float32 and bfloat16 (float16 is the same code) over every tile
-    shape, activation and flag; float64 once per kernel and tile shape."""
+    shape, activation and flag; float64 with elu and gelu (exp, erf) per kernel and tile shape."""
     for dtype, layout in itertools.product(TYPES, TILES):
         tile, reduce_tile = (
             {"BLOCK_C": block_c, "BLOCK_S": block_s, unit: 1, "ACC": TYPES[dtype][1]}
             for block_c, block_s, unit in (TILES[layout], REDUCE_TILES[layout])
         )
         yield tk._stats_kernel, dtype, reduce_tile
-        for act in range(4) if dtype != "float64" else (3,):
+        acts = range(len(tk.ACTIVATION_CODES)) if dtype != "float64" else (3, 7)  # elu, gelu
+        for act in acts:
             flags = {"HAS_W": act % 2 == 0, "HAS_B": act < 2, "ACT": act}
             yield tk._normalize_kernel, dtype, {**tile, **flags}
             yield (

@@ -16,8 +16,24 @@ from bnlab.nn import (
 from tolerances import FORWARD, GRADIENT, assert_close
 
 
+class ExactHardsigmoid(torch.nn.Module):
+    """torch.nn.Hardsigmoid with the exact gradient 1/6 inside (-3, 3): torch's float64 backward
+    multiplies by 1/6 rounded to float32 (3e-8 relative), outside the float64 tolerance."""
+
+    def forward(self, z):
+        return torch.where(z <= -3, 0.0, torch.where(z >= 3, 1.0, (z + 3) / 6))
+
+
 def torch_block(c, activation, slope=0.01):
-    act = {"relu": torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU(slope)}[activation]
+    act = {
+        "relu": torch.nn.ReLU(),
+        "leaky_relu": torch.nn.LeakyReLU(slope),
+        "silu": torch.nn.SiLU(),
+        "hardswish": torch.nn.Hardswish(),
+        "hardsigmoid": ExactHardsigmoid(),
+        "gelu": torch.nn.GELU(),
+        "gelu_tanh": torch.nn.GELU(approximate="tanh"),
+    }[activation]
     bn = torch.nn.BatchNorm2d(c)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
@@ -25,7 +41,14 @@ def torch_block(c, activation, slope=0.01):
     return torch.nn.Sequential(torch.nn.Conv2d(3, c, 3, padding=1), bn, act)
 
 
-@pytest.mark.parametrize("cls,activation", [(BatchNormAct2d, "relu"), (InPlaceABN2d, "leaky_relu")])
+@pytest.mark.parametrize(
+    "cls,activation",
+    [
+        (BatchNormAct2d, "relu"),
+        (InPlaceABN2d, "leaky_relu"),
+        *[(BatchNormAct2d, a) for a in ("silu", "hardswish", "hardsigmoid", "gelu", "gelu_tanh")],
+    ],
+)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv_block_trains_like_torch(cls, activation, channels_last):
     """conv -> BN -> act for three steps: loss, parameter gradients and running statistics agree
@@ -94,11 +117,21 @@ def test_wrong_rank_is_an_error(cls, rank):
         cls(3)(torch.randn(*([2, 3] + [2] * (rank - 2))))
 
 
+@pytest.mark.parametrize(
+    "activation", ["relu", "silu", "hardswish", "hardsigmoid", "gelu", "gelu_tanh"]
+)
+def test_inplace_refuses_what_it_cannot_invert_and_names_what_it_can(activation):
+    with pytest.raises(ValueError, match=rf"'{activation}' is not invertible") as error:
+        InPlaceABN2d(3, activation=activation)
+    assert "('identity', 'leaky_relu', 'elu')" in str(error.value)
+    assert BatchNormAct2d(3, activation=activation).activation == activation  # fused: fine
+
+
 def test_bad_activation_is_an_error_at_construction():
-    with pytest.raises(ValueError, match="'relu' is not invertible"):
-        InPlaceABN2d(3, activation="relu")
     with pytest.raises(ValueError, match="unknown activation"):
         BatchNormAct2d(3, activation="swish")
+    with pytest.raises(ValueError, match="'silu' takes no parameter"):
+        BatchNormAct2d(3, activation="silu", activation_param=1.0)
 
 
 def test_repr_and_state_dict_keys():

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .contract import require_invertible
+
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -169,27 +171,59 @@ def training_input_grad(
     return per_channel(scale, dy) * (dy - through_stats)
 
 
+def _hardsigmoid(z: Tensor) -> Tensor:
+    """min(max(z + 3, 0), 6) / 6 as (z + 3) / 6 inside (-3, 3): its autograd gradient is dy / 6
+    there and 0 elsewhere (torch's convention at the kinks), where torch's float64
+    hardsigmoid_backward multiplies by 1/6 rounded to float32 (3e-8 relative). NaN stays NaN."""
+    return torch.where(z <= -3.0, 0.0, torch.where(z >= 3.0, 1.0, (z + 3.0) / 6.0))
+
+
+_ACTIVATE = {
+    "identity": lambda z, p: z,
+    "relu": lambda z, p: torch.relu(z),
+    "leaky_relu": lambda z, p: torch.nn.functional.leaky_relu(z, p),
+    "elu": lambda z, p: torch.nn.functional.elu(z, p),
+    "silu": lambda z, p: torch.nn.functional.silu(z),
+    "hardswish": lambda z, p: torch.nn.functional.hardswish(z),
+    "hardsigmoid": lambda z, p: _hardsigmoid(z),
+    "gelu": lambda z, p: torch.nn.functional.gelu(z),
+    "gelu_tanh": lambda z, p: torch.nn.functional.gelu(z, approximate="tanh"),
+}
+
+
 def activate(z: Tensor, activation: str, param: float) -> Tensor:
-    """identity, relu, leaky_relu (negative slope ``param``) or elu (``alpha = param``)."""
-    if activation == "relu":
-        return torch.relu(z)
-    if activation == "leaky_relu":
-        return torch.nn.functional.leaky_relu(z, param)
-    if activation == "elu":
-        return torch.nn.functional.elu(z, param)
-    return z
+    """act(z), torch.nn.functional's definitions: relu max(z, 0); leaky_relu z > 0 ? z : p z (slope
+    p = ``param``); elu z > 0 ? z : p (exp(z) - 1) (alpha p); silu z sigmoid(z); hardswish
+    z min(max(z + 3, 0), 6) / 6; hardsigmoid min(max(z + 3, 0), 6) / 6; gelu z Phi(z) =
+    z (1 + erf(z / sqrt(2))) / 2; gelu_tanh z (1 + tanh(sqrt(2 / pi) (z + 0.044715 z^3))) / 2."""
+    return _ACTIVATE[activation](z, param)
+
+
+def _hardsigmoid_grad(dy: Tensor, z: Tensor, param: float) -> Tensor:
+    """dy / 6 on the open interval (-3, 3), 0 elsewhere (torch's convention at the kinks)."""
+    return torch.where((z > -3.0) & (z < 3.0), dy / 6.0, 0.0)
+
+
+# ATen's activation backward kernels: torch.where with a scalar branch is ~20x slower on the CPU
+# (2.3 ms on 256x4096); each has torch's branch convention at the kinks
+_ACTIVATION_GRAD = {
+    "identity": lambda dy, z, p: dy,
+    "relu": lambda dy, z, p: torch.ops.aten.threshold_backward(dy, z, 0.0),
+    "leaky_relu": lambda dy, z, p: torch.ops.aten.leaky_relu_backward(dy, z, p, False),
+    "elu": lambda dy, z, p: torch.ops.aten.elu_backward(dy, p, 1.0, 1.0, False, z),
+    "silu": lambda dy, z, p: torch.ops.aten.silu_backward(dy, z),
+    "hardswish": lambda dy, z, p: torch.ops.aten.hardswish_backward(dy, z),
+    "hardsigmoid": _hardsigmoid_grad,
+    "gelu": lambda dy, z, p: torch.ops.aten.gelu_backward(dy, z, approximate="none"),
+    "gelu_tanh": lambda dy, z, p: torch.ops.aten.gelu_backward(dy, z, approximate="tanh"),
+}
 
 
 def activation_grad(dy: Tensor, z: Tensor, activation: str, param: float) -> Tensor:
-    """dy * act'(z), by ATen's activation backward kernels (torch.where with a scalar branch is
-    ~20x slower on the CPU: 2.3 ms on 256x4096)."""
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(dy, z, 0.0)
-    if activation == "leaky_relu":
-        return torch.ops.aten.leaky_relu_backward(dy, z, param, False)
-    if activation == "elu":
-        return torch.ops.aten.elu_backward(dy, param, 1.0, 1.0, False, z)
-    return dy
+    """dy * act'(z). At the kinks torch's convention: relu' (0) = 0, leaky_relu' (0) = p, elu' (0)
+    = p; hardswish' is 0 for z <= -3, z / 3 + 1/2 for -3 < z < 3, 1 for z >= 3; hardsigmoid' is
+    1/6 on (-3, 3) only."""
+    return _ACTIVATION_GRAD[activation](dy, z, param)
 
 
 def _invert_activation(y: Tensor, activation: str, param: float) -> Tensor:
@@ -268,6 +302,8 @@ def activated_backward(batch_norm_backward):
 
 def _recover(saved, weight, bias, mean, var, eps, activation, param, from_output):
     """(x, z): the input and the pre-activation, from x itself or (in place) from y = act(z)."""
+    if from_output:
+        require_invertible(activation)
     sa = _acc(saved)
     scale = torch.rsqrt(var.to(sa.dtype) + eps)
     if weight is not None:

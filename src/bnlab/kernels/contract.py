@@ -15,6 +15,31 @@ Conventions, the same for batch norm and layer norm:
 - a gradient whose ``output_mask`` entry is False comes back as None (dweight also without weight).
 
 A backend with fused kernels only gets the plain ones from :func:`plain_from_fused`.
+
+The fused activations (:data:`ACTIVATIONS`), z the pre-activation and p the parameter, each with
+torch.nn.functional's definition and, at the kinks, the branch its backward takes:
+
+========================  ============================================  ===========================
+name                      act(z)                                        act'(z)
+========================  ============================================  ===========================
+``identity``              z                                             1
+``relu``                  max(z, 0)                                     1 if z > 0 else 0
+``leaky_relu``            z if z > 0 else p z (slope p)                 1 if z > 0 else p
+``elu``                   z if z > 0 else p (exp(z) - 1) (alpha p)      1 if z > 0 else p exp(z)
+``silu`` (swish)          z sigmoid(z)                                  s (1 + z (1 - s)),
+                                                                        s = sigmoid(z)
+``hardswish``             z min(max(z + 3, 0), 6) / 6                   0 if z <= -3, z / 3 + 1/2
+                                                                        if z < 3, else 1
+``hardsigmoid``           min(max(z + 3, 0), 6) / 6                     1/6 if -3 < z < 3 else 0
+``gelu``                  z Phi(z) = z (1 + erf(z / sqrt(2))) / 2       Phi(z) + z phi(z)
+``gelu_tanh``             z (1 + t) / 2, t = tanh(sqrt(2 / pi)          (1 + t) / 2 + z (1 - t^2)
+                          (z + 0.044715 z^3)) (torch's                  sqrt(2 / pi) (1 + 3 *
+                          ``approximate="tanh"``)                       0.044715 z^2) / 2
+========================  ============================================  ===========================
+
+Only the strictly increasing ones, :data:`INVERTIBLE_ACTIVATIONS` (leaky_relu and elu with p > 0),
+can be undone from the output (``from_output``, the in-place mode): silu, gelu and hardswish have a
+minimum (two z for one y), relu and hardsigmoid are flat on a half-line.
 """
 
 from __future__ import annotations
@@ -26,6 +51,28 @@ from torch import Tensor
 from ..statistics import RunningStatistics
 
 Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+
+ACTIVATIONS = (
+    "identity",
+    "relu",
+    "leaky_relu",
+    "elu",
+    "silu",
+    "hardswish",
+    "hardsigmoid",
+    "gelu",
+    "gelu_tanh",
+)
+INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
+
+
+def require_invertible(activation: str) -> None:
+    """Raise unless a backward from the output (``from_output``) can recover z from y = act(z)."""
+    if activation not in INVERTIBLE_ACTIVATIONS:
+        raise ValueError(
+            f"a backward from the output inverts the activation; {activation!r} is not "
+            f"invertible, expected one of {INVERTIBLE_ACTIVATIONS}"
+        )
 
 
 class Kernels(Protocol):
@@ -92,8 +139,9 @@ class Kernels(Protocol):
         param: float = 0.0,
         out: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """y = act(batch_norm(x)) (identity, relu, leaky_relu with slope ``param``, elu with alpha
-        ``param``), written into ``out`` when given (it may be x: the in-place mode). Returns
+        """y = act(batch_norm(x)), ``activation`` one of :data:`ACTIVATIONS` (the table above;
+        ``param``: leaky_relu's slope, elu's alpha, 0.0 for the others), written into ``out`` when
+        given (it may be x: the in-place mode, for the invertible activations). Returns
         (y, mean, var) as :meth:`batch_norm_forward`."""
 
     def batch_norm_act_backward(
@@ -112,9 +160,11 @@ class Kernels(Protocol):
         from_output: bool = False,
     ) -> Grads:
         """Gradients of :meth:`batch_norm_act_forward`: :meth:`batch_norm_backward` of
-        dz = dy * act'(z), z the pre-activation. ``saved`` is x, or the output y when
-        ``from_output`` (in-place mode: z = act^-1(y), x - mean = (z - bias) / (weight * invstd),
-        which needs a weight without zeros)."""
+        dz = dy * act'(z) (act' with the branches at the kinks of the table above), z = (x - mean)
+        * invstd * weight + bias the pre-activation, recomputed from ``saved`` = x (nothing else
+        is kept). ``from_output`` (the in-place mode, :data:`INVERTIBLE_ACTIVATIONS` only, others
+        raise :class:`ValueError`): ``saved`` is the output y, z = act^-1(y) and x - mean =
+        (z - bias) / (weight * invstd), which needs a weight without zeros."""
 
     def layer_norm_forward(
         self,

@@ -30,9 +30,13 @@ made the float32 kernels compute-bound). Elementwise work sees x - k with k the 
 rounded to that dtype (exact for x near the mean, by Sterbenz's lemma); the float64 rest k - mean
 is folded into the per-channel terms, so a large mean costs no accuracy: y = (x - k) * a + b'.
 
-Fused activations (see :func:`activation_code`) apply after the affine transform; the backward
-recomputes the pre-activation z from x (or, from the output in the in-place mode, inverts the
-activation) instead of storing anything extra. Kernels are compiled on first use and cached on disk.
+Fused activations (identity, relu, leaky_relu, elu, silu, hardswish, hardsigmoid, gelu, gelu_tanh;
+see :func:`activation_code`) apply after the affine transform, in the same passes: the training
+forward still reads x twice and writes y once. The backward keeps nothing but x: both of its passes
+recompute the pre-activation z = (x - mean) * a + b (a = weight * invstd, b = bias) at each position
+to get dz = dy * act'(z), so each reads (x, dy) and the second writes dx, as without an activation.
+In the in-place mode it reads y instead and inverts the activation (identity, leaky_relu and elu
+only, the invertible ones). Kernels are compiled on first use and cached on disk.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from .composite import is_channels_last, is_dense, laid_out_like
-from .contract import plain_from_fused
+from .contract import plain_from_fused, require_invertible
 
 _DTYPES = (torch.float32, torch.float64)
 # reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf": NaN must still poison the
@@ -57,17 +61,39 @@ _JIT = dict(cache=True, fastmath=_FAST, nogil=True)
 _TASKS_PER_THREAD = 8  # finer tasks balance uneven rows; partial sums stay tiny
 
 
-def activation_code(activation: str, param: float) -> tuple[bool, float]:
-    """(elu, p): identity, relu and leaky_relu are one piecewise-linear family, z > 0 ? z : p * z
-    with p = 1, 0 or the slope, whose loops vectorize; elu (alpha = p) needs exp and has its own."""
-    if activation == "elu":
-        return True, float(param)
-    return False, {"identity": 1.0, "relu": 0.0}.get(activation, float(param))
+# Activation codes of the loops. identity, relu and leaky_relu are one piecewise-linear family,
+# z > 0 ? z : p z, whose loops vectorize; every other activation has a code of its own and runs in
+# the loops of _act / _act_grad (a loop-invariant branch per element: elu, silu and the gelus call
+# exp, erf or tanh, which stop LLVM from vectorizing a loop anyway).
+_LINEAR, _ELU, _SILU, _HARDSWISH, _HARDSIGMOID, _GELU, _GELU_TANH = range(7)
+_CODES = {
+    "elu": _ELU,
+    "silu": _SILU,
+    "hardswish": _HARDSWISH,
+    "hardsigmoid": _HARDSIGMOID,
+    "gelu": _GELU,
+    "gelu_tanh": _GELU_TANH,
+}
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TANH_BETA = math.sqrt(2.0 / math.pi)  # gelu_tanh: tanh(beta (z + kappa z^3)), as torch's
+_TANH_KAPPA = 0.044715
+
+
+def activation_code(activation: str, param: float) -> tuple[int, float]:
+    """(code, p): the piecewise-linear family z > 0 ? z : p z with p = 1 (identity), 0 (relu) or
+    the slope (leaky_relu); otherwise the activation's own code, p its parameter (elu's alpha)."""
+    if activation in _CODES:
+        return _CODES[activation], float(param)
+    return _LINEAR, {"identity": 1.0, "relu": 0.0}.get(activation, float(param))
 
 
 # --------------------------------------------------------------------------------------------
-# elementwise pieces, inlined. Piecewise-linear and elu loops are kept apart (the branch is taken
-# per row): a call to exp anywhere in a loop body stops LLVM from vectorizing it.
+# elementwise pieces, inlined. The piecewise-linear loops are kept apart from the others (the
+# branch is taken per row): a call to exp anywhere in a loop body stops LLVM from vectorizing it.
+# Constants are cast to z's type (type(z)(c)): a float64 literal would turn float32 loops into
+# float64 ones. Definitions and the branches at the kinks are torch.nn.functional's (see
+# bnlab.kernels.composite.activate and activation_grad).
 # --------------------------------------------------------------------------------------------
 
 
@@ -77,8 +103,59 @@ def _linear_act(z, p):
 
 
 @njit(inline="always", **_JIT)
-def _elu_act(z, alpha):
-    return z if z > 0.0 else alpha * math.expm1(z)
+def _relu6_over_6(z):
+    """hardsigmoid(z) = min(max(z + 3, 0), 6) / 6, NaN kept (a comparison with NaN is False)."""
+    t = z + type(z)(3.0)
+    if t < 0.0:
+        t = type(z)(0.0)
+    if t > 6.0:
+        t = type(z)(6.0)
+    return t / type(z)(6.0)
+
+
+@njit(inline="always", **_JIT)
+def _act(z, code, p):
+    """act(z) for every code but _LINEAR, in z's dtype."""
+    one, half = type(z)(1.0), type(z)(0.5)
+    if code == _ELU:
+        return z if z > 0.0 else p * math.expm1(z)
+    if code == _SILU:
+        return z / (one + math.exp(-z))
+    if code == _HARDSWISH:
+        return z * _relu6_over_6(z)
+    if code == _HARDSIGMOID:
+        return _relu6_over_6(z)
+    if code == _GELU:
+        return half * z * (one + math.erf(z * type(z)(_SQRT1_2)))
+    inner = type(z)(_TANH_BETA) * (z + type(z)(_TANH_KAPPA) * z * z * z)
+    return half * z * (one + math.tanh(inner))
+
+
+@njit(inline="always", **_JIT)
+def _act_grad(z, g, code, p):
+    """g act'(z) for every code but _LINEAR: elu' = p exp(z) for z <= 0; silu' = s (1 + z (1 - s)),
+    s = sigmoid(z); hardswish' = 0 (z <= -3), z / 3 + 1/2 (-3 < z < 3), 1 (z >= 3); hardsigmoid' =
+    1/6 on (-3, 3) only; gelu' = Phi(z) + z phi(z); gelu_tanh' = (1 + t) / 2 + z (1 - t^2) beta
+    (1 + 3 kappa z^2) / 2, t = tanh(beta (z + kappa z^3))."""
+    one, half, zero = type(z)(1.0), type(z)(0.5), type(z)(0.0)
+    if code == _ELU:
+        return g if z > 0.0 else g * p * math.exp(z)
+    if code == _SILU:
+        s = one / (one + math.exp(-z))
+        return g * (s * (one + z * (one - s)))
+    if code == _HARDSWISH:
+        if z <= -3.0:
+            return zero
+        return g * (z / type(z)(3.0) + half) if z < 3.0 else g
+    if code == _HARDSIGMOID:
+        return g * type(z)(1.0 / 6.0) if -3.0 < z < 3.0 else zero
+    if code == _GELU:
+        cdf = half * (one + math.erf(z * type(z)(_SQRT1_2)))
+        return g * (cdf + z * math.exp(-half * z * z) * type(z)(_INV_SQRT_2PI))
+    beta, kappa = type(z)(_TANH_BETA), type(z)(_TANH_KAPPA)
+    t = math.tanh(beta * (z + kappa * z * z * z))
+    kappa3 = type(z)(3.0 * _TANH_KAPPA)
+    return g * (half * (one + t) + half * z * (one - t * t) * beta * (one + kappa3 * z * z))
 
 
 @njit(inline="always", **_JIT)
@@ -94,14 +171,15 @@ def _linear_grad(v, g, mean, a, b, p, from_output):
 
 
 @njit(inline="always", **_JIT)
-def _elu_grad(v, g, mean, a, b, alpha, from_output):
-    if from_output:  # y < 0: z = log1p(y / alpha), dy/dz = y + alpha
+def _grad(v, g, mean, a, b, code, p, from_output):
+    """:func:`_linear_grad` for every other code. From the output only for elu, the one invertible
+    activation among them: y < 0 gives z = log1p(y / alpha) and dy/dz = y + alpha."""
+    if from_output:
         if v >= 0.0:
             return g, (v - b) / a
-        return g * (v + alpha), (math.log1p(v / alpha) - b) / a
+        return g * (v + p), (math.log1p(v / p) - b) / a
     centred = v - mean
-    z = centred * a + b
-    return (g if z > 0.0 else g * alpha * math.exp(z)), centred
+    return _act_grad(centred * a + b, g, code, p), centred
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,22 +221,22 @@ def _ncs_stats(x, shift, blocks, out_sum, out_sq):
 
 
 @njit(parallel=True, **_JIT)
-def _ncs_apply(x, out, mean, a, b, elu, p, blocks):
+def _ncs_apply(x, out, mean, a, b, code, p, blocks):
     n_, c_, s_ = x.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
         mc, ac, bc = mean[c], a[c], b[c]
         row, dst = x[n, c, lo:hi], out[n, c, lo:hi]
-        if elu:
-            for i in range(row.shape[0]):
-                dst[i] = _elu_act((row[i] - mc) * ac + bc, p)
-        else:
+        if code == _LINEAR:
             for i in range(row.shape[0]):
                 dst[i] = _linear_act((row[i] - mc) * ac + bc, p)
+        else:
+            for i in range(row.shape[0]):
+                dst[i] = _act((row[i] - mc) * ac + bc, code, p)
 
 
 @njit(parallel=True, **_JIT)
-def _ncs_grad_sums(v, dy, mean, a, b, elu, p, from_output, blocks, out_dz, out_dzx):
+def _ncs_grad_sums(v, dy, mean, a, b, code, p, from_output, blocks, out_dz, out_dzx):
     n_, c_, s_ = v.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
@@ -170,14 +248,14 @@ def _ncs_grad_sums(v, dy, mean, a, b, elu, p, from_output, blocks, out_dz, out_d
             vs, gs = row[first : first + _SPAN], g[first : first + _SPAN]
             cs = v.dtype.type(0)
             cq = v.dtype.type(0)
-            if elu:
+            if code == _LINEAR:
                 for i in range(vs.shape[0]):
-                    dz, xc = _elu_grad(vs[i], gs[i], mc, ac, bc, p, from_output)
+                    dz, xc = _linear_grad(vs[i], gs[i], mc, ac, bc, p, from_output)
                     cs += dz
                     cq += dz * xc
             else:
                 for i in range(vs.shape[0]):
-                    dz, xc = _linear_grad(vs[i], gs[i], mc, ac, bc, p, from_output)
+                    dz, xc = _grad(vs[i], gs[i], mc, ac, bc, code, p, from_output)
                     cs += dz
                     cq += dz * xc
             s += cs
@@ -187,19 +265,19 @@ def _ncs_grad_sums(v, dy, mean, a, b, elu, p, from_output, blocks, out_dz, out_d
 
 
 @njit(parallel=True, **_JIT)
-def _ncs_grad_input(v, dy, dx, mean, a, b, k1, k0, elu, p, from_output, blocks):
+def _ncs_grad_input(v, dy, dx, mean, a, b, k1, k0, code, p, from_output, blocks):
     n_, c_, s_ = v.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
         mc, ac, bc, k1c, k0c = mean[c], a[c], b[c], k1[c], k0[c]
         row, g, dst = v[n, c, lo:hi], dy[n, c, lo:hi], dx[n, c, lo:hi]
-        if elu:
+        if code == _LINEAR:
             for i in range(row.shape[0]):
-                dz, xc = _elu_grad(row[i], g[i], mc, ac, bc, p, from_output)
+                dz, xc = _linear_grad(row[i], g[i], mc, ac, bc, p, from_output)
                 dst[i] = ac * dz + k1c * xc + k0c
         else:
             for i in range(row.shape[0]):
-                dz, xc = _linear_grad(row[i], g[i], mc, ac, bc, p, from_output)
+                dz, xc = _grad(row[i], g[i], mc, ac, bc, code, p, from_output)
                 dst[i] = ac * dz + k1c * xc + k0c
 
 
@@ -257,22 +335,22 @@ def _rc_stats(x, k, blocks, out_sum, out_sq, scratch):
 
 
 @njit(parallel=True, **_JIT)
-def _rc_apply(x, out, mean, a, b, elu, p, blocks):
+def _rc_apply(x, out, mean, a, b, code, p, blocks):
     r_, c_ = x.shape
     for blk in prange(blocks):
         lo, hi = _row_range(blk, r_, blocks)
         for r in range(lo, hi):
             row, dst = x[r], out[r]
-            if elu:
-                for c in range(c_):
-                    dst[c] = _elu_act((row[c] - mean[c]) * a[c] + b[c], p)
-            else:
+            if code == _LINEAR:
                 for c in range(c_):
                     dst[c] = _linear_act((row[c] - mean[c]) * a[c] + b[c], p)
+            else:
+                for c in range(c_):
+                    dst[c] = _act((row[c] - mean[c]) * a[c] + b[c], code, p)
 
 
 @njit(parallel=True, **_JIT)
-def _rc_grad_sums(v, dy, mean, at, bt, elu, p, from_output, blocks, out_dz, out_dzx, scratch):
+def _rc_grad_sums(v, dy, mean, at, bt, code, p, from_output, blocks, out_dz, out_dzx, scratch):
     r_, c_ = v.shape
     for blk in prange(blocks):
         s, q = _zeroed(scratch[0, blk], scratch[1, blk], out_dz[blk], out_dzx[blk])
@@ -280,14 +358,14 @@ def _rc_grad_sums(v, dy, mean, at, bt, elu, p, from_output, blocks, out_dz, out_
         for first in range(lo, hi, _CHUNK):
             for r in range(first, min(hi, first + _CHUNK)):
                 row, g = v[r], dy[r]
-                if elu:
+                if code == _LINEAR:
                     for c in range(c_):
-                        dz, xc = _elu_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
+                        dz, xc = _linear_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
                         s[c] += dz
                         q[c] += dz * xc
                 else:
                     for c in range(c_):
-                        dz, xc = _linear_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
+                        dz, xc = _grad(row[c], g[c], mean[c], at[c], bt[c], code, p, from_output)
                         s[c] += dz
                         q[c] += dz * xc
             _flush(s, out_dz[blk])
@@ -295,19 +373,19 @@ def _rc_grad_sums(v, dy, mean, at, bt, elu, p, from_output, blocks, out_dz, out_
 
 
 @njit(parallel=True, **_JIT)
-def _rc_grad_input(v, dy, dx, mean, at, bt, k1t, k0t, elu, p, from_output, blocks):
+def _rc_grad_input(v, dy, dx, mean, at, bt, k1t, k0t, code, p, from_output, blocks):
     r_, c_ = v.shape
     for blk in prange(blocks):
         lo, hi = _row_range(blk, r_, blocks)
         for r in range(lo, hi):
             row, g, dst = v[r], dy[r], dx[r]
-            if elu:
+            if code == _LINEAR:
                 for c in range(c_):
-                    dz, xc = _elu_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
+                    dz, xc = _linear_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
                     dst[c] = at[c] * dz + k1t[c] * xc + k0t[c]
             else:
                 for c in range(c_):
-                    dz, xc = _linear_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
+                    dz, xc = _grad(row[c], g[c], mean[c], at[c], bt[c], code, p, from_output)
                     dst[c] = at[c] * dz + k1t[c] * xc + k0t[c]
 
 
@@ -538,8 +616,8 @@ def batch_norm_act_forward(
     k, rest = plan.centre(mean)
     b = _vector(bias, c, 0.0) + rest * a  # y = (x - k) * a + b
     y = torch.empty_like(x) if out is None else out
-    elu, p = activation_code(activation, param)
-    plan.kernels[1](plan.view, plan.of(y), *plan.tile(k, a, b), elu, plan.scalar(p), plan.blocks)
+    code, p = activation_code(activation, param)
+    plan.kernels[1](plan.view, plan.of(y), *plan.tile(k, a, b), code, plan.scalar(p), plan.blocks)
     if training:
         return y, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(var).to(x.dtype)
     empty = x.new_empty((0,))
@@ -562,7 +640,10 @@ def batch_norm_act_backward(
 ):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, in the form
     dx = a dz - a invstd^2 (x - mean) sum(dz (x - mean)) / m - a sum(dz) / m, a = weight * invstd
-    (eval: the first term). Two parallel passes: the sums, then dx."""
+    (eval: the first term). Two parallel passes: the sums, then dx; each recomputes z from x (or,
+    ``from_output``, inverts the activation from y)."""
+    if from_output:
+        require_invertible(activation)
     c = saved.shape[1]
     mean64, var64 = _vector(mean, c, 0.0), _vector(var, c, 1.0)
     invstd = 1.0 / np.sqrt(var64 + eps)
@@ -571,10 +652,10 @@ def batch_norm_act_backward(
     k, rest = plan.centre(mean64)
     b = _vector(bias, c, 0.0) + rest * a  # z = (x - k) * a + b; the loops see x - k
     dy = plan.of(laid_out_like(grad_out, saved))
-    elu, p = activation_code(activation, param)
+    code, p = activation_code(activation, param)
     _, _, grad_sums, grad_input = plan.kernels
     p = plan.scalar(p)
-    sum_dz, sum_dz_xk = plan.sums(grad_sums, dy, *plan.tile(k, a, b), elu, p, bool(from_output))
+    sum_dz, sum_dz_xk = plan.sums(grad_sums, dy, *plan.tile(k, a, b), code, p, bool(from_output))
     sum_dz_xc = sum_dz_xk + rest * sum_dz  # sum(dz * (x - mean)) from sum(dz * (x - k))
     dx = dweight = dbias = None
     if output_mask[0]:
@@ -588,7 +669,7 @@ def batch_norm_act_backward(
             dy,
             plan.of(dx),
             *plan.tile(k, a, b, k1, k0),
-            elu,
+            code,
             p,
             bool(from_output),
             plan.blocks,

@@ -24,9 +24,10 @@ is E[x^2] - E[x]^2, so float32 input at 1e4 + N(0, 1) keeps its variance. Partia
 
 float16/bfloat16 load and compute in float32 (statistics and parameter gradients come back in
 float32); float64 computes in float64. The output is ``(x - mean) * a + b`` with a = weight *
-invstd, never ``x * a + (b - mean * a)``. Fused activations (identity, relu, leaky_relu, elu) apply
-in the same pass; the backward recomputes the pre-activation z from x, or in the in-place mode
-inverts the activation from the saved output y.
+invstd, never ``x * a + (b - mean * a)``. Fused activations (identity, relu, leaky_relu, elu, silu,
+hardswish, hardsigmoid, gelu, gelu_tanh; :data:`ACTIVATION_CODES`) apply in the same pass; both
+backward passes recompute the pre-activation z = (x - mean) * a + b from x (nothing else is kept),
+or in the in-place mode invert the activation from the saved output y (identity, leaky_relu, elu).
 
 Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set before bnlab is
 imported) on CPU tensors: that is how the test suite runs them everywhere. Automatic backend
@@ -44,12 +45,22 @@ import triton.language as tl
 from torch import Tensor
 
 from .composite import accumulation_dtype, is_dense, laid_out_like
-from .contract import plain_from_fused
+from .contract import plain_from_fused, require_invertible
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OPS = ("batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_act")
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3}
+ACTIVATION_CODES = {
+    "identity": 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "elu": 3,
+    "silu": 4,
+    "hardswish": 5,
+    "hardsigmoid": 6,
+    "gelu": 7,
+    "gelu_tanh": 8,
+}
 _TILE = 4096  # values per elementwise tile: 16 per thread at 8 warps
 _REDUCE_TILE = 2048  # values per reduction tile: 8 per thread, x3 running summaries
 _PROGRAMS_PER_SM = 4  # reduction programs per SM: enough to hide latency, few partials to merge
@@ -76,25 +87,68 @@ def prefers(op: str, x: Tensor) -> bool:
 
 
 @triton.jit
+def _relu6_over_6(z):
+    """hardsigmoid(z) = min(max(z + 3, 0), 6) / 6; NaN kept (a comparison with NaN is False)."""
+    t = z + 3.0
+    t = tl.where(t < 0.0, 0.0, t)
+    return tl.where(t > 6.0, 6.0, t) / 6.0
+
+
+@triton.jit
+def _tanh_gate(z):
+    """(1 + tanh(u)) / 2 = sigmoid(2 u), u = sqrt(2 / pi) (z + 0.044715 z^3): gelu_tanh's factor,
+    without the cancellation of 1 + tanh(u) for negative u (Triton has no tanh of its own).
+    Constants are literals: a global would have to be a tl.constexpr, which the interpreter
+    cannot multiply a tensor by."""
+    return tl.sigmoid(2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z))
+
+
+@triton.jit
 def _activate(z, param, ACT: tl.constexpr):
+    """act(z), the definitions of :mod:`bnlab.kernels.contract`'s table."""
     if ACT == 1:
         z = tl.where(z > 0, z, 0.0)
     elif ACT == 2:
         z = tl.where(z > 0, z, z * param)
     elif ACT == 3:
         z = tl.where(z > 0, z, param * (tl.exp(z) - 1.0))
+    elif ACT == 4:
+        z = z * tl.sigmoid(z)
+    elif ACT == 5:
+        z = z * _relu6_over_6(z)
+    elif ACT == 6:
+        z = _relu6_over_6(z)
+    elif ACT == 7:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))  # 1 / sqrt(2)
+    elif ACT == 8:
+        z = z * _tanh_gate(z)
     return z
 
 
 @triton.jit
 def _activation_grad(dy, z, param, ACT: tl.constexpr):
-    """dy * act'(z)."""
+    """dy * act'(z), with the branches at the kinks of :mod:`bnlab.kernels.contract`'s table."""
     if ACT == 1:
         dy = tl.where(z > 0, dy, 0.0)
     elif ACT == 2:
         dy = tl.where(z > 0, dy, dy * param)
     elif ACT == 3:
         dy = tl.where(z > 0, dy, dy * param * tl.exp(z))
+    elif ACT == 4:
+        s = tl.sigmoid(z)
+        dy = dy * (s * (1.0 + z * (1.0 - s)))
+    elif ACT == 5:
+        dy = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, dy * (z / 3.0 + 0.5), dy))
+    elif ACT == 6:
+        dy = tl.where((z > -3.0) & (z < 3.0), dy / 6.0, 0.0)
+    elif ACT == 7:
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        dy = dy * (0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * pdf)
+    elif ACT == 8:
+        # (1 + t) / 2 = s and (1 - t^2) / 2 = 2 s (1 - s), t = tanh(u), s = sigmoid(2 u)
+        s = _tanh_gate(z)
+        slope = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        dy = dy * (s + 2.0 * z * s * (1.0 - s) * slope)
     return dy
 
 
@@ -597,7 +651,10 @@ def batch_norm_act_backward(
 ):
     """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, in the form
     dx = a dz - a invstd^2 (x - mean) sum(dz (x - mean)) / m - a sum(dz) / m, a = weight * invstd
-    (eval: the first term). Two launches (and a merge of the partial sums): the sums, then dx."""
+    (eval: the first term). Two launches (and a merge of the partial sums): the sums, then dx;
+    each recomputes z from x (or, ``from_output``, inverts the activation from y)."""
+    if from_output:
+        require_invertible(activation)
     src = _dense_view(saved)
     dy = laid_out_like(grad_out, src)
     geo = _Geometry(src)

@@ -33,8 +33,11 @@ class BatchNormAct(BatchNorm):
 
     Args: those of :class:`bnlab.nn.BatchNorm`, plus
 
-        activation: "identity", "relu", "leaky_relu" or "elu".
-        activation_param: leaky_relu's negative slope (default 0.01) or elu's alpha (default 1).
+        activation: "identity", "relu", "leaky_relu", "elu", "silu" (swish), "hardswish",
+            "hardsigmoid", "gelu" (exact, erf) or "gelu_tanh" (torch's ``approximate="tanh"``),
+            each as torch.nn.functional defines it (:mod:`bnlab.kernels.contract` has the table).
+        activation_param: leaky_relu's negative slope (default 0.01) or elu's alpha (default 1);
+            the other activations take none.
     """
 
     inplace = False
@@ -119,7 +122,9 @@ class InPlaceABN(BatchNormAct):
     r"""In-place activated batch norm (Rota Bulo et al., CVPR 2018): ``act(BatchNorm(x))`` written
     over x, keeping only the output for the backward.
 
-    The activation must be invertible: "leaky_relu" (default, slope 0.01), "elu" or "identity".
+    The activation must be invertible: "leaky_relu" (default, slope 0.01), "elu" or "identity";
+    any other is refused at construction with an error naming these (relu, silu, hardswish,
+    hardsigmoid, gelu and gelu_tanh map two inputs to one output: use :class:`BatchNormAct`).
     gamma enters as |gamma| + eps. Its input must not be needed by the op that produced it (put it
     after a conv or linear layer, which keep their own input); the saving is that the conv output
     and the normalized tensor share one buffer.
