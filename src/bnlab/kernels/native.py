@@ -4,8 +4,9 @@ Automatic selection sends here what bnlab's own kernels do not do better: on the
 channels are the innermost dimension ((N, C) with many channels, channels_last) where PyTorch's
 vectorized per-channel loops are already near memory speed, small tensors, where a call's fixed
 cost outweighs the kernel, and float16/bfloat16 inputs (ATen's mixed-precision kernel, float32
-statistics: what torch.nn runs under autocast). Same contract as :mod:`bnlab.kernels.composite`: bnlab still owns the
-running statistics, the non-finite guard and the argument checks; only the arithmetic runs in ATen.
+statistics: what torch.nn runs under autocast). Same contract as :mod:`bnlab.kernels.composite`:
+bnlab still owns the running statistics, the non-finite guard and the argument checks; only the
+arithmetic runs in ATen.
 A fused activation is ATen's batch norm followed by PyTorch's activation. Eager CPU calls skip
 these kernel functions: :func:`eager_batch_norm` runs the whole op as ATen's differentiable op.
 """
