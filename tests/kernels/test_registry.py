@@ -134,9 +134,9 @@ def _count_selections(monkeypatch) -> list:
     asked = []
     select = kernels.select_backend
 
-    def counting(op, x, requested=None):
+    def counting(op, x, requested=None, activation=None):
         asked.append(op)
-        return select(op, x, requested)
+        return select(op, x, requested, activation)
 
     monkeypatch.setattr(bnlab.functional, "select_backend", counting)
     monkeypatch.setattr(bnlab.ops, "select_backend", counting)
@@ -252,3 +252,13 @@ def test_half_inputs_go_to_aten_mixed_precision_kernel(dtype, op):
     kernel, as torch.nn's does, not the composite backend (8-15x slower, benchmarks/
     model_speed.py)."""
     assert kernels.select_backend(op, torch.randn(2, 3, dtype=dtype)).name == "native"
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "elu"])
+def test_activations_numba_runs_slower_than_aten_stay_with_aten(activation):
+    """A large NCHW fused BN + activation goes to the Numba kernels, except for the activations
+    whose transcendentals Numba does not vectorize (cpu.prefers has the measurements)."""
+    x = torch.randn(32, 64, 32, 32)
+    assert kernels.select_backend("batch_norm_act", x, activation="relu").name == "cpu"
+    assert kernels.select_backend("batch_norm_act", x, activation=activation).name == "native"
+    assert kernels.select_backend("batch_norm_act", x, "cpu", activation).name == "cpu"

@@ -2,7 +2,8 @@
 
 A backend is a module with the plain functions (no autograd inside) of the ops it supports, as
 written once in :mod:`bnlab.kernels.contract`. It is registered with a ``supports(op, tensor)``
-predicate, a priority and, optionally, ``prefers(op, tensor)``: automatic selection takes the
+predicate, a priority and, optionally, ``prefers(op, tensor, activation=None)`` (the activation of a
+``batch_norm_act``, else None): automatic selection takes the
 highest-priority backend that supports *and* prefers the input (a backend can run something it is
 not the fastest at, and still be asked for it by name). The ops (:data:`OPS`):
 
@@ -14,12 +15,14 @@ not the fastest at, and still be asked for it by name). The ops (:data:`OPS`):
 
 Registered here, each under its module's name: ``composite`` (:mod:`bnlab.kernels.composite`,
 PyTorch ops, any device and dtype), ``native`` (:mod:`bnlab.kernels.native`, PyTorch's own ATen
-batch-norm kernels, float32/float64), where Numba is installed ``cpu`` (:mod:`bnlab.kernels.cpu`:
-CPU float32/float64, contiguous or channels_last, fused activations), which leaves to ``native``
-what ATen runs as fast (see :func:`bnlab.kernels.cpu.prefers`), and, where Triton is installed and
-a GPU is present, ``gpu`` (:mod:`bnlab.kernels.gpu`: CUDA float16/bfloat16/float32/float64, fused
-activations; CPU tensors too under ``TRITON_INTERPRET=1``, but only when asked for by name). The
-names ``torch``, ``numba`` and ``triton`` are accepted for ``composite``, ``cpu`` and ``gpu``.
+batch-norm kernels: float32/float64, and half types through ATen's mixed-precision kernel), where
+Numba is installed ``cpu`` (:mod:`bnlab.kernels.cpu`: CPU float32/float64, contiguous or
+channels_last, fused activations), which leaves to ``native`` what ATen runs as fast (see
+:func:`bnlab.kernels.cpu.prefers`), and, where Triton is installed and a GPU is present, ``gpu``
+(:mod:`bnlab.kernels.gpu`: CUDA float16/bfloat16/float32/float64, fused activations; CPU tensors
+too under ``TRITON_INTERPRET=1``), which runs only when asked for by name until its GPU sweep is
+measured (automatic selection sends CUDA tensors to ``native``: cuDNN / ATen). The names
+``torch``, ``numba`` and ``triton`` are accepted for ``composite``, ``cpu`` and ``gpu``.
 
 Selection, strongest first:
 
@@ -72,11 +75,14 @@ class Backend:
     module: ModuleType
     supports: Callable[[str, torch.Tensor], bool]
     priority: int
-    prefers: Optional[Callable[[str, torch.Tensor], bool]] = None
+    prefers: Optional[Callable[..., bool]] = None  # (op, x, activation=None) -> bool
 
-    def takes(self, op: str, x: torch.Tensor) -> bool:
-        """Whether automatic selection gives ``op`` on ``x`` here (if no backend above takes it)."""
-        return self.supports(op, x) and (self.prefers is None or self.prefers(op, x))
+    def takes(self, op: str, x: torch.Tensor, activation: Optional[str] = None) -> bool:
+        """Whether automatic selection gives ``op`` on ``x`` (with ``activation``, for
+        batch_norm_act) here, if no backend above takes it."""
+        if not self.supports(op, x):
+            return False
+        return self.prefers is None or self.prefers(op, x, activation=activation)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -88,10 +94,11 @@ def register_backend(
     module: ModuleType,
     supports: Callable[[str, torch.Tensor], bool],
     priority: int = 0,
-    prefers: Optional[Callable[[str, torch.Tensor], bool]] = None,
+    prefers: Optional[Callable[..., bool]] = None,
 ) -> None:
     """Add (or replace) a backend. ``supports(op, x)`` says whether it can run ``op`` on ``x``;
-    ``prefers(op, x)`` (default: always) whether automatic selection should take it."""
+    ``prefers(op, x, activation=None)`` (default: always) whether automatic selection should take
+    it."""
     _BACKENDS[name] = Backend(name, module, supports, priority, prefers)
     _order_by_priority()
 
@@ -121,8 +128,11 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def select_backend(op: str, x: torch.Tensor, requested: Optional[str] = None) -> Backend:
-    """The backend that runs ``op`` on ``x``: ``requested`` > ``$BNLAB_BACKEND`` > automatic."""
+def select_backend(
+    op: str, x: torch.Tensor, requested: Optional[str] = None, activation: Optional[str] = None
+) -> Backend:
+    """The backend that runs ``op`` on ``x``: ``requested`` > ``$BNLAB_BACKEND`` > automatic
+    (which also weighs the ``activation`` of a batch_norm_act)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     name = requested or os.environ.get("BNLAB_BACKEND", "")
@@ -135,7 +145,7 @@ def select_backend(op: str, x: torch.Tensor, requested: Optional[str] = None) ->
             )
         return backend
     for backend in _BY_PRIORITY:
-        if backend.takes(op, x):
+        if backend.takes(op, x, activation):
             return backend
     raise RuntimeError(f"no bnlab backend can run {op} on a {x.dtype} tensor on {x.device}")
 

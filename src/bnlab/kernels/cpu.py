@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Optional
 
 import numba
 import numpy as np
@@ -405,7 +406,7 @@ def supports(op: str, x: Tensor) -> bool:
     )
 
 
-def prefers(op: str, x: Tensor) -> bool:
+def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
     """What automatic selection should give these kernels (measured with benchmarks/bn_speed.py,
     2 threads; below a threshold ATen's forward with its C++ autograd costs less than a Numba
     call's fixed cost plus bnlab's Python backward).
@@ -422,9 +423,15 @@ def prefers(op: str, x: Tensor) -> bool:
       differentiable op (32x64x8x8, 64x8x16x16, 64x64x8x8). The backward from 2M values (the
       Numba backward's two parallel passes win only on large tensors). Eval: ATen's single
       streaming pass is as fast.
+    - Activations whose transcendental functions Numba does not vectorize (no SVML): a fused
+      training step at 32x64x32x32 took 2.2-2.8x (gelu), 3.3-3.5x (gelu_tanh) and 1.0-1.2x (elu)
+      torch.nn's BN then activation; ATen's batch norm then PyTorch's vectorized activation runs
+      them (relu 0.4-0.5x, hardswish/hardsigmoid 0.4-0.7x, silu 0.7-0.9x stay here).
     """
     numel = x.numel()
     if numel < _NUMBA_FROM_NUMEL:  # every rule below needs at least this many values
+        return False
+    if op == "batch_norm_act" and activation in _ATEN_FASTER_ACTIVATIONS:
         return False
     channels_innermost = _spatial(x) == 1 or (is_channels_last(x) and not x.is_contiguous())
     if channels_innermost and x.shape[1] >= _NATIVE_FROM_CHANNELS:
@@ -477,6 +484,7 @@ _NUMBA_FROM_NUMEL = 1 << 16
 _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
 _NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 19, "batch_norm_act": 1 << 18}
 _LONG_ROW = 4096
+_ATEN_FASTER_ACTIVATIONS = ("gelu", "gelu_tanh", "elu")
 _ACT_WIDE_ROWS_FROM_NUMEL = 1 << 20  # >= _NUMBA_FROM_NUMEL (prefers() tests that one first)
 _ACT_WIDE_ROWS_MAX_CHANNELS = 2048
 

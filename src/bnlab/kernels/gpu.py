@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -76,9 +77,13 @@ def supports(op: str, x: Tensor) -> bool:
     return op in _OPS and on_device and x.dtype in _DTYPES and x.numel() > 0 and fits_grid
 
 
-def prefers(op: str, x: Tensor) -> bool:
-    """Automatic selection takes these kernels for CUDA tensors only (the interpreter is slow)."""
-    return x.device.type == "cuda"
+def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
+    """Never, for now: these kernels have not run on a GPU in a measured sweep
+    (benchmarks/bn_speed_gpu.py), so automatic selection leaves CUDA tensors to ``native``
+    (cuDNN / ATen, what torch.nn runs) and they run when asked for by name (``backend="gpu"``).
+    Once the sweep's numbers are committed, this becomes a rule by op and shape where they win,
+    with the numbers beside it."""
+    return False
 
 
 # --------------------------------------------------------------------------------------------
