@@ -12,7 +12,15 @@ from .act import (
 )
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .bnlstm import BNLSTM, BNLSTMCell
-from .convert import ConversionWarning, convert, revert
+from .convert import (
+    ConversionReport,
+    ConversionWarning,
+    convert,
+    rebuild,
+    register_conversion,
+    revert,
+)
+from .dropact import BatchNormDropAct2d
 from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .layernorm import LayerNorm
@@ -28,6 +36,10 @@ __all__ = [
     "convert",
     "revert",
     "ConversionWarning",
+    "ConversionReport",
+    "register_conversion",
+    "rebuild",
+    "BatchNormDropAct2d",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
