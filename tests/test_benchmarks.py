@@ -210,3 +210,15 @@ def test_dispatch_overhead_smoke_run_pairs_bnlab_with_torch(tmp_path):
     assert all(float(r["median_us"]) > 0 for r in rows)
     assert {float(r["over_torch"]) for r in rows if r["provider"] == "torch"} == {1.0}
     assert "appended to" in out
+
+
+def test_zoo_coverage_smoke_run_counts_and_converts(tmp_path):
+    out = run_script(
+        "zoo_coverage.py", "--filter", "efficientnet_b0", "--limit", "1", "--out", str(tmp_path)
+    )
+    rows = read_rows(tmp_path / "zoo_coverage.csv")
+    assert [(r["model"], r["status"], r["norm_class"]) for r in rows] == [
+        ("efficientnet_b0", "ok", "timm.layers.norm_act.BatchNormAct2d")
+    ]
+    assert rows[0]["layers"] == rows[0]["converted"] == "49" and rows[0]["family"] == "batchnorm"
+    assert "1 models, 0 not built" in out
