@@ -23,6 +23,17 @@ F64 = torch.float64
 TOL = {"out": 1e-7, "grad": 1e-6, "stats": 1e-9}
 DropAct = bnlab.nn.BatchNormDropAct2d
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small float64 tensors: one thread is faster, and far faster on a loaded machine (OpenMP
+    threads waiting for a busy core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # activation module -> the fused name bnlab should use for it (when its op has that name)
 ACTS = [
     (nn.Identity, (), "identity"),
@@ -286,3 +297,44 @@ def test_timm_model_fully_converted_and_trains_like_timm(name):
     back = bnlab.revert(new)
     assert [type(m) for m in back.modules()] == [type(m) for m in ref.modules()]
     assert_states_close(back, ref)
+
+
+SAMPLE = [
+    "resnet50",
+    "cspresnet50",
+    "dla34",
+    "hrnet_w18_small",
+    "levit_128s",
+    "efficientvit_m0",
+    "repvit_m0_9",
+    "ghostnet_100",
+    "rexnet_100",
+    "lcnet_050",
+    "mobilevitv2_050",
+    "coatnet_0_224",
+]
+
+
+@pytest.mark.parametrize("name", SAMPLE)
+def test_timm_sample_every_batch_norm_converted(name):
+    """Coverage only (no weights, no compute): the model on the meta device."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    before = batch_norms(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # other norm layers (e.g. timm's LayerNorm2d) are left
+        new, report = bnlab.convert(model, report=True)
+    after = dict(new.named_modules())
+    assert before and report.num_converted >= len(before)
+    assert [n for n, _ in before if not type(after[n]).__module__.startswith("bnlab.")] == []
+
+
+def test_split_batch_norm_left_and_reported_by_its_forward():
+    from timm.layers.split_batchnorm import SplitBatchNorm2d
+
+    model = nn.Sequential(SplitBatchNorm2d(3))
+    with pytest.warns(bnlab.ConversionWarning, match="SplitBatchNorm2d .*defines forward"):
+        _, report = bnlab.convert(model, report=True)
+    assert type(model[0]) is SplitBatchNorm2d
+    # its auxiliary BatchNorm2d layers are plain torch.nn ones: converted
+    assert report.num_left == 1 and report.num_converted == 1
