@@ -174,14 +174,7 @@ def convert(model: nn.Module, *, report: bool = False):
     registered conversion, subclasses with methods of their own) and conversions with a caveat
     (one-process use of a SyncBatchNorm) are listed, one line per class, in one ConversionWarning.
     """
-    result = ConversionReport("bnlab.convert")
-
-    def swap(module: nn.Module, name: str) -> nn.Module:
-        return _convert_one(module, name, result)
-
-    model = replace_modules(model, swap)
-    _warn(result)
-    return (model, result) if report else model
+    return _swap_all(model, "bnlab.convert", _convert_one, report)
 
 
 def revert(model: nn.Module, *, report: bool = False):
@@ -192,12 +185,12 @@ def revert(model: nn.Module, *, report: bool = False):
     rank-agnostic ``bnlab.nn.BatchNorm`` built directly) are left and reported. Returns as
     :func:`convert` does.
     """
-    result = ConversionReport("bnlab.revert")
+    return _swap_all(model, "bnlab.revert", _revert_one, report)
 
-    def swap(module: nn.Module, name: str) -> nn.Module:
-        return _revert_one(module, name, result)
 
-    model = replace_modules(model, swap)
+def _swap_all(model: nn.Module, operation: str, swap_one: Callable, report: bool):
+    result = ConversionReport(operation)
+    model = replace_modules(model, lambda module, name: swap_one(module, name, result))
     _warn(result)
     return (model, result) if report else model
 
@@ -284,7 +277,7 @@ def _warn(result: ConversionReport) -> None:
         warnings.warn(
             "\n  ".join([head + "; by class:", *lines]),
             ConversionWarning,
-            stacklevel=3,
+            stacklevel=4,  # _warn, _swap_all, convert/revert, their caller
         )
 
 

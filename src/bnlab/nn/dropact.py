@@ -103,7 +103,7 @@ class BatchNormDropAct2d(BatchNorm2d):
     ``self.act``. Parameters, buffers and ``state_dict`` keys are those of BatchNorm2d, plus
     whatever ``drop`` and ``act`` hold (e.g. a PReLU's weight under ``act.weight``).
 
-    Args: those of :class:`bnlab.nn.BatchNorm2d`, plus
+    Args: those of :class:`bnlab.nn.BatchNorm2d`, in its order, plus the keyword-only
 
         act: the activation module (default ``nn.ReLU()``, as timm's).
         drop: the drop layer (default ``nn.Identity()``).
@@ -111,32 +111,12 @@ class BatchNormDropAct2d(BatchNorm2d):
 
     def __init__(
         self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
+        *args,
         act: Optional[nn.Module] = None,
         drop: Optional[nn.Module] = None,
-        bias: bool = True,
-        strict: bool = False,
-        backend: Optional[str] = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            strict=strict,
-            backend=backend,
-        )
+        super().__init__(*args, **kwargs)
         for name, module in (("act", act), ("drop", drop)):
             if module is not None and not isinstance(module, nn.Module):
                 raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
