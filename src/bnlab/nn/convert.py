@@ -59,9 +59,8 @@ class ConversionWarning(UserWarning):
 
 @dataclass(frozen=True)
 class _Conversion:
-    to_bnlab: Optional[
-        Callable[[nn.Module], nn.Module]
-    ]  # None: known, and left (``note`` says why)
+    # None: a class bnlab knows and leaves, ``note`` says why
+    to_bnlab: Optional[Callable[[nn.Module], nn.Module]]
     to_original: Optional[Callable[[nn.Module, type], nn.Module]]
     note: str = ""
     warn: bool = False  # a conversion whose caveat the user must hear about
@@ -225,8 +224,8 @@ def _convert_one(module: nn.Module, name: str, result: ConversionReport) -> nn.M
     if entry.to_bnlab is None:
         result.add(name, cls, None, entry.note)
         return module
-    if base is not cls and _own_methods(cls, base):
-        methods = ", ".join(_own_methods(cls, base))
+    methods = ", ".join(_own_methods(cls, base)) if base is not cls else ""
+    if methods:
         why = f"a subclass of {qualified_name(base)} that defines {methods}, which bnlab "
         result.add(name, cls, None, why + "cannot take over; see bnlab.nn.register_conversion")
         return module
