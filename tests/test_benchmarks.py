@@ -244,3 +244,15 @@ def test_model_speed_without_batch_norm_keeps_the_activation():
     without_batch_norm(model)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     torch.testing.assert_close(model(x), expected)
+
+
+def test_zoo_coverage_smoke_run_counts_and_converts(tmp_path):
+    out = run_script(
+        "zoo_coverage.py", "--filter", "efficientnet_b0", "--limit", "1", "--out", str(tmp_path)
+    )
+    rows = read_rows(tmp_path / "zoo_coverage.csv")
+    assert [(r["model"], r["status"], r["norm_class"]) for r in rows] == [
+        ("efficientnet_b0", "ok", "timm.layers.norm_act.BatchNormAct2d")
+    ]
+    assert rows[0]["layers"] == rows[0]["converted"] == "49" and rows[0]["family"] == "batchnorm"
+    assert "1 models, 0 not built" in out

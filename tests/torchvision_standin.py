@@ -48,6 +48,9 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.__class__.__name__}({self.weight.shape[0]}, eps={self.eps})"
 
 
+FrozenBatchNorm2d.__module__ = "torchvision.ops.misc"  # where it stands in, as bnlab names it
+
+
 class _Placeholder:
     """Any transform class or enum member timm names at import time; never called by the tests."""
 

@@ -2,6 +2,7 @@
 layers."""
 
 import copy
+import importlib
 import re
 import warnings
 
@@ -198,32 +199,169 @@ def test_shared_module_stays_shared():
     assert model[0] is model[2]
 
 
-class MyBN(nn.BatchNorm2d):
-    pass
+class MyBN(nn.BatchNorm2d):  # sets a BatchNorm2d up differently, computes the same
+    def __init__(self, num_features):
+        super().__init__(num_features, momentum=0.3)
+        self.tag = "mine"
+
+
+class MyForwardBN(nn.BatchNorm2d):  # computes something else: must not pass for its base
+    def forward(self, x):
+        return super().forward(x) * 2
 
 
 @pytest.mark.parametrize(
-    "factory",
+    "factory,reason",
     [
-        lambda: MyBN(4),
-        lambda: nn.SyncBatchNorm(4),
-        lambda: nn.InstanceNorm2d(4),
-        lambda: nn.LazyBatchNorm2d(),
+        (
+            lambda: MyForwardBN(4),
+            "a subclass of torch.nn.modules.batchnorm.BatchNorm2d that "
+            "defines forward, which bnlab cannot take over",
+        ),
+        (lambda: nn.InstanceNorm2d(4), "no registered conversion"),
+        (lambda: nn.LazyBatchNorm2d(), "no registered conversion"),
     ],
-    ids=["subclass", "sync", "instance", "lazy"],
+    ids=["subclass-forward", "instance", "lazy"],
 )
-def test_unconvertible_layers_left_and_reported(factory):
+def test_unconvertible_layers_left_and_reported(factory, reason):
     odd = factory()
     model = nn.Sequential(nn.BatchNorm2d(4), nn.Sequential(nn.ReLU(), odd))
     with pytest.warns(bnlab.ConversionWarning) as record:
         assert bnlab.convert(model) is model
     assert len(record) == 1 and record[0].filename == __file__  # points at the caller
     msg, cls = str(record[0].message), type(odd)
-    assert re.search(r"\b1\.1 \(" + re.escape(f"{cls.__module__}.{cls.__qualname__}"), msg), msg
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    assert f"left 1 x {name} (1.1): {reason}" in msg, msg
     assert "left 1 normalization layer(s)" in msg
     assert model[1][1] is odd and type(odd) is cls and type(model[0]) is bnlab.nn.BatchNorm2d
-    with pytest.warns(bnlab.ConversionWarning, match=re.escape(f"<root> ({cls.__module__}.")):
+    with pytest.warns(bnlab.ConversionWarning, match=re.escape(f"{name} (<root>)")):
         assert bnlab.convert(odd) is odd
+
+
+def test_subclass_with_only_init_converts_as_its_base_and_reverts_to_itself():
+    ref = nn.Sequential(MyBN(4)).to(F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net, report = bnlab.convert(copy.deepcopy(ref), report=True)
+    assert type(net[0]) is bnlab.nn.BatchNorm2d and net[0].tag == "mine"
+    assert "converted as its base torch.nn.modules.batchnorm.BatchNorm2d" in str(report)
+    x = torch.randn(3, 4, 2, 2, dtype=F64)
+    close(net(x), ref(x))
+    assert_state_equal(net, ref)
+    back = bnlab.revert(net)
+    assert type(back[0]) is MyBN and back[0].momentum == 0.3 and back[0].tag == "mine"
+    assert vars(back[0]).keys() == vars(ref[0]).keys()
+
+
+def test_sync_batch_norm_converted_for_one_process_use_and_reverted():
+    ref = nn.Sequential(nn.SyncBatchNorm(4, momentum=None)).to(F64)
+    net = copy.deepcopy(ref)
+    with pytest.warns(bnlab.ConversionWarning, match="one-process use") as record:
+        bnlab.convert(net)
+    assert len(
+        record
+    ) == 1 and "left 0 normalization layer(s) unchanged and converted 1 with a caveat" in str(
+        record[0].message
+    )
+    assert type(net[0]) is bnlab.nn.BatchNorm
+    for seed in range(2):
+        x = torch.randn(3, 4, 5, dtype=F64, generator=torch.Generator().manual_seed(seed))
+        close(net(x), ref(x))
+    assert_state_equal(net, ref)
+    back = bnlab.revert(net)
+    assert type(back[0]) is nn.SyncBatchNorm and back[0].process_group is None
+
+
+# -------------------------------------------------------------------------------------- registry
+
+
+class Scaled(nn.Module):
+    """A third-party batch norm: BatchNorm2d's state under its own class."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.inner = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class OwnBN(nn.Module):  # BatchNorm2d's parameters and buffers, not a torch.nn subclass
+    def __init__(self, c):
+        super().__init__()
+        ref = nn.BatchNorm2d(c)
+        self.__dict__.update({k: copy.copy(v) for k, v in vars(ref).items()})
+
+    forward = nn.BatchNorm2d.forward
+    _check_input_dim = nn.BatchNorm2d._check_input_dim
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the registry for the test (registrations are process-wide)."""
+    module = importlib.import_module("bnlab.nn.convert")
+    monkeypatch.setattr(module, "_REGISTRY", dict(module._REGISTRY))
+
+
+@pytest.mark.parametrize("by", ["class", "name"])
+def test_register_conversion_both_ways(registry, by):
+    key = OwnBN if by == "class" else f"{OwnBN.__module__}.{OwnBN.__qualname__}"
+    bnlab.nn.register_conversion(
+        key, lambda m: bnlab.nn.rebuild(m, bnlab.nn.BatchNorm2d), bnlab.nn.rebuild
+    )
+    ref = nn.Sequential(OwnBN(3), nn.ReLU(), OwnBN(3)).to(F64)
+    net, report = bnlab.convert(copy.deepcopy(ref), report=True)
+    assert [type(m) for m in net] == [bnlab.nn.BatchNorm2d, nn.ReLU, bnlab.nn.BatchNorm2d]
+    assert (report.num_converted, report.num_left) == (2, 0)
+    assert list(report.converted) == [f"{OwnBN.__module__}.OwnBN"]
+    x = torch.randn(2, 3, 4, 4, dtype=F64)
+    close(net(x), ref(x))
+    assert_state_equal(net, ref)
+    back, report = bnlab.revert(net, report=True)
+    assert [type(m) for m in back] == [OwnBN, nn.ReLU, OwnBN] and report.num_converted == 2
+
+
+def test_registered_class_without_revert_is_left_by_revert_and_reported(registry):
+    bnlab.nn.register_conversion(OwnBN, lambda m: bnlab.nn.rebuild(m, bnlab.nn.BatchNorm2d))
+    net = bnlab.convert(nn.Sequential(OwnBN(3)))
+    with pytest.warns(bnlab.ConversionWarning, match=r"converted from .*OwnBN, no revert"):
+        back, report = bnlab.revert(net, report=True)
+    assert type(back[0]) is bnlab.nn.BatchNorm2d and report.num_left == 1
+
+
+def test_exact_registration_overrides_base_class_rule(registry):
+    bnlab.nn.register_conversion(MyForwardBN, lambda m: bnlab.nn.rebuild(m, Scaled))
+    net = bnlab.convert(nn.Sequential(MyForwardBN(2)))
+    assert type(net[0]) is Scaled
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (("BatchNorm2d", bnlab.nn.rebuild), "qualified name 'package.module.Class'"),
+        ((int, bnlab.nn.rebuild), "nn.Module subclass"),
+        ((OwnBN, "rebuild"), "to_bnlab must be callable, got str"),
+        ((OwnBN, bnlab.nn.rebuild, 3), "to_original must be callable, got int"),
+    ],
+)
+def test_register_conversion_rejects_bad_arguments(registry, args, match):
+    with pytest.raises(TypeError, match=re.escape(match)):
+        bnlab.nn.register_conversion(*args)
+
+
+def test_report_groups_by_class_one_short_line_each():
+    model = nn.Sequential(*[nn.BatchNorm2d(2) for _ in range(50)], nn.InstanceNorm1d(2))
+    model.extend(nn.InstanceNorm1d(2) for _ in range(40))
+    with pytest.warns(bnlab.ConversionWarning) as record:
+        _, report = bnlab.convert(model, report=True)
+    assert (report.num_converted, report.num_left) == (50, 41)
+    assert [len(c.layers) for c in report.converted.values()] == [50]
+    assert report.left["torch.nn.modules.instancenorm.InstanceNorm1d"].layers[:2] == ["50", "51"]
+    text = str(report)
+    assert len(text.splitlines()) == 3 and max(map(len, text.splitlines())) < 200, text
+    assert "50 converted, 41 left" in text and "(0, 1, 2, ...)" in text
+    msg = str(record[0].message)
+    assert len(msg.splitlines()) == 2 and len(msg) < 300, msg
 
 
 @pytest.mark.parametrize("cls", list(TO_BNLAB))
@@ -284,7 +422,8 @@ def test_revert_reports_rank_agnostic_batchnorm():
     generic = bnlab.nn.BatchNorm(3)
     model = nn.Sequential(bnlab.nn.BatchNorm2d(3), nn.Sequential(generic))
     with pytest.warns(
-        bnlab.ConversionWarning, match=re.escape("1.0 (bnlab.nn.batchnorm.BatchNorm")
+        bnlab.ConversionWarning,
+        match=re.escape("left 1 x bnlab.nn.batchnorm.BatchNorm (1.0): no torch.nn counterpart"),
     ):
         bnlab.revert(model)
     assert model[1][0] is generic and type(model[0]) is nn.BatchNorm2d

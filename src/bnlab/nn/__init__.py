@@ -19,7 +19,15 @@ from .batchnorm import (
     set_statistics,
 )
 from .bnlstm import BNLSTM, BNLSTMCell
-from .convert import ConversionWarning, convert, revert
+from .convert import (
+    ConversionReport,
+    ConversionWarning,
+    convert,
+    rebuild,
+    register_conversion,
+    revert,
+)
+from .dropact import BatchNormDropAct2d
 from .frozen import (
     FrozenBatchNorm,
     FrozenBatchNorm1d,
@@ -46,6 +54,10 @@ __all__ = [
     "convert",
     "revert",
     "ConversionWarning",
+    "ConversionReport",
+    "register_conversion",
+    "rebuild",
+    "BatchNormDropAct2d",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",

@@ -1,58 +1,283 @@
-"""Swap torch.nn normalization layers for bnlab's (``convert``) and back (``revert``).
+"""Swap the ecosystem's normalization layers for bnlab's (``convert``) and back (``revert``).
 
 The swap keeps every piece of state: the very same Parameter and buffer tensors (so optimizers built
 before the swap keep working, and device, dtype and requires_grad are untouched), train/eval mode,
-registered hooks and any extra attributes. Only exact torch.nn classes are swapped: subclasses (and
-classes with no counterpart, e.g. SyncBatchNorm or the lazy modules) are left as they are and
-reported in one :class:`ConversionWarning`.
+registered hooks, child modules and any extra attributes. What converts to what is a registry,
+open to users through :func:`register_conversion`; bnlab registers its own conversions with it:
+
+- torch.nn BatchNorm1d/2d/3d and LayerNorm -> bnlab's;
+- torch.nn.SyncBatchNorm -> :class:`bnlab.nn.BatchNorm` (any rank), for one-process use: it no
+  longer synchronizes statistics across processes (reported; see
+  :func:`bnlab.nn.convert_sync_batchnorm` for that), and revert gives the SyncBatchNorm back
+  (PyTorch itself has no way back from SyncBatchNorm, pytorch/pytorch#41081);
+- timm's ``BatchNormAct2d`` (and ``SyncBatchNormAct``, for one-process use) ->
+  :class:`bnlab.nn.BatchNormDropAct2d`, keeping its ``drop`` and ``act`` modules;
+- torchvision's ``FrozenBatchNorm2d`` (which timm uses too) -> :class:`bnlab.nn.FrozenBatchNorm2d`.
+
+timm's and torchvision's classes are registered by qualified name: bnlab imports neither.
+Everything convert does and leaves is counted, per class, in a :class:`ConversionReport`.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from typing import Callable
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
 
 from torch import nn
 
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .dropact import BatchNormDropAct2d, qualified_name
+from .frozen import FrozenBatchNorm2d
 from .layernorm import LayerNorm
 
-__all__ = ["convert", "revert", "ConversionWarning", "replace_modules", "rebuild", "warn_unchanged"]
+__all__ = [
+    "convert",
+    "revert",
+    "register_conversion",
+    "ConversionReport",
+    "ConversionWarning",
+    "replace_modules",
+    "rebuild",
+    "warn_unchanged",
+]
 
-_TO_BNLAB = {
-    nn.BatchNorm1d: BatchNorm1d,
-    nn.BatchNorm2d: BatchNorm2d,
-    nn.BatchNorm3d: BatchNorm3d,
-    nn.LayerNorm: LayerNorm,
-}
-_TO_TORCH = {bnlab: torch_cls for torch_cls, bnlab in _TO_BNLAB.items()}
-_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm)
+_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm)  # reported when left
 _BNLAB_NORMS = (BatchNorm, LayerNorm)
 _BNLAB_ONLY_OPTIONS = ("strict", "backend")
 _STATE_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+_ORIGIN = "_bnlab_converted_from"  # instance attribute of a converted module: its original class
+_ADDED = "_bnlab_added_attributes"  # attributes a conversion added, removed again by revert
+_NAMES_SHOWN = 3  # layer names a report line shows per class
 
 
 class ConversionWarning(UserWarning):
-    """Normalization layers that convert/revert left unchanged, and why."""
+    """Normalization layers convert/revert left unchanged, or changed with a caveat, and why."""
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """Replace every torch.nn BatchNorm1d/2d/3d and LayerNorm in ``model`` by bnlab's, in place.
+@dataclass(frozen=True)
+class _Conversion:
+    # None: a class bnlab knows and leaves, ``note`` says why
+    to_bnlab: Optional[Callable[[nn.Module], nn.Module]]
+    to_original: Optional[Callable[[nn.Module, type], nn.Module]]
+    note: str = ""
+    warn: bool = False  # a conversion whose caveat the user must hear about
+    detail: Optional[Callable[[nn.Module], str]] = None  # per layer, e.g. which activation fused
 
-    Returns the model (a new module when ``model`` itself is such a layer). Subclasses and other
-    normalization layers bnlab does not know are left untouched and listed in a ConversionWarning.
+
+_REGISTRY: dict[Union[type, str], _Conversion] = {}
+
+
+def register_conversion(
+    original: Union[type, str],
+    to_bnlab: Callable[[nn.Module], nn.Module],
+    to_original: Optional[Callable[[nn.Module, type], nn.Module]] = None,
+    *,
+    note: str = "",
+) -> None:
+    """Teach :func:`convert` (and :func:`revert`) a normalization class.
+
+    Args:
+        original: the class, or its qualified name ``"package.module.Class"`` (to name a class
+            without importing its package, e.g. ``"mmcv.cnn.bricks.norm.SomeNorm"``).
+        to_bnlab: ``module -> replacement``, the bnlab module that takes over. :func:`rebuild`
+            moves the very same tensors, hooks, children and attributes into a new class:
+            ``lambda m: rebuild(m, bnlab.nn.BatchNorm2d)``.
+        to_original: ``(module, original_class) -> module`` for :func:`revert`, given the bnlab
+            module and the class it was converted from; :func:`rebuild` itself fits. None: revert
+            leaves such modules, and says so.
+        note: shown beside the class in the report (e.g. a caveat).
+
+    Lookup, for a module of class C: C itself, by class then by qualified name; else C's nearest
+    registered base class B, whose conversion is used only when the classes between C and B define
+    no method other than ``__init__`` (a subclass that only sets up a B differently; revert gives
+    back a C). A subclass with methods of its own (``forward``, ...) may compute something else: it
+    is left and reported, naming them. Registering a class again replaces its conversion.
     """
-    return _swap(model, _TO_BNLAB, _TORCH_NORMS, "convert")
+    if not (isinstance(original, str) and "." in original) and not (
+        isinstance(original, type) and issubclass(original, nn.Module)
+    ):
+        raise TypeError(
+            "original must be an nn.Module subclass or its qualified name 'package.module.Class', "
+            f"got {original!r}"
+        )
+    for name, fn in (("to_bnlab", to_bnlab), ("to_original", to_original)):
+        if not callable(fn) and not (name == "to_original" and fn is None):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    _REGISTRY[original] = _Conversion(to_bnlab, to_original, note)
 
 
-def revert(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert`: bnlab BatchNorm1d/2d/3d and LayerNorm become torch.nn's, state and all.
+@dataclass
+class ClassCount:
+    """One class's line in a :class:`ConversionReport`."""
 
-    bnlab-only settings (``strict``, ``backend``) are dropped; modules with no torch.nn
-    counterpart (e.g. the rank-agnostic ``bnlab.nn.BatchNorm``) are left and reported.
+    source: str  # qualified name of the class the layers had
+    target: str  # qualified name of the class they have now ("" when left)
+    layers: list[str] = field(default_factory=list)  # their names in the model
+    note: str = ""  # why left, or the conversion's caveat
+    details: Counter = field(default_factory=Counter)  # per-layer detail, counted
+    warn: bool = False  # a caveat the user must hear about (converted layers)
+
+    def line(self) -> str:
+        names = ", ".join(self.layers[:_NAMES_SHOWN]) + (
+            ", ..." if len(self.layers) > _NAMES_SHOWN else ""
+        )
+        what = f"{len(self.layers)} x {self.source}" + (f" -> {self.target}" if self.target else "")
+        extra = [self.note] if self.note else []
+        extra += [f"{d}: {n}" for d, n in sorted(self.details.items())]
+        return f"{what} ({names})" + (": " + "; ".join(extra) if extra else "")
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` or :func:`revert` did: layers converted and left, grouped by class."""
+
+    operation: str
+    converted: dict[str, ClassCount] = field(default_factory=dict)
+    left: dict[str, ClassCount] = field(default_factory=dict)
+
+    @property
+    def num_converted(self) -> int:
+        return sum(len(c.layers) for c in self.converted.values())
+
+    @property
+    def num_left(self) -> int:
+        return sum(len(c.layers) for c in self.left.values())
+
+    def add(
+        self, name: str, old: type, new: Optional[type], note: str, detail="", warn=False
+    ) -> None:
+        """Count layer ``name``, of class ``old``, as converted to ``new`` (None: left)."""
+        group = self.converted if new is not None else self.left
+        key = qualified_name(old)
+        target = qualified_name(new) if new is not None else ""
+        count = group.setdefault(key, ClassCount(key, target, note=note, warn=warn))
+        count.layers.append(name)
+        if detail:
+            count.details[detail] += 1
+
+    def __str__(self) -> str:
+        lines = [f"{self.operation}: {self.num_converted} converted, {self.num_left} left"]
+        lines += ["  converted " + c.line() for c in self.converted.values()]
+        lines += ["  left " + c.line() for c in self.left.values()]
+        return "\n".join(lines)
+
+
+def convert(model: nn.Module, *, report: bool = False):
+    """Replace every normalization layer of ``model`` that bnlab knows by bnlab's, in place.
+
+    Returns the model (a new module when ``model`` itself is such a layer), or ``(model,
+    ConversionReport)`` with ``report=True``. Layers left unchanged (normalization classes with no
+    registered conversion, subclasses with methods of their own) and conversions with a caveat
+    (one-process use of a SyncBatchNorm) are listed, one line per class, in one ConversionWarning.
     """
-    return _swap(model, _TO_TORCH, _BNLAB_NORMS, "revert")
+    return _swap_all(model, "bnlab.convert", _convert_one, report)
+
+
+def revert(model: nn.Module, *, report: bool = False):
+    """Undo :func:`convert`: each converted module becomes its original class again, state and all;
+    bnlab BatchNorm1d/2d/3d and LayerNorm built directly become torch.nn's.
+
+    bnlab-only settings (``strict``, ``backend``) are dropped; modules with no way back (e.g. the
+    rank-agnostic ``bnlab.nn.BatchNorm`` built directly) are left and reported. Returns as
+    :func:`convert` does.
+    """
+    return _swap_all(model, "bnlab.revert", _revert_one, report)
+
+
+def _swap_all(model: nn.Module, operation: str, swap_one: Callable, report: bool):
+    result = ConversionReport(operation)
+    model = replace_modules(model, lambda module, name: swap_one(module, name, result))
+    _warn(result)
+    return (model, result) if report else model
+
+
+def _lookup(cls: type) -> tuple[Optional[type], Optional[_Conversion]]:
+    """The nearest class in cls's MRO with a registered conversion, and that conversion."""
+    for base in cls.__mro__:
+        entry = _REGISTRY.get(base) or _REGISTRY.get(qualified_name(base))
+        if entry is not None:
+            return base, entry
+    return None, None
+
+
+def _own_methods(cls: type, base: type) -> list[str]:
+    """Methods (other than __init__) the classes between cls and its base ``base`` define."""
+    names: list[str] = []
+    for klass in cls.__mro__[: cls.__mro__.index(base)]:
+        for name, value in vars(klass).items():
+            method = callable(value) or isinstance(value, (property, classmethod, staticmethod))
+            if method and name != "__init__" and not isinstance(value, type) and name not in names:
+                names.append(name)
+    return names
+
+
+def _convert_one(module: nn.Module, name: str, result: ConversionReport) -> nn.Module:
+    cls = type(module)
+    base, entry = _lookup(cls)
+    if entry is None:
+        if isinstance(module, _TORCH_NORMS):
+            result.add(name, cls, None, "no registered conversion")
+        return module
+    if entry.to_bnlab is None:
+        result.add(name, cls, None, entry.note)
+        return module
+    methods = ", ".join(_own_methods(cls, base)) if base is not cls else ""
+    if methods:
+        why = f"a subclass of {qualified_name(base)} that defines {methods}, which bnlab "
+        result.add(name, cls, None, why + "cannot take over; see bnlab.nn.register_conversion")
+        return module
+    new = entry.to_bnlab(module)
+    new.__dict__[_ORIGIN] = cls
+    notes = [entry.note] if entry.note else []
+    if base is not cls:
+        notes.append(f"converted as its base {qualified_name(base)}")
+    detail = entry.detail(new) if entry.detail else ""
+    result.add(name, cls, type(new), "; ".join(notes), detail, entry.warn)
+    return new
+
+
+def _revert_one(module: nn.Module, name: str, result: ConversionReport) -> nn.Module:
+    origin = vars(module).get(_ORIGIN)
+    if origin is None:
+        target = _BNLAB_TO_TORCH.get(type(module))
+        if target is not None:
+            new = rebuild(module, target)
+            result.add(name, type(module), target, "")
+            return new
+        if isinstance(module, _BNLAB_NORMS):
+            result.add(name, type(module), None, "no torch.nn counterpart")
+        return module
+    _, entry = _lookup(origin)
+    if entry is None or entry.to_original is None:
+        result.add(name, type(module), None, f"converted from {qualified_name(origin)}, no revert")
+        return module
+    new = entry.to_original(module, origin)
+    for key in (_ORIGIN, _ADDED, *vars(module).get(_ADDED, ())):
+        new.__dict__.pop(key, None)
+        if new is not module:  # rebuild copied the child registry: drop the children added
+            new._modules.pop(key, None)
+    result.add(name, type(module), type(new), "")
+    return new
+
+
+def _warn(result: ConversionReport) -> None:
+    """One ConversionWarning, pointing at the caller of convert/revert: the classes left, and
+    conversions with a caveat, a line each."""
+    caveats = [c for c in result.converted.values() if c.warn]
+    lines = [f"left {c.line()}" for c in result.left.values()]
+    lines += [f"converted {c.line()}" for c in caveats]
+    if lines:
+        head = f"{result.operation} left {result.num_left} normalization layer(s) unchanged"
+        if caveats:
+            head += f" and converted {sum(len(c.layers) for c in caveats)} with a caveat"
+        warnings.warn(
+            "\n  ".join([head + "; by class:", *lines]),
+            ConversionWarning,
+            stacklevel=4,  # _warn, _swap_all, convert/revert, their caller
+        )
 
 
 def replace_modules(model: nn.Module, replace: Callable[[nn.Module, str], nn.Module]) -> nn.Module:
@@ -83,25 +308,6 @@ def replace_modules(model: nn.Module, replace: Callable[[nn.Module, str], nn.Mod
     return model
 
 
-def _swap(model: nn.Module, mapping: dict, family: tuple, verb: str) -> nn.Module:
-    skipped: list[str] = []
-
-    def swap(module: nn.Module, name: str) -> nn.Module:
-        target = mapping.get(type(module))
-        if target is not None:
-            return rebuild(module, target)
-        if isinstance(module, family):
-            skipped.append(
-                f"{name} ({type(module).__module__}.{type(module).__qualname__}: no "
-                "exact counterpart)"
-            )
-        return module
-
-    model = replace_modules(model, swap)
-    warn_unchanged(f"bnlab.{verb}", "normalization", skipped, stacklevel=4)
-    return model
-
-
 def warn_unchanged(operation: str, kind: str, skipped: list[str], stacklevel: int) -> None:
     """One :class:`ConversionWarning` listing the layers ``operation`` left as they were (if any);
     ``stacklevel`` as :func:`warnings.warn`'s, counted from the caller of this function."""
@@ -117,15 +323,80 @@ def rebuild(old: nn.Module, target: type) -> nn.Module:
     """A ``target`` instance that takes over old's whole state: tensors, mode, hooks, attributes.
 
     The parameter and buffer containers are copied shallowly (the new module holds the very same
-    tensors); everything else, hook dicts included, is handed over as is, so hook handles taken
-    before the swap still remove their hooks. bnlab's own options are class-level defaults on bnlab
-    modules, and are dropped when going back to torch.nn.
+    tensors); everything else, hook dicts and child modules included, is handed over as is, so hook
+    handles taken before the swap still remove their hooks. bnlab's own options are class-level
+    defaults on bnlab modules, and are dropped when going to a class that has no such options.
     """
     new = target.__new__(target)
     new.__dict__.update(vars(old))
     for key in _STATE_CONTAINERS:
         new.__dict__[key] = copy.copy(vars(old)[key])
-    if target in _TO_BNLAB:  # back to torch.nn
+    if not hasattr(target, "backend"):  # not a bnlab class
         for key in _BNLAB_ONLY_OPTIONS:
             new.__dict__.pop(key, None)
     return new
+
+
+# ------------------------------------------------------------------------ bnlab's own conversions
+
+_BNLAB_TO_TORCH = {
+    BatchNorm1d: nn.BatchNorm1d,
+    BatchNorm2d: nn.BatchNorm2d,
+    BatchNorm3d: nn.BatchNorm3d,
+    LayerNorm: nn.LayerNorm,
+}
+_ONE_PROCESS = (
+    "for one-process use: statistics are no longer synchronized across processes "
+    "(bnlab.nn.convert_sync_batchnorm does that); revert gives it back"
+)
+
+
+def _to(target: type) -> Callable[[nn.Module], nn.Module]:
+    return lambda module: rebuild(module, target)
+
+
+def _to_drop_act(module: nn.Module) -> nn.Module:
+    """timm's BatchNormAct2d / SyncBatchNormAct -> BatchNormDropAct2d with the same drop and act
+    objects (a SyncBatchNormAct built directly may lack them: it then has none, as timm's)."""
+    new = rebuild(module, BatchNormDropAct2d)
+    added = tuple(key for key in ("drop", "act") if key not in new._modules)
+    for key in added:
+        new._modules[key] = nn.Identity()
+    if added:
+        new.__dict__[_ADDED] = added  # revert removes them again
+    return new
+
+
+def _fused_detail(module: nn.Module) -> str:
+    fused = module.fused()
+    act = type(module.act).__name__
+    return f"{act} fused as {fused[0]}" if fused else f"{act} runs after bnlab's batch norm"
+
+
+def _to_frozen(module: nn.Module) -> nn.Module:
+    """torchvision's FrozenBatchNorm2d keeps no num_features; bnlab's reads it (and revert drops
+    it again)."""
+    new = rebuild(module, FrozenBatchNorm2d)
+    if "num_features" not in vars(new):
+        new.num_features = new.weight.numel()
+        new.__dict__[_ADDED] = ("num_features",)
+    return new
+
+
+def _register_builtin() -> None:
+    for bnlab_cls, torch_cls in _BNLAB_TO_TORCH.items():
+        register_conversion(torch_cls, _to(bnlab_cls), rebuild)
+    _REGISTRY[nn.SyncBatchNorm] = _Conversion(_to(BatchNorm), rebuild, _ONE_PROCESS, warn=True)
+    _REGISTRY["timm.layers.norm_act.BatchNormAct2d"] = _Conversion(
+        _to_drop_act, rebuild, "drop and act kept", detail=_fused_detail
+    )
+    _REGISTRY["timm.layers.norm_act.SyncBatchNormAct"] = _Conversion(
+        _to_drop_act, rebuild, _ONE_PROCESS, warn=True, detail=_fused_detail
+    )
+    register_conversion("torchvision.ops.misc.FrozenBatchNorm2d", _to_frozen, rebuild)
+    _REGISTRY["timm.layers.norm_act.FrozenBatchNormAct2d"] = _Conversion(
+        None, None, "no bnlab counterpart yet (a frozen batch norm with drop and act)"
+    )
+
+
+_register_builtin()
