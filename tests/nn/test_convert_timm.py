@@ -3,7 +3,6 @@ float64 training steps and eval equal the unconverted modules' (outputs 1e-7, gr
 running statistics 1e-9), state_dict keys are the same and checkpoints load both ways."""
 
 import copy
-import re
 import warnings
 
 import pytest
@@ -256,18 +255,28 @@ def test_frozen_batch_norm_both_ways():
     torch.testing.assert_close(back(x), ref(x), atol=0, rtol=0)
 
 
-def test_timm_frozen_model_frozen_bn_converted_frozen_bn_act_left_and_reported():
+def test_timm_frozen_model_every_frozen_layer_converted_and_back():
     model = nn.Sequential(
         nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), timm_bn_act(nn.SiLU())
     ).float()
-    frozen = norm_act.freeze_batch_norm_2d(model)
-    with pytest.warns(bnlab.ConversionWarning) as record:
-        new, report = bnlab.convert(frozen, report=True)
-    assert len(record) == 1
-    msg = str(record[0].message)
-    assert re.search(r"left 1 x timm\.layers\.norm_act\.FrozenBatchNormAct2d \(3\): no bnlab", msg)
+    with torch.no_grad():
+        for bn in (model[1], model[3]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    frozen = norm_act.freeze_batch_norm_2d(model).eval()
+    x = torch.randn(2, 3, 4, 4)
+    expected, keys = frozen(x), list(frozen.state_dict())
+    act = frozen[3].act
+    new, report = bnlab.convert(copy.deepcopy(frozen), report=True)
     assert type(new[1]) is bnlab.nn.FrozenBatchNorm2d
-    assert (report.num_converted, report.num_left) == (1, 1)
+    assert type(new[3]) is bnlab.nn.FrozenBatchNormAct2d and type(new[3].act) is type(act)
+    assert (report.num_converted, report.num_left) == (2, 0)
+    assert list(new.state_dict()) == keys
+    torch.testing.assert_close(new(x), expected, atol=1e-6, rtol=1e-6)
+    back = bnlab.revert(new)
+    assert type(back[3]) is norm_act.FrozenBatchNormAct2d
+    assert vars(back[3]).keys() == vars(frozen[3]).keys()
+    torch.testing.assert_close(back(x), expected, atol=0, rtol=0)
 
 
 # -------------------------------------------------------------------------------- whole models

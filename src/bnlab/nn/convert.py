@@ -12,7 +12,8 @@ open to users through :func:`register_conversion`; bnlab registers its own conve
   (PyTorch itself has no way back from SyncBatchNorm, pytorch/pytorch#41081);
 - timm's ``BatchNormAct2d`` (and ``SyncBatchNormAct``, for one-process use) ->
   :class:`bnlab.nn.BatchNormDropAct2d`, keeping its ``drop`` and ``act`` modules;
-- torchvision's ``FrozenBatchNorm2d`` (which timm uses too) -> :class:`bnlab.nn.FrozenBatchNorm2d`.
+- torchvision's ``FrozenBatchNorm2d`` (which timm uses too) -> :class:`bnlab.nn.FrozenBatchNorm2d`,
+  timm's ``FrozenBatchNormAct2d`` -> :class:`bnlab.nn.FrozenBatchNormAct2d` (drop and act kept).
 
 timm's and torchvision's classes are registered by qualified name: bnlab imports neither.
 Everything convert does and leaves is counted, per class, in a :class:`ConversionReport`.
@@ -30,7 +31,7 @@ from torch import nn
 
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .dropact import BatchNormDropAct2d, qualified_name
-from .frozen import FrozenBatchNorm2d
+from .frozen import FrozenBatchNorm2d, FrozenBatchNormAct2d
 from .layernorm import LayerNorm
 
 __all__ = [
@@ -373,14 +374,18 @@ def _fused_detail(module: nn.Module) -> str:
     return f"{act} fused as {fused[0]}" if fused else f"{act} runs after bnlab's batch norm"
 
 
-def _to_frozen(module: nn.Module) -> nn.Module:
-    """torchvision's FrozenBatchNorm2d keeps no num_features; bnlab's reads it (and revert drops
-    it again)."""
-    new = rebuild(module, FrozenBatchNorm2d)
-    if "num_features" not in vars(new):
-        new.num_features = new.weight.numel()
-        new.__dict__[_ADDED] = ("num_features",)
-    return new
+def _frozen_as(target: type) -> Callable[[nn.Module], nn.Module]:
+    """torchvision's and timm's frozen batch norms keep no num_features; bnlab's read it (and
+    revert drops it again)."""
+
+    def to_frozen(module: nn.Module) -> nn.Module:
+        new = rebuild(module, target)
+        if "num_features" not in vars(new):
+            new.num_features = new.weight.numel()
+            new.__dict__[_ADDED] = ("num_features",)
+        return new
+
+    return to_frozen
 
 
 def _register_builtin() -> None:
@@ -393,9 +398,11 @@ def _register_builtin() -> None:
     _REGISTRY["timm.layers.norm_act.SyncBatchNormAct"] = _Conversion(
         _to_drop_act, rebuild, _ONE_PROCESS, warn=True, detail=_fused_detail
     )
-    register_conversion("torchvision.ops.misc.FrozenBatchNorm2d", _to_frozen, rebuild)
+    register_conversion(
+        "torchvision.ops.misc.FrozenBatchNorm2d", _frozen_as(FrozenBatchNorm2d), rebuild
+    )
     _REGISTRY["timm.layers.norm_act.FrozenBatchNormAct2d"] = _Conversion(
-        None, None, "no bnlab counterpart yet (a frozen batch norm with drop and act)"
+        _frozen_as(FrozenBatchNormAct2d), rebuild, "drop and act kept"
     )
 
 
