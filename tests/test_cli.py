@@ -157,3 +157,13 @@ def test_a_data_dir_with_another_dataset_or_without_mnist_files_stops(tmp_path):
     result = CliRunner().invoke(main, ["run", "conv", f"--data_dir={empty}", "--out", tmp_path])
     assert result.exit_code != 0 and "train-images-idx3-ubyte[.gz] not found" in result.output
     assert not (tmp_path / "runs").exists() and not (tmp_path / "conv").exists()
+
+
+def test_the_readme_names_every_extra():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    readme = (root / "README.md").read_text()
+    missing = [name for name in extras["optional-dependencies"] if f"`bnlab[{name}]`" not in readme]
+    assert not missing, f"README.md does not name the extras {missing}"
