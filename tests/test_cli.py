@@ -5,6 +5,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from bnlab.cli import main
+from test_mnist import tiny_mnist
 
 
 def test_demo_prints_both_accuracies(tmp_path):
@@ -70,7 +71,7 @@ def test_run_rejects_unknown_keys_and_bad_values_before_training(tmp_path):
             str(tmp_path),
         ],
     )
-    assert result.exit_code != 0 and "not found" in result.output
+    assert result.exit_code != 0 and "does not exist" in result.output
     assert not (
         tmp_path / "fig1"
     ).exists()  # nothing written before the config and the data are good
@@ -112,3 +113,57 @@ def test_small_batch_alias(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "| BatchNorm |" in result.output and (tmp_path / "small-batch").is_dir()
+
+
+def _config_of_the_run(out: Path, name: str) -> dict:
+    (directory,) = (out / name).iterdir()
+    return json.loads((directory / "config.json").read_text())
+
+
+def test_a_data_dir_alone_trains_on_mnist(tmp_path):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    tiny_mnist(data, n_train=30, n_test=10)  # gzipped IDX files, 28x28
+    tiny = ["--steps=4", "--eval_every=2", "--quiet"]
+    result = CliRunner().invoke(
+        main, ["run", "fig1", f"--data_dir={data}", "--out", tmp_path, *tiny]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Dataset **mnist**" in result.output
+    config = _config_of_the_run(tmp_path, "fig1")
+    assert (config["dataset"], config["data_dir"]) == ("mnist", str(data))
+    demo = ["demo", "--data-dir", str(data), "--steps", "4", "--out", tmp_path / "demo", "--quiet"]
+    result = CliRunner().invoke(main, demo)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("mnist: 4 steps")
+    assert _config_of_the_run(tmp_path / "demo", "fig1")["dataset"] == "mnist"
+
+
+def test_a_data_dir_with_another_dataset_or_without_mnist_files_stops(tmp_path):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    tiny_mnist(data)
+    for args in (
+        ["run", "fig1", "--dataset=digits", f"--data_dir={data}"],
+        ["demo", "--dataset", "digits", "--data-dir", str(data)],
+    ):
+        result = CliRunner().invoke(main, [*args, "--out", tmp_path / "runs"])
+        assert result.exit_code != 0
+        assert f"data_dir='{data}' names an MNIST directory, but dataset is 'digits'" in (
+            result.output
+        )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(main, ["run", "conv", f"--data_dir={empty}", "--out", tmp_path])
+    assert result.exit_code != 0 and "train-images-idx3-ubyte[.gz] not found" in result.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "conv").exists()
+
+
+def test_the_readme_names_every_extra():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    readme = (root / "README.md").read_text()
+    missing = [name for name in extras["optional-dependencies"] if f"`bnlab[{name}]`" not in readme]
+    assert not missing, f"README.md does not name the extras {missing}"

@@ -487,6 +487,23 @@ def test_rank_that_exits_makes_the_others_fail(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# the process group is the user's: bnlab keeps no reference to it
+# --------------------------------------------------------------------------------------------
+
+
+def test_graphs_do_not_keep_the_group_alive_past_destroy(tmp_path):
+    """A script's last loss keeps its autograd graph (and so the SyncBatchNorm calls' contexts)
+    until interpreter exit; a strong reference there kept the group alive past
+    destroy_process_group(), so that gloo tore it down during shutdown, where it can abort."""
+    for r, result in enumerate(launch("release", 2, tmp_path, deadline=60)):
+        assert result["graphs_alive"], f"rank {r}: the test lost its graphs: {result}"
+        assert not result["group_alive"], f"rank {r}: the group outlived destroy_process_group"
+        error = result["late_backward"]
+        assert error.startswith("SyncBatchNormError") and "backward" in error, error
+        assert "no longer exists" in error and "destroy_process_group" in error, error
+
+
+# --------------------------------------------------------------------------------------------
 # the example
 # --------------------------------------------------------------------------------------------
 
@@ -583,6 +600,29 @@ def _exit_scenario(rank, world):
     return {"error": error, "seconds": time.monotonic() - start}
 
 
+def _release_scenario(rank, world):
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    gc.disable()  # no collection may hide a reference: what frees the group is the refcount
+    bn = SyncBatchNorm(4, timeout=WORKER_TIMEOUT)
+    x = torch.randn(3, 4, requires_grad=True)
+    loss = bn(x).square().sum()
+    loss.backward()  # a finished step whose loss is still around, as in a script
+    pending = bn(x).sum()  # a forward whose backward would come after the destroy
+    group = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    result = {
+        "graphs_alive": loss.grad_fn is not None and pending.grad_fn is not None,
+        "group_alive": group() is not None,
+        "late_backward": _error_text(pending.backward),
+    }
+    gc.enable()
+    return result
+
+
 def _wait_for(path: Path, seconds: float) -> None:
     end = time.monotonic() + seconds
     while not path.exists() and time.monotonic() < end:
@@ -601,7 +641,12 @@ def _worker(scenario, rank, world, store, directory):
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
-    run = {"grid": _grid_scenario, "mismatch": _mismatch_scenario, "exit": _exit_scenario}[scenario]
+    run = {
+        "grid": _grid_scenario,
+        "mismatch": _mismatch_scenario,
+        "exit": _exit_scenario,
+        "release": _release_scenario,
+    }[scenario]
     results = run(rank, world)
     path = Path(directory) / f"{scenario}-{world}-rank{rank}.pt"
     torch.save(results, str(path) + ".tmp")

@@ -43,16 +43,16 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--dataset",
-    default="digits",
-    show_default=True,
+    default=None,
     type=click.Choice(["digits", "mnist"]),
-    help="The bundled 8x8 digits, or MNIST from --data-dir / $BNLAB_DATA_DIR.",
+    help="The bundled 8x8 digits, or MNIST from --data-dir / $BNLAB_DATA_DIR  "
+    "[default: mnist with --data-dir, else digits]",
 )
 @click.option(
     "--data-dir",
     default=None,
     type=click.Path(file_okay=False),
-    help="The directory holding MNIST's four IDX files.",
+    help="The directory holding MNIST's four IDX files (selects --dataset mnist).",
 )
 @out_option("Writes OUT/fig1/<timestamp>/.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -64,11 +64,9 @@ def demo(steps, lr, batch_size, seed, dataset, data_dir, out, quiet, threads) ->
     softmax cross-entropy, mini-batches of 60, plain SGD. Writes the run directory (report.md,
     fig1.png, metrics) and prints both final test accuracies.
     """
-    overrides = {"lr": lr, "batch_size": batch_size, "seed": seed, "dataset": dataset}
-    if steps is not None:
-        overrides["steps"] = steps
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
+    overrides = {"lr": lr, "batch_size": batch_size, "seed": seed}
+    given = {"steps": steps, "dataset": dataset, "data_dir": data_dir}
+    overrides.update({key: value for key, value in given.items() if value is not None})
     directory, report = _start("fig1", overrides, out, quiet, threads)
     import json
 
@@ -76,8 +74,8 @@ def demo(steps, lr, batch_size, seed, dataset, data_dir, out, quiet, threads) ->
     seconds = json.loads((directory / "run.json").read_text()).get("job_seconds", {})
     config = json.loads((directory / "config.json").read_text())
     click.echo(
-        f"{dataset}: {config['steps']:,} steps of SGD per net, lr {lr:g}, batch {batch_size}, "
-        f"seed {seed}"
+        f"{config['dataset']}: {config['steps']:,} steps of SGD per net, lr {lr:g}, "
+        f"batch {batch_size}, seed {seed}"
     )
     for net, label in (("plain", "without BN"), ("bn", "with BN   ")):
         last = [r for r in rows if r["job"] == net][-1]
@@ -172,7 +170,7 @@ def run_command(ctx, name, overrides, out, resume_dir, quiet, threads, show_help
     """Run experiment NAME with config overrides --key=value (`bnlab list` names them).
 
     \b
-    bnlab run fig1 --dataset=mnist --data_dir=/path/to/mnist
+    bnlab run fig1 --data_dir=/path/to/mnist   # a data_dir selects --dataset=mnist
     bnlab run lr --steps=500 --out=/tmp/runs
     bnlab run --resume runs/fig1/20250101-120000
     bnlab run fig1 --help          # the experiment's keys, types, defaults

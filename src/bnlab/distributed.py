@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import datetime
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -111,11 +112,26 @@ def as_timeout(timeout: TimeoutLike) -> Optional[datetime.timedelta]:
     return timeout
 
 
+def _weak(group) -> Callable[[], object]:
+    """A weak reference to a process group (a plain reference for objects that refuse weak ones).
+
+    The autograd graph of a training forward keeps its :class:`_Call` until the graph is freed,
+    which a script's last ``loss`` (or one caught in a reference cycle) delays to interpreter exit.
+    A strong reference there kept the group alive past ``dist.destroy_process_group()``, and gloo's
+    threads were then torn down during interpreter shutdown, where they can abort the process
+    ("terminate called without an active exception").
+    """
+    try:
+        return weakref.ref(group)
+    except TypeError:
+        return lambda: group
+
+
 @dataclass(frozen=True)
 class _Call:
     """One synchronized call of a layer: where it runs and what to say when it goes wrong."""
 
-    group: object
+    group_ref: Callable[[], object]  # weak (see _weak): the graph must not keep the group alive
     rank: int  # in the group
     world: int
     index: int  # the layer's training-call counter, identical on every rank when all is well
@@ -127,6 +143,18 @@ class _Call:
             f"SyncBatchNorm {direction} ({self.channels} channels, training call {self.index} of "
             f"this layer) on rank {self.rank} of {self.world}"
         )
+
+    def group(self, direction: str):
+        """The process group, or a SyncBatchNormError when it has been destroyed since the
+        forward (a backward after ``dist.destroy_process_group()``)."""
+        group = self.group_ref()
+        if group is None:
+            raise SyncBatchNormError(
+                f"{self.where(direction)}: the process group of this call's forward no longer "
+                "exists (destroyed by dist.destroy_process_group()?); run every backward before "
+                "destroying the group"
+            )
+        return group
 
 
 _ADVICE = (
@@ -168,13 +196,14 @@ def _wait(work, call: _Call, direction: str, what: str) -> None:
 def _all_gather(row: Tensor, call: _Call) -> Tensor:
     """Every rank's ``row``: (world, len(row)), row r from group rank r."""
     rows = [torch.zeros_like(row) for _ in range(call.world)]
-    work = dist.all_gather(rows, row, group=call.group, async_op=True)
+    work = dist.all_gather(rows, row, group=call.group("forward"), async_op=True)
     _wait(work, call, "forward", "batch statistics")
     return torch.stack(rows)
 
 
 def _all_reduce(buffer: Tensor, call: _Call) -> Tensor:
-    work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=call.group, async_op=True)
+    group = call.group("backward")
+    work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
     _wait(work, call, "backward", "gradient sums")
     return buffer
 
@@ -364,7 +393,9 @@ def batch_norm_over_group(
     call = None
     if group is not None:
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        call = _Call(group, rank, world, int(call_index), input.shape[1], as_timeout(timeout))
+        call = _Call(
+            _weak(group), rank, world, int(call_index), input.shape[1], as_timeout(timeout)
+        )
     kernels = select_backend(batch_norm_op_name(mask, True), input, backend)
     count, mean, var = _global_statistics(input, mask, call, kernels)
     if count == 1:  # the same verdict on every rank: all raise, none is left waiting

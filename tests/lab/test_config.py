@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -12,7 +13,7 @@ from bnlab.lab.config import (
     parse_overrides,
     to_dict,
 )
-from bnlab.lab.runner import get_experiment
+from bnlab.lab.runner import all_experiments, get_experiment
 
 
 @dataclass
@@ -113,3 +114,21 @@ def test_every_experiment_documents_every_key_and_resolves_its_defaults():
         fig1.make_config(["--steps=0"])
     with pytest.raises(ConfigError, match="unknown experiment 'fig2' \\(did you mean fig1\\?\\)"):
         get_experiment("fig2")
+
+
+def test_a_data_dir_selects_mnist_in_every_experiment_that_reads_one(tmp_path):
+    with_data_dir = [
+        exp
+        for exp in all_experiments().values()
+        if {"dataset", "data_dir"} <= {f.name for f in dataclasses.fields(exp.config)}
+    ]
+    assert len(with_data_dir) >= 9  # fig1, lr, init, batch-size, conv, sigmoid, small-batch, ...
+    for exp in with_data_dir:
+        assert exp.make_config([]).dataset == "digits", exp.name
+        assert exp.make_config([f"--data_dir={tmp_path}"]).dataset == "mnist", exp.name
+        assert exp.make_config({"data_dir": str(tmp_path)}).dataset == "mnist", exp.name
+        given = exp.make_config(["--dataset=mnist", f"--data-dir={tmp_path}"])
+        assert (given.dataset, given.data_dir) == ("mnist", str(tmp_path)), exp.name
+        assert exp.make_config(["--data_dir=none"]).dataset == "digits", exp.name
+        with pytest.raises(ConfigError, match=f"{exp.name}: data_dir=.* but dataset is 'digits'"):
+            exp.make_config(["--dataset=digits", f"--data_dir={tmp_path}"])

@@ -38,6 +38,38 @@ def test_fig1(tmp_path):
     assert "p50 change" in text and "![Figure 1](fig1.png)" in text
 
 
+def test_fig1_short_run_figure_and_wording_follow_the_numbers(tmp_path, monkeypatch):
+    from bnlab.lab import fig1
+
+    figures = []
+    save = fig1.save
+    monkeypatch.setattr(fig1, "save", lambda fig, path: figures.append(fig) or save(fig, path))
+    directory, report, rows = _run("fig1", ["--steps=50"], tmp_path)
+    s, text = report.summary, (directory / "report.md").read_text()
+    # one drift row per net: from drift_from (1) the band compares the same evaluations as from 0
+    assert [k for k in s if k.startswith("drift_")] == ["drift_plain_from_0", "drift_bn_from_0"]
+    assert text.count("| without BN | 1 -> 50 |") == 1 and text.count("| with BN | 1 -> 50 |") == 1
+    assert "long past convergence" not in text
+    near_chance = [net for net in ("plain", "bn") if s[f"final_accuracy_{net}"] < 0.2]
+    for net, label in (("plain", "without BN"), ("bn", "with BN")):
+        assert (f"- {label}, the net is still near chance" in text) == (net in near_chance), net
+    assert ("Both nets reached 90%" in text) == all(
+        s[f"first_step_at_90_{net}"] is not None for net in ("plain", "bn")
+    )
+    (fig,) = figures
+    fig.canvas.draw()
+    for ax in fig.axes:
+        assert ax.get_ylabel(), ax.get_title()
+        drops = [line for line in ax.get_lines() if list(line.get_xdata()) == [40, 40]]
+        assert len(drops) == 1, ax.get_title()  # lr x0.1 after step 40 = 0.8 * 50
+        names = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "lr x0.1 after step 40" in names, names
+        legend = ax.get_legend().get_window_extent()
+        assert legend.y1 < ax.get_window_extent().y0  # below the axes: it covers no curve
+    bands = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert bands[:3] == ["15th percentile", "50th (median)", "85th percentile"]
+
+
 def test_lr(tmp_path):
     _, report, rows = _run("lr", ["--lrs=0.1,10", "--steps=60"], tmp_path)
     assert {(r["net"], r["lr"]) for r in rows} == {

@@ -45,7 +45,7 @@ class ConvConfig:
     dataset: Dataset = (  # digits: 8x8 images as (N, 1, 8, 8); mnist: 28x28 (IDX files in data_dir)
         "digits"
     )
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+    data_dir: Optional[str] = None  # MNIST directory (selects mnist); None: $BNLAB_DATA_DIR
     baseline_lrs: tuple[float, ...] = (0.003, 0.01, 0.03)  # SGD rates tried on the unnormalized net
     bn_multipliers: tuple[float, ...] = (1.0, 5.0)  # BN net at the baseline's best rate times these
     steps: Optional[int] = None  # steps per net; None: 3,000 on digits, 6,000 on mnist

@@ -39,10 +39,11 @@ from .common import (
 from .datasets import DatasetConfig
 from .mlp import sigmoid_mlp
 from .runner import Run, RunView, experiment
-from .schedules import describe_schedule, lr_at_step
+from .schedules import describe_schedule, drop_step, lr_at_step
 
 PAPER_STEPS = 50_000
 DIGITS_STEPS = 15_000
+CHANCE = 0.1  # test accuracy of guessing: both datasets have ten classes of about equal size
 
 
 @dataclass
@@ -147,8 +148,8 @@ def summarize(view: RunView) -> Fig1Summary:
     c: Fig1Config = view.config
     curves = {net: view.job_rows(net) for net, _ in NETS}
     drifts = _band_drifts(curves, c)
-    found = {(net, start): d for net, start, d in drifts}
-    baseline, bn = found.get(("plain", c.drift_from)), found.get(("bn", c.drift_from))
+    latest = {net: d for net, _, d in drifts}  # from drift_from, or from 0 where that is the same
+    baseline, bn = latest.get("plain"), latest.get("bn")
     return Fig1Summary(
         dataset=c.dataset,
         steps=c.steps,
@@ -181,16 +182,24 @@ def _accuracy_summary(curves: dict[str, list[dict]], c: Fig1Config) -> AccuracyS
 
 
 def _band_drifts(curves: dict[str, list[dict]], c: Fig1Config) -> list[tuple[str, int, dict]]:
-    """band_drift of each net from step 0 and from ``drift_from`` (where it has a band there)."""
+    """band_drift of each net from step 0 and from ``drift_from`` (where it has a band there).
+
+    The band starts at the first evaluation after step 0, so in a short run ``drift_from`` can
+    fall at or before it: both starts then compare the same evaluations, and the row is given
+    once (from 0)."""
     lo, mid, hi = _band_keys(c)
     drifts = []
     for net, _ in NETS:
         history = _band_rows(curves[net], mid)
+        first_steps = set()
         for start in sorted({0, c.drift_from}):
             try:
-                drifts.append((net, start, band_drift(history, lo, mid, hi, start_step=start)))
+                drift = band_drift(history, lo, mid, hi, start_step=start)
             except ValueError:
                 continue
+            if drift["first_step"] not in first_steps:
+                first_steps.add(drift["first_step"])
+                drifts.append((net, start, drift))
     return drifts
 
 
@@ -214,12 +223,17 @@ def _band_keys(c: Fig1Config) -> tuple[str, str, str]:
 
 def plot(view: RunView, summary: Fig1Summary) -> None:
     """fig1.png: (a) both nets' test accuracy, (b, c) the sigmoid-input band of each net (every
-    evaluation: the curves come from the rows, not the summary's milestones)."""
+    evaluation: the curves come from the rows, not the summary's milestones). Every panel has its
+    y label, the rate drop as a labelled vertical line, and its legend below the axes, where it
+    cannot cover a curve."""
     c: Fig1Config = view.config
     curves = {net: view.job_rows(net) for net, _ in NETS}
-    fig, axes = pyplot().subplots(1, 3, figsize=(14, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 5))
     _plot_accuracy(axes[0], curves)
     _plot_bands(axes[1:], curves, c)
+    for ax in axes:
+        _mark_rate_drop(ax, c)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
     fig.suptitle(
         f"Ioffe & Szegedy 2015, Figure 1 at lab scale: {c.dataset}, {c.steps:,} steps, "
         f"SGD {describe_schedule(c)}, batch {c.batch_size}"
@@ -227,34 +241,59 @@ def plot(view: RunView, summary: Fig1Summary) -> None:
     save(fig, view.plot_path("fig1.png"))
 
 
+def _mark_rate_drop(ax, c: Fig1Config) -> None:
+    """A dotted vertical line after the last step at the full rate, named in the legend and
+    labelled above the axes (outside them: the label covers no curve)."""
+    drop = drop_step(c)
+    if drop is None or drop >= c.steps:
+        return
+    label = f"lr x{c.lr_drop:g} after step {drop:,}"
+    ax.axvline(drop, color="0.35", linestyle=":", linewidth=1.2, label=label)
+    ax.text(
+        drop,
+        1.0,
+        f"lr x{c.lr_drop:g}",
+        transform=ax.get_xaxis_transform(),  # x in steps, y in axes fractions
+        ha="center",
+        va="bottom",
+        fontsize=8,
+        color="0.35",
+    )
+
+
 def _plot_accuracy(ax, curves: dict[str, list[dict]]) -> None:
     for net, label in NETS:
         rows = curves[net]
         ax.plot([r["step"] for r in rows], [r["test_accuracy"] for r in rows], label=label)
-    ax.set_title("(a) test accuracy")
+    ax.set_title("(a) test accuracy", fontsize=10, pad=14)
     ax.set_xlabel("step")
-    ax.set_ylim(top=1.0)
+    ax.set_ylabel("test accuracy (full test set, eval mode)")
+    ax.set_ylim(0.0, 1.0)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+
+
+# the percentile lines of panels (b, c): (position in the band, line style, legend name)
+_BAND_LINES = ((0, ":", "{}th percentile"), (1, "-", "{}th (median)"), (2, "--", "{}th percentile"))
 
 
 def _plot_bands(axes, curves: dict[str, list[dict]], c: Fig1Config) -> None:
     """Panels (b) and (c) on one y scale, so that the two bands' widths compare at a glance."""
-    lo, mid, hi = _band_keys(c)
+    keys = _band_keys(c)
     ylim = [math.inf, -math.inf]
     for ax, (net, label), panel in zip(axes, NETS, "bc"):
-        rows = _band_rows(curves[net], mid)
+        rows = _band_rows(curves[net], keys[1])
         steps = [r["step"] for r in rows]
-        for key, style in ((lo, "--"), (mid, "-"), (hi, "--")):
-            values = [r[key] for r in rows]
-            ax.plot(steps, values, style, color="C0" if net == "plain" else "C1", label=key)
+        color = "C0" if net == "plain" else "C1"
+        for position, style, name in _BAND_LINES:
+            values = [r[keys[position]] for r in rows]
+            ax.plot(
+                steps, values, style, color=color, label=name.format(f"{c.percentiles[position]:g}")
+            )
             if values:
                 ylim = [min(ylim[0], min(values)), max(ylim[1], max(values))]
-        ax.set_title(
-            f"({panel}) {label}: sigmoid input of unit {c.unit}, {_percentile_names(c)}th pct",
-            fontsize=9,
-        )
+        ax.set_title(f"({panel}) {label}: sigmoid input of unit {c.unit}", fontsize=10, pad=14)
         ax.set_xlabel("step")
+        ax.set_ylabel("pre-activation W u" if net == "plain" else "BN output (gamma xhat + beta)")
         ax.grid(alpha=0.3)
     if math.isfinite(ylim[0]):
         pad = 0.05 * (ylim[1] - ylim[0] or 1.0)
@@ -270,7 +309,7 @@ def render(s: Fig1Summary, c: Fig1Config) -> str:
     """report.md: the setup, figure, accuracy findings, drift table and timings of the summary."""
     lines = _setup_lines(c)
     if s.accuracy is not None:
-        lines += _accuracy_lines(s.accuracy)
+        lines += _accuracy_lines(s.accuracy, s.steps)
     lines += _drift_lines(s, c)
     if s.seconds:
         lines += [
@@ -288,11 +327,15 @@ def render(s: Fig1Summary, c: Fig1Config) -> str:
 def _setup_lines(c: Fig1Config) -> list[str]:
     steps_note = ""
     if c.dataset == "digits" and c.steps != PAPER_STEPS:
+        why = (
+            "the default, which keeps `make demo` within its 3-minute budget"
+            if c.steps == DIGITS_STEPS
+            else "`--steps`"
+        )
         steps_note = (
-            f" The paper trains for {PAPER_STEPS:,} steps on MNIST; on the bundled "
-            f"digits (1,437 training images) this run uses {c.steps:,} (`--steps`), "
-            "which keeps `make demo` within its 3-minute budget and is long past "
-            "convergence here."
+            f" The paper trains for {PAPER_STEPS:,} steps on MNIST; on the bundled digits "
+            f"(1,437 training images) this run uses {c.steps:,} ({why}); how far each net got "
+            "in them is under (a)."
         )
     return [
         "# Figure 1 of Ioffe & Szegedy (2015) at lab scale",
@@ -317,7 +360,29 @@ def _setup_lines(c: Fig1Config) -> list[str]:
     ]
 
 
-def _accuracy_lines(a: AccuracySummary) -> list[str]:
+def _progress_lines(a: AccuracySummary, steps: int) -> list[str]:
+    """Where each net got by the end of the run, in words chosen by its numbers: near chance
+    (below twice chance), short of 90%, or there."""
+    lines = []
+    for net, label in NETS:
+        final = a.finals[net]
+        if final < 2 * CHANCE:
+            lines.append(
+                f"- {label}, the net is still near chance at the end ({pct(final)}%; chance is "
+                f"{pct(CHANCE)}%): {steps:,} steps did not take it off the plateau of its small "
+                "initial weights; a longer run (`--steps`) shows whether and when it learns."
+            )
+        elif a.first_at_90[net] is None:
+            lines.append(
+                f"- {label}, the net learns but stays below 90% within the run (final "
+                f"{pct(final)}%): a longer run (`--steps`) shows where it settles."
+            )
+    if not lines:
+        lines.append("- Both nets reached 90% test accuracy within the run.")
+    return lines
+
+
+def _accuracy_lines(a: AccuracySummary, steps: int) -> list[str]:
     lines = ["## (a) Test accuracy", ""]
     lines += table(
         ["step", *[label for _, label in NETS]],
@@ -330,12 +395,14 @@ def _accuracy_lines(a: AccuracySummary) -> list[str]:
     ]
     if a.evaluations_from:
         behind = a.bn_behind_at
+        ahead = a.evaluations_from - len(behind)
         lines.append(
-            f"- BN is above the baseline at {'every' if not behind else 'not every'} evaluation "
-            f"from step {a.ahead_from:,} on ({a.evaluations_from - len(behind)} of "
-            f"{a.evaluations_from} evaluations"
-            + (f"; not at step(s) {', '.join(f'{m:,}' for m in behind[:5])}" if behind else "")
-            + ")."
+            f"- BN is above the baseline at every evaluation from step {a.ahead_from:,} on "
+            f"({ahead} of {a.evaluations_from} evaluations)."
+            if not behind
+            else f"- BN is above the baseline at {ahead} of the {a.evaluations_from} evaluations "
+            f"from step {a.ahead_from:,} on (not at step(s) "
+            f"{', '.join(f'{m:,}' for m in behind[:5])}{', ...' if len(behind) > 5 else ''})."
         )
     for net, label in NETS:
         first = a.first_at_90[net]
@@ -343,6 +410,7 @@ def _accuracy_lines(a: AccuracySummary) -> list[str]:
             f"- {label}: first evaluation at >= 90% test accuracy: "
             + (f"step {first:,}." if first is not None else "never.")
         )
+    lines += _progress_lines(a, steps)
     if a.diverged:
         lines.append("- A net diverged (non-finite loss): see metrics.json.")
     return lines

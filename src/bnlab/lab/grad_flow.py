@@ -41,7 +41,7 @@ class GradFlowConfig:
     dataset: Dataset = (  # digits: the bundled 8x8 digits (64 pixels); mnist: IDX files in data_dir
         "digits"
     )
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+    data_dir: Optional[str] = None  # MNIST directory (selects mnist); None: $BNLAB_DATA_DIR
     mode: Mode = (  # pixel: a pixel per step (784 on MNIST, paper's figure); row: a row per step
         "pixel"
     )

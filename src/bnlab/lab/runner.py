@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 
 from . import config as cfg
-from .datasets import load_data
+from .datasets import choose_dataset, load_data
 
 __all__ = [
     "Experiment",
@@ -100,7 +100,10 @@ class Experiment:
 
     def make_config(self, overrides=()) -> Any:
         """The default config with the overrides applied, then resolved (dataset-dependent defaults
-        filled in) and validated."""
+        filled in) and validated. A ``data_dir`` given without a dataset selects MNIST."""
+        if not isinstance(overrides, dict):
+            overrides = cfg.parse_overrides(self.config, overrides, self.name)
+        overrides = choose_dataset(self.config, overrides, self.name)
         config = cfg.apply_overrides(self.config(), overrides, self.name)
         if hasattr(config, "resolve"):
             try:

@@ -62,7 +62,7 @@ Mode = Literal["row", "pixel"]
 @dataclass
 class SeqMnistConfig:
     dataset: Dataset = "digits"  # digits: bundled 8x8 (8 rows / 64 pixels); mnist: IDX in data_dir
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+    data_dir: Optional[str] = None  # MNIST directory (selects mnist); None: $BNLAB_DATA_DIR
     mode: Mode = "row"  # row: one image row per step (28 on MNIST); pixel: one pixel per step (784)
     permute: bool = False  # read the pixels in one fixed random order (permuted MNIST; pixel mode)
     permutation_seed: int = 0  # the seed of that order

@@ -56,7 +56,7 @@ class SmallBatchConfig:
     renorm_d_max_steps: int = 600  # renorm: d_max reaches its limit at this step
     groups: int = 8  # group norm's groups of features
     dataset: Dataset = "digits"  # digits (bundled) or mnist (IDX files in data_dir)
-    data_dir: Optional[str] = None  # MNIST directory; None: $BNLAB_DATA_DIR
+    data_dir: Optional[str] = None  # MNIST directory (selects mnist); None: $BNLAB_DATA_DIR
     checkpoint_every: int = 1000  # steps between checkpoints within a job (0: none)
 
     def resolve(self) -> "SmallBatchConfig":
