@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import bnlab
-from bnlab.nn import SyncBatchNorm
+from bnlab.nn import BatchNorm2d, SyncBatchNorm
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
@@ -503,6 +503,25 @@ def test_graphs_do_not_keep_the_group_alive_past_destroy(tmp_path):
         assert "no longer exists" in error and "destroy_process_group" in error, error
 
 
+def accumulation_data() -> torch.Tensor:
+    """64 samples: 2 ranks x 4 micro-batches x 8, the same on every rank (each takes its half)."""
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(64, 4, 3, 3, generator=g, dtype=torch.float64) * 2 + 0.5
+
+
+def test_accumulation_across_ranks_equals_one_process_on_every_sample(tmp_path):
+    """bnlab.accumulate over 4 micro-batches on each of 2 ranks: one update with the statistics
+    of all 64 samples, as one process's training forward of them all gives."""
+    whole = BatchNorm2d(4).double()
+    whole(accumulation_data())
+    for r, result in enumerate(launch("accumulate", 2, tmp_path, deadline=60)):
+        for key in ("running_mean", "running_var"):
+            torch.testing.assert_close(
+                result[key], getattr(whole, key), rtol=0, atol=1e-12, msg=f"rank {r} {key}"
+            )
+        assert result["num_batches_tracked"] == 1 and result["merged"] == 4
+
+
 # --------------------------------------------------------------------------------------------
 # the example
 # --------------------------------------------------------------------------------------------
@@ -623,6 +642,22 @@ def _release_scenario(rank, world):
     return result
 
 
+def _accumulate_scenario(rank, world):
+    import bnlab
+
+    bn = SyncBatchNorm(4, timeout=WORKER_TIMEOUT).double()
+    mine = accumulation_data().chunk(world)[rank]
+    with bnlab.accumulate(bn) as acc:
+        for x in mine.chunk(4):
+            bn(x.requires_grad_()).square().sum().backward()
+    return {
+        "running_mean": bn.running_mean.clone(),
+        "running_var": bn.running_var.clone(),
+        "num_batches_tracked": int(bn.num_batches_tracked),
+        "merged": acc.report[0].merged,
+    }
+
+
 def _wait_for(path: Path, seconds: float) -> None:
     end = time.monotonic() + seconds
     while not path.exists() and time.monotonic() < end:
@@ -646,6 +681,7 @@ def _worker(scenario, rank, world, store, directory):
         "mismatch": _mismatch_scenario,
         "exit": _exit_scenario,
         "release": _release_scenario,
+        "accumulate": _accumulate_scenario,
     }[scenario]
     results = run(rank, world)
     path = Path(directory) / f"{scenario}-{world}-rank{rank}.pt"
