@@ -2,6 +2,8 @@
 gradient checkpointing, against the statistics of the values each layer saw (float64 reference
 arithmetic in torch.float64)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -270,6 +272,27 @@ def test_bnlstm_input_statistics_equal_one_forward_of_the_whole_batch():
         for x in xs:
             accumulated.forward_sequence(x)
     for key in ("running_mean_x", "running_var_x", "num_batches_tracked"):
+        torch.testing.assert_close(
+            getattr(accumulated, key), getattr(whole, key), rtol=0, atol=1e-12
+        )
+
+
+@pytest.mark.parametrize("act", ["silu", "prelu"])  # fused, and BN then the module's activation
+def test_a_converted_timm_layer_accumulates_like_a_first_layer(act):
+    from torchvision_standin import import_timm
+
+    timm = import_timm()
+    torch.manual_seed(9)
+    activation = nn.SiLU() if act == "silu" else nn.PReLU()
+    whole = timm.layers.BatchNormAct2d(3, act_layer=type(activation)).double()
+    accumulated = bnlab.convert(copy.deepcopy(whole))
+    assert isinstance(accumulated, bn.BatchNormDropAct2d)
+    xs = [input_for("bn2d", MICRO) for _ in range(PARTS)]
+    whole(torch.cat(xs))
+    with bnlab.accumulate(accumulated):
+        for x in xs:
+            accumulated(x).sum().backward()
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(
             getattr(accumulated, key), getattr(whole, key), rtol=0, atol=1e-12
         )

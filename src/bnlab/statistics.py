@@ -117,17 +117,8 @@ def update_running_stats(
     forward is recomputed, nothing happens.
     """
     if _deferred():
-        _defer(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            mean,
-            unbiased_var,
-            momentum,
-            finite,
-            count,
-            pooled,
-        )
+        buffers = (running_mean, running_var, num_batches_tracked)
+        _defer(_Update(buffers, mean, unbiased_var, momentum, finite, count, pooled))
         return
     _apply(running_mean, running_var, num_batches_tracked, mean, unbiased_var, momentum, finite)
 
@@ -265,34 +256,30 @@ def _buffer_key(t: Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
 
 
-def _defer(
-    running_mean,
-    running_var,
-    num_batches_tracked,
-    mean,
-    unbiased_var,
-    momentum,
-    finite,
-    count,
-    pooled,
-) -> None:
+@dataclass(frozen=True)
+class _Update:
+    """One batch's update of one layer's buffers, as :func:`update_running_stats` received it."""
+
+    buffers: tuple  # (running_mean, running_var, num_batches_tracked)
+    mean: Tensor
+    unbiased_var: Tensor
+    momentum: Optional[float]
+    finite: Optional[Tensor]
+    count: Optional[Count]
+    pooled: bool
+
+    def apply(self) -> None:
+        _apply(*self.buffers, self.mean, self.unbiased_var, self.momentum, self.finite)
+
+
+def _defer(update: _Update) -> None:
     if recomputing():
         return
     for acc in reversed(_ACTIVE):
-        if acc.holds(running_mean):
-            acc.add(
-                running_mean,
-                running_var,
-                num_batches_tracked,
-                mean,
-                unbiased_var,
-                momentum,
-                finite,
-                count,
-                pooled,
-            )
+        if acc.holds(update.buffers[0]):
+            acc.add(update)
             return
-    _apply(running_mean, running_var, num_batches_tracked, mean, unbiased_var, momentum, finite)
+    update.apply()
 
 
 @dataclass
@@ -377,32 +364,21 @@ class accumulate:
         """Whether ``running_mean`` is one of the model's buffers or a view into one."""
         return running_mean.untyped_storage().data_ptr() in self._storages
 
-    def add(
-        self,
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        mean,
-        unbiased_var,
-        momentum,
-        finite,
-        count,
-        pooled,
-    ) -> None:
-        if count is None:
+    def add(self, update: _Update) -> None:
+        """Record one batch of a layer this context holds."""
+        if update.count is None:
             raise RuntimeError(
                 "bnlab.accumulate: this batch norm reported its statistics without a count of "
                 "values, which the merge needs"
             )
-        key = _buffer_key(running_mean)
-        parts = self._parts.setdefault(
-            key, _Parts((running_mean, running_var, num_batches_tracked), momentum, pooled)
-        )
+        key = _buffer_key(update.buffers[0])
+        parts = self._parts.setdefault(key, _Parts(update.buffers, update.momentum, update.pooled))
+        finite = update.finite
         if finite is None:
-            finite = torch.isfinite(mean + unbiased_var).all()
-        parts.counts.append(count)
-        parts.means.append(mean.detach())
-        parts.variances.append(unbiased_var.detach())
+            finite = torch.isfinite(update.mean + update.unbiased_var).all()
+        parts.counts.append(update.count)
+        parts.means.append(update.mean.detach())
+        parts.variances.append(update.unbiased_var.detach())
         parts.finite.append(finite)
 
     def _apply_all(self) -> None:

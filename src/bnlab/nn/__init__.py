@@ -1,89 +1,23 @@
-"""Modules: drop-in replacements for torch.nn's normalization layers."""
+"""Modules: drop-in replacements for torch.nn's normalization layers.
 
-from .act import (
-    BatchNormAct,
-    BatchNormAct1d,
-    BatchNormAct2d,
-    BatchNormAct3d,
-    InPlaceABN,
-    InPlaceABN1d,
-    InPlaceABN2d,
-    InPlaceABN3d,
-)
-from .batchnorm import (
-    BatchNorm,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    replace_all_batch_norm_modules_,
-    set_statistics,
-)
-from .bnlstm import BNLSTM, BNLSTMCell
-from .convert import (
-    ConversionReport,
-    ConversionWarning,
-    convert,
-    rebuild,
-    register_conversion,
-    revert,
-)
-from .dropact import BatchNormDropAct2d
-from .frozen import (
-    FrozenBatchNorm,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-    FrozenBatchNormAct,
-    FrozenBatchNormAct1d,
-    FrozenBatchNormAct2d,
-    FrozenBatchNormAct3d,
-)
-from .ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
-from .layernorm import LayerNorm
-from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-from .sync import SyncBatchNorm, convert_sync_batchnorm
+Everything each submodule lists in its ``__all__`` is re-exported here.
+"""
 
-__all__ = [
-    "BatchNorm",
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "replace_all_batch_norm_modules_",
-    "set_statistics",
-    "LayerNorm",
-    "convert",
-    "revert",
-    "ConversionWarning",
-    "ConversionReport",
-    "register_conversion",
-    "rebuild",
-    "BatchNormDropAct2d",
-    "FrozenBatchNorm",
-    "FrozenBatchNorm1d",
-    "FrozenBatchNorm2d",
-    "FrozenBatchNorm3d",
-    "FrozenBatchNormAct",
-    "FrozenBatchNormAct1d",
-    "FrozenBatchNormAct2d",
-    "FrozenBatchNormAct3d",
-    "BatchRenorm",
-    "BatchRenorm1d",
-    "BatchRenorm2d",
-    "BatchRenorm3d",
-    "GhostBatchNorm",
-    "GhostBatchNorm1d",
-    "GhostBatchNorm2d",
-    "GhostBatchNorm3d",
-    "SyncBatchNorm",
-    "convert_sync_batchnorm",
-    "BNLSTM",
-    "BNLSTMCell",
-    "BatchNormAct",
-    "BatchNormAct1d",
-    "BatchNormAct2d",
-    "BatchNormAct3d",
-    "InPlaceABN",
-    "InPlaceABN1d",
-    "InPlaceABN2d",
-    "InPlaceABN3d",
-]
+from . import act, batchnorm, bnlstm, convert, dropact, frozen, ghost, layernorm, renorm, sync
+
+_SUBMODULES = (batchnorm, layernorm, convert, dropact, frozen, renorm, ghost, sync, bnlstm, act)
+
+from .act import *  # noqa: E402, F403
+from .batchnorm import *  # noqa: E402, F403
+from .bnlstm import *  # noqa: E402, F403
+
+# from here on bnlab.nn.convert is the function, not the submodule
+from .convert import *  # noqa: E402, F403
+from .dropact import *  # noqa: E402, F403
+from .frozen import *  # noqa: E402, F403
+from .ghost import *  # noqa: E402, F403
+from .layernorm import *  # noqa: E402, F403
+from .renorm import *  # noqa: E402, F403
+from .sync import *  # noqa: E402, F403
+
+__all__ = [name for module in _SUBMODULES for name in module.__all__]
