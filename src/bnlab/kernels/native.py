@@ -99,8 +99,8 @@ def eager_batch_norm(
     """
     if input.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    if input.dtype in _HALF and not _ready_for_mixed(weight, bias, running):
-        return None  # the kernels' path casts gamma and beta for ATen's mixed kernel
+    if input.dtype in _HALF:
+        return None  # ATen's half backward loses float32 precision: bnlab's backward upcasts
     running_mean, running_var, num_batches_tracked = (
         running.mean,
         running.var,
@@ -138,13 +138,6 @@ def eager_batch_norm(
     return composite.activate(laid_out_like(y, input), activation, param)
 
 
-def _ready_for_mixed(weight, bias, running: RunningStatistics) -> bool:
-    """Whether ATen's mixed-precision kernel takes these as they are (float32 gamma, and float32
-    beta and running statistics where present), returning float32 statistics."""
-    present = [t for t in (bias, running.mean, running.var) if t is not None]
-    return weight is not None and all(t.dtype == torch.float32 for t in (weight, *present))
-
-
 def _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, param) -> Tensor:
     """:func:`eager_batch_norm` whose update must wait (gradient accumulation, or a checkpointed
     forward being recomputed): ATen's op runs on copies of the running statistics, so that it saves
@@ -179,6 +172,9 @@ def batch_norm_backward(
         )
     wanted = [output_mask[0], weight is not None and output_mask[1], output_mask[2]]
     weight = _mixed_params(x, weight, None)[0]
+    half = x.dtype if x.dtype in _HALF else None
+    if half is not None:  # ATen's mixed backward keeps half intermediates: dx lost ~100s of ulps
+        grad_out, x = grad_out.float(), x.float()
     mean, var = mean.to(_statistics_dtype(x)), var.to(_statistics_dtype(x))
     if training:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
@@ -188,7 +184,7 @@ def batch_norm_backward(
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, weight, mean, var, None, None, False, eps, wanted
         )
-    dx = None if dx is None else laid_out_like(dx, x)
+    dx = None if dx is None else laid_out_like(dx, x).to(half or dx.dtype)
     return (dx if wanted[0] else None, dw if wanted[1] else None, db if wanted[2] else None)
 
 
