@@ -423,15 +423,21 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
       differentiable op (32x64x8x8, 64x8x16x16, 64x64x8x8). The backward from 2M values (the
       Numba backward's two parallel passes win only on large tensors). Eval: ATen's single
       streaming pass is as fast.
-    - Activations whose transcendental functions Numba does not vectorize (no SVML): a fused
-      training step at 32x64x32x32 took 2.2-2.8x (gelu), 3.3-3.5x (gelu_tanh) and 1.0-1.2x (elu)
-      torch.nn's BN then activation; ATen's batch norm then PyTorch's vectorized activation runs
-      them (relu 0.4-0.5x, hardswish/hardsigmoid 0.4-0.7x, silu 0.7-0.9x stay here).
+    - Only the piecewise-linear activations (identity, relu, leaky_relu) fused: Numba does not
+      vectorize exp, erf or tanh (no SVML), and its branchy hardswish / hardsigmoid loops lose to
+      ATen's batch norm followed by PyTorch's vectorized activation. Forward, 2 threads, torch.nn
+      time / these kernels' (> 1: faster here), eval and train: 16x96x16x16 silu 0.20 / 0.43,
+      hardswish 0.27 / 0.68; 32x64x32x32 silu 0.17 / 0.52, hardswish 0.38 / 1.12, relu 1.65 /
+      1.93, leaky_relu 1.52 / 2.68; a training step at 32x64x32x32 2.2-3.5x slower with gelu,
+      gelu_tanh, 1.0-1.2x with elu. Whole models: efficientnet_b0 (SiLU after every BN) trained
+      at 0.79x and evaluated at 0.68x torch.nn's speed when its SiLU ran here
+      (benchmarks/model_speed.py, 16x3x64x64).
     """
     numel = x.numel()
     if numel < _NUMBA_FROM_NUMEL:  # every rule below needs at least this many values
         return False
-    if op == "batch_norm_act" and activation in _ATEN_FASTER_ACTIVATIONS:
+    slow_activation = activation is not None and activation not in _NUMBA_FAST_ACTIVATIONS
+    if op == "batch_norm_act" and slow_activation:  # None: not said, as before activations mattered
         return False
     channels_innermost = _spatial(x) == 1 or (is_channels_last(x) and not x.is_contiguous())
     if channels_innermost and x.shape[1] >= _NATIVE_FROM_CHANNELS:
@@ -484,7 +490,7 @@ _NUMBA_FROM_NUMEL = 1 << 16
 _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
 _NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 19, "batch_norm_act": 1 << 18}
 _LONG_ROW = 4096
-_ATEN_FASTER_ACTIVATIONS = ("gelu", "gelu_tanh", "elu")
+_NUMBA_FAST_ACTIVATIONS = ("identity", "relu", "leaky_relu")
 _ACT_WIDE_ROWS_FROM_NUMEL = 1 << 20  # >= _NUMBA_FROM_NUMEL (prefers() tests that one first)
 _ACT_WIDE_ROWS_MAX_CHANNELS = 2048
 
