@@ -424,3 +424,22 @@ def test_non_finite_batch_leaves_running_statistics(backend, inplace):
             strict=True,
             backend=backend,
         )
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "silu", "hardswish"])
+@pytest.mark.parametrize("training", [True, False])
+def test_native_activates_its_own_output_in_place_only(activation, training):
+    """Without an autograd graph ATen's path writes the activation over its fresh output: the
+    input and running statistics are untouched, the result is torch.nn's."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    before = x.clone()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    act = {"relu": TF.relu, "leaky_relu": TF.leaky_relu, "elu": TF.elu}.get(
+        activation, getattr(TF, activation)
+    )
+    expected = act(TF.batch_norm(x, rm.clone(), rv.clone(), training=training))
+    with torch.no_grad():
+        y = F.batch_norm_act(x, rm, rv, training=training, activation=activation, backend="native")
+    assert torch.equal(x, before) and y.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)

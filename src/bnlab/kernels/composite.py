@@ -191,6 +191,24 @@ _ACTIVATE = {
 }
 
 
+# written over z, where PyTorch has the in-place op
+_ACTIVATE_IN_PLACE = {
+    "identity": lambda z, p: z,
+    "relu": lambda z, p: torch.relu_(z),
+    "leaky_relu": lambda z, p: torch.nn.functional.leaky_relu(z, p, inplace=True),
+    "elu": lambda z, p: torch.nn.functional.elu(z, p, inplace=True),
+    "silu": lambda z, p: torch.nn.functional.silu(z, inplace=True),
+    "hardswish": lambda z, p: torch.nn.functional.hardswish(z, inplace=True),
+}
+
+
+def activate_fresh(z: Tensor, activation: str, param: float) -> Tensor:
+    """:func:`activate` of a z nothing else holds: written over z where PyTorch has the in-place
+    op and no autograd graph records z (no second tensor, no allocation), else a new tensor."""
+    in_place = None if z.requires_grad else _ACTIVATE_IN_PLACE.get(activation)
+    return in_place(z, param) if in_place is not None else activate(z, activation, param)
+
+
 def activate(z: Tensor, activation: str, param: float) -> Tensor:
     """act(z), torch.nn.functional's definitions: relu max(z, 0); leaky_relu z > 0 ? z : p z (slope
     p = ``param``); elu z > 0 ? z : p (exp(z) - 1) (alpha p); silu z sigmoid(z); hardswish

@@ -110,7 +110,7 @@ def eager_batch_norm(
         y = torch.native_batch_norm(
             input, weight, bias, running_mean, running_var, False, 0.0, eps
         )[0]
-        return composite.activate(laid_out_like(y, input), activation, param)
+        return composite.activate_fresh(laid_out_like(y, input), activation, param)
     tracked = running_mean is not None
     if tracked and updates_deferred(running_mean):
         return _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, param)
@@ -135,7 +135,7 @@ def eager_batch_norm(
         with np.errstate(divide="ignore", invalid="ignore"):
             var = np.reciprocal(np.square(invstd.detach().numpy())) - eps
         raise_if_not_finite(mean.detach(), torch.from_numpy(var))
-    return composite.activate(laid_out_like(y, input), activation, param)
+    return composite.activate_fresh(laid_out_like(y, input), activation, param)
 
 
 def _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, param) -> Tensor:
@@ -148,7 +148,7 @@ def _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, 
     var = (invstd.detach().double().reciprocal().square() - eps).clamp_(min=0.0)
     count = input.numel() // input.shape[1]
     running.record(mean.detach(), var.to(mean.dtype), count, strict)
-    return composite.activate(laid_out_like(y, input), activation, param)
+    return composite.activate_fresh(laid_out_like(y, input), activation, param)
 
 
 batch_statistics = composite.batch_statistics
