@@ -354,3 +354,38 @@ def test_empty_training_batch_is_not_counted(kind, momentum, strict):
     theirs = torch.nn.BatchNorm2d(3, momentum=momentum)
     theirs(first), theirs(torch.randn(0, 3, 2, 2))
     assert int(theirs.num_batches_tracked) == 2  # the difference documented in the README
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape, layout", [((6, 5), None), ((4, 8, 5, 7), torch.channels_last)])
+def test_autocast_float32_model_matches_torch_nn_exactly(dtype, shape, layout):
+    """A float32 model under CPU autocast gives its batch norm half activations with float32
+    parameters and statistics: bnlab runs ATen's mixed-precision kernels both ways, as torch.nn
+    does, so outputs, gradients and running statistics are torch.nn's, bit for bit (and as fast)."""
+    c = shape[1]
+    theirs = TORCH_CLASS[len(shape)](c)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5), theirs.bias.normal_(), theirs.running_var.fill_(2.0)
+    ours = bnlab.nn.BatchNorm(c)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(shape, dtype=torch.float64).mul(3).add(1).to(dtype)
+    if layout is not None:
+        x = x.contiguous(memory_format=layout)
+    dy = torch.randn(shape).to(dtype)
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        y.backward(dy)
+        results.append((y, xi.grad, module.weight.grad, module.bias.grad))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(ours.running_mean, theirs.running_mean)
+    assert torch.equal(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    before = ours.running_mean.clone(), ours.running_var.clone()
+    ours(bad)  # the guard: a non-finite batch leaves the statistics and is not counted
+    assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
+    assert int(ours.num_batches_tracked) == 1

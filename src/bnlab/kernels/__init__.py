@@ -28,7 +28,9 @@ Selection, strongest first:
 
 1. the ``backend=`` argument of a functional op or module;
 2. the ``BNLAB_BACKEND`` environment variable (``auto`` or empty means automatic);
-3. automatic: the registered backend of highest priority that supports and prefers the input.
+3. automatic: the registered backend of highest priority that supports and prefers the input,
+   decided once per call signature (op, activation, dtype, device, shape and strides: what
+   ``supports`` and ``prefers`` may look at) and remembered.
 
 A backend requested by name (1 or 2) that cannot run the input raises; automatic selection always
 ends at the ``composite`` backend, which runs any device and dtype.
@@ -111,6 +113,13 @@ def unregister_backend(name: str) -> None:
 
 def _order_by_priority() -> None:
     _BY_PRIORITY[:] = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+    _CHOSEN.clear()
+
+
+# automatic choices by call signature: (op, activation, dtype, device, shape, strides); a backend's
+# supports / prefers must depend on nothing else. Cleared when the registry changes.
+_CHOSEN: dict[tuple, Backend] = {}
+_CHOSEN_MAX = 4096  # distinct signatures kept (a model has a few dozen)
 
 
 def available_backends() -> list[str]:
@@ -144,8 +153,15 @@ def select_backend(
                 "choose another backend or 'auto'"
             )
         return backend
+    key = (op, activation, x.dtype, x.device, x.shape, x.stride())
+    chosen = _CHOSEN.get(key)
+    if chosen is not None:
+        return chosen
     for backend in _BY_PRIORITY:
         if backend.takes(op, x, activation):
+            if len(_CHOSEN) >= _CHOSEN_MAX:
+                _CHOSEN.clear()
+            _CHOSEN[key] = backend
             return backend
     raise RuntimeError(f"no bnlab backend can run {op} on a {x.dtype} tensor on {x.device}")
 

@@ -203,10 +203,22 @@ _ACTIVATE_IN_PLACE = {
 
 
 def activate_fresh(z: Tensor, activation: str, param: float) -> Tensor:
-    """:func:`activate` of a z nothing else holds: written over z where PyTorch has the in-place
-    op and no autograd graph records z (no second tensor, no allocation), else a new tensor."""
-    in_place = None if z.requires_grad else _ACTIVATE_IN_PLACE.get(activation)
+    """:func:`activate` of a z nothing else holds (no backward keeps it: ATen's batch norm saves
+    its input, not its output), written over z where PyTorch has the in-place op (no second tensor,
+    no allocation): always without a graph, and under autograd for the activations whose backward
+    PyTorch takes exactly from their output (relu, leaky_relu with slope >= 0), as timm's
+    ``BatchNormAct2d`` with an in-place act runs; else a new tensor."""
+    in_place = _ACTIVATE_IN_PLACE.get(activation)
+    if z.requires_grad and not _backward_from_output(activation, param):
+        in_place = None
     return in_place(z, param) if in_place is not None else activate(z, activation, param)
+
+
+def _backward_from_output(activation: str, param: float) -> bool:
+    """Whether PyTorch's in-place op of ``activation`` differentiates from its output alone and
+    exactly. The others save a copy of their input first, refuse a negative slope in place, or
+    lose precision that way (elu's y + alpha for alpha exp(z) cancels)."""
+    return activation in ("identity", "relu") or (activation == "leaky_relu" and param >= 0.0)
 
 
 def activate(z: Tensor, activation: str, param: float) -> Tensor:

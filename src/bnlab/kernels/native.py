@@ -86,56 +86,81 @@ def eager_batch_norm(
     also updates the running statistics inside its kernel (as torch.nn's does), with bnlab's guard
     kept: if the batch's statistics are not finite, the running statistics are put back and the
     batch is not counted. None for a call this leaves to bnlab's Function over the kernels
-    (not on the CPU, or being compiled).
+    (not on the CPU, being compiled, or a half input without float32 parameters).
 
     Why: the same kernels both ways, without bnlab's wrapper, the variance recovered from ATen's
     1 / sqrt(var + eps) and a separate running-statistics update, which cost 10-20% of a
     0.3-1 ms batch norm (benchmarks/bn_speed.py). With an activation, autograd keeps x and the
     activation's input or output (the fused op keeps x only: one more small tensor).
 
-    The put-back writes through NumPy, like ATen's own update, without bumping the buffers'
-    version counters: ATen's autograd node keeps the running statistics (for an eval-mode
-    backward), and a counted in-place write would make that backward raise.
+    Half inputs with float32 gamma, beta and running statistics (a float32 model under CPU
+    autocast) run ATen's mixed-precision kernels both ways, exactly as torch.nn does: its backward
+    keeps half intermediates (dx within a few half ulps of the float32 result, not one rounding);
+    other half inputs take the kernels' path, whose backward computes in float32.
+
+    The guard costs no pass over the data: the running statistics (C values each) are copied
+    before the update and ATen's C values of 1 / sqrt(var + eps) are tested after it. The put-back
+    writes through NumPy, like ATen's own update, without bumping the buffers' version counters:
+    ATen's autograd node keeps the running statistics (for an eval-mode backward), and a counted
+    in-place write would make that backward raise.
     """
-    if input.device.type != "cpu" or torch.compiler.is_compiling():
+    if not input.is_cpu or torch.compiler.is_compiling():
         return None
-    if input.dtype in _HALF:
-        return None  # ATen's half backward loses float32 precision: bnlab's backward upcasts
-    running_mean, running_var, num_batches_tracked = (
-        running.mean,
-        running.var,
-        running.num_batches_tracked,
-    )
+    if input.dtype in _HALF and not _ready_for_mixed(weight, bias, running):
+        return None
+    running_mean, running_var = running.mean, running.var
     if not training:
         y = torch.native_batch_norm(
             input, weight, bias, running_mean, running_var, False, 0.0, eps
         )[0]
         return composite.activate_fresh(laid_out_like(y, input), activation, param)
-    tracked = running_mean is not None
-    if tracked and updates_deferred(running_mean):
+    if running_mean is None:
+        y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+        if strict:
+            _raise_if_not_finite(input, mean, invstd, eps)
+        return composite.activate_fresh(laid_out_like(y, input), activation, param)
+    if updates_deferred(running_mean):
         return _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, param)
-    factor = 0.0
-    if tracked:
-        before = running_mean.detach().numpy().copy(), running_var.detach().numpy().copy()
-        momentum = running.momentum
-        factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
+    num_batches_tracked, momentum = running.num_batches_tracked, running.momentum
+    before = running_mean.detach().numpy().copy(), running_var.detach().numpy().copy()
+    factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
     y, mean, invstd = torch.native_batch_norm(
         input, weight, bias, running_mean, running_var, True, factor, eps
     )
-    # invstd = 1 / sqrt(var + eps) is NaN where the mean or the variance is NaN or an infinite
-    # input made them so, and 0 for an infinite variance: all statistics are finite iff its
-    # minimum is > 0 (a NaN minimum compares False)
-    finite = bool(invstd.detach().numpy().min() > 0)
-    if tracked and finite and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    elif tracked and not finite:
+    if _finite(invstd):
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+    else:
         running_mean.detach().numpy()[:] = before[0]
         running_var.detach().numpy()[:] = before[1]
-    if strict and not finite and input.numel() > 0:  # an empty batch has no statistics to check
-        with np.errstate(divide="ignore", invalid="ignore"):
-            var = np.reciprocal(np.square(invstd.detach().numpy())) - eps
-        raise_if_not_finite(mean.detach(), torch.from_numpy(var))
+        if strict:
+            _raise_if_not_finite(input, mean, invstd, eps)
     return composite.activate_fresh(laid_out_like(y, input), activation, param)
+
+
+def _finite(invstd: Tensor) -> bool:
+    """Whether every statistic behind ATen's invstd = 1 / sqrt(var + eps) is finite: invstd is
+    NaN where the mean or the variance is NaN or an infinite input made them so, and 0 for an
+    infinite variance, so all are finite iff its minimum is > 0 (a NaN minimum compares False).
+    An empty batch (no channels' values) counts as finite."""
+    values = invstd.detach().numpy()
+    return values.size == 0 or bool(values.min() > 0)
+
+
+def _raise_if_not_finite(input: Tensor, mean: Tensor, invstd: Tensor, eps: float) -> None:
+    if input.numel() == 0:  # an empty batch has no statistics to check
+        return
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = np.reciprocal(np.square(invstd.detach().numpy())) - eps
+    raise_if_not_finite(mean.detach(), torch.from_numpy(var))
+
+
+def _ready_for_mixed(weight, bias, running: RunningStatistics) -> bool:
+    """Whether ATen's mixed-precision kernel takes these as they are (float32 gamma, and float32
+    beta and running statistics where present), returning float32 statistics: a float32 model
+    under autocast."""
+    present = [t for t in (bias, running.mean, running.var) if t is not None]
+    return weight is not None and all(t.dtype == torch.float32 for t in (weight, *present))
 
 
 def _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, param) -> Tensor:

@@ -26,6 +26,9 @@ __all__ = [
 ]
 
 
+_ABSENT = object()  # not in a registry (None is a registered absent parameter or buffer)
+
+
 class _NormBase(nn.Module):
     """Owns the parameters, buffers and checkpoint format shared by every batch-norm module."""
 
@@ -172,7 +175,7 @@ class BatchNorm(_NormBase):
         """Normalize ``input``; an optional bool ``mask`` (N, *spatial) restricts the batch
         statistics to its True positions (see :func:`bnlab.functional.batch_norm`)."""
         self._check_input_dim(input)
-        if self._mixing():
+        if self.statistics != "standard" and self._mixing():
             return self._mixed(input, mask)
         return F.batch_norm(
             input, **self._functional_args(), mask=mask, strict=self.strict, backend=self.backend
@@ -183,7 +186,9 @@ class BatchNorm(_NormBase):
         batch statistics in training or without running ones; running statistics updated only
         when tracked), or as the layer's statistics mode fixes them (see :func:`set_statistics`).
         """
-        mode = _statistics_mode(self)
+        mode = self.statistics
+        if mode != "standard":
+            mode = _statistics_mode(self)
         running_mean = self._registered("running_mean")
         if mode == "standard":
             use_running = not self.training or self.track_running_stats
@@ -250,10 +255,10 @@ class BatchNorm(_NormBase):
         """A parameter or buffer straight from its registry (nn.Module.__getattr__ made up a third
         of a small layer's Python overhead); by attribute when it is not there, e.g. a weight under
         torch.nn.utils.parametrize."""
-        for registry in (self._parameters, self._buffers):
-            if name in registry:
-                return registry[name]
-        return getattr(self, name)
+        value = self._parameters.get(name, _ABSENT)
+        if value is _ABSENT:
+            value = self._buffers.get(name, _ABSENT)
+        return getattr(self, name) if value is _ABSENT else value
 
 
 class BatchNorm1d(BatchNorm):
