@@ -8,6 +8,8 @@ momentum) and one eval forward (``torch.no_grad``) of each model, per provider:
 
   torch        the model as built (torch.nn's batch norm)
   bnlab        ``bnlab.convert(model)`` with its defaults
+  bnlab-fused  ``bnlab.convert(model, fuse_activations=True)``: also each batch norm with the
+               ReLU module after it (bnlab.nn.fuse)
   no-bn        every batch norm replaced by an identity (activations kept): the ceiling a batch
                norm kernel could reach, so ``1 - no-bn / torch`` is batch norm's share of the step
 
@@ -42,7 +44,7 @@ from torch import nn
 
 from common import append_rows, peak_bytes
 
-PROVIDERS = ("torch", "bnlab", "no-bn")
+PROVIDERS = ("torch", "bnlab", "bnlab-fused", "no-bn")
 TIMM_MODELS = ("resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "densenet121")
 
 
@@ -81,10 +83,10 @@ def without_batch_norm(model: nn.Module) -> nn.Module:
 
 def provider_model(provider: str, base: nn.Module) -> nn.Module:
     model = copy.deepcopy(base)
-    if provider == "bnlab":
+    if provider in ("bnlab", "bnlab-fused"):
         import bnlab
 
-        return bnlab.convert(model)
+        return bnlab.convert(model, fuse_activations=provider == "bnlab-fused")
     if provider == "no-bn":
         return without_batch_norm(model)
     return model

@@ -124,3 +124,20 @@ def test_freeze_fold_and_export_the_converted_model(name, tmp_path):
     if name in ("resnet50", "efficientnet_b0"):  # export takes seconds a model: two of them
         exported = export_onnx(copy.deepcopy(model), x, tmp_path / f"{name}.onnx")
         assert exported.max_abs_error <= 1e-4 * scale
+
+
+def test_resnet50_fused_activations_train_as_timm():
+    """convert(fuse_activations=True) on timm's ResNet-50: every bn1/bn2 (and the stem's) takes
+    its ReLU (33 pairs; bn3 feeds the residual sum), and a float64 step is timm's."""
+    original = build("resnet50").double()
+    ours, report = bnlab.convert(copy.deepcopy(original), report=True, fuse_activations=True)
+    assert len(report.fused) == 33 and "layer1.0.bn1 -> layer1.0.act1" in report.fused
+    assert list(ours.state_dict()) == list(original.state_dict())
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 7])
+    (out, grads), (want, want_grads) = train_step(ours, x, y), train_step(original, x, y)
+    assert_close(out, want, OUT_TOL, "output")
+    for key, grad in want_grads.items():
+        assert_close(grads[key], grad, GRAD_TOL, f"grad {key}")
+    back = bnlab.revert(ours)
+    assert {type(m) for m in back.modules()} == {type(m) for m in original.modules()}

@@ -3,9 +3,21 @@
 Everything each submodule lists in its ``__all__`` is re-exported here.
 """
 
-from . import act, batchnorm, bnlstm, convert, dropact, frozen, ghost, layernorm, renorm, sync
+from . import act, batchnorm, bnlstm, convert, dropact, frozen, fuse, ghost, layernorm, renorm, sync
 
-_SUBMODULES = (batchnorm, layernorm, convert, dropact, frozen, renorm, ghost, sync, bnlstm, act)
+_SUBMODULES = (
+    batchnorm,
+    layernorm,
+    convert,
+    dropact,
+    frozen,
+    fuse,
+    renorm,
+    ghost,
+    sync,
+    bnlstm,
+    act,
+)
 
 from .act import *  # noqa: E402, F403
 from .batchnorm import *  # noqa: E402, F403
@@ -15,6 +27,7 @@ from .bnlstm import *  # noqa: E402, F403
 from .convert import *  # noqa: E402, F403
 from .dropact import *  # noqa: E402, F403
 from .frozen import *  # noqa: E402, F403
+from .fuse import *  # noqa: E402, F403
 from .ghost import *  # noqa: E402, F403
 from .layernorm import *  # noqa: E402, F403
 from .renorm import *  # noqa: E402, F403

@@ -138,6 +138,8 @@ class ConversionReport:
     operation: str
     converted: dict[str, ClassCount] = field(default_factory=dict)
     left: dict[str, ClassCount] = field(default_factory=dict)
+    fused: list[str] = field(default_factory=list)  # "bn -> act" pairs (fuse_activations=True)
+    not_fused: Optional[str] = None  # why no activation was fused, when fusing was asked for
 
     @property
     def num_converted(self) -> int:
@@ -163,18 +165,34 @@ class ConversionReport:
         lines = [f"{self.operation}: {self.num_converted} converted, {self.num_left} left"]
         lines += ["  converted " + c.line() for c in self.converted.values()]
         lines += ["  left " + c.line() for c in self.left.values()]
+        if self.fused:
+            shown = ", ".join(self.fused[:_NAMES_SHOWN]) + (", ..." if len(self.fused) > 3 else "")
+            lines.append(f"  fused {len(self.fused)} activation(s) into their batch norm ({shown})")
+        if self.not_fused:
+            lines.append(f"  no activation fused: {self.not_fused}")
         return "\n".join(lines)
 
 
-def convert(model: nn.Module, *, report: bool = False):
+def convert(model: nn.Module, *, report: bool = False, fuse_activations: bool = False):
     """Replace every normalization layer of ``model`` that bnlab knows by bnlab's, in place.
 
     Returns the model (a new module when ``model`` itself is such a layer), or ``(model,
     ConversionReport)`` with ``report=True``. Layers left unchanged (normalization classes with no
     registered conversion, subclasses with methods of their own) and conversions with a caveat
     (one-process use of a SyncBatchNorm) are listed, one line per class, in one ConversionWarning.
+
+    ``fuse_activations``: also fuse each batch norm with the ReLU / LeakyReLU module that follows
+    it, where the model's torch.fx graph shows nothing else sees the pair (see
+    :mod:`bnlab.nn.fuse`); the pairs fused are in the report's ``fused``. A model fx cannot trace
+    is converted without fusing, and the warning says why.
     """
-    return _swap_all(model, "bnlab.convert", _convert_one, report)
+    model, result = _swap_all(model, "bnlab.convert", _convert_one, True, warn=False)
+    if fuse_activations:
+        from .fuse import fuse_activations as fuse  # fuse builds on this module's rebuild
+
+        result.fused, result.not_fused = fuse(model, rebuild)
+    _warn(result, stacklevel=3)  # _warn, convert, its caller
+    return (model, result) if report else model
 
 
 def revert(model: nn.Module, *, report: bool = False):
@@ -188,10 +206,13 @@ def revert(model: nn.Module, *, report: bool = False):
     return _swap_all(model, "bnlab.revert", _revert_one, report)
 
 
-def _swap_all(model: nn.Module, operation: str, swap_one: Callable, report: bool):
+def _swap_all(
+    model: nn.Module, operation: str, swap_one: Callable, report: bool, warn: bool = True
+):
     result = ConversionReport(operation)
     model = replace_modules(model, lambda module, name: swap_one(module, name, result))
-    _warn(result)
+    if warn:
+        _warn(result)
     return (model, result) if report else model
 
 
@@ -241,6 +262,15 @@ def _convert_one(module: nn.Module, name: str, result: ConversionReport) -> nn.M
 
 
 def _revert_one(module: nn.Module, name: str, result: ConversionReport) -> nn.Module:
+    from .fuse import UNFUSED, FusedActivation
+
+    if isinstance(module, FusedActivation):  # the activation module fused into a batch norm
+        return module.original
+    unfused = vars(module).get(UNFUSED)
+    if unfused is not None:  # first the batch norm it was before fusing
+        module = rebuild(module, unfused)
+        for key in (UNFUSED, "activation", "activation_param"):
+            module.__dict__.pop(key, None)
     origin = vars(module).get(_ORIGIN)
     if origin is None:
         target = _BNLAB_TO_TORCH.get(type(module))
@@ -264,12 +294,14 @@ def _revert_one(module: nn.Module, name: str, result: ConversionReport) -> nn.Mo
     return new
 
 
-def _warn(result: ConversionReport) -> None:
+def _warn(result: ConversionReport, stacklevel: int = 4) -> None:
     """One ConversionWarning, pointing at the caller of convert/revert: the classes left, and
     conversions with a caveat, a line each."""
     caveats = [c for c in result.converted.values() if c.warn]
     lines = [f"left {c.line()}" for c in result.left.values()]
     lines += [f"converted {c.line()}" for c in caveats]
+    if result.not_fused:
+        lines.append(f"fused no activation: {result.not_fused}")
     if lines:
         head = f"{result.operation} left {result.num_left} normalization layer(s) unchanged"
         if caveats:
@@ -277,7 +309,7 @@ def _warn(result: ConversionReport) -> None:
         warnings.warn(
             "\n  ".join([head + "; by class:", *lines]),
             ConversionWarning,
-            stacklevel=4,  # _warn, _swap_all, convert/revert, their caller
+            stacklevel=stacklevel,  # _warn, _swap_all, revert, its caller
         )
 
 

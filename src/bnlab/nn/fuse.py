@@ -1,0 +1,129 @@
+"""Batch norm fused with the activation module after it: ``convert(model, fuse_activations=True)``.
+
+Most models call their activation as a module of its own after the batch norm (``self.bn1(x)``
+then ``self.act1(x)``). Found in the model's torch.fx graph, such a pair becomes one
+:class:`bnlab.nn.BatchNormAct` (the same parameters, buffers and ``state_dict`` keys) followed by a
+:class:`FusedActivation` that passes its input through: one pass over memory each way instead of
+two, and one activation-sized tensor fewer kept for the backward. :func:`bnlab.revert` undoes it.
+
+A pair is fused only where nothing else can see the difference: the batch norm's output goes to
+the activation alone, each module is called exactly once in the whole forward, neither has hooks,
+and the activation is one bnlab's kernels run fused and fast (ReLU, LeakyReLU); identity modules
+between the two (timm's disabled drop-block) stay where they are. Everything else is left as it
+was.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+from torch import fx, nn
+
+from ..functional import check_activation
+from .act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["FusedActivation"]  # fusing itself: bnlab.convert(model, fuse_activations=True)
+
+_FUSED_CLASS = {
+    BatchNorm: BatchNormAct,
+    BatchNorm1d: BatchNormAct1d,
+    BatchNorm2d: BatchNormAct2d,
+    BatchNorm3d: BatchNormAct3d,
+}
+_ACTIVATIONS = {
+    nn.ReLU: lambda module: ("relu", None),
+    nn.LeakyReLU: lambda module: ("leaky_relu", float(module.negative_slope)),
+}
+UNFUSED = "_bnlab_unfused_from"  # a fused batch norm's class before fusion (for revert)
+
+
+class FusedActivation(nn.Identity):
+    """Where an activation module was whose work the batch norm before it now does: passes its
+    input through. ``original`` (not a child: ``state_dict`` is unchanged) is what revert puts
+    back; ``into`` names the batch norm."""
+
+    def __init__(self, original: nn.Module, into: str) -> None:
+        super().__init__()
+        self.__dict__["original"] = original
+        self.into = into
+
+    def extra_repr(self) -> str:
+        return f"{type(self.original).__name__} fused into {self.into}"
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn's layers and bnlab's modules stay whole; every other module is traced into."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return type(m).__module__.startswith("bnlab.nn.") or super().is_leaf_module(
+            m, qualified_name
+        )
+
+
+def fuse_activations(model: nn.Module, rebuild) -> tuple[list[str], Optional[str]]:
+    """Fuse, in place, every bnlab batch norm of ``model`` with the activation module after it
+    where that changes nothing else (see the module's text). Returns the pairs fused ("bn ->
+    act" names) and, if the model could not be traced, why (nothing is fused then).
+    ``rebuild(module, cls)``: how a module takes another class with all its state."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as error:  # fx cannot trace data-dependent control flow and more
+        return [], f"torch.fx cannot trace the model ({type(error).__name__}: {error})"
+    modules = dict(model.named_modules(remove_duplicate=False))
+    calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
+    fused = []
+    for node in graph.nodes:
+        pair = _fusable_pair(node, modules, calls)
+        if pair is None:
+            continue
+        bn_name, act_name = node.target, pair.target
+        bn, act = modules[bn_name], modules[act_name]
+        new = rebuild(bn, _FUSED_CLASS[type(bn)])
+        new.activation, new.activation_param = check_activation(
+            *_ACTIVATIONS[type(act)](act), False
+        )
+        new.__dict__[UNFUSED] = type(bn)
+        _replace(model, modules, bn, new)
+        _replace(model, modules, act, FusedActivation(act, bn_name))
+        fused.append(f"{bn_name} -> {act_name}")
+    return fused, None
+
+
+def _fusable_pair(node: fx.Node, modules: dict, calls: Counter) -> Optional[fx.Node]:
+    """The activation node fused into ``node``'s batch norm, or None."""
+    if node.op != "call_module" or type(modules[node.target]) not in _FUSED_CLASS:
+        return None
+    path = [modules[node.target]]
+    user = _only_user(node)
+    while user is not None and type(modules[user.target]) is nn.Identity:  # e.g. timm's drop_block
+        path.append(modules[user.target])
+        user = _only_user(user)
+    if user is None or type(modules[user.target]) not in _ACTIVATIONS:
+        return None
+    path.append(modules[user.target])
+    if any(calls[id(m)] != 1 or _hooked(m) for m in path):
+        return None
+    return user
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    """The one node using ``node``'s output, when it is a module called on that alone."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    return users[0] if users[0].args == (node,) and not users[0].kwargs else None
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+    ) or bool(getattr(module, "_backward_pre_hooks", None))
+
+
+def _replace(model: nn.Module, modules: dict, old: nn.Module, new: nn.Module) -> None:
+    """``new`` at every place of ``model`` where ``old`` is registered."""
+    for name in [name for name, module in modules.items() if module is old]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
