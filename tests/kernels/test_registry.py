@@ -50,7 +50,7 @@ def test_numba_backend_is_preferred_for_what_it_runs():
     for x in (
         torch.randn(2**16, 3),
         torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last),
-        torch.empty(64, 8, 1024, dtype=torch.float64),
+        torch.empty(256, 8, 1024, dtype=torch.float64),
     ):
         assert kernels.select_backend("batch_norm", x).module is cpu
         assert kernels.select_backend("batch_norm_act", x).module is cpu
@@ -112,7 +112,7 @@ def test_many_channels_innermost_prefer_aten_unless_fused_and_large():
     assert (
         kernels.select_backend("batch_norm_act", torch.empty(1024, 4096)).module is native
     )  # too wide
-    assert kernels.select_backend("batch_norm", torch.empty(128, 64, 8, 8)).module is cpu  # NCHW
+    assert kernels.select_backend("batch_norm", torch.empty(512, 64, 8, 8)).module is cpu  # NCHW
 
 
 def test_backward_over_rows_goes_to_aten_below_two_million_values():

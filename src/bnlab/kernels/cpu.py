@@ -417,10 +417,13 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
       with thousands of channels, whose parameters and sums per row outrun L1 (256x4096: 0.80x,
       ATen's BN then ReLU 0.96x).
     - Few channels innermost: ATen's loops are short and slow there; these kernels from 64K values.
-    - Rows of spatial values (NCS): the training forward from 512K values (256K fused with an
+    - Rows of spatial values (NCS): the training forward from 2M values (1M fused with an
       activation), or from 64K when rows are long (S >= 4096); below that a full training step
       (forward + backward) was 0.6-0.9x through these kernels and 0.9-0.95x through ATen's
-      differentiable op (32x64x8x8, 64x8x16x16, 64x64x8x8). The backward from 2M values (the
+      differentiable op (32x64x8x8, 64x8x16x16, 64x64x8x8). Inside a model, where each input comes
+      fresh from a convolution, the forward alone (timm ResNet-50, 8x3x224x224, per layer, torch.nn
+      time / these kernels'): 8x128x28x28 (800K) 0.81-0.93x, 8x64x56x56 (1.6M) 1.03-1.25x,
+      8x128x56x56 1.44x, 8x256x56x56 1.08-2.1x, 8x64x112x112 1.71x. The backward from 2M values (the
       Numba backward's two parallel passes win only on large tensors). Eval: ATen's single
       streaming pass is as fast.
     - Only the piecewise-linear activations (identity, relu, leaky_relu) fused: Numba does not
@@ -488,7 +491,7 @@ _RC_ROW = 256  # RC rows shorter than this are joined k at a time: long inner lo
 _NATIVE_FROM_CHANNELS = 32  # see prefers()
 _NUMBA_FROM_NUMEL = 1 << 16
 _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
-_NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 19, "batch_norm_act": 1 << 18}
+_NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 21, "batch_norm_act": 1 << 20}
 _LONG_ROW = 4096
 _NUMBA_FAST_ACTIVATIONS = ("identity", "relu", "leaky_relu")
 _ACT_WIDE_ROWS_FROM_NUMEL = 1 << 20  # >= _NUMBA_FROM_NUMEL (prefers() tests that one first)
