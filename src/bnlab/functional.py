@@ -162,7 +162,8 @@ def batch_norm_act(
         return ops.transformed_batch_norm(
             input, weight, bias, running, training, eps, activation, param
         )
-    kernels = select_backend("batch_norm_act", input, backend, activation)
+    op = "batch_norm_act" if training else "batch_norm_act_eval"
+    kernels = select_backend(op, input, backend, activation)
     eager = None if inplace else getattr(kernels.module, "eager_batch_norm", None)
     if eager is not None:  # the in-place mode always runs fused
         out = eager(input, weight, bias, running, training, eps, strict, activation, param)

@@ -93,3 +93,48 @@ def test_untraceable_model_is_converted_unfused_and_says_why():
 def test_without_the_option_nothing_is_fused():
     model, report = bnlab.convert(Block(nn.ReLU()), report=True)
     assert type(model.bn) is bnlab.nn.BatchNorm2d and report.fused == []
+
+
+class ConvNet(nn.Module):
+    """conv -> bn -> relu, conv -> bn (no activation), and a bn after a sum (not in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = (
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+        )
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.bn3 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.act1(self.bn1(self.conv1(x)))
+        return self.bn3(self.bn2(self.conv2(y)) + y)
+
+
+def test_inplace_abn_keeps_only_outputs_and_says_it_changes_the_function():
+    torch.manual_seed(0)
+    original = ConvNet().double()
+    with pytest.warns(bnlab.ConversionWarning, match=r"in-place activated .* leaky_relu"):
+        model, report = bnlab.convert(copy.deepcopy(original), report=True, inplace_abn=True)
+    assert report.inplace_abn == ["bn1 -> act1", "bn2"]  # bn3 reads a sum: left as it was
+    assert model.bn1.inplace and model.bn1.activation == "leaky_relu"
+    assert model.bn1.activation_param == 0.01 and model.bn2.activation == "identity"
+    assert type(model.bn3) is bnlab.nn.BatchNorm2d
+    assert model.state_dict().keys() == original.state_dict().keys()
+    # the function the paper trains: |gamma| + eps, and leaky_relu(0.01) for the ReLU
+    expected = copy.deepcopy(original)
+    expected.act1 = nn.LeakyReLU(0.01)
+    with torch.no_grad():
+        for bn in (expected.bn1, expected.bn2):
+            bn.weight.copy_(bn.weight.abs() + bn.eps)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    (outs, state), (want, want_state) = train_steps(model, x, 1), train_steps(expected, x, 1)
+    for got, wanted in zip(outs, want):
+        torch.testing.assert_close(got, wanted, rtol=1e-10, atol=1e-10)
+    for key in ("bn1.running_mean", "bn1.running_var", "bn2.running_var", "bn3.running_var"):
+        torch.testing.assert_close(state[key], want_state[key], rtol=1e-12, atol=1e-12)
+    back = bnlab.revert(model)
+    assert type(back.bn1) is nn.BatchNorm2d and type(back.act1) is nn.ReLU
+    assert not {"inplace", "activation"} & vars(back.bn1).keys()

@@ -52,6 +52,15 @@ from ..statistics import RunningStatistics
 
 Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
 
+# what a backend of batch-norm kernels without masked statistics runs (see bnlab.kernels.OPS)
+UNMASKED_BATCH_NORM_OPS = (
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_eval",
+    "batch_norm_act",
+    "batch_norm_act_eval",
+)
+
 ACTIVATIONS = (
     "identity",
     "relu",

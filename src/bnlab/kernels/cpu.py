@@ -52,9 +52,10 @@ from numba import njit, prange
 from torch import Tensor
 
 from .composite import is_channels_last, is_dense, laid_out_like
-from .contract import plain_from_fused, require_invertible
+from .contract import UNMASKED_BATCH_NORM_OPS, plain_from_fused, require_invertible
 
 _DTYPES = (torch.float32, torch.float64)
+_OPS = UNMASKED_BATCH_NORM_OPS
 # reassociation lets LLVM vectorize the reductions; no "nnan"/"ninf": NaN must still poison the
 # statistics so the running-statistics guard sees it.
 _FAST = {"reassoc", "contract", "arcp"}
@@ -398,7 +399,7 @@ def _rc_grad_input(v, dy, dx, mean, at, bt, k1t, k0t, code, p, from_output, bloc
 def supports(op: str, x: Tensor) -> bool:
     """CPU float32/float64, contiguous or channels_last, non-empty; no masked statistics."""
     return (
-        op in ("batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_act")
+        op in _OPS
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
         and x.numel() > 0
@@ -435,7 +436,12 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
       gelu_tanh, 1.0-1.2x with elu. Whole models: efficientnet_b0 (SiLU after every BN) trained
       at 0.79x and evaluated at 0.68x torch.nn's speed when its SiLU ran here
       (benchmarks/model_speed.py, 16x3x64x64).
+    - Eval with an activation: ATen's batch norm then PyTorch's in-place activation. Fused here,
+      mobilenetv3_large_100's channels_last eval forward (16 and 24 channels innermost, 16x3x64x64)
+      spent 3.3 ms in these kernels against 1.4 ms that way (0.88x torch.nn's whole forward).
     """
+    if op == "batch_norm_act_eval":
+        return False
     numel = x.numel()
     if numel < _NUMBA_FROM_NUMEL:  # every rule below needs at least this many values
         return False

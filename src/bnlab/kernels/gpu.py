@@ -46,11 +46,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .composite import accumulation_dtype, is_dense, laid_out_like
-from .contract import plain_from_fused, require_invertible
+from .contract import UNMASKED_BATCH_NORM_OPS, plain_from_fused, require_invertible
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_OPS = ("batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_act")
+_OPS = UNMASKED_BATCH_NORM_OPS
 ACTIVATION_CODES = {
     "identity": 0,
     "relu": 1,

@@ -22,8 +22,10 @@ from torch import Tensor
 from ..statistics import RunningStatistics, raise_if_not_finite, updates_deferred
 from . import composite
 from .composite import laid_out_like
+from .contract import UNMASKED_BATCH_NORM_OPS
 
 _DTYPES = (torch.float32, torch.float64)
+_OPS = UNMASKED_BATCH_NORM_OPS
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -31,11 +33,7 @@ def supports(op: str, x: Tensor) -> bool:
     """Batch norm without a mask (plain or with a fused activation), training or eval, in
     float32/float64, and float16/bfloat16 through ATen's mixed-precision kernel (float32
     statistics and parameters, as torch.nn runs under autocast)."""
-    return (
-        op in ("batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_act")
-        and (x.dtype in _DTYPES or x.dtype in _HALF)
-        and x.numel() > 0
-    )
+    return op in _OPS and (x.dtype in _DTYPES or x.dtype in _HALF) and x.numel() > 0
 
 
 def _statistics_dtype(x: Tensor) -> torch.dtype:

@@ -189,7 +189,10 @@ class BatchNorm(_NormBase):
         mode = self.statistics
         if mode != "standard":
             mode = _statistics_mode(self)
-        running_mean = self._registered("running_mean")
+        params, buffers = self._parameters, self._buffers
+        running_mean = buffers.get("running_mean", _ABSENT)
+        if running_mean is _ABSENT:
+            running_mean = self._registered("running_mean")
         if mode == "standard":
             use_running = not self.training or self.track_running_stats
             training = self.training or running_mean is None
@@ -200,15 +203,22 @@ class BatchNorm(_NormBase):
                     " to normalize with: statistics='running' needs them"
                 )
             use_running, training = mode == "running", mode == "batch"
+        weight, bias = params.get("weight", _ABSENT), params.get("bias", _ABSENT)
+        running_var = buffers.get("running_var", _ABSENT)
+        tracked = buffers.get("num_batches_tracked", _ABSENT)
+        if any(t is _ABSENT for t in (weight, bias, running_var, tracked)):  # e.g. parametrized
+            weight, bias = self._registered("weight"), self._registered("bias")
+            running_var = self._registered("running_var")
+            tracked = self._registered("num_batches_tracked")
         return dict(
             running_mean=running_mean if use_running else None,
-            running_var=self._registered("running_var") if use_running else None,
-            weight=self._registered("weight"),
-            bias=self._registered("bias"),
+            running_var=running_var if use_running else None,
+            weight=weight,
+            bias=bias,
             training=training,
             momentum=self.momentum,
             eps=self.eps,
-            num_batches_tracked=self._registered("num_batches_tracked") if use_running else None,
+            num_batches_tracked=tracked if use_running else None,
         )
 
     def _mixing(self) -> bool:

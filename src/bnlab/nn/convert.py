@@ -139,6 +139,7 @@ class ConversionReport:
     converted: dict[str, ClassCount] = field(default_factory=dict)
     left: dict[str, ClassCount] = field(default_factory=dict)
     fused: list[str] = field(default_factory=list)  # "bn -> act" pairs (fuse_activations=True)
+    inplace_abn: list[str] = field(default_factory=list)  # "bn[ -> act]" (inplace_abn=True)
     not_fused: Optional[str] = None  # why no activation was fused, when fusing was asked for
 
     @property
@@ -168,12 +169,20 @@ class ConversionReport:
         if self.fused:
             shown = ", ".join(self.fused[:_NAMES_SHOWN]) + (", ..." if len(self.fused) > 3 else "")
             lines.append(f"  fused {len(self.fused)} activation(s) into their batch norm ({shown})")
+        if self.inplace_abn:
+            lines.append("  " + _inplace_line(self.inplace_abn))
         if self.not_fused:
             lines.append(f"  no activation fused: {self.not_fused}")
         return "\n".join(lines)
 
 
-def convert(model: nn.Module, *, report: bool = False, fuse_activations: bool = False):
+def convert(
+    model: nn.Module,
+    *,
+    report: bool = False,
+    fuse_activations: bool = False,
+    inplace_abn: bool = False,
+):
     """Replace every normalization layer of ``model`` that bnlab knows by bnlab's, in place.
 
     Returns the model (a new module when ``model`` itself is such a layer), or ``(model,
@@ -185,11 +194,20 @@ def convert(model: nn.Module, *, report: bool = False, fuse_activations: bool = 
     it, where the model's torch.fx graph shows nothing else sees the pair (see
     :mod:`bnlab.nn.fuse`); the pairs fused are in the report's ``fused``. A model fx cannot trace
     is converted without fusing, and the warning says why.
+
+    ``inplace_abn``: in-place activated batch norm (Rota Bulo et al. 2018) for each batch norm that
+    reads a convolution's or linear layer's output alone: the output overwrites that input and is
+    all the backward keeps, which frees one activation-sized tensor per layer. This changes the
+    model's function, as in the paper, and the warning says so: gamma enters as |gamma| + eps,
+    and a ReLU after the batch norm becomes leaky_relu(0.01) (in-place needs an invertible
+    activation). For training from scratch; the layers are in the report's ``inplace_abn``.
     """
     model, result = _swap_all(model, "bnlab.convert", _convert_one, True, warn=False)
-    if fuse_activations:
+    if inplace_abn or fuse_activations:
         from .fuse import fuse_activations as fuse  # fuse builds on this module's rebuild
-
+    if inplace_abn:
+        result.inplace_abn, result.not_fused = fuse(model, rebuild, inplace=True)
+    if fuse_activations and not result.not_fused:
         result.fused, result.not_fused = fuse(model, rebuild)
     _warn(result, stacklevel=3)  # _warn, convert, its caller
     return (model, result) if report else model
@@ -269,7 +287,7 @@ def _revert_one(module: nn.Module, name: str, result: ConversionReport) -> nn.Mo
     unfused = vars(module).get(UNFUSED)
     if unfused is not None:  # first the batch norm it was before fusing
         module = rebuild(module, unfused)
-        for key in (UNFUSED, "activation", "activation_param"):
+        for key in (UNFUSED, "activation", "activation_param", "inplace"):
             module.__dict__.pop(key, None)
     origin = vars(module).get(_ORIGIN)
     if origin is None:
@@ -300,17 +318,31 @@ def _warn(result: ConversionReport, stacklevel: int = 4) -> None:
     caveats = [c for c in result.converted.values() if c.warn]
     lines = [f"left {c.line()}" for c in result.left.values()]
     lines += [f"converted {c.line()}" for c in caveats]
+    if result.inplace_abn:
+        lines.append(_inplace_line(result.inplace_abn))
     if result.not_fused:
         lines.append(f"fused no activation: {result.not_fused}")
     if lines:
         head = f"{result.operation} left {result.num_left} normalization layer(s) unchanged"
         if caveats:
             head += f" and converted {sum(len(c.layers) for c in caveats)} with a caveat"
+        if result.inplace_abn:
+            head += f"; {len(result.inplace_abn)} now compute another function"
         warnings.warn(
             "\n  ".join([head + "; by class:", *lines]),
             ConversionWarning,
             stacklevel=stacklevel,  # _warn, _swap_all, revert, its caller
         )
+
+
+def _inplace_line(layers: list[str]) -> str:
+    shown = ", ".join(layers[:_NAMES_SHOWN]) + (", ..." if len(layers) > _NAMES_SHOWN else "")
+    relus = sum("->" in layer for layer in layers)
+    return (
+        f"made {len(layers)} batch norm(s) in-place activated ({shown}), which changes the "
+        f"model's function: gamma enters as |gamma| + eps, and {relus} activation(s) after them "
+        "run as leaky_relu (a ReLU with slope 0.01)"
+    )
 
 
 def replace_modules(model: nn.Module, replace: Callable[[nn.Module, str], nn.Module]) -> nn.Module:

@@ -127,9 +127,10 @@ class BatchNormDropAct2d(BatchNorm2d):
         """(activation, parameter) the next forward fuses, or None when it runs batch norm, drop
         and act one after the other (a drop layer that acts, an activation bnlab's fused op does
         not have, or hooks on either)."""
-        if not _passes_through(self.drop) or _hooked(self.drop) or _hooked(self.act):
+        drop, act = self._modules["drop"], self._modules["act"]  # not nn.Module.__getattr__
+        if not _passes_through(drop) or _hooked(drop) or _hooked(act):
             return None
-        return fused_activation(self.act)
+        return fused_activation(act)
 
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """``act(drop(batch_norm(input)))``; an optional ``mask`` as :class:`BatchNorm`'s (it runs

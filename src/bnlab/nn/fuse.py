@@ -23,6 +23,7 @@ from torch import fx, nn
 from ..functional import check_activation
 from .act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .dropact import _hooked
 
 __all__ = ["FusedActivation"]  # fusing itself: bnlab.convert(model, fuse_activations=True)
 
@@ -62,11 +63,21 @@ class _Tracer(fx.Tracer):
         )
 
 
-def fuse_activations(model: nn.Module, rebuild) -> tuple[list[str], Optional[str]]:
+def fuse_activations(
+    model: nn.Module, rebuild, inplace: bool = False
+) -> tuple[list[str], Optional[str]]:
     """Fuse, in place, every bnlab batch norm of ``model`` with the activation module after it
-    where that changes nothing else (see the module's text). Returns the pairs fused ("bn ->
-    act" names) and, if the model could not be traced, why (nothing is fused then).
-    ``rebuild(module, cls)``: how a module takes another class with all its state."""
+    where that changes nothing else (see the module's text). Returns what was fused ("bn -> act"
+    names, or the batch norm's alone) and, if the model could not be traced, why (nothing is fused
+    then). ``rebuild(module, cls)``: how a module takes another class with all its state.
+
+    ``inplace``: in-place activated batch norm instead (Rota Bulo et al. 2018): for each batch norm
+    whose input is a convolution's or linear layer's output that nothing else reads (those layers
+    keep their input for the backward, not their output), the output is written over that input
+    and only it is kept for the backward. That changes the model's function, as in the paper:
+    gamma enters as |gamma| + eps, and a ReLU after it becomes leaky_relu with slope 0.01 (the
+    activation must be invertible); a batch norm with no activation after it fuses the identity.
+    """
     try:
         graph = _Tracer().trace(model)
     except Exception as error:  # fx cannot trace data-dependent control flow and more
@@ -75,29 +86,47 @@ def fuse_activations(model: nn.Module, rebuild) -> tuple[list[str], Optional[str
     calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
     fused = []
     for node in graph.nodes:
-        pair = _fusable_pair(node, modules, calls)
-        if pair is None:
+        if not _plain_batch_norm(node, modules, calls):
             continue
-        bn_name, act_name = node.target, pair.target
-        bn, act = modules[bn_name], modules[act_name]
+        act_node = _activation_after(node, modules, calls)
+        if inplace and not _overwritable_input(node, modules):
+            continue
+        if act_node is None and not inplace:
+            continue
+        bn = modules[node.target]
+        act = None if act_node is None else modules[act_node.target]
+        activation = ("identity", None) if act is None else _ACTIVATIONS[type(act)](act)
+        if inplace and activation == ("relu", None):
+            activation = ("leaky_relu", _INPLACE_RELU_SLOPE)
         new = rebuild(bn, _FUSED_CLASS[type(bn)])
-        new.activation, new.activation_param = check_activation(
-            *_ACTIVATIONS[type(act)](act), False
-        )
+        new.activation, new.activation_param = check_activation(*activation, inplace)
         new.__dict__[UNFUSED] = type(bn)
+        if inplace:
+            new.inplace = True
         _replace(model, modules, bn, new)
-        _replace(model, modules, act, FusedActivation(act, bn_name))
-        fused.append(f"{bn_name} -> {act_name}")
+        if act is not None:
+            _replace(model, modules, act, FusedActivation(act, node.target))
+        fused.append(node.target + ("" if act_node is None else f" -> {act_node.target}"))
     return fused, None
 
 
-def _fusable_pair(node: fx.Node, modules: dict, calls: Counter) -> Optional[fx.Node]:
-    """The activation node fused into ``node``'s batch norm, or None."""
+_INPLACE_RELU_SLOPE = 0.01  # Rota Bulo et al. 2018, section 3: leaky ReLU in place of ReLU
+
+
+def _plain_batch_norm(node: fx.Node, modules: dict, calls: Counter) -> bool:
+    """A call of a bnlab batch norm of a plain class, called once, unhooked."""
     if node.op != "call_module" or type(modules[node.target]) not in _FUSED_CLASS:
-        return None
-    path = [modules[node.target]]
+        return False
+    bn = modules[node.target]
+    return calls[id(bn)] == 1 and not _hooked(bn)
+
+
+def _activation_after(node: fx.Node, modules: dict, calls: Counter) -> Optional[fx.Node]:
+    """The activation module's node that alone reads ``node``'s output (through identity modules
+    such as timm's disabled drop_block), each called once and unhooked; or None."""
+    path = []
     user = _only_user(node)
-    while user is not None and type(modules[user.target]) is nn.Identity:  # e.g. timm's drop_block
+    while user is not None and type(modules[user.target]) is nn.Identity:
         path.append(modules[user.target])
         user = _only_user(user)
     if user is None or type(modules[user.target]) not in _ACTIVATIONS:
@@ -108,18 +137,24 @@ def _fusable_pair(node: fx.Node, modules: dict, calls: Counter) -> Optional[fx.N
     return user
 
 
+def _overwritable_input(node: fx.Node, modules: dict) -> bool:
+    """Whether the batch norm's input is a layer's output that only it reads, from a layer whose
+    backward does not need its output (convolutions and linear layers keep their input)."""
+    source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    if not isinstance(source, fx.Node) or source.op != "call_module":
+        return False
+    return isinstance(modules[source.target], _KEEP_THEIR_INPUT) and list(source.users) == [node]
+
+
+_KEEP_THEIR_INPUT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
     """The one node using ``node``'s output, when it is a module called on that alone."""
     users = list(node.users)
     if len(users) != 1 or users[0].op != "call_module":
         return None
     return users[0] if users[0].args == (node,) and not users[0].kwargs else None
-
-
-def _hooked(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-    ) or bool(getattr(module, "_backward_pre_hooks", None))
 
 
 def _replace(model: nn.Module, modules: dict, old: nn.Module, new: nn.Module) -> None:
