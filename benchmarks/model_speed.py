@@ -10,6 +10,8 @@ momentum) and one eval forward (``torch.no_grad``) of each model, per provider:
   bnlab        ``bnlab.convert(model)`` with its defaults
   bnlab-fused  ``bnlab.convert(model, fuse_activations=True)``: also each batch norm with the
                ReLU module after it (bnlab.nn.fuse)
+  bnlab-inplace ``bnlab.convert(model, inplace_abn=True)``: in-place activated batch norm after
+               each conv (ReLU -> leaky_relu(0.01), |gamma| + eps: another function, for memory)
   no-bn        every batch norm replaced by an identity (activations kept): the ceiling a batch
                norm kernel could reach, so ``1 - no-bn / torch`` is batch norm's share of the step
 
@@ -35,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -44,7 +47,7 @@ from torch import nn
 
 from common import append_rows, peak_bytes
 
-PROVIDERS = ("torch", "bnlab", "bnlab-fused", "no-bn")
+PROVIDERS = ("torch", "bnlab", "bnlab-fused", "bnlab-inplace", "no-bn")
 TIMM_MODELS = ("resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "densenet121")
 
 
@@ -83,10 +86,16 @@ def without_batch_norm(model: nn.Module) -> nn.Module:
 
 def provider_model(provider: str, base: nn.Module) -> nn.Module:
     model = copy.deepcopy(base)
-    if provider in ("bnlab", "bnlab-fused"):
+    if provider.startswith("bnlab"):
         import bnlab
 
-        return bnlab.convert(model, fuse_activations=provider == "bnlab-fused")
+        with warnings.catch_warnings():  # in-place ABN's changed function is this provider's point
+            warnings.simplefilter("ignore", bnlab.ConversionWarning)
+            return bnlab.convert(
+                model,
+                fuse_activations=provider == "bnlab-fused",
+                inplace_abn=provider == "bnlab-inplace",
+            )
     if provider == "no-bn":
         return without_batch_norm(model)
     return model
@@ -174,26 +183,29 @@ def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: d
 
 COLD_START = """
 import time, torch, bnlab.nn
-x = torch.randn(8, 16, 8, 8)
-bn = {cls}(16)
+x = torch.randn({shape})
+bn = {cls}(x.shape[1])
 start = time.perf_counter()
 bn(x)
 print((time.perf_counter() - start) * 1e3)
 """
+# a small layer (ATen's kernels) and a large one (bnlab's Numba kernels, loaded from their cache)
+COLD_START_SHAPES = ("8, 16, 8, 8", "8, 64, 64, 64")
 
 
 def cold_start_rows(repeats: int) -> list[dict]:
     """The first training forward of a BatchNorm2d in a new process (after the imports)."""
     rows = []
-    for provider, cls in (("torch", "torch.nn.BatchNorm2d"), ("bnlab", "bnlab.nn.BatchNorm2d")):
+    classes = (("torch", "torch.nn.BatchNorm2d"), ("bnlab", "bnlab.nn.BatchNorm2d"))
+    for shape, (provider, cls) in [(s, c) for s in COLD_START_SHAPES for c in classes]:
+        script = COLD_START.format(cls=cls, shape=shape)
         runs = [
-            float(subprocess.check_output([sys.executable, "-c", COLD_START.format(cls=cls)]))
-            for _ in range(repeats)
+            float(subprocess.check_output([sys.executable, "-c", script])) for _ in range(repeats)
         ]
         rows.append(
             dict(
                 model="BatchNorm2d",
-                input="8x16x8x8",
+                input=shape.replace(", ", "x"),
                 layout="contiguous",
                 dtype="float32",
                 threads=torch.get_num_threads(),

@@ -96,7 +96,7 @@ def test_without_the_option_nothing_is_fused():
 
 
 class ConvNet(nn.Module):
-    """conv -> bn -> relu, conv -> bn (no activation), and a bn after a sum (not in place)."""
+    """conv -> bn -> relu -> conv -> bn -> pool, and a bn after a sum (not in place)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,12 +105,12 @@ class ConvNet(nn.Module):
             nn.BatchNorm2d(4),
             nn.ReLU(),
         )
-        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2, self.pool = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.AvgPool2d(2)
         self.bn3 = nn.BatchNorm2d(4)
 
     def forward(self, x):
         y = self.act1(self.bn1(self.conv1(x)))
-        return self.bn3(self.bn2(self.conv2(y)) + y)
+        return self.bn3(self.pool(self.bn2(self.conv2(y))) + self.pool(y))
 
 
 def test_inplace_abn_keeps_only_outputs_and_says_it_changes_the_function():
@@ -138,3 +138,23 @@ def test_inplace_abn_keeps_only_outputs_and_says_it_changes_the_function():
     back = bnlab.revert(model)
     assert type(back.bn1) is nn.BatchNorm2d and type(back.act1) is nn.ReLU
     assert not {"inplace", "activation"} & vars(back.bn1).keys()
+
+
+class AddsInPlace(nn.Module):
+    """timm's Bottleneck ends with ``x = bn3(conv3(x)); x += shortcut``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU()
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y += x
+        return self.act2(self.bn2(self.conv2(y))) * 2  # not a layer: it might write over its input
+
+
+def test_inplace_abn_leaves_outputs_something_writes_over():
+    model, report = bnlab.convert(AddsInPlace(), report=True, inplace_abn=True)
+    assert report.inplace_abn == []
+    model(torch.randn(2, 3, 4, 4)).sum().backward()  # and it trains

@@ -73,10 +73,12 @@ def fuse_activations(
 
     ``inplace``: in-place activated batch norm instead (Rota Bulo et al. 2018): for each batch norm
     whose input is a convolution's or linear layer's output that nothing else reads (those layers
-    keep their input for the backward, not their output), the output is written over that input
-    and only it is kept for the backward. That changes the model's function, as in the paper:
-    gamma enters as |gamma| + eps, and a ReLU after it becomes leaky_relu with slope 0.01 (the
-    activation must be invertible); a batch norm with no activation after it fuses the identity.
+    keep their input for the backward, not their output), and whose output (or its activation's)
+    goes only to layers that do not write over it (convolutions, linear, pooling), the output is
+    written over that input and only it is kept for the backward. That changes the model's
+    function, as in the paper: gamma enters as |gamma| + eps, and a ReLU after it becomes
+    leaky_relu with slope 0.01 (the activation must be invertible); a batch norm with no
+    activation after it fuses the identity.
     """
     try:
         graph = _Tracer().trace(model)
@@ -89,7 +91,10 @@ def fuse_activations(
         if not _plain_batch_norm(node, modules, calls):
             continue
         act_node = _activation_after(node, modules, calls)
-        if inplace and not _overwritable_input(node, modules):
+        last = node if act_node is None else act_node
+        if inplace and not (
+            _overwritable_input(node, modules) and _read_only_by_layers(last, modules)
+        ):
             continue
         if act_node is None and not inplace:
             continue
@@ -147,6 +152,39 @@ def _overwritable_input(node: fx.Node, modules: dict) -> bool:
 
 
 _KEEP_THEIR_INPUT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _read_only_by_layers(node: fx.Node, modules: dict) -> bool:
+    """Whether only layers that never write over their input read ``node``'s output (directly or
+    through identity modules): the in-place mode keeps that output for its backward. fx records
+    ``x += y`` as an addition, so anything but these layers counts as a possible writer."""
+    for user in node.users:
+        if user.op != "call_module":
+            return False
+        module = modules[user.target]
+        if type(module) is nn.Identity:
+            if not _read_only_by_layers(user, modules):
+                return False
+        elif not isinstance(module, _READ_ONLY_LAYERS):
+            return False
+    return bool(node.users)
+
+
+_READ_ONLY_LAYERS = (
+    *_KEEP_THEIR_INPUT,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
 
 
 def _only_user(node: fx.Node) -> Optional[fx.Node]:
