@@ -48,8 +48,8 @@ def test_numba_backend_is_preferred_for_what_it_runs():
     from bnlab.kernels import cpu
 
     for x in (
-        torch.randn(2**16, 3),
-        torch.randn(64, 3, 32, 32).to(memory_format=torch.channels_last),
+        torch.randn(2**19, 3),
+        torch.randn(128, 3, 64, 64).to(memory_format=torch.channels_last),
         torch.empty(256, 8, 1024, dtype=torch.float64),
     ):
         assert kernels.select_backend("batch_norm", x).module is cpu
@@ -117,7 +117,7 @@ def test_many_channels_innermost_prefer_aten_unless_fused_and_large():
 
 def test_backward_over_rows_goes_to_aten_below_two_million_values():
     """The backward of rows of spatial values pays two parallel passes per call: ATen's wins on
-    smaller tensors; channels_last images with few channels stay with bnlab's kernels."""
+    smaller tensors; channels_last images with few channels stay with bnlab's kernels from 1M."""
     from bnlab.kernels import cpu
 
     small, large = torch.empty(8, 1, 256, 256), torch.empty(16, 3, 224, 224)
@@ -125,8 +125,12 @@ def test_backward_over_rows_goes_to_aten_below_two_million_values():
     assert kernels.select_backend("batch_norm_backward", small).module is native
     assert kernels.select_backend("batch_norm_backward", small, "cpu").module is cpu
     assert kernels.select_backend("batch_norm_backward", large).module is cpu
-    few = torch.empty(8, 3, 64, 64).to(memory_format=torch.channels_last)
+    few = torch.empty(128, 3, 64, 64).to(memory_format=torch.channels_last)
     assert kernels.select_backend("batch_norm_backward", few).module is cpu
+    fewer = torch.empty(8, 16, 32, 32).to(memory_format=torch.channels_last)  # mobilenetv3's
+    assert kernels.select_backend("batch_norm_backward", fewer).module is native
+    assert kernels.select_backend("batch_norm", fewer).module is native
+    assert kernels.select_backend("batch_norm_eval", fewer).module is cpu
 
 
 def _count_selections(monkeypatch) -> list:

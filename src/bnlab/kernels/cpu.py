@@ -417,7 +417,10 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
       kernels (BN + ReLU 128x32x16x16 channels_last 1.1x, 4096x1024 1.4x of torch.nn's), and not
       with thousands of channels, whose parameters and sums per row outrun L1 (256x4096: 0.80x,
       ATen's BN then ReLU 0.96x).
-    - Few channels innermost: ATen's loops are short and slow there; these kernels from 64K values.
+    - Few channels innermost: ATen's loops are short and slow there; these kernels from 64K values
+      in eval, from 1M in training: inside mobilenetv3_large_100 (channels_last, 16x3x64x64: 16
+      and 24 channels over 98K-262K values) a training step ran 0.93x torch.nn's speed through
+      them and 0.98x through ATen's.
     - Rows of spatial values (NCS): the training forward from 2M values (1M fused with an
       activation), or from 64K when rows are long (S >= 4096); below that a full training step
       (forward + backward) was 0.6-0.9x through these kernels and 0.9-0.95x through ATen's
@@ -455,8 +458,8 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
             and numel >= _ACT_WIDE_ROWS_FROM_NUMEL
             and x.shape[1] <= _ACT_WIDE_ROWS_MAX_CHANNELS
         )
-    if channels_innermost:
-        return True
+    if channels_innermost:  # few channels: ATen's loops are short
+        return op == "batch_norm_eval" or numel >= _FEW_CHANNELS_TRAINING_FROM_NUMEL
     if op == "batch_norm_backward":
         return numel >= _NUMBA_BACKWARD_FROM_NUMEL
     if op in _NCS_FORWARD_FROM_NUMEL:
@@ -497,6 +500,7 @@ _RC_ROW = 256  # RC rows shorter than this are joined k at a time: long inner lo
 _NATIVE_FROM_CHANNELS = 32  # see prefers()
 _NUMBA_FROM_NUMEL = 1 << 16
 _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
+_FEW_CHANNELS_TRAINING_FROM_NUMEL = 1 << 20
 _NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 21, "batch_norm_act": 1 << 20}
 _LONG_ROW = 4096
 _NUMBA_FAST_ACTIVATIONS = ("identity", "relu", "leaky_relu")
