@@ -61,7 +61,7 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _hooked(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
     """Whether running around ``module`` would skip hooks registered on it."""
     return bool(
         module._forward_hooks
@@ -128,7 +128,7 @@ class BatchNormDropAct2d(BatchNorm2d):
         and act one after the other (a drop layer that acts, an activation bnlab's fused op does
         not have, or hooks on either)."""
         drop, act = self._modules["drop"], self._modules["act"]  # not nn.Module.__getattr__
-        if not _passes_through(drop) or _hooked(drop) or _hooked(act):
+        if not _passes_through(drop) or has_hooks(drop) or has_hooks(act):
             return None
         return fused_activation(act)
 

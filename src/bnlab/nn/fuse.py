@@ -23,7 +23,7 @@ from torch import fx, nn
 from ..functional import check_activation
 from .act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .dropact import _hooked
+from .dropact import has_hooks
 
 __all__ = ["FusedActivation"]  # fusing itself: bnlab.convert(model, fuse_activations=True)
 
@@ -123,7 +123,7 @@ def _plain_batch_norm(node: fx.Node, modules: dict, calls: Counter) -> bool:
     if node.op != "call_module" or type(modules[node.target]) not in _FUSED_CLASS:
         return False
     bn = modules[node.target]
-    return calls[id(bn)] == 1 and not _hooked(bn)
+    return calls[id(bn)] == 1 and not has_hooks(bn)
 
 
 def _activation_after(node: fx.Node, modules: dict, calls: Counter) -> Optional[fx.Node]:
@@ -137,7 +137,7 @@ def _activation_after(node: fx.Node, modules: dict, calls: Counter) -> Optional[
     if user is None or type(modules[user.target]) not in _ACTIVATIONS:
         return None
     path.append(modules[user.target])
-    if any(calls[id(m)] != 1 or _hooked(m) for m in path):
+    if any(calls[id(m)] != 1 or has_hooks(m) for m in path):
         return None
     return user
 
