@@ -90,7 +90,7 @@ def valid_count(mask: Tensor, training: bool) -> Tensor:
     return count
 
 
-def _vectors_fit(input: Tensor, vectors) -> bool:
+def vectors_fit(input: Tensor, vectors) -> bool:
     """The common case of :func:`check_vector` for every (C,) vector at once, in a few
     microseconds less (it runs on every call of every layer)."""
     shape, device, dtype = input.shape[1:2], input.device, input.dtype
@@ -132,7 +132,7 @@ def check_batch_norm_args(
         ("running_mean", running_mean),
         ("running_var", running_var),
     )
-    if not _vectors_fit(input, vectors):  # then say which one does not, and why
+    if not vectors_fit(input, vectors):  # then say which one does not, and why
         what = f"one value per channel, C = {input.shape[1]}"
         for name, t in vectors:
             check_vector(name, t, (input.shape[1],), input, what)

@@ -389,3 +389,31 @@ def test_autocast_float32_model_matches_torch_nn_exactly(dtype, shape, layout):
     ours(bad)  # the guard: a non-finite batch leaves the statistics and is not counted
     assert torch.equal(ours.running_mean, before[0]) and torch.equal(ours.running_var, before[1])
     assert int(ours.num_batches_tracked) == 1
+
+
+def test_eval_takes_the_short_path_only_when_nothing_else_is_asked(monkeypatch):
+    """In eval a module runs ATen's op through bnlab.functional.eval_on_aten (equal to the full
+    path: the grids above compare it); a named backend, a statistics mode, untracked statistics,
+    a float16 input or a bad argument take the full path (which says what is wrong)."""
+    full = []
+    monkeypatch.setattr(bnlab.functional, "batch_norm", lambda *a, **k: full.append(k) or a[0])
+    x = torch.randn(4, 3, 5, 5)
+    bn = bnlab.nn.BatchNorm2d(3).eval()
+    torch.testing.assert_close(
+        bn(x),
+        torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias),
+    )
+    assert full == []
+    for change in (
+        lambda m: setattr(m, "backend", "composite"),
+        lambda m: bnlab.nn.set_statistics(m, "batch"),
+        lambda m: m.register_buffer("running_var", torch.ones(4)),  # wrong size: full path raises
+    ):
+        layer = bnlab.nn.BatchNorm2d(3).eval()
+        change(layer)
+        layer(x)
+        assert len(full) == 1, change
+        full.clear()
+    bnlab.nn.BatchNorm2d(3, track_running_stats=False).eval()(x)
+    bnlab.nn.BatchNorm2d(3, dtype=torch.float16).eval()(x.half())
+    assert len(full) == 2

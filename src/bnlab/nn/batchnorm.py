@@ -175,11 +175,34 @@ class BatchNorm(_NormBase):
         """Normalize ``input``; an optional bool ``mask`` (N, *spatial) restricts the batch
         statistics to its True positions (see :func:`bnlab.functional.batch_norm`)."""
         self._check_input_dim(input)
+        if mask is None and not self.training:
+            out = self._eval_on_aten(input)
+            if out is not None:
+                return out
         if self.statistics != "standard" and self._mixing():
             return self._mixed(input, mask)
         return F.batch_norm(
             input, **self._functional_args(), mask=mask, strict=self.strict, backend=self.backend
         )
+
+    def _eval_on_aten(
+        self, input: Tensor, activation: str = "identity", param: float = 0.0
+    ) -> Optional[Tensor]:
+        """torch.nn's eval with the running statistics, as :func:`bnlab.functional.eval_on_aten`
+        runs it, when nothing else is asked (standard statistics, no backend named, tracked
+        running statistics, parameters and buffers where torch.nn keeps them); else None."""
+        if (
+            self.statistics != "standard"
+            or self.backend is not None
+            or not self.track_running_stats
+        ):
+            return None
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params.get("weight", _ABSENT), params.get("bias", _ABSENT)
+        mean, var = buffers.get("running_mean", _ABSENT), buffers.get("running_var", _ABSENT)
+        if weight is _ABSENT or bias is _ABSENT or mean is _ABSENT or var is _ABSENT:
+            return None  # e.g. a parametrized weight
+        return F.eval_on_aten(input, mean, var, weight, bias, self.eps, activation, param)
 
     def _functional_args(self) -> dict:
         """Statistics, parameters and mode as torch.nn decides them (``statistics="standard"``:

@@ -139,6 +139,10 @@ class BatchNormDropAct2d(BatchNorm2d):
         if fused is None:
             return self.act(self.drop(super().forward(input, mask)))
         self._check_input_dim(input)
+        if not self.training:
+            out = self._eval_on_aten(input, *F.check_activation(*fused, False))
+            if out is not None:
+                return out
         return F.batch_norm_act(
             input,
             **self._functional_args(),
