@@ -28,7 +28,7 @@ from .checks import (
     vectors_fit,
 )
 from .kernels import select_backend
-from .kernels.composite import activate_fresh, laid_out_like, values_per_channel
+from .kernels.composite import values_per_channel
 from .statistics import NonFiniteStatisticsError, RunningStatistics
 
 __all__ = [
@@ -212,10 +212,12 @@ def eval_on_aten(
     if input.dim() < 2 or running_var is None or not vectors_fit(input, vectors):
         return None
     op = "batch_norm_eval" if activation == "identity" else "batch_norm_act_eval"
-    if select_backend(op, input, None, activation).name != "native":
+    kernels = select_backend(op, input, None, activation)
+    if kernels.name != "native":
         return None
-    y = torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
-    return activate_fresh(laid_out_like(y, input), activation, activation_param)
+    return kernels.module.eval_batch_norm(
+        input, weight, bias, running_mean, running_var, eps, activation, activation_param
+    )
 
 
 def layer_norm(

@@ -108,10 +108,9 @@ def eager_batch_norm(
         return None
     running_mean, running_var = running.mean, running.var
     if not training:
-        y = torch.native_batch_norm(
-            input, weight, bias, running_mean, running_var, False, 0.0, eps
-        )[0]
-        return composite.activate_fresh(laid_out_like(y, input), activation, param)
+        return eval_batch_norm(
+            input, weight, bias, running_mean, running_var, eps, activation, param
+        )
     if running_mean is None:
         y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
         if strict:
@@ -133,6 +132,16 @@ def eager_batch_norm(
         running_var.detach().numpy()[:] = before[1]
         if strict:
             _raise_if_not_finite(input, mean, invstd, eps)
+    return composite.activate_fresh(laid_out_like(y, input), activation, param)
+
+
+def eval_batch_norm(
+    input, weight, bias, running_mean, running_var, eps, activation="identity", param=0.0
+) -> Tensor:
+    """act(batch_norm(input)) with the running statistics, as ATen's differentiable op followed
+    by the activation (over ATen's fresh output where it can: see
+    :func:`bnlab.kernels.composite.activate_fresh`). No checks: the caller's."""
+    y = torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
     return composite.activate_fresh(laid_out_like(y, input), activation, param)
 
 

@@ -190,18 +190,15 @@ class BatchNorm(_NormBase):
     ) -> Optional[Tensor]:
         """torch.nn's eval with the running statistics, as :func:`bnlab.functional.eval_on_aten`
         runs it, when nothing else is asked (standard statistics, no backend named, tracked
-        running statistics, parameters and buffers where torch.nn keeps them); else None."""
+        running statistics); else None."""
         if (
             self.statistics != "standard"
             or self.backend is not None
             or not self.track_running_stats
         ):
             return None
-        params, buffers = self._parameters, self._buffers
-        weight, bias = params.get("weight", _ABSENT), params.get("bias", _ABSENT)
-        mean, var = buffers.get("running_mean", _ABSENT), buffers.get("running_var", _ABSENT)
-        if weight is _ABSENT or bias is _ABSENT or mean is _ABSENT or var is _ABSENT:
-            return None  # e.g. a parametrized weight
+        mean, var = self._registered("running_mean"), self._registered("running_var")
+        weight, bias = self._registered("weight"), self._registered("bias")
         return F.eval_on_aten(input, mean, var, weight, bias, self.eps, activation, param)
 
     def _functional_args(self) -> dict:
@@ -212,10 +209,7 @@ class BatchNorm(_NormBase):
         mode = self.statistics
         if mode != "standard":
             mode = _statistics_mode(self)
-        params, buffers = self._parameters, self._buffers
-        running_mean = buffers.get("running_mean", _ABSENT)
-        if running_mean is _ABSENT:
-            running_mean = self._registered("running_mean")
+        running_mean = self._registered("running_mean")
         if mode == "standard":
             use_running = not self.training or self.track_running_stats
             training = self.training or running_mean is None
@@ -226,22 +220,15 @@ class BatchNorm(_NormBase):
                     " to normalize with: statistics='running' needs them"
                 )
             use_running, training = mode == "running", mode == "batch"
-        weight, bias = params.get("weight", _ABSENT), params.get("bias", _ABSENT)
-        running_var = buffers.get("running_var", _ABSENT)
-        tracked = buffers.get("num_batches_tracked", _ABSENT)
-        if any(t is _ABSENT for t in (weight, bias, running_var, tracked)):  # e.g. parametrized
-            weight, bias = self._registered("weight"), self._registered("bias")
-            running_var = self._registered("running_var")
-            tracked = self._registered("num_batches_tracked")
         return dict(
             running_mean=running_mean if use_running else None,
-            running_var=running_var if use_running else None,
-            weight=weight,
-            bias=bias,
+            running_var=self._registered("running_var") if use_running else None,
+            weight=self._registered("weight"),
+            bias=self._registered("bias"),
             training=training,
             momentum=self.momentum,
             eps=self.eps,
-            num_batches_tracked=tracked if use_running else None,
+            num_batches_tracked=self._registered("num_batches_tracked") if use_running else None,
         )
 
     def _mixing(self) -> bool:

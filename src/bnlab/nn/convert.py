@@ -122,9 +122,7 @@ class ClassCount:
     warn: bool = False  # a caveat the user must hear about (converted layers)
 
     def line(self) -> str:
-        names = ", ".join(self.layers[:_NAMES_SHOWN]) + (
-            ", ..." if len(self.layers) > _NAMES_SHOWN else ""
-        )
+        names = _shown(self.layers)
         what = f"{len(self.layers)} x {self.source}" + (f" -> {self.target}" if self.target else "")
         extra = [self.note] if self.note else []
         extra += [f"{d}: {n}" for d, n in sorted(self.details.items())]
@@ -167,8 +165,10 @@ class ConversionReport:
         lines += ["  converted " + c.line() for c in self.converted.values()]
         lines += ["  left " + c.line() for c in self.left.values()]
         if self.fused:
-            shown = ", ".join(self.fused[:_NAMES_SHOWN]) + (", ..." if len(self.fused) > 3 else "")
-            lines.append(f"  fused {len(self.fused)} activation(s) into their batch norm ({shown})")
+            count = len(self.fused)
+            lines.append(
+                f"  fused {count} activation(s) into their batch norm ({_shown(self.fused)})"
+            )
         if self.inplace_abn:
             lines.append("  " + _inplace_line(self.inplace_abn))
         if self.not_fused:
@@ -204,11 +204,11 @@ def convert(
     """
     model, result = _swap_all(model, "bnlab.convert", _convert_one, True, warn=False)
     if inplace_abn or fuse_activations:
-        from .fuse import fuse_activations as fuse  # fuse builds on this module's rebuild
+        from .fuse import fuse_activations as fuse  # fuse builds on this module's walker
     if inplace_abn:
-        result.inplace_abn, result.not_fused = fuse(model, rebuild, inplace=True)
+        result.inplace_abn, result.not_fused = fuse(model, inplace=True)
     if fuse_activations and not result.not_fused:
-        result.fused, result.not_fused = fuse(model, rebuild)
+        result.fused, result.not_fused = fuse(model)
     _warn(result, stacklevel=3)  # _warn, convert, its caller
     return (model, result) if report else model
 
@@ -335,13 +335,17 @@ def _warn(result: ConversionReport, stacklevel: int = 4) -> None:
         )
 
 
+def _shown(names: list[str]) -> str:
+    """The first few of ``names``, and "..." when there are more."""
+    return ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
+
+
 def _inplace_line(layers: list[str]) -> str:
-    shown = ", ".join(layers[:_NAMES_SHOWN]) + (", ..." if len(layers) > _NAMES_SHOWN else "")
     relus = sum("->" in layer for layer in layers)
     return (
-        f"made {len(layers)} batch norm(s) in-place activated ({shown}), which changes the "
-        f"model's function: gamma enters as |gamma| + eps, and {relus} activation(s) after them "
-        "run as leaky_relu (a ReLU with slope 0.01)"
+        f"made {len(layers)} batch norm(s) in-place activated ({_shown(layers)}), which changes "
+        f"the model's function: gamma enters as |gamma| + eps, and {relus} activation(s) after "
+        "them run as leaky_relu (a ReLU with slope 0.01)"
     )
 
 

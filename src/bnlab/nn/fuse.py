@@ -23,6 +23,7 @@ from torch import fx, nn
 from ..functional import check_activation
 from .act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .convert import rebuild, replace_modules
 from .dropact import has_hooks
 
 __all__ = ["FusedActivation"]  # fusing itself: bnlab.convert(model, fuse_activations=True)
@@ -63,13 +64,11 @@ class _Tracer(fx.Tracer):
         )
 
 
-def fuse_activations(
-    model: nn.Module, rebuild, inplace: bool = False
-) -> tuple[list[str], Optional[str]]:
+def fuse_activations(model: nn.Module, inplace: bool = False) -> tuple[list[str], Optional[str]]:
     """Fuse, in place, every bnlab batch norm of ``model`` with the activation module after it
     where that changes nothing else (see the module's text). Returns what was fused ("bn -> act"
     names, or the batch norm's alone) and, if the model could not be traced, why (nothing is fused
-    then). ``rebuild(module, cls)``: how a module takes another class with all its state.
+    then).
 
     ``inplace``: in-place activated batch norm instead (Rota Bulo et al. 2018): for each batch norm
     whose input is a convolution's or linear layer's output that nothing else reads (those layers
@@ -86,7 +85,7 @@ def fuse_activations(
         return [], f"torch.fx cannot trace the model ({type(error).__name__}: {error})"
     modules = dict(model.named_modules(remove_duplicate=False))
     calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
-    fused = []
+    fused, swaps = [], {}  # swaps: id of a module -> what takes its places
     for node in graph.nodes:
         if not _plain_batch_norm(node, modules, calls):
             continue
@@ -108,10 +107,11 @@ def fuse_activations(
         new.__dict__[UNFUSED] = type(bn)
         if inplace:
             new.inplace = True
-        _replace(model, modules, bn, new)
+        swaps[id(bn)] = new
         if act is not None:
-            _replace(model, modules, act, FusedActivation(act, node.target))
+            swaps[id(act)] = FusedActivation(act, node.target)
         fused.append(node.target + ("" if act_node is None else f" -> {act_node.target}"))
+    replace_modules(model, lambda module, name: swaps.get(id(module), module))
     return fused, None
 
 
@@ -193,10 +193,3 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     if len(users) != 1 or users[0].op != "call_module":
         return None
     return users[0] if users[0].args == (node,) and not users[0].kwargs else None
-
-
-def _replace(model: nn.Module, modules: dict, old: nn.Module, new: nn.Module) -> None:
-    """``new`` at every place of ``model`` where ``old`` is registered."""
-    for name in [name for name, module in modules.items() if module is old]:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
