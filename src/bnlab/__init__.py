@@ -1,6 +1,7 @@
 """bnlab: batch normalization done right, fast, in every variant, and a lab that shows why."""
 
 from . import functional, kernels, nn
+from .doctor import diagnose
 from .functional import NonFiniteStatisticsError, batch_norm, layer_norm
 from .nn import ConversionWarning, convert, convert_sync_batchnorm, revert
 from .statistics import accumulate
@@ -19,4 +20,5 @@ __all__ = [
     "NonFiniteStatisticsError",
     "convert_sync_batchnorm",
     "accumulate",
+    "diagnose",
 ]
