@@ -1,6 +1,6 @@
 """bnlab: batch normalization done right, fast, in every variant, and a lab that shows why."""
 
-from . import functional, kernels, nn
+from . import functional, interop, kernels, nn
 from .doctor import diagnose
 from .functional import NonFiniteStatisticsError, batch_norm, layer_norm
 from .nn import ConversionWarning, convert, convert_sync_batchnorm, revert
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "interop",
     "kernels",
     "nn",
     "batch_norm",
