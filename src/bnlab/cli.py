@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator, Optional
+
 import click
+
+
+def dir_option(*names: str, **options):
+    """An option that names a directory (click rejects a file there)."""
+    return click.option(*names, type=click.Path(file_okay=False), **options)
 
 
 def out_option(help: str):
     """``--out DIR`` (default runs/), where a command writes its run directory."""
-    return click.option(
-        "--out", default="runs", show_default=True, type=click.Path(file_okay=False), help=help
-    )
+    return dir_option("--out", default="runs", show_default=True, help=help)
+
+
+def quiet_option():
+    """``--quiet``: no progress bars."""
+    return click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
 def threads_option(help: str):
@@ -48,14 +59,13 @@ def main() -> None:
     help="The bundled 8x8 digits, or MNIST from --data-dir / $BNLAB_DATA_DIR  "
     "[default: mnist with --data-dir, else digits]",
 )
-@click.option(
+@dir_option(
     "--data-dir",
     default=None,
-    type=click.Path(file_okay=False),
     help="The directory holding MNIST's four IDX files (selects --dataset mnist).",
 )
 @out_option("Writes OUT/fig1/<timestamp>/.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option()
 @threads_option("torch threads (the nets are small: one is fastest on a busy machine).")
 def demo(steps, lr, batch_size, seed, dataset, data_dir, out, quiet, threads) -> None:
     """The paper's Figure 1: its sigmoid MLP with and without BN (`bnlab run fig1`).
@@ -97,15 +107,24 @@ def _echo_summary_line(summary: dict) -> None:
         )
 
 
-def _start(name, overrides, out, quiet, threads=1):
+@contextlib.contextmanager
+def _lab_errors() -> Iterator[None]:
+    """A bad config, run directory or dataset ends the command with its message, no traceback."""
     from .data import DatasetError
     from .lab.config import ConfigError
-    from .lab.runner import RunError, start
+    from .lab.runner import RunError
 
     try:
-        return start(name, overrides, out=out, progress=not quiet, threads=threads)
+        yield
     except (ConfigError, RunError, DatasetError) as error:
         raise click.ClickException(str(error)) from error
+
+
+def _start(name, overrides, out, quiet, threads=1):
+    from .lab.runner import start
+
+    with _lab_errors():
+        return start(name, overrides, out=out, progress=not quiet, threads=threads)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,14 +172,13 @@ def _experiment_help(name: str) -> str:
 @click.argument("name", required=False)
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 @out_option("Base directory: a run writes OUT/NAME/<timestamp>/.")
-@click.option(
+@dir_option(
     "--resume",
     "resume_dir",
     default=None,
-    type=click.Path(file_okay=False),
     help="Continue the run in RUN_DIR from its last checkpoint (no NAME, no overrides).",
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option()
 @threads_option("torch threads (a resumed run keeps its own).")
 @click.option(
     "--help", "-h", "show_help", is_flag=True, help="Show this message (with NAME: its keys)."
@@ -175,11 +193,9 @@ def run_command(ctx, name, overrides, out, resume_dir, quiet, threads, show_help
     bnlab run --resume runs/fig1/20250101-120000
     bnlab run fig1 --help          # the experiment's keys, types, defaults
     """
-    from .data import DatasetError
-    from .lab.config import ConfigError
-    from .lab.runner import RunError, resume
+    from .lab.runner import resume
 
-    try:
+    with _lab_errors():
         if show_help:
             click.echo(_experiment_help(name) if name else ctx.get_help())
             return
@@ -198,8 +214,6 @@ def run_command(ctx, name, overrides, out, resume_dir, quiet, threads, show_help
                     f"expected an experiment name before the overrides, got {name!r}"
                 )
             directory, report = _start(name, list(overrides), out, quiet, threads)
-    except (ConfigError, RunError, DatasetError) as error:
-        raise click.ClickException(str(error)) from error
     click.echo(_text_report(report.markdown))
     click.echo(f"report: {directory / 'report.md'}")
 
@@ -214,13 +228,10 @@ def report_command(run_dir: str) -> None:
     """(Re)write RUN_DIR's plots, report.md, summary.json and metrics from its saved files."""
     from pathlib import Path
 
-    from .lab.config import ConfigError
-    from .lab.runner import RunError, write_report
+    from .lab.runner import write_report
 
-    try:
+    with _lab_errors():
         report = write_report(Path(run_dir))
-    except (ConfigError, RunError) as error:
-        raise click.ClickException(str(error)) from error
     click.echo(_text_report(report.markdown))
     click.echo(f"report: {Path(run_dir) / 'report.md'}")
 
@@ -275,11 +286,13 @@ def precise_bn(momentum: float, steps: int, batches: int, seed: int) -> None:
     )
 
 
-def _int_list(value: str) -> tuple[int, ...]:
+def _int_list(value: str, param_hint: Optional[str] = None) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {value!r}", param_hint=param_hint
+        ) from None
 
 
 @main.command("small-batch")
@@ -292,7 +305,7 @@ def _int_list(value: str) -> tuple[int, ...]:
 @click.option("--seeds", default="0", show_default=True, help="Seeds, comma-separated.")
 @click.option("--epochs", default=8, show_default=True, type=click.IntRange(min=1))
 @out_option("Writes OUT/small-batch/<timestamp>/.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option()
 def small_batch(batch_sizes: str, seeds: str, epochs: int, out: str, quiet: bool) -> None:
     """BN vs batch renorm vs ghost BN vs layer norm vs group norm across batch sizes.
 
@@ -328,12 +341,7 @@ def export_command(model_path: str, output: str, input_shape: str, no_fold: bool
 
     from .export import export_onnx
 
-    try:
-        shape = tuple(int(n) for n in input_shape.split(","))
-    except ValueError:
-        raise click.BadParameter(
-            f"expected comma-separated integers, got {input_shape!r}", param_hint="--input-shape"
-        ) from None
+    shape = _int_list(input_shape, param_hint="--input-shape")
     model = torch.load(model_path, weights_only=False, map_location="cpu")
     if not isinstance(model, torch.nn.Module):
         raise click.ClickException(

@@ -15,19 +15,9 @@ from typing import Any, Optional
 import torch
 
 from ..data import Split
-from .common import (
-    batch_size_axes,
-    check_positive,
-    heading,
-    pct,
-    pyplot,
-    save,
-    staged_report,
-    sweep,
-    table,
-    train_mlp,
-)
+from .common import check_positive, sweep, train_mlp
 from .datasets import DatasetConfig
+from .reports import batch_size_axes, heading, pct, pyplot, save, staged_report, table
 from .runner import Run, RunView, experiment
 
 NORMS = (("none", "no normalization"), ("bn", "BatchNorm"), ("ln", "LayerNorm"))

@@ -1,20 +1,22 @@
-"""What the experiments share: the classifier training job, models, plotting and report tables.
+"""What the experiments share on the training side: the classifier job, sweeps, models.
 
 The dataset helpers live in :mod:`bnlab.lab.datasets` (the runner needs them too) and are
-importable from here as well.
+importable from here as well; the report helpers (plots, markdown) live in
+:mod:`bnlab.lab.reports`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ..data import Split
 from .datasets import DATASETS, Dataset, by_dataset, images, load_data  # noqa: F401 (re-exported)
-from .runner import Report, Run, RunView, seeded
+from .runner import Run, RunView, seeded
 
 # The two nets the BN-against-none experiments compare: (job key, label in reports and plots).
 NETS = (("plain", "without BN"), ("bn", "with BN"))
@@ -26,6 +28,15 @@ def check_positive(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if value is None or value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def ascending_positive(name: str, values: Sequence[float]) -> tuple[float, ...]:
+    """A sweep's values in ascending order; config validation fails (ValueError) if there are none
+    or one is not > 0."""
+    values = tuple(sorted(values))
+    if not values or values[0] <= 0:
+        raise ValueError(f"{name} must be positive, got {values}")
+    return values
 
 
 @torch.no_grad()
@@ -126,6 +137,15 @@ def train_on_split(run: Run, key: str, data: Split, **job: Any) -> dict[str, Any
     )
 
 
+def train_as_configured(run: Run, key: str, data: Split, config: Any, **job: Any) -> dict[str, Any]:
+    """:func:`train_on_split` with ``config``'s ``steps``, ``batch_size``, ``seed`` and
+    ``eval_every`` (those of them it has) unless ``job`` names its own."""
+    for name in ("steps", "batch_size", "seed", "eval_every"):
+        if name not in job and hasattr(config, name):
+            job[name] = getattr(config, name)
+    return train_on_split(run, key, data, **job)
+
+
 def train_mlp(
     run: Run,
     key: str,
@@ -137,11 +157,8 @@ def train_mlp(
     **job: Any,
 ) -> dict[str, Any]:
     """One job of an MLP sweep: ``config``'s MLP (``hidden`` units, ``depth`` hidden layers, the
-    ``norm``, any other :func:`mlp` options) trained on ``data`` with ``config``'s ``steps``,
-    ``batch_size`` and ``seed`` unless ``job`` names its own (with the optimizer, tags, ...)."""
-    for name in ("steps", "batch_size", "seed"):
-        if name not in job:
-            job[name] = getattr(config, name)
+    ``norm``, any other :func:`mlp` options) trained on ``data`` as :func:`train_as_configured`
+    (``job``: the optimizer, tags, ...)."""
     options = dict(mlp_options or {})
 
     def build() -> nn.Sequential:
@@ -149,7 +166,7 @@ def train_mlp(
             data.num_features, data.num_classes, config.hidden, config.depth, norm=norm, **options
         )
 
-    return train_on_split(run, key, data, build=build, **job)
+    return train_as_configured(run, key, data, config, build=build, **job)
 
 
 def sweep(
@@ -164,23 +181,70 @@ def sweep(
             job(data, value, net)
 
 
-def final_rows(
-    view: RunView, nets: Sequence[str], values: Sequence[Any], key: Callable[[str, Any], str]
-) -> dict[tuple[str, Any], Optional[dict]]:
-    """The last row of every (net, value) job of a sweep, keyed (net, value); None: not run yet."""
-    return {(net, value): view.last(key(net, value)) for net in nets for value in values}
-
-
-def finished(
-    finals: Mapping[tuple[str, Any], Optional[dict]], net: str, values: Sequence[Any]
-) -> list[tuple[Any, dict]]:
-    """(value, last row) of the net's finished jobs in :func:`final_rows`, in sweep order."""
-    return [(value, finals[net, value]) for value in values if finals[net, value] is not None]
-
-
 def bn_or_none(net: str) -> str:
     """The :func:`mlp` norm of a net named "bn" (with BN) or "plain" (without)."""
     return "bn" if net == "bn" else "none"
+
+
+# -- BN against none across one setting ------------------------------------------------------------
+
+Finals = Mapping[tuple[str, Any], Optional[dict]]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class NetSweep:
+    """An experiment that trains the config's MLP without and with BN (:data:`NETS`) at every
+    value of one setting, e.g. the learning rate: one job per (net, value)."""
+
+    name: str  # the setting in job keys and tags, e.g. "lr"
+    fmt: Callable[[Any], str]  # a value as job keys write it
+
+    def key(self, net: str, value: Any) -> str:
+        """The job of one net at one value, e.g. "bn/lr=0.1"."""
+        return f"{net}/{self.name}={self.fmt(value)}"
+
+    def train(
+        self, run: Run, values: Sequence[Any], options: Callable[[Split, Any], Mapping[str, Any]]
+    ) -> None:
+        """Train every job (:func:`sweep`, values outermost): :func:`train_mlp` with the net's norm,
+        tagged with the net and the value, and the options ``options(data, value)`` (the
+        optimizer, ...)."""
+
+        def job(data: Split, value: Any, net: str) -> None:
+            train_mlp(
+                run,
+                self.key(net, value),
+                data,
+                run.config,
+                norm=bn_or_none(net),
+                tags={"net": net, self.name: value},
+                **options(data, value),
+            )
+
+        sweep(run, values, [net for net, _ in NETS], job)
+
+    def final_rows(
+        self, view: RunView, values: Sequence[Any]
+    ) -> dict[tuple[str, Any], Optional[dict]]:
+        """The last row of every job, keyed (net, value); None: not run yet."""
+        return {(net, v): view.last(self.key(net, v)) for net, _ in NETS for v in values}
+
+
+def finished(finals: Finals, net: str) -> list[tuple[Any, dict]]:
+    """(value, last row) of the net's finished jobs in :meth:`NetSweep.final_rows`, in sweep
+    order."""
+    return [(value, row) for (n, value), row in finals.items() if n == net and row is not None]
+
+
+def per_net(finals: Finals, summarize: Callable[[list[tuple[Any, dict]]], T]) -> dict[str, T]:
+    """``summarize(finished(finals, net))`` of every net with a finished job, by net."""
+    return {net: summarize(done) for net, _ in NETS if (done := finished(finals, net))}
+
+
+def per_net_lines(results: Mapping[str, T], line: Callable[[str, T], str]) -> list[str]:
+    """A report's ``line(label, result)`` of every net (:data:`NETS` order) that has a result."""
+    return [line(label, results[net]) for net, label in NETS if net in results]
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -227,82 +291,3 @@ def mlp(
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
     return nn.Sequential(*layers)
-
-
-# -- plots and tables ------------------------------------------------------------------------------
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save(fig, path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-
-
-def style_axes(ax, xlabel: str, ylabel: Optional[str] = None, **legend: Any) -> None:
-    """The lab's axes: labels, a light grid, a legend (``legend``: its keyword arguments)."""
-    ax.set_xlabel(xlabel)
-    if ylabel is not None:
-        ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(**legend)
-
-
-def batch_size_axes(ax, sizes: Sequence[int], title: str) -> None:
-    """Test accuracy in percent against the batch size on a log2 axis, each size labelled."""
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(b) for b in sizes])
-    ax.set_title(title)
-    style_axes(ax, "examples per batch", "test accuracy (%)")
-
-
-def staged_report(
-    summarize: Callable[[RunView], Any],
-    plot: Callable[[RunView, Any], None],
-    render: Callable[[Any, Any], str],
-) -> Callable[[RunView], Report]:
-    """An experiment's report in three stages, so that the text cannot disagree with the numbers:
-    ``summarize(view)`` computes every number once (an object with ``headline()``, the dict
-    written to summary.json), ``plot(view, summary)`` draws the figures and
-    ``render(summary, config)`` only formats the summary's numbers as markdown."""
-
-    def report(view: RunView) -> Report:
-        summary = summarize(view)
-        plot(view, summary)
-        return Report(render(summary, view.config), summary.headline())
-
-    return report
-
-
-def heading(title: str, *paragraphs: str) -> list[str]:
-    """A report's first lines: the title, then each paragraph followed by a blank line."""
-    lines = [f"# {title}", ""]
-    for paragraph in paragraphs:
-        lines += [paragraph, ""]
-    return lines
-
-
-def pct(value: Optional[float]) -> str:
-    return (
-        "-"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else f"{100 * value:.1f}"
-    )
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return lines
-
-
-def fmt_lr(lr: float) -> str:
-    return f"{lr:g}"

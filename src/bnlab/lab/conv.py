@@ -19,22 +19,8 @@ import torch
 from torch import nn
 
 from ..data import Split
-from .common import (
-    Dataset,
-    by_dataset,
-    check_positive,
-    fmt_lr,
-    heading,
-    images,
-    load_data,
-    pct,
-    pyplot,
-    save,
-    staged_report,
-    style_axes,
-    table,
-    train_on_split,
-)
+from .common import Dataset, by_dataset, check_positive, images, load_data, train_as_configured
+from .reports import fmt_lr, heading, pct, pyplot, save, staged_report, style_axes, table
 from .runner import Run, RunView, experiment
 
 PLOT = "conv_accuracy.png"
@@ -263,16 +249,13 @@ def conv(run: Run) -> None:
     run.total_jobs = len(c.baseline_lrs) + len(c.bn_multipliers)
 
     def job(key: str, lr: float, batch_norm: bool, tags: dict) -> None:
-        train_on_split(
+        train_as_configured(
             run,
             key,
             data,
+            c,
             build=lambda: ConvNet(side, c.channels, data.num_classes, batch_norm),
             optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=c.momentum),
-            steps=c.steps,
-            batch_size=c.batch_size,
-            seed=c.seed,
-            eval_every=c.eval_every,
             tags=tags,
         )
 

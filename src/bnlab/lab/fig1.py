@@ -24,20 +24,10 @@ from typing import Any, Optional
 import torch
 
 from ..diagnostics import ActivationPercentiles, band_drift
-from .common import (
-    NETS,
-    by_dataset,
-    check_positive,
-    load_data,
-    pct,
-    pyplot,
-    save,
-    staged_report,
-    table,
-    train_on_split,
-)
-from .datasets import DatasetConfig
+from .common import NETS, check_positive, load_data, train_as_configured
+from .datasets import DatasetConfig, by_dataset
 from .mlp import sigmoid_mlp
+from .reports import pct, pyplot, save, staged_report, table
 from .runner import Run, RunView, experiment
 from .schedules import describe_schedule, drop_step, lr_at_step
 
@@ -513,16 +503,13 @@ def fig1(run: Run) -> None:
             )
 
         band = _SigmoidInputBand(c)
-        train_on_split(
+        train_as_configured(
             run,
             net,
             data,
+            c,
             build=build,
             optimizer=lambda params: torch.optim.SGD(params, lr=c.lr),
-            steps=c.steps,
-            batch_size=c.batch_size,
-            seed=c.seed,
-            eval_every=c.eval_every,
             eval_at_start=True,
             tags={"net": net},
             hooks=band.attach,

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..data import sequential
-from .common import Dataset, check_positive, pyplot, save, style_axes, table
+from .common import Dataset, check_positive
+from .reports import pyplot, save, style_axes, table
 from .runner import Report, Run, RunView, experiment, seeded
 from .seq_mnist import Mode, SeqMnistConfig, build, sequence_data, task_name
 

@@ -18,23 +18,16 @@ import torch
 from ..data import Split
 from .common import (
     NETS,
-    bn_or_none,
-    by_dataset,
+    NetSweep,
+    ascending_positive,
     check_positive,
     evaluate,
-    final_rows,
     finished,
-    heading,
-    pct,
-    pyplot,
-    save,
-    staged_report,
-    style_axes,
-    sweep,
-    table,
-    train_mlp,
+    per_net,
+    per_net_lines,
 )
-from .datasets import DatasetConfig
+from .datasets import DatasetConfig, by_dataset
+from .reports import heading, pct, plot_percent, pyplot, save, staged_report, style_axes, table
 from .runner import Run, RunView, experiment
 
 
@@ -52,15 +45,9 @@ class InitConfig(DatasetConfig):
     checkpoint_every: int = 1000  # steps between checkpoints (0: none)
 
     def resolve(self) -> "InitConfig":
-        c = replace(
-            self,
-            steps=by_dataset(self.steps, self.dataset, 400, 1000),
-            scales=tuple(sorted(self.scales)),
-        )
+        c = replace(self, steps=by_dataset(self.steps, self.dataset, 400, 1000))
         check_positive(c, "steps", "batch_size", "lr", "hidden", "depth")
-        if not c.scales or min(c.scales) <= 0:
-            raise ValueError(f"scales must be positive, got {c.scales}")
-        return c
+        return replace(c, scales=ascending_positive("scales", c.scales))
 
 
 @dataclass
@@ -92,17 +79,13 @@ class InitSummary:
         }
 
 
-def _key(net: str, scale: float) -> str:
-    """The job of one net at one initialization scale, e.g. "bn/scale=0.0001"."""
-    return f"{net}/scale={scale:.3g}"
+SWEEP = NetSweep("scale", "{:.3g}".format)  # jobs "plain/scale=0.0001", "bn/scale=0.0001", ...
 
 
 def summarize(view: RunView) -> InitSummary:
     """The last row of every job and, per net, the scales that train."""
-    c: InitConfig = view.config
-    finals = final_rows(view, [net for net, _ in NETS], c.scales, _key)
-    nets = {net: _net_scales(done) for net, _ in NETS if (done := finished(finals, net, c.scales))}
-    return InitSummary(finals, nets)
+    finals = SWEEP.final_rows(view, view.config.scales)
+    return InitSummary(finals, per_net(finals, _net_scales))
 
 
 def _net_scales(done: list[tuple[float, dict]]) -> NetScales:
@@ -124,15 +107,9 @@ def plot(view: RunView, s: InitSummary) -> None:
     c: InitConfig = view.config
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for (net, label), color in zip(NETS, ("C0", "C1")):
-        done = finished(s.finals, net, c.scales)
+        done = finished(s.finals, net)
         for ax, column in zip(axes, ("test_accuracy", "train_accuracy")):
-            ax.plot(
-                [scale for scale, _ in done],
-                [100 * r[column] for _, r in done],
-                "o-",
-                color=color,
-                label=label,
-            )
+            plot_percent(ax, done, column, "o-", color=color, label=label)
     for ax, what in zip(axes, ("test", "training")):
         ax.set_xscale("log")
         style_axes(ax, "weight initialization scale (std)", f"final {what} accuracy (%)")
@@ -142,6 +119,10 @@ def plot(view: RunView, s: InitSummary) -> None:
 
 def render(s: InitSummary, c: InitConfig) -> str:
     """report.md: the setup, the accuracy table by scale and net, each net's trainable range."""
+    rows = [
+        [f"{scale:.2e}", *_cells(s, scale, "test_accuracy"), *_cells(s, scale, "train_accuracy")]
+        for scale in c.scales
+    ]
     lines = [
         *heading(
             "Initialization scale: final accuracy with and without BN",
@@ -152,32 +133,23 @@ def render(s: InitSummary, c: InitConfig) -> str:
             "experiment (its 20 scales np.logspace(-4, 0, 20)).",
         ),
         *table(
-            ["scale", "test without BN", "test with BN", "train without BN", "train with BN"],
-            [
-                [
-                    f"{scale:.2e}",
-                    *_cells(s, scale, "test_accuracy"),
-                    *_cells(s, scale, "train_accuracy"),
-                ]
-                for scale in c.scales
-            ],
+            ["scale", "test without BN", "test with BN", "train without BN", "train with BN"], rows
         ),
         "",
         f"![accuracy vs init scale]({PLOT})",
         "",
     ]
-    for net, label in NETS:
-        if net not in s.nets:
-            continue
-        n = s.nets[net]
-        good = n.good_scales
-        lines.append(
-            f"- {label}: best test accuracy {pct(n.best_accuracy)}%; {len(good)} of "
-            f"{n.finished} scales reach at least 90% of that"
-            + (f" (scale {good[0]:.1e} .. {good[-1]:.1e})." if good else ".")
-        )
-    lines.append("")
+    lines += [*per_net_lines(s.nets, _net_line), ""]
     return "\n".join(lines)
+
+
+def _net_line(label: str, n: NetScales) -> str:
+    good = n.good_scales
+    return (
+        f"- {label}: best test accuracy {pct(n.best_accuracy)}%; {len(good)} of "
+        f"{n.finished} scales reach at least 90% of that"
+        + (f" (scale {good[0]:.1e} .. {good[-1]:.1e})." if good else ".")
+    )
 
 
 def _cells(s: InitSummary, scale: float, column: str) -> list[str]:
@@ -190,20 +162,14 @@ def init_scale(run: Run) -> None:
     """Accuracy against the weight-initialization scale (cs231n's 20 scales), BN vs no BN."""
     c: InitConfig = run.config
 
-    def job(data: Split, scale: float, net: str) -> None:
+    def options(data: Split, scale: float) -> dict[str, Any]:
         def train_accuracy(step: int, model: torch.nn.Module) -> dict:
             return {"train_accuracy": evaluate(model, data.train_x, data.train_y)["test_accuracy"]}
 
-        train_mlp(
-            run,
-            _key(net, scale),
-            data,
-            c,
-            norm=bn_or_none(net),
-            mlp_options={"init_std": scale},
-            tags={"net": net, "scale": scale},
-            optimizer=lambda p: torch.optim.Adam(p, lr=c.lr),
-            extra_eval=train_accuracy,
-        )
+        return {
+            "mlp_options": {"init_std": scale},
+            "optimizer": lambda p: torch.optim.Adam(p, lr=c.lr),
+            "extra_eval": train_accuracy,
+        }
 
-    sweep(run, c.scales, [net for net, _ in NETS], job)
+    SWEEP.train(run, c.scales, options)

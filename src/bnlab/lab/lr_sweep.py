@@ -17,23 +17,25 @@ import torch
 from ..data import Split
 from .common import (
     NETS,
-    bn_or_none,
-    by_dataset,
+    NetSweep,
+    ascending_positive,
     check_positive,
-    final_rows,
     finished,
+    per_net,
+    per_net_lines,
+)
+from .datasets import DatasetConfig, by_dataset
+from .reports import (
     fmt_lr,
     heading,
     pct,
+    plot_percent,
     pyplot,
     save,
     staged_report,
     style_axes,
-    sweep,
     table,
-    train_mlp,
 )
-from .datasets import DatasetConfig
 from .runner import Run, RunView, experiment
 
 
@@ -61,14 +63,9 @@ class LrConfig(DatasetConfig):
     checkpoint_every: int = 1000  # steps between checkpoints (0: none)
 
     def resolve(self) -> "LrConfig":
-        c = replace(
-            self,
-            steps=by_dataset(self.steps, self.dataset, 1000, 3000),
-            lrs=tuple(sorted(self.lrs)),
-        )
+        c = replace(self, steps=by_dataset(self.steps, self.dataset, 1000, 3000))
         check_positive(c, "steps", "batch_size", "hidden", "depth")
-        if not c.lrs or min(c.lrs) <= 0:
-            raise ValueError(f"lrs must be positive, got {c.lrs}")
+        c = replace(c, lrs=ascending_positive("lrs", c.lrs))
         if not 0 <= c.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {c.momentum}")
         return c
@@ -99,16 +96,14 @@ class LrSummary:
         return out
 
 
-def _key(net: str, lr: float) -> str:
-    """The job of one net at one learning rate, e.g. "bn/lr=0.1"."""
-    return f"{net}/lr={fmt_lr(lr)}"
+SWEEP = NetSweep("lr", fmt_lr)  # jobs "plain/lr=0.1", "bn/lr=0.1", ...
 
 
 def summarize(view: RunView) -> LrSummary:
     """The last row of every job, each net's best rate, where BN trains and the plain net not."""
     c: LrConfig = view.config
-    finals = final_rows(view, [net for net, _ in NETS], c.lrs, _key)
-    best = {net: _best_rate(done) for net, _ in NETS if (done := finished(finals, net, c.lrs))}
+    finals = SWEEP.final_rows(view, c.lrs)
+    best = per_net(finals, _best_rate)
     both = [lr for lr in c.lrs if finals["plain", lr] is not None and finals["bn", lr] is not None]
     rescued = {
         lr: finals["bn", lr]["test_accuracy"]
@@ -154,18 +149,7 @@ def render(s: LrSummary, c: LrConfig) -> str:
         f"![accuracy vs learning rate]({PLOT})",
         "",
     ]
-    for net, label in NETS:
-        if net not in s.best:
-            continue
-        b = s.best[net]
-        lines.append(
-            f"- {label}: best {pct(b.best_accuracy)}% at lr {fmt_lr(b.best_lr)}; "
-            + (
-                f"diverged at lr {', '.join(map(fmt_lr, b.diverged_lrs))}."
-                if b.diverged_lrs
-                else "never diverged."
-            )
-        )
+    lines += per_net_lines(s.best, _best_line)
     if s.rescued:
         lines.append(
             "- Where the plain net diverged, BN trained to "
@@ -181,6 +165,14 @@ def render(s: LrSummary, c: LrConfig) -> str:
             )
     lines.append("")
     return "\n".join(lines)
+
+
+def _best_line(label: str, b: NetBest) -> str:
+    return f"- {label}: best {pct(b.best_accuracy)}% at lr {fmt_lr(b.best_lr)}; " + (
+        f"diverged at lr {', '.join(map(fmt_lr, b.diverged_lrs))}."
+        if b.diverged_lrs
+        else "never diverged."
+    )
 
 
 def _cell(row: Optional[dict]) -> str:
@@ -199,25 +191,12 @@ def plot(view: RunView, s: LrSummary) -> None:
     c: LrConfig = view.config
     fig, ax = pyplot().subplots(figsize=(6.5, 4))
     for (net, label), color in zip(NETS, ("C0", "C1")):
-        points = finished(s.finals, net, c.lrs)
-        ax.plot(
-            [lr for lr, _ in points],
-            [100 * r["test_accuracy"] for _, r in points],
-            "o-",
-            color=color,
-            label=label,
-        )
+        points = finished(s.finals, net)
+        plot_percent(ax, points, "test_accuracy", "o-", color=color, label=label)
         bad = [(lr, r) for lr, r in points if r["diverged"]]
         if bad:
-            ax.plot(
-                [lr for lr, _ in bad],
-                [100 * r["test_accuracy"] for _, r in bad],
-                "x",
-                color="red",
-                markersize=10,
-                mew=2,
-                label=f"{label}: diverged",
-            )
+            crosses = {"color": "red", "markersize": 10, "mew": 2, "label": f"{label}: diverged"}
+            plot_percent(ax, bad, "test_accuracy", "x", **crosses)
     ax.set_xscale("log")
     ax.set_title(f"{c.dataset}: {c.depth}x{c.hidden} {c.activation} MLP, SGD, batch {c.batch_size}")
     style_axes(ax, "learning rate", f"test accuracy after {c.steps:,} steps (%)")
@@ -229,16 +208,10 @@ def lr_sweep(run: Run) -> None:
     """Accuracy after a fixed budget against the learning rate (log grid), BN vs no BN."""
     c: LrConfig = run.config
 
-    def job(data: Split, lr: float, net: str) -> None:
-        train_mlp(
-            run,
-            _key(net, lr),
-            data,
-            c,
-            norm=bn_or_none(net),
-            mlp_options={"activation": c.activation},
-            tags={"net": net, "lr": lr},
-            optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=c.momentum),
-        )
+    def options(data: Split, lr: float) -> dict[str, Any]:
+        return {
+            "mlp_options": {"activation": c.activation},
+            "optimizer": lambda p: torch.optim.SGD(p, lr=lr, momentum=c.momentum),
+        }
 
-    sweep(run, c.lrs, [net for net, _ in NETS], job)
+    SWEEP.train(run, c.lrs, options)

@@ -32,18 +32,8 @@ from torch import Tensor, nn
 from ..data import Split, permute_pixels, sequential
 from ..inference import population_statistics
 from ..nn import BNLSTM
-from .common import (
-    Dataset,
-    check_positive,
-    evaluate,
-    load_data,
-    pct,
-    pyplot,
-    save,
-    style_axes,
-    table,
-    train_on_split,
-)
+from .common import Dataset, check_positive, evaluate, load_data, train_as_configured
+from .reports import pct, pyplot, save, style_axes, table
 from .runner import Report, Run, RunView, experiment
 from .schedules import describe_schedule, lr_at_step
 
@@ -276,16 +266,13 @@ def _train_all(run: Run) -> None:
         return row
 
     for kind in config.models:
-        train_on_split(
+        train_as_configured(
             run,
             kind,
             train,
+            config,
             build=lambda kind=kind: build(kind, train, config),
             optimizer=lambda p: ClippedRMSprop(p, config.clip, lr=config.lr),
-            steps=config.steps,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            eval_every=config.eval_every,
             eval_at_start=True,
             tags={"model": kind},
             extra_eval=metrics,

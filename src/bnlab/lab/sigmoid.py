@@ -16,22 +16,9 @@ from typing import Any, Optional
 
 import torch
 
-from .common import (
-    NETS,
-    bn_or_none,
-    by_dataset,
-    check_positive,
-    heading,
-    load_data,
-    pct,
-    pyplot,
-    save,
-    staged_report,
-    style_axes,
-    table,
-    train_mlp,
-)
-from .datasets import DatasetConfig
+from .common import NETS, bn_or_none, check_positive, load_data, train_mlp
+from .datasets import DatasetConfig, by_dataset
+from .reports import heading, pct, pyplot, save, staged_report, style_axes, table
 from .runner import Run, RunView, experiment
 
 
@@ -183,7 +170,6 @@ def sigmoid(run: Run) -> None:
             norm=bn_or_none(net),
             mlp_options={"activation": "sigmoid", "init_std": c.init_std},
             optimizer=lambda p: torch.optim.SGD(p, lr=c.lr),
-            eval_every=c.eval_every,
             eval_at_start=True,
             tags={"net": net},
             extra_eval=grad_norm,

@@ -26,8 +26,9 @@ from torch import nn
 
 from ..data import Split
 from ..nn import BatchNorm1d, BatchRenorm1d, GhostBatchNorm1d, LayerNorm
-from .common import Dataset, batch_size_axes, load_data, pct, pyplot, table, train_on_split
+from .common import Dataset, load_data, train_on_split
 from .mlp import accuracy
+from .reports import batch_size_axes, pct, pyplot, table
 from .runner import Report, Run, RunView, experiment
 
 NORMS = ("bn", "renorm", "ghost", "layernorm", "groupnorm")
