@@ -266,3 +266,72 @@ def test_timm_model_converted_and_not(digits):
             ("layer3.0.bn2", "non-finite-statistics"),
         }, converted
         assert len(d.layers) == len(bnlab.inference.batch_norm_layers(net))
+
+
+def never_updated_sequential(digits) -> nn.Sequential:
+    """A picklable model (torch.nn and bnlab layers) trained with momentum 0: running statistics
+    never left their initial values."""
+    x, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8, momentum=0.0),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+        bnlab.nn.BatchNorm2d(16, momentum=0.0),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for i in range(0, len(x), 64):
+            loss = nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def test_doctor_command_fixes_a_never_updated_model(digits, tmp_path):
+    from click.testing import CliRunner
+
+    from bnlab.cli import main
+    from bnlab.data import load_batches
+
+    path, fixed = tmp_path / "model.pt", tmp_path / "fixed.pt"
+    torch.save(never_updated_sequential(digits), path)
+    args = [str(path), "--data", "digits", "--shape", "1,8,8", "--fix", str(fixed)]
+    args += ["--json", str(tmp_path / "d.json"), "--plot", str(tmp_path / "d.png")]
+    result = CliRunner().invoke(main, ["doctor", *args])
+    assert result.exit_code == 0, result.output
+    assert "never-updated" in result.output and "repaired 2 layer(s): 1, 4" in result.output
+    assert {f["layer"] for f in json.loads((tmp_path / "d.json").read_text())["findings"]} == {
+        "1",
+        "4",
+    }
+    assert (tmp_path / "d.png").stat().st_size > 1000
+    data = load_batches("digits", shape=(1, 8, 8))
+    model = torch.load(fixed, weights_only=False)
+    after = diagnose(model, data)
+    assert found(after) == set()
+    before = diagnose(torch.load(path, weights_only=False), data, explain=False)
+    assert before.gap["eval_accuracy"] < before.gap["population_accuracy"] - 0.2
+    assert after.gap["eval_accuracy"] >= before.gap["population_accuracy"] - 0.01
+
+
+def test_doctor_command_names_bad_input(tmp_path):
+    from click.testing import CliRunner
+
+    from bnlab.cli import main
+
+    torch.save({"weight": torch.ones(3)}, tmp_path / "state.pt")
+    result = CliRunner().invoke(main, ["doctor", str(tmp_path / "state.pt"), "--data", "digits"])
+    assert result.exit_code != 0 and "torch.nn.Module" in result.output
+    torch.save(nn.Sequential(nn.BatchNorm1d(64)), tmp_path / "m.pt")
+    result = CliRunner().invoke(
+        main, ["doctor", str(tmp_path / "m.pt"), "--data", "digits", "--shape", "1,9,9"]
+    )
+    assert result.exit_code != 0 and "64 values" in result.output
+    result = CliRunner().invoke(main, ["doctor", str(tmp_path / "m.pt"), "--data", "nowhere"])
+    assert result.exit_code != 0 and "'digits', an MNIST directory" in result.output

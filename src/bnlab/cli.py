@@ -342,17 +342,121 @@ def export_command(model_path: str, output: str, input_shape: str, no_fold: bool
     from .export import export_onnx
 
     shape = _int_list(input_shape, param_hint="--input-shape")
-    model = torch.load(model_path, weights_only=False, map_location="cpu")
-    if not isinstance(model, torch.nn.Module):
-        raise click.ClickException(
-            f"{model_path} holds a {type(model).__name__}, expected a whole nn.Module saved with "
-            "torch.save(model) (a state_dict has no architecture to export)"
-        )
+    model = _load_whole_model(model_path, "export")
     try:
         report = export_onnx(model.eval(), torch.randn(shape), output, fold_batch_norms=not no_fold)
     except ValueError as error:
         raise click.ClickException(str(error)) from error
     click.echo(str(report))
+
+
+def _load_whole_model(model_path: str, purpose: str):
+    """A whole nn.Module saved with torch.save(model) (unpickled: the caller trusts the file)."""
+    import torch
+
+    model = torch.load(model_path, weights_only=False, map_location="cpu")
+    if not isinstance(model, torch.nn.Module):
+        raise click.ClickException(
+            f"{model_path} holds a {type(model).__name__}, expected a whole torch.nn.Module saved "
+            f"with torch.save(model) (a state_dict has no architecture to {purpose})"
+        )
+    return model
+
+
+@main.command()
+@click.argument("model_path", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--data",
+    "source",
+    required=True,
+    help="'digits' (bundled), a directory with MNIST's IDX files, or a torch.save'd tensor file "
+    "(inputs, an (inputs, labels) pair, or a dict with 'x' and 'y').",
+)
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "train"]))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--batches", default=None, type=click.IntRange(min=1), help="Use the first N batches only."
+)
+@click.option(
+    "--shape",
+    default=None,
+    help="Per-example shape to view the data's rows as, e.g. 1,8,8 for the digits.",
+)
+@click.option(
+    "--stale-distance",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Running vs population statistics, in population standard deviations, above which "
+    "a layer's statistics are stale.",
+)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False))
+@click.option(
+    "--fix",
+    "fix_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write the model with population statistics recomputed where they are stale, never "
+    "updated or non-finite (nothing else changed), and print the gap before and after.",
+)
+def doctor(
+    model_path, source, split, batch_size, batches, shape, stale_distance, json_path, plot_path,
+    fix_path,
+) -> None:  # fmt: skip
+    """Why is MODEL_PATH worse in eval mode? Diagnose its batch norms on some data.
+
+    MODEL_PATH is a whole model saved with torch.save(model) (its classes importable here; it is
+    unpickled: load only files you trust). Prints every batch norm's running vs population
+    statistics, the findings with their fixes, and the eval vs population-statistics gap.
+    """
+    import torch
+
+    from .data import load_batches
+    from .doctor import diagnose, repair
+
+    model = _load_whole_model(model_path, "diagnose")
+    try:
+        data = load_batches(
+            source,
+            split=split,
+            batch_size=batch_size,
+            max_batches=batches,
+            shape=_positive_sizes(shape),
+        )
+    except ValueError as error:  # DatasetError included
+        raise click.BadParameter(str(error), param_hint="--data / --shape") from None
+    diagnosis = diagnose(model, data, stale_distance=stale_distance)
+    click.echo(str(diagnosis))
+    if json_path:
+        with open(json_path, "w") as file:
+            file.write(diagnosis.to_json())
+    if plot_path:
+        diagnosis.plot(plot_path)
+    if fix_path:
+        repaired = repair(model, data, diagnosis)
+        after = diagnose(model, data, stale_distance=stale_distance, explain=False)
+        torch.save(model, fix_path)
+        click.echo(f"\nrepaired {len(repaired)} layer(s): {', '.join(repaired) or 'none'}")
+        click.echo(f"before: {_gap_line(diagnosis.gap)}\nafter:  {_gap_line(after.gap)}")
+        click.echo(f"wrote {fix_path}")
+
+
+def _positive_sizes(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    shape = None if text is None else _int_list(text, param_hint="--shape")
+    if shape is not None and min(shape) < 1:
+        raise click.BadParameter(f"expected positive sizes, got {text!r}", param_hint="--shape")
+    return shape
+
+
+def _gap_line(gap: dict) -> str:
+    line = f"eval vs population-statistics output gap {gap['output_gap']:.3g}"
+    if "eval_accuracy" in gap:
+        line += (
+            f", accuracy {gap['eval_accuracy']:.2%} (population statistics: "
+            f"{gap['population_accuracy']:.2%})"
+        )
+    return line
 
 
 if __name__ == "__main__":  # python -m bnlab.cli

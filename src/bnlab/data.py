@@ -210,3 +210,80 @@ def permute_pixels(x: Tensor, seed: int = 0) -> Tensor:
     """The same fixed random permutation of the pixel order for every image (permuted MNIST)."""
     order = torch.from_numpy(np.random.default_rng(seed).permutation(x.shape[1]))
     return x[:, order]
+
+
+# --------------------------------------------------------------------------------------------
+# batches for tools that take "some data": the digits, an MNIST directory, or a tensor file
+# --------------------------------------------------------------------------------------------
+
+
+def load_batches(
+    source: str | os.PathLike,
+    *,
+    split: str = "test",
+    batch_size: int = 128,
+    max_batches: int | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> list[tuple[Tensor, Tensor | None]]:
+    """(input, labels or None) batches from ``"digits"``, an MNIST directory, or a tensor file.
+
+    Args:
+        source: ``"digits"`` (bundled), a directory with MNIST's IDX files, or a file saved with
+            :func:`torch.save` holding a tensor of inputs, an ``(inputs, labels)`` pair, or a
+            dict with ``"x"`` / ``"inputs"`` and optionally ``"y"`` / ``"labels"``.
+        split: ``"test"`` or ``"train"`` (datasets only).
+        batch_size: rows per batch (the last batch may be shorter).
+        max_batches: keep the first ones only.
+        shape: per-example shape to view the rows as, e.g. ``(1, 8, 8)`` for the digits.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    x, y = _inputs_and_labels(source, split)
+    if shape is not None:
+        per_example = int(np.prod(shape))
+        if x[0].numel() != per_example:
+            raise ValueError(
+                f"cannot view examples of {x[0].numel()} values as shape {tuple(shape)} "
+                f"({per_example} values)"
+            )
+        x = x.reshape(len(x), *shape)
+    batches = [
+        (x[i : i + batch_size], None if y is None else y[i : i + batch_size])
+        for i in range(0, len(x), batch_size)
+    ]
+    return batches[:max_batches] if max_batches is not None else batches
+
+
+def _inputs_and_labels(source, split: str) -> tuple[Tensor, Tensor | None]:
+    if str(source) == "digits":
+        data = load_digits()
+    elif Path(source).is_dir():
+        data = load_mnist(source)
+    elif Path(source).is_file():
+        return _tensor_file(Path(source))
+    else:
+        raise DatasetError(
+            f"data source {str(source)!r}: expected 'digits', an MNIST directory or a tensor file"
+        )
+    return (data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y)
+
+
+def _tensor_file(path: Path) -> tuple[Tensor, Tensor | None]:
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(content, dict):
+        x = content.get("x", content.get("inputs"))
+        y = content.get("y", content.get("labels"))
+    elif isinstance(content, (tuple, list)) and len(content) == 2:
+        x, y = content
+    else:
+        x, y = content, None
+    if not isinstance(x, Tensor) or x.ndim < 1 or len(x) == 0:
+        raise DatasetError(
+            f"{path}: expected a tensor of inputs, an (inputs, labels) pair or a dict with 'x' "
+            f"(and 'y'), got {type(content).__name__}"
+        )
+    if y is not None and (not isinstance(y, Tensor) or y.shape != (len(x),)):
+        raise DatasetError(f"{path}: labels must be a tensor of shape ({len(x)},)")
+    return x, y

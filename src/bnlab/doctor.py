@@ -194,7 +194,7 @@ def diagnose(
         model: left exactly as found (the measurements run on copies).
         batches: a few batches (kept in memory, run several times): each an input, or an
             ``(input, target)`` pair whose target is an integer tensor of class indices (then
-            loss and accuracy are reported). Other batch structures need ``forward``.
+            loss and accuracy are reported) or None. Other batch structures need ``forward``.
         forward: ``forward(model, batch) -> output``, for batches of another structure (labels
             are then not used).
         stale_distance: a layer whose distance (module docstring) exceeds this is stale.
@@ -276,6 +276,8 @@ def _split(batch: Any) -> tuple[Any, Optional[Tensor]]:
     """(input, target) for a labelled pair, else (batch, None)."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         target = batch[1]
+        if target is None:  # bnlab.data.load_batches's unlabelled batches
+            return batch[0], None
         if isinstance(target, Tensor) and target.ndim == 1 and not target.is_floating_point():
             return batch[0], target
     return batch, None
