@@ -116,7 +116,7 @@ class LayerStatistics:
     num_batches_tracked: Optional[int] = None
     momentum: Optional[float] = None
     min_abs_gamma: Optional[float] = None
-    explains: Optional[float] = None  # fraction of the model's eval gap this layer's repair closes
+    explains: Optional[float] = None  # fraction of the eval gap repairing this layer alone closes
 
     @property
     def distance(self) -> Optional[float]:
@@ -158,21 +158,33 @@ class Diagnosis:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
 
         rows = sorted((r for r in self.layers if r.order is not None), key=lambda r: r.order)
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows) + 2), 4.0))
+        finite = [r.distance for r in rows if r.distance is not None and math.isfinite(r.distance)]
+        top = max([1.0, *finite]) * 2  # where a non-finite layer's bar ends
         heights, colors = [], []
         for r in rows:
-            d = r.distance
-            finite = d is not None and math.isfinite(d)
-            heights.append(d if finite else 0.0)
-            colors.append(_bar_color(self.kinds(r.layer), finite))
+            is_finite = r.distance is not None and math.isfinite(r.distance)
+            heights.append((r.distance or 0.0) if is_finite else top)
+            colors.append(_bar_color(self.kinds(r.layer), is_finite))
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(rows) + 2), 4.5))
         ax.bar(range(len(rows)), heights, color=colors)
-        ax.axhline(self.thresholds.get("stale_distance", 0.2), color="black", ls="--", lw=0.8)
+        threshold = self.thresholds.get("stale_distance", 0.2)
+        ax.axhline(threshold, color="black", ls="--", lw=0.8)
         ax.set_xticks(range(len(rows)), [r.layer for r in rows], rotation=90, fontsize=7)
         ax.set_yscale("symlog", linthresh=0.1)
-        ax.set_ylabel("running vs population statistics\n(population std units)")
-        ax.set_title("batch-norm layers by depth (red: statistics finding, grey: non-finite)")
+        ax.set_ylabel("distance, running vs population\n(population standard deviations)")
+        ax.set_title("batch norms in forward order", fontsize=10)
+        legend = [
+            Patch(color="tab:red", label="statistics finding"),
+            Patch(color="tab:blue", label="no statistics finding"),
+            Patch(color="0.6", label="non-finite (bar to the top)"),
+            plt.Line2D([], [], color="black", ls="--", lw=0.8, label=f"stale at {threshold:g}"),
+        ]
+        ax.legend(
+            handles=legend, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2
+        )
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
