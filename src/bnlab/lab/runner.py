@@ -124,6 +124,7 @@ _MODULES = (
     "small_batch",
     "seq_mnist",
     "grad_flow",
+    "shift",
 )
 
 

@@ -244,8 +244,9 @@ class BatchNorm(_NormBase):
             \sigma^2 = (1 - \alpha)\,\mathrm{running\_var} + \alpha\,\sigma_B^2, \quad
             y = \gamma\,(x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta
 
-        (Nado et al. 2020, "Evaluating prediction-time batch normalization", Section 3; Schneider
-        et al. 2020). Nothing is updated. Differentiable through the batch statistics.
+        (Schneider et al. 2020, "Improving robustness against common corruptions by covariate shift
+        adaptation": alpha = n / (N + n); alpha = 1 is Nado et al. 2020's prediction-time batch
+        norm). Nothing is updated. Differentiable through the batch statistics.
         ``weight``: gamma as the caller's op takes it (default: the layer's own).
         """
         weight = self.weight if isinstance(weight, str) else weight
