@@ -300,19 +300,14 @@ class BNLSTMCell(nn.Module):
             c = torch.addcmul(ig, f, c)  # (N, H), rows equal
             cs.append(c)
         with torch.no_grad():
-            rows = slice(0, S)
             h_rows = torch.cat([h[:1], h_out.expand(S - 1, H)])  # h_{t-1} of each step
             means = {
                 "x": x[:, 0] @ self.weight_ih.t(),
                 "h": h_rows @ self.weight_hh.t(),
                 "c": torch.stack([v[0] for v in cs]),
             }
-            for which, mean in means.items():  # torch.batch_norm's update, variance 0
-                if updates_deferred(self.running_mean_x):
-                    self._record(which, 0, mean, torch.zeros_like(mean), N)
-                else:
-                    getattr(self, f"running_mean_{which}")[rows].lerp_(mean, self.momentum)
-                    getattr(self, f"running_var_{which}")[rows].mul_(1 - self.momentum)
+            for which, mean in means.items():  # the guarded update, variance 0
+                self._record(which, 0, mean, torch.zeros_like(mean), N)
                 if self.observer is not None:
                     self.observer(which, 0, mean, torch.zeros_like(mean), N)
         return h_out.expand(S, N, H), (h_out.expand(N, H), c)
