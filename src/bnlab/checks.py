@@ -46,13 +46,7 @@ def check_vector(name: str, t, shape: tuple, input: Tensor, what: str) -> None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(
-            f"{name} has shape {tuple(t.shape)}, expected {shape} ({what}; input shape "
-            f"{tuple(input.shape)})"
-        )
-    if t.device != input.device:
-        raise ValueError(f"{name} is on {t.device}, expected the input's device {input.device}")
+    _check_shape_and_device(name, t, shape, input, lambda s: f" ({what}; input shape {s})")
     allowed = {input.dtype, accumulation_dtype(input.dtype)}
     if t.dtype not in allowed:
         raise TypeError(
@@ -71,13 +65,20 @@ def check_mask(mask: Optional[Tensor], input: Tensor) -> None:
             f"mask must be a bool tensor (True = valid position), got "
             f"{getattr(mask, 'dtype', type(mask).__name__)}"
         )
-    if tuple(mask.shape) != expected:
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected {expected}: the input's "
-            f"shape {tuple(input.shape)} without the channel dim 1"
-        )
-    if mask.device != input.device:
-        raise ValueError(f"mask is on {mask.device}, expected the input's device {input.device}")
+
+    def why(shape: tuple) -> str:
+        return f": the input's shape {shape} without the channel dim 1"
+
+    _check_shape_and_device("mask", mask, expected, input, why)
+
+
+def _check_shape_and_device(name: str, t: Tensor, shape: tuple, input: Tensor, why) -> None:
+    """t has ``shape``, else a ValueError ending in ``why(input's shape)``, and input's device."""
+    if tuple(t.shape) != shape:
+        detail = why(tuple(input.shape))  # formatted only for the error: checks run on every call
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}{detail}")
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device}, expected the input's device {input.device}")
 
 
 def valid_count(mask: Tensor, training: bool) -> Tensor:

@@ -80,9 +80,7 @@ def _batch_norm_op(
 
 @_batch_norm_op.register_fake
 def _(input, weight, bias, running_mean, running_var, mask, training, eps, backend, requested):
-    channels = input.shape[1] if training else 0
-    stats = input.new_empty((channels,), dtype=accumulation_dtype(input.dtype))
-    return torch.empty_like(input), stats, torch.empty_like(stats)
+    return _fake_outputs(input, (input.shape[1] if training else 0,))
 
 
 @torch.library.custom_op("bnlab::batch_norm_backward", mutates_args=())
@@ -126,6 +124,13 @@ def _absent_as_empty(grads, input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Custom ops return tensors only: an absent gradient travels as an empty tensor."""
     empty = input.new_empty((0,), dtype=accumulation_dtype(input.dtype))
     return tuple(empty.clone() if g is None else g for g in grads)
+
+
+def _fake_outputs(input: Tensor, stat_shape) -> tuple[Tensor, Tensor, Tensor]:
+    """A forward's (y, mean, var), unfilled: y like the input, the statistics shaped ``stat_shape``
+    in the accumulation dtype."""
+    stats = input.new_empty(stat_shape, dtype=accumulation_dtype(input.dtype))
+    return torch.empty_like(input), stats, torch.empty_like(stats)
 
 
 def _fake_grads(input: Tensor, param_shape, weight, output_mask):
@@ -241,18 +246,7 @@ class _BatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        training,
-        eps,
-        activation,
-        param,
-        inplace,
-        backend,
+        ctx, input, weight, bias, running, training, eps, activation, param, inplace, backend
     ):
         kernels = get_backend(backend).module
         gamma = weight
@@ -263,8 +257,8 @@ class _BatchNormAct(torch.autograd.Function):
             input,
             gamma,
             bias,
-            running_mean,
-            running_var,
+            running.mean,
+            running.var,
             training,
             eps,
             activation,
@@ -274,7 +268,7 @@ class _BatchNormAct(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(input)
         ctx.mark_non_differentiable(mean, var)
-        stats = (mean, var) if training else (running_mean.clone(), running_var.clone())
+        stats = (mean, var) if training else (running.mean.clone(), running.var.clone())
         ctx.save_for_backward(y if inplace else input, weight, gamma, bias, *stats)
         ctx.config = (training, eps, activation, param, inplace, backend)
         return y, mean, var
@@ -303,24 +297,13 @@ class _BatchNormAct(torch.autograd.Function):
         if inplace and dgamma is not None:
             dweight = dgamma * torch.sign(weight).to(dgamma.dtype)  # d(|w| + eps)/dw
         dx, dweight, dbias = _cast_grads((dx, dweight, dbias), wanted, _param_dtypes(weight, bias))
-        return dx, dweight, dbias, *([None] * 8)
+        return dx, dweight, dbias, *([None] * 7)
 
 
-def batch_norm_act(
-    input,
-    weight,
-    bias,
-    running: RunningStatistics,
-    training,
-    eps,
-    activation,
-    param,
-    inplace,
-    backend,
-):
-    """(y, mean, var) of act(batch_norm(x)) by the ``backend``'s fused kernels, differentiable."""
-    inputs = (input, weight, bias, running.mean, running.var, training, eps, activation, param)
-    return _BatchNormAct.apply(*inputs, inplace, backend)
+batch_norm_act = _BatchNormAct.apply
+"""``batch_norm_act(input, weight, bias, running, training, eps, activation, param, inplace,
+backend)``: (y, mean, var) of act(batch_norm(x)) by the ``backend``'s fused kernels,
+differentiable; ``running``: its buffers normalize in eval (they are not updated here)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,9 +327,7 @@ def _layer_norm_op(
 @_layer_norm_op.register_fake
 def _(input, normalized_shape, weight, bias, eps, backend):
     k = len(normalized_shape)
-    stat_shape = (*input.shape[: input.dim() - k], *([1] * k))
-    stats = input.new_empty(stat_shape, dtype=accumulation_dtype(input.dtype))
-    return torch.empty_like(input), stats, torch.empty_like(stats)
+    return _fake_outputs(input, (*input.shape[: input.dim() - k], *([1] * k)))
 
 
 @torch.library.custom_op("bnlab::layer_norm_backward", mutates_args=())
@@ -426,14 +407,7 @@ def transforms_active() -> bool:
 
 
 def transformed_batch_norm(
-    input: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running: RunningStatistics,
-    training: bool,
-    eps: float,
-    activation: str = "identity",
-    param: float = 0.0,
+    input, weight, bias, running: RunningStatistics, training, eps, activation="identity", param=0.0
 ) -> Tensor:
     """Batch norm (then the activation) as torch.nn.BatchNorm computes it, for a call under a
     torch.func transform: ``num_batches_tracked`` counted and the cumulative factor taken as the

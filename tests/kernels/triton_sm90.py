@@ -31,12 +31,12 @@ ACC_BUFFERS = {
     "count_ptr",
     "mean_ptr",
     "m2_ptr",
-    "out_mean_ptr",
-    "out_var_ptr",
     "sum_dz_ptr",
     "sum_dzx_ptr",
-    "out_dz_ptr",
-    "out_dzx_ptr",
+    "first_ptr",
+    "second_ptr",
+    "out_first_ptr",
+    "out_second_ptr",
 }
 # (BLOCK_C, BLOCK_S, the stride fixed at 1) of the elementwise and the reduction tiles _Geometry
 # picks for the two layouts
@@ -87,10 +87,9 @@ def variants():
                 dtype,
                 {**tile, **flags, "FROM_OUTPUT": act == 2, "TRAINING": act != 3},
             )
-    for acc in (tl.float32, tl.float64):
-        merge = {"ACC": acc, "BLOCK_C": tk._MERGE_BLOCK}
-        yield tk._merge_stats_kernel, "float64" if acc == tl.float64 else "float32", merge
-        yield tk._merge_sums_kernel, "float64" if acc == tl.float64 else "float32", merge
+    for acc, chan in itertools.product((tl.float32, tl.float64), (True, False)):
+        merge = {"CHAN": chan, "ACC": acc, "BLOCK_C": tk._MERGE_BLOCK}
+        yield tk._merge_kernel, "float64" if acc == tl.float64 else "float32", merge
 
 
 def resources(ptx: str) -> tuple[int, int]:

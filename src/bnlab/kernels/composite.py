@@ -265,9 +265,16 @@ def _invert_activation(y: Tensor, activation: str, param: float) -> Tensor:
     return y
 
 
-def activated(batch_norm_forward):
-    """``batch_norm_act_forward`` of a backend with plain batch-norm kernels: its
-    ``batch_norm_forward``, then PyTorch's activation (written into ``out`` when given)."""
+# the adapters' docstrings: the contract's, and what runs it
+_SEE = "See :meth:`bnlab.kernels.contract.Kernels"
+_FUSED = "the backend's kernels, the activation in the same passes"
+
+
+def activated(batch_norm_forward=None, fused=None):
+    """``batch_norm_act_forward`` of a backend, the contract's signature and defaults written once
+    for every backend: its ``fused`` kernel (the activation applied in the same pass; it takes
+    every argument, positionally) when it has one, else its ``batch_norm_forward`` then PyTorch's
+    activation (written into ``out`` when given)."""
 
     def batch_norm_act_forward(
         x,
@@ -281,26 +288,29 @@ def activated(batch_norm_forward):
         param=0.0,
         out=None,
     ):
+        if fused is not None:
+            return fused(
+                x, weight, bias, running_mean, running_var, training, eps, activation, param, out
+            )
         y, mean, var = batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
         y = laid_out_like(activate(_acc(y), activation, param), x)
         if out is not None:
             y = out.copy_(y)
         return y, mean, var
 
-    batch_norm_act_forward.__doc__ = (
-        f"See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`: "
-        f"{batch_norm_forward.__module__}.batch_norm_forward, then the activation."
-    )
+    how = _FUSED if fused else f"{batch_norm_forward.__module__}.batch_norm_forward, then act(y)"
+    batch_norm_act_forward.__doc__ = f"{_SEE}.batch_norm_act_forward`: {how}."
     return batch_norm_act_forward
 
 
 batch_norm_act_forward = activated(batch_norm_forward)
 
 
-def activated_backward(batch_norm_backward):
-    """``batch_norm_act_backward`` of a backend with a plain batch-norm backward: z (and, in the
-    in-place mode, x) recovered here, dz = dy * act'(z), then the backend's ``batch_norm_backward``
-    of dz."""
+def activated_backward(batch_norm_backward=None, fused=None):
+    """``batch_norm_act_backward`` of a backend, the contract's signature and defaults written once
+    for every backend: the in-place mode's activation checked invertible, then its ``fused``
+    kernel (it takes every argument, positionally) when it has one, else z (and, in the in-place
+    mode, x) recovered here, dz = dy * act'(z), and its ``batch_norm_backward`` of dz."""
 
     def batch_norm_act_backward(
         grad_out,
@@ -316,6 +326,11 @@ def activated_backward(batch_norm_backward):
         output_mask=(True, True, True),
         from_output=False,
     ):
+        if from_output:
+            require_invertible(activation)
+        if fused is not None:
+            args = (grad_out, saved, weight, bias, mean, var, training, eps, activation, param)
+            return fused(*args, output_mask, from_output)
         x, z = _recover(saved, weight, bias, mean, var, eps, activation, param, from_output)
         dz = activation_grad(_acc(grad_out), z, activation, param)
         dx, dweight, dbias = batch_norm_backward(
@@ -323,17 +338,13 @@ def activated_backward(batch_norm_backward):
         )
         return (None if dx is None else laid_out_like(dx, saved)), dweight, dbias
 
-    batch_norm_act_backward.__doc__ = (
-        f"See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`: dz = dy * act'(z), "
-        f"then {batch_norm_backward.__module__}.batch_norm_backward."
-    )
+    how = _FUSED if fused else f"{batch_norm_backward.__module__}.batch_norm_backward of dy act'(z)"
+    batch_norm_act_backward.__doc__ = f"{_SEE}.batch_norm_act_backward`: {how}."
     return batch_norm_act_backward
 
 
 def _recover(saved, weight, bias, mean, var, eps, activation, param, from_output):
     """(x, z): the input and the pre-activation, from x itself or (in place) from y = act(z)."""
-    if from_output:
-        require_invertible(activation)
     sa = _acc(saved)
     scale = torch.rsqrt(var.to(sa.dtype) + eps)
     if weight is not None:

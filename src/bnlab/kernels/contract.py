@@ -14,7 +14,10 @@ Conventions, the same for batch norm and layer norm:
 - outputs are shaped and laid out like the input (:func:`~bnlab.kernels.composite.laid_out_like`);
 - a gradient whose ``output_mask`` entry is False comes back as None (dweight also without weight).
 
-A backend with fused kernels only gets the plain ones from :func:`plain_from_fused`.
+A backend with fused kernels only gets the plain ones from :func:`plain_from_fused`; every backend's
+``batch_norm_act_forward`` / ``_backward`` (their signatures and defaults, the in-place mode's
+check) come from :func:`bnlab.kernels.composite.activated` / ``activated_backward``, over its
+fused kernels or its plain ones.
 
 The fused activations (:data:`ACTIVATIONS`), z the pre-activation and p the parameter, each with
 torch.nn.functional's definition and, at the kinks, the branch its backward takes:
@@ -232,10 +235,13 @@ def plain_from_fused(
     act_forward: Callable, act_backward: Callable, batch_statistics: Callable
 ) -> tuple[Callable, Callable]:
     """``batch_norm_forward`` and ``batch_norm_backward`` of a backend whose kernels are the fused
-    ones (activation ``identity``); masks are not supported (``supports`` refuses them)."""
+    ones (activation ``identity``), which take every argument positionally; masks are not
+    supported (``supports`` refuses them)."""
 
     def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps, mask=None):
-        return act_forward(x, weight, bias, running_mean, running_var, training, eps)
+        return act_forward(
+            x, weight, bias, running_mean, running_var, training, eps, "identity", 0.0, None
+        )
 
     def batch_norm_backward(
         grad_out, x, weight, mean, var, training, eps, output_mask=(True, True, True), mask=None
@@ -244,7 +250,7 @@ def plain_from_fused(
             mean, var = batch_statistics(x)
         # the bias does not change dx, dweight or dbias without an activation
         return act_backward(
-            grad_out, x, weight, None, mean, var, training, eps, output_mask=output_mask
+            grad_out, x, weight, None, mean, var, training, eps, "identity", 0.0, output_mask, False
         )
 
     batch_norm_forward.__doc__ = Kernels.batch_norm_forward.__doc__

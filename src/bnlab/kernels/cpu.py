@@ -51,8 +51,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from .composite import is_channels_last, is_dense, laid_out_like
-from .contract import UNMASKED_BATCH_NORM_OPS, plain_from_fused, require_invertible
+from .composite import activated, activated_backward, is_channels_last, is_dense, laid_out_like
+from .contract import UNMASKED_BATCH_NORM_OPS, plain_from_fused
 
 _DTYPES = (torch.float32, torch.float64)
 _OPS = UNMASKED_BATCH_NORM_OPS
@@ -620,19 +620,9 @@ def statistics(x: Tensor, plan: _Plan | None = None) -> tuple[np.ndarray, np.nda
     return mean, var
 
 
-def batch_norm_act_forward(
-    x,
-    weight,
-    bias,
-    running_mean,
-    running_var,
-    training,
-    eps,
-    activation="identity",
-    param=0.0,
-    out=None,
-):
-    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`."""
+def _act_forward(x, weight, bias, running_mean, running_var, training, eps, activation, param, out):
+    """:meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`, every argument given: one
+    statistics pass in training, one normalizing pass."""
     c = x.shape[1]
     plan = _Plan(x)
     if training:
@@ -651,26 +641,14 @@ def batch_norm_act_forward(
     return y, empty, empty.clone()
 
 
-def batch_norm_act_backward(
-    grad_out,
-    saved,
-    weight,
-    bias,
-    mean,
-    var,
-    training,
-    eps,
-    activation="identity",
-    param=0.0,
-    output_mask=(True, True, True),
-    from_output=False,
+def _act_backward(
+    grad_out, saved, weight, bias, mean, var, training, eps, activation, param, wanted, from_output
 ):
-    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, in the form
+    """:meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, every argument given
+    (``wanted``: the output mask), in the form
     dx = a dz - a invstd^2 (x - mean) sum(dz (x - mean)) / m - a sum(dz) / m, a = weight * invstd
     (eval: the first term). Two parallel passes: the sums, then dx; each recomputes z from x (or,
     ``from_output``, inverts the activation from y)."""
-    if from_output:
-        require_invertible(activation)
     c = saved.shape[1]
     mean64, var64 = _vector(mean, c, 0.0), _vector(var, c, 1.0)
     invstd = 1.0 / np.sqrt(var64 + eps)
@@ -685,7 +663,7 @@ def batch_norm_act_backward(
     sum_dz, sum_dz_xk = plan.sums(grad_sums, dy, *plan.tile(k, a, b), code, p, bool(from_output))
     sum_dz_xc = sum_dz_xk + rest * sum_dz  # sum(dz * (x - mean)) from sum(dz * (x - k))
     dx = dweight = dbias = None
-    if output_mask[0]:
+    if wanted[0]:
         count = saved.numel() // c
         k1 = -a * invstd * invstd * sum_dz_xc / count if training else np.zeros(c)
         # k1 (x - mean) = k1 (x - k) + k1 rest: the rest goes into the constant term
@@ -702,9 +680,9 @@ def batch_norm_act_backward(
             plan.blocks,
         )
     acc = saved.dtype
-    if weight is not None and output_mask[1]:
+    if weight is not None and wanted[1]:
         dweight = torch.from_numpy(sum_dz_xc * invstd).to(acc)
-    if output_mask[2]:
+    if wanted[2]:
         dbias = torch.from_numpy(sum_dz).to(acc)
     return dx, dweight, dbias
 
@@ -722,6 +700,8 @@ def _statistics64(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(mean), torch.from_numpy(var)
 
 
+batch_norm_act_forward = activated(fused=_act_forward)
+batch_norm_act_backward = activated_backward(fused=_act_backward)
 batch_norm_forward, batch_norm_backward = plain_from_fused(
-    batch_norm_act_forward, batch_norm_act_backward, _statistics64
+    _act_forward, _act_backward, _statistics64
 )

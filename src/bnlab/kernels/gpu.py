@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .composite import accumulation_dtype, is_dense, laid_out_like
-from .contract import UNMASKED_BATCH_NORM_OPS, plain_from_fused, require_invertible
+from .composite import accumulation_dtype, activated, activated_backward, is_dense, laid_out_like
+from .contract import UNMASKED_BATCH_NORM_OPS, plain_from_fused
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -87,7 +87,8 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# kernels
+# kernels. Triton takes flat arguments (pointers, sizes, strides, compile-time flags), so each
+# kernel lists them by role, a line a group (``# fmt: skip``), rather than a name a line.
 # --------------------------------------------------------------------------------------------
 
 
@@ -168,10 +169,16 @@ def _deactivate(y, param, ACT: tl.constexpr):
 
 
 @triton.jit
+def _channels(pid_c, C, BLOCK_C: tl.constexpr):
+    """The channels of block pid_c, and which of them exist (the last block may pass C)."""
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cs, cs < C
+
+
+@triton.jit
 def _tile(pid_c, t, tiles, C, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets, the in-bounds mask ``inside`` and per-channel value count of position tile t of a
-    channel block. Tiles are numbered over N * cdiv(S, BLOCK_S) = ``tiles``; a t past the last
-    gives an empty tile."""
+    """Offsets and the in-bounds mask ``inside`` of position tile t of a channel block. Tiles are
+    numbered over N * cdiv(S, BLOCK_S) = ``tiles``; a t past the last gives an empty tile."""
     s_tiles = tl.cdiv(S, BLOCK_S)
     n = t // s_tiles
     s0 = (t - n * s_tiles) * BLOCK_S
@@ -181,9 +188,34 @@ def _tile(pid_c, t, tiles, C, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.
         n.to(tl.int64) * sn + s0.to(tl.int64) * ss + (cs[:, None] * sc + (s[None, :] - s0) * ss)
     )  # (BLOCK_C, BLOCK_S)
     s_end = tl.where(t < tiles, S, 0)  # a bound, not a mask of its own: one comparison per value
-    inside = (cs[:, None] < C) & (s[None, :] < s_end)
-    count = tl.maximum(tl.minimum(s_end - s0, BLOCK_S), 0)
-    return offsets, inside, count
+    return offsets, (cs[:, None] < C) & (s[None, :] < s_end)
+
+
+@triton.jit
+def _program_tile(C, S, sn, sc, ss, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(channel block, offsets, inside) of an elementwise program's one tile: grid axis 0 walks
+    the position tiles of a row, axis 1 the channel blocks, axis 2 the N rows."""
+    pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = n * tl.cdiv(S, BLOCK_S) + pid_t
+    offsets, inside = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    return pid_c, offsets, inside
+
+
+@triton.jit
+def _run_tile(i, N, C, S, sn, sc, ss, per_program, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(offsets, inside) of tile i of a reduction program's run of ``per_program`` tiles: grid
+    axis 0 is the channel block, axis 1 the run."""
+    tiles = N * tl.cdiv(S, BLOCK_S)
+    t = tl.program_id(1) * per_program + i
+    return _tile(tl.program_id(0), t, tiles, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+
+
+@triton.jit
+def _store_partial(ptr, values, C, BLOCK_C: tl.constexpr):
+    """A reduction program's per-channel values into its row (grid axis 1) of a (splits, C)
+    buffer, its channel block's columns (axis 0)."""
+    cs, ok = _channels(tl.program_id(0), C, BLOCK_C)
+    tl.store(ptr + tl.program_id(1) * C + cs, values, mask=ok)
 
 
 @triton.jit
@@ -201,8 +233,7 @@ def _channel_params(
     BLOCK_C: tl.constexpr,
 ):
     """(mean, invstd, a = weight * invstd, b) of a channel block, as (BLOCK_C, 1) columns."""
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = cs < C
+    cs, ok = _channels(pid_c, C, BLOCK_C)
     mean = tl.load(mean_ptr + cs, mask=ok, other=0.0).to(ACC)
     var = tl.load(var_ptr + cs, mask=ok, other=1.0).to(ACC)
     invstd = 1.0 / tl.sqrt(var + eps)
@@ -226,35 +257,20 @@ def _chan_merge(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
 
 @triton.jit
 def _stats_kernel(
-    x_ptr,
-    count_ptr,
-    mean_ptr,
-    m2_ptr,
-    N,
-    C,
-    S,
-    sn,
-    sc,
-    ss,
-    tiles_per_program,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """Partial (count, mean, M2) per channel over this program's run of tiles -> row pid_t.
+    x_ptr, count_ptr, mean_ptr, m2_ptr,  # input; partial summaries out, (splits, C) each
+    N, C, S, sn, sc, ss, tiles_per_program,  # the (N, C, S) view; a program's run of tiles
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Partial (count, mean, M2) per channel over this program's run of tiles -> its row.
 
     Every lane of the tile keeps its own Welford summary (elementwise work only inside the loop);
     the lanes are merged once at the end with Chan's formula for many groups:
     mean = sum(n_l mean_l) / n, M2 = sum(M2_l + n_l (mean_l - mean)^2)."""
-    pid_c, pid_t = tl.program_id(0), tl.program_id(1)
-    tiles = N * tl.cdiv(S, BLOCK_S)
     count = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     mean = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for i in range(tiles_per_program):
-        offsets, inside, _count = _tile(
-            pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss, BLOCK_C, BLOCK_S
-        )
+        offsets, inside = _run_tile(i, N, C, S, sn, sc, ss, tiles_per_program, BLOCK_C, BLOCK_S)
         v = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(ACC)
         count += tl.where(inside, 1.0, 0.0)
         delta = tl.where(inside, v - mean, 0.0)
@@ -264,74 +280,51 @@ def _stats_kernel(
     total = tl.sum(count, axis=1)
     merged_mean = tl.sum(count * mean, axis=1) / tl.maximum(total, 1.0)
     spread = mean - merged_mean[:, None]
-    m2 = tl.sum(m2 + count * spread * spread, axis=1)
-    mean, count = merged_mean, total
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = cs < C
-    row = pid_t * C + cs
-    tl.store(count_ptr + row, count, mask=ok)
-    tl.store(mean_ptr + row, mean, mask=ok)
-    tl.store(m2_ptr + row, m2, mask=ok)
+    _store_partial(count_ptr, total, C, BLOCK_C)
+    _store_partial(mean_ptr, merged_mean, C, BLOCK_C)
+    _store_partial(m2_ptr, tl.sum(m2 + count * spread * spread, axis=1), C, BLOCK_C)
 
 
 @triton.jit
-def _merge_stats_kernel(
-    count_ptr,
-    mean_ptr,
-    m2_ptr,
-    out_mean_ptr,
-    out_var_ptr,
-    C,
-    SPLITS,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """Chan's merge of the (SPLITS, C) partials: the batch mean and biased variance per channel."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = cs < C
+def _merge_kernel(
+    first_ptr, second_ptr, count_ptr,  # partials, (SPLITS, C) each
+    out_first_ptr, out_second_ptr,  # merged, (C,) each
+    C, SPLITS, CHAN: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The reduction programs' (SPLITS, C) partials merged per channel: two sums added (the
+    backward's), or (CHAN) the (mean, M2, count) summaries merged by Chan's formula into the batch
+    mean and biased variance M2 / count."""
+    cs, ok = _channels(tl.program_id(0), C, BLOCK_C)
+    first = tl.zeros([BLOCK_C], ACC)
+    second = tl.zeros([BLOCK_C], ACC)
     count = tl.zeros([BLOCK_C], ACC)
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
     for i in range(SPLITS):
-        mean, m2, count = _chan_merge(
-            mean,
-            m2,
-            count,
-            tl.load(mean_ptr + i * C + cs, mask=ok, other=0.0),
-            tl.load(m2_ptr + i * C + cs, mask=ok, other=0.0),
-            tl.load(count_ptr + i * C + cs, mask=ok, other=0.0),
-        )
-    tl.store(out_mean_ptr + cs, mean, mask=ok)
-    var = tl.maximum(m2 / tl.maximum(count, 1.0), 0.0)  # lanes past C: 0 / 1, not 0 / 0
-    tl.store(out_var_ptr + cs, var, mask=ok)
+        part_first = tl.load(first_ptr + i * C + cs, mask=ok, other=0.0)
+        part_second = tl.load(second_ptr + i * C + cs, mask=ok, other=0.0)
+        if CHAN:
+            part_count = tl.load(count_ptr + i * C + cs, mask=ok, other=0.0)
+            first, second, count = _chan_merge(
+                first, second, count, part_first, part_second, part_count
+            )
+        else:
+            first += part_first
+            second += part_second
+    if CHAN:
+        second = tl.maximum(second / tl.maximum(count, 1.0), 0.0)  # lanes past C: 0 / 1, not 0 / 0
+    tl.store(out_first_ptr + cs, first, mask=ok)
+    tl.store(out_second_ptr + cs, second, mask=ok)
 
 
 @triton.jit
 def _normalize_kernel(
-    x_ptr,
-    y_ptr,
-    mean_ptr,
-    var_ptr,
-    w_ptr,
-    b_ptr,
-    eps,
-    param,
-    C,
-    S,
-    sn,
-    sc,
-    ss,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    x_ptr, y_ptr,
+    mean_ptr, var_ptr, w_ptr, b_ptr, eps, param,  # per channel (_channel_params); act's p
+    C, S, sn, sc, ss,  # the (N, C, S) view
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     """y = act((x - mean) * a + b) on one tile (y may be x: the in-place mode)."""
-    pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = n * tl.cdiv(S, BLOCK_S) + pid_t
-    offsets, inside, count = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    pid_c, offsets, inside = _program_tile(C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
     mean, _, a, b = _channel_params(
         pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B, ACC, BLOCK_C
     )
@@ -354,111 +347,41 @@ def _recover(v, dy, mean, a, b, param, ACT: tl.constexpr, FROM_OUTPUT: tl.conste
 
 @triton.jit
 def _grad_sums_kernel(
-    v_ptr,
-    dy_ptr,
-    sum_dz_ptr,
-    sum_dzx_ptr,
-    mean_ptr,
-    var_ptr,
-    w_ptr,
-    b_ptr,
-    eps,
-    param,
-    N,
-    C,
-    S,
-    sn,
-    sc,
-    ss,
-    tiles_per_program,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    FROM_OUTPUT: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    v_ptr, dy_ptr, sum_dz_ptr, sum_dzx_ptr,  # x (or y), dy; partial sums out, (splits, C)
+    mean_ptr, var_ptr, w_ptr, b_ptr, eps, param,  # per channel (_channel_params); act's p
+    N, C, S, sn, sc, ss, tiles_per_program,  # the (N, C, S) view; a program's run of tiles
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     """Partial sum(dz) and sum(dz * (x - mean)) per channel over this program's tiles."""
-    pid_c, pid_t = tl.program_id(0), tl.program_id(1)
     mean, invstd, a, b = _channel_params(
-        pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B, ACC, BLOCK_C
+        tl.program_id(0), C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B, ACC, BLOCK_C
     )
-    tiles = N * tl.cdiv(S, BLOCK_S)
     acc_dz = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     for i in range(tiles_per_program):
-        offsets, inside, count = _tile(
-            pid_c, pid_t * tiles_per_program + i, tiles, C, S, sn, sc, ss, BLOCK_C, BLOCK_S
-        )
+        offsets, inside = _run_tile(i, N, C, S, sn, sc, ss, tiles_per_program, BLOCK_C, BLOCK_S)
         v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(ACC)
         dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(ACC)
         centred, dz = _recover(v, dy, mean, a, b, param, ACT, FROM_OUTPUT)
         dz = tl.where(inside, dz, 0.0)
         acc_dz += dz
         acc_dzx += dz * centred
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = cs < C
-    tl.store(sum_dz_ptr + pid_t * C + cs, tl.sum(acc_dz, axis=1), mask=ok)
-    tl.store(sum_dzx_ptr + pid_t * C + cs, tl.sum(acc_dzx, axis=1), mask=ok)
-
-
-@triton.jit
-def _merge_sums_kernel(
-    sum_dz_ptr,
-    sum_dzx_ptr,
-    out_dz_ptr,
-    out_dzx_ptr,
-    C,
-    SPLITS,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """Add the (SPLITS, C) partial sums per channel."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = cs < C
-    dz = tl.zeros([BLOCK_C], ACC)
-    dzx = tl.zeros([BLOCK_C], ACC)
-    for i in range(SPLITS):
-        dz += tl.load(sum_dz_ptr + i * C + cs, mask=ok, other=0.0)
-        dzx += tl.load(sum_dzx_ptr + i * C + cs, mask=ok, other=0.0)
-    tl.store(out_dz_ptr + cs, dz, mask=ok)
-    tl.store(out_dzx_ptr + cs, dzx, mask=ok)
+    _store_partial(sum_dz_ptr, tl.sum(acc_dz, axis=1), C, BLOCK_C)
+    _store_partial(sum_dzx_ptr, tl.sum(acc_dzx, axis=1), C, BLOCK_C)
 
 
 @triton.jit
 def _grad_input_kernel(
-    v_ptr,
-    dy_ptr,
-    dx_ptr,
-    sum_dz_ptr,
-    sum_dzx_ptr,
-    mean_ptr,
-    var_ptr,
-    w_ptr,
-    b_ptr,
-    eps,
-    param,
-    values,
-    C,
-    S,
-    sn,
-    sc,
-    ss,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    ACT: tl.constexpr,
-    FROM_OUTPUT: tl.constexpr,
-    TRAINING: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
+    v_ptr, dy_ptr, dx_ptr, sum_dz_ptr, sum_dzx_ptr,  # x (or y), dy; dx out; the merged sums
+    mean_ptr, var_ptr, w_ptr, b_ptr, eps, param, values,  # per channel; act's p; m
+    C, S, sn, sc, ss,  # the (N, C, S) view
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, FROM_OUTPUT: tl.constexpr,
+    TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
     """dx = a * dz - a * invstd^2 * (x - mean) * sum(dz (x - mean)) / m - a * sum(dz) / m on one
     tile (eval: dx = a * dz)."""
-    pid_t, pid_c, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = n * tl.cdiv(S, BLOCK_S) + pid_t
-    offsets, inside, count = _tile(pid_c, t, t + 1, C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
+    pid_c, offsets, inside = _program_tile(C, S, sn, sc, ss, BLOCK_C, BLOCK_S)
     mean, invstd, a, b = _channel_params(
         pid_c, C, mean_ptr, var_ptr, w_ptr, b_ptr, eps, HAS_W, HAS_B, ACC, BLOCK_C
     )
@@ -467,8 +390,7 @@ def _grad_input_kernel(
     centred, dz = _recover(v, dy, mean, a, b, param, ACT, FROM_OUTPUT)
     dx = a * dz
     if TRAINING:
-        cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        ok = cs < C
+        cs, ok = _channels(pid_c, C, BLOCK_C)
         sum_dz = tl.load(sum_dz_ptr + cs, mask=ok, other=0.0)[:, None]
         sum_dzx = tl.load(sum_dzx_ptr + cs, mask=ok, other=0.0)[:, None]
         dx -= a * (invstd * invstd * centred * sum_dzx + sum_dz) / values
@@ -527,11 +449,14 @@ class _Geometry:
     def tile_grid(self) -> tuple[int, int, int]:
         return triton.cdiv(self.s, self.block_s), self.c_blocks, self.n
 
-    def blocks(self) -> dict:
-        return _launch(self.block_c, self.block_s)
+    def elementwise(self) -> dict:
+        """The elementwise kernels' view and tile arguments (grid: :meth:`tile_grid`)."""
+        return dict(**self.layout(), **_launch(self.block_c, self.block_s))
 
-    def reduce_blocks(self) -> dict:
-        return _launch(self.reduce_block_c, self.reduce_block_s)
+    def reduction(self) -> dict:
+        """The reduction kernels' view, run and tile arguments (grid: ``reduce_grid``)."""
+        tiles = _launch(self.reduce_block_c, self.reduce_block_s)
+        return dict(N=self.n, **self.layout(), tiles_per_program=self.tiles_per_program, **tiles)
 
 
 def _launch(block_c: int, block_s: int) -> dict:
@@ -557,38 +482,42 @@ def _statistics(x: Tensor, geo: _Geometry) -> tuple[Tensor, Tensor]:
     """Batch mean and biased variance per channel, in the accumulation dtype."""
     acc = accumulation_dtype(x.dtype)
     count, mean, m2 = torch.empty((3, geo.splits, geo.c), dtype=acc, device=x.device)
-    _stats_kernel[geo.reduce_grid](
-        x,
-        count,
-        mean,
-        m2,
-        N=geo.n,
-        **geo.layout(),
-        tiles_per_program=geo.tiles_per_program,
-        ACC=_tl_dtype(acc),
-        **geo.reduce_blocks(),
-    )
-    out_mean, out_var = torch.empty((2, geo.c), dtype=acc, device=x.device)
-    _merge_stats_kernel[(triton.cdiv(geo.c, _MERGE_BLOCK),)](
-        count,
-        mean,
-        m2,
-        out_mean,
-        out_var,
-        geo.c,
-        geo.splits,
-        ACC=_tl_dtype(acc),
+    _stats_kernel[geo.reduce_grid](x, count, mean, m2, ACC=_tl_dtype(acc), **geo.reduction())
+    return _merge(mean, m2, count)
+
+
+def _merge(first: Tensor, second: Tensor, count: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The reduction programs' (splits, C) partials merged per channel: two sums added, or (with
+    their ``count``) means and M2 by Chan's formula into (mean, biased variance)."""
+    splits, c = first.shape
+    out_first, out_second = torch.empty((2, c), dtype=first.dtype, device=first.device)
+    _merge_kernel[(triton.cdiv(c, _MERGE_BLOCK),)](
+        first,
+        second,
+        first if count is None else count,  # unread without CHAN
+        out_first,
+        out_second,
+        c,
+        splits,
+        CHAN=count is not None,
+        ACC=_tl_dtype(first.dtype),
         BLOCK_C=_MERGE_BLOCK,
     )
-    return out_mean, out_var
+    return out_first, out_second
 
 
-def _params(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> dict:
+def _per_channel(x: Tensor, weight, bias, eps, activation, param) -> dict:
+    """The kernels' affine and activation arguments (x stands in for an absent weight or bias: the
+    pointer is never read) and their accumulation type."""
     return dict(
         w_ptr=x if weight is None else weight,
         b_ptr=x if bias is None else bias,
         HAS_W=weight is not None,
         HAS_B=bias is not None,
+        eps=float(eps),
+        param=float(param),
+        ACT=ACTIVATION_CODES[activation],
+        ACC=_tl_dtype(accumulation_dtype(x.dtype)),
     )
 
 
@@ -597,19 +526,10 @@ def _params(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def batch_norm_act_forward(
-    x,
-    weight,
-    bias,
-    running_mean,
-    running_var,
-    training,
-    eps,
-    activation="identity",
-    param=0.0,
-    out=None,
-):
-    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`."""
+def _act_forward(x, weight, bias, running_mean, running_var, training, eps, activation, param, out):
+    """:meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`, every argument given: in
+    training a statistics launch (and the merge of its partials), then one normalizing launch,
+    straight into ``out`` when it is laid out like the kernels' view."""
     src = _dense_view(x)
     geo = _Geometry(src)
     if training:
@@ -618,19 +538,8 @@ def batch_norm_act_forward(
         mean, var = running_mean, running_var
     direct = out is not None and out.stride() == src.stride() and is_dense(out)
     y = out if direct else torch.empty_like(src)
-    _normalize_kernel[geo.tile_grid()](
-        src,
-        y,
-        mean,
-        var,
-        eps=float(eps),
-        param=float(param),
-        **_params(src, weight, bias),
-        **geo.layout(),
-        ACT=ACTIVATION_CODES[activation],
-        ACC=_tl_dtype(accumulation_dtype(x.dtype)),
-        **geo.blocks(),
-    )
+    args = _per_channel(src, weight, bias, eps, activation, param)
+    _normalize_kernel[geo.tile_grid()](src, y, mean, var, **args, **geo.elementwise())
     if out is not None and not direct:
         y = out.copy_(y)
     y = laid_out_like(y, x)
@@ -640,87 +549,37 @@ def batch_norm_act_forward(
     return y, empty, empty.clone()
 
 
-def batch_norm_act_backward(
-    grad_out,
-    saved,
-    weight,
-    bias,
-    mean,
-    var,
-    training,
-    eps,
-    activation="identity",
-    param=0.0,
-    output_mask=(True, True, True),
-    from_output=False,
+def _act_backward(
+    grad_out, saved, weight, bias, mean, var, training, eps, activation, param, wanted, from_output
 ):
-    """See :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, in the form
+    """:meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, every argument given
+    (``wanted``: the output mask), in the form
     dx = a dz - a invstd^2 (x - mean) sum(dz (x - mean)) / m - a sum(dz) / m, a = weight * invstd
     (eval: the first term). Two launches (and a merge of the partial sums): the sums, then dx;
     each recomputes z from x (or, ``from_output``, inverts the activation from y)."""
-    if from_output:
-        require_invertible(activation)
     src = _dense_view(saved)
     dy = laid_out_like(grad_out, src)
     geo = _Geometry(src)
     acc = accumulation_dtype(saved.dtype)
-    common = dict(
-        eps=float(eps),
-        param=float(param),
-        **_params(src, weight, bias),
-        ACT=ACTIVATION_CODES[activation],
-        FROM_OUTPUT=bool(from_output),
-        ACC=_tl_dtype(acc),
-    )
-    want_params = (weight is not None and output_mask[1]) or output_mask[2]
+    args = _per_channel(src, weight, bias, eps, activation, param)
+    args["FROM_OUTPUT"] = bool(from_output)
     sum_dz = sum_dzx = None
-    if training or want_params:
-        partial_dz, partial_dzx = torch.empty((2, geo.splits, geo.c), dtype=acc, device=src.device)
-        _grad_sums_kernel[geo.reduce_grid](
-            src,
-            dy,
-            partial_dz,
-            partial_dzx,
-            mean,
-            var,
-            N=geo.n,
-            **geo.layout(),
-            tiles_per_program=geo.tiles_per_program,
-            **common,
-            **geo.reduce_blocks(),
-        )
-        sum_dz, sum_dzx = torch.empty((2, geo.c), dtype=acc, device=src.device)
-        _merge_sums_kernel[(triton.cdiv(geo.c, _MERGE_BLOCK),)](
-            partial_dz,
-            partial_dzx,
-            sum_dz,
-            sum_dzx,
-            geo.c,
-            geo.splits,
-            ACC=_tl_dtype(acc),
-            BLOCK_C=_MERGE_BLOCK,
-        )
+    if training or (weight is not None and wanted[1]) or wanted[2]:
+        partial = torch.empty((2, geo.splits, geo.c), dtype=acc, device=src.device)
+        _grad_sums_kernel[geo.reduce_grid](src, dy, *partial, mean, var, **args, **geo.reduction())
+        sum_dz, sum_dzx = _merge(*partial)
     dx = dweight = dbias = None
-    if output_mask[0]:
+    if wanted[0]:
         dx = torch.empty_like(src)
         sums = (sum_dz, sum_dzx) if training else (mean, mean)  # eval: unused pointers
+        args.update(values=float(src.numel() // geo.c), TRAINING=bool(training))
         _grad_input_kernel[geo.tile_grid()](
-            src,
-            dy,
-            dx,
-            *sums,
-            mean,
-            var,
-            values=float(src.numel() // geo.c),
-            **geo.layout(),
-            TRAINING=bool(training),
-            **common,
-            **geo.blocks(),
+            src, dy, dx, *sums, mean, var, **args, **geo.elementwise()
         )
         dx = laid_out_like(dx, saved)
-    if weight is not None and output_mask[1]:
+    if weight is not None and wanted[1]:
         dweight = sum_dzx * torch.rsqrt(var.to(acc) + eps)
-    if output_mask[2]:
+    if wanted[2]:
         dbias = sum_dz
     return dx, dweight, dbias
 
@@ -731,6 +590,8 @@ def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Ten
     return _statistics(src, _Geometry(src))
 
 
+batch_norm_act_forward = activated(fused=_act_forward)
+batch_norm_act_backward = activated_backward(fused=_act_backward)
 batch_norm_forward, batch_norm_backward = plain_from_fused(
-    batch_norm_act_forward, batch_norm_act_backward, batch_statistics
+    _act_forward, _act_backward, batch_statistics
 )

@@ -70,21 +70,14 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
 
 
 def eager_batch_norm(
-    input,
-    weight,
-    bias,
-    running: RunningStatistics,
-    training,
-    eps,
-    strict,
-    activation="identity",
-    param=0.0,
+    input, weight, bias, running, training, eps, strict, activation="identity", param=0.0
 ) -> Optional[Tensor]:
-    """The whole eager CPU batch norm (then the activation) as ATen's own differentiable op, which
-    also updates the running statistics inside its kernel (as torch.nn's does), with bnlab's guard
-    kept: if the batch's statistics are not finite, the running statistics are put back and the
-    batch is not counted. None for a call this leaves to bnlab's Function over the kernels
-    (not on the CPU, being compiled, or a half input without float32 parameters).
+    """:class:`bnlab.kernels.contract.EagerBatchNorm`: the whole eager CPU batch norm (then the
+    activation) as ATen's own differentiable op, which also updates the running statistics inside
+    its kernel (as torch.nn's does), with bnlab's guard kept: if the batch's statistics are not
+    finite, the running statistics are put back and the batch is not counted. None for a call
+    this leaves to bnlab's Function over the kernels (not on the CPU, being compiled, or a half
+    input without float32 parameters).
 
     Why: the same kernels both ways, without bnlab's wrapper, the variance recovered from ATen's
     1 / sqrt(var + eps) and a separate running-statistics update, which cost 10-20% of a
