@@ -229,6 +229,9 @@ def test_model_speed_smoke_run_pairs_every_provider_with_torch(tmp_path):
     assert {float(r["paired_speedup"]) for r in rows if r["provider"] == "torch"} == {1.0}
     assert all(float(r["peak_mb"]) > 0 for r in rows if r["mode"] == "train")
     assert "appended to" in out
+    csv_path = str(tmp_path / "model_speed.csv")
+    run_script("plot_model_speed.py", "--csv", csv_path, "--out", str(tmp_path))
+    assert (tmp_path / "model_speed.png").stat().st_size > 10_000
 
 
 def test_model_speed_without_batch_norm_keeps_the_activation():
