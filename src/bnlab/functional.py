@@ -29,6 +29,7 @@ from .checks import (
 )
 from .kernels import select_backend
 from .kernels.composite import values_per_channel
+from .kernels.native import FULL_PRECISION
 from .statistics import NonFiniteStatisticsError, RunningStatistics
 
 __all__ = [
@@ -179,9 +180,6 @@ def batch_norm_act(
     return out
 
 
-_EVAL_ON_ATEN_DTYPES = (torch.float32, torch.float64)
-
-
 def eval_on_aten(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -201,7 +199,7 @@ def eval_on_aten(
     speed (benchmarks/model_speed.py); this is the path the modules take in eval."""
     if (
         running_mean is None
-        or input.dtype not in _EVAL_ON_ATEN_DTYPES
+        or input.dtype not in FULL_PRECISION
         or not input.is_cpu
         or not eps > 0
         or ops.transforms_active()

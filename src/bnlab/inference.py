@@ -33,6 +33,7 @@ from .nn import BatchNormAct, BatchRenorm, GhostBatchNorm, SyncBatchNorm
 from .nn import frozen as fbn
 from .nn.convert import replace_modules
 from .nn.frozen import FrozenBatchNorm, FrozenBatchNormAct
+from .nn.fuse import LayerTracer
 from .statistics import merge_statistics
 
 __all__ = [
@@ -566,7 +567,7 @@ class FoldReport:
         return "\n".join(lines)
 
 
-class _Tracer(fx.Tracer):
+class _Tracer(LayerTracer):
     """Keeps torch.nn's layers, bnlab's normalization layers (bnlab.nn) and batch norms with torch's
     or bnlab's forward as call_module nodes; traces through every other module, bnlab's own
     containers included. ``act_leaves``: keep batch norms with drop/act modules whole too (for
@@ -581,9 +582,7 @@ class _Tracer(fx.Tracer):
             type(m).forward in _PLAIN_FORWARDS or (self.act_leaves and _has_drop_or_act(m))
         ):
             return True
-        return type(m).__module__.startswith("bnlab.nn.") or super().is_leaf_module(
-            m, qualified_name
-        )
+        return super().is_leaf_module(m, qualified_name)
 
 
 def _trace(model: nn.Module, layers: dict) -> tuple[Optional[fx.GraphModule], str]:

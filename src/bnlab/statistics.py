@@ -30,6 +30,7 @@ from torch import Tensor
 __all__ = [
     "NonFiniteStatisticsError",
     "unbiased_factor",
+    "variance_from_invstd",
     "RunningStatistics",
     "update_running_stats",
     "all_finite_on_host",
@@ -51,6 +52,13 @@ class NonFiniteStatisticsError(FloatingPointError):
 def unbiased_factor(count: Count):
     """m / (m - 1): the biased variance of m values times this is the unbiased estimate."""
     return count / (count - 1)
+
+
+def variance_from_invstd(invstd: Tensor, eps: float) -> Tensor:
+    """The biased variance behind ATen's 1 / sqrt(var + eps): 1 / invstd^2 - eps, clamped at 0
+    (the subtraction can round below it). In ``invstd``'s dtype: pass float64 for the accuracy
+    of a recorded statistic."""
+    return (invstd.reciprocal().square() - eps).clamp_(min=0.0)
 
 
 @dataclass(slots=True)

@@ -19,12 +19,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..statistics import RunningStatistics, raise_if_not_finite, updates_deferred
+from ..statistics import (
+    RunningStatistics,
+    raise_if_not_finite,
+    updates_deferred,
+    variance_from_invstd,
+)
 from . import composite
 from .composite import laid_out_like
 from .contract import UNMASKED_BATCH_NORM_OPS
 
-_DTYPES = (torch.float32, torch.float64)
+FULL_PRECISION = (torch.float32, torch.float64)  # ATen's kernels in the input's dtype
 _OPS = UNMASKED_BATCH_NORM_OPS
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -33,7 +38,7 @@ def supports(op: str, x: Tensor) -> bool:
     """Batch norm without a mask (plain or with a fused activation), training or eval, in
     float32/float64, and float16/bfloat16 through ATen's mixed-precision kernel (float32
     statistics and parameters, as torch.nn runs under autocast)."""
-    return op in _OPS and (x.dtype in _DTYPES or x.dtype in _HALF) and x.numel() > 0
+    return op in _OPS and (x.dtype in FULL_PRECISION or x.dtype in _HALF) and x.numel() > 0
 
 
 def _statistics_dtype(x: Tensor) -> torch.dtype:
@@ -60,7 +65,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, None, None, True, 0.0, eps
         )
-        return laid_out_like(y, x), mean, (invstd.reciprocal().square() - eps).clamp_(min=0.0)
+        return laid_out_like(y, x), mean, variance_from_invstd(invstd, eps)
     dtype = _statistics_dtype(x)
     y, _, _ = torch.ops.aten.native_batch_norm(
         x, weight, bias, running_mean.to(dtype), running_var.to(dtype), False, 0.0, eps
@@ -170,7 +175,7 @@ def _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, 
     batch goes to :meth:`RunningStatistics.record`, which defers it."""
     copies = running.mean.detach().clone(), running.var.detach().clone()
     y, mean, invstd = torch.native_batch_norm(input, weight, bias, *copies, True, 0.0, eps)
-    var = (invstd.detach().double().reciprocal().square() - eps).clamp_(min=0.0)
+    var = variance_from_invstd(invstd.detach().double(), eps)
     count = input.numel() // input.shape[1]
     running.record(mean.detach(), var.to(mean.dtype), count, strict)
     return composite.activate_fresh(laid_out_like(y, input), activation, param)

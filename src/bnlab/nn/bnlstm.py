@@ -56,7 +56,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..statistics import count_batch, unbiased_factor, update_running_stats, updates_deferred
+from ..statistics import (
+    count_batch,
+    unbiased_factor,
+    update_running_stats,
+    updates_deferred,
+    variance_from_invstd,
+)
 
 __all__ = ["BNLSTMCell", "BNLSTM"]
 
@@ -253,7 +259,7 @@ class BNLSTMCell(nn.Module):
             y, batch_mean, invstd = torch.native_batch_norm(
                 x, weight, bias, mean.clone(), var.clone(), True, 0.0, self.eps
             )
-            batch_var = (invstd.detach().double().reciprocal().square() - self.eps).clamp(min=0)
+            batch_var = variance_from_invstd(invstd.detach().double(), self.eps)
             k = x.shape[0]
             self._record(
                 which, r, batch_mean.detach()[None], (batch_var * k / (k - 1)).to(x.dtype)[None], k

@@ -55,8 +55,9 @@ class FusedActivation(nn.Identity):
         return f"{type(self.original).__name__} fused into {self.into}"
 
 
-class _Tracer(fx.Tracer):
-    """torch.nn's layers and bnlab's modules stay whole; every other module is traced into."""
+class LayerTracer(fx.Tracer):
+    """torch.nn's layers and bnlab's modules stay whole (call_module nodes); every other module,
+    bnlab's own containers included, is traced into."""
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         return type(m).__module__.startswith("bnlab.nn.") or super().is_leaf_module(
@@ -80,7 +81,7 @@ def fuse_activations(model: nn.Module, inplace: bool = False) -> tuple[list[str]
     activation after it fuses the identity.
     """
     try:
-        graph = _Tracer().trace(model)
+        graph = LayerTracer().trace(model)
     except Exception as error:  # fx cannot trace data-dependent control flow and more
         return [], f"torch.fx cannot trace the model ({type(error).__name__}: {error})"
     modules = dict(model.named_modules(remove_duplicate=False))
