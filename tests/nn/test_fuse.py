@@ -98,14 +98,14 @@ def test_without_the_option_nothing_is_fused():
 class ConvNet(nn.Module):
     """conv -> bn -> relu -> conv -> bn -> pool, and a bn after a sum (not in place)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool=nn.MaxPool2d) -> None:
         super().__init__()
         self.conv1, self.bn1, self.act1 = (
             nn.Conv2d(3, 4, 3, padding=1),
             nn.BatchNorm2d(4),
             nn.ReLU(),
         )
-        self.conv2, self.bn2, self.pool = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.AvgPool2d(2)
+        self.conv2, self.bn2, self.pool = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), pool(2)
         self.bn3 = nn.BatchNorm2d(4)
 
     def forward(self, x):
@@ -119,6 +119,11 @@ def test_inplace_abn_keeps_only_outputs_and_says_it_changes_the_function():
     with pytest.warns(bnlab.ConversionWarning, match=r"in-place activated .* leaky_relu"):
         model, report = bnlab.convert(copy.deepcopy(original), report=True, inplace_abn=True)
     assert report.inplace_abn == ["bn1 -> act1", "bn2"]  # bn3 reads a sum: left as it was
+    # max pooling keeps bn2's output for its backward; average pooling keeps nothing: in place
+    # would change bn2's function and save no memory
+    with pytest.warns(bnlab.ConversionWarning, match="in-place activated"):
+        averaged = bnlab.convert(ConvNet(nn.AvgPool2d), report=True, inplace_abn=True)[1]
+    assert averaged.inplace_abn == ["bn1 -> act1"]
     assert model.bn1.inplace and model.bn1.activation == "leaky_relu"
     assert model.bn1.activation_param == 0.01 and model.bn2.activation == "identity"
     assert type(model.bn3) is bnlab.nn.BatchNorm2d

@@ -75,9 +75,11 @@ def fuse_activations(model: nn.Module, inplace: bool = False) -> tuple[list[str]
     whose input is a convolution's or linear layer's output that nothing else reads (those layers
     keep their input for the backward, not their output), and whose output (or its activation's)
     goes only to layers that do not write over it (convolutions, linear, pooling), the output is
-    written over that input and only it is kept for the backward. That changes the model's
-    function, as in the paper: gamma enters as |gamma| + eps, and a ReLU after it becomes
-    leaky_relu with slope 0.01 (the activation must be invertible); a batch norm with no
+    written over that input and only it is kept for the backward. Only where that saves a tensor:
+    an activation follows, or a reader keeps the output for its own backward (not average
+    pooling alone). That changes the model's function, as in the paper: gamma enters as
+    |gamma| + eps, and a ReLU after it becomes leaky_relu with slope 0.01 (the activation must be
+    invertible); a batch norm with no
     activation after it fuses the identity.
     """
     try:
@@ -93,9 +95,11 @@ def fuse_activations(model: nn.Module, inplace: bool = False) -> tuple[list[str]
         act_node = _activation_after(node, modules, calls)
         last = node if act_node is None else act_node
         if inplace and not (
-            _overwritable_input(node, modules) and _read_only_by_layers(last, modules)
+            _overwritable_input(node, modules)
+            and _read_only_by_layers(last, modules)
+            and (act_node is not None or _kept_by_a_reader(node, modules))
         ):
-            continue
+            continue  # unsafe, or nothing to save: another function for no memory
         if act_node is None and not inplace:
             continue
         bn = modules[node.target]
@@ -171,14 +175,25 @@ def _read_only_by_layers(node: fx.Node, modules: dict) -> bool:
     return bool(node.users)
 
 
+def _kept_by_a_reader(node: fx.Node, modules: dict) -> bool:
+    """Whether a layer reading ``node``'s output (directly or through identity modules) keeps it
+    for its own backward: only then does keeping the batch norm's output instead of its input save
+    a tensor (average pooling keeps none)."""
+    for user in node.users:
+        module = modules.get(user.target) if user.op == "call_module" else None
+        if type(module) is nn.Identity and _kept_by_a_reader(user, modules):
+            return True
+        if isinstance(module, _KEEP_THEIR_INPUT + _MAX_POOLS + _CONV_TRANSPOSES):
+            return True
+    return False
+
+
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _READ_ONLY_LAYERS = (
     *_KEEP_THEIR_INPUT,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
+    *_CONV_TRANSPOSES,
+    *_MAX_POOLS,
     nn.AvgPool1d,
     nn.AvgPool2d,
     nn.AvgPool3d,
