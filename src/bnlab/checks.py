@@ -91,11 +91,11 @@ def valid_count(mask: Tensor, training: bool) -> Tensor:
     return count
 
 
-def vectors_fit(input: Tensor, vectors) -> bool:
-    """The common case of :func:`check_vector` for every (C,) vector at once, in a few
+def vectors_fit(input: Tensor, *vectors: Optional[Tensor]) -> bool:
+    """The common case of :func:`check_vector` for every (C,) vector (or None) at once, in a few
     microseconds less (it runs on every call of every layer)."""
     shape, device, dtype = input.shape[1:2], input.device, input.dtype
-    for _, t in vectors:
+    for t in vectors:
         if t is None:
             continue
         if not (
@@ -127,15 +127,10 @@ def check_batch_norm_args(
             f"{op} expects an input of rank >= 2 shaped (N, C, *) with channels on dim 1, "
             f"got shape {tuple(input.shape)}"
         )
-    vectors = (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    )
-    if not vectors_fit(input, vectors):  # then say which one does not, and why
+    if not vectors_fit(input, weight, bias, running_mean, running_var):  # then say which, why
         what = f"one value per channel, C = {input.shape[1]}"
-        for name, t in vectors:
+        names = ("weight", "bias", "running_mean", "running_var")
+        for name, t in zip(names, (weight, bias, running_mean, running_var)):
             check_vector(name, t, (input.shape[1],), input, what)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")

@@ -199,6 +199,7 @@ def eval_on_aten(
     speed (benchmarks/model_speed.py); this is the path the modules take in eval."""
     if (
         running_mean is None
+        or running_var is None
         or input.dtype not in FULL_PRECISION
         or not input.is_cpu
         or not eps > 0
@@ -206,8 +207,7 @@ def eval_on_aten(
         or torch.compiler.is_compiling()
     ):
         return None
-    vectors = (("weight", weight), ("bias", bias), ("mean", running_mean), ("var", running_var))
-    if input.dim() < 2 or running_var is None or not vectors_fit(input, vectors):
+    if input.dim() < 2 or not vectors_fit(input, weight, bias, running_mean, running_var):
         return None
     op = "batch_norm_eval" if activation == "identity" else "batch_norm_act_eval"
     kernels = select_backend(op, input, None, activation)

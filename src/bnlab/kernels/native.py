@@ -113,7 +113,7 @@ def eager_batch_norm(
         y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
         if strict:
             _raise_if_not_finite(input, mean, invstd, eps)
-        return composite.activate_fresh(laid_out_like(y, input), activation, param)
+        return _laid_out_and_activated(y, input, activation, param)
     if updates_deferred(running_mean):
         return _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, param)
     num_batches_tracked, momentum = running.num_batches_tracked, running.momentum
@@ -130,7 +130,7 @@ def eager_batch_norm(
         running_var.detach().numpy()[:] = before[1]
         if strict:
             _raise_if_not_finite(input, mean, invstd, eps)
-    return composite.activate_fresh(laid_out_like(y, input), activation, param)
+    return _laid_out_and_activated(y, input, activation, param)
 
 
 def eval_batch_norm(
@@ -140,7 +140,16 @@ def eval_batch_norm(
     by the activation (over ATen's fresh output where it can: see
     :func:`bnlab.kernels.composite.activate_fresh`). No checks: the caller's."""
     y = torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
-    return composite.activate_fresh(laid_out_like(y, input), activation, param)
+    return _laid_out_and_activated(y, input, activation, param)
+
+
+def _laid_out_and_activated(y: Tensor, x: Tensor, activation: str, param: float) -> Tensor:
+    """ATen's fresh output laid out like x, then activated (in place where it can: see
+    :func:`bnlab.kernels.composite.activate_fresh`). The common case, a dense y in x's layout and
+    no activation, returns at once: this runs on every call of every layer."""
+    if y.stride() != x.stride() or y.dtype != x.dtype:
+        y = laid_out_like(y, x)
+    return y if activation == "identity" else composite.activate_fresh(y, activation, param)
 
 
 def _finite(invstd: Tensor) -> bool:
@@ -178,7 +187,7 @@ def _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, 
     var = variance_from_invstd(invstd.detach().double(), eps)
     count = input.numel() // input.shape[1]
     running.record(mean.detach(), var.to(mean.dtype), count, strict)
-    return composite.activate_fresh(laid_out_like(y, input), activation, param)
+    return _laid_out_and_activated(y, input, activation, param)
 
 
 batch_statistics = composite.batch_statistics

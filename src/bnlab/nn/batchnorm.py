@@ -197,8 +197,7 @@ class BatchNorm(_NormBase):
             or not self.track_running_stats
         ):
             return None
-        mean, var = self._registered("running_mean"), self._registered("running_var")
-        weight, bias = self._registered("weight"), self._registered("bias")
+        weight, bias, mean, var, _ = self._state()
         return F.eval_on_aten(input, mean, var, weight, bias, self.eps, activation, param)
 
     def _functional_args(self) -> dict:
@@ -209,7 +208,7 @@ class BatchNorm(_NormBase):
         mode = self.statistics
         if mode != "standard":
             mode = _statistics_mode(self)
-        running_mean = self._registered("running_mean")
+        weight, bias, running_mean, running_var, num_batches_tracked = self._state()
         if mode == "standard":
             use_running = not self.training or self.track_running_stats
             training = self.training or running_mean is None
@@ -222,13 +221,13 @@ class BatchNorm(_NormBase):
             use_running, training = mode == "running", mode == "batch"
         return dict(
             running_mean=running_mean if use_running else None,
-            running_var=self._registered("running_var") if use_running else None,
-            weight=self._registered("weight"),
-            bias=self._registered("bias"),
+            running_var=running_var if use_running else None,
+            weight=weight,
+            bias=bias,
             training=training,
             momentum=self.momentum,
             eps=self.eps,
-            num_batches_tracked=self._registered("num_batches_tracked") if use_running else None,
+            num_batches_tracked=num_batches_tracked if use_running else None,
         )
 
     def _mixing(self) -> bool:
@@ -272,14 +271,29 @@ class BatchNorm(_NormBase):
             per_channel(shift, input), input.to(acc), per_channel(scale, input)
         ).to(input.dtype)
 
-    def _registered(self, name: str):
-        """A parameter or buffer straight from its registry (nn.Module.__getattr__ made up a third
-        of a small layer's Python overhead); by attribute when it is not there, e.g. a weight under
+    def _state(self) -> tuple:
+        """(weight, bias, running_mean, running_var, num_batches_tracked) straight from their
+        registries in one frame (nn.Module.__getattr__ made up a third of a small layer's Python
+        overhead); by attribute where one is not there, e.g. a weight under
         torch.nn.utils.parametrize."""
-        value = self._parameters.get(name, _ABSENT)
-        if value is _ABSENT:
-            value = self._buffers.get(name, _ABSENT)
-        return getattr(self, name) if value is _ABSENT else value
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params.get("weight", _ABSENT), params.get("bias", _ABSENT)
+        mean, var = buffers.get("running_mean", _ABSENT), buffers.get("running_var", _ABSENT)
+        tracked = buffers.get("num_batches_tracked", _ABSENT)
+        state = (weight, bias, mean, var, tracked)
+        if (
+            weight is _ABSENT
+            or bias is _ABSENT
+            or mean is _ABSENT
+            or var is _ABSENT
+            or tracked is _ABSENT
+        ):
+            names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+            state = tuple(
+                getattr(self, name, None) if value is _ABSENT else value
+                for name, value in zip(names, state)
+            )
+        return state
 
 
 class BatchNorm1d(BatchNorm):
