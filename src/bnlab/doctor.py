@@ -203,7 +203,8 @@ def diagnose(
     """Diagnose every batch norm (bnlab's or torch.nn's, timm's subclasses included) of ``model``.
 
     Args:
-        model: left exactly as found (the measurements run on copies).
+        model: left exactly as found (the measurements run on copies of it: up to three at once,
+            so the model must fit in memory three times).
         batches: a few batches (kept in memory, run several times): each an input, or an
             ``(input, target)`` pair whose target is an integer tensor of class indices (then
             loss and accuracy are reported) or None. Other batch structures need ``forward``.
