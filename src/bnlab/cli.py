@@ -434,7 +434,7 @@ def doctor(
     if plot_path:
         diagnosis.plot(plot_path)
     if fix_path:
-        repaired = repair(model, data, diagnosis)
+        repaired = repair(model, diagnosis)
         after = diagnose(model, data, stale_distance=stale_distance, explain=False)
         torch.save(model, fix_path)
         click.echo(f"\nrepaired {len(repaired)} layer(s): {', '.join(repaired) or 'none'}")

@@ -31,8 +31,8 @@ statistics against the exact population statistics of those batches
   difference, and as loss and accuracy when the batches carry labels; and for every layer with a
   statistics or mode finding, the fraction of that gap that repairing this layer alone closes.
 
-:func:`repair` recomputes population statistics where a diagnosis found them stale, never updated
-or non-finite, and changes nothing else.
+:func:`repair` writes the population statistics a diagnosis measured where it found them stale,
+never updated or non-finite, and changes nothing else.
 
 The distance of a channel compares what eval mode divides and subtracts with what it should::
 
@@ -133,6 +133,10 @@ class Diagnosis:
     findings: list[Finding]
     gap: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
+    # per layer with running statistics and reached: the population (mean, var) measured
+    population: dict[str, tuple[Tensor, Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def kinds(self, layer: Optional[str] = None) -> set[str]:
         """The kinds found, on ``layer`` only when given."""
@@ -245,32 +249,20 @@ def diagnose(
             "min_values": min_values,
             "dead_gamma": dead_gamma,
         },
+        population=_population_statistics(population, seen),
     )
     _measure_gap(diagnosis, model, population, batches, call, forward is None, explain)
     return diagnosis
 
 
-def repair(
-    model: nn.Module,
-    batches: Iterable[Any],
-    diagnosis: Optional[Diagnosis] = None,
-    *,
-    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
-) -> list[str]:
-    """Recompute population statistics (Algorithm 2) of the layers a diagnosis found stale, never
-    updated or non-finite; nothing else of ``model`` changes. Returns the repaired layers' names.
-
-    Without ``diagnosis``, :func:`diagnose` runs first (without the per-layer explanation)."""
-    batches = list(batches)
-    if diagnosis is None:
-        diagnosis = diagnose(model, batches, forward=forward, explain=False)
-    names = sorted({f.layer for f in diagnosis.findings if f.kind in STATISTICS_KINDS})
-    if not names:
-        return []
-    population, _ = _population(model, batches, _caller(forward))
-    with torch.no_grad():
-        for name in names:
-            _copy_statistics(model.get_submodule(name), population.get_submodule(name))
+def repair(model: nn.Module, diagnosis: Diagnosis) -> list[str]:
+    """Write the population statistics (Algorithm 2) that ``diagnosis`` measured into the layers
+    it found stale, never updated or non-finite; nothing else of ``model`` changes. Returns the
+    repaired layers' names (a flagged layer the batches never reached has nothing to write)."""
+    flagged = {f.layer for f in diagnosis.findings if f.kind in STATISTICS_KINDS}
+    names = sorted(flagged & diagnosis.population.keys())
+    for name in names:
+        _repair_layer(model.get_submodule(name), diagnosis, name, modes=False)
     return names
 
 
@@ -315,6 +307,15 @@ def _population(model: nn.Module, batches: list, call) -> tuple[nn.Module, dict]
             hook.remove()
     population.eval()  # population-statistics mode: the model's eval mode, every BN included
     return population, seen
+
+
+def _population_statistics(population: nn.Module, seen: dict) -> dict:
+    """The population copy's (mean, var) of every reached layer with running statistics."""
+    stats = {}
+    for name, bn in batch_norm_layers(population).items():
+        if name in seen and getattr(bn, "running_mean", None) is not None:
+            stats[name] = (bn.running_mean.detach().clone(), bn.running_var.detach().clone())
+    return stats
 
 
 def _remember_output(name: str, outputs: dict):
@@ -513,27 +514,24 @@ def _measure_gap(diagnosis, model, population, batches, call, labelled, explain)
     rows = {row.layer: row for row in diagnosis.layers}
     for name in sorted({f.layer for f in diagnosis.findings if f.kind in _REPAIRABLE}):
         variant = copy.deepcopy(as_is)
-        _repair_layer(
-            variant.get_submodule(name), population.get_submodule(name), diagnosis.kinds(name)
-        )
+        _repair_layer(variant.get_submodule(name), diagnosis, name, modes=True)
         after = _relative_gap(
             _evaluate(variant, batches, call, labelled)["outputs"], reference["outputs"]
         )
         rows[name].explains = _explained(gap["output_gap"], after)
 
 
-def _repair_layer(bn: nn.Module, population_bn: nn.Module, kinds: set) -> None:
-    """What the layer's findings ask for: population statistics, and/or eval mode."""
-    if kinds & set(STATISTICS_KINDS):
+def _repair_layer(bn: nn.Module, diagnosis: Diagnosis, name: str, modes: bool) -> None:
+    """What the layer's findings ask for: the measured population statistics, and (``modes``)
+    eval mode for a layer left in training mode."""
+    kinds = diagnosis.kinds(name)
+    if kinds & set(STATISTICS_KINDS) and name in diagnosis.population:
+        mean, var = diagnosis.population[name]
         with torch.no_grad():
-            _copy_statistics(bn, population_bn)
-    if "train-mode-in-eval" in kinds:
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+    if modes and "train-mode-in-eval" in kinds:
         bn.train(False)
-
-
-def _copy_statistics(bn: nn.Module, population_bn: nn.Module) -> None:
-    bn.running_mean.copy_(population_bn.running_mean)
-    bn.running_var.copy_(population_bn.running_var)
 
 
 @torch.no_grad()
