@@ -44,17 +44,23 @@ def digits():
 
 def trained(digits, **kwargs) -> Net:
     """A healthy model: trained, then its running statistics settled with the weights fixed."""
-    x, y = digits
     torch.manual_seed(0)
     net = Net(**kwargs)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(2):
+    fit(net, digits, epochs=2)
+    return settle(net, digits)
+
+
+def fit(model: nn.Module, digits, epochs: int) -> nn.Module:
+    """SGD with momentum on the digits in batches of 64, in order."""
+    x, y = digits
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(epochs):
         for i in range(0, len(x), 64):
-            loss = nn.functional.cross_entropy(net(x[i : i + 64]), y[i : i + 64])
+            loss = nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return settle(net, digits)
+    return model
 
 
 @torch.no_grad()
@@ -187,21 +193,14 @@ def test_small_batch_only_where_few_values(healthy, digits):
 
 
 def test_repair_closes_the_gap_of_a_never_updated_model(digits):
-    x, y = digits
     torch.manual_seed(0)
     net = Net()
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     for module in net.modules():  # trained with statistics never recorded
         if isinstance(module, nn.modules.batchnorm._BatchNorm) or isinstance(
             module, bnlab.nn.BatchNorm
         ):
             module.momentum = 0.0
-    for i in range(0, len(x), 64):
-        loss = nn.functional.cross_entropy(net(x[i : i + 64]), y[i : i + 64])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    fit(net, digits, epochs=1).eval()
     before = copy.deepcopy(net.state_dict())
     d = diagnose(net, batches(digits))
     assert {f.kind for f in d.findings} == {"never-updated"}
@@ -209,7 +208,7 @@ def test_repair_closes_the_gap_of_a_never_updated_model(digits):
     assert {k: torch.equal(v, net.state_dict()[k]) for k, v in before.items()} == {
         k: True for k in before
     }  # diagnose changed nothing
-    repaired = repair(net, batches(digits), d)
+    repaired = repair(net, d)
     assert repaired == [row.layer for row in d.layers if row.distance > 0.2]
     after = diagnose(net, batches(digits))
     assert found(after) == set()
@@ -271,7 +270,6 @@ def test_timm_model_converted_and_not(digits):
 def never_updated_sequential(digits) -> nn.Sequential:
     """A picklable model (torch.nn and bnlab layers) trained with momentum 0: running statistics
     never left their initial values."""
-    x, y = digits
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1, bias=False),
@@ -283,14 +281,7 @@ def never_updated_sequential(digits) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(256, 10),
     )
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(2):
-        for i in range(0, len(x), 64):
-            loss = nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return fit(model, digits, epochs=2).eval()
 
 
 def test_doctor_command_fixes_a_never_updated_model(digits, tmp_path):
