@@ -417,3 +417,68 @@ def test_eval_takes_the_short_path_only_when_nothing_else_is_asked(monkeypatch):
     bnlab.nn.BatchNorm2d(3, track_running_stats=False).eval()(x)
     bnlab.nn.BatchNorm2d(3, dtype=torch.float16).eval()(x.half())
     assert len(full) == 2
+
+
+def test_eval_decision_cached_per_signature_follows_every_change(monkeypatch):
+    """The short path's checks run once per input signature; what changes after (the input's
+    shape or layout, a vector replaced or converted, the backend registry, $BNLAB_BACKEND, the
+    layer's options) is still seen: wrong input is refused with the full path's message and a
+    new choice of backend takes effect."""
+    x = torch.randn(4, 3, 5, 5)
+    bn = bnlab.nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.weight.uniform_(0.5, 2)
+
+    def expected(inp, module=bn):
+        return torch.nn.functional.batch_norm(
+            inp, module.running_mean, module.running_var, module.weight, module.bias, eps=module.eps
+        )
+
+    for _ in range(2):  # the second call takes the cached decision
+        torch.testing.assert_close(bn(x), expected(x))
+    cl = x.contiguous(memory_format=torch.channels_last)
+    got = bn(cl)
+    torch.testing.assert_close(got, expected(x))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="expects 3 channels"):
+        bn(torch.randn(4, 5, 5, 5))
+    with pytest.raises(ValueError, match="expected 4D input"):
+        bn(torch.randn(4, 3, 5))
+    bn.eps = 0.5  # part of the signature
+    torch.testing.assert_close(bn(x), expected(x))
+    bn.running_var = torch.ones(4)  # replaced under the cached decision: the full path says so
+    with pytest.raises(ValueError, match="running_var"):
+        bn(x)
+    bn.running_var = torch.full((3,), 2.0)
+    torch.testing.assert_close(bn(x), expected(x))
+    bn.double()  # converted in place (same Parameter objects, new dtype): float32 input refused
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        bn(x)
+    torch.testing.assert_close(bn(x.double()), expected(x.double()))
+
+    full = []
+    monkeypatch.setattr(bnlab.functional, "batch_norm", lambda *a, **k: full.append(k) or a[0])
+    layer = bnlab.nn.BatchNorm2d(3).eval()
+    layer(x)
+    monkeypatch.setenv("BNLAB_BACKEND", "composite")
+    layer(x)
+    assert len(full) == 1  # the environment's backend is not native: the full path ran
+    monkeypatch.delenv("BNLAB_BACKEND")
+    layer(x)
+    assert len(full) == 1
+    taken = []
+    composite = bnlab.kernels.get_backend("composite")
+    bnlab.kernels.register_backend(
+        "eager_test",
+        composite.module,
+        supports=lambda op, t: taken.append(op) or True,
+        priority=100,
+    )
+    try:
+        layer(x)  # a backend above native takes it now: full path, automatic selection
+        assert len(full) == 2 and "batch_norm_eval" in taken
+    finally:
+        bnlab.kernels.unregister_backend("eager_test")
+    layer(x)
+    assert len(full) == 2

@@ -56,6 +56,7 @@ __all__ = [
     "available_backends",
     "get_backend",
     "select_backend",
+    "selection_state",
 ]
 
 OPS = (
@@ -114,14 +115,25 @@ def unregister_backend(name: str) -> None:
 
 
 def _order_by_priority() -> None:
+    global _REGISTRY_TOKEN
     _BY_PRIORITY[:] = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
     _CHOSEN.clear()
+    _REGISTRY_TOKEN = object()
+
+
+def selection_state() -> tuple:
+    """What automatic selection depends on besides the call: the registry (a token replaced at
+    each change, so a copy or a new process never matches an old one) and $BNLAB_BACKEND. A
+    decision cached with it (see :meth:`bnlab.nn.BatchNorm._eval_on_aten`) holds while it is
+    equal."""
+    return (_REGISTRY_TOKEN, _requested_by_environment())
 
 
 # automatic choices by call signature: (op, activation, dtype, device, shape, strides); a backend's
 # supports / prefers must depend on nothing else. Cleared when the registry changes.
 _CHOSEN: dict[tuple, Backend] = {}
 _CHOSEN_MAX = 4096  # distinct signatures kept (a model has a few dozen)
+_REGISTRY_TOKEN = object()
 
 
 def available_backends() -> list[str]:

@@ -138,8 +138,20 @@ def eval_batch_norm(
 ) -> Tensor:
     """act(batch_norm(input)) with the running statistics, as ATen's differentiable op followed
     by the activation (over ATen's fresh output where it can: see
-    :func:`bnlab.kernels.composite.activate_fresh`). No checks: the caller's."""
-    y = torch.native_batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
+    :func:`bnlab.kernels.composite.activate_fresh`). ``aten::batch_norm``, the op torch.nn calls,
+    whose own checks (each vector's size, dtype and device against the input's) raise a
+    RuntimeError; ``native_batch_norm`` reads C values of any vector it is given."""
+    y = torch.batch_norm(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        False,
+        0.0,
+        eps,
+        torch.backends.cudnn.enabled,
+    )
     return _laid_out_and_activated(y, input, activation, param)
 
 

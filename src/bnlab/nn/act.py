@@ -76,6 +76,10 @@ class BatchNormAct(BatchNorm):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        if not self.training and not self.inplace:
+            out = self._eval_on_aten(input, self.activation, self.activation_param)
+            if out is not None:
+                return out
         self._check_input_dim(input)
         if self._mixing():  # prediction-time statistics (set_statistics): never in place
             weight = self.weight

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..kernels.composite import accumulation_dtype, per_channel, reduction_dims
+from ..ops import transforms_active
 
 __all__ = [
     "BatchNorm",
@@ -174,11 +175,11 @@ class BatchNorm(_NormBase):
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Normalize ``input``; an optional bool ``mask`` (N, *spatial) restricts the batch
         statistics to its True positions (see :func:`bnlab.functional.batch_norm`)."""
-        self._check_input_dim(input)
         if mask is None and not self.training:
             out = self._eval_on_aten(input)
             if out is not None:
                 return out
+        self._check_input_dim(input)
         if self.statistics != "standard" and self._mixing():
             return self._mixed(input, mask)
         return F.batch_norm(
@@ -186,19 +187,43 @@ class BatchNorm(_NormBase):
         )
 
     def _eval_on_aten(
-        self, input: Tensor, activation: str = "identity", param: float = 0.0
+        self, input: Tensor, activation: str = "identity", param: Optional[float] = None
     ) -> Optional[Tensor]:
-        """torch.nn's eval with the running statistics, as :func:`bnlab.functional.eval_on_aten`
-        runs it, when nothing else is asked (standard statistics, no backend named, tracked
-        running statistics); else None."""
+        """torch.nn's eval with the running statistics (then ``activation``), as
+        :func:`bnlab.functional.eval_on_aten` runs it, when nothing else is asked (standard
+        statistics, no backend named, tracked running statistics); else None.
+
+        The checks run on the first call of each :func:`bnlab.functional.eval_signature` (input
+        shape, strides, dtype, activation, eps, backend selection) and their verdict is kept on
+        the layer: later calls with that signature go straight to ATen's op, as torch.nn's do
+        (a small layer's checks cost a model 3% of its eval time, benchmarks/model_speed.py).
+        A vector replaced since fails ATen's own checks; the full path then says what is wrong.
+        """
         if (
             self.statistics != "standard"
             or self.backend is not None
             or not self.track_running_stats
+            or torch.compiler.is_compiling()
+            or transforms_active()
         ):
             return None
         weight, bias, mean, var, _ = self._state()
-        return F.eval_on_aten(input, mean, var, weight, bias, self.eps, activation, param)
+        signature = F.eval_signature(input, activation, param, self.eps)
+        plan = self.__dict__.get("_eval_plan")
+        if plan is None or plan[0] != signature:
+            self._check_input_dim(input)
+            activation, checked = F.check_activation(activation, param, False)
+            out = F.eval_on_aten(input, mean, var, weight, bias, self.eps, activation, checked)
+            if out is not None:  # a plain attribute: not a parameter, buffer or state_dict key
+                self.__dict__["_eval_plan"] = (signature, checked)
+            return out
+        try:
+            return F.eval_on_aten_decided(
+                input, weight, bias, mean, var, self.eps, activation, plan[1]
+            )
+        except RuntimeError:  # a vector changed under the plan: the full path raises its error
+            del self.__dict__["_eval_plan"]
+            return None
 
     def _functional_args(self) -> dict:
         """Statistics, parameters and mode as torch.nn decides them (``statistics="standard"``:

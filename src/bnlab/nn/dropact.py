@@ -138,11 +138,11 @@ class BatchNormDropAct2d(BatchNorm2d):
         fused = None if mask is not None else self.fused()
         if fused is None:
             return self.act(self.drop(super().forward(input, mask)))
-        self._check_input_dim(input)
         if not self.training:
-            out = self._eval_on_aten(input, *F.check_activation(*fused, False))
+            out = self._eval_on_aten(input, *fused)
             if out is not None:
                 return out
+        self._check_input_dim(input)
         return F.batch_norm_act(
             input,
             **self._functional_args(),
