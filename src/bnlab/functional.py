@@ -28,7 +28,6 @@ from .checks import (
     vectors_fit,
 )
 from .kernels import select_backend, selection_state
-from .kernels.native import eval_batch_norm as eval_on_aten_decided
 from .kernels.composite import values_per_channel
 from .kernels.native import FULL_PRECISION
 from .statistics import NonFiniteStatisticsError, RunningStatistics
@@ -223,7 +222,8 @@ def eval_signature(input: Tensor, activation: str, param: Optional[float], eps: 
     """All that :func:`eval_on_aten`'s decision reads of a call besides its (C,) vectors: input
     shape, strides, dtype and device, the activation as given, eps and the backend selection's
     state. A module caches the decision under it and then calls
-    :func:`eval_on_aten_decided` directly (ATen's own checks catch a vector replaced since)."""
+    :func:`bnlab.kernels.native.eval_batch_norm` directly (ATen's own checks catch a vector
+    replaced since)."""
     return (input.shape, input.stride(), input.dtype, input.is_cpu, activation, param, eps) + (
         selection_state()
     )

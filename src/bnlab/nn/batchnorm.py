@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..kernels.composite import accumulation_dtype, per_channel, reduction_dims
+from ..kernels.native import eval_batch_norm
 from ..ops import transforms_active
 
 __all__ = [
@@ -218,9 +219,7 @@ class BatchNorm(_NormBase):
                 self.__dict__["_eval_plan"] = (signature, checked)
             return out
         try:
-            return F.eval_on_aten_decided(
-                input, weight, bias, mean, var, self.eps, activation, plan[1]
-            )
+            return eval_batch_norm(input, weight, bias, mean, var, self.eps, activation, plan[1])
         except RuntimeError:  # a vector changed under the plan: the full path raises its error
             del self.__dict__["_eval_plan"]
             return None
