@@ -10,7 +10,7 @@ transform (vmap, grad, jacrev, ...) they run as torch.nn.functional's (see
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as TF
@@ -25,11 +25,9 @@ from .checks import (
     check_mask,
     check_untransformable,
     valid_count,
-    vectors_fit,
 )
 from .kernels import select_backend, selection_state
 from .kernels.composite import values_per_channel
-from .kernels.native import FULL_PRECISION
 from .statistics import NonFiniteStatisticsError, RunningStatistics
 
 __all__ = [
@@ -180,53 +178,56 @@ def batch_norm_act(
     return out
 
 
-def eval_on_aten(
+def eager_path(
     input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
     weight: Optional[Tensor],
     bias: Optional[Tensor],
+    running: RunningStatistics,
+    training: bool,
     eps: float,
     activation: str = "identity",
-    activation_param: float = 0.0,
-) -> Optional[Tensor]:
-    """Eval-mode :func:`batch_norm` (then ``activation`` with its checked ``activation_param``, as
-    :func:`batch_norm_act`) in the fewest steps, for a call whose whole work is ATen's op: an eager
-    CPU float32/float64 call whose arguments pass the checks' common case and that automatic
-    selection gives to the ``native`` backend. None for any other call, which then takes the full
-    path (and its error messages). Inside a model every Python frame of a layer costs more than
-    it does alone: the full path's ~25 frames made small-layer models evaluate at 0.95x torch.nn's
-    speed (benchmarks/model_speed.py); this is the path the modules take in eval."""
-    if (
-        running_mean is None
-        or running_var is None
-        or input.dtype not in FULL_PRECISION
-        or not input.is_cpu
-        or not eps > 0
-        or ops.transforms_active()
-        or torch.compiler.is_compiling()
-    ):
+) -> Optional[Callable[..., Optional[Tensor]]]:
+    """The ``eager_batch_norm`` of the backend that automatic selection gives this call (see
+    :class:`bnlab.kernels.contract.EagerBatchNorm`), or None where it has none or the call runs
+    under a transform or the compiler. Raises what :func:`batch_norm_act` raises for bad
+    arguments (``activation`` checked by the caller). A module keeps the answer under
+    :func:`call_signature` and then calls the function directly, as torch.nn calls ATen's op:
+    inside a model the checks' frames are what made small layers slower than torch.nn's."""
+    if ops.transforms_active() or torch.compiler.is_compiling():
         return None
-    if input.dim() < 2 or not vectors_fit(input, weight, bias, running_mean, running_var):
-        return None
-    op = "batch_norm_eval" if activation == "identity" else "batch_norm_act_eval"
-    kernels = select_backend(op, input, None, activation)
-    if kernels.name != "native":
-        return None
-    return kernels.module.eval_batch_norm(
-        input, weight, bias, running_mean, running_var, eps, activation, activation_param
-    )
+    check_batch_norm_args(input, weight, bias, running, training, eps)
+    if activation == "identity":
+        op = ops.batch_norm_op_name(None, training)
+    else:
+        op = "batch_norm_act" if training else "batch_norm_act_eval"
+    return getattr(select_backend(op, input, None, activation).module, "eager_batch_norm", None)
 
 
-def eval_signature(input: Tensor, activation: str, param: Optional[float], eps: float) -> tuple:
-    """All that :func:`eval_on_aten`'s decision reads of a call besides its (C,) vectors: input
-    shape, strides, dtype and device, the activation as given, eps and the backend selection's
-    state. A module caches the decision under it and then calls
-    :func:`bnlab.kernels.native.eval_batch_norm` directly (ATen's own checks catch a vector
-    replaced since)."""
-    return (input.shape, input.stride(), input.dtype, input.is_cpu, activation, param, eps) + (
-        selection_state()
-    )
+def call_signature(
+    input: Tensor,
+    training: bool,
+    running: bool,
+    activation: str,
+    param: Optional[float],
+    eps: float,
+    momentum: Optional[float],
+) -> tuple:
+    """All that :func:`eager_path`'s answer reads of a call besides its (C,) vectors, whose
+    sizes, dtypes and devices ATen's op checks again at each call: the input's shape, strides,
+    dtype and device, the mode, whether running statistics are given, the activation as given,
+    eps, momentum and the backend selection's state."""
+    return (
+        input.shape,
+        input.stride(),
+        input.dtype,
+        input.is_cpu,
+        training,
+        running,
+        activation,
+        param,
+        eps,
+        momentum,
+    ) + selection_state()
 
 
 def layer_norm(

@@ -392,9 +392,9 @@ def test_autocast_float32_model_matches_torch_nn_exactly(dtype, shape, layout):
 
 
 def test_eval_takes_the_short_path_only_when_nothing_else_is_asked(monkeypatch):
-    """In eval a module runs ATen's op through bnlab.functional.eval_on_aten (equal to the full
-    path: the grids above compare it); a named backend, a statistics mode, untracked statistics,
-    a float16 input or a bad argument take the full path (which says what is wrong)."""
+    """In eval a module runs ATen's op through the native backend's eager path (equal to the full
+    path: the grids above compare it); a named backend, a statistics mode or a float16 input
+    take the full path, and a bad argument is refused by name."""
     full = []
     monkeypatch.setattr(bnlab.functional, "batch_norm", lambda *a, **k: full.append(k) or a[0])
     x = torch.randn(4, 3, 5, 5)
@@ -407,16 +407,23 @@ def test_eval_takes_the_short_path_only_when_nothing_else_is_asked(monkeypatch):
     for change in (
         lambda m: setattr(m, "backend", "composite"),
         lambda m: bnlab.nn.set_statistics(m, "batch"),
-        lambda m: m.register_buffer("running_var", torch.ones(4)),  # wrong size: full path raises
     ):
         layer = bnlab.nn.BatchNorm2d(3).eval()
         change(layer)
         layer(x)
         assert len(full) == 1, change
         full.clear()
-    bnlab.nn.BatchNorm2d(3, track_running_stats=False).eval()(x)
+    untracked = bnlab.nn.BatchNorm2d(3, track_running_stats=False).eval()
+    torch.testing.assert_close(
+        untracked(x), torch.nn.functional.batch_norm(x, None, None, None, None, True)
+    )
+    assert full == []  # batch statistics, nothing to update: ATen's op too
     bnlab.nn.BatchNorm2d(3, dtype=torch.float16).eval()(x.half())
-    assert len(full) == 2
+    assert len(full) == 1
+    layer = bnlab.nn.BatchNorm2d(3).eval()
+    layer.register_buffer("running_var", torch.ones(4))
+    with pytest.raises(ValueError, match=r"running_var has shape \(4,\), expected \(3,\)"):
+        layer(x)
 
 
 def test_eval_decision_cached_per_signature_follows_every_change(monkeypatch):

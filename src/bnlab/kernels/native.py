@@ -110,7 +110,7 @@ def eager_batch_norm(
             input, weight, bias, running_mean, running_var, eps, activation, param
         )
     if running_mean is None:
-        y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+        y, mean, invstd = _checked_batch_norm(input, weight, bias, None, None, 0.0, eps)
         if strict:
             _raise_if_not_finite(input, mean, invstd, eps)
         return _laid_out_and_activated(y, input, activation, param)
@@ -119,8 +119,8 @@ def eager_batch_norm(
     num_batches_tracked, momentum = running.num_batches_tracked, running.momentum
     before = running_mean.detach().clone(), running_var.detach().clone()
     factor = momentum if momentum is not None else 1.0 / (int(num_batches_tracked) + 1)
-    y, mean, invstd = torch.native_batch_norm(
-        input, weight, bias, running_mean, running_var, True, factor, eps
+    y, mean, invstd = _checked_batch_norm(
+        input, weight, bias, running_mean, running_var, factor, eps
     )
     if _finite(invstd):
         if num_batches_tracked is not None:
@@ -153,6 +153,17 @@ def eval_batch_norm(
         torch.backends.cudnn.enabled,
     )
     return _laid_out_and_activated(y, input, activation, param)
+
+
+def _checked_batch_norm(input, weight, bias, running_mean, running_var, momentum, eps):
+    """ATen's training batch norm as ``torch.batch_norm`` calls it, (y, batch mean, invstd):
+    ``_batch_norm_impl_index`` checks each vector's size, dtype and device against the input's
+    and raises a RuntimeError (``native_batch_norm`` reads and writes C values of whatever it is
+    given), then runs ``native_batch_norm`` on the CPU, under the same autograd node."""
+    out = torch._batch_norm_impl_index(
+        input, weight, bias, running_mean, running_var, True, momentum, eps, False
+    )
+    return out[0], out[1], out[2]
 
 
 def _laid_out_and_activated(y: Tensor, x: Tensor, activation: str, param: float) -> Tensor:
@@ -198,7 +209,7 @@ def _deferred_batch_norm(input, weight, bias, running, eps, strict, activation, 
     the very same tensors for its backward as the undeferred call (a recomputation must), and the
     batch goes to :meth:`RunningStatistics.record`, which defers it."""
     copies = running.mean.detach().clone(), running.var.detach().clone()
-    y, mean, invstd = torch.native_batch_norm(input, weight, bias, *copies, True, 0.0, eps)
+    y, mean, invstd = _checked_batch_norm(input, weight, bias, *copies, 0.0, eps)
     var = variance_from_invstd(invstd.detach().double(), eps)
     count = input.numel() // input.shape[1]
     running.record(mean.detach(), var.to(mean.dtype), count, strict)

@@ -76,8 +76,8 @@ class BatchNormAct(BatchNorm):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training and not self.inplace:
-            out = self._eval_on_aten(input, self.activation, self.activation_param)
+        if not self.inplace:  # the in-place mode always runs fused
+            out = self._eager(input, self.activation, self.activation_param)
             if out is not None:
                 return out
         self._check_input_dim(input)

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..kernels.composite import accumulation_dtype, per_channel, reduction_dims
-from ..kernels.native import eval_batch_norm
 from ..ops import transforms_active
+from ..statistics import RunningStatistics
 
 __all__ = [
     "BatchNorm",
@@ -29,6 +29,8 @@ __all__ = [
 
 
 _ABSENT = object()  # not in a registry (None is a registered absent parameter or buffer)
+# instance attribute holding a layer's cached eager-path decision (see BatchNorm._eager)
+EAGER_PLAN = "_eager_plan"
 
 
 class _NormBase(nn.Module):
@@ -176,8 +178,8 @@ class BatchNorm(_NormBase):
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Normalize ``input``; an optional bool ``mask`` (N, *spatial) restricts the batch
         statistics to its True positions (see :func:`bnlab.functional.batch_norm`)."""
-        if mask is None and not self.training:
-            out = self._eval_on_aten(input)
+        if mask is None:
+            out = self._eager(input)
             if out is not None:
                 return out
         self._check_input_dim(input)
@@ -187,41 +189,48 @@ class BatchNorm(_NormBase):
             input, **self._functional_args(), mask=mask, strict=self.strict, backend=self.backend
         )
 
-    def _eval_on_aten(
+    def _eager(
         self, input: Tensor, activation: str = "identity", param: Optional[float] = None
     ) -> Optional[Tensor]:
-        """torch.nn's eval with the running statistics (then ``activation``), as
-        :func:`bnlab.functional.eval_on_aten` runs it, when nothing else is asked (standard
-        statistics, no backend named, tracked running statistics); else None.
+        """The call (then ``activation``) by the selected backend's eager path, as
+        :func:`bnlab.functional.batch_norm_act` would run it, when nothing else is asked
+        (standard statistics, no backend named); else None, and the caller takes the full path.
 
-        The checks run on the first call of each :func:`bnlab.functional.eval_signature` (input
-        shape, strides, dtype, activation, eps, backend selection) and their verdict is kept on
-        the layer: later calls with that signature go straight to ATen's op, as torch.nn's do
-        (a small layer's checks cost a model 3% of its eval time, benchmarks/model_speed.py).
-        A vector replaced since fails ATen's own checks; the full path then says what is wrong.
-        """
+        The checks and the backend selection run on the first call of each
+        :func:`bnlab.functional.call_signature` and their verdict is kept on the layer (a plain
+        attribute, not in ``state_dict``): later calls go straight to the kernel, as torch.nn's go
+        to ATen's op. A vector replaced since fails ATen's own checks, and the full path then says
+        what is wrong. Inside a model the checks' frames cost small layers 3% of an eval forward
+        and 2-3% of a training step (benchmarks/model_speed.py)."""
         if (
             self.statistics != "standard"
             or self.backend is not None
-            or not self.track_running_stats
             or torch.compiler.is_compiling()
             or transforms_active()
         ):
             return None
-        weight, bias, mean, var, _ = self._state()
-        signature = F.eval_signature(input, activation, param, self.eps)
-        plan = self.__dict__.get("_eval_plan")
+        weight, bias, mean, var, tracked = self._state()
+        if self.training and not self.track_running_stats:
+            mean = var = tracked = None
+        training = self.training or mean is None
+        signature = F.call_signature(
+            input, training, mean is None, activation, param, self.eps, self.momentum
+        )
+        running = RunningStatistics(mean, var, tracked, self.momentum)
+        plan = self.__dict__.get(EAGER_PLAN)
         if plan is None or plan[0] != signature:
             self._check_input_dim(input)
             activation, checked = F.check_activation(activation, param, False)
-            out = F.eval_on_aten(input, mean, var, weight, bias, self.eps, activation, checked)
-            if out is not None:  # a plain attribute: not a parameter, buffer or state_dict key
-                self.__dict__["_eval_plan"] = (signature, checked)
-            return out
+            path = F.eager_path(input, weight, bias, running, training, self.eps, activation)
+            plan = self.__dict__[EAGER_PLAN] = (signature, checked, path)
+        if plan[2] is None:
+            return None
         try:
-            return eval_batch_norm(input, weight, bias, mean, var, self.eps, activation, plan[1])
+            return plan[2](
+                input, weight, bias, running, training, self.eps, self.strict, activation, plan[1]
+            )
         except RuntimeError:  # a vector changed under the plan: the full path raises its error
-            del self.__dict__["_eval_plan"]
+            del self.__dict__[EAGER_PLAN]
             return None
 
     def _functional_args(self) -> dict:

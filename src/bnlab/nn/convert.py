@@ -29,7 +29,7 @@ from typing import Callable, Optional, Union
 
 from torch import nn
 
-from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchnorm import EAGER_PLAN, BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .dropact import BatchNormDropAct2d, qualified_name
 from .frozen import FrozenBatchNorm2d, FrozenBatchNormAct2d
 from .layernorm import LayerNorm
@@ -398,6 +398,7 @@ def rebuild(old: nn.Module, target: type) -> nn.Module:
     """
     new = target.__new__(target)
     new.__dict__.update(vars(old))
+    new.__dict__.pop(EAGER_PLAN, None)  # decided for old's class
     for key in _STATE_CONTAINERS:
         new.__dict__[key] = copy.copy(vars(old)[key])
     if not hasattr(target, "backend"):  # not a bnlab class

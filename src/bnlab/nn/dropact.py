@@ -138,10 +138,9 @@ class BatchNormDropAct2d(BatchNorm2d):
         fused = None if mask is not None else self.fused()
         if fused is None:
             return self.act(self.drop(super().forward(input, mask)))
-        if not self.training:
-            out = self._eval_on_aten(input, *fused)
-            if out is not None:
-                return out
+        out = self._eager(input, *fused)
+        if out is not None:
+            return out
         self._check_input_dim(input)
         return F.batch_norm_act(
             input,
