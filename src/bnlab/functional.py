@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
@@ -193,7 +192,7 @@ def eager_path(
     arguments (``activation`` checked by the caller). A module keeps the answer under
     :func:`call_signature` and then calls the function directly, as torch.nn calls ATen's op:
     inside a model the checks' frames are what made small layers slower than torch.nn's."""
-    if ops.transforms_active() or torch.compiler.is_compiling():
+    if ops.traced():
         return None
     check_batch_norm_args(input, weight, bias, running, training, eps)
     if activation == "identity":

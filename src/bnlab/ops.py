@@ -406,6 +406,12 @@ def transforms_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def traced() -> bool:
+    """Whether this call is being compiled (dynamo) or traced by a torch.func transform: either
+    way no eager kernel may run it."""
+    return torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def transformed_batch_norm(
     input, weight, bias, running: RunningStatistics, training, eps, activation="identity", param=0.0
 ) -> Tensor:

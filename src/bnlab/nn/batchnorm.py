@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..kernels.composite import accumulation_dtype, per_channel, reduction_dims
-from ..ops import transforms_active
+from ..ops import traced
 from ..statistics import RunningStatistics
 
 __all__ = [
@@ -202,12 +202,7 @@ class BatchNorm(_NormBase):
         to ATen's op. A vector replaced since fails ATen's own checks, and the full path then says
         what is wrong. Inside a model the checks' frames cost small layers 3% of an eval forward
         and 2-3% of a training step (benchmarks/model_speed.py)."""
-        if (
-            self.statistics != "standard"
-            or self.backend is not None
-            or torch.compiler.is_compiling()
-            or transforms_active()
-        ):
+        if self.statistics != "standard" or self.backend is not None or traced():
             return None
         weight, bias, mean, var, tracked = self._state()
         if self.training and not self.track_running_stats:
