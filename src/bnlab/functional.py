@@ -185,13 +185,15 @@ def eager_path(
     training: bool,
     eps: float,
     activation: str = "identity",
+    param: float = 0.0,
 ) -> Optional[Callable[..., Optional[Tensor]]]:
-    """The ``eager_batch_norm`` of the backend that automatic selection gives this call (see
-    :class:`bnlab.kernels.contract.EagerBatchNorm`), or None where it has none or the call runs
-    under a transform or the compiler. Raises what :func:`batch_norm_act` raises for bad
-    arguments (``activation`` checked by the caller). A module keeps the answer under
-    :func:`call_signature` and then calls the function directly, as torch.nn calls ATen's op:
-    inside a model the checks' frames are what made small layers slower than torch.nn's."""
+    """The eager path of the backend that automatic selection gives this call, specialized for
+    its signature (the backend's ``eager_runner``, see :class:`bnlab.kernels.contract.EagerRunner`),
+    as ``run(input, weight, bias, running, strict)``; None where that backend has none or the call
+    is compiled or transformed. Raises what :func:`batch_norm_act` raises for bad arguments
+    (``activation`` and ``param`` checked by the caller). A module keeps the answer under
+    :func:`call_signature` and then calls it directly, as torch.nn calls ATen's op: inside a model
+    the checks' frames are what made small layers slower than torch.nn's."""
     if ops.traced():
         return None
     check_batch_norm_args(input, weight, bias, running, training, eps)
@@ -199,7 +201,10 @@ def eager_path(
         op = ops.batch_norm_op_name(None, training)
     else:
         op = "batch_norm_act" if training else "batch_norm_act_eval"
-    return getattr(select_backend(op, input, None, activation).module, "eager_batch_norm", None)
+    runner = getattr(select_backend(op, input, None, activation).module, "eager_runner", None)
+    if runner is None:
+        return None
+    return runner(input, weight, bias, running, training, eps, activation, param)
 
 
 def call_signature(

@@ -1,7 +1,9 @@
 """bnlab.nn batch-norm modules against torch.nn and the float64 reference, over the acceptance
 grid."""
 
+import copy
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -444,6 +446,8 @@ def test_eval_decision_cached_per_signature_follows_every_change(monkeypatch):
 
     for _ in range(2):  # the second call takes the cached decision
         torch.testing.assert_close(bn(x), expected(x))
+    for copied in (copy.deepcopy(bn), pickle.loads(pickle.dumps(bn))):  # the decision stays here
+        torch.testing.assert_close(copied(x), expected(x))
     cl = x.contiguous(memory_format=torch.channels_last)
     got = bn(cl)
     torch.testing.assert_close(got, expected(x))

@@ -231,6 +231,26 @@ class EagerBatchNorm(Protocol):
         :func:`bnlab.statistics.update_running_stats`), or None."""
 
 
+class EagerRunner(Protocol):
+    """Optional, beside ``eager_batch_norm``, as a backend's ``eager_runner``: that function for
+    every call with this one's signature (input shape, strides, dtype and device, mode, eps,
+    activation: a caller keys the answer so, see :func:`bnlab.functional.call_signature`),
+    specialized, as ``run(input, weight, bias, running, strict)``; or None where
+    ``eager_batch_norm`` returns None for such calls."""
+
+    def __call__(
+        self,
+        input: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        running: RunningStatistics,
+        training: bool,
+        eps: float,
+        activation: str = "identity",
+        param: float = 0.0,
+    ) -> Optional[Callable[..., Optional[Tensor]]]: ...
+
+
 def plain_from_fused(
     act_forward: Callable, act_backward: Callable, batch_statistics: Callable
 ) -> tuple[Callable, Callable]:

@@ -94,6 +94,13 @@ class _NormBase(nn.Module):
             self.register_buffer("num_batches_tracked", None)
         self.reset_parameters()
 
+    def __getstate__(self) -> dict:
+        """Pickled (torch.save of a whole model, deepcopy) without the cached eager-path decision:
+        it holds functions made for this process."""
+        state = dict(self.__dict__)
+        state.pop(EAGER_PLAN, None)
+        return state
+
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
             self.running_mean.zero_()
@@ -216,14 +223,15 @@ class BatchNorm(_NormBase):
         if plan is None or plan[0] != signature:
             self._check_input_dim(input)
             activation, checked = F.check_activation(activation, param, False)
-            path = F.eager_path(input, weight, bias, running, training, self.eps, activation)
-            plan = self.__dict__[EAGER_PLAN] = (signature, checked, path)
-        if plan[2] is None:
+            run = F.eager_path(
+                input, weight, bias, running, training, self.eps, activation, checked
+            )
+            plan = self.__dict__[EAGER_PLAN] = (signature, run)
+        run = plan[1]
+        if run is None:
             return None
         try:
-            return plan[2](
-                input, weight, bias, running, training, self.eps, self.strict, activation, plan[1]
-            )
+            return run(input, weight, bias, running, self.strict)
         except RuntimeError:  # a vector changed under the plan: the full path raises its error
             del self.__dict__[EAGER_PLAN]
             return None
