@@ -130,7 +130,7 @@ def test_backward_over_rows_goes_to_aten_below_two_million_values():
     fewer = torch.empty(8, 16, 32, 32).to(memory_format=torch.channels_last)  # mobilenetv3's
     assert kernels.select_backend("batch_norm_backward", fewer).module is native
     assert kernels.select_backend("batch_norm", fewer).module is native
-    assert kernels.select_backend("batch_norm_eval", fewer).module is cpu
+    assert kernels.select_backend("batch_norm_eval", fewer).module is native  # 16 channels
 
 
 def _count_selections(monkeypatch) -> list:
@@ -268,3 +268,14 @@ def test_activations_numba_runs_slower_than_aten_stay_with_aten(activation):
     assert kernels.select_backend("batch_norm_act", x, activation="relu").name == "cpu"
     assert kernels.select_backend("batch_norm_act", x, activation=activation).name == "native"
     assert kernels.select_backend("batch_norm_act", x, "cpu", activation).name == "cpu"
+
+
+@pytest.mark.parametrize(
+    "shape, chosen",
+    [((16, 3, 64, 64), "cpu"), ((16, 24, 32, 32), "native"), ((16, 16, 64, 64), "native")],
+)
+def test_channels_last_eval_goes_to_numba_only_where_aten_loops_are_short(shape, chosen):
+    """Eval of a channels_last input with few channels: bnlab's kernels below 8 channels (or
+    from 4M values), ATen's otherwise (cpu.prefers has the measurements)."""
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    assert kernels.select_backend("batch_norm_eval", x).name == chosen

@@ -417,10 +417,14 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
       kernels (BN + ReLU 128x32x16x16 channels_last 1.1x, 4096x1024 1.4x of torch.nn's), and not
       with thousands of channels, whose parameters and sums per row outrun L1 (256x4096: 0.80x,
       ATen's BN then ReLU 0.96x).
-    - Few channels innermost: ATen's loops are short and slow there; these kernels from 64K values
-      in eval, from 1M in training: inside mobilenetv3_large_100 (channels_last, 16x3x64x64: 16
-      and 24 channels over 98K-262K values) a training step ran 0.93x torch.nn's speed through
-      them and 0.98x through ATen's.
+    - Few channels innermost: ATen's loops are short and slow there; these kernels from 1M values
+      in training: inside mobilenetv3_large_100 (channels_last, 16x3x64x64: 16 and 24 channels
+      over 98K-262K values) a training step ran 0.93x torch.nn's speed through them and 0.98x
+      through ATen's. In eval, below 8 channels (ATen's vector loop is then partly empty) or from
+      4M values; eval module calls, channels_last, ATen's time / these kernels': 16x3x64x64 1.31,
+      16x3x224x224 1.61, 16x16x128x128 1.15, 32x24x64x64 1.04, but 16x24x32x32 0.39, 16x8x64x64
+      0.42, 16x16x64x64 0.56, 16x8x128x128 0.71 (they took every eval from 64K values until
+      mobilenetv3's 16- and 24-channel layers evaluated at 4x ATen's time inside the model).
     - Rows of spatial values (NCS): the training forward from 2M values (1M fused with an
       activation), or from 64K when rows are long (S >= 4096); below that a full training step
       (forward + backward) was 0.6-0.9x through these kernels and 0.9-0.95x through ATen's
@@ -458,8 +462,10 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
             and numel >= _ACT_WIDE_ROWS_FROM_NUMEL
             and x.shape[1] <= _ACT_WIDE_ROWS_MAX_CHANNELS
         )
+    if channels_innermost and op == "batch_norm_eval":  # ATen's vector loop needs 8 channels
+        return x.shape[1] < _EVAL_FULL_VECTOR_CHANNELS or numel >= _FEW_CHANNELS_EVAL_FROM_NUMEL
     if channels_innermost:  # few channels: ATen's loops are short
-        return op == "batch_norm_eval" or numel >= _FEW_CHANNELS_TRAINING_FROM_NUMEL
+        return numel >= _FEW_CHANNELS_TRAINING_FROM_NUMEL
     if op == "batch_norm_backward":
         return numel >= _NUMBA_BACKWARD_FROM_NUMEL
     if op in _NCS_FORWARD_FROM_NUMEL:
@@ -501,6 +507,8 @@ _NATIVE_FROM_CHANNELS = 32  # see prefers()
 _NUMBA_FROM_NUMEL = 1 << 16
 _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
 _FEW_CHANNELS_TRAINING_FROM_NUMEL = 1 << 20
+_FEW_CHANNELS_EVAL_FROM_NUMEL = 1 << 22
+_EVAL_FULL_VECTOR_CHANNELS = 8
 _NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 21, "batch_norm_act": 1 << 20}
 _LONG_ROW = 4096
 _NUMBA_FAST_ACTIVATIONS = ("identity", "relu", "leaky_relu")

@@ -160,17 +160,27 @@ def eager_runner(
 ) -> Optional[Callable[..., Optional[Tensor]]]:
     """:class:`bnlab.kernels.contract.EagerRunner`: :func:`eager_batch_norm` for the calls with
     this one's signature, as ``run(input, weight, bias, running, strict)``. The common eval call,
-    a contiguous or channels_last input without an activation, is ATen's op alone, as torch.nn
-    makes it: inside a model each frame in front of it costs (hrnet_w18_small's 91 batch norms:
-    0.96-0.99x torch.nn's eval through :func:`eager_batch_norm`). None where that declines."""
+    a contiguous or channels_last input, is ATen's op alone (then the activation, in place where
+    it can), as torch.nn makes it: inside a model each frame in front of it costs
+    (hrnet_w18_small's 91 batch norms: 0.96-0.99x torch.nn's eval through
+    :func:`eager_batch_norm`). None where that declines."""
     if not input.is_cpu or (input.dtype in _HALF and not _ready_for_mixed(weight, bias, running)):
         return None
-    if not training and activation == "identity" and _in_aten_layout(input):
+    if not training and _in_aten_layout(input):
+        if activation == "identity":
+
+            def run(input, weight, bias, running, strict):
+                return torch.batch_norm(
+                    input, weight, bias, running.mean, running.var, False, 0.0, eps, False
+                )
+
+            return run
 
         def run(input, weight, bias, running, strict):
-            return torch.batch_norm(
+            y = torch.batch_norm(
                 input, weight, bias, running.mean, running.var, False, 0.0, eps, False
             )
+            return composite.activate_fresh(y, activation, param)
 
         return run
 
