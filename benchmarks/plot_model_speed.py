@@ -5,7 +5,8 @@
 The sweep is often run in parts (64 px models, 224 px models): for every case (model, input,
 layout, dtype, mode, provider) the latest row is drawn. Left: the paired speed over torch.nn of
 each provider per case, training steps and eval forwards (1.0: as fast; the 0.98 line is the
-"never slower" bar). Right: peak memory of one training step relative to torch.nn's.
+"never slower" bar). Below: peak memory of one training step relative to torch.nn's, from the
+latest rows that measured it.
 """
 
 from __future__ import annotations
@@ -97,12 +98,14 @@ def memory_panel(ax, latest: dict) -> None:
 def main(csv_path: Path, out: Path) -> None:  # fmt: skip
     """Draw OUT/model_speed.png from the model-speed CSV."""
     with csv_path.open() as f:
-        latest = latest_rows(list(csv.DictReader(f)))
+        rows = list(csv.DictReader(f))
+    latest = latest_rows(rows)
+    measured = latest_rows([row for row in rows if row["peak_mb"]])  # runs with --no-memory skip it
     machine = next(iter(latest.values()))["machine"]
     fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 0.45 * len(latest) / 5 + 4), 13))
     speed_panel(axes[0], latest, "train")
     speed_panel(axes[1], latest, "eval")
-    memory_panel(axes[2], latest)
+    memory_panel(axes[2], measured)
     fig.suptitle(f"Whole models, CPU ({machine})", fontsize=9)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)

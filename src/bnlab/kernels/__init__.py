@@ -124,7 +124,7 @@ def _order_by_priority() -> None:
 def selection_state() -> tuple:
     """What automatic selection depends on besides the call: the registry (a token replaced at
     each change, so a copy or a new process never matches an old one) and $BNLAB_BACKEND. A
-    decision cached with it (see :meth:`bnlab.nn.BatchNorm._eval_on_aten`) holds while it is
+    decision cached with it (see :meth:`bnlab.nn.BatchNorm._eager`) holds while it is
     equal."""
     return (_REGISTRY_TOKEN, _requested_by_environment())
 
