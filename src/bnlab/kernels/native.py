@@ -26,7 +26,7 @@ from ..statistics import (
     variance_from_invstd,
 )
 from . import composite
-from .composite import laid_out_like
+from .composite import is_dense, laid_out_like
 from .contract import UNMASKED_BATCH_NORM_OPS
 
 FULL_PRECISION = (torch.float32, torch.float64)  # ATen's kernels in the input's dtype
@@ -160,27 +160,19 @@ def eager_runner(
 ) -> Optional[Callable[..., Optional[Tensor]]]:
     """:class:`bnlab.kernels.contract.EagerRunner`: :func:`eager_batch_norm` for the calls with
     this one's signature, as ``run(input, weight, bias, running, strict)``. The common eval call,
-    a contiguous or channels_last input, is ATen's op alone (then the activation, in place where
-    it can), as torch.nn makes it: inside a model each frame in front of it costs
+    a contiguous or channels_last(_3d) input, is ATen's op alone (then the activation, in place
+    where it can), as torch.nn makes it: inside a model each frame in front of it costs
     (hrnet_w18_small's 91 batch norms: 0.96-0.99x torch.nn's eval through
     :func:`eager_batch_norm`). None where that declines."""
     if not input.is_cpu or (input.dtype in _HALF and not _ready_for_mixed(weight, bias, running)):
         return None
-    if not training and _in_aten_layout(input):
-        if activation == "identity":
-
-            def run(input, weight, bias, running, strict):
-                return torch.batch_norm(
-                    input, weight, bias, running.mean, running.var, False, 0.0, eps, False
-                )
-
-            return run
+    if not training and is_dense(input):  # ATen's output comes in the input's layout
 
         def run(input, weight, bias, running, strict):
             y = torch.batch_norm(
                 input, weight, bias, running.mean, running.var, False, 0.0, eps, False
             )
-            return composite.activate_fresh(y, activation, param)
+            return y if activation == "identity" else composite.activate_fresh(y, activation, param)
 
         return run
 
@@ -190,13 +182,6 @@ def eager_runner(
         )
 
     return run
-
-
-def _in_aten_layout(x: Tensor) -> bool:
-    """Whether ATen's batch norm returns its output in x's layout (no copy to lay it out)."""
-    return x.is_contiguous() or (
-        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    )
 
 
 def _checked_batch_norm(input, weight, bias, running_mean, running_var, momentum, eps):
