@@ -252,7 +252,7 @@ NON_FINITE = {"inf": float("inf"), "nan": float("nan"), "overflowing variance": 
 @pytest.mark.parametrize(
     "backend", [None, "native", "composite"]
 )  # None: ATen's call, its own update
-@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("momentum", [0.1, 0.0, None])
 @pytest.mark.parametrize("bad", NON_FINITE)
 @pytest.mark.parametrize("strict", [False, True])
 def test_non_finite_batch_leaves_running_statistics(strict, bad, momentum, backend):
@@ -274,6 +274,45 @@ def test_non_finite_batch_leaves_running_statistics(strict, bad, momentum, backe
     pending.backward()  # putting the statistics back did not invalidate the earlier graph
     assert torch.isfinite(earlier.grad).all()
     bn(torch.randn(4, 3, 5, 5))  # a finite batch updates again
+    assert int(bn.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("held", [float("nan"), 1e30])
+def test_finite_batch_counts_whatever_the_running_statistics_held(held):
+    """A batch that was finite counts, and updates what it can, when the running statistics were
+    not finite (or very large) before it, as in torch.nn."""
+    ours, theirs = bnlab.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for module in (ours, theirs):
+        module.running_mean[0], module.running_var[:] = held, 1e30
+        module(torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)))
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, equal_nan=True, msg=key)
+    assert int(ours.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("change", ["none", "data", "buffer", "load_state_dict", "double"])
+def test_guard_puts_back_into_the_buffers_the_layer_holds_now(change):
+    """The eager training call keeps its copy of the running statistics between calls: after the
+    buffers' storage or the buffers themselves change, a non-finite batch still leaves exactly the
+    values the layer holds now."""
+    bn = bnlab.nn.BatchNorm2d(3)
+    bn(torch.randn(4, 3, 5, 5))  # the decision and its snapshot are made
+    if change == "data":
+        bn.running_mean.data = torch.full((3,), 2.0)
+    elif change == "buffer":
+        bn.running_var = torch.full((3,), 3.0)
+    elif change == "load_state_dict":
+        bn.load_state_dict({**bn.state_dict(), "running_mean": torch.tensor([1.0, 2.0, 3.0])})
+    elif change == "double":
+        bn.double()
+    dtype = bn.weight.dtype
+    bn(torch.randn(4, 3, 5, 5, dtype=dtype))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(4, 3, 5, 5, dtype=dtype)
+    x[0, 2, 0, 0] = float("nan")
+    bn(x)
+    for key, value in bn.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
     assert int(bn.num_batches_tracked) == 2
 
 
