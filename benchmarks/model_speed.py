@@ -7,6 +7,10 @@ What a user sees when they swap bnlab in: one training step (forward, backward, 
 momentum) and one eval forward (``torch.no_grad``) of each model, per provider:
 
   torch        the model as built (torch.nn's batch norm)
+  torch-copy   a second copy of it, unchanged: the control. Its paired ratio is what timing
+               alone gives two equal models in one run (the machine's noise, the order, where
+               the allocator puts their tensors): a provider's ratio means something only as far
+               as it stands outside the control's distance from 1.0
   bnlab        ``bnlab.convert(model)`` with its defaults
   bnlab-fused  ``bnlab.convert(model, fuse_activations=True)``: also each batch norm with the
                ReLU module after it (bnlab.nn.fuse)
@@ -47,7 +51,7 @@ from torch import nn
 
 from common import append_rows, peak_bytes
 
-PROVIDERS = ("torch", "bnlab", "bnlab-fused", "bnlab-inplace", "no-bn")
+PROVIDERS = ("torch", "torch-copy", "bnlab", "bnlab-fused", "bnlab-inplace", "no-bn")
 TIMM_MODELS = ("resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "densenet121")
 
 
@@ -98,7 +102,7 @@ def provider_model(provider: str, base: nn.Module) -> nn.Module:
             )
     if provider == "no-bn":
         return without_batch_norm(model)
-    return model
+    return model  # torch, torch-copy
 
 
 class Workload:

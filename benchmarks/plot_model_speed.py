@@ -5,8 +5,9 @@
 The sweep is often run in parts (64 px models, 224 px models): for every case (model, input,
 layout, dtype, mode, provider) the latest row is drawn. Left: the paired speed over torch.nn of
 each provider per case, training steps and eval forwards (1.0: as fast; the 0.98 line is the
-"never slower" bar). Below: peak memory of one training step relative to torch.nn's, from the
-latest rows that measured it.
+"never slower" bar; the light grey bar, torch-copy, is the control: an unchanged copy of the
+torch.nn model, whose distance from 1.0 is the run's noise). Below: peak memory of one training
+step relative to torch.nn's, from the latest rows that measured it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-PROVIDERS = ("bnlab", "bnlab-fused", "bnlab-inplace", "no-bn")
-COLORS = {"bnlab": "tab:blue", "bnlab-fused": "tab:orange", "bnlab-inplace": "tab:green"}
+PROVIDERS = ("torch-copy", "bnlab", "bnlab-fused", "bnlab-inplace", "no-bn")
+COLORS = {
+    "torch-copy": "0.8",
+    "bnlab": "tab:blue",
+    "bnlab-fused": "tab:orange",
+    "bnlab-inplace": "tab:green",
+}
 MIN_PEAK_MB = 50.0  # below this a peak is mostly allocator noise: not drawn
 CASE = ("model", "input", "layout", "dtype")
 

@@ -223,7 +223,7 @@ def test_model_speed_smoke_run_pairs_every_provider_with_torch(tmp_path):
     assert [(r["mode"], r["provider"]) for r in rows] == [
         (mode, provider)
         for mode in ("train", "eval")
-        for provider in ("torch", "bnlab", "bnlab-fused", "bnlab-inplace", "no-bn")
+        for provider in ("torch", "torch-copy", "bnlab", "bnlab-fused", "bnlab-inplace", "no-bn")
     ]
     assert all(float(r["median_ms"]) > 0 and float(r["paired_speedup"]) > 0 for r in rows)
     assert {float(r["paired_speedup"]) for r in rows if r["provider"] == "torch"} == {1.0}

@@ -148,9 +148,10 @@ class _Snapshot:
     Copied by NumPy through views of the two buffers made once and kept while the same tensors
     hold the same storage (a buffer replaced, or its ``.data``, gets new views): two small NumPy
     copies, about 1.3 us a call against 5 us for two tensor clones and their allocations, on
-    every training call of every layer. The put-back writes through NumPy, like ATen's own update, without bumping the buffers' version
-    counters: ATen's autograd node keeps the running statistics (for an eval-mode backward), and
-    a counted in-place write would make that backward raise."""
+    every training call of every layer. The put-back writes through NumPy, like ATen's own
+    update, without bumping the buffers' version counters: ATen's autograd node keeps the running
+    statistics (for an eval-mode backward), and a counted in-place write would make that backward
+    raise."""
 
     def __init__(self) -> None:
         self._tensors: tuple = ()
