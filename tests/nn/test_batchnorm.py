@@ -467,6 +467,37 @@ def test_eval_takes_the_short_path_only_when_nothing_else_is_asked(monkeypatch):
         layer(x)
 
 
+def test_decisions_kept_for_alternating_modes_and_input_sizes(monkeypatch):
+    """Training and eval in turn, and a few input sizes (an epoch's last batch, multi-scale
+    training), are each decided once; a ninth signature evicts the oldest, decided again when it
+    returns. Every call still matches torch.nn."""
+    decided = []
+    eager_path = bnlab.functional.eager_path
+    monkeypatch.setattr(
+        bnlab.functional,
+        "eager_path",
+        lambda x, *a: decided.append(tuple(x.shape)) or eager_path(x, *a),
+    )
+    ours, theirs = bnlab.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    shapes = [(4, 3, s, s) for s in (5, 6, 7)]
+    for _ in range(3):
+        for shape in shapes:
+            for training in (True, False):
+                ours.train(training), theirs.train(training)
+                x = torch.randn(shape)
+                torch.testing.assert_close(ours(x), theirs(x))
+    assert sorted(decided) == sorted(shapes * 2)  # once per (shape, mode)
+    for size in (8, 9, 10):  # 9 signatures in all: the first one made is forgotten
+        ours(torch.randn(4, 3, size, size))
+    decided.clear()
+    ours.train(), theirs.train()
+    x = torch.randn(shapes[0])
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert decided == [shapes[0]]
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+
+
 def test_eval_decision_cached_per_signature_follows_every_change(monkeypatch):
     """The short path's checks run once per input signature; what changes after (the input's
     shape or layout, a vector replaced or converted, the backend registry, $BNLAB_BACKEND, the

@@ -29,8 +29,12 @@ __all__ = [
 
 
 _ABSENT = object()  # not in a registry (None is a registered absent parameter or buffer)
-# instance attribute holding a layer's cached eager-path decision (see BatchNorm._eager)
+# instance attribute holding a layer's cached eager-path decisions (see BatchNorm._eager)
 EAGER_PLAN = "_eager_plan"
+# signatures a layer remembers: training and eval, an epoch's smaller last batch, a few input
+# sizes (multi-scale training); more evict the oldest, which is decided again when it comes back
+_PLANS_KEPT = 8
+_UNDECIDED = object()
 
 
 class _NormBase(nn.Module):
@@ -205,10 +209,11 @@ class BatchNorm(_NormBase):
 
         The checks and the backend selection run on the first call of each
         :func:`bnlab.functional.call_signature` and their verdict is kept on the layer (a plain
-        attribute, not in ``state_dict``): later calls go straight to the kernel, as torch.nn's go
-        to ATen's op. A vector replaced since fails ATen's own checks, and the full path then says
-        what is wrong. Inside a model the checks' frames cost small layers 3% of an eval forward
-        and 2-3% of a training step (benchmarks/model_speed.py)."""
+        attribute, not in ``state_dict``; the last 8 signatures, so that alternating training and
+        eval or a few input sizes decide once each): later calls go straight to the kernel, as
+        torch.nn's go to ATen's op. A vector replaced since fails ATen's own checks, and the full
+        path then says what is wrong. Inside a model the checks' frames cost small layers 3% of an
+        eval forward and 2-3% of a training step (benchmarks/model_speed.py)."""
         if self.statistics != "standard" or self.backend is not None or traced():
             return None
         weight, bias, mean, var, tracked = self._state()
@@ -219,21 +224,25 @@ class BatchNorm(_NormBase):
             input, training, mean is None, activation, param, self.eps, self.momentum
         )
         running = RunningStatistics(mean, var, tracked, self.momentum)
-        plan = self.__dict__.get(EAGER_PLAN)
-        if plan is None or plan[0] != signature:
+        plans = self.__dict__.get(EAGER_PLAN)
+        if plans is None:
+            plans = self.__dict__[EAGER_PLAN] = {}
+        run = plans.get(signature, _UNDECIDED)
+        if run is _UNDECIDED:
             self._check_input_dim(input)
             activation, checked = F.check_activation(activation, param, False)
             run = F.eager_path(
                 input, weight, bias, running, training, self.eps, activation, checked
             )
-            plan = self.__dict__[EAGER_PLAN] = (signature, run)
-        run = plan[1]
+            if len(plans) >= _PLANS_KEPT:
+                del plans[next(iter(plans))]  # the oldest decision
+            plans[signature] = run
         if run is None:
             return None
         try:
             return run(input, weight, bias, running, self.strict)
         except RuntimeError:  # a vector changed under the plan: the full path raises its error
-            del self.__dict__[EAGER_PLAN]
+            plans.pop(signature, None)
             return None
 
     def _functional_args(self) -> dict:
