@@ -1,9 +1,11 @@
-"""The running-statistics rules of bnlab.statistics: Chan's merge, checked against whole batches."""
+"""The running-statistics rules of bnlab.statistics: Chan's merge, checked against whole batches;
+when updates may wait."""
 
 import pytest
 import torch
 
-from bnlab.statistics import merge_statistics
+import bnlab
+from bnlab.statistics import may_defer_eagerly, merge_statistics
 
 # --------------------------------------------------------------------------------------------
 # merge_statistics
@@ -53,3 +55,23 @@ def test_merge_statistics_with_counts_per_channel():
     torch.testing.assert_close(n, torch.full((3,), 11.0, dtype=torch.float64))
     torch.testing.assert_close(m2 / n, x.var(0, correction=0), atol=1e-13, rtol=1e-13)
     torch.testing.assert_close(mean, x.mean(0), atol=1e-13, rtol=1e-13)
+
+
+def test_may_defer_eagerly_inside_accumulate_and_a_checkpoint_recomputation_only():
+    """The eager path's quick test is True wherever an update may have to wait (an open
+    accumulate, whatever it holds; a checkpointed forward recomputed in the backward) and False
+    in a plain forward."""
+    seen = []
+    layer = torch.nn.Linear(3, 3)
+
+    def forward(x):
+        seen.append(may_defer_eagerly())
+        return layer(x)
+
+    assert not may_defer_eagerly()
+    with bnlab.accumulate(torch.nn.BatchNorm1d(3)):
+        assert may_defer_eagerly()
+    assert not may_defer_eagerly()
+    x = torch.randn(4, 3, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False).sum().backward()
+    assert seen == [False, True]  # the forward, then its recomputation in the backward

@@ -236,6 +236,14 @@ def _deferred() -> bool:
     return bool(_ACTIVE) or recomputing()
 
 
+def may_defer_eagerly() -> bool:
+    """A quick test for eager callers (never under ``torch.compile``): False when no update can
+    be deferred now, no :class:`accumulate` open and no checkpoint recomputation running; True
+    sends the caller the general way, which asks :func:`updates_deferred` about its buffers. One
+    frame instead of that function's several, on every training call of every layer."""
+    return bool(_ACTIVE) or torch._C._current_graph_task_id() != -1
+
+
 def updates_deferred(running_mean: Optional[Tensor]) -> bool:
     """Whether a training batch's update of these buffers must not be applied now (an open
     :class:`accumulate` holding them, or a checkpoint recomputation). Kernels that update running

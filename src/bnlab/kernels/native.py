@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..statistics import (
     RunningStatistics,
+    may_defer_eagerly,
     raise_if_not_finite,
     updates_deferred,
     variance_from_invstd,
@@ -227,7 +228,8 @@ def _training_runner(eps, activation, param):
     snapshot = _Snapshot()
 
     def run(input, weight, bias, running, strict):
-        if running.mean is None or torch.compiler.is_compiling() or updates_deferred(running.mean):
+        # a layer's eager path only (it tests for compilation before): see may_defer_eagerly
+        if running.mean is None or may_defer_eagerly():
             return eager_batch_norm(
                 input, weight, bias, running, True, eps, strict, activation, param
             )
