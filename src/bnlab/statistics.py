@@ -239,8 +239,9 @@ def _deferred() -> bool:
 def may_defer_eagerly() -> bool:
     """A quick test for eager callers (never under ``torch.compile``): False when no update can
     be deferred now, no :class:`accumulate` open and no checkpoint recomputation running; True
-    sends the caller the general way, which asks :func:`updates_deferred` about its buffers. One
-    frame instead of that function's several, on every training call of every layer."""
+    sends the caller the general way, which asks :func:`updates_deferred` about its buffers.
+    :func:`_deferred` without :func:`recomputing`'s compile test, inlined: one frame instead of
+    several, on every training call of every layer."""
     return bool(_ACTIVE) or torch._C._current_graph_task_id() != -1
 
 
