@@ -22,6 +22,9 @@ __all__ = [
     "check_batch_norm_args",
     "check_layer_norm_args",
     "check_activation",
+    "RESIDUAL_ACTIVATIONS",
+    "check_residual",
+    "check_residual_activation",
     "check_untransformable",
 ]
 
@@ -207,6 +210,38 @@ def check_activation(activation: str, param: Optional[float], inplace: bool) -> 
         )
     if activation == "elu" and param < 0:
         raise ValueError(f"elu needs alpha >= 0, got {param}")
+    return activation, param
+
+
+RESIDUAL_ACTIVATIONS = ("identity", "relu", "leaky_relu")
+
+
+def check_residual(
+    residual, input: Tensor, activation: str, param: Optional[float], inplace: bool
+) -> tuple[str, float]:
+    """The residual added before the activation: a tensor of the input's shape, dtype and device;
+    returns (name, parameter) of the activation (see :func:`check_residual_activation`)."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
+    if residual.shape != input.shape or residual.dtype != input.dtype:
+        raise ValueError(
+            f"residual must have the input's shape and dtype {tuple(input.shape)} {input.dtype}, "
+            f"got {tuple(residual.shape)} {residual.dtype} (no broadcasting, no type promotion)"
+        )
+    if residual.device != input.device:
+        raise ValueError(f"residual is on {residual.device}, the input on {input.device}")
+    return check_residual_activation(activation, param, inplace)
+
+
+def check_residual_activation(activation: str, param: Optional[float], inplace: bool):
+    """(name, parameter) of an activation after a residual addition: one whose sign pattern the
+    output keeps (identity, relu, leaky_relu with a slope > 0), so the backward reads it off y."""
+    activation, param = check_activation(activation, param, inplace)
+    if activation not in RESIDUAL_ACTIVATIONS or (activation == "leaky_relu" and not param > 0):
+        raise ValueError(
+            f"after a residual addition the activation must be one of {RESIDUAL_ACTIVATIONS} "
+            f"(leaky_relu with a slope > 0), got {activation!r} with parameter {param}"
+        )
     return activation, param
 
 

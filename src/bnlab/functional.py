@@ -22,16 +22,18 @@ from .checks import (
     check_batch_norm_args,
     check_layer_norm_args,
     check_mask,
+    check_residual,
     check_untransformable,
     valid_count,
 )
-from .kernels import select_backend, selection_state
-from .kernels.composite import values_per_channel
+from .kernels import adds_residual, select_backend, select_residual_backend, selection_state
+from .kernels.composite import activate, activate_in_place, values_per_channel
 from .statistics import NonFiniteStatisticsError, RunningStatistics
 
 __all__ = [
     "batch_norm",
     "batch_norm_act",
+    "batch_norm_add_act",
     "layer_norm",
     "NonFiniteStatisticsError",
     "ACTIVATIONS",
@@ -172,6 +174,43 @@ def batch_norm_act(
     out, mean, var = ops.batch_norm_act(
         input, weight, bias, running, training, eps, activation, param, inplace, kernels.name
     )
+    if training:
+        running.record(mean, var, values_per_channel(input), strict)
+    return out
+
+
+def batch_norm_add_act(
+    input: Tensor, residual: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+    momentum: Optional[float] = 0.1, eps: float = 1e-5, activation: str = "relu",
+    activation_param: Optional[float] = None, *, num_batches_tracked: Optional[Tensor] = None,
+    inplace: bool = False, strict: bool = False, backend: Optional[str] = None,
+) -> Tensor:  # fmt: skip
+    r""":math:`y = \mathrm{act}(\gamma (x - \mu_B) / \sqrt{\sigma_B^2 + \epsilon} + \beta + r)`,
+    a residual unit's end (He et al. 2016, eq. 1; section 3.4). r: the input's shape, dtype and
+    device; act: identity, relu, leaky_relu (slope > 0). One pass reads x and r and writes y where
+    the backend adds r in its normalizing pass (bnlab's CPU kernels, see
+    :func:`bnlab.kernels.cpu.prefers`); else batch norm, ``+= r`` and act run as a block's code.
+    ``inplace`` (Rota Bulo et al. 2018): y written over ``input``, only y and r kept, gamma enters
+    as |gamma| + eps (identity, leaky_relu). Other arguments as :func:`batch_norm_act`."""
+    running = RunningStatistics(running_mean, running_var, num_batches_tracked, momentum)
+    check_batch_norm_args(input, weight, bias, running, training, eps)
+    activation, param = check_residual(residual, input, activation, activation_param, inplace)
+    if ops.transforms_active():
+        check_untransformable(inplace=inplace)
+        out = ops.transformed_batch_norm(input, weight, bias, running, training, eps)
+        return activate(out + residual, activation, param)
+    kernels = select_residual_backend(input, training, backend, activation, inplace)
+    if not (inplace or adds_residual(kernels)):
+        out = batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked=num_batches_tracked, strict=strict, backend=backend,
+        )  # fmt: skip
+        return activate_in_place(out.add_(residual), activation, param)
+    out, mean, var = ops.batch_norm_add_act(
+        input, residual, weight, bias, running, training, eps, activation, param, inplace,
+        kernels.name,
+    )  # fmt: skip
     if training:
         running.record(mean, var, values_per_channel(input), strict)
     return out

@@ -32,6 +32,7 @@ __all__ = [
     "batch_norm_op_name",
     "batch_norm",
     "batch_norm_act",
+    "batch_norm_add_act",
     "layer_norm",
     "transforms_active",
     "transformed_batch_norm",
@@ -241,6 +242,12 @@ def batch_norm(
 # --------------------------------------------------------------------------------------------
 
 
+def _inplace_gamma(weight: Optional[Tensor], eps: float) -> Optional[Tensor]:
+    """|weight| + eps: recovering x from y divides by gamma, kept away from zero (Rota Bulo et al.
+    2018, section 3.2)."""
+    return None if weight is None else weight.abs() + eps
+
+
 class _BatchNormAct(torch.autograd.Function):
     """act(batch_norm(x)) with one hand-derived backward; in place, only the output is kept."""
 
@@ -249,10 +256,7 @@ class _BatchNormAct(torch.autograd.Function):
         ctx, input, weight, bias, running, training, eps, activation, param, inplace, backend
     ):
         kernels = get_backend(backend).module
-        gamma = weight
-        if inplace and weight is not None:
-            # Recovering x from y divides by gamma: keep it away from zero (Rota Bulo et al.).
-            gamma = weight.abs() + eps
+        gamma = _inplace_gamma(weight, eps) if inplace else weight
         y, mean, var = kernels.batch_norm_act_forward(
             input,
             gamma,
@@ -304,6 +308,74 @@ batch_norm_act = _BatchNormAct.apply
 """``batch_norm_act(input, weight, bias, running, training, eps, activation, param, inplace,
 backend)``: (y, mean, var) of act(batch_norm(x)) by the ``backend``'s fused kernels,
 differentiable; ``running``: its buffers normalize in eval (they are not updated here)."""
+
+
+class _BatchNormAddAct(torch.autograd.Function):
+    """act(batch_norm(x) + residual) for the piecewise-linear activations (identity, relu,
+    leaky_relu with a slope > 0): the end of a residual unit (He et al. 2016, eq. 1) in one
+    normalizing pass. Kept for the backward: x and y; in place, y (written over x) and the
+    residual, from which the normalized input is recovered."""
+
+    @staticmethod
+    def forward(
+        ctx, input, residual, weight, bias, running, training, eps, activation, param, inplace,
+        backend,
+    ):  # fmt: skip
+        gamma = _inplace_gamma(weight, eps) if inplace else weight
+        y, mean, var = get_backend(backend).module.batch_norm_act_forward(
+            input,
+            gamma,
+            bias,
+            running.mean,
+            running.var,
+            training,
+            eps,
+            activation,
+            param,
+            out=input if inplace else None,
+            residual=residual,
+        )
+        if inplace:
+            ctx.mark_dirty(input)
+        ctx.mark_non_differentiable(mean, var)
+        stats = (mean, var) if training else (running.mean.clone(), running.var.clone())
+        kept = (y, residual) if inplace else (y, input)
+        ctx.save_for_backward(*kept, weight, gamma, bias, *stats)
+        ctx.config = (training, eps, activation, param, inplace, backend)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        y, other, weight, gamma, bias, mean, var = ctx.saved_tensors
+        training, eps, activation, param, inplace, backend = ctx.config
+        kernels = get_backend(backend).module
+        wanted = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]]
+        from_output = getattr(kernels, "batch_norm_add_act_backward", None) if inplace else None
+        if from_output is not None:  # the backend's two passes over (y, residual, dy)
+            args = (gamma, bias, mean, var, training, eps, activation, param)
+            dx, dgamma, dbias, dz = from_output(grad_out, y, other, *args)
+        else:
+            # y > 0 exactly where z = batch_norm(x) + residual > 0 (slopes > 0): dz from y
+            dz = composite.activation_grad(grad_out, y, activation, param)
+            saved = other  # x; in place: the batch norm's output, act^-1(y) - residual
+            if inplace:
+                saved = composite.invert_activation(y, activation, param) - other
+            dx, dgamma, dbias = kernels.batch_norm_act_backward(
+                dz, saved, gamma, bias, mean, var, training, eps, "identity", 0.0, wanted, inplace
+            )
+        dweight = dgamma
+        if inplace and dgamma is not None:
+            dweight = dgamma * torch.sign(weight).to(dgamma.dtype)
+        dx, dweight, dbias = _cast_grads((dx, dweight, dbias), wanted, _param_dtypes(weight, bias))
+        dresidual = dz if ctx.needs_input_grad[1] else None
+        return dx, dresidual, dweight, dbias, *([None] * 7)
+
+
+batch_norm_add_act = _BatchNormAddAct.apply
+"""``batch_norm_add_act(input, residual, weight, bias, running, training, eps, activation, param,
+inplace, backend)``: (y, mean, var) of act(batch_norm(x) + residual), differentiable (see
+:class:`_BatchNormAddAct`); ``running`` as :func:`batch_norm_act`'s."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -563,3 +563,52 @@ def test_eval_decision_cached_per_signature_follows_every_change(monkeypatch):
         bnlab.kernels.unregister_backend("eager_test")
     layer(x)
     assert len(full) == 2
+
+
+# ------------------------------------------------------------------ add_act: a residual unit's end
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(4, 8, 9, 9), (4, 16, 128, 128)], ids=str)
+def test_add_act_is_the_block_code_it_replaces(shape, training):
+    """``bn.add_act(x, r)`` against ``y = bn(x); y += r; relu_(y)`` on torch.nn's layer: equal on
+    small inputs (the same ATen ops run), within float32 rounding where bnlab's kernels fuse."""
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(shape[1]).train(training)
+    with torch.no_grad():
+        theirs.weight.uniform_(-2, 2), theirs.bias.normal_(), theirs.running_var.uniform_(0.5, 2)
+    ours = bnlab.nn.BatchNorm2d(shape[1]).train(training)
+    ours.load_state_dict(theirs.state_dict())
+    x, r, dy = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    results = []
+    for step in (lambda x, r: ours.add_act(x, r), lambda x, r: theirs(x).add_(r).relu_()):
+        leaves = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = step(*leaves)
+        y.backward(dy)
+        results.append([y.detach(), *(t.grad for t in leaves)])
+    exact = shape[1] == 8
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-6, atol=1e-6)
+
+
+def test_add_act_checks_the_residual_before_the_running_statistics_move():
+    bn = bnlab.nn.BatchNorm2d(3)
+    for residual, match in ((torch.zeros(2, 3, 4, 5), "shape"), (torch.zeros(2, 3, 4), "shape")):
+        with pytest.raises(ValueError, match=match):
+            bn.add_act(torch.randn(2, 3, 4, 4), residual)
+    assert int(bn.num_batches_tracked) == 0 and not bn.running_mean.any()
+    with pytest.raises(ValueError, match="after a residual addition"):
+        bn.add_act(torch.randn(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), "silu")
+
+
+def test_add_act_with_prediction_time_statistics():
+    torch.manual_seed(0)
+    bn = bnlab.nn.BatchNorm2d(3).eval()
+    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+    bnlab.nn.set_statistics(bn, "mix", alpha=0.3)
+    x, r = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(
+        bn.add_act(x, r, "leaky_relu", 0.1), torch.nn.functional.leaky_relu(bn(x) + r, 0.1)
+    )

@@ -1,6 +1,7 @@
 """bnlab.convert(model, fuse_activations=True): batch norm + the activation module after it."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from torch import nn
 
 import bnlab
 from bnlab.nn import BatchNormAct2d, FusedActivation
+from bnlab.nn.fuse import ResidualForward
+from torchvision_standin import import_timm
 
 
 class Block(nn.Module):
@@ -163,3 +166,170 @@ def test_inplace_abn_leaves_outputs_something_writes_over():
     model, report = bnlab.convert(AddsInPlace(), report=True, inplace_abn=True)
     assert report.inplace_abn == []
     model(torch.randn(2, 3, 4, 4)).sum().backward()  # and it trains
+
+
+# ------------------------------------------------------------------ residual units in a forward
+
+
+class ResBlock(nn.Module):
+    """A ResNet bottleneck as timm and torchvision write it: ``x = bn3(conv3(x)); x += shortcut;
+    x = act3(x)``, the shortcut a strided conv + bn where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, act=nn.ReLU) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout), act()
+        self.conv3 = nn.Conv2d(cout, cout, 3, stride, padding=1)
+        self.bn3, self.act3 = nn.BatchNorm2d(cout), act(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.bn3(self.conv3(x))
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act3(x)
+
+
+class SharedReluBlock(ResBlock):
+    """torchvision's layout: one ``relu`` module called after bn1 and after the sum."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, act=nn.ReLU) -> None:
+        super().__init__(cin, cout, stride, act)
+        self.act3 = self.act1
+
+
+def res_net(act=nn.ReLU, block=ResBlock) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        block(4, 4, act=act),
+        block(4, 6, 2, act=act),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+@pytest.mark.parametrize("block", [ResBlock, SharedReluBlock])
+@pytest.mark.parametrize("act", [nn.ReLU, lambda inplace=False: nn.LeakyReLU(0.2, inplace)])
+def test_residual_units_fused_train_as_the_original(act, block):
+    torch.manual_seed(0)
+    original = res_net(act, block).double()
+    model, report = bnlab.convert(copy.deepcopy(original), report=True, fuse_activations=True)
+    act3 = "act1" if block is SharedReluBlock else "act3"  # fx names a shared module's first place
+    assert report.residual == [f"1.bn3 + add -> 1.{act3}", f"2.bn3 + add -> 2.{act3}"]
+    assert "fused 2 residual addition(s)" in str(report) and "bnlab.revert" in str(report)
+    for block in (model[1], model[2]):
+        assert isinstance(vars(block)["forward"], ResidualForward)
+        assert type(block) is type(original[1]) and type(block.act3) is type(original[1].act3)
+    assert model.state_dict().keys() == original.state_dict().keys()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    (outs, state), (want, want_state) = train_steps(model, x), train_steps(original, x)
+    for got, expected in zip(outs, want):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for key in want_state:
+        torch.testing.assert_close(state[key], want_state[key], rtol=1e-12, atol=1e-12)
+    model.eval(), original.eval()
+    torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
+    back = bnlab.revert(model)
+    assert "forward" not in vars(back[1]) and "forward" not in vars(back[2])
+    assert type(back[1].bn3) is nn.BatchNorm2d
+
+
+def test_fused_blocks_copy_pickle_and_fuse_once():
+    torch.manual_seed(0)
+    model = bnlab.convert(res_net(), fuse_activations=True).eval()
+    x = torch.randn(2, 3, 6, 6)
+    twin = copy.deepcopy(model)
+    assert vars(twin[1])["forward"].block is twin[1]  # the copy's own block, not the original's
+    with torch.no_grad():
+        twin[1].bn3.bias.add_(1.0)
+    assert not torch.equal(twin(x), model(x))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x), model(x))
+    again, report = bnlab.convert(model, report=True, fuse_activations=True)
+    assert report.residual == [] and torch.equal(again(x), loaded(x))
+
+
+def test_hooks_added_after_fusing_still_run():
+    torch.manual_seed(0)
+    model = bnlab.convert(res_net(), fuse_activations=True)
+    seen = []
+    model[1].bn3.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    y = model(torch.randn(2, 3, 6, 6))
+    assert seen == [(2, 4, 6, 6)] and y.shape == (2, 6)
+
+
+class ModeBranch(ResBlock):
+    """A block whose forward branches on the mode: its traced graph would fix one branch."""
+
+    def forward(self, x):
+        shortcut = x if self.training else x * 0.5
+        x = self.bn3(self.conv3(x))
+        x += shortcut
+        return self.act3(x)
+
+
+def test_blocks_whose_forward_depends_on_the_mode_are_left():
+    model, report = bnlab.convert(ModeBranch(4, 4), report=True, fuse_activations=True)
+    assert report.residual == [] and "forward" not in vars(model)
+
+
+class WritesOverOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 4, 1), ResBlock(4, 4)
+
+    def forward(self, x):
+        y = self.block(self.stem(x))
+        y += 1.0  # written over: the in-place mode keeps the block's output for its backward
+        return y
+
+
+def test_inplace_residual_units_keep_output_and_shortcut_and_change_the_function():
+    torch.manual_seed(0)
+    original = res_net().double()
+    with pytest.warns(bnlab.ConversionWarning, match="in-place activated"):
+        model, report = bnlab.convert(copy.deepcopy(original), report=True, inplace_abn=True)
+    assert report.residual == ["1.bn3 + add -> 1.act3", "2.bn3 + add -> 2.act3"]
+    assert set(report.residual) <= set(report.inplace_abn)
+    expected = copy.deepcopy(original)
+    for block in (expected[1], expected[2]):
+        block.act1, block.act3 = nn.LeakyReLU(0.01), nn.LeakyReLU(0.01, inplace=True)
+        with torch.no_grad():
+            for bn in (block.bn1, block.bn3):
+                bn.weight.copy_(bn.weight.abs() + bn.eps)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    (outs, state), (want, want_state) = train_steps(model, x), train_steps(expected, x)
+    for got, wanted in zip(outs, want):
+        torch.testing.assert_close(got, wanted, rtol=1e-10, atol=1e-10)
+    for key in [k for k in want_state if "running" in k]:  # the weights differ by |w| + eps
+        torch.testing.assert_close(state[key], want_state[key], rtol=1e-10, atol=1e-10)
+    # a hook added later cannot run inside the in-place unit: said, by name
+    model[1].bn3.register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(RuntimeError, match="in-place residual unit .* with hooks"):
+        model(x)
+    with pytest.warns(bnlab.ConversionWarning):
+        _, written = bnlab.convert(WritesOverOutput(), report=True, inplace_abn=True)
+    assert written.residual == []
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_timm_resnets_fuse_every_residual_unit(name):
+    timm = import_timm()
+    torch.manual_seed(0)
+    original = timm.create_model(name, num_classes=10)
+    model, report = bnlab.convert(copy.deepcopy(original), report=True, fuse_activations=True)
+    blocks = [m for m in model.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")]
+    last = "bn2" if name == "resnet18" else "bn3"
+    act = "act2" if name == "resnet18" else "act3"
+    assert len(report.residual) == len(blocks) == (8 if name == "resnet18" else 16)
+    assert report.residual[0] == f"layer1.0.{last} + add -> layer1.0.{act}"
+    x = torch.randn(2, 3, 32, 32)
+    reference = bnlab.convert(copy.deepcopy(original))
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)

@@ -56,6 +56,8 @@ __all__ = [
     "available_backends",
     "get_backend",
     "select_backend",
+    "select_residual_backend",
+    "adds_residual",
     "selection_state",
 ]
 
@@ -190,6 +192,36 @@ def select_backend(
             _CHOSEN[key] = backend
             return backend
     raise RuntimeError(f"no bnlab backend can run {op} on a {x.dtype} tensor on {x.device}")
+
+
+def adds_residual(backend: Backend) -> bool:
+    """Whether ``backend``'s fused kernels add a residual in their normalizing pass (see
+    :func:`bnlab.kernels.composite.activated`); a backend a user registers may not say."""
+    forward = getattr(backend.module, "batch_norm_act_forward", None)
+    return bool(getattr(forward, "adds_residual", False))
+
+
+def select_residual_backend(
+    x: torch.Tensor, training: bool, requested: Optional[str], activation: str, inplace: bool
+) -> Backend:
+    """:func:`select_backend` of batch_norm_act (``training``) or batch_norm_act_eval on ``x``, for
+    a batch norm with a residual added before its activation. The
+    in-place mode always runs fused, so automatic selection there takes the highest-priority
+    backend whose kernels add the residual in their normalizing pass and that support ``x``
+    (bnlab's CPU kernels for CPU float32/float64), whatever it prefers: the generic way (batch
+    norm, then the addition and the activation as PyTorch ops, then a backward from the output
+    in PyTorch ops) costs several more passes."""
+    op = "batch_norm_act" if training else "batch_norm_act_eval"
+    chosen = select_backend(op, x, requested, activation)
+    explicit = requested or _requested_by_environment()
+    if not inplace or (explicit and explicit != "auto"):
+        return chosen
+    if adds_residual(chosen):
+        return chosen
+    for backend in _BY_PRIORITY:
+        if adds_residual(backend) and backend.supports(op, x):
+            return backend
+    return chosen
 
 
 register_backend("composite", composite, supports=lambda op, x: True, priority=0)

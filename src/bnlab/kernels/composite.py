@@ -229,6 +229,15 @@ def activate(z: Tensor, activation: str, param: float) -> Tensor:
     return _ACTIVATE[activation](z, param)
 
 
+def activate_in_place(z: Tensor, activation: str, param: float) -> Tensor:
+    """z overwritten with act(z): identity, relu and leaky_relu (as ``inplace=True`` modules)."""
+    if activation == "relu":
+        return z.relu_()
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu_(z, param)
+    return z
+
+
 def _hardsigmoid_grad(dy: Tensor, z: Tensor, param: float) -> Tensor:
     """dy / 6 on the open interval (-3, 3), 0 elsewhere (torch's convention at the kinks)."""
     return torch.where((z > -3.0) & (z < 3.0), dy / 6.0, 0.0)
@@ -256,7 +265,7 @@ def activation_grad(dy: Tensor, z: Tensor, activation: str, param: float) -> Ten
     return _ACTIVATION_GRAD[activation](dy, z, param)
 
 
-def _invert_activation(y: Tensor, activation: str, param: float) -> Tensor:
+def invert_activation(y: Tensor, activation: str, param: float) -> Tensor:
     """z with act(z) = y, for the invertible activations (identity, leaky_relu, elu)."""
     if activation == "leaky_relu":
         return torch.where(y >= 0, y, y / param)
@@ -270,11 +279,13 @@ _SEE = "See :meth:`bnlab.kernels.contract.Kernels"
 _FUSED = "the backend's kernels, the activation in the same passes"
 
 
-def activated(batch_norm_forward=None, fused=None):
+def activated(batch_norm_forward=None, fused=None, adds_residual=False):
     """``batch_norm_act_forward`` of a backend, the contract's signature and defaults written once
     for every backend: its ``fused`` kernel (the activation applied in the same pass; it takes
-    every argument, positionally) when it has one, else its ``batch_norm_forward`` then PyTorch's
-    activation (written into ``out`` when given)."""
+    every argument, positionally, and the residual after them when it ``adds_residual``) when it
+    has one, else its ``batch_norm_forward`` then PyTorch's addition and activation (written into
+    ``out`` when given). The function's ``adds_residual`` tells whether its kernel adds the
+    residual in the same pass."""
 
     def batch_norm_act_forward(
         x,
@@ -287,17 +298,24 @@ def activated(batch_norm_forward=None, fused=None):
         activation="identity",
         param=0.0,
         out=None,
+        residual=None,
     ):
-        if fused is not None:
-            return fused(
-                x, weight, bias, running_mean, running_var, training, eps, activation, param, out
-            )
-        y, mean, var = batch_norm_forward(x, weight, bias, running_mean, running_var, training, eps)
-        y = laid_out_like(activate(_acc(y), activation, param), x)
+        args = (x, weight, bias, running_mean, running_var, training, eps)
+        if residual is not None and adds_residual:
+            return fused(*args, activation, param, out, residual)
+        if fused is not None and residual is None:
+            return fused(*args, activation, param, out)
+        if fused is not None:  # batch norm fused, then the addition and the activation
+            y, mean, var = fused(*args, "identity", 0.0, out)
+        else:
+            y, mean, var = batch_norm_forward(*args)
+        z = _acc(y) if residual is None else _acc(y) + _acc(residual)
+        y = laid_out_like(activate(z, activation, param), x)
         if out is not None:
             y = out.copy_(y)
         return y, mean, var
 
+    batch_norm_act_forward.adds_residual = adds_residual
     how = _FUSED if fused else f"{batch_norm_forward.__module__}.batch_norm_forward, then act(y)"
     batch_norm_act_forward.__doc__ = f"{_SEE}.batch_norm_act_forward`: {how}."
     return batch_norm_act_forward
@@ -351,7 +369,7 @@ def _recover(saved, weight, bias, mean, var, eps, activation, param, from_output
         scale = scale * weight.to(sa.dtype)
     shift = per_channel(bias.to(sa.dtype), sa) if bias is not None else 0.0
     if from_output:
-        z = _invert_activation(sa, activation, param)
+        z = invert_activation(sa, activation, param)
         return (z - shift) / per_channel(scale, sa) + per_channel(mean.to(sa.dtype), sa), z
     return sa, (sa - per_channel(mean.to(sa.dtype), sa)) * per_channel(scale, sa) + shift
 

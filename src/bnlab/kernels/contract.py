@@ -150,11 +150,14 @@ class Kernels(Protocol):
         activation: str = "identity",
         param: float = 0.0,
         out: Optional[Tensor] = None,
+        residual: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """y = act(batch_norm(x)), ``activation`` one of :data:`ACTIVATIONS` (the table above;
         ``param``: leaky_relu's slope, elu's alpha, 0.0 for the others), written into ``out`` when
-        given (it may be x: the in-place mode, for the invertible activations). Returns
-        (y, mean, var) as :meth:`batch_norm_forward`."""
+        given (it may be x: the in-place mode, for the invertible activations); with a
+        ``residual`` (shaped as x), y = act(batch_norm(x) + residual), the residual unit of He et
+        al. 2016 (identity, relu and leaky_relu). Returns (y, mean, var) as
+        :meth:`batch_norm_forward`."""
 
     def batch_norm_act_backward(
         self,

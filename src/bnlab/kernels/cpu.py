@@ -238,6 +238,18 @@ def _ncs_apply(x, out, mean, a, b, code, p, blocks):
 
 
 @njit(parallel=True, **_JIT)
+def _ncs_apply_add(x, r, out, mean, a, b, p, blocks):
+    """y = act(z + r), act of the piecewise-linear family (slope p), r laid out as x."""
+    n_, c_, s_ = x.shape
+    for t in prange(n_ * c_ * blocks):
+        n, c, lo, hi = _task(t, c_, s_, blocks)
+        mc, ac, bc = mean[c], a[c], b[c]
+        row, res, dst = x[n, c, lo:hi], r[n, c, lo:hi], out[n, c, lo:hi]
+        for i in range(row.shape[0]):
+            dst[i] = _linear_act((row[i] - mc) * ac + bc + res[i], p)
+
+
+@njit(parallel=True, **_JIT)
 def _ncs_grad_sums(v, dy, mean, a, b, code, p, from_output, blocks, out_dz, out_dzx):
     n_, c_, s_ = v.shape
     for t in prange(n_ * c_ * blocks):
@@ -352,6 +364,17 @@ def _rc_apply(x, out, mean, a, b, code, p, blocks):
 
 
 @njit(parallel=True, **_JIT)
+def _rc_apply_add(x, r, out, mean, a, b, p, blocks):
+    r_, c_ = x.shape
+    for blk in prange(blocks):
+        lo, hi = _row_range(blk, r_, blocks)
+        for i in range(lo, hi):
+            row, res, dst = x[i], r[i], out[i]
+            for c in range(c_):
+                dst[c] = _linear_act((row[c] - mean[c]) * a[c] + b[c] + res[c], p)
+
+
+@njit(parallel=True, **_JIT)
 def _rc_grad_sums(v, dy, mean, at, bt, code, p, from_output, blocks, out_dz, out_dzx, scratch):
     r_, c_ = v.shape
     for blk in prange(blocks):
@@ -389,6 +412,88 @@ def _rc_grad_input(v, dy, dx, mean, at, bt, k1t, k0t, code, p, from_output, bloc
                 for c in range(c_):
                     dz, xc = _grad(row[c], g[c], mean[c], at[c], bt[c], code, p, from_output)
                     dst[c] = at[c] * dz + k1t[c] * xc + k0t[c]
+
+
+# --------------------------------------------------------------------------------------------
+# the in-place residual unit's backward: y = act(z + r) kept (over x) with r; act piecewise linear
+# with p > 0, so z = act^-1(y) - r and dz = dy act'(y) come from (y, r, dy) at each position
+# --------------------------------------------------------------------------------------------
+
+
+@njit(inline="always", **_JIT)
+def _residual_grad(y, res, g, a, b, p):
+    """(dz, x - k) at one position of the in-place residual unit."""
+    negative = y < 0.0
+    z = y / p if negative else y
+    return (g * p if negative else g), (z - res - b) / a
+
+
+@njit(parallel=True, **_JIT)
+def _ncs_res_grad_sums(y, res, dy, a, b, p, blocks, out_dz, out_dzx):
+    n_, c_, s_ = y.shape
+    for t in prange(n_ * c_ * blocks):
+        n, c, lo, hi = _task(t, c_, s_, blocks)
+        ac, bc = a[c], b[c]
+        row, rr, g = y[n, c, lo:hi], res[n, c, lo:hi], dy[n, c, lo:hi]
+        s = 0.0
+        q = 0.0
+        for first in range(0, row.shape[0], _SPAN):
+            end = first + _SPAN
+            ys, rs, gs = row[first:end], rr[first:end], g[first:end]
+            cs = y.dtype.type(0)
+            cq = y.dtype.type(0)
+            for i in range(ys.shape[0]):
+                dz, xc = _residual_grad(ys[i], rs[i], gs[i], ac, bc, p)
+                cs += dz
+                cq += dz * xc
+            s += cs
+            q += cq
+        out_dz[t] = s
+        out_dzx[t] = q
+
+
+@njit(parallel=True, **_JIT)
+def _ncs_res_grad_input(y, res, dy, dx, dres, a, b, k1, k0, p, blocks):
+    n_, c_, s_ = y.shape
+    for t in prange(n_ * c_ * blocks):
+        n, c, lo, hi = _task(t, c_, s_, blocks)
+        ac, bc, k1c, k0c = a[c], b[c], k1[c], k0[c]
+        row, rr, g = y[n, c, lo:hi], res[n, c, lo:hi], dy[n, c, lo:hi]
+        dst, dr = dx[n, c, lo:hi], dres[n, c, lo:hi]
+        for i in range(row.shape[0]):
+            dz, xc = _residual_grad(row[i], rr[i], g[i], ac, bc, p)
+            dst[i] = ac * dz + k1c * xc + k0c
+            dr[i] = dz
+
+
+@njit(parallel=True, **_JIT)
+def _rc_res_grad_sums(y, res, dy, at, bt, p, blocks, out_dz, out_dzx, scratch):
+    r_, c_ = y.shape
+    for blk in prange(blocks):
+        s, q = _zeroed(scratch[0, blk], scratch[1, blk], out_dz[blk], out_dzx[blk])
+        lo, hi = _row_range(blk, r_, blocks)
+        for first in range(lo, hi, _CHUNK):
+            for r in range(first, min(hi, first + _CHUNK)):
+                row, rr, g = y[r], res[r], dy[r]
+                for c in range(c_):
+                    dz, xc = _residual_grad(row[c], rr[c], g[c], at[c], bt[c], p)
+                    s[c] += dz
+                    q[c] += dz * xc
+            _flush(s, out_dz[blk])
+            _flush(q, out_dzx[blk])
+
+
+@njit(parallel=True, **_JIT)
+def _rc_res_grad_input(y, res, dy, dx, dres, at, bt, k1t, k0t, p, blocks):
+    r_, c_ = y.shape
+    for blk in prange(blocks):
+        lo, hi = _row_range(blk, r_, blocks)
+        for r in range(lo, hi):
+            row, rr, g, dst, dr = y[r], res[r], dy[r], dx[r], dres[r]
+            for c in range(c_):
+                dz, xc = _residual_grad(row[c], rr[c], g[c], at[c], bt[c], p)
+                dst[c] = at[c] * dz + k1t[c] * xc + k0t[c]
+                dr[c] = dz
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,6 +641,11 @@ class _Plan:
             if rows.ndim == 3
             else (_rc_stats, _rc_apply, _rc_grad_sums, _rc_grad_input)
         )
+        self.residual_kernels = (
+            (_ncs_apply_add, _ncs_res_grad_sums, _ncs_res_grad_input)
+            if rows.ndim == 3
+            else (_rc_apply_add, _rc_res_grad_sums, _rc_res_grad_input)
+        )
         self.blocks = self._blocks(_threads() * _TASKS_PER_THREAD)
 
     def _blocks(self, target: int) -> int:
@@ -628,9 +738,12 @@ def statistics(x: Tensor, plan: _Plan | None = None) -> tuple[np.ndarray, np.nda
     return mean, var
 
 
-def _act_forward(x, weight, bias, running_mean, running_var, training, eps, activation, param, out):
+def _act_forward(
+    x, weight, bias, running_mean, running_var, training, eps, activation, param, out, residual=None
+):
     """:meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`, every argument given: one
-    statistics pass in training, one normalizing pass."""
+    statistics pass in training, one normalizing pass (which adds ``residual`` before the
+    activation when given: the piecewise-linear activations only)."""
     c = x.shape[1]
     plan = _Plan(x)
     if training:
@@ -642,7 +755,14 @@ def _act_forward(x, weight, bias, running_mean, running_var, training, eps, acti
     b = _vector(bias, c, 0.0) + rest * a  # y = (x - k) * a + b
     y = torch.empty_like(x) if out is None else out
     code, p = activation_code(activation, param)
-    plan.kernels[1](plan.view, plan.of(y), *plan.tile(k, a, b), code, plan.scalar(p), plan.blocks)
+    vectors, p = plan.tile(k, a, b), plan.scalar(p)
+    if residual is None:
+        plan.kernels[1](plan.view, plan.of(y), *vectors, code, p, plan.blocks)
+    elif code != _LINEAR:
+        raise ValueError(f"a residual goes before identity, relu or leaky_relu, not {activation}")
+    else:
+        r = plan.of(laid_out_like(residual, x))
+        plan.residual_kernels[0](plan.view, r, plan.of(y), *vectors, p, plan.blocks)
     if training:
         return y, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(var).to(x.dtype)
     empty = x.new_empty((0,))
@@ -695,6 +815,39 @@ def _act_backward(
     return dx, dweight, dbias
 
 
+def batch_norm_add_act_backward(
+    grad_out, y, residual, weight, bias, mean, var, training, eps, activation, param
+):
+    """Gradients (dx, dweight, dbias, dresidual) of the in-place residual unit y = act(batch_norm(x)
+    + residual) (:func:`bnlab.functional.batch_norm_add_act`, ``inplace=True``) from y and the
+    residual alone: act identity or leaky_relu (slope > 0), z = act^-1(y) - residual the batch
+    norm's output, dz = dy act'(y) = dresidual. Two parallel passes, as
+    :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward` from the output; the second
+    writes dx and dresidual."""
+    c = y.shape[1]
+    mean64, var64 = _vector(mean, c, 0.0), _vector(var, c, 1.0)
+    invstd = 1.0 / np.sqrt(var64 + eps)
+    a = _vector(weight, c, 1.0) * invstd
+    plan = _Plan(y)
+    k, rest = plan.centre(mean64)
+    b = _vector(bias, c, 0.0) + rest * a
+    dy = plan.of(laid_out_like(grad_out, y))
+    res = plan.of(laid_out_like(residual, y))
+    _, p = activation_code(activation, param)
+    p = plan.scalar(p)
+    _, grad_sums, grad_input = plan.residual_kernels
+    sum_dz, sum_dz_xk = plan.sums(grad_sums, res, dy, *plan.tile(a, b), p)
+    sum_dz_xc = sum_dz_xk + rest * sum_dz
+    count = y.numel() // c
+    k1 = -a * invstd * invstd * sum_dz_xc / count if training else np.zeros(c)
+    k0 = -a * sum_dz / count + k1 * rest if training else np.zeros(c)
+    dx, dres = torch.empty_like(y), torch.empty_like(y)
+    vectors = plan.tile(a, b, k1, k0)
+    grad_input(plan.view, res, dy, plan.of(dx), plan.of(dres), *vectors, p, plan.blocks)
+    dweight = None if weight is None else torch.from_numpy(sum_dz_xc * invstd).to(y.dtype)
+    return dx, dweight, torch.from_numpy(sum_dz).to(y.dtype), dres
+
+
 def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """See :meth:`bnlab.kernels.contract.Kernels.batch_statistics` (no ``mask`` here): computed in
     float64, returned in x's dtype."""
@@ -708,7 +861,7 @@ def _statistics64(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(mean), torch.from_numpy(var)
 
 
-batch_norm_act_forward = activated(fused=_act_forward)
+batch_norm_act_forward = activated(fused=_act_forward, adds_residual=True)
 batch_norm_act_backward = activated_backward(fused=_act_backward)
 batch_norm_forward, batch_norm_backward = plain_from_fused(
     _act_forward, _act_backward, _statistics64

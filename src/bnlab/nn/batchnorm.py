@@ -13,7 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..kernels.composite import accumulation_dtype, per_channel, reduction_dims
+from ..checks import check_residual
+from ..kernels import adds_residual, select_backend, selection_state
+from ..kernels.composite import accumulation_dtype, activate_in_place, per_channel, reduction_dims
 from ..ops import traced
 from ..statistics import RunningStatistics
 
@@ -35,6 +37,7 @@ EAGER_PLAN = "_eager_plan"
 # sizes (multi-scale training); more evict the oldest, which is decided again when it comes back
 _PLANS_KEPT = 8
 _UNDECIDED = object()
+_RESIDUAL = "add_act"  # first item of the keys of add_act's decisions among the eager ones
 
 
 class _NormBase(nn.Module):
@@ -244,6 +247,63 @@ class BatchNorm(_NormBase):
         except RuntimeError:  # a vector changed under the plan: the full path raises its error
             plans.pop(signature, None)
             return None
+
+    def add_act(
+        self,
+        input: Tensor,
+        residual: Tensor,
+        activation: str = "relu",
+        activation_param: Optional[float] = None,
+        inplace: bool = False,
+    ) -> Tensor:
+        r"""``act(self(input) + residual)``: the end of a residual unit, what a block's own
+        ``x = bn(x); x += shortcut; x = act(x)`` computes (see
+        :func:`bnlab.functional.batch_norm_add_act`).
+
+        .. math::
+            y = \mathrm{act}(\mathrm{BN}(x) + r)
+
+        Where bnlab's kernels take the input, one normalizing pass adds the residual and applies
+        the activation; elsewhere this layer's forward runs, then ``+= residual`` and the
+        activation in place, as the block's code would. ``inplace``: in-place activated batch
+        norm (identity or leaky_relu; gamma enters as |gamma| + eps), y written over ``input``.
+        The layer's forward hooks do not run here."""
+        # before the running statistics move
+        activation, param = check_residual(residual, input, activation, activation_param, inplace)
+        if not inplace and not self._adds_residual(input, activation):
+            out = self.forward(input)
+            return activate_in_place(out.add_(residual), activation, param)
+        self._check_input_dim(input)
+        if self.statistics != "standard" and self._mixing():
+            weight = self.weight
+            if inplace and weight is not None:
+                weight = weight.abs() + self.eps
+            out = self._mixed(input, weight=weight).add_(residual)
+            return activate_in_place(out, activation, param)
+        return F.batch_norm_add_act(
+            input,
+            residual,
+            **self._functional_args(),
+            activation=activation,
+            activation_param=param,
+            inplace=inplace,
+            strict=self.strict,
+            backend=self.backend,
+        )
+
+    def _adds_residual(self, input: Tensor, activation: str) -> bool:
+        """Whether the backend selection gives this input to kernels that add a residual in their
+        normalizing pass (decided once per input signature, kept with the eager decisions)."""
+        key = (_RESIDUAL, input.shape, input.stride(), input.dtype, input.device, self.training)
+        key += (activation, self.backend) + selection_state()
+        plans = self.__dict__.setdefault(EAGER_PLAN, {})
+        adds = plans.get(key)
+        if adds is None:
+            op = "batch_norm_act" if self.training else "batch_norm_act_eval"
+            adds = plans[key] = adds_residual(select_backend(op, input, self.backend, activation))
+            if len(plans) > _PLANS_KEPT:
+                del plans[next(iter(plans))]
+        return adds
 
     def _functional_args(self) -> dict:
         """Statistics, parameters and mode as torch.nn decides them (``statistics="standard"``:

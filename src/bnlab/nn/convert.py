@@ -138,6 +138,7 @@ class ConversionReport:
     left: dict[str, ClassCount] = field(default_factory=dict)
     fused: list[str] = field(default_factory=list)  # "bn -> act" pairs (fuse_activations=True)
     inplace_abn: list[str] = field(default_factory=list)  # "bn[ -> act]" (inplace_abn=True)
+    residual: list[str] = field(default_factory=list)  # "bn + add -> act" (forwards rewritten)
     not_fused: Optional[str] = None  # why no activation was fused, when fusing was asked for
 
     @property
@@ -171,6 +172,8 @@ class ConversionReport:
             )
         if self.inplace_abn:
             lines.append("  " + _inplace_line(self.inplace_abn))
+        if self.residual:
+            lines.append("  " + _residual_line(self.residual))
         if self.not_fused:
             lines.append(f"  no activation fused: {self.not_fused}")
         return "\n".join(lines)
@@ -192,23 +195,32 @@ def convert(
 
     ``fuse_activations``: also fuse each batch norm with the ReLU / LeakyReLU module that follows
     it, where the model's torch.fx graph shows nothing else sees the pair (see
-    :mod:`bnlab.nn.fuse`); the pairs fused are in the report's ``fused``. A model fx cannot trace
-    is converted without fusing, and the warning says why.
+    :mod:`bnlab.nn.fuse`); the pairs fused are in the report's ``fused``. And each residual unit's
+    end written in a block's forward, ``x = bn(x); x += shortcut; x = act(x)`` (timm's and
+    torchvision's ResNet blocks), becomes one op (:meth:`bnlab.nn.BatchNorm.add_act`): that
+    block's forward is rewritten on the instance (its class, state and ``state_dict`` unchanged;
+    revert restores it), listed in the report's ``residual``. A model fx cannot trace is converted
+    without fusing, and the warning says why.
 
     ``inplace_abn``: in-place activated batch norm (Rota Bulo et al. 2018) for each batch norm that
     reads a convolution's or linear layer's output alone: the output overwrites that input and is
     all the backward keeps, which frees one activation-sized tensor per layer. This changes the
     model's function, as in the paper, and the warning says so: gamma enters as |gamma| + eps,
     and a ReLU after the batch norm becomes leaky_relu(0.01) (in-place needs an invertible
-    activation). For training from scratch; the layers are in the report's ``inplace_abn``.
+    activation). Residual units as with ``fuse_activations``, in place: the block's output is
+    written over the batch norm's input, and only it and the shortcut are kept. For training from
+    scratch; the layers are in the report's ``inplace_abn`` (residual units in ``residual`` too).
     """
     model, result = _swap_all(model, "bnlab.convert", _convert_one, True, warn=False)
     if inplace_abn or fuse_activations:
         from .fuse import fuse_activations as fuse  # fuse builds on this module's walker
     if inplace_abn:
-        result.inplace_abn, result.not_fused = fuse(model, inplace=True)
+        result.inplace_abn, units, result.not_fused = fuse(model, inplace=True)
+        result.inplace_abn += units
+        result.residual += units
     if fuse_activations and not result.not_fused:
-        result.fused, result.not_fused = fuse(model)
+        result.fused, units, result.not_fused = fuse(model)
+        result.residual += units
     _warn(result, stacklevel=3)  # _warn, convert, its caller
     return (model, result) if report else model
 
@@ -280,7 +292,10 @@ def _convert_one(module: nn.Module, name: str, result: ConversionReport) -> nn.M
 
 
 def _revert_one(module: nn.Module, name: str, result: ConversionReport) -> nn.Module:
-    from .fuse import UNFUSED, FusedActivation
+    from .fuse import UNFUSED, FusedActivation, ResidualForward
+
+    if isinstance(vars(module).get("forward"), ResidualForward):  # the block's own forward back
+        del module.__dict__["forward"]
 
     if isinstance(module, FusedActivation):  # the activation module fused into a batch norm
         return module.original
@@ -338,6 +353,15 @@ def _warn(result: ConversionReport, stacklevel: int = 4) -> None:
 def _shown(names: list[str]) -> str:
     """The first few of ``names``, and "..." when there are more."""
     return ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
+
+
+def _residual_line(units: list[str]) -> str:
+    blocks = sorted({unit.split(" + ")[0].rpartition(".")[0] or "<root>" for unit in units})
+    return (
+        f"fused {len(units)} residual addition(s) and their activation into the batch norm before "
+        f"them ({_shown(units)}): the forward of {len(blocks)} block(s) ({_shown(blocks)}) now "
+        "calls bnlab.nn.fuse.residual_unit (bnlab.revert gives their own forward back)"
+    )
 
 
 def _inplace_line(layers: list[str]) -> str:

@@ -11,13 +11,23 @@ the activation alone, each module is called exactly once in the whole forward, n
 and the activation is one bnlab's kernels run fused and fast (ReLU, LeakyReLU); identity modules
 between the two (timm's disabled drop-block) stay where they are. Everything else is left as it
 was.
+
+Residual units (He et al. 2016): a block whose forward ends ``x = bn(x); x += shortcut;
+x = act(x)`` gets, on the instance, a forward generated from its own torch.fx graph in which those
+three steps are one :func:`residual_unit` call (:class:`ResidualForward`): one normalizing pass
+reads x and the shortcut and writes the activated sum, where batch norm, the addition and the
+activation made three (ResNet-50's 16 bottlenecks; measured in benchmarks/model_speed.py).
 """
 
 from __future__ import annotations
 
+import copy
+import operator
+import types
 from collections import Counter
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch import fx, nn
 
 from ..functional import check_activation
@@ -26,7 +36,8 @@ from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import rebuild, replace_modules
 from .dropact import has_hooks
 
-__all__ = ["FusedActivation"]  # fusing itself: bnlab.convert(model, fuse_activations=True)
+__all__ = ["FusedActivation", "ResidualForward", "residual_unit"]
+# fusing itself: bnlab.convert(model, fuse_activations=True)
 
 _FUSED_CLASS = {
     BatchNorm: BatchNormAct,
@@ -57,19 +68,33 @@ class FusedActivation(nn.Identity):
 
 class LayerTracer(fx.Tracer):
     """torch.nn's layers and bnlab's modules stay whole (call_module nodes); every other module,
-    bnlab's own containers included, is traced into."""
+    bnlab's own containers included, is traced into. A block whose forward bnlab rewrote
+    (:class:`ResidualForward`) is traced through its class's own forward, which computes the same;
+    in the in-place mode, which computes another function, it stays whole."""
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        rewritten = vars(m).get("forward")
+        if isinstance(rewritten, ResidualForward):
+            return rewritten.inplace
         return type(m).__module__.startswith("bnlab.nn.") or super().is_leaf_module(
             m, qualified_name
         )
 
+    def call_module(self, m: nn.Module, forward: Callable, args, kwargs):
+        if isinstance(vars(m).get("forward"), ResidualForward):
+            forward = types.MethodType(type(m).forward, m)
+        return super().call_module(m, forward, args, kwargs)
 
-def fuse_activations(model: nn.Module, inplace: bool = False) -> tuple[list[str], Optional[str]]:
+
+def fuse_activations(
+    model: nn.Module, inplace: bool = False
+) -> tuple[list[str], list[str], Optional[str]]:
     """Fuse, in place, every bnlab batch norm of ``model`` with the activation module after it
-    where that changes nothing else (see the module's text). Returns what was fused ("bn -> act"
-    names, or the batch norm's alone) and, if the model could not be traced, why (nothing is fused
-    then).
+    where that changes nothing else (see the module's text), and every residual unit's end,
+    ``act(bn(x) + shortcut)`` written in a block's forward, into one op (see
+    :func:`_fuse_residual_units`). Returns what was fused ("bn -> act" names, or the batch norm's
+    alone), the residual units ("bn + add -> act") and, if the model could not be traced, why
+    (nothing is fused then).
 
     ``inplace``: in-place activated batch norm instead (Rota Bulo et al. 2018): for each batch norm
     whose input is a convolution's or linear layer's output that nothing else reads (those layers
@@ -85,7 +110,7 @@ def fuse_activations(model: nn.Module, inplace: bool = False) -> tuple[list[str]
     try:
         graph = LayerTracer().trace(model)
     except Exception as error:  # fx cannot trace data-dependent control flow and more
-        return [], f"torch.fx cannot trace the model ({type(error).__name__}: {error})"
+        return [], [], f"torch.fx cannot trace the model ({type(error).__name__}: {error})"
     modules = dict(model.named_modules(remove_duplicate=False))
     calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
     fused, swaps = [], {}  # swaps: id of a module -> what takes its places
@@ -117,7 +142,8 @@ def fuse_activations(model: nn.Module, inplace: bool = False) -> tuple[list[str]
             swaps[id(act)] = FusedActivation(act, node.target)
         fused.append(node.target + ("" if act_node is None else f" -> {act_node.target}"))
     replace_modules(model, lambda module, name: swaps.get(id(module), module))
-    return fused, None
+    units = _fuse_residual_units(model, graph, modules, inplace)
+    return fused, units, None
 
 
 _INPLACE_RELU_SLOPE = 0.01  # Rota Bulo et al. 2018, section 3: leaky ReLU in place of ReLU
@@ -159,16 +185,26 @@ def _overwritable_input(node: fx.Node, modules: dict) -> bool:
 _KEEP_THEIR_INPUT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _read_only_by_layers(node: fx.Node, modules: dict) -> bool:
+def _read_only_by_layers(
+    node: fx.Node, modules: dict, additions: bool = False, besides: Optional[fx.Node] = None
+) -> bool:
     """Whether only layers that never write over their input read ``node``'s output (directly or
     through identity modules): the in-place mode keeps that output for its backward. fx records
-    ``x += y`` as an addition, so anything but these layers counts as a possible writer."""
+    ``x += y`` as an addition, so anything but these layers counts as a possible writer; with
+    ``additions``, an addition that takes the output as its second operand only (``x += node``
+    writes over x) is a reader too. ``besides``: a user not counted."""
     for user in node.users:
+        if user is besides:
+            continue
+        if additions and user.op == "call_function" and user.target in _ADDITIONS:
+            if user.args[0] is node or len(user.args) != 2 or user.kwargs:
+                return False
+            continue
         if user.op != "call_module":
             return False
         module = modules[user.target]
         if type(module) is nn.Identity:
-            if not _read_only_by_layers(user, modules):
+            if not _read_only_by_layers(user, modules, additions):
                 return False
         elif not isinstance(module, _READ_ONLY_LAYERS):
             return False
@@ -209,3 +245,195 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
     if len(users) != 1 or users[0].op != "call_module":
         return None
     return users[0] if users[0].args == (node,) and not users[0].kwargs else None
+
+
+# --------------------------------------------------------------------------------------------
+# residual units: act(bn(x) + shortcut) in a block's own forward
+# --------------------------------------------------------------------------------------------
+
+_ADDITIONS = (operator.add, operator.iadd, torch.add)  # fx records ``x += y`` as operator.add
+
+
+def residual_unit(
+    bn: nn.Module, input: torch.Tensor, residual: torch.Tensor, act: nn.Module, inplace: bool
+) -> torch.Tensor:
+    """``act(bn(input) + residual)``, what a rewritten block's forward calls in place of its three
+    steps: bnlab's :meth:`bnlab.nn.BatchNorm.add_act` when ``bn`` is a bnlab batch norm and ``act``
+    a ReLU / LeakyReLU (slope > 0), neither with hooks; otherwise the three steps as written, so
+    a layer replaced or hooked after fusing still runs as the user expects (the in-place mode,
+    which computes another function, raises then)."""
+    rule = _ACTIVATIONS.get(type(act))
+    if rule is not None and isinstance(bn, BatchNorm) and not (has_hooks(bn) or has_hooks(act)):
+        activation, param = rule(act)
+        if inplace and activation == "relu":
+            activation, param = "leaky_relu", _INPLACE_RELU_SLOPE
+        if activation != "leaky_relu" or param > 0:
+            return bn.add_act(input, residual, activation, param, inplace)
+    if inplace:
+        raise RuntimeError(
+            "an in-place residual unit needs a bnlab batch norm and a ReLU / LeakyReLU (slope > 0) "
+            f"without hooks, got {type(bn).__name__} and {type(act).__name__}"
+            f"{' with hooks' if has_hooks(bn) or has_hooks(act) else ''}: bnlab.revert the model "
+            "before changing them"
+        )
+    return act(bn(input) + residual)
+
+
+class ResidualForward:
+    """The forward bnlab gave a block whose own forward ends a residual unit as
+    ``x = bn(x); x += shortcut; x = act(x)`` (timm's and torchvision's ResNet blocks, and any
+    block written so): the block's torch.fx graph with those three steps as one
+    :func:`residual_unit` call. Set on the instance (the class is untouched, so ``isinstance``,
+    ``state_dict`` and pickling by class name still work); :func:`bnlab.revert` deletes it.
+
+    ``units``: (batch norm, activation) names relative to the block. Copies share the compiled
+    code; an unpickled one traces the block again at its first call.
+    """
+
+    def __init__(self, block: nn.Module, units: list, inplace: bool, code=None) -> None:
+        self.block, self.units, self.inplace, self.code = block, units, inplace, code
+
+    def __call__(self, *args, **kwargs):
+        if self.code is None:
+            self.code = _rewritten_code(self.block, self.units, self.inplace)
+        return self.code(self.block, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> ResidualForward:
+        block = copy.deepcopy(self.block, memo)
+        return ResidualForward(block, list(self.units), self.inplace, self.code)
+
+    def __reduce__(self):
+        return ResidualForward, (self.block, self.units, self.inplace)
+
+    def __repr__(self) -> str:
+        fused = ", ".join(f"{bn} + add -> {act}" for bn, act in self.units)
+        return f"ResidualForward({fused}{', in place' if self.inplace else ''})"
+
+
+def _fuse_residual_units(
+    model: nn.Module, graph: fx.Graph, modules: dict, inplace: bool
+) -> list[str]:
+    """Rewrite, in place, the forward of every block of ``model`` that ends a residual unit (see
+    :class:`ResidualForward`) where that changes nothing else: the batch norm's output goes to the
+    addition alone and the sum to the activation alone, both modules unhooked, and the block's own
+    graph (traced alone) the same in training and eval mode. In the in-place mode, only where the
+    batch norm's input is a conv / linear output nothing else reads and the output and the
+    shortcut are only read afterwards (the backward keeps both). Returns "bn + add -> act" names."""
+    by_block: dict[str, list] = {}
+    claimed = set()  # additions fused; of two batch norms added (downsampling shortcut), the first
+    for node in graph.nodes:
+        unit = _residual_unit_at(node, modules)
+        if unit is None or unit[0] in claimed:
+            continue
+        if inplace and not _inplace_unit_safe(node, *unit, modules):
+            continue
+        add, act_node, block = unit
+        claimed.add(add)
+        prefix = f"{block}." if block else ""
+        if not (node.target.startswith(prefix) and act_node.target.startswith(prefix)):
+            continue
+        relative = (node.target[len(prefix) :], act_node.target[len(prefix) :])
+        by_block.setdefault(block, []).append(relative)
+    fused = []
+    for block_name, units in by_block.items():
+        block = modules[block_name] if block_name else model
+        if isinstance(vars(block).get("forward"), ResidualForward) or has_hooks(block):
+            continue
+        try:
+            code = _rewritten_code(block, units, inplace)
+        except _CannotRewrite:
+            continue
+        block.forward = ResidualForward(block, units, inplace, code)
+        prefix = f"{block_name}." if block_name else ""
+        fused += [f"{prefix}{bn} + add -> {prefix}{act}" for bn, act in units]
+    return fused
+
+
+def _residual_unit_at(node: fx.Node, modules: dict) -> Optional[tuple]:
+    """(add node, activation node, block name) when ``node`` is a bnlab batch norm (unhooked) whose
+    output only an addition reads, whose sum only a ReLU / LeakyReLU module (unhooked) reads."""
+    if node.op != "call_module" or type(modules[node.target]) not in _FUSED_CLASS:
+        return None
+    if has_hooks(modules[node.target]) or len(node.users) != 1:
+        return None
+    (add,) = node.users
+    if add.op != "call_function" or add.target not in _ADDITIONS or add.kwargs:
+        return None
+    if len(add.args) != 2 or list(add.args).count(node) != 1:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    if not isinstance(other, fx.Node) or len(add.users) != 1:
+        return None
+    (act_node,) = add.users
+    if act_node.op != "call_module" or act_node.args != (add,) or act_node.kwargs:
+        return None
+    act = modules[act_node.target]
+    if type(act) not in _ACTIVATIONS or has_hooks(act):
+        return None
+    if type(act) is nn.LeakyReLU and not act.negative_slope > 0:
+        return None
+    stack = add.meta.get("nn_module_stack") or {}
+    return add, act_node, (list(stack)[-1] if stack else "")
+
+
+def _inplace_unit_safe(node: fx.Node, add: fx.Node, act_node: fx.Node, _block, modules) -> bool:
+    """Whether the in-place residual unit may overwrite the batch norm's input and keep its output
+    and the shortcut for the backward."""
+    shortcut = add.args[1] if add.args[0] is node else add.args[0]
+    return (
+        _overwritable_input(node, modules)
+        and _read_only_by_layers(act_node, modules, additions=True)
+        and _read_only_by_layers(shortcut, modules, additions=True, besides=add)
+    )
+
+
+class _CannotRewrite(Exception):
+    """The block's graph cannot stand for its forward (see :func:`_rewritten_code`)."""
+
+
+def _rewritten_code(block: nn.Module, units: list, inplace: bool) -> Callable:
+    """``forward(self, *args)`` of ``block`` with each (batch norm, activation) unit's three steps
+    as one :func:`residual_unit` call: the block traced alone, in training and in eval mode (a
+    graph that differs between them stands for a forward that branches on the mode)."""
+    graphs = [_block_graph(block, mode) for mode in (True, False)]
+    sources = [g.python_code("self").src for g in graphs]
+    if sources[0] != sources[1]:
+        raise _CannotRewrite("the block's forward depends on the mode")
+    graph = graphs[0]
+    for bn_name, act_name in units:
+        _replace_unit(graph, bn_name, act_name, inplace)
+    code = graph.python_code("self")
+    namespace = dict(code.globals)
+    filename = f"<bnlab residual forward of {type(block).__name__}>"
+    exec(compile(code.src, filename, "exec"), namespace)
+    return namespace["forward"]
+
+
+def _block_graph(block: nn.Module, training: bool) -> fx.Graph:
+    modes = {m: m.training for m in block.modules()}
+    try:
+        block.train(training)
+        return LayerTracer().trace(block)
+    except Exception as error:  # data-dependent control flow and more
+        raise _CannotRewrite(str(error)) from error
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _replace_unit(graph: fx.Graph, bn_name: str, act_name: str, inplace: bool) -> None:
+    bn_node = next((n for n in graph.nodes if n.op == "call_module" and n.target == bn_name), None)
+    if bn_node is None or len(bn_node.users) != 1:
+        raise _CannotRewrite(f"{bn_name} is not called once, alone, in the block's own graph")
+    (add,) = bn_node.users
+    act_node = next(iter(add.users), None)
+    if act_node is None or act_node.target != act_name or len(add.users) != 1:
+        raise _CannotRewrite(f"{bn_name}'s sum does not go to {act_name} alone")
+    shortcut = add.args[1] if add.args[0] is bn_node else add.args[0]
+    with graph.inserting_before(add):
+        bn = graph.get_attr(bn_name)
+        act = graph.get_attr(act_name)
+        fused = graph.call_function(residual_unit, (bn, bn_node.args[0], shortcut, act, inplace))
+    act_node.replace_all_uses_with(fused)
+    for node in (act_node, add, bn_node):
+        graph.erase_node(node)
