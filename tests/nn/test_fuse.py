@@ -333,3 +333,24 @@ def test_timm_resnets_fuse_every_residual_unit(name):
     x = torch.randn(2, 3, 32, 32)
     reference = bnlab.convert(copy.deepcopy(original))
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+class DefaultShortcut(ResBlock):
+    """DLA's layout: ``forward(x, shortcut=None)``, the shortcut x unless given. Traced alone the
+    default is a placeholder, and the ``is None`` branch would be lost."""
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        x = self.bn3(self.conv3(x))
+        x += shortcut
+        return self.act3(x)
+
+
+def test_blocks_whose_forward_takes_defaults_are_left():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), DefaultShortcut(4, 4))
+    fused, report = bnlab.convert(copy.deepcopy(model), report=True, fuse_activations=True)
+    assert report.residual == [] and "forward" not in vars(fused[1])
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(fused(x), bnlab.convert(model)(x), rtol=0, atol=0)

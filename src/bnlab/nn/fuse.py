@@ -22,6 +22,7 @@ activation made three (ResNet-50's 16 bottlenecks; measured in benchmarks/model_
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import types
 from collections import Counter
@@ -316,7 +317,9 @@ def _fuse_residual_units(
     """Rewrite, in place, the forward of every block of ``model`` that ends a residual unit (see
     :class:`ResidualForward`) where that changes nothing else: the batch norm's output goes to the
     addition alone and the sum to the activation alone, both modules unhooked, and the block's own
-    graph (traced alone) the same in training and eval mode. In the in-place mode, only where the
+    graph (traced alone) the same in training and eval mode, its forward taking only positional
+    arguments without defaults (traced alone, a default such as ``shortcut=None`` would be a
+    placeholder and its ``if shortcut is None`` branch lost). In the in-place mode, only where the
     batch norm's input is a conv / linear output nothing else reads and the output and the
     shortcut are only read afterwards (the backward keeps both). Returns "bn + add -> act" names."""
     by_block: dict[str, list] = {}
@@ -387,6 +390,9 @@ def _inplace_unit_safe(node: fx.Node, add: fx.Node, act_node: fx.Node, _block, m
     )
 
 
+_PLAIN = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
 class _CannotRewrite(Exception):
     """The block's graph cannot stand for its forward (see :func:`_rewritten_code`)."""
 
@@ -395,6 +401,9 @@ def _rewritten_code(block: nn.Module, units: list, inplace: bool) -> Callable:
     """``forward(self, *args)`` of ``block`` with each (batch norm, activation) unit's three steps
     as one :func:`residual_unit` call: the block traced alone, in training and in eval mode (a
     graph that differs between them stands for a forward that branches on the mode)."""
+    parameters = list(inspect.signature(type(block).forward).parameters.values())[1:]
+    if any(p.default is not p.empty or p.kind not in _PLAIN for p in parameters):
+        raise _CannotRewrite("the block's forward takes defaults, *args or **kwargs")
     graphs = [_block_graph(block, mode) for mode in (True, False)]
     sources = [g.python_code("self").src for g in graphs]
     if sources[0] != sources[1]:
