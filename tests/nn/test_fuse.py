@@ -354,3 +354,38 @@ def test_blocks_whose_forward_takes_defaults_are_left():
     assert report.residual == [] and "forward" not in vars(fused[1])
     x = torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(fused(x), bnlab.convert(model)(x), rtol=0, atol=0)
+
+
+class Scaled(nn.Module):
+    """A module of the model's own, with a setting its forward reads at each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.factor = 1.0
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class ScaledShortcut(ResBlock):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout)
+        self.scale = Scaled()
+
+    def forward(self, x):
+        shortcut = self.scale(x)
+        x = self.bn3(self.conv3(x))
+        x += shortcut
+        return self.act3(x)
+
+
+def test_blocks_that_trace_into_modules_of_their_own_are_left():
+    """A traced graph would fix ``factor`` at its value when fusing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), ScaledShortcut(4, 4))
+    fused, report = bnlab.convert(copy.deepcopy(model), report=True, fuse_activations=True)
+    assert report.residual == [] and "forward" not in vars(fused[1])
+    fused[1].scale.factor = 3.0
+    model[1].scale.factor = 3.0
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(fused(x), bnlab.convert(model)(x), rtol=0, atol=0)

@@ -408,6 +408,7 @@ def _rewritten_code(block: nn.Module, units: list, inplace: bool) -> Callable:
     sources = [g.python_code("self").src for g in graphs]
     if sources[0] != sources[1]:
         raise _CannotRewrite("the block's forward depends on the mode")
+    _check_traced_into(block, graphs[0])
     graph = graphs[0]
     for bn_name, act_name in units:
         _replace_unit(graph, bn_name, act_name, inplace)
@@ -416,6 +417,24 @@ def _rewritten_code(block: nn.Module, units: list, inplace: bool) -> Callable:
     filename = f"<bnlab residual forward of {type(block).__name__}>"
     exec(compile(code.src, filename, "exec"), namespace)
     return namespace["forward"]
+
+
+def _check_traced_into(block: nn.Module, graph: fx.Graph) -> None:
+    """Raise unless every submodule the trace went into is a plain container: the graph fixes
+    what a traced-into module's forward read (timm's DropPath with rate 0 traces to nothing, and a
+    rate set later would be ignored), while layers (call_module nodes) and containers run as
+    they are at each call."""
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    for node in graph.nodes:
+        for key in node.meta.get("nn_module_stack") or {}:
+            path = key.partition("@")[0]  # fx names a module's second call "relu@1"
+            if path and path not in called:
+                module = block.get_submodule(path)
+                if type(module) not in _CONTAINERS:
+                    raise _CannotRewrite(f"the trace goes into {path} ({type(module).__name__})")
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def _block_graph(block: nn.Module, training: bool) -> fx.Graph:
