@@ -9,7 +9,7 @@ from torch import nn
 
 import bnlab
 from bnlab.nn import BatchNormAct2d, FusedActivation
-from bnlab.nn.fuse import ResidualForward
+from bnlab.nn.fuse import ResidualForward, residual_unit
 from torchvision_standin import import_timm
 
 
@@ -389,3 +389,20 @@ def test_blocks_that_trace_into_modules_of_their_own_are_left():
     model[1].scale.factor = 3.0
     x = torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(fused(x), bnlab.convert(model)(x), rtol=0, atol=0)
+
+
+def test_a_shortcut_of_another_dtype_adds_as_the_block_did():
+    """``x += shortcut`` with a float64 shortcut into a float32 batch norm's output: the fused
+    model runs the three steps and gives what the block gives (a float32 sum)."""
+    torch.manual_seed(0)
+    model = bnlab.convert(res_net(), fuse_activations=True)
+    block = model[1]
+    x = torch.randn(2, 4, 5, 5)
+    shortcut = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    expected = block.act3(block.bn3(x).add_(shortcut))
+    got = residual_unit(block.bn3, x, shortcut, block.act3, False)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    wide = residual_unit(block.bn3, x, shortcut[:, :1], block.act3, False)  # broadcast: in place
+    assert wide.shape == x.shape
+    with pytest.raises(RuntimeError, match="a torch.float64 shortcut"):
+        residual_unit(block.bn3, x, shortcut, block.act3, True)

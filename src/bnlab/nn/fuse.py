@@ -260,11 +260,19 @@ def residual_unit(
 ) -> torch.Tensor:
     """``act(bn(input) + residual)``, what a rewritten block's forward calls in place of its three
     steps: bnlab's :meth:`bnlab.nn.BatchNorm.add_act` when ``bn`` is a bnlab batch norm and ``act``
-    a ReLU / LeakyReLU (slope > 0), neither with hooks; otherwise the three steps as written, so
-    a layer replaced or hooked after fusing still runs as the user expects (the in-place mode,
-    which computes another function, raises then)."""
+    a ReLU / LeakyReLU (slope > 0), neither with hooks, and the residual has the input's shape,
+    dtype and device; otherwise the three steps, so a layer replaced or hooked after fusing still
+    runs as the user expects (the in-place mode, which computes another function, raises then).
+    fx records ``x += r`` and ``x = x + r`` alike: where they differ (r of another dtype or a
+    broadcast shape) this adds in place when that is possible, as ResNet blocks do."""
     rule = _ACTIVATIONS.get(type(act))
-    if rule is not None and isinstance(bn, BatchNorm) and not (has_hooks(bn) or has_hooks(act)):
+    fits = (residual.shape, residual.dtype, residual.device) == (
+        input.shape,
+        input.dtype,
+        input.device,
+    )
+    hooked = has_hooks(bn) or has_hooks(act)
+    if rule is not None and isinstance(bn, BatchNorm) and fits and not hooked:
         activation, param = rule(act)
         if inplace and activation == "relu":
             activation, param = "leaky_relu", _INPLACE_RELU_SLOPE
@@ -272,12 +280,24 @@ def residual_unit(
             return bn.add_act(input, residual, activation, param, inplace)
     if inplace:
         raise RuntimeError(
-            "an in-place residual unit needs a bnlab batch norm and a ReLU / LeakyReLU (slope > 0) "
-            f"without hooks, got {type(bn).__name__} and {type(act).__name__}"
-            f"{' with hooks' if has_hooks(bn) or has_hooks(act) else ''}: bnlab.revert the model "
-            "before changing them"
+            "an in-place residual unit needs a bnlab batch norm, a ReLU / LeakyReLU (slope > 0), "
+            "neither with hooks, and a shortcut of the input's shape, dtype and device; got "
+            f"{type(bn).__name__}, {type(act).__name__}{' with hooks' if hooked else ''}, a "
+            f"{residual.dtype} shortcut {tuple(residual.shape)} for a {input.dtype} input "
+            f"{tuple(input.shape)}: bnlab.revert the model before changing them"
         )
-    return act(bn(input) + residual)
+    out = bn(input)
+    if _adds_in_place(out, residual):
+        out += residual
+    else:
+        out = out + residual
+    return act(out)
+
+
+def _adds_in_place(out: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether ``out += residual`` is legal: no broadcast of ``out``, no promotion it can't hold."""
+    shape_kept = torch.broadcast_shapes(out.shape, residual.shape) == out.shape
+    return shape_kept and torch.can_cast(torch.result_type(out, residual), out.dtype)
 
 
 class ResidualForward:
