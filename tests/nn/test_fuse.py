@@ -406,3 +406,23 @@ def test_a_shortcut_of_another_dtype_adds_as_the_block_did():
     assert wide.shape == x.shape
     with pytest.raises(RuntimeError, match="a torch.float64 shortcut"):
         residual_unit(block.bn3, x, shortcut, block.act3, True)
+
+
+def test_fused_models_trace_with_torch_fx_as_their_own_code():
+    """Feature extraction and quantization trace models with torch.fx: a fused block traces as
+    its own forward (same function); an in-place one, whose function differs, says so."""
+
+    class Tracer(torch.fx.Tracer):  # as such tools do: the normalization layers stay whole
+        def is_leaf_module(self, m, name):
+            return isinstance(m, bnlab.nn.BatchNorm) or super().is_leaf_module(m, name)
+
+    torch.manual_seed(0)
+    model = bnlab.convert(res_net(), fuse_activations=True).eval()
+    traced = torch.fx.GraphModule(model, Tracer().trace(model))
+    assert "bn3" in traced.code and "residual_unit" not in traced.code
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(traced(x), model(x), rtol=1e-6, atol=1e-6)
+    with pytest.warns(bnlab.ConversionWarning):
+        inplace = bnlab.convert(res_net(), inplace_abn=True)
+    with pytest.raises(RuntimeError, match="run in place"):
+        Tracer().trace(inplace)

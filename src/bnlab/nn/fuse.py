@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from ..functional import check_activation
 from .act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
@@ -308,13 +309,22 @@ class ResidualForward:
     ``state_dict`` and pickling by class name still work); :func:`bnlab.revert` deletes it.
 
     ``units``: (batch norm, activation) names relative to the block. Copies share the compiled
-    code; an unpickled one traces the block again at its first call.
+    code; an unpickled one traces the block again at its first call. Traced by torch.fx, the
+    block runs its own forward, which computes the same (the in-place mode raises).
     """
 
     def __init__(self, block: nn.Module, units: list, inplace: bool, code=None) -> None:
         self.block, self.units, self.inplace, self.code = block, units, inplace, code
 
     def __call__(self, *args, **kwargs):
+        if is_fx_tracing():  # another tracer (timm's feature extraction...): the block's own code
+            if self.inplace:
+                raise RuntimeError(
+                    f"{type(self.block).__name__}'s residual units run in place, a function its "
+                    "own forward (which torch.fx would trace) does not compute: bnlab.revert the "
+                    "model, or convert it without inplace_abn, to trace it"
+                )
+            return type(self.block).forward(self.block, *args, **kwargs)
         if self.code is None:
             self.code = _rewritten_code(self.block, self.units, self.inplace)
         return self.code(self.block, *args, **kwargs)
