@@ -14,6 +14,9 @@ Modes (what one timed call does; the module is built once per case and warmed up
   eval    eval-mode forward under torch.no_grad()
   bnrelu  BN + ReLU forward + backward (torch.nn: BatchNorm then ReLU; bnlab: the fused
           BatchNormAct)
+  addrelu the end of a residual unit, forward + backward with a shortcut r of x's shape
+          (torch.nn: ``relu_(bn(x).add_(r))``, as ResNet blocks write it; bnlab: ``bn.add_act(x,
+          r)``, what ``convert(model, fuse_activations=True)`` makes of them)
 
 Providers:
   bnlab        bnlab.nn modules, automatic kernel backend (the ``backend`` column says which one
@@ -28,6 +31,7 @@ faster kept) and ``x.clone()`` (mode ``clone``: a copy that allocates its output
 every provider does; large fresh allocations cost page faults). ``copy_equivalents`` = median / copy
 median. ``passes`` is the minimal traffic in tensor sizes (fwd: read x for the statistics, read x,
 write y = 3; bwd: read x and dy for the sums, read them again, write dx = 5; full and bnrelu: 8;
+addrelu: 12, reading r and writing dr too;
 eval, copy and clone: 2); ``gbps`` = passes * bytes of x / median.
 
 Allocator (``--allocator``): glibc serves allocations above 32 MB with fresh mmaps, so every
@@ -74,9 +78,11 @@ SHAPES = {  # group -> shapes
     "3d": [(8, 32, 16, 32, 32)],
 }
 LAYOUTS = ("contiguous", "channels_last")  # channels_last means channels_last_3d for 5-D inputs
-MODES = ("fwd", "bwd", "full", "eval", "bnrelu")
+MODES = ("fwd", "bwd", "full", "eval", "bnrelu", "addrelu")
 PROVIDERS = ("bnlab", "bnlab-torch", "torch", "compile")
-PASSES = {"fwd": 3, "bwd": 5, "full": 8, "bnrelu": 8, "eval": 2, "copy": 2, "clone": 2}
+PASSES = {
+    "fwd": 3, "bwd": 5, "full": 8, "bnrelu": 8, "addrelu": 12, "eval": 2, "copy": 2, "clone": 2,
+}  # fmt: skip
 BN_NAME = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 MEMORY_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
 REUSE_ALLOCATIONS = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
@@ -169,12 +175,27 @@ def workload(module: torch.nn.Module, x: torch.Tensor, mode: str):
     module.train()
     if mode == "fwd":
         return lambda: module(x)
+    if mode == "addrelu":
+        return residual_unit_step(module, x)
     inputs = [x, *module.parameters()]
     y = module(x)
     dy = torch.randn_like(y)
     if mode == "bwd":
         return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
     return lambda: torch.autograd.grad(module(x), inputs, dy)  # full, bnrelu
+
+
+def residual_unit_step(module: torch.nn.Module, x: torch.Tensor):
+    """Forward + backward of act(bn(x) + r): bnlab's ``add_act``, or torch.nn's three ops."""
+    r = torch.randn_like(x).requires_grad_()
+    inputs = [x, r, *module.parameters()]
+    add_act = getattr(module, "add_act", None)
+
+    def forward():
+        return add_act(x, r) if add_act is not None else module(x).add_(r).relu_()
+
+    dy = torch.randn_like(x)
+    return lambda: torch.autograd.grad(forward(), inputs, dy)
 
 
 def backend_used(provider: str, x: torch.Tensor, mode: str) -> str:
@@ -186,8 +207,10 @@ def backend_used(provider: str, x: torch.Tensor, mode: str) -> str:
 
 def backends_of_mode(x: torch.Tensor, mode: str, requested: str | None) -> str:
     """e.g. "cpu", or "cpu+native" for a full step whose backward runs in another backend."""
-    from bnlab.kernels import select_backend
+    from bnlab.kernels import select_backend, select_residual_backend
 
+    if mode == "addrelu":
+        return select_residual_backend(x, True, requested, "relu", False).name
     ops = {
         "bnrelu": ["batch_norm_act"],
         "eval": ["batch_norm_eval"],
