@@ -80,7 +80,7 @@ def test_bn_speed_smoke_run_writes_rows_and_a_table(tmp_path):
         "--layouts",
         "contiguous",
         "--modes",
-        "full",
+        "full,addrelu",
         "--providers",
         "bnlab,torch",
         "--min-run-time",
@@ -99,7 +99,10 @@ def test_bn_speed_smoke_run_writes_rows_and_a_table(tmp_path):
         ("clone", "copy"),
         ("full", "bnlab"),
         ("full", "torch"),
+        ("addrelu", "bnlab"),
+        ("addrelu", "torch"),
     ]
+    assert {r["backend"] for r in rows if r["mode"] == "addrelu"} == {"native", ""}
     for r in rows:
         assert r["status"] == "ok", r
         assert 0 < float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
