@@ -248,6 +248,41 @@ def _inplace_gamma(weight: Optional[Tensor], eps: float) -> Optional[Tensor]:
     return None if weight is None else weight.abs() + eps
 
 
+def _weight_grad(dgamma: Optional[Tensor], weight: Optional[Tensor], inplace: bool):
+    """dweight from dgamma: in place gamma = |weight| + eps, so times sign(weight)."""
+    if not inplace or dgamma is None:
+        return dgamma
+    return dgamma * torch.sign(weight).to(dgamma.dtype)
+
+
+def _fused_forward(ctx, input, weight, bias, running, config, residual=None):
+    """The forward of the fused Functions: ``config`` = (training, eps, activation, param,
+    inplace, backend), kept on ``ctx``; the residual, when given, added before the activation.
+    Returns (y, mean, var, gamma, statistics to keep: the batch's, or the running ones cloned)."""
+    training, eps, activation, param, inplace, backend = config
+    gamma = _inplace_gamma(weight, eps) if inplace else weight
+    extra = {} if residual is None else {"residual": residual}  # a user's backend may lack it
+    y, mean, var = get_backend(backend).module.batch_norm_act_forward(
+        input,
+        gamma,
+        bias,
+        running.mean,
+        running.var,
+        training,
+        eps,
+        activation,
+        param,
+        out=input if inplace else None,
+        **extra,
+    )
+    if inplace:
+        ctx.mark_dirty(input)
+    ctx.mark_non_differentiable(mean, var)
+    ctx.config = config
+    stats = (mean, var) if training else (running.mean.clone(), running.var.clone())
+    return y, mean, var, gamma, stats
+
+
 class _BatchNormAct(torch.autograd.Function):
     """act(batch_norm(x)) with one hand-derived backward; in place, only the output is kept."""
 
@@ -255,26 +290,9 @@ class _BatchNormAct(torch.autograd.Function):
     def forward(
         ctx, input, weight, bias, running, training, eps, activation, param, inplace, backend
     ):
-        kernels = get_backend(backend).module
-        gamma = _inplace_gamma(weight, eps) if inplace else weight
-        y, mean, var = kernels.batch_norm_act_forward(
-            input,
-            gamma,
-            bias,
-            running.mean,
-            running.var,
-            training,
-            eps,
-            activation,
-            param,
-            out=input if inplace else None,
-        )
-        if inplace:
-            ctx.mark_dirty(input)
-        ctx.mark_non_differentiable(mean, var)
-        stats = (mean, var) if training else (running.mean.clone(), running.var.clone())
+        config = (training, eps, activation, param, inplace, backend)
+        y, mean, var, gamma, stats = _fused_forward(ctx, input, weight, bias, running, config)
         ctx.save_for_backward(y if inplace else input, weight, gamma, bias, *stats)
-        ctx.config = (training, eps, activation, param, inplace, backend)
         return y, mean, var
 
     @staticmethod
@@ -297,9 +315,7 @@ class _BatchNormAct(torch.autograd.Function):
             wanted,
             from_output=inplace,
         )
-        dweight = dgamma
-        if inplace and dgamma is not None:
-            dweight = dgamma * torch.sign(weight).to(dgamma.dtype)  # d(|w| + eps)/dw
+        dweight = _weight_grad(dgamma, weight, inplace)
         dx, dweight, dbias = _cast_grads((dx, dweight, dbias), wanted, _param_dtypes(weight, bias))
         return dx, dweight, dbias, *([None] * 7)
 
@@ -321,27 +337,12 @@ class _BatchNormAddAct(torch.autograd.Function):
         ctx, input, residual, weight, bias, running, training, eps, activation, param, inplace,
         backend,
     ):  # fmt: skip
-        gamma = _inplace_gamma(weight, eps) if inplace else weight
-        y, mean, var = get_backend(backend).module.batch_norm_act_forward(
-            input,
-            gamma,
-            bias,
-            running.mean,
-            running.var,
-            training,
-            eps,
-            activation,
-            param,
-            out=input if inplace else None,
-            residual=residual,
+        config = (training, eps, activation, param, inplace, backend)
+        y, mean, var, gamma, stats = _fused_forward(
+            ctx, input, weight, bias, running, config, residual
         )
-        if inplace:
-            ctx.mark_dirty(input)
-        ctx.mark_non_differentiable(mean, var)
-        stats = (mean, var) if training else (running.mean.clone(), running.var.clone())
         kept = (y, residual) if inplace else (y, input)
         ctx.save_for_backward(*kept, weight, gamma, bias, *stats)
-        ctx.config = (training, eps, activation, param, inplace, backend)
         return y, mean, var
 
     @staticmethod
@@ -364,9 +365,7 @@ class _BatchNormAddAct(torch.autograd.Function):
             dx, dgamma, dbias = kernels.batch_norm_act_backward(
                 dz, saved, gamma, bias, mean, var, training, eps, "identity", 0.0, wanted, inplace
             )
-        dweight = dgamma
-        if inplace and dgamma is not None:
-            dweight = dgamma * torch.sign(weight).to(dgamma.dtype)
+        dweight = _weight_grad(dgamma, weight, inplace)
         dx, dweight, dbias = _cast_grads((dx, dweight, dbias), wanted, _param_dtypes(weight, bias))
         dresidual = dz if ctx.needs_input_grad[1] else None
         return dx, dresidual, dweight, dbias, *([None] * 7)

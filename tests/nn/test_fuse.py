@@ -275,9 +275,19 @@ class ModeBranch(ResBlock):
         return self.act3(x)
 
 
+def assert_left_as_written(block: nn.Module, change=lambda model: None) -> None:
+    """Fusing leaves ``block``'s forward, and (after ``change``) computes what it computes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), block)
+    fused, report = bnlab.convert(copy.deepcopy(model), report=True, fuse_activations=True)
+    assert report.residual == [] and "forward" not in vars(fused[1])
+    change(fused), change(model)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(fused(x), bnlab.convert(model)(x), rtol=0, atol=0)
+
+
 def test_blocks_whose_forward_depends_on_the_mode_are_left():
-    model, report = bnlab.convert(ModeBranch(4, 4), report=True, fuse_activations=True)
-    assert report.residual == [] and "forward" not in vars(model)
+    assert_left_as_written(ModeBranch(4, 4))
 
 
 class WritesOverOutput(nn.Module):
@@ -348,12 +358,7 @@ class DefaultShortcut(ResBlock):
 
 
 def test_blocks_whose_forward_takes_defaults_are_left():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), DefaultShortcut(4, 4))
-    fused, report = bnlab.convert(copy.deepcopy(model), report=True, fuse_activations=True)
-    assert report.residual == [] and "forward" not in vars(fused[1])
-    x = torch.randn(2, 3, 5, 5)
-    torch.testing.assert_close(fused(x), bnlab.convert(model)(x), rtol=0, atol=0)
+    assert_left_as_written(DefaultShortcut(4, 4))
 
 
 class Scaled(nn.Module):
@@ -381,14 +386,9 @@ class ScaledShortcut(ResBlock):
 
 def test_blocks_that_trace_into_modules_of_their_own_are_left():
     """A traced graph would fix ``factor`` at its value when fusing."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), ScaledShortcut(4, 4))
-    fused, report = bnlab.convert(copy.deepcopy(model), report=True, fuse_activations=True)
-    assert report.residual == [] and "forward" not in vars(fused[1])
-    fused[1].scale.factor = 3.0
-    model[1].scale.factor = 3.0
-    x = torch.randn(2, 3, 5, 5)
-    torch.testing.assert_close(fused(x), bnlab.convert(model)(x), rtol=0, atol=0)
+    assert_left_as_written(
+        ScaledShortcut(4, 4), lambda model: setattr(model[1].scale, "factor", 3.0)
+    )
 
 
 def test_a_shortcut_of_another_dtype_adds_as_the_block_did():

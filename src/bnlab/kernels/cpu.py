@@ -422,10 +422,10 @@ def _rc_grad_input(v, dy, dx, mean, at, bt, k1t, k0t, code, p, from_output, bloc
 
 @njit(inline="always", **_JIT)
 def _residual_grad(y, res, g, a, b, p):
-    """(dz, x - k) at one position of the in-place residual unit."""
-    negative = y < 0.0
-    z = y / p if negative else y
-    return (g * p if negative else g), (z - res - b) / a
+    """(dz, x - k) at one position of the in-place residual unit: :func:`_linear_grad` from the
+    output, the residual folded into the shift (z - res - b = act^-1(y) - (b + res)); its mean
+    argument is unused there (b stands in, of the loop's dtype)."""
+    return _linear_grad(y, g, b, a, b + res, p, True)
 
 
 @njit(parallel=True, **_JIT)

@@ -132,8 +132,8 @@ def fuse_activations(
         bn = modules[node.target]
         act = None if act_node is None else modules[act_node.target]
         activation = ("identity", None) if act is None else _ACTIVATIONS[type(act)](act)
-        if inplace and activation == ("relu", None):
-            activation = ("leaky_relu", _INPLACE_RELU_SLOPE)
+        if inplace:
+            activation = _invertible(*activation)
         new = rebuild(bn, _FUSED_CLASS[type(bn)])
         new.activation, new.activation_param = check_activation(*activation, inplace)
         new.__dict__[UNFUSED] = type(bn)
@@ -149,6 +149,11 @@ def fuse_activations(
 
 
 _INPLACE_RELU_SLOPE = 0.01  # Rota Bulo et al. 2018, section 3: leaky ReLU in place of ReLU
+
+
+def _invertible(activation: str, param: Optional[float]) -> tuple[str, Optional[float]]:
+    """The activation the in-place mode runs for ``activation``: a ReLU becomes leaky."""
+    return ("leaky_relu", _INPLACE_RELU_SLOPE) if activation == "relu" else (activation, param)
 
 
 def _plain_batch_norm(node: fx.Node, modules: dict, calls: Counter) -> bool:
@@ -274,9 +279,7 @@ def residual_unit(
     )
     hooked = has_hooks(bn) or has_hooks(act)
     if rule is not None and isinstance(bn, BatchNorm) and fits and not hooked:
-        activation, param = rule(act)
-        if inplace and activation == "relu":
-            activation, param = "leaky_relu", _INPLACE_RELU_SLOPE
+        activation, param = _invertible(*rule(act)) if inplace else rule(act)
         if activation != "leaky_relu" or param > 0:
             return bn.add_act(input, residual, activation, param, inplace)
     if inplace:
@@ -358,9 +361,9 @@ def _fuse_residual_units(
         unit = _residual_unit_at(node, modules)
         if unit is None or unit[0] in claimed:
             continue
-        if inplace and not _inplace_unit_safe(node, *unit, modules):
-            continue
         add, act_node, block = unit
+        if inplace and not _inplace_unit_safe(node, add, act_node, modules):
+            continue
         claimed.add(add)
         prefix = f"{block}." if block else ""
         if not (node.target.startswith(prefix) and act_node.target.startswith(prefix)):
@@ -394,8 +397,7 @@ def _residual_unit_at(node: fx.Node, modules: dict) -> Optional[tuple]:
         return None
     if len(add.args) != 2 or list(add.args).count(node) != 1:
         return None
-    other = add.args[1] if add.args[0] is node else add.args[0]
-    if not isinstance(other, fx.Node) or len(add.users) != 1:
+    if not isinstance(_shortcut(add, node), fx.Node) or len(add.users) != 1:
         return None
     (act_node,) = add.users
     if act_node.op != "call_module" or act_node.args != (add,) or act_node.kwargs:
@@ -409,14 +411,18 @@ def _residual_unit_at(node: fx.Node, modules: dict) -> Optional[tuple]:
     return add, act_node, (list(stack)[-1] if stack else "")
 
 
-def _inplace_unit_safe(node: fx.Node, add: fx.Node, act_node: fx.Node, _block, modules) -> bool:
+def _shortcut(add: fx.Node, bn_node: fx.Node):
+    """The addition's operand that is not the batch norm's output."""
+    return add.args[1] if add.args[0] is bn_node else add.args[0]
+
+
+def _inplace_unit_safe(node: fx.Node, add: fx.Node, act_node: fx.Node, modules: dict) -> bool:
     """Whether the in-place residual unit may overwrite the batch norm's input and keep its output
     and the shortcut for the backward."""
-    shortcut = add.args[1] if add.args[0] is node else add.args[0]
     return (
         _overwritable_input(node, modules)
         and _read_only_by_layers(act_node, modules, additions=True)
-        and _read_only_by_layers(shortcut, modules, additions=True, besides=add)
+        and _read_only_by_layers(_shortcut(add, node), modules, additions=True, besides=add)
     )
 
 
@@ -487,7 +493,7 @@ def _replace_unit(graph: fx.Graph, bn_name: str, act_name: str, inplace: bool) -
     act_node = next(iter(add.users), None)
     if act_node is None or act_node.target != act_name or len(add.users) != 1:
         raise _CannotRewrite(f"{bn_name}'s sum does not go to {act_name} alone")
-    shortcut = add.args[1] if add.args[0] is bn_node else add.args[0]
+    shortcut = _shortcut(add, bn_node)
     with graph.inserting_before(add):
         bn = graph.get_attr(bn_name)
         act = graph.get_attr(act_name)
