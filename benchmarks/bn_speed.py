@@ -61,14 +61,22 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import traceback
 from datetime import datetime, timezone
 
 import click
 import torch
 
-from common import append_rows, parse_shape, sample_ms, shape_name, summarize, time_ms
+from common import (
+    append_rows,
+    default_allocator,
+    ensure_allocator,
+    parse_shape,
+    sample_ms,
+    shape_name,
+    summarize,
+    time_ms,
+)
 
 SHAPES = {  # group -> shapes
     "conv": [(64, 64, 56, 56), (256, 256, 14, 14), (128, 32, 32, 32), (32, 128, 28, 28)],
@@ -85,41 +93,6 @@ PASSES = {
 }  # fmt: skip
 BN_NAME = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 MEMORY_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
-REUSE_ALLOCATIONS = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
-JEMALLOC_PATHS = (
-    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib64/libjemalloc.so.2",
-    "/usr/lib/libjemalloc.so.2",
-    "/usr/local/lib/libjemalloc.so.2",
-)
-
-
-def jemalloc_library() -> str | None:
-    return next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
-
-
-def default_allocator() -> str:
-    return "jemalloc" if jemalloc_library() else "reuse"
-
-
-def allocator_environment(allocator: str) -> dict[str, str]:
-    if allocator == "jemalloc":
-        library = jemalloc_library()
-        if library is None:
-            raise click.UsageError(
-                "--allocator jemalloc: libjemalloc.so.2 not found (install it, "
-                "e.g. apt install libjemalloc2, or use --allocator reuse)"
-            )
-        return {"LD_PRELOAD": library, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
-    return {"reuse": REUSE_ALLOCATIONS, "thp": {"THP_MEM_ALLOC_ENABLE": "1"}}.get(allocator, {})
-
-
-def ensure_allocator(allocator: str) -> None:
-    """Re-execute this script under the allocator settings asked for (see the module docstring)."""
-    wanted = allocator_environment(allocator)
-    if any(os.environ.get(k) != v for k, v in wanted.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
 
 
 def group_of(shape: tuple[int, ...]) -> str:

@@ -1,19 +1,34 @@
-"""Shared benchmark plumbing: timing with percentiles, the machine's name, long-format CSV rows."""
+"""Shared benchmark plumbing: timing with percentiles, the machine's name, long-format CSV rows,
+the allocator a run uses."""
 
 from __future__ import annotations
 
 import csv
 import os
 import platform
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import click
 import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
 RESULTS = Path(__file__).parent / "results"
+
+# --allocator: glibc as is; glibc with its mmap / trim thresholds raised (freed memory kept for
+# reuse); PyTorch's switch for transparent huge pages; jemalloc preloaded, freed pages kept
+ALLOCATORS = ("default", "reuse", "thp", "jemalloc")
+REUSE_ALLOCATIONS = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+)
 
 
 def machine() -> str:
@@ -22,6 +37,35 @@ def machine() -> str:
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
+
+
+def jemalloc_library() -> str | None:
+    return next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
+
+
+def default_allocator() -> str:
+    return "jemalloc" if jemalloc_library() else "reuse"
+
+
+def allocator_environment(allocator: str) -> dict[str, str]:
+    """The environment variables that select ``allocator`` (one of ALLOCATORS)."""
+    if allocator == "jemalloc":
+        library = jemalloc_library()
+        if library is None:
+            raise click.UsageError(
+                "--allocator jemalloc: libjemalloc.so.2 not found (install it, "
+                "e.g. apt install libjemalloc2, or use --allocator reuse)"
+            )
+        return {"LD_PRELOAD": library, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+    return {"reuse": REUSE_ALLOCATIONS, "thp": {"THP_MEM_ALLOC_ENABLE": "1"}}.get(allocator, {})
+
+
+def ensure_allocator(allocator: str) -> None:
+    """Re-execute the running script under the allocator settings asked for (the allocator is
+    chosen when a process starts)."""
+    wanted = allocator_environment(allocator)
+    if any(os.environ.get(k) != v for k, v in wanted.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **wanted})
 
 
 def sample_ms(fn, min_run_time: float = 1.0) -> list[float]:
@@ -62,18 +106,26 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def append_rows(csv_name: str, rows: list[dict], directory: Path | None = None) -> Path:
     """Append ``rows`` (with a timestamp and the machine) to ``directory/csv_name``.
 
-    ``directory`` defaults to ``benchmarks/results``; smoke runs point it elsewhere.
+    ``directory`` defaults to ``benchmarks/results``; smoke runs point it elsewhere. Rows with a
+    column the file lacks rewrite it with that column added (empty in the older rows).
     """
     path = Path(directory or RESULTS) / csv_name
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = [{"timestamp": stamp, "machine": machine(), **row} for row in rows]
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
+    columns, kept, rewrite = list(rows[0]), [], not path.exists()
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            if set(columns) - set(header):
+                kept, rewrite = list(reader), True
+            columns = header + [c for c in columns if c not in header]
+    with path.open("w" if rewrite else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        if rewrite:
             writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(kept + rows)
     return path
 
 

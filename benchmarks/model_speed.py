@@ -29,14 +29,25 @@ steps each, ``--rounds`` interleaved rounds run one step of every provider (the 
 each round); a row gives each provider's median step time and the median over rounds of the
 paired ratio torch / provider (> 1: faster than torch.nn). ``peak_mb`` is the peak of live CPU
 allocations during one training step (torch.profiler's allocation events, see
-``common.peak_bytes``), above the level at its start. ``--cold-start`` adds rows with the time of
-the first training forward of a BatchNorm2d in a new process (import excluded).
+``common.peak_bytes``), above the level at its start. ``faults`` is the median number of minor page
+faults a step took (first touches of memory the allocator got fresh from the system): the cost
+that differs most between allocators, and between two models whose tensors the allocator places
+differently.
+
+Allocator (``--allocator``, column ``allocator``): ``default`` (the headline) runs glibc's
+malloc as it is, as a user does; ``reuse`` raises glibc's mmap / trim thresholds, ``thp`` sets
+PyTorch's THP_MEM_ALLOC_ENABLE=1 and ``jemalloc`` preloads jemalloc told to keep freed pages (see
+bn_speed.py). The script re-runs itself under the settings asked for.
+
+``--cold-start`` adds rows with the time of the first training forward of a BatchNorm2d in a new
+process (import excluded).
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,7 +60,7 @@ import click
 import torch
 from torch import nn
 
-from common import append_rows, peak_bytes
+from common import ALLOCATORS, append_rows, ensure_allocator, peak_bytes
 
 PROVIDERS = ("torch", "torch-copy", "bnlab", "bnlab-fused", "bnlab-inplace", "no-bn")
 TIMM_MODELS = ("resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "densenet121")
@@ -129,21 +140,28 @@ class Workload:
             self.model(self.x)
 
 
-def paired_times(work: dict[str, Workload], mode: str, rounds: int, warmup: int) -> dict:
-    """Per provider: all step times (ms) over ``rounds`` interleaved rounds, after warm-up."""
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def paired_times(work: dict[str, Workload], mode: str, rounds: int, warmup: int) -> tuple:
+    """Per provider: all step times (ms) over ``rounds`` interleaved rounds, after warm-up, and
+    the minor page faults of each of those steps."""
     method = "train_step" if mode == "train" else "eval_forward"
     step = {p: getattr(w, method) for p, w in work.items()}
     for fn in step.values():
         for _ in range(warmup):
             fn()
     times = {p: [] for p in work}
+    faults = {p: [] for p in work}
     order = list(work)
     for r in range(rounds):
         for p in order[r % len(order) :] + order[: r % len(order)]:
-            start = time.perf_counter()
+            first_faults, start = minor_faults(), time.perf_counter()
             step[p]()
             times[p].append((time.perf_counter() - start) * 1e3)
-    return times
+            faults[p].append(minor_faults() - first_faults)
+    return times, faults
 
 
 def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: dict) -> list[dict]:
@@ -159,7 +177,7 @@ def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: d
         work[p] = Workload(model, x, y, dtype)
     rows = []
     for mode in opts["modes"]:
-        times = paired_times(work, mode, opts["rounds"], opts["warmup"])
+        times, faults = paired_times(work, mode, opts["rounds"], opts["warmup"])
         for p in work:
             ratios = [t / s for t, s in zip(times["torch"], times[p])]
             peak = ""
@@ -173,11 +191,13 @@ def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: d
                     layout=layout,
                     dtype=dtype,
                     threads=torch.get_num_threads(),
+                    allocator=opts["allocator"],
                     mode=mode,
                     provider=p,
                     median_ms=round(statistics.median(times[p]), 3),
                     paired_speedup=round(statistics.median(ratios), 3),
                     peak_mb=peak,
+                    faults=round(statistics.median(faults[p])),
                     rounds=opts["rounds"],
                 )
             )
@@ -197,7 +217,7 @@ print((time.perf_counter() - start) * 1e3)
 COLD_START_SHAPES = ("8, 16, 8, 8", "8, 64, 64, 64")
 
 
-def cold_start_rows(repeats: int) -> list[dict]:
+def cold_start_rows(repeats: int, allocator: str) -> list[dict]:
     """The first training forward of a BatchNorm2d in a new process (after the imports)."""
     rows = []
     classes = (("torch", "torch.nn.BatchNorm2d"), ("bnlab", "bnlab.nn.BatchNorm2d"))
@@ -213,11 +233,13 @@ def cold_start_rows(repeats: int) -> list[dict]:
                 layout="contiguous",
                 dtype="float32",
                 threads=torch.get_num_threads(),
+                allocator=allocator,
                 mode="first-call",
                 provider=provider,
                 median_ms=round(statistics.median(runs), 3),
                 paired_speedup="",
                 peak_mb="",
+                faults="",
                 rounds=repeats,
             )
         )
@@ -241,12 +263,20 @@ def split(text: str) -> list[str]:
 @click.option("--warmup", default=2, show_default=True, help="steps per provider before timing")
 @click.option("--threads", default=0, help="torch threads (0: torch's default)")
 @click.option("--memory/--no-memory", default=True, help="peak memory of one training step")
+@click.option(
+    "--allocator",
+    type=click.Choice(ALLOCATORS),
+    default="default",
+    show_default=True,
+    help="glibc as is (default), or an allocator setting (see the module docstring)",
+)
 @click.option("--cold-start", default=0, help="new processes timing a first call (0: none)")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="CSV directory")
 def main(**args):
+    ensure_allocator(args["allocator"])
     if args["threads"]:
         torch.set_num_threads(args["threads"])
-    opts = {key: args[key] for key in ("rounds", "warmup", "memory")}
+    opts = {key: args[key] for key in ("rounds", "warmup", "memory", "allocator")}
     opts.update(providers=split(args["providers"]), modes=split(args["modes"]))
     if "torch" not in opts["providers"]:
         raise click.BadParameter("the paired ratios need 'torch'", param_hint="--providers")
@@ -257,7 +287,7 @@ def main(**args):
                 for dtype in split(args["dtypes"]):
                     rows += case_rows(name, size, args["batch"], layout, dtype, opts)
     if args["cold_start"]:
-        rows += cold_start_rows(args["cold_start"])
+        rows += cold_start_rows(args["cold_start"], args["allocator"])
     print("appended to", append_rows("model_speed.csv", rows, args["out"]))
 
 

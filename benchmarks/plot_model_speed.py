@@ -3,11 +3,13 @@
     python benchmarks/plot_model_speed.py [--csv results/model_speed.csv] [--out results]
 
 The sweep is often run in parts (64 px models, 224 px models): for every case (model, input,
-layout, dtype, mode, provider) the latest row is drawn. Left: the paired speed over torch.nn of
-each provider per case, training steps and eval forwards (1.0: as fast; the 0.98 line is the
-"never slower" bar; the light grey bar, torch-copy, is the control: an unchanged copy of the
-torch.nn model, whose distance from 1.0 is the run's noise). Below: peak memory of one training
-step relative to torch.nn's, from the latest rows that measured it.
+layout, dtype, allocator, mode, provider) the latest row is drawn; rows from before the allocator
+column ran glibc as is (``default``), and a case under another allocator is labelled with it.
+Top: the paired speed over torch.nn of each provider per case, training steps and eval forwards
+(1.0: as fast; the 0.98 line is the "never slower" bar; the light grey bar, torch-copy, is the
+control: an unchanged copy of the torch.nn model, whose distance from 1.0 is the run's noise).
+Bottom: peak memory of one training step relative to torch.nn's, from the latest rows that
+measured it.
 """
 
 from __future__ import annotations
@@ -30,26 +32,29 @@ COLORS = {
     "bnlab-inplace": "tab:green",
 }
 MIN_PEAK_MB = 50.0  # below this a peak is mostly allocator noise: not drawn
-CASE = ("model", "input", "layout", "dtype")
+CASE = ("model", "input", "layout", "dtype", "allocator")
+N = len(CASE)  # a row's key: (*case, mode, provider)
 
 
 def latest_rows(rows: list[dict]) -> dict[tuple, dict]:
-    """The newest row of every (model, input, layout, dtype, mode, provider)."""
+    """The newest row of every (model, input, layout, dtype, allocator, mode, provider)."""
     latest: dict[tuple, dict] = {}
     for row in sorted(rows, key=lambda r: r["timestamp"]):
+        row = {**row, "allocator": row.get("allocator") or "default"}
         latest[tuple(row[k] for k in (*CASE, "mode", "provider"))] = row
     return latest
 
 
 def case_label(case: tuple) -> str:
-    model, shape, layout, dtype = case
+    model, shape, layout, dtype, allocator = case
     layout = "NCHW" if layout == "contiguous" else "NHWC"
-    return f"{model} {shape.split('x', 2)[-1]}\n{layout} {dtype}"
+    allocator = "" if allocator == "default" else f" {allocator}"
+    return f"{model} {shape.split('x', 2)[-1]}\n{layout} {dtype}{allocator}"
 
 
 def speed_panel(ax, latest: dict, mode: str) -> None:
-    cases = list(dict.fromkeys(k[:4] for k in latest if k[4] == mode and k[5] != "torch"))
-    providers = [p for p in PROVIDERS if any(k[4:] == (mode, p) for k in latest)]
+    cases = list(dict.fromkeys(k[:N] for k in latest if k[N] == mode and k[N + 1] != "torch"))
+    providers = [p for p in PROVIDERS if any(k[N:] == (mode, p) for k in latest)]
     width = 0.8 / max(1, len(providers))
     for i, provider in enumerate(providers):
         xs, ys = [], []
@@ -68,13 +73,13 @@ def speed_panel(ax, latest: dict, mode: str) -> None:
 
 
 def memory_panel(ax, latest: dict) -> None:
-    keys = [k for k in latest if k[4] == "train" and latest[k]["peak_mb"]]
+    keys = [k for k in latest if k[N] == "train" and latest[k]["peak_mb"]]
     keys = [
-        k for k in keys if float(latest[(*k[:4], "train", "torch")]["peak_mb"] or 0) >= MIN_PEAK_MB
+        k for k in keys if float(latest[(*k[:N], "train", "torch")]["peak_mb"] or 0) >= MIN_PEAK_MB
     ]
-    cases = list(dict.fromkeys(k[:4] for k in keys if k[5] != "torch"))
+    cases = list(dict.fromkeys(k[:N] for k in keys if k[N + 1] != "torch"))
     cases = [c for c in cases if (*c, "train", "torch") in latest]
-    providers = [p for p in PROVIDERS if any(k[5] == p for k in keys)]
+    providers = [p for p in PROVIDERS if any(k[N + 1] == p for k in keys)]
     width = 0.8 / max(1, len(providers))
     for i, provider in enumerate(providers):
         xs, ys = [], []

@@ -231,10 +231,58 @@ def test_model_speed_smoke_run_pairs_every_provider_with_torch(tmp_path):
     assert all(float(r["median_ms"]) > 0 and float(r["paired_speedup"]) > 0 for r in rows)
     assert {float(r["paired_speedup"]) for r in rows if r["provider"] == "torch"} == {1.0}
     assert all(float(r["peak_mb"]) > 0 for r in rows if r["mode"] == "train")
+    assert all(r["allocator"] == "default" and int(r["faults"]) >= 0 for r in rows)
     assert "appended to" in out
     csv_path = str(tmp_path / "model_speed.csv")
     run_script("plot_model_speed.py", "--csv", csv_path, "--out", str(tmp_path))
     assert (tmp_path / "model_speed.png").stat().st_size > 10_000
+
+
+def test_model_speed_reruns_itself_with_the_allocator_asked_for(tmp_path):
+    run_script(
+        "model_speed.py",
+        *("--models", "mlp", "--sizes", "8", "--batch", "4", "--dtypes", "float32"),
+        *("--layouts", "contiguous", "--modes", "eval", "--providers", "torch,bnlab"),
+        *("--rounds", "1", "--warmup", "0", "--allocator", "reuse", "--out", str(tmp_path)),
+    )
+    rows = read_rows(tmp_path / "model_speed.csv")
+    assert [(r["provider"], r["allocator"]) for r in rows] == [
+        ("torch", "reuse"),
+        ("bnlab", "reuse"),
+    ]
+
+
+def test_appended_rows_with_a_new_column_keep_the_older_rows(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import append_rows
+
+    append_rows("t.csv", [{"a": 1, "b": 2}], tmp_path)
+    append_rows("t.csv", [{"a": 3, "c": 4}], tmp_path)  # new column c, b missing
+    append_rows("t.csv", [{"a": 5, "b": 6, "c": 7}], tmp_path)
+    rows = read_rows(tmp_path / "t.csv")
+    assert [(r["a"], r["b"], r["c"]) for r in rows] == [
+        ("1", "2", ""),
+        ("3", "", "4"),
+        ("5", "6", "7"),
+    ]
+    assert list(rows[0])[:2] == ["timestamp", "machine"]
+
+
+def test_model_speed_plot_keeps_allocators_apart():
+    sys.path.insert(0, str(BENCHMARKS))
+    from plot_model_speed import case_label, latest_rows
+
+    row = dict(model="m", input="8x3x8x8", layout="contiguous", dtype="float32", mode="train")
+    rows = [
+        {**row, "timestamp": "1", "provider": "bnlab", "paired_speedup": "0.9"},  # no allocator
+        {**row, "timestamp": "2", "provider": "bnlab", "paired_speedup": "1.1", "allocator": "thp"},
+    ]
+    latest = latest_rows(rows)
+    assert {k[4]: v["paired_speedup"] for k, v in latest.items()} == {
+        "default": "0.9",
+        "thp": "1.1",
+    }
+    assert case_label(("m", "8x3x8x8", "contiguous", "float32", "thp")).endswith("float32 thp")
 
 
 def test_model_speed_without_batch_norm_keeps_the_activation():
