@@ -27,7 +27,9 @@ and channels_last (``--layouts``) and in float32 and CPU bfloat16 autocast (``--
 Method: every provider's model is a deep copy of the same initialized model. After ``--warmup``
 steps each, ``--rounds`` interleaved rounds run one step of every provider (the order rotates
 each round); a row gives each provider's median step time and the median over rounds of the
-paired ratio torch / provider (> 1: faster than torch.nn). ``peak_mb`` is the peak of live CPU
+paired ratio torch / provider (> 1: faster than torch.nn). With ``--processes K`` the whole run
+is repeated in K fresh processes and a row gives the medians over them, with the lowest and
+highest process's paired ratio (``paired_min``, ``paired_max``). ``peak_mb`` is the peak of live CPU
 allocations during one training step (torch.profiler's allocation events, see
 ``common.peak_bytes``), above the level at its start. ``faults`` is the median number of minor page
 faults a step took (first touches of memory the allocator got fresh from the system): the cost
@@ -46,11 +48,13 @@ process (import excluded).
 from __future__ import annotations
 
 import copy
+import csv
 import gc
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -199,6 +203,9 @@ def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: d
                     peak_mb=peak,
                     faults=round(statistics.median(faults[p])),
                     rounds=opts["rounds"],
+                    processes=1,
+                    paired_min=round(statistics.median(ratios), 3),
+                    paired_max=round(statistics.median(ratios), 3),
                 )
             )
             print(" ".join(f"{v}" for v in rows[-1].values()), flush=True)
@@ -241,10 +248,66 @@ def cold_start_rows(repeats: int, allocator: str) -> list[dict]:
                 peak_mb="",
                 faults="",
                 rounds=repeats,
+                processes=1,
+                paired_min="",
+                paired_max="",
             )
         )
         print(" ".join(f"{v}" for v in rows[-1].values()), flush=True)
     return rows
+
+
+KEY = ("model", "input", "layout", "dtype", "threads", "allocator", "mode", "provider")
+
+
+def child_argv(args: dict, out: str) -> list[str]:
+    """This script's options for one process of a --processes run (no cold start, rows to out)."""
+    argv = [__file__, "--processes", "1", "--cold-start", "0", "--out", out]
+    argv.append("--memory" if args["memory"] else "--no-memory")
+    for key, value in args.items():
+        if key not in ("processes", "cold_start", "out", "memory"):
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def combine(runs: list[dict], processes: int) -> list[dict]:
+    """One row per case, mode and provider from the rows of ``processes`` runs: the medians over
+    the processes, and the lowest and highest paired speed-up of a process."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in runs:
+        groups.setdefault(tuple(row[k] for k in KEY), []).append(row)
+    rows = []
+    for group in groups.values():
+        speedups = [float(r["paired_speedup"]) for r in group]
+        peaks = [float(r["peak_mb"]) for r in group if r["peak_mb"]]
+        rows.append(
+            {
+                **{k: group[0][k] for k in KEY},
+                "median_ms": round(statistics.median(float(r["median_ms"]) for r in group), 3),
+                "paired_speedup": round(statistics.median(speedups), 3),
+                "peak_mb": round(statistics.median(peaks), 1) if peaks else "",
+                "faults": round(statistics.median(int(r["faults"]) for r in group)),
+                "rounds": group[0]["rounds"],
+                "processes": processes,
+                "paired_min": min(speedups),
+                "paired_max": max(speedups),
+            }
+        )
+        print(" ".join(f"{v}" for v in rows[-1].values()), flush=True)
+    return rows
+
+
+def rows_in_processes(args: dict) -> list[dict]:
+    """Every case in ``--processes`` fresh processes, one after the other: where the allocator
+    places two equal models' tensors differs by process, and moves their paired ratio by several
+    percent (see ``faults``), so the median over processes is the figure to quote."""
+    with tempfile.TemporaryDirectory() as out:
+        for _ in range(args["processes"]):
+            subprocess.run([sys.executable, *child_argv(args, out)], check=True)
+        with (Path(out) / "model_speed.csv").open(newline="") as f:
+            runs = list(csv.DictReader(f))
+    print(f"median over {args['processes']} processes:")
+    return combine(runs, args["processes"])
 
 
 def split(text: str) -> list[str]:
@@ -270,6 +333,12 @@ def split(text: str) -> list[str]:
     show_default=True,
     help="glibc as is (default), or an allocator setting (see the module docstring)",
 )
+@click.option(
+    "--processes",
+    default=1,
+    show_default=True,
+    help="fresh processes per case, one after the other; rows give the median over them",
+)
 @click.option("--cold-start", default=0, help="new processes timing a first call (0: none)")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="CSV directory")
 def main(**args):
@@ -280,12 +349,15 @@ def main(**args):
     opts.update(providers=split(args["providers"]), modes=split(args["modes"]))
     if "torch" not in opts["providers"]:
         raise click.BadParameter("the paired ratios need 'torch'", param_hint="--providers")
-    rows = []
-    for name in split(args["models"]):
-        for size in map(int, split(args["sizes"])):
-            for layout in split(args["layouts"]):
-                for dtype in split(args["dtypes"]):
-                    rows += case_rows(name, size, args["batch"], layout, dtype, opts)
+    if args["processes"] > 1:
+        rows = rows_in_processes(args)
+    else:
+        rows = []
+        for name in split(args["models"]):
+            for size in map(int, split(args["sizes"])):
+                for layout in split(args["layouts"]):
+                    for dtype in split(args["dtypes"]):
+                        rows += case_rows(name, size, args["batch"], layout, dtype, opts)
     if args["cold_start"]:
         rows += cold_start_rows(args["cold_start"], args["allocator"])
     print("appended to", append_rows("model_speed.csv", rows, args["out"]))

@@ -252,6 +252,21 @@ def test_model_speed_reruns_itself_with_the_allocator_asked_for(tmp_path):
     ]
 
 
+def test_model_speed_processes_give_the_median_over_fresh_processes(tmp_path):
+    out = run_script(
+        "model_speed.py",
+        *("--models", "mlp", "--sizes", "8", "--batch", "4", "--dtypes", "float32"),
+        *("--layouts", "contiguous", "--modes", "train", "--providers", "torch,torch-copy"),
+        *("--rounds", "3", "--warmup", "1", "--processes", "3", "--out", str(tmp_path)),
+    )
+    rows = read_rows(tmp_path / "model_speed.csv")
+    assert [(r["provider"], r["processes"]) for r in rows] == [("torch", "3"), ("torch-copy", "3")]
+    assert out.count(f"appended to {tmp_path}") == 1  # the processes wrote their rows elsewhere
+    low, mid, high = (float(rows[1][k]) for k in ("paired_min", "paired_speedup", "paired_max"))
+    assert 0 < low <= mid <= high and float(rows[1]["peak_mb"]) > 0
+    assert rows[0]["paired_min"] == rows[0]["paired_max"] == "1.0"
+
+
 def test_appended_rows_with_a_new_column_keep_the_older_rows(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     from common import append_rows
