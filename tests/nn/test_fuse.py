@@ -43,6 +43,15 @@ def train_steps(model, x, steps=2):
     return outs, model.state_dict()
 
 
+def assert_trains_as(model, original, x):
+    """Two training steps of model give original's outputs, input gradients and state (1e-12)."""
+    (outs, state), (want, want_state) = train_steps(model, x), train_steps(original, x)
+    for got, expected in zip(outs, want):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for key in want_state:
+        torch.testing.assert_close(state[key], want_state[key], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.LeakyReLU(0.2)], ids=repr)
 def test_fused_model_trains_as_the_original(act):
     torch.manual_seed(0)
@@ -53,11 +62,7 @@ def test_fused_model_trains_as_the_original(act):
     assert model.bn.activation == ("relu" if isinstance(act, nn.ReLU) else "leaky_relu")
     assert model.state_dict().keys() == original.state_dict().keys()
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
-    (outs, state), (want, want_state) = train_steps(model, x), train_steps(original, x)
-    for got, expected in zip(outs, want):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    for key in want_state:
-        torch.testing.assert_close(state[key], want_state[key], rtol=1e-12, atol=1e-12)
+    assert_trains_as(model, original, x)
     back = bnlab.revert(model)
     assert type(back.bn) is nn.BatchNorm2d and type(back.bn_res) is nn.BatchNorm2d
     assert type(back.act) is type(act) and repr(back.act) == repr(act)
@@ -226,11 +231,7 @@ def test_residual_units_fused_train_as_the_original(act, block):
         assert type(block) is type(original[1]) and type(block.act3) is type(original[1].act3)
     assert model.state_dict().keys() == original.state_dict().keys()
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
-    (outs, state), (want, want_state) = train_steps(model, x), train_steps(original, x)
-    for got, expected in zip(outs, want):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    for key in want_state:
-        torch.testing.assert_close(state[key], want_state[key], rtol=1e-12, atol=1e-12)
+    assert_trains_as(model, original, x)
     model.eval(), original.eval()
     torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
     back = bnlab.revert(model)
