@@ -168,6 +168,10 @@ def paired_times(work: dict[str, Workload], mode: str, rounds: int, warmup: int)
     return times, faults
 
 
+def show(row: dict) -> None:
+    print(" ".join(f"{v}" for v in row.values()), flush=True)
+
+
 def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: dict) -> list[dict]:
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10, (batch,))
@@ -183,7 +187,7 @@ def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: d
     for mode in opts["modes"]:
         times, faults = paired_times(work, mode, opts["rounds"], opts["warmup"])
         for p in work:
-            ratios = [t / s for t, s in zip(times["torch"], times[p])]
+            speedup = round(statistics.median(t / s for t, s in zip(times["torch"], times[p])), 3)
             peak = ""
             if mode == "train" and opts["memory"]:
                 gc.collect()
@@ -199,16 +203,16 @@ def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: d
                     mode=mode,
                     provider=p,
                     median_ms=round(statistics.median(times[p]), 3),
-                    paired_speedup=round(statistics.median(ratios), 3),
+                    paired_speedup=speedup,
                     peak_mb=peak,
                     faults=round(statistics.median(faults[p])),
                     rounds=opts["rounds"],
                     processes=1,
-                    paired_min=round(statistics.median(ratios), 3),
-                    paired_max=round(statistics.median(ratios), 3),
+                    paired_min=speedup,  # one process: its own ratio
+                    paired_max=speedup,
                 )
             )
-            print(" ".join(f"{v}" for v in rows[-1].values()), flush=True)
+            show(rows[-1])
     return rows
 
 
@@ -253,7 +257,7 @@ def cold_start_rows(repeats: int, allocator: str) -> list[dict]:
                 paired_max="",
             )
         )
-        print(" ".join(f"{v}" for v in rows[-1].values()), flush=True)
+        show(rows[-1])
     return rows
 
 
@@ -293,7 +297,7 @@ def combine(runs: list[dict], processes: int) -> list[dict]:
                 "paired_max": max(speedups),
             }
         )
-        print(" ".join(f"{v}" for v in rows[-1].values()), flush=True)
+        show(rows[-1])
     return rows
 
 
