@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
-from bnlab.data import DatasetError, load_batches, load_digits
+import bnlab.data
+from bnlab.data import DatasetError, digits_arrays, load_batches, load_digits
 from test_mnist import tiny_mnist
 
 
@@ -14,6 +16,20 @@ def test_bundled_digits_split():
     again = load_digits(test_fraction=0.25, seed=1)
     assert torch.equal(data.test_y, again.test_y)
     assert not torch.equal(data.test_y, load_digits(test_fraction=0.25, seed=2).test_y)
+
+
+def test_bundled_digits_are_the_uci_test_set():
+    pixels, labels = digits_arrays()
+    assert pixels.shape == (1797, 64) and labels.shape == (1797,)
+    assert pixels.min() == 0 and pixels.max() == 16  # 4x4 blocks of a 32x32 bitmap, counted
+    # the class sizes of UCI's optdigits.tes
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+
+
+def test_corrupt_bundled_digits_raise(monkeypatch):
+    monkeypatch.setattr(bnlab.data, "DIGITS_SHA256", "0" * 64)
+    with pytest.raises(DatasetError, match="digits.csv.gz is corrupt"):
+        load_digits()
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5])

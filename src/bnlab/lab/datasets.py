@@ -53,7 +53,7 @@ def choose_dataset(config_cls: type, overrides: Mapping[str, Any], experiment: s
 
 
 def load_data(dataset: str, data_dir: Optional[str] = None) -> Split:
-    """``digits``: scikit-learn's bundled 8x8 digits (1,437 train / 360 test, split with seed 0);
+    """``digits``: bnlab's bundled 8x8 digits (1,438 train / 359 test, split with seed 0);
     ``mnist``: the IDX files in ``data_dir`` or ``$BNLAB_DATA_DIR`` (60,000 / 10,000)."""
     key = (dataset, data_dir)
     if key not in _DATA_CACHE:
