@@ -32,6 +32,17 @@ def test_corrupt_bundled_digits_raise(monkeypatch):
         load_digits()
 
 
+def test_truncated_bundled_digits_raise(monkeypatch, tmp_path):
+    from importlib import resources
+
+    packed = (resources.files("bnlab") / bnlab.data.DIGITS_FILE).read_bytes()  # gzipped
+    (tmp_path / "resources").mkdir()
+    (tmp_path / bnlab.data.DIGITS_FILE).write_bytes(packed[: len(packed) // 2])
+    monkeypatch.setattr(bnlab.data.resources, "files", lambda package: tmp_path)
+    with pytest.raises(DatasetError, match="digits.csv.gz: not a readable gzip file"):
+        load_digits()
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5])
 def test_bad_test_fraction(fraction):
     with pytest.raises(ValueError, match="test_fraction"):

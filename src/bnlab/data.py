@@ -48,7 +48,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     each 4x4 block counted into one 8x8 pixel), the copy scikit-learn also bundles; read here so
     that the default job needs neither a download nor scikit-learn and SciPy.
     """
-    raw = gzip.decompress((resources.files("bnlab") / DIGITS_FILE).read_bytes())
+    with resources.as_file(resources.files("bnlab") / DIGITS_FILE) as path:
+        raw = _file_bytes(path)
     if hashlib.sha256(raw).hexdigest() != DIGITS_SHA256:
         raise DatasetError(f"bnlab's bundled {DIGITS_FILE} is corrupt (sha256 differs): reinstall")
     table = np.loadtxt(raw.decode().splitlines(), delimiter=",", dtype=np.int64)
@@ -109,7 +110,8 @@ def _find(directory: Path, name: str) -> Path:
     )
 
 
-def _idx_bytes(path: Path) -> bytes:
+def _file_bytes(path: Path) -> bytes:
+    """The bytes of a file, gunzipped where its name ends in .gz."""
     try:
         return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as error:
@@ -123,7 +125,7 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
     dims), DD big-endian int32 sizes, then the data.
     """
     path = Path(path)
-    data = _idx_bytes(path)
+    data = _file_bytes(path)
     if len(data) < 4:
         raise DatasetError(f"{path}: {len(data)} bytes, too short for an IDX header")
     magic = int.from_bytes(data[:4], "big")
@@ -150,7 +152,7 @@ def verify_mnist(data_dir: str | os.PathLike | None = None) -> None:
     directory = mnist_dir(data_dir)
     for name, (_, md5) in MNIST_FILES.items():
         path = _find(directory, name)
-        digest = hashlib.md5(_idx_bytes(path)).hexdigest()
+        digest = hashlib.md5(_file_bytes(path)).hexdigest()
         if digest != md5:
             raise DatasetError(f"{path}: md5 of its IDX bytes is {digest}, expected {md5}")
 
