@@ -45,8 +45,8 @@ bn_speed.py). The script re-runs itself under the settings asked for.
 process (import excluded): mode ``first-call`` as a script would see it, and
 ``first-call-collected`` after a full ``gc.collect()``. The imports of torch and bnlab leave
 hundreds of thousands of new objects behind; whichever call next allocates many objects (bnlab's
-first Numba kernel load does) triggers the full collection they have made due (~0.1 s on the 2-core
-machine). The second mode is bnlab's own cost.
+first Numba kernel load does) triggers the full collection they have made due (60-80 ms on the
+2-core machine). The second mode is bnlab's own cost.
 """
 
 from __future__ import annotations
