@@ -27,7 +27,8 @@ test: install
 # (haswell) and no AVX at all (generic), each with its own kernel cache. Float results must hold
 # whatever vector width the kernels were compiled for.
 NUMBA_TESTS := tests/kernels/test_cpu.py tests/kernels/test_contract.py tests/kernels/test_registry.py \
-	tests/nn/test_batchnorm.py tests/test_functional_act.py tests/test_functional_residual.py
+	tests/nn/test_batchnorm.py tests/test_functional_act.py tests/test_functional_residual.py \
+	tests/test_concat.py
 NUMBA_CPUS := haswell generic
 
 test-cpus: install

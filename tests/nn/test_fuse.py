@@ -427,3 +427,115 @@ def test_fused_models_trace_with_torch_fx_as_their_own_code():
         inplace = bnlab.convert(res_net(), inplace_abn=True)
     with pytest.raises(RuntimeError, match="run in place"):
         Tracer().trace(inplace)
+
+
+# --------------------------------------------------------------------------------------------
+# dense layers: bn(torch.cat(features, 1)) -> bnlab.nn.fuse.concat_unit
+# --------------------------------------------------------------------------------------------
+
+
+class DenseLayer(nn.Module):
+    """torchvision's _DenseLayer layout: a tensor or a list of features in, cat -> bn -> relu."""
+
+    def __init__(self, channels: int, growth: int = 2) -> None:
+        super().__init__()
+        self.norm1, self.relu1 = nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(channels, 4, 1, bias=False)
+        self.norm2, self.relu2 = nn.BatchNorm2d(4), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, growth, 3, padding=1, bias=False)
+
+    def forward(self, input):
+        features = [input] if isinstance(input, torch.Tensor) else input
+        x = self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
+        return self.conv2(self.relu2(self.norm2(x)))
+
+
+class DenseBlock(nn.ModuleDict):
+    def __init__(self, channels: int = 3, layers: int = 4, growth: int = 2) -> None:
+        super().__init__({f"layer{i}": DenseLayer(channels + i * growth) for i in range(layers)})
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+def dense_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), DenseBlock(), nn.BatchNorm2d(11))
+
+
+def test_dense_layers_read_their_concatenation_from_a_shared_buffer_and_train_as_the_original():
+    torch.manual_seed(0)
+    original = dense_net().double()
+    model, report = bnlab.convert(copy.deepcopy(original), report=True, fuse_activations=True)
+    assert report.concat == [f"cat -> 1.layer{i}.norm1" for i in range(4)]
+    assert "4 batch norm(s) of a concatenation" in str(report)
+    assert isinstance(vars(model[1].layer2)["forward"], ResidualForward)
+    assert model.state_dict().keys() == original.state_dict().keys()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    assert_trains_as(model, original, x)
+    model.eval(), original.eval()
+    torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
+    one = torch.randn(4, 7, 6, 6, dtype=torch.float64)  # a layer called with a tensor: its code
+    torch.testing.assert_close(model[1].layer2(one), original[1].layer2(one), rtol=1e-12, atol=0)
+    back = bnlab.revert(model)
+    assert all("forward" not in vars(layer) for layer in back[1].values())
+
+
+def test_dense_layers_use_the_buffer_kernels_in_the_model(monkeypatch):
+    calls = []
+    real = bnlab.concat.features_of
+    monkeypatch.setattr(
+        bnlab.concat, "features_of", lambda chunks: calls.append(len(chunks)) or real(chunks)
+    )
+    model = bnlab.convert(dense_net(), fuse_activations=True)
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert calls == [2, 3, 4]  # the first layer reads its one chunk as it is
+
+
+def test_fused_dense_layers_copy_pickle_and_trace_as_their_own_code():
+    torch.manual_seed(0)
+    model = bnlab.convert(dense_net(), fuse_activations=True).eval()
+    x = torch.randn(2, 3, 6, 6)
+    twin = copy.deepcopy(model)
+    assert vars(twin[1].layer1)["forward"].block is twin[1].layer1
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x), model(x)) and torch.equal(twin(x), model(x))
+    traced = torch.fx.GraphModule(model, LayerTracerForTools().trace(model))
+    assert "concat_unit" not in traced.code
+    torch.testing.assert_close(traced(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+class LayerTracerForTools(torch.fx.Tracer):  # as feature extraction does: norms stay whole
+    def is_leaf_module(self, m, name):
+        return isinstance(m, bnlab.nn.BatchNorm) or super().is_leaf_module(m, name)
+
+
+def test_hooked_or_replaced_dense_norms_run_as_written():
+    torch.manual_seed(0)
+    original = dense_net().double()
+    model = bnlab.convert(copy.deepcopy(original), fuse_activations=True)
+    seen = []
+    model[1].layer3.norm1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(model(x), original(x), rtol=1e-12, atol=1e-12)
+    assert seen == [9]  # the hook saw the concatenation, as in the original
+
+
+def test_timm_densenet_fuses_every_dense_layer():
+    timm = import_timm()
+    torch.manual_seed(0)
+    original = timm.create_model("densenet121", num_classes=10).double()
+    model, report = bnlab.convert(copy.deepcopy(original), report=True, fuse_activations=True)
+    assert len(report.concat) == 58
+    assert report.concat[1] == "cat -> features.denseblock1.denselayer2.norm1"
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)  # block 4 at 2x2: 16 values a channel
+    y, want = model(x), original(x)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    y.sum().backward(), want.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), original.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-8, msg=name)

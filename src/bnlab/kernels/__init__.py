@@ -57,6 +57,7 @@ __all__ = [
     "get_backend",
     "select_backend",
     "select_residual_backend",
+    "requested_backend",
     "adds_residual",
     "selection_state",
 ]
@@ -154,6 +155,13 @@ def get_backend(name: str) -> Backend:
 
 
 _ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def requested_backend(requested: Optional[str] = None) -> str:
+    """The backend asked for by name: ``requested``, else $BNLAB_BACKEND, as its registered name
+    (``numba`` -> ``cpu``...); "auto" when neither names one."""
+    name = requested or _requested_by_environment() or "auto"
+    return ALIASES.get(name, name)
 
 
 def _requested_by_environment() -> str:

@@ -185,7 +185,9 @@ def _grad(v, g, mean, a, b, code, p, from_output):
 
 
 # --------------------------------------------------------------------------------------------
-# NCS kernels: x[n, c, s]; task t = ((n * C) + c) * B + block
+# NCS kernels: x[n, c, s]; task t = ((n * C) + c) * B + block. The input (x, or v: what the
+# backward keeps) is read from channel c0 on: channels c0 .. c0 + C of a larger array, such as the
+# concatenated features of batch_norm_concat_forward (C: the per-channel vectors' length).
 # --------------------------------------------------------------------------------------------
 
 _SPAN = 1024  # values summed in the input's dtype before they are added into float64
@@ -200,12 +202,12 @@ def _task(t, c_, s_, blocks):
 
 
 @njit(parallel=True, **_JIT)
-def _ncs_stats(x, shift, blocks, out_sum, out_sq):
-    n_, c_, s_ = x.shape
+def _ncs_stats(x, c0, shift, blocks, out_sum, out_sq):
+    n_, c_, s_ = x.shape[0], shift.shape[0], x.shape[2]
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
         k = shift[c]
-        row = x[n, c, lo:hi]
+        row = x[n, c0 + c, lo:hi]
         s = 0.0
         q = 0.0
         for first in range(0, row.shape[0], _SPAN):  # in x's dtype per span, then float64
@@ -223,12 +225,12 @@ def _ncs_stats(x, shift, blocks, out_sum, out_sq):
 
 
 @njit(parallel=True, **_JIT)
-def _ncs_apply(x, out, mean, a, b, code, p, blocks):
-    n_, c_, s_ = x.shape
+def _ncs_apply(x, c0, out, mean, a, b, code, p, blocks):
+    n_, c_, s_ = out.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
         mc, ac, bc = mean[c], a[c], b[c]
-        row, dst = x[n, c, lo:hi], out[n, c, lo:hi]
+        row, dst = x[n, c0 + c, lo:hi], out[n, c, lo:hi]
         if code == _LINEAR:
             for i in range(row.shape[0]):
                 dst[i] = _linear_act((row[i] - mc) * ac + bc, p)
@@ -250,12 +252,12 @@ def _ncs_apply_add(x, r, out, mean, a, b, p, blocks):
 
 
 @njit(parallel=True, **_JIT)
-def _ncs_grad_sums(v, dy, mean, a, b, code, p, from_output, blocks, out_dz, out_dzx):
-    n_, c_, s_ = v.shape
+def _ncs_grad_sums(v, c0, dy, mean, a, b, code, p, from_output, blocks, out_dz, out_dzx):
+    n_, c_, s_ = dy.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
         mc, ac, bc = mean[c], a[c], b[c]
-        row, g = v[n, c, lo:hi], dy[n, c, lo:hi]
+        row, g = v[n, c0 + c, lo:hi], dy[n, c, lo:hi]
         s = 0.0
         q = 0.0
         for first in range(0, row.shape[0], _SPAN):
@@ -279,12 +281,12 @@ def _ncs_grad_sums(v, dy, mean, a, b, code, p, from_output, blocks, out_dz, out_
 
 
 @njit(parallel=True, **_JIT)
-def _ncs_grad_input(v, dy, dx, mean, a, b, k1, k0, code, p, from_output, blocks):
-    n_, c_, s_ = v.shape
+def _ncs_grad_input(v, c0, dy, dx, mean, a, b, k1, k0, code, p, from_output, blocks):
+    n_, c_, s_ = dx.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
         mc, ac, bc, k1c, k0c = mean[c], a[c], b[c], k1[c], k0[c]
-        row, g, dst = v[n, c, lo:hi], dy[n, c, lo:hi], dx[n, c, lo:hi]
+        row, g, dst = v[n, c0 + c, lo:hi], dy[n, c, lo:hi], dx[n, c, lo:hi]
         if code == _LINEAR:
             for i in range(row.shape[0]):
                 dz, xc = _linear_grad(row[i], g[i], mc, ac, bc, p, from_output)
@@ -637,7 +639,10 @@ class _Plan:
             rows = rows.reshape(r // self.k, self.k * c)
         self.view = rows
         self.kernels = (
-            (_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
+            tuple(
+                _from_channel_0(k)
+                for k in (_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
+            )
             if rows.ndim == 3
             else (_rc_stats, _rc_apply, _rc_grad_sums, _rc_grad_input)
         )
@@ -651,8 +656,7 @@ class _Plan:
     def _blocks(self, target: int) -> int:
         """How many pieces each NCS row (or the RC row range) is cut into."""
         if self.view.ndim == 3:
-            rows, length = self.view.shape[0] * self.view.shape[1], self.view.shape[2]
-            return max(1, min(-(-target // rows), length // 1024 or 1))
+            return _ncs_blocks(self.view.shape[0] * self.channels, self.view.shape[2], target)
         return max(1, min(target, self.view.shape[0] // 8))
 
     def of(self, t: Tensor) -> np.ndarray:
@@ -690,6 +694,31 @@ class _Plan:
         first, second, scratch = _workspace(self.blocks, view.shape[1], view.dtype)
         kernel(view, *args, self.blocks, first, second, scratch)
         return first.reshape(-1, c).sum(axis=0), second.reshape(-1, c).sum(axis=0)
+
+
+class _ConcatPlan(_Plan):
+    """The NCS plan of channels 0 .. C of ``buffer`` (N, C_buf, *spatial), contiguous: the kernels
+    read the input from the buffer and write (or read) (N, C, S) arrays for everything else."""
+
+    def __init__(self, buffer: Tensor, channels: int):
+        self.view = buffer.view(buffer.shape[0], buffer.shape[1], -1).numpy()
+        self.channels, self.k = channels, 1
+        self.kernels = (_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
+        self.blocks = self._blocks(_threads() * _TASKS_PER_THREAD)
+
+    def of(self, t: Tensor) -> np.ndarray:
+        return t.view(self.view.shape[0], self.channels, -1).numpy()
+
+
+def _ncs_blocks(rows: int, length: int, target: int) -> int:
+    """Pieces per row of ``length`` values for ``rows`` rows: about ``target`` tasks, each of at
+    least 1024 values."""
+    return max(1, min(-(-target // rows), length // 1024 or 1))
+
+
+def _from_channel_0(kernel):
+    """An NCS kernel reading its input from channel 0, in the RC kernels' signature."""
+    return lambda x, *args: kernel(x, 0, *args)
 
 
 _LOCAL = threading.local()
@@ -731,7 +760,11 @@ def statistics(x: Tensor, plan: _Plan | None = None) -> tuple[np.ndarray, np.nda
     rows = _rows(x)
     shift = np.asarray(rows[0] if rows.ndim == 2 else rows[0, :, 0], dtype=np.float64)
     s, q = plan.sums(plan.kernels[0], *plan.tile(shift))
-    count = x.numel() // x.shape[1]
+    return _moments(shift, s, q, x.numel() // x.shape[1])
+
+
+def _moments(shift, s, q, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, biased variance) from the sums of x - shift and of its squares over ``count``."""
     with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN batches stay non-finite
         mean = shift + s / count
         var = np.maximum((q - s * s / count) / count, 0.0)
@@ -846,6 +879,72 @@ def batch_norm_add_act_backward(
     grad_input(plan.view, res, dy, plan.of(dx), plan.of(dres), *vectors, p, plan.blocks)
     dweight = None if weight is None else torch.from_numpy(sum_dz_xc * invstd).to(y.dtype)
     return dx, dweight, torch.from_numpy(sum_dz).to(y.dtype), dres
+
+
+# --------------------------------------------------------------------------------------------
+# batch norm of concatenated features kept in one buffer (bnlab.concat)
+# --------------------------------------------------------------------------------------------
+
+
+def concat_statistics(buffer: Tensor, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """float64 per-channel mean and biased variance of channels ``first .. first + count`` of
+    ``buffer`` (N, C_buf, *spatial), contiguous: one read of those channels."""
+    view = buffer.view(buffer.shape[0], buffer.shape[1], -1).numpy()
+    n, _, length = view.shape
+    blocks = _ncs_blocks(n * count, length, _threads() * _TASKS_PER_THREAD)
+    shift = view[0, first : first + count, 0].astype(np.float64)
+    s, q = np.empty(n * count * blocks), np.empty(n * count * blocks)
+    _ncs_stats(view, first, shift.astype(view.dtype), blocks, s, q)
+    s = s.reshape(n, count, blocks).sum(axis=(0, 2))
+    q = q.reshape(n, count, blocks).sum(axis=(0, 2))
+    return _moments(shift, s, q, n * length)
+
+
+def batch_norm_concat_forward(
+    buffer, channels, mean, var, weight, bias, eps, activation, param
+) -> Tensor:
+    """y = act((x - mean) weight / sqrt(var + eps) + bias), x = ``buffer[:, :channels]``
+    (``buffer``: (N, C_buf, *spatial), contiguous; mean, var: float64 NumPy vectors, the batch's
+    or the running ones): one pass reads x from the buffer and writes y (N, channels, *spatial)."""
+    plan = _ConcatPlan(buffer, channels)
+    a = _vector(weight, channels, 1.0) / np.sqrt(var + eps)
+    k, rest = plan.centre(mean)
+    b = _vector(bias, channels, 0.0) + rest * a
+    y = buffer.new_empty((buffer.shape[0], channels, *buffer.shape[2:]))
+    code, p = activation_code(activation, param)
+    _ncs_apply(plan.view, 0, plan.of(y), *plan.tile(k, a, b), code, plan.scalar(p), plan.blocks)
+    return y
+
+
+def batch_norm_concat_backward(
+    grad_out, buffer, channels, weight, bias, mean, var, training, eps, activation, param, wanted
+):
+    """(dx, dweight, dbias) of :func:`batch_norm_concat_forward`, dx (N, channels, *spatial): the
+    two passes of :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward` with x read from
+    the buffer; ``wanted``: the output mask."""
+    plan = _ConcatPlan(buffer, channels)
+    invstd = 1.0 / np.sqrt(var + eps)
+    a = _vector(weight, channels, 1.0) * invstd
+    k, rest = plan.centre(mean)
+    b = _vector(bias, channels, 0.0) + rest * a
+    dy = plan.of(grad_out.contiguous())
+    code, p = activation_code(activation, param)
+    p = plan.scalar(p)
+    sum_dz, sum_dz_xk = plan.sums(_ncs_grad_sums, 0, dy, *plan.tile(k, a, b), code, p, False)
+    sum_dz_xc = sum_dz_xk + rest * sum_dz
+    dx = dweight = dbias = None
+    if wanted[0]:
+        count = plan.view.shape[0] * plan.view.shape[2]
+        k1 = -a * invstd * invstd * sum_dz_xc / count if training else np.zeros(channels)
+        k0 = -a * sum_dz / count + k1 * rest if training else np.zeros(channels)
+        dx = grad_out.new_empty(grad_out.shape)
+        vectors = plan.tile(k, a, b, k1, k0)
+        _ncs_grad_input(plan.view, 0, dy, plan.of(dx), *vectors, code, p, False, plan.blocks)
+    if weight is not None and wanted[1]:
+        dweight = torch.from_numpy(sum_dz_xc * invstd).to(buffer.dtype)
+    if wanted[2]:
+        dbias = torch.from_numpy(sum_dz).to(buffer.dtype)
+    return dx, dweight, dbias
 
 
 def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -97,6 +97,11 @@ class BatchNormAct(BatchNorm):
             backend=self.backend,
         )
 
+    def _concat_activation(self) -> Optional[tuple[str, Optional[float]]]:
+        if self.inplace or type(self).forward is not BatchNormAct.forward:
+            return None
+        return self.activation, self.activation_param
+
     def extra_repr(self) -> str:
         text = f"{super().extra_repr()}, activation={self.activation!r}"
         if self.activation in ("leaky_relu", "elu"):

@@ -7,13 +7,14 @@ options: ``strict`` (raise on non-finite batch statistics) and ``backend`` (kern
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as F
 from ..checks import check_residual
+from ..concat import batch_norm_concat_act, joined_shape
 from ..kernels import adds_residual, select_backend, selection_state
 from ..kernels.composite import accumulation_dtype, activate_in_place, per_channel, reduction_dims
 from ..ops import traced
@@ -290,6 +291,37 @@ class BatchNorm(_NormBase):
             strict=self.strict,
             backend=self.backend,
         )
+
+    def concat(self, chunks: Sequence[Tensor]) -> Tensor:
+        r"""``self(torch.cat(chunks, 1))`` without copying the chunks each call: a dense block's
+        layer normalizing the block's input and the features added so far, read from a buffer
+        the block's layers share (see :func:`bnlab.concat.batch_norm_concat_act`); the
+        layer's activation, if it has one, applied in the same pass.
+
+        .. math::
+            y = \mathrm{act}(\mathrm{BN}([x_1, \ldots, x_k]))
+
+        Where that op's kernels do not take the chunks, or the layer is in another statistics
+        mode or the in-place mode, this is ``self(torch.cat(chunks, 1))``. The layer's forward
+        hooks do not run here."""
+        fused = self._concat_activation()
+        if len(chunks) < 2 or fused is None or self.statistics != "standard":
+            return self.forward(chunks[0] if len(chunks) == 1 else torch.cat(list(chunks), 1))
+        activation, param = fused
+        self._check_input_dim(joined_shape(chunks))
+        return batch_norm_concat_act(
+            chunks,
+            **self._functional_args(),
+            activation=activation,
+            activation_param=param,
+            strict=self.strict,
+            backend=self.backend,
+        )
+
+    def _concat_activation(self) -> Optional[tuple[str, Optional[float]]]:
+        """(activation, param) that this layer's forward applies after batch norm, for
+        :meth:`concat`; None where its forward computes anything else (a subclass's own)."""
+        return ("identity", None) if type(self).forward is BatchNorm.forward else None
 
     def _adds_residual(self, input: Tensor, activation: str) -> bool:
         """Whether the backend selection gives this input to kernels that add a residual in their

@@ -139,6 +139,7 @@ class ConversionReport:
     fused: list[str] = field(default_factory=list)  # "bn -> act" pairs (fuse_activations=True)
     inplace_abn: list[str] = field(default_factory=list)  # "bn[ -> act]" (inplace_abn=True)
     residual: list[str] = field(default_factory=list)  # "bn + add -> act" (forwards rewritten)
+    concat: list[str] = field(default_factory=list)  # "cat -> bn" (forwards rewritten)
     not_fused: Optional[str] = None  # why no activation was fused, when fusing was asked for
 
     @property
@@ -174,6 +175,8 @@ class ConversionReport:
             lines.append("  " + _inplace_line(self.inplace_abn))
         if self.residual:
             lines.append("  " + _residual_line(self.residual))
+        if self.concat:
+            lines.append("  " + _concat_line(self.concat))
         if self.not_fused:
             lines.append(f"  no activation fused: {self.not_fused}")
         return "\n".join(lines)
@@ -199,8 +202,11 @@ def convert(
     end written in a block's forward, ``x = bn(x); x += shortcut; x = act(x)`` (timm's and
     torchvision's ResNet blocks), becomes one op (:meth:`bnlab.nn.BatchNorm.add_act`): that
     block's forward is rewritten on the instance (its class, state and ``state_dict`` unchanged;
-    revert restores it), listed in the report's ``residual``. A model fx cannot trace is converted
-    without fusing, and the warning says why.
+    revert restores it), listed in the report's ``residual``; so is each batch norm of a
+    concatenation written in a block's forward, ``bn(torch.cat(features, 1))`` (DenseNet's
+    layers), which then reads the features from one buffer the block's layers share
+    (:meth:`bnlab.nn.BatchNorm.concat`), listed in ``concat``. A model fx cannot trace is
+    converted without fusing, and the warning says why.
 
     ``inplace_abn``: in-place activated batch norm (Rota Bulo et al. 2018) for each batch norm that
     reads a convolution's or linear layer's output alone: the output overwrites that input and is
@@ -215,11 +221,11 @@ def convert(
     if inplace_abn or fuse_activations:
         from .fuse import fuse_activations as fuse  # fuse builds on this module's walker
     if inplace_abn:
-        result.inplace_abn, units, result.not_fused = fuse(model, inplace=True)
+        result.inplace_abn, units, _, result.not_fused = fuse(model, inplace=True)
         result.inplace_abn += units
         result.residual += units
     if fuse_activations and not result.not_fused:
-        result.fused, units, result.not_fused = fuse(model)
+        result.fused, units, result.concat, result.not_fused = fuse(model)
         result.residual += units
     _warn(result, stacklevel=3)  # _warn, convert, its caller
     return (model, result) if report else model
@@ -361,6 +367,16 @@ def _residual_line(units: list[str]) -> str:
         f"fused {len(units)} residual addition(s) and their activation into the batch norm before "
         f"them ({_shown(units)}): the forward of {len(blocks)} block(s) ({_shown(blocks)}) now "
         "calls bnlab.nn.fuse.residual_unit (bnlab.revert gives their own forward back)"
+    )
+
+
+def _concat_line(units: list[str]) -> str:
+    blocks = sorted({unit.partition(" -> ")[2].rpartition(".")[0] or "<root>" for unit in units})
+    return (
+        f"{len(units)} batch norm(s) of a concatenation now read it from a buffer their block's "
+        f"layers share ({_shown(units)}): the forward of {len(blocks)} block(s) "
+        f"({_shown(blocks)}) calls bnlab.nn.fuse.concat_unit (bnlab.revert gives their own "
+        "forward back)"
     )
 
 

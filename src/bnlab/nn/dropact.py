@@ -132,6 +132,9 @@ class BatchNormDropAct2d(BatchNorm2d):
             return None
         return fused_activation(act)
 
+    def _concat_activation(self) -> Optional[Fused]:
+        return self.fused() if type(self).forward is BatchNormDropAct2d.forward else None
+
     def forward(self, input: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """``act(drop(batch_norm(input)))``; an optional ``mask`` as :class:`BatchNorm`'s (it runs
         unfused: the fused op has no mask)."""

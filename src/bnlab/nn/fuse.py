@@ -17,6 +17,12 @@ x = act(x)`` gets, on the instance, a forward generated from its own torch.fx gr
 three steps are one :func:`residual_unit` call (:class:`ResidualForward`): one normalizing pass
 reads x and the shortcut and writes the activated sum, where batch norm, the addition and the
 activation made three (ResNet-50's 16 bottlenecks; measured in benchmarks/model_speed.py).
+
+Dense layers (Huang et al. 2017): a block whose forward normalizes a concatenation,
+``bn(torch.cat(features, 1))`` (timm's and torchvision's DenseNet layers), gets the same kind of
+forward with that step one :func:`concat_unit` call (:meth:`bnlab.nn.BatchNorm.concat`): the
+features are kept in one buffer the block's layers share instead of a new concatenation per
+layer (Pleiss et al. 2017, section 3).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import rebuild, replace_modules
 from .dropact import has_hooks
 
-__all__ = ["FusedActivation", "ResidualForward", "residual_unit"]
+__all__ = ["FusedActivation", "ResidualForward", "concat_unit", "residual_unit"]
 # fusing itself: bnlab.convert(model, fuse_activations=True)
 
 _FUSED_CLASS = {
@@ -90,13 +96,14 @@ class LayerTracer(fx.Tracer):
 
 def fuse_activations(
     model: nn.Module, inplace: bool = False
-) -> tuple[list[str], list[str], Optional[str]]:
+) -> tuple[list[str], list[str], list[str], Optional[str]]:
     """Fuse, in place, every bnlab batch norm of ``model`` with the activation module after it
-    where that changes nothing else (see the module's text), and every residual unit's end,
-    ``act(bn(x) + shortcut)`` written in a block's forward, into one op (see
-    :func:`_fuse_residual_units`). Returns what was fused ("bn -> act" names, or the batch norm's
-    alone), the residual units ("bn + add -> act") and, if the model could not be traced, why
-    (nothing is fused then).
+    where that changes nothing else (see the module's text), every residual unit's end,
+    ``act(bn(x) + shortcut)`` written in a block's forward, into one op, and every batch norm of a
+    concatenation written in a block's forward into :func:`concat_unit` (see
+    :func:`_rewrite_blocks`). Returns what was fused ("bn -> act" names, or the batch norm's
+    alone), the residual units ("bn + add -> act"), the concatenations ("cat -> bn") and, if the
+    model could not be traced, why (nothing is fused then).
 
     ``inplace``: in-place activated batch norm instead (Rota Bulo et al. 2018): for each batch norm
     whose input is a convolution's or linear layer's output that nothing else reads (those layers
@@ -112,7 +119,7 @@ def fuse_activations(
     try:
         graph = LayerTracer().trace(model)
     except Exception as error:  # fx cannot trace data-dependent control flow and more
-        return [], [], f"torch.fx cannot trace the model ({type(error).__name__}: {error})"
+        return [], [], [], f"torch.fx cannot trace the model ({type(error).__name__}: {error})"
     modules = dict(model.named_modules(remove_duplicate=False))
     calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
     fused, swaps = [], {}  # swaps: id of a module -> what takes its places
@@ -144,8 +151,8 @@ def fuse_activations(
             swaps[id(act)] = FusedActivation(act, node.target)
         fused.append(node.target + ("" if act_node is None else f" -> {act_node.target}"))
     replace_modules(model, lambda module, name: swaps.get(id(module), module))
-    units = _fuse_residual_units(model, graph, modules, inplace)
-    return fused, units, None
+    units, concats = _rewrite_blocks(model, graph, modules, inplace)
+    return fused, units, concats, None
 
 
 _INPLACE_RELU_SLOPE = 0.01  # Rota Bulo et al. 2018, section 3: leaky ReLU in place of ReLU
@@ -304,20 +311,38 @@ def _adds_in_place(out: torch.Tensor, residual: torch.Tensor) -> bool:
     return shape_kept and torch.can_cast(torch.result_type(out, residual), out.dtype)
 
 
+def concat_unit(bn: nn.Module, chunks) -> torch.Tensor:
+    """``bn(torch.cat(chunks, 1))``, what a rewritten block's forward calls in place of those two
+    steps: :meth:`bnlab.nn.BatchNorm.concat` (the chunks read from a buffer the block's layers
+    share) when ``bn`` is a bnlab batch norm without hooks; otherwise the two steps, so a layer
+    replaced or hooked after fusing still runs as the user expects."""
+    if isinstance(bn, BatchNorm) and not has_hooks(bn):
+        return bn.concat(chunks)
+    return bn(torch.cat(chunks, 1))
+
+
 class ResidualForward:
     """The forward bnlab gave a block whose own forward ends a residual unit as
     ``x = bn(x); x += shortcut; x = act(x)`` (timm's and torchvision's ResNet blocks, and any
-    block written so): the block's torch.fx graph with those three steps as one
-    :func:`residual_unit` call. Set on the instance (the class is untouched, so ``isinstance``,
-    ``state_dict`` and pickling by class name still work); :func:`bnlab.revert` deletes it.
+    block written so), or normalizes a concatenation, ``bn(torch.cat(features, 1))`` (timm's and
+    torchvision's DenseNet layers): the block's torch.fx graph with those steps as one
+    :func:`residual_unit` or :func:`concat_unit` call. Set on the instance (the class is
+    untouched, so ``isinstance``, ``state_dict`` and pickling by class name still work);
+    :func:`bnlab.revert` deletes it.
 
-    ``units``: (batch norm, activation) names relative to the block. Copies share the compiled
-    code; an unpickled one traces the block again at its first call. Traced by torch.fx, the
-    block runs its own forward, which computes the same (the in-place mode raises).
+    ``units``: (batch norm, activation) names relative to the block; ``concats``: the batch
+    norms whose concatenated input is read from the shared buffer. Copies share the compiled
+    code; an unpickled one traces the block again at its first call. Traced by torch.fx, the block
+    runs its own forward, which computes the same (the in-place mode raises). A block traced with
+    a list of features runs its own forward when called with one tensor (DenseNet's layers take
+    either).
     """
 
-    def __init__(self, block: nn.Module, units: list, inplace: bool, code=None) -> None:
+    def __init__(
+        self, block: nn.Module, units: list, inplace: bool, code=None, concats: tuple = ()
+    ) -> None:
         self.block, self.units, self.inplace, self.code = block, units, inplace, code
+        self.concats = tuple(concats)
 
     def __call__(self, *args, **kwargs):
         if is_fx_tracing():  # another tracer (timm's feature extraction...): the block's own code
@@ -329,32 +354,59 @@ class ResidualForward:
                 )
             return type(self.block).forward(self.block, *args, **kwargs)
         if self.code is None:
-            self.code = _rewritten_code(self.block, self.units, self.inplace)
+            self.code = _rewritten_code(self.block, self.units, self.inplace, self.concats)
+        listed = self.code.concatenated  # (position, name) of arguments traced as lists
+        if any(isinstance(kwargs[n] if n in kwargs else args[i], torch.Tensor) for i, n in listed):
+            return type(self.block).forward(self.block, *args, **kwargs)
         return self.code(self.block, *args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> ResidualForward:
         block = copy.deepcopy(self.block, memo)
-        return ResidualForward(block, list(self.units), self.inplace, self.code)
+        return ResidualForward(block, list(self.units), self.inplace, self.code, self.concats)
 
     def __reduce__(self):
-        return ResidualForward, (self.block, self.units, self.inplace)
+        return ResidualForward, (self.block, self.units, self.inplace, None, self.concats)
 
     def __repr__(self) -> str:
-        fused = ", ".join(f"{bn} + add -> {act}" for bn, act in self.units)
-        return f"ResidualForward({fused}{', in place' if self.inplace else ''})"
+        steps = [f"{bn} + add -> {act}" for bn, act in self.units]
+        steps += [f"cat -> {bn}" for bn in self.concats]
+        return f"ResidualForward({', '.join(steps)}{', in place' if self.inplace else ''})"
 
 
-def _fuse_residual_units(
+def _rewrite_blocks(
     model: nn.Module, graph: fx.Graph, modules: dict, inplace: bool
-) -> list[str]:
-    """Rewrite, in place, the forward of every block of ``model`` that ends a residual unit (see
-    :class:`ResidualForward`) where that changes nothing else: the batch norm's output goes to the
-    addition alone and the sum to the activation alone, both modules unhooked, and the block's own
-    graph (traced alone) the same in training and eval mode, its forward taking only positional
+) -> tuple[list[str], list[str]]:
+    """Rewrite, in place, the forward of every block of ``model`` that ends a residual unit or
+    normalizes a concatenation (see :class:`ResidualForward`) where that changes nothing else: the
+    batch norm's output goes to the addition alone and the sum to the activation alone (a
+    concatenation goes to the batch norm alone), the modules unhooked, and the block's own graph
+    (traced alone) the same in training and eval mode, its forward taking only positional
     arguments without defaults (traced alone, a default such as ``shortcut=None`` would be a
-    placeholder and its ``if shortcut is None`` branch lost). In the in-place mode, only where the
-    batch norm's input is a conv / linear output nothing else reads and the output and the
-    shortcut are only read afterwards (the backward keeps both). Returns "bn + add -> act" names."""
+    placeholder and its ``if shortcut is None`` branch lost). In the in-place mode, residual units
+    only, where the batch norm's input is a conv / linear output nothing else reads and the output
+    and the shortcut are only read afterwards (the backward keeps both). Returns the
+    "bn + add -> act" and the "cat -> bn" names."""
+    units = _residual_units(graph, modules, inplace)
+    concats = {} if inplace else _concat_units(graph, modules)
+    residual_names, concat_names = [], []
+    for block_name in dict.fromkeys([*units, *concats]):
+        block = modules[block_name] if block_name else model
+        if isinstance(vars(block).get("forward"), ResidualForward) or has_hooks(block):
+            continue
+        block_units, block_concats = units.get(block_name, []), concats.get(block_name, [])
+        try:
+            code = _rewritten_code(block, block_units, inplace, block_concats)
+        except _CannotRewrite:
+            continue
+        block.forward = ResidualForward(block, block_units, inplace, code, block_concats)
+        prefix = f"{block_name}." if block_name else ""
+        residual_names += [f"{prefix}{bn} + add -> {prefix}{act}" for bn, act in block_units]
+        concat_names += [f"cat -> {prefix}{bn}" for bn in block_concats]
+    return residual_names, concat_names
+
+
+def _residual_units(graph: fx.Graph, modules: dict, inplace: bool) -> dict[str, list]:
+    """Block name -> its residual units, (batch norm, activation) names relative to the block."""
     by_block: dict[str, list] = {}
     claimed = set()  # additions fused; of two batch norms added (downsampling shortcut), the first
     for node in graph.nodes:
@@ -370,19 +422,41 @@ def _fuse_residual_units(
             continue
         relative = (node.target[len(prefix) :], act_node.target[len(prefix) :])
         by_block.setdefault(block, []).append(relative)
-    fused = []
-    for block_name, units in by_block.items():
-        block = modules[block_name] if block_name else model
-        if isinstance(vars(block).get("forward"), ResidualForward) or has_hooks(block):
+    return by_block
+
+
+def _concat_units(graph: fx.Graph, modules: dict) -> dict[str, list]:
+    """Block name -> the batch norms (names relative to the block) that alone read a
+    ``torch.cat(..., 1)`` written in that block's forward: bnlab batch norms, not in place,
+    unhooked, called once."""
+    calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
+    by_block: dict[str, list] = {}
+    for node in graph.nodes:
+        if not _concatenation(node) or len(node.users) != 1:
             continue
-        try:
-            code = _rewritten_code(block, units, inplace)
-        except _CannotRewrite:
+        (user,) = node.users
+        if user.op != "call_module" or user.args != (node,) or user.kwargs:
             continue
-        block.forward = ResidualForward(block, units, inplace, code)
-        prefix = f"{block_name}." if block_name else ""
-        fused += [f"{prefix}{bn} + add -> {prefix}{act}" for bn, act in units]
-    return fused
+        bn = modules[user.target]
+        if not isinstance(bn, BatchNorm) or getattr(bn, "inplace", False) or has_hooks(bn):
+            continue
+        if calls[id(bn)] != 1:
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        block = list(stack)[-1] if stack else ""
+        block = block.partition("@")[0]
+        prefix = f"{block}." if block else ""
+        if user.target.startswith(prefix):
+            by_block.setdefault(block, []).append(user.target[len(prefix) :])
+    return by_block
+
+
+def _concatenation(node: fx.Node) -> bool:
+    """A ``torch.cat(tensors, 1)`` call (dim given by position or keyword)."""
+    if node.op != "call_function" or node.target is not torch.cat:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim == 1 and len(node.args) + len(node.kwargs) == 2
 
 
 def _residual_unit_at(node: fx.Node, modules: dict) -> Optional[tuple]:
@@ -433,10 +507,11 @@ class _CannotRewrite(Exception):
     """The block's graph cannot stand for its forward (see :func:`_rewritten_code`)."""
 
 
-def _rewritten_code(block: nn.Module, units: list, inplace: bool) -> Callable:
+def _rewritten_code(block: nn.Module, units: list, inplace: bool, concats=()) -> Callable:
     """``forward(self, *args)`` of ``block`` with each (batch norm, activation) unit's three steps
-    as one :func:`residual_unit` call: the block traced alone, in training and in eval mode (a
-    graph that differs between them stands for a forward that branches on the mode)."""
+    as one :func:`residual_unit` call and each batch norm of ``concats`` with the concatenation
+    it reads as one :func:`concat_unit` call: the block traced alone, in training and in eval
+    mode (a graph that differs between them stands for a forward that branches on the mode)."""
     parameters = list(inspect.signature(type(block).forward).parameters.values())[1:]
     if any(p.default is not p.empty or p.kind not in _PLAIN for p in parameters):
         raise _CannotRewrite("the block's forward takes defaults, *args or **kwargs")
@@ -448,11 +523,21 @@ def _rewritten_code(block: nn.Module, units: list, inplace: bool) -> Callable:
     graph = graphs[0]
     for bn_name, act_name in units:
         _replace_unit(graph, bn_name, act_name, inplace)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    concatenated = set()
+    for bn_name in concats:
+        chunks = _replace_concat(graph, bn_name)
+        if chunks in placeholders:  # an argument: a list of tensors when traced
+            concatenated.add(
+                (placeholders.index(chunks), parameters[placeholders.index(chunks)].name)
+            )
     code = graph.python_code("self")
     namespace = dict(code.globals)
-    filename = f"<bnlab residual forward of {type(block).__name__}>"
+    filename = f"<bnlab rewritten forward of {type(block).__name__}>"
     exec(compile(code.src, filename, "exec"), namespace)
-    return namespace["forward"]
+    forward = namespace["forward"]
+    forward.concatenated = tuple(sorted(concatenated))
+    return forward
 
 
 def _check_traced_into(block: nn.Module, graph: fx.Graph) -> None:
@@ -501,3 +586,19 @@ def _replace_unit(graph: fx.Graph, bn_name: str, act_name: str, inplace: bool) -
     act_node.replace_all_uses_with(fused)
     for node in (act_node, add, bn_node):
         graph.erase_node(node)
+
+
+def _replace_concat(graph: fx.Graph, bn_name: str):
+    """Replace ``bn(torch.cat(chunks, 1))``; returns what the chunks are (a node or a list)."""
+    bn_node = next((n for n in graph.nodes if n.op == "call_module" and n.target == bn_name), None)
+    cat = bn_node.args[0] if bn_node is not None and len(bn_node.args) == 1 else None
+    if not isinstance(cat, fx.Node) or not _concatenation(cat) or len(cat.users) != 1:
+        raise _CannotRewrite(f"{bn_name} does not read a concatenation alone in the block's graph")
+    chunks = cat.args[0]
+    with graph.inserting_before(bn_node):
+        bn = graph.get_attr(bn_name)
+        fused = graph.call_function(concat_unit, (bn, chunks))
+    bn_node.replace_all_uses_with(fused)
+    graph.erase_node(bn_node)
+    graph.erase_node(cat)  # (which clears its arguments)
+    return chunks
