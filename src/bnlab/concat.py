@@ -256,16 +256,16 @@ def takes(chunks: Sequence[Tensor], activation: str, backend: Optional[str]) -> 
     if _BACKEND not in kernels.available_backends():
         return False
     first = chunks[0]
-    if first.dim() < 3 or first.device.type != "cpu" or first.dtype not in _DTYPES:
+    dtype, shape = first.dtype, first.shape
+    if len(shape) < 3 or first.device.type != "cpu" or dtype not in _DTYPES:
         return False
-    if math.prod(first.shape[2:]) <= 1 or first.shape[0] == 0:
+    if math.prod(shape[2:]) <= 1 or shape[0] == 0:
         return False
-    return all(
-        c.dtype == first.dtype
-        and c.device == first.device
-        and c.shape[0] == first.shape[0]
-        and c.shape[2:] == first.shape[2:]
-        and c.is_contiguous()
-        and c.shape[1] > 0
-        for c in chunks
-    )
+    n, spatial = shape[0], shape[2:]
+    for c in chunks:  # one device: CPU tensors of a CPU dtype (a loop: a generator costs more)
+        size = c.shape
+        if c.dtype != dtype or size[0] != n or size[2:] != spatial or not size[1]:
+            return False
+        if c.device.type != "cpu" or not c.is_contiguous():
+            return False
+    return True
