@@ -12,12 +12,16 @@ from tolerances import assert_step_within, batch_norm_bounds
 ACTS = {"identity": lambda z, p: z, "relu": lambda z, p: TF.relu(z), "leaky_relu": TF.leaky_relu}
 
 
-def chunked(widths, spatial=(5, 7), n=4, dtype=torch.float64, seed=0):
-    """Chunks (n, w, *spatial) of values with a per-channel offset, as leaves."""
+def chunked(widths, spatial=(5, 7), n=4, dtype=torch.float64, seed=0, channels_last=False):
+    """Chunks (n, w, *spatial) of values with a per-channel offset, as leaves (``channels_last``:
+    in that layout, channels_last_3d for 5-D)."""
     g = torch.Generator().manual_seed(seed)
+    layout = torch.contiguous_format
+    if channels_last:
+        layout = torch.channels_last if len(spatial) == 2 else torch.channels_last_3d
     return [
         (torch.randn(n, w, *spatial, generator=g, dtype=torch.float64) * 2 + 3)
-        .to(dtype)
+        .to(dtype, memory_format=layout)
         .requires_grad_()
         for w in widths
     ]
@@ -54,19 +58,29 @@ def step(chunks, dy, w, b, rm, rv, training, activation, param, **kwargs):
     "activation,param", [("identity", None), ("relu", None), ("leaky_relu", 0.2)]
 )
 @pytest.mark.parametrize(
-    "widths,spatial",
-    [((3, 2), (5, 7)), ((8, 4, 4, 4), (3, 3)), ((1, 1, 1), (40,)), ((5, 3), (2, 3, 4))],
+    "widths,spatial,channels_last",
+    [
+        ((3, 2), (5, 7), False),
+        ((8, 4, 4, 4), (3, 3), False),
+        ((1, 1, 1), (40,), False),
+        ((5, 3), (2, 3, 4), False),
+        ((3, 2), (5, 7), True),
+        ((8, 4, 4, 4), (3, 3), True),
+        ((5, 3), (2, 3, 4), True),
+    ],
 )
 def test_within_the_float64_truth_of_cat_then_batch_norm(
-    widths, spatial, activation, param, dtype, training
+    widths, spatial, channels_last, activation, param, dtype, training
 ):
-    chunks = chunked(widths, spatial, dtype=dtype)
+    chunks = chunked(widths, spatial, dtype=dtype, channels_last=channels_last)
+    assert concat.takes(chunks, activation, None)
     c = sum(widths)
     dy = torch.randn(4, c, *spatial, generator=torch.Generator().manual_seed(2)).to(dtype)
     w, b, rm, rv = vectors(c, dtype)
     p = bnlab.functional.check_activation(activation, param, False)[1]
     ours = step(chunks, dy, w, b, rm, rv, training, activation, param)
     x = torch.cat([t.detach() for t in chunks], 1)
+    assert ours["out"].stride() == torch.empty_like(x).stride()  # laid out as the chunks
     truth, bounds = batch_norm_bounds(
         x, dy, w, b, rm, rv, training=training, momentum=0.1, eps=1e-5, dtype=dtype,
         activation=activation, param=p,
@@ -138,15 +152,15 @@ def test_another_chunk_in_a_held_place_never_overwrites_what_a_backward_reads():
 
 
 @pytest.mark.parametrize(
-    "case", ["one chunk", "channels_last", "silu", "backend native", "environment", "float16"]
+    "case", ["one chunk", "mixed layouts", "silu", "backend native", "environment", "float16"]
 )
 def test_where_the_kernels_do_not_take_the_chunks_it_is_cat_then_batch_norm_act(case, monkeypatch):
     chunks = chunked((3, 2), (4, 4))
     activation, backend = ("silu" if case == "silu" else "relu"), None
     if case == "one chunk":
         chunks = chunks[:1]
-    if case == "channels_last":
-        chunks = [c.detach().to(memory_format=torch.channels_last) for c in chunks]
+    if case == "mixed layouts":
+        chunks = [chunks[0], chunks[1].detach().to(memory_format=torch.channels_last)]
     if case == "float16":
         chunks = [c.detach().half() for c in chunks]
     if case == "backend native":

@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import functional as F
 from . import kernels, ops
 from .checks import check_batch_norm_args
-from .kernels.composite import values_per_channel
+from .kernels.composite import is_channels_last, values_per_channel
 from .statistics import RunningStatistics
 
 __all__ = ["FeatureBuffer", "batch_norm_concat_act", "features_of"]
@@ -49,7 +49,9 @@ class FeatureBuffer:
     ``known`` channels."""
 
     def __init__(self, like: Tensor, capacity: int) -> None:
-        self.data = like.new_empty((like.shape[0], capacity, *like.shape[2:]))
+        shape = (like.shape[0], capacity, *like.shape[2:])
+        layout = torch.contiguous_format if like.is_contiguous() else _channels_last(like)
+        self.data = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
         self.channels = 0
         self._chunks: list[tuple[weakref.ref, int]] = []  # (the chunk, its version when copied)
         self.mean = np.empty(0)
@@ -246,7 +248,8 @@ def _cpu():
 
 def takes(chunks: Sequence[Tensor], activation: str, backend: Optional[str]) -> bool:
     """Whether the buffer's kernels run these chunks: two or more CPU float32 / float64 tensors
-    of rank >= 3, contiguous, of one dtype, batch and spatial shape (with spatial size > 1),
+    of rank >= 3, all contiguous or all channels_last (the first chunk's layout; rank 4 or 5), of
+    one dtype, batch and spatial shape (with spatial size > 1),
     under a piecewise-linear activation (identity, relu, leaky_relu), with bnlab's CPU kernels
     installed and no other backend asked for (``backend``, then $BNLAB_BACKEND)."""
     if activation not in _ACTIVATIONS or len(chunks) < 2:
@@ -261,11 +264,19 @@ def takes(chunks: Sequence[Tensor], activation: str, backend: Optional[str]) -> 
         return False
     if math.prod(shape[2:]) <= 1 or shape[0] == 0:
         return False
+    if not (first.is_contiguous() or (len(shape) in (4, 5) and is_channels_last(first))):
+        return False
     n, spatial = shape[0], shape[2:]
+    layout = torch.contiguous_format if first.is_contiguous() else _channels_last(first)
     for c in chunks:  # one device: CPU tensors of a CPU dtype (a loop: a generator costs more)
         size = c.shape
         if c.dtype != dtype or size[0] != n or size[2:] != spatial or not size[1]:
             return False
-        if c.device.type != "cpu" or not c.is_contiguous():
+        if c.device.type != "cpu" or not c.is_contiguous(memory_format=layout):
             return False
     return True
+
+
+def _channels_last(t: Tensor):
+    """channels_last (4-D) or channels_last_3d (5-D), the layout bnlab's kernels also walk."""
+    return torch.channels_last if t.dim() == 4 else torch.channels_last_3d

@@ -298,7 +298,8 @@ def _ncs_grad_input(v, c0, dy, dx, mean, a, b, k1, k0, code, p, from_output, blo
 
 
 # --------------------------------------------------------------------------------------------
-# RC kernels: x[r, c]; task = a block of rows, partial sums per (block, channel)
+# RC kernels: x[r, c]; task = a block of rows, partial sums per (block, channel). As the NCS
+# kernels, they read the input (x or v) from column c0 on (C columns: the vectors' length).
 # --------------------------------------------------------------------------------------------
 
 
@@ -334,14 +335,14 @@ def _flush(chunk, total):
 
 
 @njit(parallel=True, **_JIT)
-def _rc_stats(x, k, blocks, out_sum, out_sq, scratch):
-    r_, c_ = x.shape
+def _rc_stats(x, c0, k, blocks, out_sum, out_sq, scratch):
+    r_, c_ = x.shape[0], k.shape[0]
     for blk in prange(blocks):
         s, q = _zeroed(scratch[0, blk], scratch[1, blk], out_sum[blk], out_sq[blk])
         lo, hi = _row_range(blk, r_, blocks)
         for first in range(lo, hi, _CHUNK):
             for r in range(first, min(hi, first + _CHUNK)):
-                row = x[r]
+                row = x[r, c0 : c0 + c_]
                 for c in range(c_):
                     d = row[c] - k[c]
                     s[c] += d
@@ -351,12 +352,12 @@ def _rc_stats(x, k, blocks, out_sum, out_sq, scratch):
 
 
 @njit(parallel=True, **_JIT)
-def _rc_apply(x, out, mean, a, b, code, p, blocks):
-    r_, c_ = x.shape
+def _rc_apply(x, c0, out, mean, a, b, code, p, blocks):
+    r_, c_ = out.shape
     for blk in prange(blocks):
         lo, hi = _row_range(blk, r_, blocks)
         for r in range(lo, hi):
-            row, dst = x[r], out[r]
+            row, dst = x[r, c0 : c0 + c_], out[r]
             if code == _LINEAR:
                 for c in range(c_):
                     dst[c] = _linear_act((row[c] - mean[c]) * a[c] + b[c], p)
@@ -377,14 +378,14 @@ def _rc_apply_add(x, r, out, mean, a, b, p, blocks):
 
 
 @njit(parallel=True, **_JIT)
-def _rc_grad_sums(v, dy, mean, at, bt, code, p, from_output, blocks, out_dz, out_dzx, scratch):
-    r_, c_ = v.shape
+def _rc_grad_sums(v, c0, dy, mean, at, bt, code, p, from_output, blocks, out_dz, out_dzx, scratch):
+    r_, c_ = dy.shape
     for blk in prange(blocks):
         s, q = _zeroed(scratch[0, blk], scratch[1, blk], out_dz[blk], out_dzx[blk])
         lo, hi = _row_range(blk, r_, blocks)
         for first in range(lo, hi, _CHUNK):
             for r in range(first, min(hi, first + _CHUNK)):
-                row, g = v[r], dy[r]
+                row, g = v[r, c0 : c0 + c_], dy[r]
                 if code == _LINEAR:
                     for c in range(c_):
                         dz, xc = _linear_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
@@ -400,12 +401,12 @@ def _rc_grad_sums(v, dy, mean, at, bt, code, p, from_output, blocks, out_dz, out
 
 
 @njit(parallel=True, **_JIT)
-def _rc_grad_input(v, dy, dx, mean, at, bt, k1t, k0t, code, p, from_output, blocks):
-    r_, c_ = v.shape
+def _rc_grad_input(v, c0, dy, dx, mean, at, bt, k1t, k0t, code, p, from_output, blocks):
+    r_, c_ = dx.shape
     for blk in prange(blocks):
         lo, hi = _row_range(blk, r_, blocks)
         for r in range(lo, hi):
-            row, g, dst = v[r], dy[r], dx[r]
+            row, g, dst = v[r, c0 : c0 + c_], dy[r], dx[r]
             if code == _LINEAR:
                 for c in range(c_):
                     dz, xc = _linear_grad(row[c], g[c], mean[c], at[c], bt[c], p, from_output)
@@ -638,14 +639,10 @@ class _Plan:
                 self.k -= 1
             rows = rows.reshape(r // self.k, self.k * c)
         self.view = rows
-        self.kernels = (
-            tuple(
-                _from_channel_0(k)
-                for k in (_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
-            )
-            if rows.ndim == 3
-            else (_rc_stats, _rc_apply, _rc_grad_sums, _rc_grad_input)
-        )
+        kernels = (_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
+        if rows.ndim == 2:
+            kernels = (_rc_stats, _rc_apply, _rc_grad_sums, _rc_grad_input)
+        self.kernels = tuple(_from_channel_0(k) for k in kernels)
         self.residual_kernels = (
             (_ncs_apply_add, _ncs_res_grad_sums, _ncs_res_grad_input)
             if rows.ndim == 3
@@ -691,23 +688,30 @@ class _Plan:
                 first.reshape(-1, c, self.blocks).sum(axis=(0, 2)),
                 second.reshape(-1, c, self.blocks).sum(axis=(0, 2)),
             )
-        first, second, scratch = _workspace(self.blocks, view.shape[1], view.dtype)
+        first, second, scratch = _workspace(self.blocks, c * self.k, view.dtype)
         kernel(view, *args, self.blocks, first, second, scratch)
         return first.reshape(-1, c).sum(axis=0), second.reshape(-1, c).sum(axis=0)
 
 
 class _ConcatPlan(_Plan):
-    """The NCS plan of channels 0 .. C of ``buffer`` (N, C_buf, *spatial), contiguous: the kernels
-    read the input from the buffer and write (or read) (N, C, S) arrays for everything else."""
+    """The plan of channels 0 .. C of ``buffer`` (N, C_buf, *spatial), contiguous (NCS) or
+    channels_last (RC): the kernels read the input from the buffer and write (or read) (N, C, S)
+    or (R, C) arrays for everything else (y, dy, dx: laid out as the buffer)."""
 
     def __init__(self, buffer: Tensor, channels: int):
-        self.view = buffer.view(buffer.shape[0], buffer.shape[1], -1).numpy()
+        if buffer.is_contiguous():
+            self.view = buffer.view(buffer.shape[0], buffer.shape[1], -1).numpy()
+            self.kernels = (_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
+        else:  # channels_last: (R, C_buf) rows
+            self.view = _rows(buffer)
+            self.kernels = (_rc_stats, _rc_apply, _rc_grad_sums, _rc_grad_input)
         self.channels, self.k = channels, 1
-        self.kernels = (_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
         self.blocks = self._blocks(_threads() * _TASKS_PER_THREAD)
 
     def of(self, t: Tensor) -> np.ndarray:
-        return t.view(self.view.shape[0], self.channels, -1).numpy()
+        if self.view.ndim == 3:
+            return t.view(self.view.shape[0], self.channels, -1).numpy()
+        return _rows(t)
 
 
 def _ncs_blocks(rows: int, length: int, target: int) -> int:
@@ -891,58 +895,70 @@ def batch_norm_add_act_backward(
 
 def concat_statistics(buffer: Tensor, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """float64 per-channel mean and biased variance of channels ``first .. first + count`` of
-    ``buffer`` (N, C_buf, *spatial), contiguous: one read of those channels."""
-    view = buffer.view(buffer.shape[0], buffer.shape[1], -1).numpy()
-    n, _, length = view.shape
-    blocks = _ncs_blocks(n * count, length, _threads() * _TASKS_PER_THREAD)
-    shift = view[0, first : first + count, 0].astype(np.float64)
-    s, q = np.empty(n * count * blocks), np.empty(n * count * blocks)
-    _ncs_stats(view, first, shift.astype(view.dtype), blocks, s, q)
-    s = s.reshape(n, count, blocks).sum(axis=(0, 2))
-    q = q.reshape(n, count, blocks).sum(axis=(0, 2))
-    return _moments(shift, s, q, n * length)
+    ``buffer`` (N, C_buf, *spatial), contiguous or channels_last: one read of those channels."""
+    plan = _ConcatPlan(buffer, count)
+    view = plan.view
+    shift = view[0, first : first + count, 0] if view.ndim == 3 else view[0, first : first + count]
+    shift = shift.astype(np.float64)
+    s, q = plan.sums(plan.kernels[0], first, shift.astype(view.dtype))
+    return _moments(shift, s, q, buffer.numel() // buffer.shape[1])
+
+
+def _concat_output(buffer: Tensor, channels: int) -> Tensor:
+    """An empty (N, channels, *spatial) tensor laid out as the buffer."""
+    shape = (buffer.shape[0], channels, *buffer.shape[2:])
+    if buffer.is_contiguous():
+        return buffer.new_empty(shape)
+    layout = torch.channels_last if buffer.dim() == 4 else torch.channels_last_3d
+    return torch.empty(shape, dtype=buffer.dtype, device=buffer.device, memory_format=layout)
 
 
 def batch_norm_concat_forward(
     buffer, channels, mean, var, weight, bias, eps, activation, param
 ) -> Tensor:
     """y = act((x - mean) weight / sqrt(var + eps) + bias), x = ``buffer[:, :channels]``
-    (``buffer``: (N, C_buf, *spatial), contiguous; mean, var: float64 NumPy vectors, the batch's
-    or the running ones): one pass reads x from the buffer and writes y (N, channels, *spatial)."""
+    (``buffer``: (N, C_buf, *spatial), contiguous or channels_last; mean, var: float64 NumPy
+    vectors, the batch's or the running ones): one pass reads x from the buffer and writes y
+    (N, channels, *spatial), laid out as the buffer."""
     plan = _ConcatPlan(buffer, channels)
     a = _vector(weight, channels, 1.0) / np.sqrt(var + eps)
     k, rest = plan.centre(mean)
     b = _vector(bias, channels, 0.0) + rest * a
-    y = buffer.new_empty((buffer.shape[0], channels, *buffer.shape[2:]))
+    y = _concat_output(buffer, channels)
     code, p = activation_code(activation, param)
-    _ncs_apply(plan.view, 0, plan.of(y), *plan.tile(k, a, b), code, plan.scalar(p), plan.blocks)
+    vectors = plan.tile(k, a, b)
+    plan.kernels[1](plan.view, 0, plan.of(y), *vectors, code, plan.scalar(p), plan.blocks)
     return y
 
 
 def batch_norm_concat_backward(
     grad_out, buffer, channels, weight, bias, mean, var, training, eps, activation, param, wanted
 ):
-    """(dx, dweight, dbias) of :func:`batch_norm_concat_forward`, dx (N, channels, *spatial): the
-    two passes of :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward` with x read from
-    the buffer; ``wanted``: the output mask."""
+    """(dx, dweight, dbias) of :func:`batch_norm_concat_forward`, dx (N, channels, *spatial)
+    laid out as the buffer: the two passes of
+    :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward` with x read from the buffer;
+    ``wanted``: the output mask."""
     plan = _ConcatPlan(buffer, channels)
     invstd = 1.0 / np.sqrt(var + eps)
     a = _vector(weight, channels, 1.0) * invstd
     k, rest = plan.centre(mean)
     b = _vector(bias, channels, 0.0) + rest * a
-    dy = plan.of(grad_out.contiguous())
+    dx = _concat_output(buffer, channels)
+    dy = plan.of(laid_out_like(grad_out, dx))
     code, p = activation_code(activation, param)
     p = plan.scalar(p)
-    sum_dz, sum_dz_xk = plan.sums(_ncs_grad_sums, 0, dy, *plan.tile(k, a, b), code, p, False)
+    _, _, grad_sums, grad_input = plan.kernels
+    sum_dz, sum_dz_xk = plan.sums(grad_sums, 0, dy, *plan.tile(k, a, b), code, p, False)
     sum_dz_xc = sum_dz_xk + rest * sum_dz
-    dx = dweight = dbias = None
+    dweight = dbias = None
     if wanted[0]:
-        count = plan.view.shape[0] * plan.view.shape[2]
+        count = buffer.numel() // buffer.shape[1]
         k1 = -a * invstd * invstd * sum_dz_xc / count if training else np.zeros(channels)
         k0 = -a * sum_dz / count + k1 * rest if training else np.zeros(channels)
-        dx = grad_out.new_empty(grad_out.shape)
         vectors = plan.tile(k, a, b, k1, k0)
-        _ncs_grad_input(plan.view, 0, dy, plan.of(dx), *vectors, code, p, False, plan.blocks)
+        grad_input(plan.view, 0, dy, plan.of(dx), *vectors, code, p, False, plan.blocks)
+    else:
+        dx = None
     if weight is not None and wanted[1]:
         dweight = torch.from_numpy(sum_dz_xc * invstd).to(buffer.dtype)
     if wanted[2]:
