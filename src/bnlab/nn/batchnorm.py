@@ -19,6 +19,7 @@ from ..kernels import adds_residual, select_backend, selection_state
 from ..kernels.composite import accumulation_dtype, activate_in_place, per_channel, reduction_dims
 from ..ops import traced
 from ..statistics import RunningStatistics
+from .tracing import WholeWhenTraced
 
 __all__ = [
     "BatchNorm",
@@ -41,7 +42,7 @@ _UNDECIDED = object()
 _RESIDUAL = "add_act"  # first item of the keys of add_act's decisions among the eager ones
 
 
-class _NormBase(nn.Module):
+class _NormBase(WholeWhenTraced, nn.Module):
     """Owns the parameters, buffers and checkpoint format shared by every batch-norm module."""
 
     _version = 2  # version 2 added num_batches_tracked; older checkpoints get it filled in

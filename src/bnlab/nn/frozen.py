@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..checks import ACTIVATIONS
 from ..kernels.composite import accumulation_dtype, activate, per_channel
 from .act import BatchNormAct
+from .tracing import WholeWhenTraced, whole_when_traced
 
 __all__ = [
     "FrozenBatchNorm",
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(WholeWhenTraced, nn.Module):
     r"""Batch norm with fixed statistics and affine parameters, all buffers (nothing to train).
 
     .. math::
@@ -106,6 +107,7 @@ class FrozenBatchNorm(nn.Module):
         scale = self.weight.to(dtype) * torch.rsqrt(self.running_var.to(dtype) + self.eps)
         return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
 
+    @whole_when_traced
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(

@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .tracing import WholeWhenTraced, whole_when_traced
 
 __all__ = ["LayerNorm"]
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(WholeWhenTraced, nn.Module):
     r"""Layer normalization (Ba, Kiros & Hinton 2016, https://arxiv.org/abs/1607.06450).
 
     .. math::
@@ -74,6 +75,7 @@ class LayerNorm(nn.Module):
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
 
+    @whole_when_traced
     def forward(self, input: Tensor) -> Tensor:
         return F.layer_norm(
             input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend
