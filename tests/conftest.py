@@ -4,6 +4,7 @@ are imported."""
 
 import os
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -15,3 +16,13 @@ if not torch.cuda.is_available():
 settings.register_profile("ci", max_examples=300, derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("long", max_examples=3000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def concat_at_any_size(monkeypatch):
+    """Dense layers read their concatenation from bnlab.concat's buffer from 512K-1M values
+    (``bnlab.concat.large_enough``): with this, tests' small chunks take the buffer too."""
+    from bnlab import concat
+
+    monkeypatch.setattr(concat, "_TRAIN_NCHW_FROM", 0)
+    monkeypatch.setattr(concat, "_OTHERWISE_FROM", 0)

@@ -9,6 +9,8 @@ from bnlab import concat
 from bnlab.concat import batch_norm_concat_act
 from tolerances import assert_step_within, batch_norm_bounds
 
+pytestmark = pytest.mark.usefixtures("concat_at_any_size")  # small chunks take the buffer too
+
 ACTS = {"identity": lambda z, p: z, "relu": lambda z, p: TF.relu(z), "leaky_relu": TF.leaky_relu}
 
 
@@ -243,3 +245,21 @@ def test_a_layers_concat_is_the_layer_on_the_concatenation(make, training):
 def test_a_layers_concat_checks_the_channel_count():
     with pytest.raises(ValueError, match="expects 6 channels"):
         bnlab.nn.BatchNorm2d(6).concat(chunked((3, 2), (4, 5), dtype=torch.float32))
+
+
+def test_small_concatenations_stay_on_torch_cat(monkeypatch):
+    monkeypatch.undo()  # the real thresholds
+    assert concat.large_enough(1 << 19, contiguous=True, training=True)
+    assert not concat.large_enough((1 << 19) - 1, contiguous=True, training=True)
+    assert not concat.large_enough(1 << 19, contiguous=False, training=True)
+    assert not concat.large_enough(1 << 19, contiguous=True, training=False)
+    assert concat.large_enough(1 << 20, contiguous=False, training=False)
+    small = chunked((3, 2))
+    assert not concat.takes(small, "relu", None, training=True)
+    big = chunked((32, 32), (64, 64), n=4, dtype=torch.float32)  # 4 x 64 x 64 x 64: 1M values
+    assert concat.takes(big, "relu", None, training=True)
+    assert concat.takes(big, "relu", None, training=False)
+    y = batch_norm_concat_act(small, None, None, training=True)
+    torch.testing.assert_close(
+        y, TF.batch_norm(torch.cat(small, 1), None, None, training=True).relu()
+    )

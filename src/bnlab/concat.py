@@ -201,7 +201,8 @@ def batch_norm_concat_act(
     in-place mode)."""
     _check_chunks(chunks)
     activation, param = F.check_activation(activation, activation_param, False)
-    if ops.transforms_active() or ops.traced() or not takes(chunks, activation, backend):
+    taken = takes(chunks, activation, backend, training)
+    if ops.transforms_active() or ops.traced() or not taken:
         input = chunks[0] if len(chunks) == 1 else torch.cat(list(chunks), 1)
         return F.batch_norm_act(
             input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
@@ -246,13 +247,16 @@ def _cpu():
     return kernels.get_backend(_BACKEND).module
 
 
-def takes(chunks: Sequence[Tensor], activation: str, backend: Optional[str]) -> bool:
+def takes(
+    chunks: Sequence[Tensor], activation: str, backend: Optional[str], training: bool = True
+) -> bool:
     """Whether the buffer's kernels run these chunks: two or more CPU float32 / float64 tensors
     of rank >= 3, all contiguous or all channels_last (the first chunk's layout; rank 4 or 5), of
-    one dtype, batch and spatial shape (with spatial size > 1),
-    under a piecewise-linear activation (identity, relu, leaky_relu), with bnlab's CPU kernels
-    installed and no other backend asked for (``backend``, then $BNLAB_BACKEND)."""
-    if activation not in _ACTIVATIONS or len(chunks) < 2:
+    one dtype, batch and spatial shape (with spatial size > 1), under a piecewise-linear activation
+    (identity, relu, leaky_relu), with bnlab's CPU kernels installed and no other backend asked for
+    (``backend``, then $BNLAB_BACKEND), and as many values as the buffer pays for (see
+    :func:`large_enough`)."""
+    if activation not in _ACTIVATIONS or not worth_buffering(chunks, training):
         return False
     if kernels.requested_backend(backend) not in ("auto", _BACKEND):
         return False
@@ -260,12 +264,6 @@ def takes(chunks: Sequence[Tensor], activation: str, backend: Optional[str]) -> 
         return False
     first = chunks[0]
     dtype, shape = first.dtype, first.shape
-    if len(shape) < 3 or first.device.type != "cpu" or dtype not in _DTYPES:
-        return False
-    if math.prod(shape[2:]) <= 1 or shape[0] == 0:
-        return False
-    if not (first.is_contiguous() or (len(shape) in (4, 5) and is_channels_last(first))):
-        return False
     n, spatial = shape[0], shape[2:]
     layout = torch.contiguous_format if first.is_contiguous() else _channels_last(first)
     for c in chunks:  # one device: CPU tensors of a CPU dtype (a loop: a generator costs more)
@@ -275,6 +273,46 @@ def takes(chunks: Sequence[Tensor], activation: str, backend: Optional[str]) -> 
         if c.device.type != "cpu" or not c.is_contiguous(memory_format=layout):
             return False
     return True
+
+
+# A dense layer through the buffer against torch.cat then bnlab's batch norm + ReLU (the path
+# otherwise taken), forward and backward (train) or forward (eval), that time / the buffer's, 2
+# threads, one-off timing (concatenations of a first chunk and 32-channel ones):
+#   16x224x16x16 (0.9M): NCHW train 2.2x, eval 1.5x; channels_last train 0.89x, eval 0.65x
+#   16x480x8x8 (0.5M): NCHW 1.16x / 0.90x; channels_last 0.85x / 0.80x
+#   16x992x4x4 (0.25M), 16x992x2x2: 0.28-0.73x in all four cells (rows of 4-16 values)
+#   8x992x7x7 (0.4M): NCHW 1.03x / 0.69x; channels_last 0.79x / 0.71x
+#   32x480x8x8 (1.0M): NCHW 1.68x / 1.05x; channels_last 1.14x / 0.97x
+#   8x992x14x14 (1.6M): 1.17-1.36x in all four; 8x480x28x28 (3M), 8x224x56x56 (5.6M): 1.2-2.7x
+# densenet121 at 16x3x64x64 with every layer through the buffer trained at 0.90x and evaluated at
+# 0.82x torch.nn's speed (benchmarks/model_speed.py, one run): small layers stay on torch.cat.
+_TRAIN_NCHW_FROM = 1 << 19
+_OTHERWISE_FROM = 1 << 20
+
+
+def large_enough(numel: int, contiguous: bool, training: bool) -> bool:
+    """Whether a concatenation of ``numel`` values gains from the buffer (measured above): from
+    512K values in an NCHW training step, from 1M otherwise."""
+    return numel >= (_TRAIN_NCHW_FROM if contiguous and training else _OTHERWISE_FROM)
+
+
+def worth_buffering(chunks: Sequence[Tensor], training: bool) -> bool:
+    """The first, cheap part of :func:`takes`, asked first at each call of a small layer: two or
+    more chunks, the first a CPU float32 / float64 tensor of rank >= 3 (spatial size > 1),
+    contiguous or channels_last, and the concatenation large enough (:func:`large_enough`)."""
+    if len(chunks) < 2:
+        return False
+    first = chunks[0]
+    shape = first.shape
+    if len(shape) < 3 or first.dtype not in _DTYPES or first.device.type != "cpu":
+        return False
+    contiguous = first.is_contiguous()
+    if not (contiguous or (len(shape) in (4, 5) and is_channels_last(first))):
+        return False
+    if math.prod(shape[2:]) <= 1 or not shape[1]:
+        return False
+    width = sum([c.shape[1] for c in chunks])
+    return large_enough(width * (first.numel() // shape[1]), contiguous, training)
 
 
 def _channels_last(t: Tensor):

@@ -465,6 +465,7 @@ def dense_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), DenseBlock(), nn.BatchNorm2d(11))
 
 
+@pytest.mark.usefixtures("concat_at_any_size")
 def test_dense_layers_read_their_concatenation_from_a_shared_buffer_and_train_as_the_original():
     torch.manual_seed(0)
     original = dense_net().double()
@@ -483,6 +484,7 @@ def test_dense_layers_read_their_concatenation_from_a_shared_buffer_and_train_as
     assert all("forward" not in vars(layer) for layer in back[1].values())
 
 
+@pytest.mark.usefixtures("concat_at_any_size")
 def test_dense_layers_use_the_buffer_kernels_in_the_model(monkeypatch):
     calls = []
     real = bnlab.concat.features_of
@@ -515,6 +517,7 @@ class LayerTracerForTools(torch.fx.Tracer):  # as feature extraction does: norms
         return isinstance(m, bnlab.nn.BatchNorm) or super().is_leaf_module(m, name)
 
 
+@pytest.mark.usefixtures("concat_at_any_size")
 def test_hooked_or_replaced_dense_norms_run_as_written():
     torch.manual_seed(0)
     original = dense_net().double()
@@ -526,6 +529,7 @@ def test_hooked_or_replaced_dense_norms_run_as_written():
     assert seen == [9]  # the hook saw the concatenation, as in the original
 
 
+@pytest.mark.usefixtures("concat_at_any_size")
 def test_timm_densenet_fuses_every_dense_layer():
     timm = import_timm()
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..checks import check_residual
-from ..concat import batch_norm_concat_act, joined_shape
+from ..concat import batch_norm_concat_act, joined_shape, takes, worth_buffering
 from ..kernels import adds_residual, select_backend, selection_state
 from ..kernels.composite import accumulation_dtype, activate_in_place, per_channel, reduction_dims
 from ..ops import traced
@@ -302,11 +302,16 @@ class BatchNorm(_NormBase):
         .. math::
             y = \mathrm{act}(\mathrm{BN}([x_1, \ldots, x_k]))
 
-        Where that op's kernels do not take the chunks, or the layer is in another statistics
-        mode or the in-place mode, this is ``self(torch.cat(chunks, 1))``. The layer's forward
+        Where that op's kernels do not take the chunks (:func:`bnlab.concat.takes`: among
+        others, concatenations too small to gain), or the layer is in another statistics mode or
+        the in-place mode, this is ``self.forward(torch.cat(chunks, 1))``. The layer's forward
         hooks do not run here."""
-        fused = self._concat_activation()
-        if len(chunks) < 2 or fused is None or self.statistics != "standard":
+        training = self.training or self.running_mean is None
+        fused = None  # asked second: small layers (most calls) answer the cheap question first
+        if self.statistics == "standard" and worth_buffering(chunks, training):
+            fused = self._concat_activation()
+        if fused is None or not takes(chunks, fused[0], self.backend, training):
+            # the layer's own path (its decisions kept per input signature) on the concatenation
             return self.forward(chunks[0] if len(chunks) == 1 else torch.cat(list(chunks), 1))
         activation, param = fused
         self._check_input_dim(joined_shape(chunks))
