@@ -36,7 +36,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import fx, nn
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from ..functional import check_activation
 from .act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
@@ -321,6 +320,15 @@ def concat_unit(bn: nn.Module, chunks) -> torch.Tensor:
     return bn(torch.cat(chunks, 1))
 
 
+def _fx_tracing() -> bool:
+    """torch.fx's ``is_fx_tracing()`` (symbolic tracing or torch.export), read from the flag it
+    returns: the function itself logs a warning once per process, which every user of a fused
+    model saw at its first forward."""
+    tracing = torch.fx._symbolic_trace  # (torch's; the flag is what is_fx_tracing returns)
+    flag = getattr(tracing, "_is_fx_tracing_flag", None)
+    return tracing.is_fx_tracing() if flag is None else flag
+
+
 class ResidualForward:
     """The forward bnlab gave a block whose own forward ends a residual unit as
     ``x = bn(x); x += shortcut; x = act(x)`` (timm's and torchvision's ResNet blocks, and any
@@ -345,7 +353,7 @@ class ResidualForward:
         self.concats = tuple(concats)
 
     def __call__(self, *args, **kwargs):
-        if is_fx_tracing():  # another tracer (timm's feature extraction...): the block's own code
+        if _fx_tracing():  # another tracer (timm's feature extraction...): the block's own code
             if self.inplace:
                 raise RuntimeError(
                     f"{type(self.block).__name__}'s residual units run in place, a function its "
