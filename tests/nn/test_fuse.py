@@ -543,3 +543,17 @@ def test_timm_densenet_fuses_every_dense_layer():
     y.sum().backward(), want.sum().backward()
     for (name, p), q in zip(model.named_parameters(), original.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-8, msg=name)
+
+
+@pytest.mark.usefixtures("concat_at_any_size")
+def test_fused_dense_layers_compile_and_export_as_the_original():
+    """Under torch.compile and torch.export the buffer's eager kernels step aside (the
+    concatenation and batch norm run as traced ops): the same function."""
+    torch.manual_seed(0)
+    original = dense_net().double().eval()
+    model = bnlab.convert(copy.deepcopy(original), fuse_activations=True).eval()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    compiled = torch.compile(model, backend="eager")
+    torch.testing.assert_close(compiled(x), original(x), rtol=1e-12, atol=1e-12)
+    exported = torch.export.export(model, (x,)).module()
+    torch.testing.assert_close(exported(x), original(x), rtol=1e-12, atol=1e-12)
