@@ -139,7 +139,8 @@ class _ConcatBatchNormAct(torch.autograd.Function):
     def forward(ctx, weight, bias, config, running_mean, running_var, *chunks):
         training, eps, activation, param = config
         buffer = features_of(chunks)
-        channels = sum(c.shape[1] for c in chunks)
+        widths = [c.shape[1] for c in chunks]
+        channels = sum(widths)
         if training:
             mean, var = buffer.statistics(channels)
         else:
@@ -149,7 +150,7 @@ class _ConcatBatchNormAct(torch.autograd.Function):
             buffer.data, channels, mean, var, weight, bias, eps, activation, param
         )
         ctx.buffer, ctx.channels, ctx.config = buffer.data, channels, config
-        ctx.stats, ctx.widths = (mean, var), [c.shape[1] for c in chunks]
+        ctx.stats, ctx.widths = (mean, var), widths
         ctx.save_for_backward(weight, bias)
         out_mean = torch.from_numpy(mean).to(y.dtype) if training else y.new_empty(0)
         out_var = torch.from_numpy(var).to(y.dtype) if training else y.new_empty(0)
@@ -201,8 +202,7 @@ def batch_norm_concat_act(
     in-place mode)."""
     _check_chunks(chunks)
     activation, param = F.check_activation(activation, activation_param, False)
-    taken = takes(chunks, activation, backend, training)
-    if ops.transforms_active() or ops.traced() or not taken:
+    if ops.transforms_active() or ops.traced() or not takes(chunks, activation, backend, training):
         input = chunks[0] if len(chunks) == 1 else torch.cat(list(chunks), 1)
         return F.batch_norm_act(
             input, running_mean, running_var, weight, bias, training, momentum, eps, activation,

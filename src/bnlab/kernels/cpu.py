@@ -661,12 +661,12 @@ class _Plan:
                 self.k -= 1
             rows = rows.reshape(r // self.k, self.k * c)
         self.view = rows
-        kernels = (_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
-        if rows.ndim == 2:
-            kernels = (_rc_stats, _rc_apply, _rc_grad_sums_at, _rc_grad_input)
-        self.kernels = tuple(_from_channel_0(k) for k in kernels)
-        if rows.ndim == 2:  # the plain sums kernel: no column offset (see _rc_grad_sums_at)
-            self.kernels = (*self.kernels[:2], _rc_grad_sums, self.kernels[3])
+        if rows.ndim == 3:
+            kernels = (_ncs_stats, _ncs_apply, _ncs_grad_sums, _ncs_grad_input)
+            self.kernels = tuple(_from_channel_0(k) for k in kernels)
+        else:  # the plain sums kernel takes no column offset (see _rc_grad_sums_at)
+            stats, apply, grad_input = map(_from_channel_0, (_rc_stats, _rc_apply, _rc_grad_input))
+            self.kernels = (stats, apply, _rc_grad_sums, grad_input)
         self.residual_kernels = (
             (_ncs_apply_add, _ncs_res_grad_sums, _ncs_res_grad_input)
             if rows.ndim == 3
@@ -745,7 +745,8 @@ def _ncs_blocks(rows: int, length: int, target: int) -> int:
 
 
 def _from_channel_0(kernel):
-    """An NCS kernel reading its input from channel 0, in the RC kernels' signature."""
+    """A kernel that takes a channel (column) offset after its input, reading from 0: the
+    signature the plans call, without the offset."""
     return lambda x, *args: kernel(x, 0, *args)
 
 

@@ -150,7 +150,7 @@ def fuse_activations(
             swaps[id(act)] = FusedActivation(act, node.target)
         fused.append(node.target + ("" if act_node is None else f" -> {act_node.target}"))
     replace_modules(model, lambda module, name: swaps.get(id(module), module))
-    units, concats = _rewrite_blocks(model, graph, modules, inplace)
+    units, concats = _rewrite_blocks(model, graph, modules, calls, inplace)
     return fused, units, concats, None
 
 
@@ -382,7 +382,7 @@ class ResidualForward:
 
 
 def _rewrite_blocks(
-    model: nn.Module, graph: fx.Graph, modules: dict, inplace: bool
+    model: nn.Module, graph: fx.Graph, modules: dict, calls: Counter, inplace: bool
 ) -> tuple[list[str], list[str]]:
     """Rewrite, in place, the forward of every block of ``model`` that ends a residual unit or
     normalizes a concatenation (see :class:`ResidualForward`) where that changes nothing else: the
@@ -395,7 +395,7 @@ def _rewrite_blocks(
     and the shortcut are only read afterwards (the backward keeps both). Returns the
     "bn + add -> act" and the "cat -> bn" names."""
     units = _residual_units(graph, modules, inplace)
-    concats = {} if inplace else _concat_units(graph, modules)
+    concats = {} if inplace else _concat_units(graph, modules, calls)
     residual_names, concat_names = [], []
     for block_name in dict.fromkeys([*units, *concats]):
         block = modules[block_name] if block_name else model
@@ -433,11 +433,10 @@ def _residual_units(graph: fx.Graph, modules: dict, inplace: bool) -> dict[str, 
     return by_block
 
 
-def _concat_units(graph: fx.Graph, modules: dict) -> dict[str, list]:
+def _concat_units(graph: fx.Graph, modules: dict, calls: Counter) -> dict[str, list]:
     """Block name -> the batch norms (names relative to the block) that alone read a
     ``torch.cat(..., 1)`` written in that block's forward: bnlab batch norms, not in place,
-    unhooked, called once."""
-    calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
+    unhooked, called once (``calls``: module id -> its calls in the graph)."""
     by_block: dict[str, list] = {}
     for node in graph.nodes:
         if not _concatenation(node) or len(node.users) != 1:
@@ -536,9 +535,8 @@ def _rewritten_code(block: nn.Module, units: list, inplace: bool, concats=()) ->
     for bn_name in concats:
         chunks = _replace_concat(graph, bn_name)
         if chunks in placeholders:  # an argument: a list of tensors when traced
-            concatenated.add(
-                (placeholders.index(chunks), parameters[placeholders.index(chunks)].name)
-            )
+            position = placeholders.index(chunks)
+            concatenated.add((position, parameters[position].name))
     code = graph.python_code("self")
     namespace = dict(code.globals)
     filename = f"<bnlab rewritten forward of {type(block).__name__}>"
