@@ -1,6 +1,8 @@
 """The Numba CPU kernels: layouts without copies, statistics against the reference, the work split
 over channels and batch, thread counts. What every backend must do alike is in test_contract.py."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -116,3 +118,113 @@ def test_first_kernel_call_keeps_torch_thread_setting():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+# shapes whose NCS rows the kernels by channel take one channel a task (long rows) or several
+# (short rows joined into ~2048 values), and the last group short
+BY_CHANNEL_SHAPES = [(3, 12, 50, 47), (5, 19, 6, 7), (2, 24, 300)]
+
+
+def _both_passes(x, dy, weight, bias, activation, param, from_output, training=True):
+    y, mean, var = cpu.batch_norm_act_forward(
+        x, weight, bias, None, None, True, 1e-5, activation, param
+    )
+    if not training:  # the backward of an eval step with these statistics as running ones
+        mean, var = mean + 0.1, var * 1.5
+    saved = y if from_output else x
+    grads = cpu.batch_norm_act_backward(
+        dy, saved, weight, bias, mean, var, training, 1e-5, activation, param,
+        from_output=from_output,
+    )  # fmt: skip
+    return y, mean, var, *grads
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "activation,param,from_output",
+    [
+        ("identity", 1.0, False),
+        ("relu", 0.0, False),
+        ("leaky_relu", 0.1, True),
+        ("elu", 0.7, True),
+        ("silu", 0.0, False),
+        ("gelu_tanh", 0.0, False),
+    ],
+)
+@pytest.mark.parametrize("shape", BY_CHANNEL_SHAPES, ids=str)
+def test_kernels_by_channel_match_the_two_pass_kernels(
+    monkeypatch, shape, activation, param, from_output, dtype, training
+):
+    """The kernels by channel (both passes in one task) against the parallel kernels of one pass
+    each: the same formulas, summed in another order."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype)
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    c = shape[1]
+    weight = torch.linspace(0.5, 1.5, c, dtype=dtype)
+    bias = torch.linspace(-1, 1, c, dtype=dtype)
+    plan = cpu._Plan(x)
+    assert plan.by_channel and (plan.group > 1) == (math.prod(shape[2:]) < 1024)
+    results = {}
+    for path, per_thread in (("by channel", cpu._CHANNELS_PER_THREAD), ("two pass", 10**9)):
+        monkeypatch.setattr(cpu, "_CHANNELS_PER_THREAD", per_thread)
+        assert cpu._Plan(x).by_channel == (path == "by channel")
+        results[path] = _both_passes(x, dy, weight, bias, activation, param, from_output, training)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for ours, theirs in zip(*results.values(), strict=True):
+        torch.testing.assert_close(ours, theirs, **tol)
+
+
+def test_kernels_by_channel_do_not_depend_on_the_thread_count():
+    """Each channel's sums run over its rows in order: 1 and 2 threads give the same bits (with
+    channels grouped differently)."""
+    gen = torch.Generator().manual_seed(4)
+    x, dy = torch.randn(2, 2, 16, 9, 40, generator=gen)
+    weight, bias = torch.rand(16, generator=gen) + 0.5, torch.randn(16, generator=gen)
+    results, groups = [], []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            plan = cpu._Plan(x)
+            assert plan.by_channel
+            groups.append(plan.group)
+            results.append(_both_passes(x, dy, weight, bias, "relu", 0.0, False))
+    finally:
+        torch.set_num_threads(1)
+    assert groups[0] != groups[1]
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+
+
+def test_concatenation_backward_by_channel_matches_the_two_pass_kernels(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    buffer = torch.randn(4, 40, 10, 11, generator=gen)  # 24 of its channels normalized
+    dy = torch.randn(4, 24, 10, 11, generator=gen)
+    weight, bias = torch.rand(24, generator=gen) + 0.5, torch.randn(24, generator=gen)
+    mean, var = cpu.concat_statistics(buffer, 0, 24)
+    results = []
+    for per_thread in (cpu._CHANNELS_PER_THREAD, 10**9):
+        monkeypatch.setattr(cpu, "_CHANNELS_PER_THREAD", per_thread)
+        results.append(
+            cpu.batch_norm_concat_backward(
+                dy,
+                buffer,
+                24,
+                weight,
+                bias,
+                mean,
+                var,
+                True,
+                1e-5,
+                "relu",
+                0.0,
+                (True, True, True),
+            )  # fmt: skip
+        )
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5)
+    xr = buffer[:, :24].double().requires_grad_()
+    zr = torch.nn.functional.batch_norm(xr, None, None, weight.double(), bias.double(), True)
+    torch.nn.functional.relu(zr).backward(dy.double())
+    torch.testing.assert_close(results[0][0].double(), xr.grad, rtol=1e-4, atol=1e-4)

@@ -18,6 +18,10 @@ Passes over memory (m = values per channel):
 - backward: one read of (x, dy) for the two sums, one read of (x, dy) and one write of dx;
 - eval forward: one read, one write.
 
+With enough channels for the threads, NCS training passes run by channel instead: a task takes
+a few whole channels through both passes, whose second read finds them in the core's cache
+(_ncs_forward_by_channel, _ncs_backward_by_channel): x (and dy) come from memory once.
+
 Statistics are sums around a per-channel shift (the channel's first value):
 ``mean = k + sum(x - k) / m``, ``var = (sum((x - k)^2) - sum(x - k)^2 / m) / m``, summed in the
 input's dtype over spans of up to 1024 values (or 32 rows) and in float64 across spans. With the
@@ -61,6 +65,8 @@ _OPS = UNMASKED_BATCH_NORM_OPS
 _FAST = {"reassoc", "contract", "arcp"}
 _JIT = dict(cache=True, fastmath=_FAST, nogil=True)
 _TASKS_PER_THREAD = 8  # finer tasks balance uneven rows; partial sums stay tiny
+_CHANNELS_PER_THREAD = 4  # NCS kernels by channel: at least this many tasks a thread
+_GROUP_VALUES = 2048  # and channels grouped into rows of about this many values
 
 
 # Activation codes of the loops. identity, relu and leaky_relu are one piecewise-linear family,
@@ -201,27 +207,78 @@ def _task(t, c_, s_, blocks):
     return row // c_, row % c_, blk * size, min(s_, (blk + 1) * size)
 
 
+@njit(inline="always", **_JIT)
+def _shifted_sums(row, k):
+    """(sum(row - k), sum((row - k)^2)): in row's dtype per span of _SPAN values, then float64."""
+    s = 0.0
+    q = 0.0
+    for first in range(0, row.shape[0], _SPAN):
+        span = row[first : first + _SPAN]  # (a slice: an index range here does not vectorize)
+        cs = row.dtype.type(0)
+        cq = row.dtype.type(0)
+        for i in range(span.shape[0]):
+            d = span[i] - k
+            cs += d
+            cq += d * d
+        s += cs
+        q += cq
+    return s, q
+
+
+@njit(inline="always", **_JIT)
+def _apply_row(row, dst, mc, ac, bc, code, p):
+    """dst = act((row - mc) * ac + bc)."""
+    if code == _LINEAR:
+        for i in range(row.shape[0]):
+            dst[i] = _linear_act((row[i] - mc) * ac + bc, p)
+    else:
+        for i in range(row.shape[0]):
+            dst[i] = _act((row[i] - mc) * ac + bc, code, p)
+
+
+@njit(inline="always", **_JIT)
+def _grad_sums_row(row, g, mc, ac, bc, code, p, from_output):
+    """(sum(dz), sum(dz (x - mc))) over a row, as :func:`_shifted_sums` sums."""
+    s = 0.0
+    q = 0.0
+    for first in range(0, row.shape[0], _SPAN):
+        vs, gs = row[first : first + _SPAN], g[first : first + _SPAN]
+        cs = row.dtype.type(0)
+        cq = row.dtype.type(0)
+        if code == _LINEAR:
+            for i in range(vs.shape[0]):
+                dz, xc = _linear_grad(vs[i], gs[i], mc, ac, bc, p, from_output)
+                cs += dz
+                cq += dz * xc
+        else:
+            for i in range(vs.shape[0]):
+                dz, xc = _grad(vs[i], gs[i], mc, ac, bc, code, p, from_output)
+                cs += dz
+                cq += dz * xc
+        s += cs
+        q += cq
+    return s, q
+
+
+@njit(inline="always", **_JIT)
+def _grad_input_row(row, g, dst, mc, ac, bc, k1c, k0c, code, p, from_output):
+    """dst = ac dz + k1c (x - mc) + k0c."""
+    if code == _LINEAR:
+        for i in range(row.shape[0]):
+            dz, xc = _linear_grad(row[i], g[i], mc, ac, bc, p, from_output)
+            dst[i] = ac * dz + k1c * xc + k0c
+    else:
+        for i in range(row.shape[0]):
+            dz, xc = _grad(row[i], g[i], mc, ac, bc, code, p, from_output)
+            dst[i] = ac * dz + k1c * xc + k0c
+
+
 @njit(parallel=True, **_JIT)
 def _ncs_stats(x, c0, shift, blocks, out_sum, out_sq):
     n_, c_, s_ = x.shape[0], shift.shape[0], x.shape[2]
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
-        k = shift[c]
-        row = x[n, c0 + c, lo:hi]
-        s = 0.0
-        q = 0.0
-        for first in range(0, row.shape[0], _SPAN):  # in x's dtype per span, then float64
-            span = row[first : first + _SPAN]  # (a slice: an index range here does not vectorize)
-            cs = x.dtype.type(0)
-            cq = x.dtype.type(0)
-            for i in range(span.shape[0]):
-                d = span[i] - k
-                cs += d
-                cq += d * d
-            s += cs
-            q += cq
-        out_sum[t] = s
-        out_sq[t] = q
+        out_sum[t], out_sq[t] = _shifted_sums(x[n, c0 + c, lo:hi], shift[c])
 
 
 @njit(parallel=True, **_JIT)
@@ -229,14 +286,7 @@ def _ncs_apply(x, c0, out, mean, a, b, code, p, blocks):
     n_, c_, s_ = out.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
-        mc, ac, bc = mean[c], a[c], b[c]
-        row, dst = x[n, c0 + c, lo:hi], out[n, c, lo:hi]
-        if code == _LINEAR:
-            for i in range(row.shape[0]):
-                dst[i] = _linear_act((row[i] - mc) * ac + bc, p)
-        else:
-            for i in range(row.shape[0]):
-                dst[i] = _act((row[i] - mc) * ac + bc, code, p)
+        _apply_row(x[n, c0 + c, lo:hi], out[n, c, lo:hi], mean[c], a[c], b[c], code, p)
 
 
 @njit(parallel=True, **_JIT)
@@ -256,28 +306,8 @@ def _ncs_grad_sums(v, c0, dy, mean, a, b, code, p, from_output, blocks, out_dz, 
     n_, c_, s_ = dy.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
-        mc, ac, bc = mean[c], a[c], b[c]
         row, g = v[n, c0 + c, lo:hi], dy[n, c, lo:hi]
-        s = 0.0
-        q = 0.0
-        for first in range(0, row.shape[0], _SPAN):
-            vs, gs = row[first : first + _SPAN], g[first : first + _SPAN]
-            cs = v.dtype.type(0)
-            cq = v.dtype.type(0)
-            if code == _LINEAR:
-                for i in range(vs.shape[0]):
-                    dz, xc = _linear_grad(vs[i], gs[i], mc, ac, bc, p, from_output)
-                    cs += dz
-                    cq += dz * xc
-            else:
-                for i in range(vs.shape[0]):
-                    dz, xc = _grad(vs[i], gs[i], mc, ac, bc, code, p, from_output)
-                    cs += dz
-                    cq += dz * xc
-            s += cs
-            q += cq
-        out_dz[t] = s
-        out_dzx[t] = q
+        out_dz[t], out_dzx[t] = _grad_sums_row(row, g, mean[c], a[c], b[c], code, p, from_output)
 
 
 @njit(parallel=True, **_JIT)
@@ -285,16 +315,90 @@ def _ncs_grad_input(v, c0, dy, dx, mean, a, b, k1, k0, code, p, from_output, blo
     n_, c_, s_ = dx.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
-        mc, ac, bc, k1c, k0c = mean[c], a[c], b[c], k1[c], k0[c]
         row, g, dst = v[n, c0 + c, lo:hi], dy[n, c, lo:hi], dx[n, c, lo:hi]
-        if code == _LINEAR:
-            for i in range(row.shape[0]):
-                dz, xc = _linear_grad(row[i], g[i], mc, ac, bc, p, from_output)
-                dst[i] = ac * dz + k1c * xc + k0c
-        else:
-            for i in range(row.shape[0]):
-                dz, xc = _grad(row[i], g[i], mc, ac, bc, code, p, from_output)
-                dst[i] = ac * dz + k1c * xc + k0c
+        _grad_input_row(row, g, dst, mean[c], a[c], b[c], k1[c], k0[c], code, p, from_output)
+
+
+# NCS kernels by channel: a task takes a group of consecutive channels (one, or as many as make
+# rows of ~_GROUP_VALUES values: x[n, c:c + g] is contiguous) through both passes. The second pass
+# finds the group's values (N * g * S of x, and of dy in the backward: a few hundred KB at most)
+# still in the core's cache, so each tensor comes from memory once: a training forward reads x
+# once and writes y (2 tensor-sized transfers, not 3), a backward reads x and dy once and writes dx
+# (3, not 5). The per-channel terms between the passes are computed here, in float64, by the
+# formulas the two-kernel path evaluates in NumPy (_act_forward, _act_backward). Each channel's
+# sums run over its rows in order, whatever the thread count.
+
+
+@njit(inline="always", **_JIT)
+def _group(t, group, c_):
+    return t * group, min(c_, (t + 1) * group)
+
+
+@njit(parallel=True, **_JIT)
+def _ncs_forward_by_channel(x, c0, out, weight, bias, eps, code, p, group, out_mean, out_var, ab):
+    """Training forward: out = act((x - mean) weight / sqrt(var + eps) + bias) with the batch's
+    mean and biased variance (written to out_mean, out_var); float64 weight, bias and scratch ab
+    (2, C)."""
+    n_, c_, s_ = out.shape
+    count = n_ * s_
+    for t in prange((c_ + group - 1) // group):
+        lo, hi = _group(t, group, c_)
+        out_mean[lo:hi] = 0.0
+        out_var[lo:hi] = 0.0
+        for n in range(n_):
+            for c in range(lo, hi):
+                row_s, row_q = _shifted_sums(x[n, c0 + c], x[0, c0 + c, 0])  # shift: 1st value
+                out_mean[c] += row_s
+                out_var[c] += row_q
+        for c in range(lo, hi):
+            s, q = out_mean[c], out_var[c]
+            mean = np.float64(x[0, c0 + c, 0]) + s / count
+            var = (q - s * s / count) / count
+            if var < 0.0:  # (NaN stays NaN)
+                var = 0.0
+            out_mean[c] = mean
+            out_var[c] = var
+            a = weight[c] / math.sqrt(var + eps)
+            # y = (x - mc) * a + b', mc the mean in x's dtype, the rest mc - mean folded into b'
+            ab[0, c] = a
+            ab[1, c] = bias[c] + (np.float64(x.dtype.type(mean)) - mean) * a
+        for n in range(n_):
+            for c in range(lo, hi):
+                cast = x.dtype.type
+                mc, ac, bc = cast(out_mean[c]), cast(ab[0, c]), cast(ab[1, c])
+                _apply_row(x[n, c0 + c], out[n, c], mc, ac, bc, code, p)
+
+
+@njit(parallel=True, **_JIT)
+def _ncs_backward_by_channel(
+    v, c0, dy, dx, mean, a, b, scale, a64, rest, code, p, from_output, training, count, group,
+    out_dz, out_dzx, k10,
+):  # fmt: skip
+    """Both backward passes: per channel sum(dz) and sum(dz (x - mean_c)) (to out_dz, out_dzx),
+    then dx = a dz + k1 (x - mean_c) + k0 with k1 = scale sum(dz (x - mean)) / count (scale =
+    -a invstd^2, float64), k0 = -a sum(dz) / count + k1 rest in training, 0 in eval (scratch k10:
+    (2, C) float64)."""
+    n_, c_, s_ = dy.shape
+    for t in prange((c_ + group - 1) // group):
+        lo, hi = _group(t, group, c_)
+        out_dz[lo:hi] = 0.0
+        out_dzx[lo:hi] = 0.0
+        for n in range(n_):
+            for c in range(lo, hi):
+                row, g = v[n, c0 + c], dy[n, c]
+                row_s, row_q = _grad_sums_row(row, g, mean[c], a[c], b[c], code, p, from_output)
+                out_dz[c] += row_s
+                out_dzx[c] += row_q
+        for c in range(lo, hi):
+            s, q = out_dz[c], out_dzx[c]
+            k1 = scale[c] * (q + rest[c] * s) / count if training else 0.0
+            k10[0, c] = k1
+            k10[1, c] = -a64[c] * s / count + k1 * rest[c] if training else 0.0
+        for n in range(n_):
+            for c in range(lo, hi):
+                row, g, dst = v[n, c0 + c], dy[n, c], dx[n, c]
+                k1c, k0c = v.dtype.type(k10[0, c]), v.dtype.type(k10[1, c])
+                _grad_input_row(row, g, dst, mean[c], a[c], b[c], k1c, k0c, code, p, from_output)
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,6 +777,8 @@ class _Plan:
             else (_rc_apply_add, _rc_res_grad_sums, _rc_res_grad_input)
         )
         self.blocks = self._blocks(_threads() * _TASKS_PER_THREAD)
+        self.by_channel, self.group = _by_channel(self.view, self.channels)
+        self.offset = ()  # its kernels read from channel 0 (no offset argument)
 
     def _blocks(self, target: int) -> int:
         """How many pieces each NCS row (or the RC row range) is cut into."""
@@ -731,11 +837,24 @@ class _ConcatPlan(_Plan):
             self.kernels = (_rc_stats, _rc_apply, _rc_grad_sums_at, _rc_grad_input)
         self.channels, self.k = channels, 1
         self.blocks = self._blocks(_threads() * _TASKS_PER_THREAD)
+        self.by_channel, self.group = _by_channel(self.view, channels)
+        self.offset = (0,)  # the channels from 0 of the buffer
 
     def of(self, t: Tensor) -> np.ndarray:
         if self.view.ndim == 3:
             return t.view(self.view.shape[0], self.channels, -1).numpy()
         return _rows(t)
+
+
+def _by_channel(view: np.ndarray, channels: int) -> tuple[bool, int]:
+    """Whether the NCS kernels by channel run this view (enough channels to give each thread
+    _CHANNELS_PER_THREAD tasks; call after _threads()), and how many channels a task takes: rows
+    of about _GROUP_VALUES values, so that short rows still stream."""
+    if view.ndim != 3:
+        return False, 1
+    tasks = _CHANNELS_PER_THREAD * numba.get_num_threads()
+    group = min(-(-_GROUP_VALUES // view.shape[2]), max(1, channels // tasks))
+    return channels >= tasks, group
 
 
 def _ncs_blocks(rows: int, length: int, target: int) -> int:
@@ -811,6 +930,8 @@ def _act_forward(
     activation when given: the piecewise-linear activations only)."""
     c = x.shape[1]
     plan = _Plan(x)
+    if training and residual is None and plan.by_channel:
+        return _forward_by_channel(plan, x, weight, bias, eps, activation, param, out)
     if training:
         mean, var = statistics(x, plan)
     else:
@@ -834,14 +955,54 @@ def _act_forward(
     return y, empty, empty.clone()
 
 
+def _forward_by_channel(plan, x, weight, bias, eps, activation, param, out):
+    """:func:`_act_forward` in training, without a residual, by :func:`_ncs_forward_by_channel`."""
+    c = x.shape[1]
+    y = torch.empty_like(x) if out is None else out
+    mean, var = np.empty(c), np.empty(c)
+    code, p = activation_code(activation, param)
+    weight, bias = _vector(weight, c, 1.0), _vector(bias, c, 0.0)
+    _ncs_forward_by_channel(
+        plan.view, 0, plan.of(y), weight, bias, float(eps), code, plan.scalar(p), plan.group,
+        mean, var, np.empty((2, c)),
+    )  # fmt: skip
+    return y, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(var).to(x.dtype)
+
+
+def _backward_passes(plan, dy, dx, k, rest, a, b, invstd, code, p, from_output, training, count):
+    """The backward's sums, (sum(dz), sum(dz (x - mean))), and dx written when given (arrays laid
+    out as ``plan.of``): both passes by channel where the plan allows (and dx is wanted), else
+    the two parallel kernels. ``count``: values per channel."""
+    channels = plan.channels
+    if dx is not None and plan.by_channel:
+        sum_dz, sum_dz_xk = np.empty(channels), np.empty(channels)
+        _ncs_backward_by_channel(
+            plan.view, 0, dy, dx, *plan.tile(k, a, b), -a * invstd * invstd, a, rest, code, p,
+            from_output, training, count, plan.group, sum_dz, sum_dz_xk, np.empty((2, channels)),
+        )  # fmt: skip
+        return sum_dz, sum_dz_xk + rest * sum_dz
+    _, _, grad_sums, grad_input = plan.kernels
+    vectors = plan.tile(k, a, b)
+    sum_dz, sum_dz_xk = plan.sums(grad_sums, *plan.offset, dy, *vectors, code, p, from_output)
+    sum_dz_xc = sum_dz_xk + rest * sum_dz  # sum(dz * (x - mean)) from sum(dz * (x - k))
+    if dx is not None:
+        k1 = -a * invstd * invstd * sum_dz_xc / count if training else np.zeros(channels)
+        # k1 (x - mean) = k1 (x - k) + k1 rest: the rest goes into the constant term
+        k0 = -a * sum_dz / count + k1 * rest if training else np.zeros(channels)
+        vectors = plan.tile(k, a, b, k1, k0)
+        grad_input(plan.view, *plan.offset, dy, dx, *vectors, code, p, from_output, plan.blocks)
+    return sum_dz, sum_dz_xc
+
+
 def _act_backward(
     grad_out, saved, weight, bias, mean, var, training, eps, activation, param, wanted, from_output
 ):
     """:meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward`, every argument given
     (``wanted``: the output mask), in the form
     dx = a dz - a invstd^2 (x - mean) sum(dz (x - mean)) / m - a sum(dz) / m, a = weight * invstd
-    (eval: the first term). Two parallel passes: the sums, then dx; each recomputes z from x (or,
-    ``from_output``, inverts the activation from y)."""
+    (eval: the first term). Two passes: the sums, then dx (by channel, or two parallel kernels:
+    :func:`_backward_passes`); each recomputes z from x (or, ``from_output``, inverts the
+    activation from y)."""
     c = saved.shape[1]
     mean64, var64 = _vector(mean, c, 0.0), _vector(var, c, 1.0)
     invstd = 1.0 / np.sqrt(var64 + eps)
@@ -851,27 +1012,12 @@ def _act_backward(
     b = _vector(bias, c, 0.0) + rest * a  # z = (x - k) * a + b; the loops see x - k
     dy = plan.of(laid_out_like(grad_out, saved))
     code, p = activation_code(activation, param)
-    _, _, grad_sums, grad_input = plan.kernels
-    p = plan.scalar(p)
-    sum_dz, sum_dz_xk = plan.sums(grad_sums, dy, *plan.tile(k, a, b), code, p, bool(from_output))
-    sum_dz_xc = sum_dz_xk + rest * sum_dz  # sum(dz * (x - mean)) from sum(dz * (x - k))
-    dx = dweight = dbias = None
-    if wanted[0]:
-        count = saved.numel() // c
-        k1 = -a * invstd * invstd * sum_dz_xc / count if training else np.zeros(c)
-        # k1 (x - mean) = k1 (x - k) + k1 rest: the rest goes into the constant term
-        k0 = -a * sum_dz / count + k1 * rest if training else np.zeros(c)
-        dx = torch.empty_like(saved)
-        grad_input(
-            plan.view,
-            dy,
-            plan.of(dx),
-            *plan.tile(k, a, b, k1, k0),
-            code,
-            p,
-            bool(from_output),
-            plan.blocks,
-        )
+    dx = torch.empty_like(saved) if wanted[0] else None
+    sum_dz, sum_dz_xc = _backward_passes(
+        plan, dy, None if dx is None else plan.of(dx), k, rest, a, b, invstd, code,
+        plan.scalar(p), bool(from_output), training, saved.numel() // c,
+    )  # fmt: skip
+    dweight = dbias = None
     acc = saved.dtype
     if weight is not None and wanted[1]:
         dweight = torch.from_numpy(sum_dz_xc * invstd).to(acc)
@@ -971,19 +1117,13 @@ def batch_norm_concat_backward(
     dx = _concat_output(buffer, channels)
     dy = plan.of(laid_out_like(grad_out, dx))
     code, p = activation_code(activation, param)
-    p = plan.scalar(p)
-    _, _, grad_sums, grad_input = plan.kernels
-    sum_dz, sum_dz_xk = plan.sums(grad_sums, 0, dy, *plan.tile(k, a, b), code, p, False)
-    sum_dz_xc = sum_dz_xk + rest * sum_dz
+    count = buffer.numel() // buffer.shape[1]
+    sum_dz, sum_dz_xc = _backward_passes(
+        plan, dy, plan.of(dx) if wanted[0] else None, k, rest, a, b, invstd, code,
+        plan.scalar(p), False, training, count,
+    )  # fmt: skip
+    dx = dx if wanted[0] else None
     dweight = dbias = None
-    if wanted[0]:
-        count = buffer.numel() // buffer.shape[1]
-        k1 = -a * invstd * invstd * sum_dz_xc / count if training else np.zeros(channels)
-        k0 = -a * sum_dz / count + k1 * rest if training else np.zeros(channels)
-        vectors = plan.tile(k, a, b, k1, k0)
-        grad_input(plan.view, 0, dy, plan.of(dx), *vectors, code, p, False, plan.blocks)
-    else:
-        dx = None
     if weight is not None and wanted[1]:
         dweight = torch.from_numpy(sum_dz_xc * invstd).to(buffer.dtype)
     if wanted[2]:
