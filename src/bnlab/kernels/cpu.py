@@ -331,74 +331,104 @@ def _ncs_grad_input(v, c0, dy, dx, mean, a, b, k1, k0, code, p, from_output, blo
 
 @njit(inline="always", **_JIT)
 def _group(t, group, c_):
+    """Channels lo .. hi of task t."""
     return t * group, min(c_, (t + 1) * group)
 
 
+@njit(inline="always", **_JIT)
+def _param(vector, c, default):
+    """A per-channel parameter as float64: ``default`` where the vector is empty (None given)."""
+    return np.float64(vector[c]) if vector.shape[0] else default
+
+
 @njit(parallel=True, **_JIT)
-def _ncs_forward_by_channel(x, c0, out, weight, bias, eps, code, p, group, out_mean, out_var, ab):
+def _ncs_forward_by_channel(x, out, weight, bias, eps, code, p, group, out_mean, out_var, ab):
     """Training forward: out = act((x - mean) weight / sqrt(var + eps) + bias) with the batch's
-    mean and biased variance (written to out_mean, out_var); float64 weight, bias and scratch ab
-    (2, C)."""
-    n_, c_, s_ = out.shape
+    mean and biased variance, written to out_mean, out_var (x's dtype; weight, bias: vectors, or
+    empty for none; scratch ab: (2, C) float64)."""
+    n_, c_, s_ = x.shape
     count = n_ * s_
+    dtype = x.dtype.type
     for t in prange((c_ + group - 1) // group):
         lo, hi = _group(t, group, c_)
-        out_mean[lo:hi] = 0.0
-        out_var[lo:hi] = 0.0
+        for c in range(lo, hi):
+            ab[0, c] = 0.0
+            ab[1, c] = 0.0
         for n in range(n_):
             for c in range(lo, hi):
-                row_s, row_q = _shifted_sums(x[n, c0 + c], x[0, c0 + c, 0])  # shift: 1st value
-                out_mean[c] += row_s
-                out_var[c] += row_q
+                row_s, row_q = _shifted_sums(x[n, c], x[0, c, 0])  # shift: the first value
+                ab[0, c] += row_s
+                ab[1, c] += row_q
         for c in range(lo, hi):
-            s, q = out_mean[c], out_var[c]
-            mean = np.float64(x[0, c0 + c, 0]) + s / count
+            s, q = ab[0, c], ab[1, c]
+            mean = np.float64(x[0, c, 0]) + s / count
             var = (q - s * s / count) / count
             if var < 0.0:  # (NaN stays NaN)
                 var = 0.0
-            out_mean[c] = mean
+            out_mean[c] = mean  # the mean in x's dtype: mc below
             out_var[c] = var
-            a = weight[c] / math.sqrt(var + eps)
-            # y = (x - mc) * a + b', mc the mean in x's dtype, the rest mc - mean folded into b'
+            a = _param(weight, c, 1.0) / math.sqrt(var + eps)
+            # y = (x - mc) * a + b', the rest mc - mean folded into b'
             ab[0, c] = a
-            ab[1, c] = bias[c] + (np.float64(x.dtype.type(mean)) - mean) * a
+            ab[1, c] = _param(bias, c, 0.0) + (np.float64(out_mean[c]) - mean) * a
         for n in range(n_):
             for c in range(lo, hi):
-                cast = x.dtype.type
-                mc, ac, bc = cast(out_mean[c]), cast(ab[0, c]), cast(ab[1, c])
-                _apply_row(x[n, c0 + c], out[n, c], mc, ac, bc, code, p)
+                ac, bc = dtype(ab[0, c]), dtype(ab[1, c])
+                _apply_row(x[n, c], out[n, c], out_mean[c], ac, bc, code, p)
 
 
 @njit(parallel=True, **_JIT)
 def _ncs_backward_by_channel(
-    v, c0, dy, dx, mean, a, b, scale, a64, rest, code, p, from_output, training, count, group,
-    out_dz, out_dzx, k10,
+    v, c0, dy, dx, mean, var, weight, bias, eps, code, p, from_output, training, group, grads,
+    terms,
 ):  # fmt: skip
-    """Both backward passes: per channel sum(dz) and sum(dz (x - mean_c)) (to out_dz, out_dzx),
-    then dx = a dz + k1 (x - mean_c) + k0 with k1 = scale sum(dz (x - mean)) / count (scale =
-    -a invstd^2, float64), k0 = -a sum(dz) / count + k1 rest in training, 0 in eval (scratch k10:
-    (2, C) float64)."""
+    """Both backward passes from the per-channel vectors (weight, bias: empty for none): z = (x -
+    mc) a + b' (a = weight invstd, mc the mean in v's dtype, b' = bias + (mc - mean) a), the sums
+    sum(dz) and sum(dz (x - mean)), then dx = a dz + k1 (x - mc) + k0, k1 = -a invstd^2
+    sum(dz (x - mean)) / m and k0 = -a sum(dz) / m + k1 (mc - mean) in training (0 in eval); dx
+    empty: not written. grads (2, C) gets (dbias, dweight) = (sum(dz), sum(dz (x - mean)) invstd)
+    in its dtype; terms: (6, C) float64 scratch."""
     n_, c_, s_ = dy.shape
+    count = n_ * s_
+    dtype = v.dtype.type
     for t in prange((c_ + group - 1) // group):
         lo, hi = _group(t, group, c_)
-        out_dz[lo:hi] = 0.0
-        out_dzx[lo:hi] = 0.0
-        for n in range(n_):
-            for c in range(lo, hi):
-                row, g = v[n, c0 + c], dy[n, c]
-                row_s, row_q = _grad_sums_row(row, g, mean[c], a[c], b[c], code, p, from_output)
-                out_dz[c] += row_s
-                out_dzx[c] += row_q
         for c in range(lo, hi):
-            s, q = out_dz[c], out_dzx[c]
-            k1 = scale[c] * (q + rest[c] * s) / count if training else 0.0
-            k10[0, c] = k1
-            k10[1, c] = -a64[c] * s / count + k1 * rest[c] if training else 0.0
+            m = np.float64(mean[c])
+            invstd = 1.0 / math.sqrt(np.float64(var[c]) + eps)
+            a = _param(weight, c, 1.0) * invstd
+            rest = np.float64(dtype(m)) - m
+            terms[0, c] = a
+            terms[1, c] = _param(bias, c, 0.0) + rest * a
+            terms[2, c] = invstd
+            terms[3, c] = rest
+            terms[4, c] = 0.0
+            terms[5, c] = 0.0
         for n in range(n_):
             for c in range(lo, hi):
+                mc, ac, bc = dtype(mean[c]), dtype(terms[0, c]), dtype(terms[1, c])
+                row_s, row_q = _grad_sums_row(
+                    v[n, c0 + c], dy[n, c], mc, ac, bc, code, p, from_output
+                )
+                terms[4, c] += row_s
+                terms[5, c] += row_q
+        for c in range(lo, hi):
+            a, invstd, rest = terms[0, c], terms[2, c], terms[3, c]
+            s = terms[4, c]
+            q = terms[5, c] + rest * s  # sum(dz (x - mean)) from sum(dz (x - mc))
+            grads[0, c] = s
+            grads[1, c] = q * invstd
+            k1 = -a * invstd * invstd * q / count if training else 0.0
+            terms[2, c] = k1
+            terms[3, c] = -a * s / count + k1 * rest if training else 0.0
+        if dx.shape[0] == 0:
+            continue
+        for n in range(n_):
+            for c in range(lo, hi):
+                mc, ac, bc = dtype(mean[c]), dtype(terms[0, c]), dtype(terms[1, c])
+                k1c, k0c = dtype(terms[2, c]), dtype(terms[3, c])
                 row, g, dst = v[n, c0 + c], dy[n, c], dx[n, c]
-                k1c, k0c = v.dtype.type(k10[0, c]), v.dtype.type(k10[1, c])
-                _grad_input_row(row, g, dst, mean[c], a[c], b[c], k1c, k0c, code, p, from_output)
+                _grad_input_row(row, g, dst, mc, ac, bc, k1c, k0c, code, p, from_output)
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,13 +756,18 @@ def _threads() -> int:
     """Follow torch's intra-op thread setting (e.g. torch.set_num_threads(1) in the lab).
 
     Numba's OpenMP pool resets the OpenMP thread count when it starts, which torch shares on some
-    builds: torch's setting is put back afterwards.
+    builds: torch's setting is put back afterwards. Numba's count (per thread) is set again only
+    when torch's changes: ``numba.set_num_threads`` takes Numba's process-wide launch lock, which
+    inside a model cost ~0.2 ms a call (a sampling profile of ResNet-50's training step).
     """
     wanted = torch.get_num_threads()
+    if getattr(_LOCAL, "torch_threads", None) == wanted:
+        return _LOCAL.numba_threads
     n = max(1, min(wanted, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
+    _LOCAL.torch_threads, _LOCAL.numba_threads = wanted, n
     return n
 
 
@@ -777,7 +812,6 @@ class _Plan:
             else (_rc_apply_add, _rc_res_grad_sums, _rc_res_grad_input)
         )
         self.blocks = self._blocks(_threads() * _TASKS_PER_THREAD)
-        self.by_channel, self.group = _by_channel(self.view, self.channels)
         self.offset = ()  # its kernels read from channel 0 (no offset argument)
 
     def _blocks(self, target: int) -> int:
@@ -837,7 +871,7 @@ class _ConcatPlan(_Plan):
             self.kernels = (_rc_stats, _rc_apply, _rc_grad_sums_at, _rc_grad_input)
         self.channels, self.k = channels, 1
         self.blocks = self._blocks(_threads() * _TASKS_PER_THREAD)
-        self.by_channel, self.group = _by_channel(self.view, channels)
+        self.group = _channel_group(channels, self.view.shape[2]) if self.view.ndim == 3 else 0
         self.offset = (0,)  # the channels from 0 of the buffer
 
     def of(self, t: Tensor) -> np.ndarray:
@@ -846,15 +880,47 @@ class _ConcatPlan(_Plan):
         return _rows(t)
 
 
-def _by_channel(view: np.ndarray, channels: int) -> tuple[bool, int]:
-    """Whether the NCS kernels by channel run this view (enough channels to give each thread
-    _CHANNELS_PER_THREAD tasks; call after _threads()), and how many channels a task takes: rows
-    of about _GROUP_VALUES values, so that short rows still stream."""
-    if view.ndim != 3:
-        return False, 1
-    tasks = _CHANNELS_PER_THREAD * numba.get_num_threads()
-    group = min(-(-_GROUP_VALUES // view.shape[2]), max(1, channels // tasks))
-    return channels >= tasks, group
+def _channel_group(channels: int, spatial: int) -> int:
+    """How many channels a task of the NCS kernels by channel takes (rows of about _GROUP_VALUES
+    values, so that short rows still stream), or 0 where too few channels give each thread
+    _CHANNELS_PER_THREAD tasks: then the two-kernel path runs. Sets Numba's thread count."""
+    tasks = _CHANNELS_PER_THREAD * _threads()
+    if channels < tasks:
+        return 0
+    return min(-(-_GROUP_VALUES // spatial), channels // tasks)
+
+
+def _group_of(x: Tensor) -> int:
+    """:func:`_channel_group` of x where its NCS view is a plain view (contiguous, rank >= 3,
+    spatial size > 1), else 0."""
+    if x.dim() < 3 or not x.is_contiguous() or not x.numel():
+        return 0
+    spatial = _spatial(x)
+    return _channel_group(x.shape[1], spatial) if spatial > 1 else 0
+
+
+def _ncs(t: Tensor) -> np.ndarray:
+    """The (N, C, S) NumPy view of a contiguous tensor."""
+    return t.detach().view(t.shape[0], t.shape[1], -1).numpy()
+
+
+_NO_VECTOR = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0)}
+_SCALAR = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _vectors(dtype: torch.dtype, *vectors) -> list[np.ndarray]:
+    """Per-channel vectors (tensors, NumPy arrays or None) for the kernels by channel, None as an
+    empty vector: as they are where each is a CPU tensor of ``dtype``, else all as float64 (one
+    kernel signature either way)."""
+    if all(v is None or (isinstance(v, Tensor) and v.dtype == dtype) for v in vectors):
+        if all(v is None or v.device.type == "cpu" for v in vectors):
+            return [_NO_VECTOR[dtype] if v is None else v.detach().numpy() for v in vectors]
+    return [
+        _NO_VECTOR[torch.float64]
+        if v is None
+        else np.asarray(v.detach().cpu().numpy() if isinstance(v, Tensor) else v, np.float64)
+        for v in vectors
+    ]
 
 
 def _ncs_blocks(rows: int, length: int, target: int) -> int:
@@ -928,10 +994,11 @@ def _act_forward(
     """:meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`, every argument given: one
     statistics pass in training, one normalizing pass (which adds ``residual`` before the
     activation when given: the piecewise-linear activations only)."""
+    group = _group_of(x) if training and residual is None else 0
+    if group:
+        return _forward_by_channel(x, weight, bias, eps, activation, param, out, group)
     c = x.shape[1]
     plan = _Plan(x)
-    if training and residual is None and plan.by_channel:
-        return _forward_by_channel(plan, x, weight, bias, eps, activation, param, out)
     if training:
         mean, var = statistics(x, plan)
     else:
@@ -955,32 +1022,48 @@ def _act_forward(
     return y, empty, empty.clone()
 
 
-def _forward_by_channel(plan, x, weight, bias, eps, activation, param, out):
-    """:func:`_act_forward` in training, without a residual, by :func:`_ncs_forward_by_channel`."""
+def _forward_by_channel(x, weight, bias, eps, activation, param, out, group):
+    """:func:`_act_forward` in training, without a residual: :func:`_ncs_forward_by_channel`, its
+    Python kept to the views (inside a model each NumPy call here costs tens of microseconds)."""
     c = x.shape[1]
     y = torch.empty_like(x) if out is None else out
-    mean, var = np.empty(c), np.empty(c)
+    mean, var = x.new_empty(c), x.new_empty(c)
     code, p = activation_code(activation, param)
-    weight, bias = _vector(weight, c, 1.0), _vector(bias, c, 0.0)
+    weight, bias = _vectors(x.dtype, weight, bias)
     _ncs_forward_by_channel(
-        plan.view, 0, plan.of(y), weight, bias, float(eps), code, plan.scalar(p), plan.group,
-        mean, var, np.empty((2, c)),
+        _ncs(x), _ncs(y), weight, bias, float(eps), code, _SCALAR[x.dtype](p), group,
+        mean.numpy(), var.numpy(), np.empty((2, c)),
     )  # fmt: skip
-    return y, torch.from_numpy(mean).to(x.dtype), torch.from_numpy(var).to(x.dtype)
+    return y, mean, var
+
+
+def _backward_by_channel(
+    grad_out, saved, weight, bias, mean, var, training, eps, activation, param, wanted,
+    from_output, group,
+):  # fmt: skip
+    """:func:`_act_backward` (dx wanted) by :func:`_ncs_backward_by_channel`: one kernel call."""
+    c = saved.shape[1]
+    dx = torch.empty_like(saved)
+    grads = saved.new_empty((2, c))  # (dbias, dweight)
+    code, p = activation_code(activation, param)
+    dy = laid_out_like(grad_out, saved)
+    _ncs_backward_by_channel(
+        _ncs(saved), 0, _ncs(dy), _ncs(dx), *_vectors(saved.dtype, mean, var, weight, bias),
+        float(eps), code, _SCALAR[saved.dtype](p), bool(from_output), bool(training), group,
+        grads.numpy(), np.empty((6, c)),
+    )  # fmt: skip
+    return dx, *_param_grads(grads, weight is not None and wanted[1], wanted[2])
+
+
+def _param_grads(grads: Tensor, weight: bool, bias: bool) -> tuple:
+    """(dweight, dbias) from the kernels' (2, C) (dbias, dweight), each where wanted."""
+    return (grads[1] if weight else None), (grads[0] if bias else None)
 
 
 def _backward_passes(plan, dy, dx, k, rest, a, b, invstd, code, p, from_output, training, count):
     """The backward's sums, (sum(dz), sum(dz (x - mean))), and dx written when given (arrays laid
-    out as ``plan.of``): both passes by channel where the plan allows (and dx is wanted), else
-    the two parallel kernels. ``count``: values per channel."""
+    out as ``plan.of``) by the two parallel kernels. ``count``: values per channel."""
     channels = plan.channels
-    if dx is not None and plan.by_channel:
-        sum_dz, sum_dz_xk = np.empty(channels), np.empty(channels)
-        _ncs_backward_by_channel(
-            plan.view, 0, dy, dx, *plan.tile(k, a, b), -a * invstd * invstd, a, rest, code, p,
-            from_output, training, count, plan.group, sum_dz, sum_dz_xk, np.empty((2, channels)),
-        )  # fmt: skip
-        return sum_dz, sum_dz_xk + rest * sum_dz
     _, _, grad_sums, grad_input = plan.kernels
     vectors = plan.tile(k, a, b)
     sum_dz, sum_dz_xk = plan.sums(grad_sums, *plan.offset, dy, *vectors, code, p, from_output)
@@ -1003,6 +1086,12 @@ def _act_backward(
     (eval: the first term). Two passes: the sums, then dx (by channel, or two parallel kernels:
     :func:`_backward_passes`); each recomputes z from x (or, ``from_output``, inverts the
     activation from y)."""
+    group = _group_of(saved) if wanted[0] and mean is not None and var is not None else 0
+    if group:
+        return _backward_by_channel(
+            grad_out, saved, weight, bias, mean, var, training, eps, activation, param, wanted,
+            from_output, group,
+        )  # fmt: skip
     c = saved.shape[1]
     mean64, var64 = _vector(mean, c, 0.0), _vector(var, c, 1.0)
     invstd = 1.0 / np.sqrt(var64 + eps)
@@ -1110,6 +1199,16 @@ def batch_norm_concat_backward(
     :meth:`bnlab.kernels.contract.Kernels.batch_norm_act_backward` with x read from the buffer;
     ``wanted``: the output mask."""
     plan = _ConcatPlan(buffer, channels)
+    if wanted[0] and plan.group:
+        dx = _concat_output(buffer, channels)
+        dy, grads = plan.of(laid_out_like(grad_out, dx)), buffer.new_empty((2, channels))
+        code, p = activation_code(activation, param)
+        _ncs_backward_by_channel(
+            plan.view, 0, dy, plan.of(dx), *_vectors(buffer.dtype, mean, var, weight, bias),
+            float(eps), code, plan.scalar(p), False, bool(training), plan.group, grads.numpy(),
+            np.empty((6, channels)),
+        )  # fmt: skip
+        return dx, *_param_grads(grads, weight is not None and wanted[1], wanted[2])
     invstd = 1.0 / np.sqrt(var + eps)
     a = _vector(weight, channels, 1.0) * invstd
     k, rest = plan.centre(mean)
