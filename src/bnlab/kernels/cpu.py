@@ -689,15 +689,20 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
       16x3x224x224 1.61, 16x16x128x128 1.15, 32x24x64x64 1.04, but 16x24x32x32 0.39, 16x8x64x64
       0.42, 16x16x64x64 0.56, 16x8x128x128 0.71 (they took every eval from 64K values until
       mobilenetv3's 16- and 24-channel layers evaluated at 4x ATen's time inside the model).
-    - Rows of spatial values (NCS): the training forward from 2M values (1M fused with an
-      activation), or from 64K when rows are long (S >= 4096); below that a full training step
+    - Rows of spatial values (NCS): the training forward from 1M values (fused with an
+      activation too), or from 64K when rows are long (S >= 4096); below that a full training step
       (forward + backward) was 0.6-0.9x through these kernels and 0.9-0.95x through ATen's
       differentiable op (32x64x8x8, 64x8x16x16, 64x64x8x8). Inside a model, where each input comes
       fresh from a convolution, the forward alone (timm ResNet-50, 8x3x224x224, per layer, torch.nn
       time / these kernels'): 8x128x28x28 (800K) 0.81-0.93x, 8x64x56x56 (1.6M) 1.03-1.25x,
-      8x128x56x56 1.44x, 8x256x56x56 1.08-2.1x, 8x64x112x112 1.71x. The backward from 2M values (the
-      Numba backward's two parallel passes win only on large tensors). Eval: ATen's single
-      streaming pass is as fast.
+      8x128x56x56 1.44x, 8x256x56x56 1.08-2.1x, 8x64x112x112 1.71x; with both passes by channel
+      (torch.profiler, ms a step summed over the layers of a shape, ATen's / these kernels'):
+      8x64x56x56 8.1 / 3.8, 8x1024x14x14 13.1 / 5.6, 8x256x28x28 1.6 / 0.8, 8x128x28x28 5.1 / 3.0
+      but their bnlab-side backward wrapper ate that, 8x2048x7x7 2.8 / 1.9 (the same). The
+      backward from 2M values: below, ATen's single C++ call costs less than the Python around
+      these kernels, which inside a model (each Python and torch call starting on caches a
+      convolution has just swept) is 0.2-0.3 ms a call. Eval: ATen's single streaming pass is as
+      fast.
     - Only the piecewise-linear activations (identity, relu, leaky_relu) fused: Numba does not
       vectorize exp, erf or tanh (no SVML), and its branchy hardswish / hardsigmoid loops lose to
       ATen's batch norm followed by PyTorch's vectorized activation. Forward, 2 threads, torch.nn
@@ -778,7 +783,7 @@ _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
 _FEW_CHANNELS_TRAINING_FROM_NUMEL = 1 << 20
 _FEW_CHANNELS_EVAL_FROM_NUMEL = 1 << 22
 _EVAL_FULL_VECTOR_CHANNELS = 8
-_NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 21, "batch_norm_act": 1 << 20}
+_NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 20, "batch_norm_act": 1 << 20}
 _LONG_ROW = 4096
 _NUMBA_FAST_ACTIVATIONS = ("identity", "relu", "leaky_relu")
 _ACT_WIDE_ROWS_FROM_NUMEL = 1 << 20  # >= _NUMBA_FROM_NUMEL (prefers() tests that one first)
