@@ -227,3 +227,25 @@ def test_concatenation_backward_by_channel_matches_the_two_pass_kernels(monkeypa
     zr = torch.nn.functional.batch_norm(xr, None, None, weight.double(), bias.double(), True)
     torch.nn.functional.relu(zr).backward(dy.double())
     torch.testing.assert_close(results[0][0].double(), xr.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_by_channel_take_vectors_of_another_dtype(monkeypatch):
+    """float64 running statistics (and no weight) with float32 input: the vectors go to the
+    kernels by channel in float64, the results match the two-pass kernels'."""
+    gen = torch.Generator().manual_seed(6)
+    x, dy = torch.randn(2, 3, 12, 20, 20, generator=gen)
+    mean = torch.randn(12, generator=gen, dtype=torch.float64)
+    var = torch.rand(12, generator=gen, dtype=torch.float64) + 0.5
+    bias = torch.randn(12, generator=gen)
+    assert cpu._group_of(x)
+    results = []
+    for per_thread in (cpu._CHANNELS_PER_THREAD, 10**9):
+        monkeypatch.setattr(cpu, "_CHANNELS_PER_THREAD", per_thread)
+        results.append(
+            cpu.batch_norm_act_backward(dy, x, None, bias, mean, var, False, 1e-5, "relu", 0.0)
+        )
+    for ours, theirs in zip(*results, strict=True):
+        if ours is None or theirs is None:
+            assert ours is None and theirs is None
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6)
