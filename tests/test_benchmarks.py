@@ -205,11 +205,15 @@ def test_bn_speed_reruns_itself_with_the_allocator_asked_for(tmp_path):
 
 def test_dispatch_overhead_smoke_run_pairs_bnlab_with_torch(tmp_path):
     out = run_script(
-        "dispatch_overhead.py", "--shapes", "4x3", "--min-run-time", "0.01", "--out", str(tmp_path)
+        *("dispatch_overhead.py", "--shapes", "4x3", "--min-run-time", "0.01"),
+        *("--sweep-mb", "1", "--cold-calls", "5", "--out", str(tmp_path)),
     )
     rows = read_rows(tmp_path / "dispatch_overhead.csv")
-    assert [(r["mode"], r["provider"]) for r in rows] == [
-        (mode, provider) for mode in ("train", "eval", "act") for provider in ("bnlab", "torch")
+    assert [(r["mode"], r["caches"], r["provider"]) for r in rows] == [
+        (mode, caches, provider)
+        for mode in ("train", "eval", "act")
+        for caches in ("warm", "cold")
+        for provider in ("bnlab", "torch")
     ]
     assert all(float(r["median_us"]) > 0 for r in rows)
     assert {float(r["over_torch"]) for r in rows if r["provider"] == "torch"} == {1.0}
