@@ -68,6 +68,7 @@ _TASKS_PER_THREAD = 8  # finer tasks balance uneven rows; partial sums stay tiny
 _CHANNELS_PER_THREAD = 4  # NCS kernels by channel: at least this many tasks a thread
 _GROUP_VALUES = 2048  # and channels grouped into rows of about this many values,
 _GROUP_BYTES = 1 << 16  # as far as a group's values (of one tensor) stay within this
+_CHANNEL_BYTES = 1 << 18  # and only where one channel's values (x, and dy: twice) fit a core's L2
 
 
 # Activation codes of the loops. identity, relu and leaky_relu are one piecewise-linear family,
@@ -893,9 +894,11 @@ def _channel_group(batch: int, channels: int, spatial: int, itemsize: int) -> in
     _GROUP_BYTES (the second pass must find them in the core's cache: 256x256x14x14 in groups of
     11 channels, 2.2 MB, ran its backward at 0.85-0.92x the two-kernel path's speed, in groups of
     2 at 1.04x); 0 where too few channels give each thread _CHANNELS_PER_THREAD tasks: then the
-    two-kernel path runs. Sets Numba's thread count."""
+    two-kernel path runs, as it does where one channel's values pass _CHANNEL_BYTES (the second
+    pass would read them from memory again: nothing gained over the two kernels, which stream
+    the whole tensor in order). Sets Numba's thread count."""
     tasks = _CHANNELS_PER_THREAD * _threads()
-    if channels < tasks:
+    if channels < tasks or batch * spatial * itemsize > _CHANNEL_BYTES:
         return 0
     fitting = _GROUP_BYTES // (batch * spatial * itemsize)
     return max(1, min(-(-_GROUP_VALUES // spatial), fitting, channels // tasks))
