@@ -1058,22 +1058,41 @@ def _backward_by_channel(
     from_output, group,
 ):  # fmt: skip
     """:func:`_act_backward` (dx wanted) by :func:`_ncs_backward_by_channel`: one kernel call."""
-    c = saved.shape[1]
     dx = torch.empty_like(saved)
-    grads = saved.new_empty((2, c))  # (dbias, dweight)
-    code, p = activation_code(activation, param)
     dy = laid_out_like(grad_out, saved)
-    _ncs_backward_by_channel(
-        _ncs(saved), 0, _ncs(dy), _ncs(dx), *_vectors(saved.dtype, mean, var, weight, bias),
-        float(eps), code, _SCALAR[saved.dtype](p), bool(from_output), bool(training), group,
-        grads.numpy(), np.empty((6, c)),
+    return dx, *_run_backward_by_channel(
+        _ncs(saved), _ncs(dy), _ncs(dx), saved.dtype, weight, bias, mean, var, training, eps,
+        activation, param, wanted, from_output, group,
     )  # fmt: skip
-    return dx, *_param_grads(grads, weight is not None and wanted[1], wanted[2])
 
 
-def _param_grads(grads: Tensor, weight: bool, bias: bool) -> tuple:
-    """(dweight, dbias) from the kernels' (2, C) (dbias, dweight), each where wanted."""
-    return (grads[1] if weight else None), (grads[0] if bias else None)
+def _run_backward_by_channel(
+    v, dy, dx, dtype, weight, bias, mean, var, training, eps, activation, param, wanted,
+    from_output, group,
+):  # fmt: skip
+    """(dweight, dbias), each where wanted, of :func:`_ncs_backward_by_channel` run on the NCS
+    views ``v`` (channels from 0), ``dy``, ``dx`` (dx written)."""
+    c = dy.shape[1]
+    grads = torch.empty((2, c), dtype=dtype)  # (dbias, dweight)
+    code, p = activation_code(activation, param)
+    _ncs_backward_by_channel(
+        v, 0, dy, dx, *_vectors(dtype, mean, var, weight, bias), float(eps), code,
+        _SCALAR[dtype](p), bool(from_output), bool(training), group, grads.numpy(),
+        np.empty((6, c)),
+    )  # fmt: skip
+    return (grads[1] if weight is not None and wanted[1] else None), (
+        grads[0] if wanted[2] else None
+    )
+
+
+def _sums_param_grads(sum_dz, sum_dz_xc, invstd, weight, wanted, dtype) -> tuple:
+    """(dweight, dbias), each where wanted, from the two-kernel path's float64 sums."""
+    dweight = dbias = None
+    if weight is not None and wanted[1]:
+        dweight = torch.from_numpy(sum_dz_xc * invstd).to(dtype)
+    if wanted[2]:
+        dbias = torch.from_numpy(sum_dz).to(dtype)
+    return dweight, dbias
 
 
 def _backward_passes(plan, dy, dx, k, rest, a, b, invstd, code, p, from_output, training, count):
@@ -1122,13 +1141,7 @@ def _act_backward(
         plan, dy, None if dx is None else plan.of(dx), k, rest, a, b, invstd, code,
         plan.scalar(p), bool(from_output), training, saved.numel() // c,
     )  # fmt: skip
-    dweight = dbias = None
-    acc = saved.dtype
-    if weight is not None and wanted[1]:
-        dweight = torch.from_numpy(sum_dz_xc * invstd).to(acc)
-    if wanted[2]:
-        dbias = torch.from_numpy(sum_dz).to(acc)
-    return dx, dweight, dbias
+    return dx, *_sums_param_grads(sum_dz, sum_dz_xc, invstd, weight, wanted, saved.dtype)
 
 
 def batch_norm_add_act_backward(
@@ -1160,8 +1173,8 @@ def batch_norm_add_act_backward(
     dx, dres = torch.empty_like(y), torch.empty_like(y)
     vectors = plan.tile(a, b, k1, k0)
     grad_input(plan.view, res, dy, plan.of(dx), plan.of(dres), *vectors, p, plan.blocks)
-    dweight = None if weight is None else torch.from_numpy(sum_dz_xc * invstd).to(y.dtype)
-    return dx, dweight, torch.from_numpy(sum_dz).to(y.dtype), dres
+    every = (True, True, True)
+    return dx, *_sums_param_grads(sum_dz, sum_dz_xc, invstd, weight, every, y.dtype), dres
 
 
 # --------------------------------------------------------------------------------------------
@@ -1217,14 +1230,11 @@ def batch_norm_concat_backward(
     plan = _ConcatPlan(buffer, channels)
     if wanted[0] and plan.group:
         dx = _concat_output(buffer, channels)
-        dy, grads = plan.of(laid_out_like(grad_out, dx)), buffer.new_empty((2, channels))
-        code, p = activation_code(activation, param)
-        _ncs_backward_by_channel(
-            plan.view, 0, dy, plan.of(dx), *_vectors(buffer.dtype, mean, var, weight, bias),
-            float(eps), code, plan.scalar(p), False, bool(training), plan.group, grads.numpy(),
-            np.empty((6, channels)),
+        dy = plan.of(laid_out_like(grad_out, dx))
+        return dx, *_run_backward_by_channel(
+            plan.view, dy, plan.of(dx), buffer.dtype, weight, bias, mean, var, training, eps,
+            activation, param, wanted, False, plan.group,
         )  # fmt: skip
-        return dx, *_param_grads(grads, weight is not None and wanted[1], wanted[2])
     invstd = 1.0 / np.sqrt(var + eps)
     a = _vector(weight, channels, 1.0) * invstd
     k, rest = plan.centre(mean)
@@ -1238,12 +1248,7 @@ def batch_norm_concat_backward(
         plan.scalar(p), False, training, count,
     )  # fmt: skip
     dx = dx if wanted[0] else None
-    dweight = dbias = None
-    if weight is not None and wanted[1]:
-        dweight = torch.from_numpy(sum_dz_xc * invstd).to(buffer.dtype)
-    if wanted[2]:
-        dbias = torch.from_numpy(sum_dz).to(buffer.dtype)
-    return dx, dweight, dbias
+    return dx, *_sums_param_grads(sum_dz, sum_dz_xc, invstd, weight, wanted, buffer.dtype)
 
 
 def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
