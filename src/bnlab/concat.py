@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import functional as F
 from . import kernels, ops
 from .checks import check_batch_norm_args
-from .kernels.composite import is_channels_last, values_per_channel
+from .kernels.composite import dense_format, is_channels_last, values_per_channel
 from .statistics import RunningStatistics
 
 __all__ = ["FeatureBuffer", "batch_norm_concat_act", "features_of"]
@@ -50,7 +50,7 @@ class FeatureBuffer:
 
     def __init__(self, like: Tensor, capacity: int) -> None:
         shape = (like.shape[0], capacity, *like.shape[2:])
-        layout = torch.contiguous_format if like.is_contiguous() else _channels_last(like)
+        layout = dense_format(like)
         self.data = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
         self.channels = 0
         self._chunks: list[tuple[weakref.ref, int]] = []  # (the chunk, its version when copied)
@@ -265,7 +265,7 @@ def takes(
     first = chunks[0]
     dtype, shape = first.dtype, first.shape
     n, spatial = shape[0], shape[2:]
-    layout = torch.contiguous_format if first.is_contiguous() else _channels_last(first)
+    layout = dense_format(first)
     for c in chunks:  # one device: CPU tensors of a CPU dtype (a loop: a generator costs more)
         size = c.shape
         if c.dtype != dtype or size[0] != n or size[2:] != spatial or not size[1]:
@@ -313,8 +313,3 @@ def worth_buffering(chunks: Sequence[Tensor], training: bool) -> bool:
         return False
     width = sum([c.shape[1] for c in chunks])
     return large_enough(width * (first.numel() // shape[1]), contiguous, training)
-
-
-def _channels_last(t: Tensor):
-    """channels_last (4-D) or channels_last_3d (5-D), the layout bnlab's kernels also walk."""
-    return torch.channels_last if t.dim() == 4 else torch.channels_last_3d

@@ -59,6 +59,14 @@ def is_channels_last(x: Tensor) -> bool:
     return False
 
 
+def dense_format(x: Tensor) -> torch.memory_format:
+    """The memory format of a dense tensor (:func:`is_dense`): contiguous, else channels_last
+    (4-D) or channels_last_3d (5-D), the layouts bnlab's kernels walk."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
 def is_dense(x: Tensor) -> bool:
     """Contiguous or channels_last: a layout the fast kernels walk without copying."""
     return x.is_contiguous() or is_channels_last(x)

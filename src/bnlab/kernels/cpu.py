@@ -55,7 +55,14 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from .composite import activated, activated_backward, is_channels_last, is_dense, laid_out_like
+from .composite import (
+    activated,
+    activated_backward,
+    dense_format,
+    is_channels_last,
+    is_dense,
+    laid_out_like,
+)
 from .contract import UNMASKED_BATCH_NORM_OPS, plain_from_fused
 
 _DTYPES = (torch.float32, torch.float64)
@@ -1196,9 +1203,7 @@ def concat_statistics(buffer: Tensor, first: int, count: int) -> tuple[np.ndarra
 def _concat_output(buffer: Tensor, channels: int) -> Tensor:
     """An empty (N, channels, *spatial) tensor laid out as the buffer."""
     shape = (buffer.shape[0], channels, *buffer.shape[2:])
-    if buffer.is_contiguous():
-        return buffer.new_empty(shape)
-    layout = torch.channels_last if buffer.dim() == 4 else torch.channels_last_3d
+    layout = dense_format(buffer)
     return torch.empty(shape, dtype=buffer.dtype, device=buffer.device, memory_format=layout)
 
 
