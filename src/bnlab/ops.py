@@ -352,10 +352,15 @@ class _BatchNormAddAct(torch.autograd.Function):
         training, eps, activation, param, inplace, backend = ctx.config
         kernels = get_backend(backend).module
         wanted = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]]
-        from_output = getattr(kernels, "batch_norm_add_act_backward", None) if inplace else None
-        if from_output is not None:  # the backend's two passes over (y, residual, dy)
-            args = (gamma, bias, mean, var, training, eps, activation, param)
-            dx, dgamma, dbias, dz = from_output(grad_out, y, other, *args)
+        args = (gamma, bias, mean, var, training, eps, activation, param)
+        if inplace:  # the backend's two passes over (y, residual, dy)
+            from_output = getattr(kernels, "batch_norm_add_act_backward", None)
+            grads = None if from_output is None else from_output(grad_out, y, other, *args)
+        else:  # the backend's kernel over (x, y, dy), where it takes them
+            from_input = getattr(kernels, "batch_norm_add_act_backward_from_input", None)
+            grads = None if from_input is None else from_input(grad_out, y, other, *args, wanted)
+        if grads is not None:
+            dx, dgamma, dbias, dz = grads
         else:
             # y > 0 exactly where z = batch_norm(x) + residual > 0 (slopes > 0): dz from y
             dz = composite.activation_grad(grad_out, y, activation, param)

@@ -249,3 +249,107 @@ def test_kernels_by_channel_take_vectors_of_another_dtype(monkeypatch):
             assert ours is None and theirs is None
         else:
             torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "activation,param", [("identity", 1.0), ("relu", 0.0), ("leaky_relu", 0.2)]
+)
+@pytest.mark.parametrize("shape", BY_CHANNEL_SHAPES, ids=str)
+def test_residual_unit_forward_by_channel_matches_the_two_pass_kernels(
+    monkeypatch, shape, activation, param, dtype
+):
+    """act(batch_norm(x) + r) in training: the kernel by channel adds the residual in its second
+    pass, as the two-pass path's normalizing kernel does, and both match float64 torch."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype)
+    r = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    c = shape[1]
+    weight, bias = torch.linspace(0.5, 1.5, c, dtype=dtype), torch.linspace(-1, 1, c, dtype=dtype)
+    results = []
+    for by_channel, per_thread in ((True, cpu._CHANNELS_PER_THREAD), (False, 10**9)):
+        monkeypatch.setattr(cpu, "_CHANNELS_PER_THREAD", per_thread)
+        assert bool(cpu._group_of(x)) == by_channel
+        results.append(
+            cpu.batch_norm_act_forward(
+                x, weight, bias, None, None, True, 1e-5, activation, param, residual=r
+            )
+        )
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, **tol)
+    z = torch.nn.functional.batch_norm(x.double(), None, None, weight.double(), bias.double(), True)
+    expected = torch.nn.functional.leaky_relu(z + r.double(), param)
+    torch.testing.assert_close(results[0][0].double(), expected, **tol)
+
+
+def _unit_backward_two_steps(
+    dy, y, x, weight, bias, mean, var, training, activation, param, wanted
+):
+    """dz = dy act'(y), then the batch norm's backward of dz: what the residual unit's backward
+    computes where the backend has no kernel for both."""
+    dz = torch.ops.aten.leaky_relu_backward(dy, y, param, False)
+    if activation == "relu":
+        dz = torch.ops.aten.threshold_backward(dy, y, 0.0)
+    grads = cpu.batch_norm_act_backward(
+        dz, x, weight, bias, mean, var, training, 1e-5, "identity", 0.0, wanted
+    )
+    return (*grads, dz)
+
+
+@pytest.mark.parametrize("wanted", [(True, True, True), (False, True, False)], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation,param", [("relu", 0.0), ("leaky_relu", 0.2)])
+@pytest.mark.parametrize("shape", BY_CHANNEL_SHAPES, ids=str)
+def test_residual_unit_backward_from_input_matches_the_two_steps(
+    shape, activation, param, dtype, training, wanted
+):
+    """(dx, dweight, dbias, dresidual) of act(batch_norm(x) + r) by the one kernel over (x, y, dy)
+    against dz = dy act'(y) by ATen and the batch norm's backward of dz; and against float64
+    autograd."""
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype)
+    r, dy = torch.randn((2, *shape), generator=gen, dtype=torch.float64).to(dtype).unbind(0)
+    c = shape[1]
+    weight, bias = torch.linspace(0.5, 1.5, c, dtype=dtype), torch.linspace(-1, 1, c, dtype=dtype)
+    y, mean, var = cpu.batch_norm_act_forward(
+        x, weight, bias, None, None, True, 1e-5, activation, param, residual=r
+    )
+    if not training:  # an eval-mode backward with other statistics as the running ones
+        mean, var = mean + 0.1, var * 1.5
+    args = (weight, bias, mean, var, training, 1e-5, activation, param, list(wanted))
+    ours = cpu.batch_norm_add_act_backward_from_input(dy, y, x, *args)
+    assert ours is not None
+    theirs = _unit_backward_two_steps(dy, y, x, *args[:5], activation, param, list(wanted))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=3e-5, atol=3e-5)
+    for mine, other in zip(ours, theirs, strict=True):
+        if other is None:
+            assert mine is None
+        else:
+            torch.testing.assert_close(mine, other, **tol)
+    assert torch.equal(ours[3] == 0, theirs[3] == 0)  # relu's dz: exactly 0 where y <= 0
+    if training and wanted[0]:
+        xr = x.double().requires_grad_()
+        zr = torch.nn.functional.batch_norm(xr, None, None, weight.double(), bias.double(), True)
+        torch.nn.functional.leaky_relu(zr + r.double(), param).backward(dy.double())
+        torch.testing.assert_close(ours[0].double(), xr.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_unit_backward_from_input_declines_what_it_does_not_take():
+    """identity (dz is dy itself) and inputs whose NCS view the kernels by channel do not take
+    (channels_last here) go to the caller's two steps."""
+    gen = torch.Generator().manual_seed(9)
+    x, y, dy = torch.randn(3, 4, 16, 8, 8, generator=gen).unbind(0)
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3))
+    args = (None, None, mean, var, True, 1e-5)
+    assert cpu.batch_norm_add_act_backward_from_input(dy, y, x, *args, "relu", 0.0, [True] * 3)
+    declined = cpu.batch_norm_add_act_backward_from_input(
+        dy, y, x, *args, "identity", 1.0, [True] * 3
+    )
+    assert declined is None
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert (
+        cpu.batch_norm_add_act_backward_from_input(dy, y, cl, *args, "relu", 0.0, [True] * 3)
+        is None
+    )

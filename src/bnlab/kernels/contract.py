@@ -254,6 +254,32 @@ class EagerRunner(Protocol):
     ) -> Optional[Callable[..., Optional[Tensor]]]: ...
 
 
+class ResidualUnitBackward(Protocol):
+    """Optional, as a backend's ``batch_norm_add_act_backward_from_input``: the gradients of the
+    residual unit y = act(batch_norm(x) + residual) (``batch_norm_act_forward`` with a residual)
+    in one go, from x and y, as (dx, dweight, dbias, dresidual), dresidual = dz = dy act'(y) (act
+    identity, relu or leaky_relu: y > 0 exactly where its input is); or None for a call it leaves
+    to the two steps (dz by PyTorch, then ``batch_norm_act_backward`` of dz). The in-place mode's
+    ``batch_norm_add_act_backward(grad_out, y, residual, weight, bias, mean, var, training, eps,
+    activation, param)`` returns the same four from y and the residual."""
+
+    def __call__(
+        self,
+        grad_out: Tensor,
+        y: Tensor,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        mean: Tensor,
+        var: Tensor,
+        training: bool,
+        eps: float,
+        activation: str,
+        param: float,
+        output_mask: Sequence[bool],
+    ) -> Optional[tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Tensor]]: ...
+
+
 def plain_from_fused(
     act_forward: Callable, act_backward: Callable, batch_statistics: Callable
 ) -> tuple[Callable, Callable]:

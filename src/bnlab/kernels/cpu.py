@@ -20,7 +20,10 @@ Passes over memory (m = values per channel):
 
 With enough channels for the threads, NCS training passes run by channel instead: a task takes
 a few whole channels through both passes, whose second read finds them in the core's cache
-(_ncs_forward_by_channel, _ncs_backward_by_channel): x (and dy) come from memory once.
+(_ncs_forward_by_channel, _ncs_backward_by_channel): x (and dy) come from memory once. So does
+a residual unit's, act(batch_norm(x) + r): the forward adds r in its second pass, and the backward
+(_ncs_unit_backward_by_channel) writes dz = dy act'(y), the residual's gradient, in its first and
+reads it back from the cache in its second (x, y, dy read once; dz, dx written).
 
 Statistics are sums around a per-channel shift (the channel's first value):
 ``mean = k + sum(x - k) / m``, ``var = (sum((x - k)^2) - sum(x - k)^2 / m) / m``, summed in the
@@ -350,11 +353,19 @@ def _param(vector, c, default):
     return np.float64(vector[c]) if vector.shape[0] else default
 
 
+@njit(inline="always", **_JIT)
+def _apply_add_row(row, res, dst, mc, ac, bc, p):
+    """dst = act((row - mc) * ac + bc + res), act of the piecewise-linear family (slope p)."""
+    for i in range(row.shape[0]):
+        dst[i] = _linear_act((row[i] - mc) * ac + bc + res[i], p)
+
+
 @njit(parallel=True, **_JIT)
-def _ncs_forward_by_channel(x, out, weight, bias, eps, code, p, group, out_mean, out_var, ab):
-    """Training forward: out = act((x - mean) weight / sqrt(var + eps) + bias) with the batch's
-    mean and biased variance, written to out_mean, out_var (x's dtype; weight, bias: vectors, or
-    empty for none; scratch ab: (2, C) float64)."""
+def _ncs_forward_by_channel(x, r, out, weight, bias, eps, code, p, group, out_mean, out_var, ab):
+    """Training forward: out = act((x - mean) weight / sqrt(var + eps) + bias [+ r]) with the
+    batch's mean and biased variance, written to out_mean, out_var (x's dtype; weight, bias:
+    vectors, or empty for none; r: the residual laid out as x, added before an activation of the
+    piecewise-linear family, or empty for none; scratch ab: (2, C) float64)."""
     n_, c_, s_ = x.shape
     count = n_ * s_
     dtype = x.dtype.type
@@ -383,7 +394,40 @@ def _ncs_forward_by_channel(x, out, weight, bias, eps, code, p, group, out_mean,
         for n in range(n_):
             for c in range(lo, hi):
                 ac, bc = dtype(ab[0, c]), dtype(ab[1, c])
-                _apply_row(x[n, c], out[n, c], out_mean[c], ac, bc, code, p)
+                if r.shape[0]:
+                    _apply_add_row(x[n, c], r[n, c], out[n, c], out_mean[c], ac, bc, p)
+                else:
+                    _apply_row(x[n, c], out[n, c], out_mean[c], ac, bc, code, p)
+
+
+@njit(inline="always", **_JIT)
+def _backward_terms(terms, c, mean, var, weight, bias, eps, dtype):
+    """terms[:, c] = (a, b', invstd, rest, 0, 0): a = weight invstd, rest = mc - mean (mc the
+    mean in the input's dtype), b' = bias + rest a, and the two sums zeroed."""
+    m = np.float64(mean[c])
+    invstd = 1.0 / math.sqrt(np.float64(var[c]) + eps)
+    a = _param(weight, c, 1.0) * invstd
+    rest = np.float64(dtype(m)) - m
+    terms[0, c] = a
+    terms[1, c] = _param(bias, c, 0.0) + rest * a
+    terms[2, c] = invstd
+    terms[3, c] = rest
+    terms[4, c] = 0.0
+    terms[5, c] = 0.0
+
+
+@njit(inline="always", **_JIT)
+def _backward_constants(terms, grads, c, count, training):
+    """From the sums sum(dz), sum(dz (x - mc)) in terms[4:6, c]: grads[:, c] = (dbias, dweight),
+    and terms[2:4, c] = (k1, k0) of dx = a dz + k1 (x - mc) + k0 (0 in eval)."""
+    a, invstd, rest = terms[0, c], terms[2, c], terms[3, c]
+    s = terms[4, c]
+    q = terms[5, c] + rest * s  # sum(dz (x - mean)) from sum(dz (x - mc))
+    grads[0, c] = s
+    grads[1, c] = q * invstd
+    k1 = -a * invstd * invstd * q / count if training else 0.0
+    terms[2, c] = k1
+    terms[3, c] = -a * s / count + k1 * rest if training else 0.0
 
 
 @njit(parallel=True, **_JIT)
@@ -403,16 +447,7 @@ def _ncs_backward_by_channel(
     for t in prange((c_ + group - 1) // group):
         lo, hi = _group(t, group, c_)
         for c in range(lo, hi):
-            m = np.float64(mean[c])
-            invstd = 1.0 / math.sqrt(np.float64(var[c]) + eps)
-            a = _param(weight, c, 1.0) * invstd
-            rest = np.float64(dtype(m)) - m
-            terms[0, c] = a
-            terms[1, c] = _param(bias, c, 0.0) + rest * a
-            terms[2, c] = invstd
-            terms[3, c] = rest
-            terms[4, c] = 0.0
-            terms[5, c] = 0.0
+            _backward_terms(terms, c, mean, var, weight, bias, eps, dtype)
         for n in range(n_):
             for c in range(lo, hi):
                 mc, ac, bc = dtype(mean[c]), dtype(terms[0, c]), dtype(terms[1, c])
@@ -422,14 +457,7 @@ def _ncs_backward_by_channel(
                 terms[4, c] += row_s
                 terms[5, c] += row_q
         for c in range(lo, hi):
-            a, invstd, rest = terms[0, c], terms[2, c], terms[3, c]
-            s = terms[4, c]
-            q = terms[5, c] + rest * s  # sum(dz (x - mean)) from sum(dz (x - mc))
-            grads[0, c] = s
-            grads[1, c] = q * invstd
-            k1 = -a * invstd * invstd * q / count if training else 0.0
-            terms[2, c] = k1
-            terms[3, c] = -a * s / count + k1 * rest if training else 0.0
+            _backward_constants(terms, grads, c, count, training)
         if dx.shape[0] == 0:
             continue
         for n in range(n_):
@@ -438,6 +466,64 @@ def _ncs_backward_by_channel(
                 k1c, k0c = dtype(terms[2, c]), dtype(terms[3, c])
                 row, g, dst = v[n, c0 + c], dy[n, c], dx[n, c]
                 _grad_input_row(row, g, dst, mc, ac, bc, k1c, k0c, code, p, from_output)
+
+
+@njit(inline="always", **_JIT)
+def _unit_grad_sums_row(row, out, g, dst, mc, p):
+    """dst = dz = g act'(out) of a residual unit's output (slope p where out <= 0; relu's p = 0
+    gives 0 there, as ATen's threshold_backward), and (sum(dz), sum(dz (row - mc))) summed as
+    :func:`_shifted_sums`."""
+    s = 0.0
+    q = 0.0
+    zero = row.dtype.type(0)
+    for first in range(0, row.shape[0], _SPAN):
+        end = first + _SPAN
+        vs, ys, gs, ds = row[first:end], out[first:end], g[first:end], dst[first:end]
+        cs = zero
+        cq = zero
+        for i in range(vs.shape[0]):
+            dz = gs[i] if ys[i] > 0.0 else (gs[i] * p if p != 0.0 else zero)
+            ds[i] = dz
+            cs += dz
+            cq += dz * (vs[i] - mc)
+        s += cs
+        q += cq
+    return s, q
+
+
+@njit(parallel=True, **_JIT)
+def _ncs_unit_backward_by_channel(
+    v, y, dy, dz, dx, mean, var, weight, bias, eps, p, training, group, grads, terms
+):
+    """Both backward passes of the residual unit y = act(batch_norm(x) + r), act of the
+    piecewise-linear family with a kink (slope p: relu's 0, leaky_relu's): dz = dy act'(y), the
+    residual's gradient, written with its sums, then dx = a dz + k1 (x - mc) + k0 as
+    :func:`_ncs_backward_by_channel` (dz read back from the core's cache; dx empty: not
+    written). x, y and dy are read once."""
+    n_, c_, s_ = dy.shape
+    count = n_ * s_
+    dtype = v.dtype.type
+    for t in prange((c_ + group - 1) // group):
+        lo, hi = _group(t, group, c_)
+        for c in range(lo, hi):
+            _backward_terms(terms, c, mean, var, weight, bias, eps, dtype)
+        for n in range(n_):
+            for c in range(lo, hi):
+                mc = dtype(mean[c])
+                row_s, row_q = _unit_grad_sums_row(v[n, c], y[n, c], dy[n, c], dz[n, c], mc, p)
+                terms[4, c] += row_s
+                terms[5, c] += row_q
+        for c in range(lo, hi):
+            _backward_constants(terms, grads, c, count, training)
+        if dx.shape[0] == 0:
+            continue
+        for n in range(n_):
+            for c in range(lo, hi):
+                mc, ac = dtype(mean[c]), dtype(terms[0, c])
+                k1c, k0c = dtype(terms[2, c]), dtype(terms[3, c])
+                row, g, dst = v[n, c], dz[n, c], dx[n, c]
+                for i in range(row.shape[0]):
+                    dst[i] = ac * g[i] + k1c * (row[i] - mc) + k0c
 
 
 # --------------------------------------------------------------------------------------------
@@ -925,6 +1011,7 @@ def _ncs(t: Tensor) -> np.ndarray:
 
 _NO_VECTOR = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0)}
 _SCALAR = {torch.float32: np.float32, torch.float64: np.float64}
+_NO_ROWS = {dtype: np.empty((0, 0, 0), vector.dtype) for dtype, vector in _NO_VECTOR.items()}
 
 
 def _vectors(dtype: torch.dtype, *vectors) -> list[np.ndarray]:
@@ -1014,9 +1101,12 @@ def _act_forward(
     """:meth:`bnlab.kernels.contract.Kernels.batch_norm_act_forward`, every argument given: one
     statistics pass in training, one normalizing pass (which adds ``residual`` before the
     activation when given: the piecewise-linear activations only)."""
-    group = _group_of(x) if training and residual is None else 0
+    code, p = activation_code(activation, param)
+    if residual is not None and code != _LINEAR:
+        raise ValueError(f"a residual goes before identity, relu or leaky_relu, not {activation}")
+    group = _group_of(x) if training else 0
     if group:
-        return _forward_by_channel(x, weight, bias, eps, activation, param, out, group)
+        return _forward_by_channel(x, weight, bias, eps, code, p, out, group, residual)
     c = x.shape[1]
     plan = _Plan(x)
     if training:
@@ -1027,12 +1117,9 @@ def _act_forward(
     k, rest = plan.centre(mean)
     b = _vector(bias, c, 0.0) + rest * a  # y = (x - k) * a + b
     y = torch.empty_like(x) if out is None else out
-    code, p = activation_code(activation, param)
     vectors, p = plan.tile(k, a, b), plan.scalar(p)
     if residual is None:
         plan.kernels[1](plan.view, 0, plan.of(y), *vectors, code, p, plan.blocks)
-    elif code != _LINEAR:
-        raise ValueError(f"a residual goes before identity, relu or leaky_relu, not {activation}")
     else:
         r = plan.of(laid_out_like(residual, x))
         plan.residual_kernels[0](plan.view, r, plan.of(y), *vectors, p, plan.blocks)
@@ -1042,16 +1129,16 @@ def _act_forward(
     return y, empty, empty.clone()
 
 
-def _forward_by_channel(x, weight, bias, eps, activation, param, out, group):
-    """:func:`_act_forward` in training, without a residual: :func:`_ncs_forward_by_channel`, its
-    Python kept to the views (inside a model each NumPy call here costs tens of microseconds)."""
+def _forward_by_channel(x, weight, bias, eps, code, p, out, group, residual=None):
+    """:func:`_act_forward` in training: :func:`_ncs_forward_by_channel`, its Python kept to the
+    views (inside a model each NumPy call here costs tens of microseconds)."""
     c = x.shape[1]
     y = torch.empty_like(x) if out is None else out
     mean, var = x.new_empty(c), x.new_empty(c)
-    code, p = activation_code(activation, param)
     weight, bias = _vectors(x.dtype, weight, bias)
+    r = _NO_ROWS[x.dtype] if residual is None else _ncs(laid_out_like(residual, x))
     _ncs_forward_by_channel(
-        _ncs(x), _ncs(y), weight, bias, float(eps), code, _SCALAR[x.dtype](p), group,
+        _ncs(x), r, _ncs(y), weight, bias, float(eps), code, _SCALAR[x.dtype](p), group,
         mean.numpy(), var.numpy(), np.empty((2, c)),
     )  # fmt: skip
     return y, mean, var
@@ -1179,6 +1266,32 @@ def batch_norm_add_act_backward(
     grad_input(plan.view, res, dy, plan.of(dx), plan.of(dres), *vectors, p, plan.blocks)
     every = (True, True, True)
     return dx, *_sums_param_grads(sum_dz, sum_dz_xc, invstd, weight, every, y.dtype), dres
+
+
+def batch_norm_add_act_backward_from_input(
+    grad_out, y, x, weight, bias, mean, var, training, eps, activation, param, wanted
+):
+    """Gradients (dx, dweight, dbias, dresidual) of the residual unit y = act(batch_norm(x) +
+    residual) (:func:`bnlab.functional.batch_norm_add_act`) from x and y, act relu or leaky_relu:
+    dresidual = dz = dy act'(y), dx that of the batch norm's backward of dz. One kernel by channel
+    (:func:`_ncs_unit_backward_by_channel`) reads x, y and dy once and writes dz and dx, where the
+    two steps read dy and y for dz, then dz and x twice. None where it does not take x (see
+    :func:`_channel_group`), or for identity (dz is dy itself): the caller takes the two steps."""
+    code, p = activation_code(activation, param)
+    group = _group_of(x) if code == _LINEAR and p != 1.0 and mean is not None else 0
+    if not group:
+        return None
+    c, dtype = x.shape[1], x.dtype
+    dz = torch.empty_like(x)
+    dx = torch.empty_like(x) if wanted[0] else None
+    grads = torch.empty((2, c), dtype=dtype)  # (dbias, dweight)
+    _ncs_unit_backward_by_channel(
+        _ncs(x), _ncs(laid_out_like(y, x)), _ncs(laid_out_like(grad_out, x)), _ncs(dz),
+        _NO_ROWS[dtype] if dx is None else _ncs(dx), *_vectors(dtype, mean, var, weight, bias),
+        float(eps), _SCALAR[dtype](p), bool(training), group, grads.numpy(), np.empty((6, c)),
+    )  # fmt: skip
+    dweight = grads[1] if weight is not None and wanted[1] else None
+    return dx, dweight, grads[0] if wanted[2] else None, dz
 
 
 # --------------------------------------------------------------------------------------------
