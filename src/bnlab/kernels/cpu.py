@@ -249,6 +249,13 @@ def _apply_row(row, dst, mc, ac, bc, code, p):
 
 
 @njit(inline="always", **_JIT)
+def _apply_add_row(row, res, dst, mc, ac, bc, p):
+    """dst = act((row - mc) * ac + bc + res), act of the piecewise-linear family (slope p)."""
+    for i in range(row.shape[0]):
+        dst[i] = _linear_act((row[i] - mc) * ac + bc + res[i], p)
+
+
+@njit(inline="always", **_JIT)
 def _grad_sums_row(row, g, mc, ac, bc, code, p, from_output):
     """(sum(dz), sum(dz (x - mc))) over a row, as :func:`_shifted_sums` sums."""
     s = 0.0
@@ -307,10 +314,7 @@ def _ncs_apply_add(x, r, out, mean, a, b, p, blocks):
     n_, c_, s_ = x.shape
     for t in prange(n_ * c_ * blocks):
         n, c, lo, hi = _task(t, c_, s_, blocks)
-        mc, ac, bc = mean[c], a[c], b[c]
-        row, res, dst = x[n, c, lo:hi], r[n, c, lo:hi], out[n, c, lo:hi]
-        for i in range(row.shape[0]):
-            dst[i] = _linear_act((row[i] - mc) * ac + bc + res[i], p)
+        _apply_add_row(x[n, c, lo:hi], r[n, c, lo:hi], out[n, c, lo:hi], mean[c], a[c], b[c], p)
 
 
 @njit(parallel=True, **_JIT)
@@ -351,13 +355,6 @@ def _group(t, group, c_):
 def _param(vector, c, default):
     """A per-channel parameter as float64: ``default`` where the vector is empty (None given)."""
     return np.float64(vector[c]) if vector.shape[0] else default
-
-
-@njit(inline="always", **_JIT)
-def _apply_add_row(row, res, dst, mc, ac, bc, p):
-    """dst = act((row - mc) * ac + bc + res), act of the piecewise-linear family (slope p)."""
-    for i in range(row.shape[0]):
-        dst[i] = _linear_act((row[i] - mc) * ac + bc + res[i], p)
 
 
 @njit(parallel=True, **_JIT)
