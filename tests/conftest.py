@@ -20,9 +20,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture
 def concat_at_any_size(monkeypatch):
-    """Dense layers read their concatenation from bnlab.concat's buffer from 512K-1M values
-    (``bnlab.concat.large_enough``): with this, tests' small chunks take the buffer too."""
+    """Dense layers read their concatenation from bnlab.concat's buffer from 512K-1M values, in
+    channels_last training never (``bnlab.concat.large_enough``): with this, tests' small chunks
+    take the buffer in every layout and mode."""
     from bnlab import concat
 
     monkeypatch.setattr(concat, "_TRAIN_NCHW_FROM", 0)
+    monkeypatch.setattr(concat, "_TRAIN_CHANNELS_LAST_FROM", 0)
     monkeypatch.setattr(concat, "_OTHERWISE_FROM", 0)

@@ -254,11 +254,15 @@ def test_small_concatenations_stay_on_torch_cat(monkeypatch):
     assert not concat.large_enough(1 << 19, contiguous=False, training=True)
     assert not concat.large_enough(1 << 19, contiguous=True, training=False)
     assert concat.large_enough(1 << 20, contiguous=False, training=False)
+    assert not concat.large_enough(1 << 30, contiguous=False, training=True)  # channels_last
     small = chunked((3, 2))
     assert not concat.takes(small, "relu", None, training=True)
     big = chunked((32, 32), (64, 64), n=4, dtype=torch.float32)  # 4 x 64 x 64 x 64: 1M values
     assert concat.takes(big, "relu", None, training=True)
     assert concat.takes(big, "relu", None, training=False)
+    big_cl = chunked((32, 32), (64, 64), n=4, dtype=torch.float32, channels_last=True)
+    assert not concat.takes(big_cl, "relu", None, training=True)
+    assert concat.takes(big_cl, "relu", None, training=False)
     y = batch_norm_concat_act(small, None, None, training=True)
     torch.testing.assert_close(
         y, TF.batch_norm(torch.cat(small, 1), None, None, training=True).relu()

@@ -286,14 +286,22 @@ def takes(
 #   8x992x14x14 (1.6M): 1.17-1.36x in all four; 8x480x28x28 (3M), 8x224x56x56 (5.6M): 1.2-2.7x
 # densenet121 at 16x3x64x64 with every layer through the buffer trained at 0.90x and evaluated at
 # 0.82x torch.nn's speed (benchmarks/model_speed.py, one run): small layers stay on torch.cat.
+# Whole channels_last training steps lost where the layer alone gained: densenet121 at 8x3x224x224
+# (concatenations of 1.6M-6.4M values through the buffer), convert with fused activations, 8 fresh
+# processes each, median paired ratio to torch.nn with ATen's BN + ReLU on wide rows (see
+# bnlab.kernels.cpu.prefers): 0.960x with the buffer, 0.992x without; so channels_last training
+# stays on torch.cat at every size.
 _TRAIN_NCHW_FROM = 1 << 19
+_TRAIN_CHANNELS_LAST_FROM = 1 << 62  # never (above); a test may lower it to run that path
 _OTHERWISE_FROM = 1 << 20
 
 
 def large_enough(numel: int, contiguous: bool, training: bool) -> bool:
     """Whether a concatenation of ``numel`` values gains from the buffer (measured above): from
-    512K values in an NCHW training step, from 1M otherwise."""
-    return numel >= (_TRAIN_NCHW_FROM if contiguous and training else _OTHERWISE_FROM)
+    512K values in an NCHW training step, never in a channels_last one, from 1M in eval."""
+    if training:
+        return numel >= (_TRAIN_NCHW_FROM if contiguous else _TRAIN_CHANNELS_LAST_FROM)
+    return numel >= _OTHERWISE_FROM
 
 
 def worth_buffering(chunks: Sequence[Tensor], training: bool) -> bool:

@@ -93,7 +93,8 @@ def test_small_rows_of_spatial_values_go_to_aten_for_training():
 
 def test_many_channels_innermost_prefer_aten_unless_fused_and_large():
     """Plain BN over (N, C) or channels_last with many channels runs ATen's kernels; with a fused
-    activation on a large tensor, or when asked by name, bnlab's CPU kernels run it."""
+    activation on a large (N, C) tensor, or when asked by name, bnlab's CPU kernels run it; a
+    large channels_last image keeps ATen's (bnlab's lost inside models: cpu.prefers)."""
     from bnlab.kernels import cpu
 
     for x in (
@@ -103,12 +104,13 @@ def test_many_channels_innermost_prefer_aten_unless_fused_and_large():
         assert kernels.select_backend("batch_norm", x).module is native
         assert kernels.select_backend("batch_norm", x, "cpu").module is cpu
         assert kernels.select_backend("batch_norm_act", x).module is native
-    for x in (
-        torch.empty(4096, 1024),
-        torch.empty(64, 64, 32, 32).to(memory_format=torch.channels_last),
-    ):
-        assert kernels.select_backend("batch_norm", x).module is native
-        assert kernels.select_backend("batch_norm_act", x).module is cpu
+    wide_rows = torch.empty(4096, 1024)
+    assert kernels.select_backend("batch_norm", wide_rows).module is native
+    assert kernels.select_backend("batch_norm_act", wide_rows).module is cpu
+    for shape in ((64, 64, 32, 32), (8, 256, 28, 28)):
+        image = torch.empty(shape).to(memory_format=torch.channels_last)
+        assert kernels.select_backend("batch_norm_act", image, activation="relu").module is native
+        assert kernels.select_backend("batch_norm_act", image, "cpu", "relu").module is cpu
     assert (
         kernels.select_backend("batch_norm_act", torch.empty(1024, 4096)).module is native
     )  # too wide

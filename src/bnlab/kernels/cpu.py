@@ -769,10 +769,15 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
     call's fixed cost plus bnlab's Python backward).
 
     - Channels innermost ((N, C), channels_last) with many channels: ATen's per-channel vector loops
-      already stream at memory speed; only a fused activation on a large tensor gains from these
-      kernels (BN + ReLU 128x32x16x16 channels_last 1.1x, 4096x1024 1.4x of torch.nn's), and not
-      with thousands of channels, whose parameters and sums per row outrun L1 (256x4096: 0.80x,
-      ATen's BN then ReLU 0.96x).
+      already stream at memory speed; only a fused activation on a large (N, C) tensor gains from
+      these kernels (BN + ReLU 4096x1024 1.4x of torch.nn's), and not with thousands of channels,
+      whose parameters and sums per row outrun L1 (256x4096: 0.80x, ATen's BN then ReLU 0.96x).
+      channels_last images gained alone (BN + ReLU 8x192x56x56 2.2x, 8x384x28x28 1.3x) but lost
+      inside models: densenet121's training step at 8x3x224x224 channels_last (timm's
+      BatchNormAct2d, convert's defaults; 37 of its 121 layers, 1.6M-6.4M values, through these
+      kernels), 8 fresh processes each, median paired ratio to torch.nn 0.954x through them and
+      1.006x through ATen's BN then ReLU (benchmarks/model_speed.py with the rule switched
+      in-process).
     - Few channels innermost: ATen's loops are short and slow there; these kernels from 1M values
       in training: inside mobilenetv3_large_100 (channels_last, 16x3x64x64: 16 and 24 channels
       over 98K-262K values) a training step ran 0.93x torch.nn's speed through them and 0.98x
@@ -820,6 +825,7 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
     if channels_innermost and x.shape[1] >= _NATIVE_FROM_CHANNELS:
         return (
             op == "batch_norm_act"
+            and _spatial(x) == 1  # (N, C): channels_last images lost inside models
             and numel >= _ACT_WIDE_ROWS_FROM_NUMEL
             and x.shape[1] <= _ACT_WIDE_ROWS_MAX_CHANNELS
         )
