@@ -821,11 +821,12 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
     slow_activation = activation is not None and activation not in _NUMBA_FAST_ACTIVATIONS
     if op == "batch_norm_act" and slow_activation:  # None: not said, as before activations mattered
         return False
-    channels_innermost = _spatial(x) == 1 or (is_channels_last(x) and not x.is_contiguous())
+    rows_of_channels = _spatial(x) == 1  # (N, C) or (N, C, 1, ...)
+    channels_innermost = rows_of_channels or (is_channels_last(x) and not x.is_contiguous())
     if channels_innermost and x.shape[1] >= _NATIVE_FROM_CHANNELS:
         return (
             op == "batch_norm_act"
-            and _spatial(x) == 1  # (N, C): channels_last images lost inside models
+            and rows_of_channels  # channels_last images lost inside models
             and numel >= _ACT_WIDE_ROWS_FROM_NUMEL
             and x.shape[1] <= _ACT_WIDE_ROWS_MAX_CHANNELS
         )
