@@ -28,11 +28,12 @@ Method: every provider's model is a deep copy of the same initialized model. Aft
 steps each, ``--rounds`` interleaved rounds run one step of every provider (the order rotates
 each round); a row gives each provider's median step time and the median over rounds of the
 paired ratio torch / provider (> 1: faster than torch.nn). With ``--processes K`` the whole run
-is repeated in K fresh processes and a row gives the medians over them, with the lowest and
-highest process's paired ratio (``paired_min``, ``paired_max``). ``peak_mb`` is the peak of live CPU
-allocations during one training step (torch.profiler's allocation events, see
-``common.peak_bytes``), above the level at its start. ``faults`` is the median number of minor page
-faults a step took (first touches of memory the allocator got fresh from the system): the cost
+is repeated in K fresh processes, each after the first taking the providers in another order
+(which model is built first and which one each follows), and a row gives the medians over them,
+with the lowest and highest process's paired ratio (``paired_min``, ``paired_max``). ``peak_mb``
+is the peak of live CPU allocations during one training step (torch.profiler's allocation events,
+see ``common.peak_bytes``), above the level at its start. ``faults`` is the median number of minor
+page faults a step took (first touches of memory the allocator got fresh from the system): the cost
 that differs most between allocators, and between two models whose tensors the allocator places
 differently.
 
@@ -54,6 +55,7 @@ from __future__ import annotations
 import copy
 import csv
 import gc
+import random
 import resource
 import statistics
 import subprocess
@@ -271,11 +273,18 @@ def cold_start_rows(repeats: int, allocator: str) -> list[dict]:
 KEY = ("model", "input", "layout", "dtype", "threads", "allocator", "mode", "provider")
 
 
-def child_argv(args: dict, out: str) -> list[str]:
-    """This script's options for one process of a --processes run (no cold start, rows to out)."""
+def child_argv(args: dict, out: str, index: int = 0) -> list[str]:
+    """This script's options for process ``index`` of a --processes run (no cold start, rows to
+    out). The first process takes the providers in the order given, each later one in another
+    (a permutation seeded by ``index``): which model is built first (where its tensors lie) and
+    which one each follows in a round change from process to process, so that no provider keeps
+    the same place in every process's allocator."""
     argv = [__file__, "--processes", "1", "--cold-start", "0", "--out", out]
     argv.append("--memory" if args["memory"] else "--no-memory")
-    for key, value in args.items():
+    providers = split(args["providers"])
+    if index:
+        providers = random.Random(index).sample(providers, len(providers))
+    for key, value in {**args, "providers": ",".join(providers)}.items():
         if key not in ("processes", "cold_start", "out", "memory"):
             argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
@@ -311,10 +320,11 @@ def combine(runs: list[dict], processes: int) -> list[dict]:
 def rows_in_processes(args: dict) -> list[dict]:
     """Every case in ``--processes`` fresh processes, one after the other: where the allocator
     places two equal models' tensors differs by process, and moves their paired ratio by several
-    percent (see ``faults``), so the median over processes is the figure to quote."""
+    percent (see ``faults``), so the median over processes is the figure to quote. Each process
+    takes the providers in another order (see :func:`child_argv`)."""
     with tempfile.TemporaryDirectory() as out:
-        for _ in range(args["processes"]):
-            subprocess.run([sys.executable, *child_argv(args, out)], check=True)
+        for index in range(args["processes"]):
+            subprocess.run([sys.executable, *child_argv(args, out, index)], check=True)
         with (Path(out) / "model_speed.csv").open(newline="") as f:
             runs = list(csv.DictReader(f))
     print(f"median over {args['processes']} processes:")

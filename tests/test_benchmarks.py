@@ -271,6 +271,24 @@ def test_model_speed_processes_give_the_median_over_fresh_processes(tmp_path):
     assert rows[0]["paired_min"] == rows[0]["paired_max"] == "1.0"
 
 
+def test_model_speed_processes_take_the_providers_in_other_orders():
+    sys.path.insert(0, str(BENCHMARKS))
+    from model_speed import child_argv
+
+    given = "torch,torch-copy,bnlab,bnlab-fused"
+    args = dict(models="mlp", providers=given, processes=8, memory=False)
+    argvs = [child_argv(args, "out", index) for index in range(8)]
+    orders = [tuple(argv[argv.index("--providers") + 1].split(",")) for argv in argvs]
+    assert orders[0] == tuple(given.split(","))  # the first process: as given
+    assert all(sorted(order) == sorted(orders[0]) for order in orders)
+    assert len(set(orders)) >= 4  # the others: several permutations
+    followed = {(order[i - 1], order[i]) for order in orders for i in range(len(order))}
+    assert len(followed) > len(orders[0])  # ... whose cyclic predecessors change, not rotations
+    assert argvs == [child_argv(args, "out", index) for index in range(8)]  # the same each run
+    assert all(argv[argv.index("--processes") + 1] == "1" for argv in argvs)
+    assert args["providers"] == given  # the caller's options stay as given
+
+
 def test_appended_rows_with_a_new_column_keep_the_older_rows(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     from common import append_rows
