@@ -1,7 +1,10 @@
 """The backend registry: argument > BNLAB_BACKEND > automatic; named backends that cannot run
 raise."""
 
+import os
 import re
+import subprocess
+import sys
 import types
 
 import pytest
@@ -281,3 +284,95 @@ def test_channels_last_eval_goes_to_numba_only_where_aten_loops_are_short(shape,
     from 4M values), ATen's otherwise (cpu.prefers has the measurements)."""
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     assert kernels.select_backend("batch_norm_eval", x).name == chosen
+
+
+@pytest.fixture
+def cpu_backend_restored():
+    """Puts the ``cpu`` backend back as registered after a test that withdraws it."""
+    saved = kernels._BACKENDS.get("cpu")
+    yield saved
+    if saved is not None:
+        kernels.register_backend(
+            saved.name, saved.module, saved.supports, saved.priority, saved.prefers
+        )
+    assert kernels.withdrawn_backends() == {}
+
+
+def test_a_fork_after_openmp_started_withdraws_the_cpu_backend(cpu_backend_restored, monkeypatch):
+    if cpu_backend_restored is None:
+        pytest.skip("Numba is not installed")
+    from bnlab.kernels import cpu
+
+    x = torch.randn(8, 64, 64, 64)  # 2M values: bnlab's kernels in training
+    layer = bnlab.nn.BatchNorm2d(64)
+    reference = torch.nn.BatchNorm2d(64)
+    assert kernels.select_backend("batch_norm", x).name == "cpu"
+    layer(x)  # a decision kept on the layer before the fork
+    reference(x)
+    monkeypatch.setattr(cpu, "openmp_pool_started", lambda: True)
+    kernels._after_fork_in_child()
+    assert "cpu" not in kernels.available_backends()
+    assert kernels.withdrawn_backends() == {"cpu": cpu.FORKED_AFTER_OPENMP}
+    assert kernels.select_backend("batch_norm", x).name == "native"
+    for name in ("cpu", "numba"):  # by name, and by its former name
+        with pytest.raises(RuntimeError, match=r"'cpu' cannot run: this process was forked"):
+            kernels.select_backend("batch_norm", x, name)
+    with pytest.raises(RuntimeError, match="'spawn' or 'forkserver'"):
+        bnlab.nn.BatchNorm2d(64, backend="cpu")(x)
+    y = layer(x)  # the kept decision is made again
+    expected = reference(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.running_var, reference.running_var, rtol=1e-5, atol=1e-6)
+    assert int(layer.num_batches_tracked) == 2
+
+
+def test_a_fork_before_openmp_started_keeps_the_cpu_backend(cpu_backend_restored, monkeypatch):
+    if cpu_backend_restored is None:
+        pytest.skip("Numba is not installed")
+    from bnlab.kernels import cpu
+
+    monkeypatch.setattr(cpu, "openmp_pool_started", lambda: False)
+    kernels._after_fork_in_child()
+    assert "cpu" in kernels.available_backends() and kernels.withdrawn_backends() == {}
+
+
+FORKED_CHILD = """
+import os, torch, bnlab
+from bnlab import kernels
+from bnlab.kernels import cpu
+torch.manual_seed(0)
+x = torch.randn(8, 64, 64, 64, requires_grad=True)
+layer, reference = bnlab.nn.BatchNorm2d(64), torch.nn.BatchNorm2d(64)
+layer(x).square().sum().backward()  # bnlab's kernels, both ways, in the parent
+reference(x).square().sum().backward()
+started = cpu.openmp_pool_started()
+pid = os.fork()
+if pid == 0:
+    code = 1
+    try:
+        torch.set_num_threads(1)  # as a DataLoader worker does
+        x.grad = None
+        y = layer(x)
+        y.square().sum().backward()
+        expected = reference(x)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+        assert ("cpu" in kernels.available_backends()) != started
+        print("child", kernels.select_backend("batch_norm", x).name, flush=True)
+        code = 0
+    finally:
+        os._exit(code)
+_, status = os.waitpid(pid, 0)
+print("parent", os.waitstatus_to_exitcode(status), kernels.select_backend("batch_norm", x).name)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX's")
+def test_a_child_forked_after_the_kernels_ran_trains_instead_of_being_terminated():
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED_CHILD], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert "parent 0 cpu" in lines, result.stdout + result.stderr  # the child exited 0
+    assert any(line in ("child native", "child cpu") for line in lines), result.stdout
+    assert "Terminating" not in result.stderr

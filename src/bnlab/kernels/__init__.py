@@ -35,6 +35,10 @@ Selection, strongest first:
 
 A backend requested by name (1 or 2) that cannot run the input raises; automatic selection always
 ends at the ``composite`` backend, which runs any device and dtype.
+
+A process forked after its parent's Numba kernels started their GNU OpenMP threads (a fork-started
+DataLoader worker or multiprocessing pool) cannot run them: ``cpu`` is withdrawn there
+(:func:`withdraw_backend`), its calls go to ``native``, and naming it raises, saying why.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ __all__ = [
     "OPS",
     "register_backend",
     "unregister_backend",
+    "withdraw_backend",
+    "withdrawn_backends",
     "available_backends",
     "get_backend",
     "select_backend",
@@ -95,6 +101,7 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 _BY_PRIORITY: list[Backend] = []  # _BACKENDS' values, highest priority first (kept on register)
+_WITHDRAWN: dict[str, str] = {}  # backends this process cannot run -> why (withdraw_backend)
 
 
 def register_backend(
@@ -108,6 +115,7 @@ def register_backend(
     ``prefers(op, x, activation=None)`` (default: always) whether automatic selection should take
     it."""
     _BACKENDS[name] = Backend(name, module, supports, priority, prefers)
+    _WITHDRAWN.pop(name, None)
     _order_by_priority()
 
 
@@ -115,6 +123,21 @@ def unregister_backend(name: str) -> None:
     """Remove a registered backend (e.g. one a test or a plugin added)."""
     del _BACKENDS[name]
     _order_by_priority()
+
+
+def withdraw_backend(name: str, reason: str) -> None:
+    """Remove ``name`` for the rest of this process because it cannot run here: automatic
+    selection passes to the next backend (every decision is made again), and asking for it by
+    name raises with ``reason`` (see :func:`get_backend`)."""
+    if name in _BACKENDS:
+        unregister_backend(name)
+    _WITHDRAWN[name] = reason
+
+
+def withdrawn_backends() -> dict[str, str]:
+    """The backends withdrawn from this process, each with the reason (see
+    :func:`withdraw_backend`)."""
+    return dict(_WITHDRAWN)
 
 
 def _order_by_priority() -> None:
@@ -147,6 +170,9 @@ def available_backends() -> list[str]:
 def get_backend(name: str) -> Backend:
     """The backend registered as ``name`` (or its former name, see :data:`ALIASES`)."""
     backend = _BACKENDS.get(ALIASES.get(name, name))
+    if backend is None and ALIASES.get(name, name) in _WITHDRAWN:
+        withdrawn = ALIASES.get(name, name)
+        raise RuntimeError(f"bnlab backend {withdrawn!r} cannot run: {_WITHDRAWN[withdrawn]}")
     if backend is None:
         raise ValueError(
             f"unknown bnlab backend {name!r}; expected one of {available_backends()} or 'auto'"
@@ -241,6 +267,19 @@ except ImportError:  # Numba missing or broken on this platform: the composite b
     cpu = None
 else:
     register_backend("cpu", cpu, supports=cpu.supports, priority=10, prefers=cpu.prefers)
+
+
+def _after_fork_in_child() -> None:
+    """A child forked after the parent's Numba kernels started GNU OpenMP threads cannot run them
+    (see :func:`bnlab.kernels.cpu.openmp_pool_started`): the ``cpu`` backend is withdrawn there, so
+    its layers run ATen's kernels (as torch.nn's would) instead of the child being terminated at
+    its first batch norm. A DataLoader worker, a fork-started multiprocessing pool or server."""
+    if "cpu" in _BACKENDS and cpu.openmp_pool_started():
+        withdraw_backend("cpu", cpu.FORKED_AFTER_OPENMP)
+
+
+if cpu is not None and hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _gpu_wanted() -> bool:

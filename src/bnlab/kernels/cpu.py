@@ -856,6 +856,30 @@ def _spatial(x: Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
+def openmp_pool_started() -> bool:
+    """Whether Numba's threading layer has started on GNU OpenMP in this process (these kernels'
+    first call starts it, as can any parallel Numba code). GNU OpenMP cannot run a parallel region
+    in a process forked after that: Numba terminates such a child (SIGTERM, "fork() called from a
+    process already using GNU OpenMP") at its first parallel call, which is every kernel here."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # not started: a child starts its own pool
+        return False
+    if layer != "omp":  # TBB and the workqueue survive a fork
+        return False
+    from numba.np.ufunc import omppool
+
+    return getattr(omppool, "openmp_vendor", None) == "GNU"
+
+
+FORKED_AFTER_OPENMP = (
+    "this process was forked after parallel Numba code (bnlab's CPU kernels) started GNU OpenMP "
+    "threads in its parent, and GNU OpenMP cannot run in such a child (Numba would terminate "
+    "it); automatic selection runs ATen's kernels here. To keep bnlab's kernels in child "
+    "processes, start them with multiprocessing's 'spawn' or 'forkserver' method"
+)
+
+
 def _threads() -> int:
     """Follow torch's intra-op thread setting (e.g. torch.set_num_threads(1) in the lab).
 
