@@ -168,11 +168,12 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend registered as ``name`` (or its former name, see :data:`ALIASES`)."""
-    backend = _BACKENDS.get(ALIASES.get(name, name))
-    if backend is None and ALIASES.get(name, name) in _WITHDRAWN:
-        withdrawn = ALIASES.get(name, name)
-        raise RuntimeError(f"bnlab backend {withdrawn!r} cannot run: {_WITHDRAWN[withdrawn]}")
+    """The backend registered as ``name`` (or its former name, see :data:`ALIASES`); a
+    withdrawn one raises a RuntimeError with the reason (see :func:`withdraw_backend`)."""
+    registered = ALIASES.get(name, name)
+    backend = _BACKENDS.get(registered)
+    if backend is None and registered in _WITHDRAWN:
+        raise RuntimeError(f"bnlab backend {registered!r} cannot run: {_WITHDRAWN[registered]}")
     if backend is None:
         raise ValueError(
             f"unknown bnlab backend {name!r}; expected one of {available_backends()} or 'auto'"
