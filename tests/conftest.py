@@ -3,7 +3,10 @@ correctness grid covers them on every machine. The variable must be set before b
 are imported."""
 
 import os
+import random
+import zlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -16,6 +19,22 @@ if not torch.cuda.is_available():
 settings.register_profile("ci", max_examples=300, derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("long", max_examples=3000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def seed_of(nodeid: str) -> int:
+    """A test's seed: the CRC-32 of its node id (parameters included) plus ``BNLAB_TEST_SEED``."""
+    return (zlib.crc32(nodeid.encode()) + int(os.environ.get("BNLAB_TEST_SEED", "0"))) % 2**32
+
+
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    """Every test draws from its own seed (torch, NumPy's and Python's global generators), so that a
+    failure reproduces with the same command and CI cannot fail on an unlucky draw; a different
+    ``BNLAB_TEST_SEED`` draws the whole suite again (``make test-seeds``)."""
+    seed = seed_of(request.node.nodeid)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 @pytest.fixture
