@@ -20,9 +20,12 @@ momentum) and one eval forward (``torch.no_grad``) of each model, per provider:
                norm kernel could reach, so ``1 - no-bn / torch`` is batch norm's share of the step
 
 Models: timm's architectures when timm is installed (``--models``, default resnet18, resnet50,
-efficientnet_b0, mobilenetv3_large_100, densenet121) and ``mlp`` (a 3-layer BatchNorm1d MLP on
-flattened images), at each ``--sizes`` (square images, 3 channels, ``--batch`` each), in NCHW
-and channels_last (``--layouts``) and in float32 and CPU bfloat16 autocast (``--dtypes``).
+efficientnet_b0, mobilenetv3_large_100, densenet121), ``mlp`` (a 3-layer BatchNorm1d MLP on
+flattened images), and two of other ranks named only when asked: ``pointnet`` (BatchNorm1d on
+(N, C, points), size**2 / 4 points) and ``r3d_small`` (BatchNorm3d, clips of 8 frames); at each
+``--sizes`` (square images, 3 channels, ``--batch`` each), in NCHW and channels_last
+(``--layouts``; channels_last_3d for clips, none for point sets) and in float32 and CPU bfloat16
+autocast (``--dtypes``).
 
 Method: every provider's model is a deep copy of the same initialized model. After ``--warmup``
 steps each, ``--rounds`` interleaved rounds run one step of every provider (the order rotates
@@ -84,6 +87,69 @@ def import_timm():
     return load()
 
 
+def pointnet(num_classes: int) -> nn.Module:
+    """PointNet's classifier (Qi et al. 2017, Section 4.2, without the alignment networks): shared
+    per-point MLPs as 1x1 Conv1d + BatchNorm1d on (N, C, points), a max pool over the points,
+    then Linear + BatchNorm1d on (N, C)."""
+
+    def block(layer, width):
+        return [layer, nn.BatchNorm1d(width), nn.ReLU()]
+
+    widths = (3, 64, 64, 64, 128, 1024)
+    points = [m for a, b in zip(widths, widths[1:]) for m in block(nn.Conv1d(a, b, 1), b)]
+    return nn.Sequential(
+        *points,
+        nn.AdaptiveMaxPool1d(1),
+        nn.Flatten(),
+        *block(nn.Linear(1024, 512), 512),
+        *block(nn.Linear(512, 256), 256),
+        nn.Dropout(0.3),
+        nn.Linear(256, num_classes),
+    )
+
+
+class BasicBlock3d(nn.Module):
+    """A video ResNet's residual unit (Tran et al. 2018, R3D): two 3x3x3 convs with BatchNorm3d."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm3d(cout)
+        self.conv2 = nn.Conv3d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm3d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv3d(cin, cout, 1, stride, bias=False), nn.BatchNorm3d(cout)
+            )
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+def r3d_small(num_classes: int) -> nn.Module:
+    """R3D (torchvision's r3d_18 layout) at a quarter of its widths, one unit a stage."""
+    return nn.Sequential(
+        nn.Conv3d(3, 16, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False),
+        nn.BatchNorm3d(16),
+        nn.ReLU(inplace=True),
+        BasicBlock3d(16, 16, 1),
+        BasicBlock3d(16, 32, 2),
+        BasicBlock3d(32, 64, 2),
+        BasicBlock3d(64, 128, 2),
+        nn.AdaptiveAvgPool3d(1),
+        nn.Flatten(),
+        nn.Linear(128, num_classes),
+    )
+
+
+OWN_MODELS = {"pointnet": pointnet, "r3d_small": r3d_small}
+FRAMES = 8  # r3d_small's clip length
+
+
 def build(name: str, size: int, num_classes: int = 10) -> nn.Module:
     """A freshly initialized model (seed 0)."""
     torch.manual_seed(0)
@@ -94,7 +160,27 @@ def build(name: str, size: int, num_classes: int = 10) -> nn.Module:
             nn.ReLU(),
             nn.Linear(256, num_classes),
         )
+    if name in OWN_MODELS:
+        return OWN_MODELS[name](num_classes)
     return import_timm().create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def model_input(name: str, size: int, batch: int) -> torch.Tensor:
+    """Images (batch, 3, size, size); for ``pointnet`` size**2 / 4 points (batch, 3, points), for
+    ``r3d_small`` clips of FRAMES frames (batch, 3, FRAMES, size, size)."""
+    if name == "pointnet":
+        return torch.randn(batch, 3, size * size // 4)
+    if name == "r3d_small":
+        return torch.randn(batch, 3, FRAMES, size, size)
+    return torch.randn(batch, 3, size, size)
+
+
+def memory_format_of(layout: str, x: torch.Tensor) -> torch.memory_format | None:
+    """The layout's memory format for an input of x's rank; None where it has none (a
+    channels_last (N, C, L) tensor does not exist)."""
+    if layout != "channels_last":
+        return torch.contiguous_format
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
 
 
 def without_batch_norm(model: nn.Module) -> nn.Module:
@@ -179,11 +265,14 @@ def show(row: dict) -> None:
 
 
 def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: dict) -> list[dict]:
-    x = torch.randn(batch, 3, size, size)
+    x = model_input(name, size, batch)
+    memory_format = memory_format_of(layout, x)
+    if memory_format is None:
+        print(f"{name}: no {layout} layout for {x.dim()}-d inputs, skipped", flush=True)
+        return []
     y = torch.randint(0, 10, (batch,))
     base = build(name, size)
     base(x[:2])  # materializes lazy layers
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = x.contiguous(memory_format=memory_format)
     work = {}
     for p in opts["providers"]:
@@ -201,7 +290,7 @@ def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: d
             rows.append(
                 dict(
                     model=name,
-                    input=f"{batch}x3x{size}x{size}",
+                    input="x".join(map(str, x.shape)),
                     layout=layout,
                     dtype=dtype,
                     threads=torch.get_num_threads(),

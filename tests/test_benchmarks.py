@@ -3,6 +3,7 @@
 Benchmarks are not timed tests: only the CSV's structure and the sanity of its numbers are checked.
 """
 
+import copy
 import csv
 import os
 import subprocess
@@ -349,3 +350,46 @@ def test_zoo_coverage_smoke_run_counts_and_converts(tmp_path):
     ]
     assert rows[0]["layers"] == rows[0]["converted"] == "49" and rows[0]["family"] == "batchnorm"
     assert "1 models, 0 not built" in out
+
+
+def test_model_speed_other_ranks_run_in_the_layouts_they_have(tmp_path):
+    out = run_script(
+        "model_speed.py",
+        *("--models", "pointnet,r3d_small", "--sizes", "8", "--batch", "2", "--dtypes", "float32"),
+        *("--modes", "train", "--providers", "torch,bnlab,bnlab-fused", "--rounds", "1"),
+        *("--warmup", "1", "--no-memory", "--out", str(tmp_path)),
+    )
+    rows = read_rows(tmp_path / "model_speed.csv")
+    cases = [(r["model"], r["input"], r["layout"], r["provider"]) for r in rows]
+    assert cases == [
+        (model, shape, layout, provider)
+        for model, shape, layout in (
+            ("pointnet", "2x3x16", "contiguous"),
+            ("r3d_small", "2x3x8x8x8", "contiguous"),
+            ("r3d_small", "2x3x8x8x8", "channels_last"),
+        )
+        for provider in ("torch", "bnlab", "bnlab-fused")
+    ]
+    assert "pointnet: no channels_last layout for 3-d inputs, skipped" in out
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
+def test_model_speed_other_ranks_convert_every_batch_norm():
+    sys.path.insert(0, str(BENCHMARKS))
+    import bnlab
+    from model_speed import build, model_input
+
+    for name, rank, count in (
+        ("pointnet", torch.nn.BatchNorm1d, 7),
+        ("r3d_small", torch.nn.BatchNorm3d, 12),
+    ):
+        model = build(name, 8)
+        assert sum(type(m) is rank for m in model.modules()) == count
+        converted = bnlab.convert(copy.deepcopy(model))
+        assert not any(type(m) is rank for m in converted.modules())
+        x = model_input(name, 8, 2)
+        outputs = []
+        for net in (converted, model):  # training mode: the same dropout draw for both
+            torch.manual_seed(0)
+            outputs.append(net(x))
+        torch.testing.assert_close(*outputs)
