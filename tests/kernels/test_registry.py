@@ -286,6 +286,32 @@ def test_channels_last_eval_goes_to_numba_only_where_aten_loops_are_short(shape,
     assert kernels.select_backend("batch_norm_eval", x).name == chosen
 
 
+@pytest.mark.parametrize(
+    "shape, chosen",
+    [
+        ((128, 3, 64, 64), "cpu"),
+        ((16, 7, 128, 128), "cpu"),
+        ((16, 3, 8, 64, 64), "cpu"),
+        ((16, 8, 128, 128), "native"),
+        ((8, 16, 112, 112), "native"),  # mobilenetv3_large_100's at 224 px
+        ((16, 16, 8, 32, 32), "native"),  # r3d_small's at 64 px
+    ],
+)
+def test_channels_last_training_goes_to_numba_only_below_eight_channels(shape, chosen):
+    """Training over a channels_last image (from 1M values): bnlab's kernels below 8 channels,
+    where ATen's vector loop is partly empty; ATen's from 8, where bnlab's lost inside models
+    (cpu.prefers has the measurements). Rows of few channels keep bnlab's kernels."""
+    x = torch.empty(shape).contiguous(memory_format=dense_format_of_rank(len(shape)))
+    for op in ("batch_norm", "batch_norm_act", "batch_norm_backward"):
+        assert kernels.select_backend(op, x).name == chosen, op
+    rows = torch.empty(x.numel() // shape[1], shape[1])
+    assert kernels.select_backend("batch_norm", rows).name == "cpu"
+
+
+def dense_format_of_rank(rank: int) -> torch.memory_format:
+    return torch.channels_last if rank == 4 else torch.channels_last_3d
+
+
 @pytest.fixture
 def cpu_backend_restored():
     """Puts the ``cpu`` backend back as registered after a test that withdraws it."""

@@ -778,14 +778,21 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
       kernels), 8 fresh processes each, median paired ratio to torch.nn 0.954x through them and
       1.006x through ATen's BN then ReLU (benchmarks/model_speed.py with the rule switched
       in-process).
-    - Few channels innermost: ATen's loops are short and slow there; these kernels from 1M values
-      in training: inside mobilenetv3_large_100 (channels_last, 16x3x64x64: 16 and 24 channels
-      over 98K-262K values) a training step ran 0.93x torch.nn's speed through them and 0.98x
-      through ATen's. In eval, below 8 channels (ATen's vector loop is then partly empty) or from
-      4M values; eval module calls, channels_last, ATen's time / these kernels': 16x3x64x64 1.31,
-      16x3x224x224 1.61, 16x16x128x128 1.15, 32x24x64x64 1.04, but 16x24x32x32 0.39, 16x8x64x64
-      0.42, 16x16x64x64 0.56, 16x8x128x128 0.71 (they took every eval from 64K values until
-      mobilenetv3's 16- and 24-channel layers evaluated at 4x ATen's time inside the model).
+    - Few channels innermost: ATen's loops are short and slow there; these kernels from 1M values in
+      training: inside mobilenetv3_large_100 (channels_last, 16x3x64x64: 16 and 24 channels over
+      98K-262K values) a training step ran 0.93x torch.nn's speed through them and 0.98x through
+      ATen's. channels_last images train on them only below 8 channels (ATen's vector loop then
+      partly empty: 16x3x224x224 BN alone 19-26x): from 8 channels they lost inside models, 6 fresh
+      processes each, median paired ratio to torch.nn (the control's): r3d_small's training step
+      (channels_last_3d, 16x3x8x64x64, three BatchNorm3d(16) over 2.1M values) 0.955x (0.99x)
+      through them and 0.993x (0.99x) through ATen's; mobilenetv3_large_100 (8x3x224x224, 16
+      channels over 1.6M values) 0.980x (0.985x) and 1.012x (1.02x) (benchmarks/model_speed.py with
+      the rule switched in-process). In eval, below 8 channels (ATen's vector loop is then partly
+      empty) or from 4M values; eval module calls, channels_last, ATen's time / these kernels':
+      16x3x64x64 1.31, 16x3x224x224 1.61, 16x16x128x128 1.15, 32x24x64x64 1.04, but 16x24x32x32
+      0.39, 16x8x64x64 0.42, 16x16x64x64 0.56, 16x8x128x128 0.71 (they took every eval from 64K
+      values until mobilenetv3's 16- and 24-channel layers evaluated at 4x ATen's time inside the
+      model).
     - Rows of spatial values (NCS): the training forward from 1M values (fused with an
       activation too), or from 64K when rows are long (S >= 4096); below that a full training step
       (forward + backward) was 0.6-0.9x through these kernels and 0.9-0.95x through ATen's
@@ -831,8 +838,10 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
             and x.shape[1] <= _ACT_WIDE_ROWS_MAX_CHANNELS
         )
     if channels_innermost and op == "batch_norm_eval":  # ATen's vector loop needs 8 channels
-        return x.shape[1] < _EVAL_FULL_VECTOR_CHANNELS or numel >= _FEW_CHANNELS_EVAL_FROM_NUMEL
+        return x.shape[1] < _FULL_VECTOR_CHANNELS or numel >= _FEW_CHANNELS_EVAL_FROM_NUMEL
     if channels_innermost:  # few channels: ATen's loops are short
+        if not rows_of_channels and x.shape[1] >= _FULL_VECTOR_CHANNELS:
+            return False  # channels_last images lost inside models from 8 channels
         return numel >= _FEW_CHANNELS_TRAINING_FROM_NUMEL
     if op == "batch_norm_backward":
         return numel >= _NUMBA_BACKWARD_FROM_NUMEL
@@ -905,7 +914,7 @@ _NUMBA_FROM_NUMEL = 1 << 16
 _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
 _FEW_CHANNELS_TRAINING_FROM_NUMEL = 1 << 20
 _FEW_CHANNELS_EVAL_FROM_NUMEL = 1 << 22
-_EVAL_FULL_VECTOR_CHANNELS = 8
+_FULL_VECTOR_CHANNELS = 8  # channels innermost below this: ATen's vector loop partly empty
 _NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 20, "batch_norm_act": 1 << 20}
 _LONG_ROW = 4096
 _NUMBA_FAST_ACTIVATIONS = ("identity", "relu", "leaky_relu")
