@@ -21,11 +21,11 @@ momentum) and one eval forward (``torch.no_grad``) of each model, per provider:
 
 Models: timm's architectures when timm is installed (``--models``, default resnet18, resnet50,
 efficientnet_b0, mobilenetv3_large_100, densenet121), ``mlp`` (a 3-layer BatchNorm1d MLP on
-flattened images), and two of other ranks named only when asked: ``pointnet`` (BatchNorm1d on
-(N, C, points), size**2 / 4 points) and ``r3d_small`` (BatchNorm3d, clips of 8 frames); at each
-``--sizes`` (square images, 3 channels, ``--batch`` each), in NCHW and channels_last
-(``--layouts``; channels_last_3d for clips, none for point sets) and in float32 and CPU bfloat16
-autocast (``--dtypes``).
+flattened images), and three of other ranks named only when asked: ``pointnet`` (BatchNorm1d on
+(N, C, points), size**2 / 4 points), ``m5`` (BatchNorm1d on raw audio, size * 250 samples) and
+``r3d_small`` (BatchNorm3d, clips of 8 frames); at each ``--sizes`` (square images, 3 channels,
+``--batch`` each), in NCHW and channels_last (``--layouts``; channels_last_3d for clips, none for
+point sets and audio) and in float32 and CPU bfloat16 autocast (``--dtypes``).
 
 Method: every provider's model is a deep copy of the same initialized model. After ``--warmup``
 steps each, ``--rounds`` interleaved rounds run one step of every provider (the order rotates
@@ -146,7 +146,19 @@ def r3d_small(num_classes: int) -> nn.Module:
     )
 
 
-OWN_MODELS = {"pointnet": pointnet, "r3d_small": r3d_small}
+def m5(num_classes: int) -> nn.Module:
+    """M5, a CNN on raw audio (Dai et al. 2017, Table 1): Conv1d (80 taps, stride 4) then three
+    3-tap Conv1d, each with BatchNorm1d over (N, C, samples), ReLU and a max pool of 4."""
+    layers, widths = [], (1, 128, 128, 256, 512)
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        conv = nn.Conv1d(a, b, 80, 4, 38) if i == 0 else nn.Conv1d(a, b, 3, padding=1)
+        layers += [conv, nn.BatchNorm1d(b), nn.ReLU(), nn.MaxPool1d(4)]
+    return nn.Sequential(
+        *layers, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(512, num_classes)
+    )
+
+
+OWN_MODELS = {"pointnet": pointnet, "r3d_small": r3d_small, "m5": m5}
 FRAMES = 8  # r3d_small's clip length
 
 
@@ -167,11 +179,14 @@ def build(name: str, size: int, num_classes: int = 10) -> nn.Module:
 
 def model_input(name: str, size: int, batch: int) -> torch.Tensor:
     """Images (batch, 3, size, size); for ``pointnet`` size**2 / 4 points (batch, 3, points), for
-    ``r3d_small`` clips of FRAMES frames (batch, 3, FRAMES, size, size)."""
+    ``r3d_small`` clips of FRAMES frames (batch, 3, FRAMES, size, size), for ``m5`` size * 250
+    audio samples (batch, 1, samples: one second at 16 kHz for size 64)."""
     if name == "pointnet":
         return torch.randn(batch, 3, size * size // 4)
     if name == "r3d_small":
         return torch.randn(batch, 3, FRAMES, size, size)
+    if name == "m5":
+        return torch.randn(batch, 1, size * 250)
     return torch.randn(batch, 3, size, size)
 
 

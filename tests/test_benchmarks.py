@@ -382,6 +382,7 @@ def test_model_speed_other_ranks_convert_every_batch_norm():
     for name, rank, count in (
         ("pointnet", torch.nn.BatchNorm1d, 7),
         ("r3d_small", torch.nn.BatchNorm3d, 12),
+        ("m5", torch.nn.BatchNorm1d, 4),
     ):
         model = build(name, 8)
         assert sum(type(m) is rank for m in model.modules()) == count
