@@ -300,12 +300,24 @@ def test_channels_last_eval_goes_to_numba_only_where_aten_loops_are_short(shape,
 def test_channels_last_training_goes_to_numba_only_below_eight_channels(shape, chosen):
     """Training over a channels_last image (from 1M values): bnlab's kernels below 8 channels,
     where ATen's vector loop is partly empty; ATen's from 8, where bnlab's lost inside models
-    (cpu.prefers has the measurements). Rows of few channels keep bnlab's kernels."""
+    (cpu.prefers has the measurements). Rows of as many channels keep their own rule."""
     x = torch.empty(shape).contiguous(memory_format=dense_format_of_rank(len(shape)))
     for op in ("batch_norm", "batch_norm_act", "batch_norm_backward"):
         assert kernels.select_backend(op, x).name == chosen, op
     rows = torch.empty(x.numel() // shape[1], shape[1])
-    assert kernels.select_backend("batch_norm", rows).name == "cpu"
+    rows_chosen = "native" if shape[1] == 16 else "cpu"  # see the test below
+    assert kernels.select_backend("batch_norm", rows).name == rows_chosen
+
+
+@pytest.mark.parametrize("channels, chosen", [(4, "cpu"), (8, "cpu"), (16, "native"), (24, "cpu")])
+def test_training_over_rows_of_few_channels_leaves_sixteen_to_aten(channels, chosen):
+    """(N, C) rows of fewer than 32 channels train on bnlab's kernels from 1M values, except 16
+    channels, where ATen's loops are fast and a model trained slower through bnlab's
+    (cpu.prefers has the measurements); eval keeps its own rule."""
+    x = torch.empty(max(1 << 20, 70_000 * channels) // channels, channels)
+    for op in ("batch_norm", "batch_norm_act", "batch_norm_backward"):
+        assert kernels.select_backend(op, x).name == chosen, op
+    assert kernels.select_backend("batch_norm", x, "cpu").name == "cpu"  # named: it runs
 
 
 def dense_format_of_rank(rank: int) -> torch.memory_format:

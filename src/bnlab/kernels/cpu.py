@@ -787,12 +787,19 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
       (channels_last_3d, 16x3x8x64x64, three BatchNorm3d(16) over 2.1M values) 0.955x (0.99x)
       through them and 0.993x (0.99x) through ATen's; mobilenetv3_large_100 (8x3x224x224, 16
       channels over 1.6M values) 0.980x (0.985x) and 1.012x (1.02x) (benchmarks/model_speed.py with
-      the rule switched in-process). In eval, below 8 channels (ATen's vector loop is then partly
-      empty) or from 4M values; eval module calls, channels_last, ATen's time / these kernels':
-      16x3x64x64 1.31, 16x3x224x224 1.61, 16x16x128x128 1.15, 32x24x64x64 1.04, but 16x24x32x32
-      0.39, 16x8x64x64 0.42, 16x16x64x64 0.56, 16x8x128x128 0.71 (they took every eval from 64K
-      values until mobilenetv3's 16- and 24-channel layers evaluated at 4x ATen's time inside the
-      model).
+      the rule switched in-process). Rows (N, C) of 16 channels also go to ATen, which is as fast
+      there as at 32 and 3-5x faster than at 12-28 (BN alone, (65536, C) forward + backward, ms,
+      these kernels / ATen: C=12 1.50 / 6.97, 16 0.67 / 0.84, 20 0.63 / 4.27, 32 0.66 / 0.56): a
+      tabular MLP (three Linear + BatchNorm1d + ReLU of width C, batch B, 2 alternating processes
+      each way) trained at 0.88-0.93x torch.nn's speed through these kernels and 0.995-1.012x
+      through ATen's with C=16 (B=65536, 70000, 100000, 262144; with ATEN_CPU_CAPABILITY=avx2,
+      B=65536, 0.913x against 0.958x), while these kernels gave 1.41x (C=4, B=262144), 1.35x (C=8,
+      B=131072; 1.28-1.47x under avx2), 1.19x (C=24, B=65536; 1.14x under avx2). In eval, below 8
+      channels (ATen's vector loop is then partly empty) or from 4M values; eval module calls,
+      channels_last, ATen's time / these kernels': 16x3x64x64 1.31, 16x3x224x224 1.61, 16x16x128x128
+      1.15, 32x24x64x64 1.04, but 16x24x32x32 0.39, 16x8x64x64 0.42, 16x16x64x64 0.56, 16x8x128x128
+      0.71 (they took every eval from 64K values until mobilenetv3's 16- and 24-channel layers
+      evaluated at 4x ATen's time inside the model).
     - Rows of spatial values (NCS): the training forward from 1M values (fused with an
       activation too), or from 64K when rows are long (S >= 4096); below that a full training step
       (forward + backward) was 0.6-0.9x through these kernels and 0.9-0.95x through ATen's
@@ -842,6 +849,8 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
     if channels_innermost:  # few channels: ATen's loops are short
         if not rows_of_channels and x.shape[1] >= _FULL_VECTOR_CHANNELS:
             return False  # channels_last images lost inside models from 8 channels
+        if rows_of_channels and x.shape[1] == _ATEN_FAST_ROW_CHANNELS:
+            return False  # ATen's loops are not short there
         return numel >= _FEW_CHANNELS_TRAINING_FROM_NUMEL
     if op == "batch_norm_backward":
         return numel >= _NUMBA_BACKWARD_FROM_NUMEL
@@ -914,6 +923,7 @@ _NUMBA_FROM_NUMEL = 1 << 16
 _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
 _FEW_CHANNELS_TRAINING_FROM_NUMEL = 1 << 20
 _FEW_CHANNELS_EVAL_FROM_NUMEL = 1 << 22
+_ATEN_FAST_ROW_CHANNELS = 16  # (N, 16) rows: ATen's training is fast there, see prefers()
 _FULL_VECTOR_CHANNELS = 8  # channels innermost below this: ATen's vector loop partly empty
 _NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 20, "batch_norm_act": 1 << 20}
 _LONG_ROW = 4096
