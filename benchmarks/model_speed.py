@@ -21,11 +21,12 @@ momentum) and one eval forward (``torch.no_grad``) of each model, per provider:
 
 Models: timm's architectures when timm is installed (``--models``, default resnet18, resnet50,
 efficientnet_b0, mobilenetv3_large_100, densenet121), ``mlp`` (a 3-layer BatchNorm1d MLP on
-flattened images), and three of other ranks named only when asked: ``pointnet`` (BatchNorm1d on
-(N, C, points), size**2 / 4 points), ``m5`` (BatchNorm1d on raw audio, size * 250 samples) and
-``r3d_small`` (BatchNorm3d, clips of 8 frames); at each ``--sizes`` (square images, 3 channels,
-``--batch`` each), in NCHW and channels_last (``--layouts``; channels_last_3d for clips, none for
-point sets and audio) and in float32 and CPU bfloat16 autocast (``--dtypes``).
+flattened images), and four of other shapes named only when asked: ``pointnet`` (BatchNorm1d on (N,
+C, points), size**2 / 4 points), ``m5`` (BatchNorm1d on raw audio, size * 250 samples),
+``r3d_small`` (BatchNorm3d, clips of 8 frames) and ``tabular`` (BatchNorm1d(16) over batch * size**2
+rows); at each ``--sizes`` (square images, 3 channels, ``--batch`` each), in NCHW and channels_last
+(``--layouts``; channels_last_3d for clips, none for point sets, audio and rows) and in float32 and
+CPU bfloat16 autocast (``--dtypes``).
 
 Method: every provider's model is a deep copy of the same initialized model. After ``--warmup``
 steps each, ``--rounds`` interleaved rounds run one step of every provider (the order rotates
@@ -158,7 +159,16 @@ def m5(num_classes: int) -> nn.Module:
     )
 
 
-OWN_MODELS = {"pointnet": pointnet, "r3d_small": r3d_small, "m5": m5}
+def tabular(num_classes: int, features: int = 64, width: int = 16) -> nn.Module:
+    """An MLP for tabular data trained on large batches: three Linear + BatchNorm1d + ReLU of
+    ``width`` over (rows, features)."""
+    layers = []
+    for a in (features, width, width):
+        layers += [nn.Linear(a, width), nn.BatchNorm1d(width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
+OWN_MODELS = {"pointnet": pointnet, "r3d_small": r3d_small, "m5": m5, "tabular": tabular}
 FRAMES = 8  # r3d_small's clip length
 
 
@@ -180,13 +190,16 @@ def build(name: str, size: int, num_classes: int = 10) -> nn.Module:
 def model_input(name: str, size: int, batch: int) -> torch.Tensor:
     """Images (batch, 3, size, size); for ``pointnet`` size**2 / 4 points (batch, 3, points), for
     ``r3d_small`` clips of FRAMES frames (batch, 3, FRAMES, size, size), for ``m5`` size * 250
-    audio samples (batch, 1, samples: one second at 16 kHz for size 64)."""
+    audio samples (batch, 1, samples: one second at 16 kHz for size 64), for ``tabular``
+    batch * size**2 rows of 64 features."""
     if name == "pointnet":
         return torch.randn(batch, 3, size * size // 4)
     if name == "r3d_small":
         return torch.randn(batch, 3, FRAMES, size, size)
     if name == "m5":
         return torch.randn(batch, 1, size * 250)
+    if name == "tabular":
+        return torch.randn(batch * size * size, 64)
     return torch.randn(batch, 3, size, size)
 
 
@@ -285,7 +298,7 @@ def case_rows(name: str, size: int, batch: int, layout: str, dtype: str, opts: d
     if memory_format is None:
         print(f"{name}: no {layout} layout for {x.dim()}-d inputs, skipped", flush=True)
         return []
-    y = torch.randint(0, 10, (batch,))
+    y = torch.randint(0, 10, (x.shape[0],))
     base = build(name, size)
     base(x[:2])  # materializes lazy layers
     x = x.contiguous(memory_format=memory_format)

@@ -355,7 +355,8 @@ def test_zoo_coverage_smoke_run_counts_and_converts(tmp_path):
 def test_model_speed_other_ranks_run_in_the_layouts_they_have(tmp_path):
     out = run_script(
         "model_speed.py",
-        *("--models", "pointnet,r3d_small", "--sizes", "8", "--batch", "2", "--dtypes", "float32"),
+        *("--models", "pointnet,r3d_small,tabular", "--sizes", "8", "--batch", "2"),
+        *("--dtypes", "float32"),
         *("--modes", "train", "--providers", "torch,bnlab,bnlab-fused", "--rounds", "1"),
         *("--warmup", "1", "--no-memory", "--out", str(tmp_path)),
     )
@@ -367,6 +368,7 @@ def test_model_speed_other_ranks_run_in_the_layouts_they_have(tmp_path):
             ("pointnet", "2x3x16", "contiguous"),
             ("r3d_small", "2x3x8x8x8", "contiguous"),
             ("r3d_small", "2x3x8x8x8", "channels_last"),
+            ("tabular", "128x64", "contiguous"),
         )
         for provider in ("torch", "bnlab", "bnlab-fused")
     ]
@@ -383,6 +385,7 @@ def test_model_speed_other_ranks_convert_every_batch_norm():
         ("pointnet", torch.nn.BatchNorm1d, 7),
         ("r3d_small", torch.nn.BatchNorm3d, 12),
         ("m5", torch.nn.BatchNorm1d, 4),
+        ("tabular", torch.nn.BatchNorm1d, 3),
     ):
         model = build(name, 8)
         assert sum(type(m) is rank for m in model.modules()) == count
