@@ -311,12 +311,14 @@ def test_channels_last_training_goes_to_numba_only_below_eight_channels(shape, c
 
 @pytest.mark.parametrize("channels, chosen", [(4, "cpu"), (8, "cpu"), (16, "native"), (24, "cpu")])
 def test_training_over_rows_of_few_channels_leaves_sixteen_to_aten(channels, chosen):
-    """(N, C) rows of fewer than 32 channels train on bnlab's kernels from 1M values, except 16
-    channels, where ATen's loops are fast and a model trained slower through bnlab's
-    (cpu.prefers has the measurements); eval keeps its own rule."""
+    """(N, C) rows of fewer than 32 channels train on bnlab's kernels from 1M values and evaluate
+    there from 4M (below 8 channels from 64K), except 16 channels, where ATen's loops are fast and
+    a model trained and evaluated slower through bnlab's (cpu.prefers has the measurements)."""
     x = torch.empty(max(1 << 20, 70_000 * channels) // channels, channels)
     for op in ("batch_norm", "batch_norm_act", "batch_norm_backward"):
         assert kernels.select_backend(op, x).name == chosen, op
+    large = torch.empty(-(-(1 << 22) // channels), channels)  # 4M values or just over
+    assert kernels.select_backend("batch_norm_eval", large).name == chosen
     assert kernels.select_backend("batch_norm", x, "cpu").name == "cpu"  # named: it runs
 
 

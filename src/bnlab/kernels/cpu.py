@@ -794,12 +794,14 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
       each way) trained at 0.88-0.93x torch.nn's speed through these kernels and 0.995-1.012x
       through ATen's with C=16 (B=65536, 70000, 100000, 262144; with ATEN_CPU_CAPABILITY=avx2,
       B=65536, 0.913x against 0.958x), while these kernels gave 1.41x (C=4, B=262144), 1.35x (C=8,
-      B=131072; 1.28-1.47x under avx2), 1.19x (C=24, B=65536; 1.14x under avx2). In eval, below 8
-      channels (ATen's vector loop is then partly empty) or from 4M values; eval module calls,
-      channels_last, ATen's time / these kernels': 16x3x64x64 1.31, 16x3x224x224 1.61, 16x16x128x128
-      1.15, 32x24x64x64 1.04, but 16x24x32x32 0.39, 16x8x64x64 0.42, 16x16x64x64 0.56, 16x8x128x128
-      0.71 (they took every eval from 64K values until mobilenetv3's 16- and 24-channel layers
-      evaluated at 4x ATen's time inside the model).
+      B=131072; 1.28-1.47x under avx2), 1.19x (C=24, B=65536; 1.14x under avx2). Its eval forward at
+      B=262144 (4.2M values, which the eval rule below gave these kernels) ran 0.920x (0.894-0.927,
+      3 processes) through them, 0.993x and 1.011x through ATen's in two alternating runs (0.888x,
+      0.881x before). In eval, below 8 channels (ATen's vector loop is then partly empty) or from 4M
+      values; eval module calls, channels_last, ATen's time / these kernels': 16x3x64x64 1.31,
+      16x3x224x224 1.61, 16x16x128x128 1.15, 32x24x64x64 1.04, but 16x24x32x32 0.39, 16x8x64x64
+      0.42, 16x16x64x64 0.56, 16x8x128x128 0.71 (they took every eval from 64K values until
+      mobilenetv3's 16- and 24-channel layers evaluated at 4x ATen's time inside the model).
     - Rows of spatial values (NCS): the training forward from 1M values (fused with an
       activation too), or from 64K when rows are long (S >= 4096); below that a full training step
       (forward + backward) was 0.6-0.9x through these kernels and 0.9-0.95x through ATen's
@@ -844,13 +846,13 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
             and numel >= _ACT_WIDE_ROWS_FROM_NUMEL
             and x.shape[1] <= _ACT_WIDE_ROWS_MAX_CHANNELS
         )
+    if rows_of_channels and x.shape[1] == _ATEN_FAST_ROW_CHANNELS:
+        return False  # ATen's loops are not short there, in training or eval
     if channels_innermost and op == "batch_norm_eval":  # ATen's vector loop needs 8 channels
         return x.shape[1] < _FULL_VECTOR_CHANNELS or numel >= _FEW_CHANNELS_EVAL_FROM_NUMEL
     if channels_innermost:  # few channels: ATen's loops are short
         if not rows_of_channels and x.shape[1] >= _FULL_VECTOR_CHANNELS:
             return False  # channels_last images lost inside models from 8 channels
-        if rows_of_channels and x.shape[1] == _ATEN_FAST_ROW_CHANNELS:
-            return False  # ATen's loops are not short there
         return numel >= _FEW_CHANNELS_TRAINING_FROM_NUMEL
     if op == "batch_norm_backward":
         return numel >= _NUMBA_BACKWARD_FROM_NUMEL
@@ -923,7 +925,7 @@ _NUMBA_FROM_NUMEL = 1 << 16
 _NUMBA_BACKWARD_FROM_NUMEL = 1 << 21
 _FEW_CHANNELS_TRAINING_FROM_NUMEL = 1 << 20
 _FEW_CHANNELS_EVAL_FROM_NUMEL = 1 << 22
-_ATEN_FAST_ROW_CHANNELS = 16  # (N, 16) rows: ATen's training is fast there, see prefers()
+_ATEN_FAST_ROW_CHANNELS = 16  # (N, 16) rows: ATen's loops are fast there, see prefers()
 _FULL_VECTOR_CHANNELS = 8  # channels innermost below this: ATen's vector loop partly empty
 _NCS_FORWARD_FROM_NUMEL = {"batch_norm": 1 << 20, "batch_norm_act": 1 << 20}
 _LONG_ROW = 4096
