@@ -68,6 +68,7 @@ import click
 import torch
 
 from common import (
+    MEMORY_FORMAT,
     append_rows,
     default_allocator,
     ensure_allocator,
@@ -92,7 +93,6 @@ PASSES = {
     "fwd": 3, "bwd": 5, "full": 8, "bnrelu": 8, "addrelu": 12, "eval": 2, "copy": 2, "clone": 2,
 }  # fmt: skip
 BN_NAME = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
-MEMORY_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def group_of(shape: tuple[int, ...]) -> str:

@@ -38,7 +38,6 @@ if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
 import torch  # noqa: E402
 
 from bn_speed import (
-    MEMORY_FORMAT,
     PASSES,
     backends_of_mode,
     bnlab_module,  # noqa: E402
@@ -46,7 +45,7 @@ from bn_speed import (
     make_module,
     workload,
 )
-from common import append_rows, parse_shape, shape_name, time_ms  # noqa: E402
+from common import MEMORY_FORMAT, append_rows, parse_shape, shape_name, time_ms  # noqa: E402
 
 SHAPES = [
     (256, 64, 112, 112),

@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
 RESULTS = Path(__file__).parent / "results"
+MEMORY_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}  # "channels_last" by rank
 
 # --allocator: glibc as is; glibc with its mmap / trim thresholds raised (freed memory kept for
 # reuse); PyTorch's switch for transparent huge pages; jemalloc preloaded, freed pages kept

@@ -21,8 +21,8 @@ momentum) and one eval forward (``torch.no_grad``) of each model, per provider:
 
 Models: timm's architectures when timm is installed (``--models``, default resnet18, resnet50,
 efficientnet_b0, mobilenetv3_large_100, densenet121), ``mlp`` (a 3-layer BatchNorm1d MLP on
-flattened images), and four of other shapes named only when asked: ``pointnet`` (BatchNorm1d on (N,
-C, points), size**2 / 4 points), ``m5`` (BatchNorm1d on raw audio, size * 250 samples),
+flattened images), and four of other shapes named only when asked: ``pointnet`` (BatchNorm1d on
+(N, C, points), size**2 / 4 points), ``m5`` (BatchNorm1d on raw audio, size * 250 samples),
 ``r3d_small`` (BatchNorm3d, clips of 8 frames) and ``tabular`` (BatchNorm1d(16) over batch * size**2
 rows); at each ``--sizes`` (square images, 3 channels, ``--batch`` each), in NCHW and channels_last
 (``--layouts``; channels_last_3d for clips, none for point sets, audio and rows) and in float32 and
@@ -74,7 +74,7 @@ import click
 import torch
 from torch import nn
 
-from common import ALLOCATORS, append_rows, ensure_allocator, peak_bytes
+from common import ALLOCATORS, MEMORY_FORMAT, append_rows, ensure_allocator, peak_bytes
 
 PROVIDERS = ("torch", "torch-copy", "bnlab", "bnlab-fused", "bnlab-inplace", "no-bn")
 TIMM_MODELS = ("resnet18", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "densenet121")
@@ -86,6 +86,16 @@ def import_timm():
     from torchvision_standin import import_timm as load
 
     return load()
+
+
+def mlp(num_classes: int) -> nn.Module:
+    """A 3-layer BatchNorm1d MLP on flattened images (its first width is set by the first call)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        *[m for width in (512, 256) for m in (nn.LazyLinear(width), nn.BatchNorm1d(width))],
+        nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
 
 
 def pointnet(num_classes: int) -> nn.Module:
@@ -168,20 +178,19 @@ def tabular(num_classes: int, features: int = 64, width: int = 16) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
-OWN_MODELS = {"pointnet": pointnet, "r3d_small": r3d_small, "m5": m5, "tabular": tabular}
+OWN_MODELS = {
+    "mlp": mlp,
+    "pointnet": pointnet,
+    "r3d_small": r3d_small,
+    "m5": m5,
+    "tabular": tabular,
+}
 FRAMES = 8  # r3d_small's clip length
 
 
 def build(name: str, size: int, num_classes: int = 10) -> nn.Module:
     """A freshly initialized model (seed 0)."""
     torch.manual_seed(0)
-    if name == "mlp":
-        return nn.Sequential(
-            nn.Flatten(),
-            *[m for width in (512, 256) for m in (nn.LazyLinear(width), nn.BatchNorm1d(width))],
-            nn.ReLU(),
-            nn.Linear(256, num_classes),
-        )
     if name in OWN_MODELS:
         return OWN_MODELS[name](num_classes)
     return import_timm().create_model(name, pretrained=False, num_classes=num_classes)
@@ -208,7 +217,7 @@ def memory_format_of(layout: str, x: torch.Tensor) -> torch.memory_format | None
     channels_last (N, C, L) tensor does not exist)."""
     if layout != "channels_last":
         return torch.contiguous_format
-    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return MEMORY_FORMAT.get(x.dim())
 
 
 def without_batch_norm(model: nn.Module) -> nn.Module:

@@ -286,6 +286,9 @@ def test_channels_last_eval_goes_to_numba_only_where_aten_loops_are_short(shape,
     assert kernels.select_backend("batch_norm_eval", x).name == chosen
 
 
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 @pytest.mark.parametrize(
     "shape, chosen",
     [
@@ -301,7 +304,7 @@ def test_channels_last_training_goes_to_numba_only_below_eight_channels(shape, c
     """Training over a channels_last image (from 1M values): bnlab's kernels below 8 channels,
     where ATen's vector loop is partly empty; ATen's from 8, where bnlab's lost inside models
     (cpu.prefers has the measurements). Rows of as many channels keep their own rule."""
-    x = torch.empty(shape).contiguous(memory_format=dense_format_of_rank(len(shape)))
+    x = torch.empty(shape).contiguous(memory_format=CHANNELS_LAST[len(shape)])
     for op in ("batch_norm", "batch_norm_act", "batch_norm_backward"):
         assert kernels.select_backend(op, x).name == chosen, op
     rows = torch.empty(x.numel() // shape[1], shape[1])
@@ -320,10 +323,6 @@ def test_training_over_rows_of_few_channels_leaves_sixteen_to_aten(channels, cho
     large = torch.empty(-(-(1 << 22) // channels), channels)  # 4M values or just over
     assert kernels.select_backend("batch_norm_eval", large).name == chosen
     assert kernels.select_backend("batch_norm", x, "cpu").name == "cpu"  # named: it runs
-
-
-def dense_format_of_rank(rank: int) -> torch.memory_format:
-    return torch.channels_last if rank == 4 else torch.channels_last_3d
 
 
 @pytest.fixture

@@ -790,7 +790,7 @@ def prefers(op: str, x: Tensor, activation: Optional[str] = None) -> bool:
       the rule switched in-process). Rows (N, C) of 16 channels also go to ATen, which is as fast
       there as at 32 and 3-5x faster than at 12-28 (BN alone, (65536, C) forward + backward, ms,
       these kernels / ATen: C=12 1.50 / 6.97, 16 0.67 / 0.84, 20 0.63 / 4.27, 32 0.66 / 0.56): a
-      tabular MLP (three Linear + BatchNorm1d + ReLU of width C, batch B, 2 alternating processes
+      tabular MLP (three Linear + BatchNorm1d + ReLU of width C, batch B, 1-3 alternating processes
       each way) trained at 0.88-0.93x torch.nn's speed through these kernels and 0.995-1.012x
       through ATen's with C=16 (B=65536, 70000, 100000, 262144; with ATEN_CPU_CAPABILITY=avx2,
       B=65536, 0.913x against 0.958x), while these kernels gave 1.41x (C=4, B=262144), 1.35x (C=8,
